@@ -1,0 +1,179 @@
+"""Build models, save them, and load both the native and the official release layouts (spec section 4).
+
+Native layout of a model directory:
+  config.json                      format, base model, memory/compression settings, LoRA settings, adapters
+  adapters.safetensors             "<adapter>.<peft key>" -> LoRA weights of every adapter
+  special_tokens.safetensors       embedding rows (and untied LM-head rows) of every added token
+  tokenizer files, training_args.json
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+import torch
+from peft import get_peft_model_state_dict, set_peft_model_state_dict
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from clara.model import ClaraModel, ModelSettings, attach_adapters
+from clara.prompts import add_special_tokens, added_token_strings
+from clara.tiny import TINY_MODEL_NAME, tiny_model_dir
+
+FORMAT_NAME = "clara"
+FORMAT_VERSION = 1
+OFFICIAL_FILES = ("adapters.pth", "decoder_first_last_layers.pth")
+
+
+class CheckpointError(ValueError):
+    """A directory is not a usable checkpoint; the message says which file or setting is wrong."""
+
+
+def resolve_base_path(model_path: str) -> str:
+    return tiny_model_dir() if model_path == TINY_MODEL_NAME else model_path
+
+
+def build_model(settings: ModelSettings, adapters: list[str], dtype: torch.dtype = torch.float32,
+                attn_implementation: str = "sdpa", tokenizer_dir: str | None = None) -> ClaraModel:
+    """The base model with the CLaRa tokens added and fresh LoRA adapters of the given names."""
+    base_path = resolve_base_path(settings.base_model)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir or base_path)
+    tokens = add_special_tokens(tokenizer, settings.n_mem_tokens)
+    base = AutoModelForCausalLM.from_pretrained(base_path, dtype=dtype, attn_implementation=attn_implementation)
+    if base.get_input_embeddings().weight.shape[0] != len(tokenizer):
+        base.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    base.config.use_cache = False
+    peft_model = attach_adapters(base, adapters, settings)
+    return ClaraModel(peft_model, tokenizer, tokens, settings)
+
+
+def added_token_rows(model: ClaraModel) -> dict[str, torch.Tensor]:
+    """Embedding (and untied LM-head) rows of every added token, memory rows from their own parameter."""
+    ids = model.tokenizer.convert_tokens_to_ids(added_token_strings(model.tokens.n_mem))
+    embed = model.causal_lm.get_input_embeddings().weight[ids].detach().clone().float()
+    embed[: model.tokens.n_mem] = model.mem_embeddings.detach().float()
+    rows = {"embed_tokens": embed}
+    head = model.causal_lm.get_output_embeddings().weight
+    if head.data_ptr() != model.causal_lm.get_input_embeddings().weight.data_ptr():
+        rows["lm_head"] = head[ids].detach().clone().float()
+    return rows
+
+
+@torch.no_grad()
+def set_added_token_rows(model: ClaraModel, rows: dict[str, torch.Tensor]) -> None:
+    ids = torch.tensor(model.tokenizer.convert_tokens_to_ids(added_token_strings(model.tokens.n_mem)))
+    embedding = model.causal_lm.get_input_embeddings().weight
+    embedding[ids] = rows["embed_tokens"].to(embedding)
+    if "lm_head" in rows:
+        head = model.causal_lm.get_output_embeddings().weight
+        head[ids] = rows["lm_head"].to(head)
+    model.mem_embeddings.copy_(rows["embed_tokens"][: model.tokens.n_mem])
+
+
+def _atomic_json(path: str, obj: dict) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as out:
+        json.dump(obj, out, indent=2)
+    os.replace(tmp, path)
+
+
+def _atomic_safetensors(path: str, tensors: dict[str, torch.Tensor], metadata: dict | None = None) -> None:
+    tmp = path + ".tmp"
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
+    os.replace(tmp, path)
+
+
+def save_model(model: ClaraModel, out_dir: str, stage: str) -> None:
+    """Export in the native layout. Each file is replaced atomically."""
+    os.makedirs(out_dir, exist_ok=True)
+    adapters = {}
+    for name in model.adapter_names:
+        state = get_peft_model_state_dict(model.peft_model, adapter_name=name, save_embedding_layers=False)
+        adapters.update({f"{name}.{key}": value for key, value in state.items()})
+    _atomic_safetensors(os.path.join(out_dir, "adapters.safetensors"), adapters)
+    _atomic_safetensors(os.path.join(out_dir, "special_tokens.safetensors"), added_token_rows(model))
+    model.tokenizer.save_pretrained(out_dir)
+    config = {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "stage": stage,
+        "adapters": model.adapter_names,
+        "special_tokens": added_token_strings(model.tokens.n_mem),
+        **dataclasses.asdict(model.settings),
+    }
+    _atomic_json(os.path.join(out_dir, "config.json"), config)
+
+
+def read_config(path: str) -> dict:
+    config_path = os.path.join(path, "config.json")
+    if not os.path.isfile(config_path):
+        raise CheckpointError(f"{path}: not a checkpoint (no config.json)")
+    with open(config_path, encoding="utf-8") as handle:
+        config = json.load(handle)
+    if config.get("format") != FORMAT_NAME and "decoder_model_name" not in config:
+        raise CheckpointError(f"{config_path}: neither a native CLaRa checkpoint (format: clara) nor the "
+                              "official release layout (decoder_model_name)")
+    return config
+
+
+def checkpoint_stage(path: str) -> str | None:
+    config = read_config(path)
+    return config.get("stage")
+
+
+def load_model(path: str, dtype: torch.dtype = torch.float32, attn_implementation: str = "sdpa",
+               base_model: str | None = None) -> ClaraModel:
+    """Load a native or official-release checkpoint directory. base_model overrides the recorded base."""
+    config = read_config(path)
+    if "decoder_model_name" in config:
+        return _load_official(path, config, dtype, attn_implementation, base_model)
+    if config.get("format_version", 0) > FORMAT_VERSION:
+        raise CheckpointError(f"{path}: format_version {config['format_version']} is newer than this "
+                              f"toolkit reads ({FORMAT_VERSION}); update clara")
+    fields = {f.name for f in dataclasses.fields(ModelSettings)}
+    settings = ModelSettings(**{k: v for k, v in config.items() if k in fields})
+    if base_model:
+        settings.base_model = base_model
+    model = build_model(settings, config["adapters"], dtype, attn_implementation, tokenizer_dir=path)
+    adapters = load_file(os.path.join(path, "adapters.safetensors"))
+    for name in config["adapters"]:
+        prefix = name + "."
+        state = {k[len(prefix):]: v for k, v in adapters.items() if k.startswith(prefix)}
+        set_peft_model_state_dict(model.peft_model, state, adapter_name=name)
+    set_added_token_rows(model, load_file(os.path.join(path, "special_tokens.safetensors")))
+    return model
+
+
+def _load_official(path: str, config: dict, dtype: torch.dtype, attn_implementation: str,
+                   base_model: str | None) -> ClaraModel:
+    for name in OFFICIAL_FILES:
+        if not os.path.isfile(os.path.join(path, name)):
+            raise CheckpointError(f"{path}: official-layout checkpoint without {name}")
+    rate, doc_len = int(config["compr_rate"]), int(config["doc_max_length"])
+    settings = ModelSettings(base_model=base_model or config["decoder_model_name"], n_mem_tokens=doc_len // rate,
+                             compress_rate=rate, doc_max_length=doc_len,
+                             generation_top_k=int(config.get("generation_top_k", 5)),
+                             lora_r=int(config.get("lora_r", 16)), lora_alpha=int(config.get("lora_alpha", 32)))
+    adapters = torch.load(os.path.join(path, "adapters.pth"), map_location="cpu", weights_only=True)
+    model = build_model(settings, list(adapters), dtype, attn_implementation)
+    for name, state in adapters.items():
+        set_peft_model_state_dict(model.peft_model, state, adapter_name=name)
+    layers = torch.load(os.path.join(path, "decoder_first_last_layers.pth"), map_location="cpu", weights_only=True)
+    _copy_full_matrix(model, layers, "embed_tokens.weight", model.causal_lm.get_input_embeddings().weight, path)
+    _copy_full_matrix(model, layers, "lm_head.weight", model.causal_lm.get_output_embeddings().weight, path)
+    with torch.no_grad():
+        model.mem_embeddings.copy_(model.causal_lm.get_input_embeddings().weight[list(model.tokens.mem_ids)])
+    return model
+
+
+@torch.no_grad()
+def _copy_full_matrix(model: ClaraModel, layers: dict, suffix: str, target: torch.Tensor, path: str) -> None:
+    matches = [value for key, value in layers.items() if key.endswith(suffix)]
+    if not matches:
+        raise CheckpointError(f"{path}/decoder_first_last_layers.pth: no '{suffix}' entry")
+    if matches[0].shape != target.shape:
+        raise CheckpointError(f"{path}/decoder_first_last_layers.pth: '{suffix}' has shape "
+                              f"{tuple(matches[0].shape)}, the model expects {tuple(target.shape)}")
+    target.copy_(matches[0].to(target))

@@ -1,0 +1,140 @@
+"""Records -> tensors: encoder inputs, decoder inputs and labels (spec section 4)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from clara import prompts
+from clara.prompts import SpecialTokens
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class Batch:
+    """One micro-batch. Encoder rows are the batch's documents in sample order."""
+
+    enc_ids: torch.Tensor
+    enc_mask: torch.Tensor
+    dec_ids: torch.Tensor
+    dec_mask: torch.Tensor
+    labels: torch.Tensor | None
+    docs_per_sample: list[int]
+    questions: list[str]
+    answers: list[str]
+    query_ids: torch.Tensor | None = None
+    query_mask: torch.Tensor | None = None
+    pos_index: list[list[int] | None] = field(default_factory=list)
+    truncated_docs: int = 0
+
+    @property
+    def size(self) -> int:
+        return self.dec_ids.shape[0]
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens the model reads: decoder prompt and answer plus encoder documents."""
+        tokens = self.dec_mask.sum() + self.enc_mask.sum()
+        if self.query_mask is not None:
+            tokens = tokens + self.query_mask.sum()
+        return int(tokens)
+
+    def to(self, device: torch.device | str) -> "Batch":
+        moved = {}
+        for name, value in self.__dict__.items():
+            moved[name] = value.to(device) if isinstance(value, torch.Tensor) else value
+        return Batch(**moved)
+
+
+def pad_left(rows: list[list[int]], pad_value: int) -> torch.Tensor:
+    width = max(len(r) for r in rows)
+    return torch.tensor([[pad_value] * (width - len(r)) + r for r in rows], dtype=torch.long)
+
+
+def encode_documents(tokenizer, tokens: SpecialTokens, docs: list[str],
+                     doc_max_length: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """`<ENC>` BOS doc EOS, cut to doc_max_length + 3 tokens, left-padded to the longest, then the memory tokens.
+
+    Returns ids, attention mask and how many documents were truncated.
+    """
+    texts = [prompts.document_text(tokens, d) for d in docs]
+    encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    limit = doc_max_length + 3
+    truncated = sum(len(ids) > limit for ids in encoded)
+    rows = [ids[:limit] for ids in encoded]
+    width = max(len(r) for r in rows)
+    mem = list(tokens.mem_ids)
+    ids = torch.tensor([[tokens.pad_id] * (width - len(r)) + r + mem for r in rows], dtype=torch.long)
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * (len(r) + len(mem)) for r in rows], dtype=torch.long)
+    return ids, mask, truncated
+
+
+def encode_supervised(tokenizer, system: str, user: str, target: str | None,
+                      max_len: int) -> tuple[list[int], list[int]]:
+    """Prompt ids followed by the target and the end-of-turn marker; labels only on the latter.
+
+    The prompt is rendered exactly as at inference (generation prompt included), never cut out of
+    a rendered full chat, because templates do not promise that one is a prefix of the other.
+    """
+    prompt_ids = tokenizer(prompts.render_prompt(tokenizer, system, user), add_special_tokens=False)["input_ids"]
+    if target is None:
+        return prompt_ids, [IGNORE_INDEX] * len(prompt_ids)
+    target_ids = tokenizer(target + prompts.end_of_turn(tokenizer), add_special_tokens=False)["input_ids"]
+    if len(prompt_ids) >= max_len:
+        raise ValueError(f"a prompt of {len(prompt_ids)} tokens leaves no room for the answer within "
+                         f"MAX_LEN={max_len}; raise MAX_LEN or lower the number of documents")
+    target_ids = target_ids[:max_len - len(prompt_ids)]
+    return prompt_ids + target_ids, [IGNORE_INDEX] * len(prompt_ids) + target_ids
+
+
+def build_decoder(tokenizer, tokens: SpecialTokens, examples: list[tuple[str, str, str | None]],
+                  max_len: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(system, user, target) triples -> left-padded ids, mask and labels."""
+    rows, label_rows = zip(*(encode_supervised(tokenizer, s, u, t, max_len) for s, u, t in examples))
+    ids = pad_left(list(rows), tokens.pad_id)
+    labels = pad_left(list(label_rows), IGNORE_INDEX)
+    mask = pad_left([[1] * len(r) for r in rows], 0)
+    return ids, mask, labels
+
+
+@dataclass
+class Collator:
+    """Turns a list of normalised records of one stage into a Batch."""
+
+    stage: str
+    tokenizer: object
+    tokens: SpecialTokens
+    doc_max_length: int
+    max_len: int
+    top_k: int = 5
+    seed: int = 0
+    with_targets: bool = True
+
+    def __call__(self, records: list[dict]) -> Batch:
+        from clara.stages import stage_module
+
+        module = stage_module(self.stage)
+        examples = []
+        for record in records:
+            system, user, target = module.example(record, self.tokens.n_mem, self.top_k, self.seed)
+            examples.append((system, user, target if self.with_targets else None))
+        dec_ids, dec_mask, labels = build_decoder(self.tokenizer, self.tokens, examples, self.max_len)
+        docs = [d for record in records for d in record["docs"]]
+        enc_ids, enc_mask, truncated = encode_documents(self.tokenizer, self.tokens, docs, self.doc_max_length)
+        headers = [module.header(record) for record in records]
+        batch = Batch(enc_ids=enc_ids, enc_mask=enc_mask, dec_ids=dec_ids, dec_mask=dec_mask,
+                      labels=labels if self.with_targets else None,
+                      docs_per_sample=[len(record["docs"]) for record in records],
+                      questions=[q for q, _ in headers], answers=[a for _, a in headers],
+                      truncated_docs=truncated)
+        if self.stage == "stage2":
+            counts = set(batch.docs_per_sample)
+            if len(counts) != 1:
+                raise ValueError(f"stage2 samples of one micro-batch need the same number of candidate "
+                                 f"documents, got {sorted(counts)}; use MICRO_BATCH_SIZE=1 or equal counts")
+            batch.query_ids, batch.query_mask, _ = encode_documents(
+                self.tokenizer, self.tokens, [record["question"] for record in records], self.doc_max_length)
+            batch.pos_index = [list(record["pos_index"]) if record["has_pos_index"] else None for record in records]
+        return batch

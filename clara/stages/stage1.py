@@ -1,0 +1,28 @@
+"""Stage 1: compression pretraining on QA pairs and paraphrases of each document."""
+
+from __future__ import annotations
+
+from clara import prompts
+
+# Both adapters start fresh and train; the memory embeddings train in every stage.
+NEW_ADAPTERS = ("encoder_adapter", "decoder_adapter")
+LOADED_ADAPTERS: tuple[str, ...] = ()
+TRAINED_ADAPTERS = ("encoder_adapter", "decoder_adapter")
+USES_MSE = True
+
+
+def example(record: dict, n_mem: int, top_k: int, seed: int) -> tuple[str, str, str]:
+    """(system, user, assistant target) for one normalised stage1 record."""
+    slots = prompts.memory_slots(n_mem, len(record["docs"]))
+    if record["data_type"] == "paraphrase":
+        instruction = prompts.paraphrase_instruction(record["docs"][0], seed)
+        return prompts.SYSTEM_PARAPHRASE, instruction.format(slots=slots), record["answers"][0]
+    target = prompts.qa_target(record["questions"], record["answers"])
+    return prompts.SYSTEM_QA, f"Background:\n{slots}", target
+
+
+def header(record: dict) -> tuple[str, str]:
+    """Question and answer shown by the debug print: the record's first pair."""
+    if record["data_type"] == "paraphrase":
+        return "(paraphrase)", record["answers"][0]
+    return record["questions"][0], record["answers"][0]

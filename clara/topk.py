@@ -1,0 +1,32 @@
+"""Retrieval scores and the differentiable top-k of stage 2 (spec section 4)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def cosine_scores(queries: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+    """queries [B, D], candidates [B, N, D] -> cosine similarities [B, N]."""
+    return torch.einsum("bd,bnd->bn", F.normalize(queries, dim=-1), F.normalize(candidates, dim=-1))
+
+
+def differentiable_topk(scores: torch.Tensor, k: int, temperature: float,
+                        valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Straight-through top-k.
+
+    scores [B, N] (and an optional boolean mask of valid candidates) -> indices [B, k] of the k
+    highest scores in order, and slot weights [B, k, N]. The forward value of slot j is one-hot on
+    its choice; its gradient is that of slot j's softmax(score / temperature) over the candidates
+    not taken by slots 0..j-1.
+    """
+    masked = scores if valid is None else scores.masked_fill(~valid, float("-inf"))
+    indices = masked.topk(k, dim=-1).indices
+    taken = torch.zeros_like(scores, dtype=torch.bool) if valid is None else ~valid
+    weights = []
+    for slot in range(k):
+        soft = torch.softmax((scores / temperature).masked_fill(taken, float("-inf")), dim=-1)
+        hard = F.one_hot(indices[:, slot], scores.shape[-1]).to(soft.dtype)
+        weights.append(hard + soft - soft.detach())
+        taken = taken | hard.bool()
+    return indices, torch.stack(weights, dim=1)

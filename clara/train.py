@@ -1,0 +1,35 @@
+"""`python -m clara.train`: train one CLaRa stage (see --help)."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from torch.distributed.elastic.multiprocessing.errors import record
+
+from clara.checkpoint import CheckpointError
+from clara.cli import parse_config
+from clara.config import ConfigError, resolve, validate
+from clara.data import DataError
+
+USER_ERRORS = (ConfigError, DataError, CheckpointError)
+
+
+@record
+def main(argv: list[str] | None = None) -> int:
+    cfg = resolve(parse_config(argv))
+    try:
+        validate(cfg, world_size=int(os.environ.get("WORLD_SIZE", "1")))
+        from clara.trainer import Stop, train
+
+        train(cfg)
+    except USER_ERRORS as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except Stop as stop:
+        return 128 + stop.signum
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
