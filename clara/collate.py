@@ -28,18 +28,11 @@ class Batch:
     query_mask: torch.Tensor | None = None
     pos_index: list[list[int] | None] = field(default_factory=list)
     truncated_docs: int = 0
+    num_tokens: int = 0  # tokens the model reads: decoder prompt and answer, documents, questions
 
     @property
     def size(self) -> int:
         return self.dec_ids.shape[0]
-
-    @property
-    def num_tokens(self) -> int:
-        """Tokens the model reads: decoder prompt and answer plus encoder documents."""
-        tokens = self.dec_mask.sum() + self.enc_mask.sum()
-        if self.query_mask is not None:
-            tokens = tokens + self.query_mask.sum()
-        return int(tokens)
 
     def to(self, device: torch.device | str) -> "Batch":
         moved = {}
@@ -137,4 +130,6 @@ class Collator:
             batch.query_ids, batch.query_mask, _ = encode_documents(
                 self.tokenizer, self.tokens, [record["question"] for record in records], self.doc_max_length)
             batch.pos_index = [list(record["pos_index"]) if record["has_pos_index"] else None for record in records]
+        batch.num_tokens = int(batch.dec_mask.sum() + batch.enc_mask.sum()
+                               + (batch.query_mask.sum() if batch.query_mask is not None else 0))
         return batch

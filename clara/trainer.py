@@ -226,6 +226,59 @@ def _nonfinite_safe_loss(model) -> torch.Tensor:
     return sum(p.sum() for p in model.parameters() if p.requires_grad) * 0.0
 
 
+@dataclass
+class StepResult:
+    # Summed over this rank's micro-batches: LM loss, MSE, finite micro-batches, tokens read,
+    # correct answer tokens, supervised answer tokens.
+    sums: torch.Tensor
+    skipped: bool
+    chosen: list[list[int]]
+    positives: list[list[int] | None]
+
+
+def optimizer_step(engine, optimizer, batches: list, seeds: list[int], mse_weight: float,
+                   on_first=None) -> StepResult:
+    """Forward and backward every micro-batch of one optimizer step, then step.
+
+    A non-finite loss on any rank replaces that micro-batch's backward by a zero one and runs the
+    optimizer step at learning rate 0, so the weights stay as they were.
+    """
+    device = batches[0].dec_ids.device
+    sums = torch.zeros(6, dtype=torch.float64, device=device)
+    skipped = False
+    chosen, positives = [], []
+    for micro, (batch, seed) in enumerate(zip(batches, seeds)):
+        torch.manual_seed(seed)
+        try:
+            out = engine(batch, mse_weight=mse_weight)
+            finite = torch.isfinite(out.loss.detach()).float()
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+            if finite.item() == 1.0:
+                engine.backward(out.loss)
+                mse = out.mse.detach() if out.mse is not None else torch.zeros((), device=device)
+                correct = (out.lm.logits.argmax(-1) == out.lm.targets).sum()
+                sums += torch.stack([out.lm.loss.detach().double(), mse.double(), torch.ones((), device=device).double(),
+                                     torch.tensor(batch.num_tokens, device=device).double(), correct.double(),
+                                     torch.tensor(out.lm.targets.numel(), device=device).double()])
+            else:
+                skipped = True
+                engine.backward(_nonfinite_safe_loss(engine.module))
+            if skipped and engine.is_gradient_accumulation_boundary():
+                for group in optimizer.param_groups:
+                    group["lr"] = 0.0  # the schedule sets the next step's rate again
+            engine.step()
+        except torch.OutOfMemoryError as error:
+            raise RuntimeError(
+                "Out of memory. Lower MICRO_BATCH_SIZE (raise the gradient accumulation instead), set "
+                "GRADIENT_CHECKPOINTING=true, or lower MAX_LEN / DOC_MAX_LENGTH.") from error
+        if out.chosen is not None:
+            chosen += out.chosen.tolist()
+            positives += batch.pos_index
+        if micro == 0 and on_first is not None:
+            on_first(batch, out)
+    return StepResult(sums=sums.cpu(), skipped=skipped, chosen=chosen, positives=positives)
+
+
 # -- the run ----------------------------------------------------------------------------------------------
 def train(cfg: TrainConfig) -> dict:
     """Train one stage as configured; returns the last logged metrics."""
@@ -318,51 +371,25 @@ def train(cfg: TrainConfig) -> dict:
         while state.global_step < total_steps:
             order = epoch_order(len(records), cfg.seed, state.epoch)
             started = time.perf_counter()
-            sums = torch.zeros(5, dtype=torch.float64)  # loss, mse, finite micro-batches, tokens, correct tokens
-            supervised = 0
-            chosen_all, positives_all = [], []
-            skipped = False
+            batches = []
             for micro in range(accumulation):
                 indices = micro_batch_indices(order, state.step_in_epoch, micro, rank, world, cfg.batch_size,
                                               cfg.micro_batch_size)
-                batch = collator([records[i] for i in indices]).to(device)
-                truncated_docs += batch.truncated_docs
-                torch.manual_seed(step_seed(cfg.seed, state.global_step, micro, rank))
-                try:
-                    out = engine(batch, mse_weight=mse_weight)
-                    finite = torch.isfinite(out.loss.detach()).float()
-                    dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-                    if finite.item() == 1.0:
-                        engine.backward(out.loss)
-                        sums += torch.tensor([out.lm.loss.item(), 0.0 if out.mse is None else out.mse.item(), 1.0,
-                                              batch.num_tokens, (out.lm.logits.argmax(-1) == out.lm.targets).sum().item()],
-                                             dtype=torch.float64)
-                        supervised += out.lm.targets.numel()
-                    else:
-                        skipped = True
-                        engine.backward(_nonfinite_safe_loss(engine.module))
-                    if skipped and engine.is_gradient_accumulation_boundary():
-                        for group in optimizer.param_groups:
-                            group["lr"] = 0.0  # the weights stay as they were; the schedule moves on
-                    engine.step()
-                except torch.OutOfMemoryError as error:
-                    raise RuntimeError(
-                        "Out of memory. Lower MICRO_BATCH_SIZE (raise the gradient accumulation instead), set "
-                        "GRADIENT_CHECKPOINTING=true, or lower MAX_LEN / DOC_MAX_LENGTH.") from error
-                if out.chosen is not None:
-                    chosen_all += out.chosen.tolist()
-                    positives_all += batch.pos_index
-                if debug and micro == 0 and state.global_step % cfg.debug_every_steps == 0:
-                    debug.print_sample(batch, out, state.global_step)
+                batches.append(collator([records[i] for i in indices]).to(device))
+                truncated_docs += batches[-1].truncated_docs
+            show_debug = debug is not None and state.global_step % cfg.debug_every_steps == 0
+            result = optimizer_step(
+                engine, optimizer, batches, [step_seed(cfg.seed, state.global_step, m, rank) for m in range(accumulation)],
+                mse_weight, on_first=(lambda b, o: debug.print_sample(b, o, state.global_step)) if show_debug else None)
             state.global_step += 1
             state.step_in_epoch += 1
             state.consumed_samples += cfg.batch_size
             if state.step_in_epoch >= steps_per_epoch:
                 state.epoch += 1
                 state.step_in_epoch = 0
-            totals = torch.cat([sums, torch.tensor([supervised, len(stop_signal)], dtype=torch.float64)])
+            totals = torch.cat([result.sums, torch.tensor([len(stop_signal)], dtype=torch.float64)])
             dist.all_reduce(totals)
-            skipped = skipped or totals[2] == 0
+            skipped = result.skipped or totals[2] == 0
             state.nonfinite_in_a_row = state.nonfinite_in_a_row + 1 if skipped else 0
             state.skipped_steps += int(skipped)
             elapsed = time.perf_counter() - started
@@ -376,10 +403,10 @@ def train(cfg: TrainConfig) -> dict:
                 "peak_memory_mb": round(peak_memory_mb(device), 1),
                 "token_acc": totals[4].item() / max(totals[5].item(), 1.0),
             }
-            if chosen_all:
+            if result.chosen:
                 from clara.metrics import retrieval_summary
 
-                last.update({k: v for k, v in retrieval_summary(chosen_all, positives_all).items()
+                last.update({k: v for k, v in retrieval_summary(result.chosen, result.positives).items()
                              if k.startswith("recall")})
             if skipped:
                 log.print(f"step {state.global_step}: non-finite loss, optimizer step skipped "
@@ -389,9 +416,11 @@ def train(cfg: TrainConfig) -> dict:
                                        "Lower LEARNING_RATE and check the data.")
             if progress:
                 progress.update(1)
-                progress.set_postfix(loss=f"{last['loss']:.4f}", mse=f"{last['mse_loss'] or 0:.4f}",
-                                     lr=f"{last['lr']:.2e}", samples_s=f"{last['samples_per_s']:.1f}",
-                                     tokens_s=f"{last['tokens_per_s']:.0f}", refresh=False)
+                shown = {"loss": f"{last['loss']:.4f}", "lr": f"{last['lr']:.2e}",
+                         "samples/s": f"{last['samples_per_s']:.1f}", "tokens/s": f"{last['tokens_per_s']:.0f}"}
+                if last["mse_loss"] is not None:
+                    shown["mse"] = f"{last['mse_loss']:.4f}"
+                progress.set_postfix(shown, refresh=False)
             if state.global_step % cfg.logging_steps == 0 or state.global_step == total_steps:
                 log.metrics(last)
             if eval_records is not None and (state.global_step % cfg.eval_steps == 0 or state.global_step == total_steps):
