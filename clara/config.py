@@ -145,8 +145,9 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> None:
     per_step = cfg.micro_batch_size * world_size
     if cfg.batch_size % per_step:
         fail("batch_size", f"a multiple of micro_batch_size x world size = {cfg.micro_batch_size} x {world_size}")
-    if cfg.zero_stage not in (0, 1, 2, 3):
-        fail("zero_stage", "0, 1, 2 or 3")
+    if cfg.zero_stage not in (0, 1, 2):
+        # LoRA keeps the frozen base replicated; ZeRO-3 would shard it and need gathered exports.
+        fail("zero_stage", "0, 1 or 2")
     if cfg.flash_attn not in ("auto", "true", "false"):
         fail("flash_attn", "auto, true or false")
     if cfg.bad_samples not in ("error", "skip"):
