@@ -1,0 +1,403 @@
+"""Evaluation (spec sections 5 and 7): inside the trainer and as `python -m clara.evaluate`.
+
+Every stage: eval loss (the mean of per-sample teacher-forced LM losses, in eval mode) and token
+accuracy. stage1_2 and stage2 also answer the first `eval_max_samples` (`--max_samples`) samples
+by greedy generation and score them with EM, F1 and cover-EM; stage2 also reports recall@k and
+precision@k against `pos_index`.
+
+Several processes (torchrun, accelerate launch) split the work by micro-batches: the data is cut
+into micro-batches in dataset order first and rank r takes micro-batches r, r + world, ..., so
+each micro-batch holds the same samples whatever the world size. Rank 0 gathers the per-sample
+results, restores dataset order and computes the summary, which every rank receives.
+
+    python -m clara.evaluate --checkpoint DIR --dataset FILE [--stage S] [--max_samples N]
+        [--batch_size B] [--max_new_tokens T] [--output FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+from clara.checkpoint import CheckpointError
+from clara.config import STAGES, ConfigError
+from clara.data import DataError
+
+USER_ERRORS = (ConfigError, DataError, CheckpointError)
+GENERATING_STAGES = ("stage1_2", "stage2")
+RETRIEVAL_KS = (1, 3, 5)
+
+
+# -- per-sample results -----------------------------------------------------------------------------------
+def per_sample_lm(lm, batch_size: int) -> tuple[list[float | None], list[int], list[int]]:
+    """Per-sample mean cross-entropy, correct answer tokens and answer tokens, from the supervised positions."""
+    ce = F.cross_entropy(lm.logits.float(), lm.targets, reduction="none").double().cpu()
+    index = lm.sample_index.cpu()
+    correct = (lm.logits.argmax(-1) == lm.targets).cpu().double()
+    sums = torch.zeros(batch_size, dtype=torch.float64).index_add_(0, index, ce)
+    hits = torch.zeros(batch_size, dtype=torch.float64).index_add_(0, index, correct)
+    counts = torch.bincount(index, minlength=batch_size)
+    losses = [(s / c) if c else None for s, c in zip(sums.tolist(), counts.tolist())]
+    return losses, [int(h) for h in hits.tolist()], counts.tolist()
+
+
+def sample_header(stage: str, record: dict) -> tuple[str, str]:
+    from clara.stages import stage_module
+
+    return stage_module(stage).header(record)
+
+
+def micro_batches(num_samples: int, batch_size: int) -> list[range]:
+    return [range(start, min(start + batch_size, num_samples)) for start in range(0, num_samples, batch_size)]
+
+
+@torch.no_grad()
+def evaluate_shard(model, records, stage: str, batch_size: int, generate_limit: int, max_new_tokens: int,
+                   max_len: int, seed: int, rank: int = 0, world: int = 1, device=None,
+                   show_progress: bool = True, leave_progress: bool = False) -> list[dict]:
+    """This rank's per-sample results (each with its dataset index under "index")."""
+    from clara.collate import Collator
+    from clara.inference import collatable_runs
+    from clara.metrics import cover_exact_match, exact_match, f1_score
+
+    settings = model.settings
+    device = device if device is not None else model.mem_embeddings.device
+    collate = {targets: Collator(stage, model.tokenizer, model.tokens, settings.doc_max_length, max_len,
+                                 settings.generation_top_k, seed, with_targets=targets)
+               for targets in (True, False)}
+    mine = micro_batches(len(records), batch_size)[rank::world]
+    progress = None
+    if show_progress and rank == 0:
+        from tqdm import tqdm
+
+        progress = tqdm(total=sum(len(b) for b in mine), desc=f"eval {stage}" + (" (rank 0)" if world > 1 else ""),
+                        unit="sample", dynamic_ncols=True, file=sys.stderr, leave=leave_progress)
+    results = []
+    for indices in mine:
+        batch_records = [records[i] for i in indices]
+        for offset, run in collatable_runs(stage, batch_records):
+            run_indices = list(indices)[offset:offset + len(run)]
+            batch = collate[True](run).to(device)
+            out = model(batch, mse_weight=0.0)
+            losses, hits, counts = per_sample_lm(out.lm, len(run))
+            chosen = out.chosen.tolist() if out.chosen is not None else None
+            for j, (index, record) in enumerate(zip(run_indices, run)):
+                question, answer = sample_header(stage, record)
+                row = {"index": index, "question": question, "answer": answer, "loss": losses[j],
+                       "correct_tokens": hits[j], "answer_tokens": counts[j],
+                       "token_accuracy": hits[j] / counts[j] if counts[j] else None}
+                if stage == "stage1":
+                    row["data_type"] = record["data_type"]
+                if stage in GENERATING_STAGES:
+                    row.update(prediction=None, exact_match=None, f1=None, cover_exact_match=None)
+                if chosen is not None:
+                    row["chosen"] = chosen[j]
+                    row["pos_index"] = list(record["pos_index"]) if record["has_pos_index"] else None
+                results.append(row)
+            wanted = [j for j, index in enumerate(run_indices) if index < generate_limit]
+            if stage in GENERATING_STAGES and wanted:
+                prompt = collate[False]([run[j] for j in wanted]).to(device)
+                texts, _ = model.generate(prompt, max_new_tokens=max_new_tokens)
+                rows = results[len(results) - len(run):]
+                for j, text in zip(wanted, texts):
+                    gold = rows[j]["answer"]
+                    rows[j].update(prediction=text, exact_match=exact_match(text, gold), f1=f1_score(text, gold),
+                                   cover_exact_match=cover_exact_match(text, gold))
+        if progress is not None:
+            progress.update(len(indices))
+    if progress is not None:
+        progress.close()
+    return results
+
+
+def summarise(stage: str, rows: list[dict]) -> dict:
+    """The flat summary of numbers: what the trainer logs as eval_* and the CLI prints."""
+    from clara.metrics import retrieval_summary
+
+    losses = [r["loss"] for r in rows if r["loss"] is not None]
+    tokens = sum(r["answer_tokens"] for r in rows)
+    summary: dict = {
+        "loss": sum(losses) / len(losses) if losses else float("nan"),
+        "token_accuracy": sum(r["correct_tokens"] for r in rows) / tokens if tokens else float("nan"),
+        "samples": len(rows),
+    }
+    if stage in GENERATING_STAGES:
+        generated = [r for r in rows if r["prediction"] is not None]
+        for key in ("exact_match", "f1", "cover_exact_match"):
+            summary[key] = sum(r[key] for r in generated) / len(generated) if generated else float("nan")
+        summary["generated"] = len(generated)
+    if stage == "stage2":
+        retrieval = retrieval_summary([r["chosen"] for r in rows], [r["pos_index"] for r in rows], RETRIEVAL_KS)
+        # Recall first, then precision, then the counts: the order the table shows.
+        summary.update(sorted(retrieval.items(), key=lambda kv: (not kv[0].startswith("recall@"),
+                                                                 not kv[0].startswith("precision@"))))
+    return summary
+
+
+def gather_rows(rows: list[dict], rank: int, world: int) -> list[dict] | None:
+    """All ranks' rows on rank 0 in dataset order; None on the other ranks."""
+    if world == 1:
+        return sorted(rows, key=lambda r: r["index"])
+    import torch.distributed as dist
+
+    parts = [None] * world if rank == 0 else None
+    dist.gather_object(rows, parts, dst=0)
+    if rank != 0:
+        return None
+    return sorted((r for part in parts for r in part), key=lambda r: r["index"])
+
+
+def broadcast(obj, rank: int, world: int):
+    if world == 1:
+        return obj
+    import torch.distributed as dist
+
+    box = [obj if rank == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def evaluate_model(model, records, cfg, rank: int = 0, world: int = 1, device=None,
+                   show_progress: bool = True, leave_progress: bool = False) -> dict:
+    """Evaluate a ClaraModel on normalised records (a datasets.Dataset or a list).
+
+    cfg needs stage, micro_batch_size, eval_max_samples, max_new_tokens, max_len and seed (a
+    TrainConfig does). Memory and retrieval settings come from the model. The model runs in eval
+    mode and is put back in the mode it came in. Every rank must call this with the same records.
+    Returns {"summary": flat dict of numbers (every rank), "samples": per-sample rows in dataset
+    order (rank 0; None elsewhere)}.
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        rows = evaluate_shard(model, records, cfg.stage, cfg.micro_batch_size, cfg.eval_max_samples,
+                              cfg.max_new_tokens, cfg.max_len, cfg.seed, rank, world, device,
+                              show_progress, leave_progress)
+    finally:
+        model.train(was_training)
+    rows = gather_rows(rows, rank, world)
+    summary = broadcast(summarise(cfg.stage, rows) if rank == 0 else None, rank, world)
+    return {"summary": summary, "samples": rows}
+
+
+# -- presentation -----------------------------------------------------------------------------------------
+PERCENT_KEYS = ("token_accuracy", "exact_match", "f1", "cover_exact_match")
+
+
+def format_table(summary: dict, title: str = "") -> str:
+    """A small two-column table; shares are shown as percentages."""
+    lines = [title] if title else []
+    width = max(len(k) for k in summary)
+    lines.append(f"{'metric'.ljust(width)}  value")
+    lines.append(f"{'-' * width}  {'-' * 10}")
+    for key, value in summary.items():
+        if isinstance(value, float) and math.isnan(value):
+            shown = "n/a"
+        elif key in PERCENT_KEYS or key.startswith(("recall@", "precision@")):
+            shown = f"{100 * value:.2f}%"
+        elif isinstance(value, float):
+            shown = f"{value:.4f}"
+        else:
+            shown = str(value)
+        lines.append(f"{key.ljust(width)}  {shown}")
+    return "\n".join(lines)
+
+
+def summary_path(output: str) -> str:
+    """out.jsonl -> out.summary.json (next to the per-sample file)."""
+    root, ext = os.path.splitext(output)
+    return (root if ext in (".jsonl", ".json") else output) + ".summary.json"
+
+
+def _json_number(value):
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
+def write_outputs(output: str, rows: list[dict], summary: dict, meta: dict) -> str:
+    """Per-sample JSON lines at `output`, the summary beside it; both replaced atomically."""
+    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+    tmp = output + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as out:
+        for row in rows:
+            line = {k: _json_number(v) for k, v in row.items()}
+            out.write(json.dumps(line, ensure_ascii=False) + "\n")
+    os.replace(tmp, output)
+    path = summary_path(output)
+    with open(path + ".tmp", "w", encoding="utf-8") as out:
+        json.dump({**meta, "metrics": {k: _json_number(v) for k, v in summary.items()}}, out, indent=2)
+    os.replace(path + ".tmp", path)
+    return path
+
+
+# -- command line -----------------------------------------------------------------------------------------
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m clara.evaluate",
+        description="Evaluate a CLaRa checkpoint on a JSONL file of its stage: eval loss and token accuracy; "
+                    "stage1_2/stage2 also EM, F1 and cover-EM of greedy answers; stage2 also recall@k. "
+                    "Runs on several processes under torchrun or accelerate launch.")
+    parser.add_argument("--checkpoint", required=True,
+                        help="checkpoint directory (native or official release layout)")
+    parser.add_argument("--dataset", required=True, help="JSONL file(s) of the stage, joined by commas")
+    parser.add_argument("--stage", choices=STAGES, default=None,
+                        help="data format and metrics (default: the stage recorded in the checkpoint; official "
+                             "checkpoints: stage2 when they hold a query_reasoner_adapter, else required)")
+    parser.add_argument("--max_samples", type=positive_int, default=None,
+                        help="answer only the first N samples by generation "
+                             "(default: all; the eval loss covers every sample)")
+    parser.add_argument("--limit", type=positive_int, default=None,
+                        help="use only the first N samples of the dataset for everything")
+    parser.add_argument("--batch_size", type=positive_int, default=4,
+                        help="samples per forward, per process (default 4)")
+    parser.add_argument("--max_new_tokens", type=positive_int, default=64,
+                        help="max generated tokens per answer (default 64)")
+    parser.add_argument("--output", default=None,
+                        help="write per-sample JSON lines here, and the summary to the same name with .summary.json "
+                             "(out.jsonl -> out.summary.json); default: print the table only")
+    parser.add_argument("--max_len", type=positive_int, default=None,
+                        help="max decoder tokens (default 2048, stage2 1024, as in training)")
+    parser.add_argument("--seed", type=int, default=42,
+                        help="the training seed, which picks the stage1 paraphrase prompts (default 42)")
+    parser.add_argument("--dtype", default="auto",
+                        help="auto (default: bfloat16 on CUDA, float32 on CPU), float32, bfloat16, float16")
+    parser.add_argument("--flash_attn", default="auto", choices=("auto", "true", "false"),
+                        help="auto (default): FlashAttention-2 when installed and on CUDA, else SDPA")
+    parser.add_argument("--model_path", default=None,
+                        help="base model to use instead of the one the checkpoint names")
+    parser.add_argument("--no_progress", action="store_true", help="no progress bar")
+    return parser
+
+
+def resolve_stage(checkpoint: str, stage: str | None) -> str:
+    from clara.inference import infer_stage
+
+    found = infer_stage(checkpoint)
+    if stage:
+        return stage
+    if found is None:
+        raise CheckpointError(f"{checkpoint}: the official release layout records no stage and it has no "
+                              "query_reasoner_adapter (which would mean stage2); "
+                              "pass --stage stage1 or --stage stage1_2")
+    if found not in STAGES:
+        raise CheckpointError(f"{checkpoint}/config.json: unknown stage {found!r}; pass --stage")
+    return found
+
+
+def init_processes() -> tuple[int, int, torch.device]:
+    """Rank, world size and device; joins the process group torchrun / accelerate launch describe."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    if world == 1:
+        return 0, 1, device
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def run(args: argparse.Namespace, rank: int, world: int, device: torch.device) -> dict:
+    import datasets
+
+    from clara.checkpoint import load_model
+    from clara.config import TrainConfig
+    from clara.data import load_records
+    from clara.inference import DEFAULT_MAX_LEN, QUERY_REASONER, ensure_query_reasoner, resolve_dtype
+    from clara.model import attention_implementation
+
+    say = print if rank == 0 else (lambda *a, **k: None)
+    stage = resolve_stage(args.checkpoint, args.stage)
+    stage_source = "--stage" if args.stage else "from the checkpoint"
+    for path in args.dataset.split(","):
+        if not os.path.isfile(path.strip()):
+            raise ConfigError(f"--dataset: file {path.strip()!r} does not exist or is not readable")
+    try:
+        dtype = resolve_dtype(args.dtype, device)
+        attn = attention_implementation(args.flash_attn, device.type == "cuda")
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+    from clara.checkpoint import read_config
+
+    config = read_config(args.checkpoint)
+    top_k = int(config.get("generation_top_k", 5))
+    datasets.disable_progress_bars()
+    # Rank 0 builds the Arrow cache first; the other ranks then read it (and meet the same errors).
+    error = None
+    if rank == 0:
+        try:
+            records = load_records(stage, args.dataset, min_docs=top_k if stage == "stage2" else 1,
+                                   max_samples=args.limit, log=say)
+        except USER_ERRORS as caught:
+            error = caught
+    if world > 1:
+        torch.distributed.barrier()
+    if rank != 0:
+        records = load_records(stage, args.dataset, min_docs=top_k if stage == "stage2" else 1,
+                               max_samples=args.limit, log=say)
+    if error is not None:
+        raise error
+
+    model = load_model(args.checkpoint, dtype, attn, base_model=args.model_path)
+    if stage == "stage2" and QUERY_REASONER not in model.adapter_names:
+        ensure_query_reasoner(model, log=say)
+    model.to(device)
+    cfg = TrainConfig(stage=stage, micro_batch_size=args.batch_size,
+                      eval_max_samples=args.max_samples or len(records), max_new_tokens=args.max_new_tokens,
+                      doc_max_length=model.settings.doc_max_length, max_len=args.max_len or DEFAULT_MAX_LEN[stage],
+                      generation_top_k=model.settings.generation_top_k, seed=args.seed)
+    say(f"Evaluating {args.checkpoint} ({stage}, {stage_source}) on {args.dataset}: {len(records)} samples"
+        + (f", generation on {min(cfg.eval_max_samples, len(records))}" if stage in GENERATING_STAGES else "")
+        + f" | {world} process(es) | device {device.type} | dtype {str(dtype).replace('torch.', '')}",
+        flush=True)
+    results = evaluate_model(model, records, cfg, rank, world, device, show_progress=not args.no_progress,
+                             leave_progress=True)
+    if rank == 0:
+        say(format_table(results["summary"], title=f"{stage} evaluation of {args.checkpoint}"))
+        if args.output:
+            meta = {"checkpoint": args.checkpoint, "dataset": args.dataset, "stage": stage, "world_size": world,
+                    "batch_size": args.batch_size, "max_new_tokens": args.max_new_tokens}
+            written = write_outputs(args.output, results["samples"], results["summary"], meta)
+            say(f"Per-sample results: {args.output}\nSummary: {written}")
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    rank, world, device = init_processes()
+    try:
+        run(args, rank, world, device)
+    except USER_ERRORS as error:
+        if rank == 0:
+            print(f"error: {error}", file=sys.stderr)
+        return 2
+    finally:
+        if world > 1 and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    from torch.distributed.elastic.multiprocessing.errors import record
+
+    sys.exit(record(main)())
