@@ -141,9 +141,28 @@ def load_model(path: str, dtype: torch.dtype = torch.float32, attn_implementatio
     for name in config["adapters"]:
         prefix = name + "."
         state = {k[len(prefix):]: v for k, v in adapters.items() if k.startswith(prefix)}
-        set_peft_model_state_dict(model.peft_model, state, adapter_name=name)
+        load_adapter_state(model, name, state, os.path.join(path, "adapters.safetensors"))
     set_added_token_rows(model, load_file(os.path.join(path, "special_tokens.safetensors")))
     return model
+
+
+PEFT_PREFIX = "base_model.model."
+
+
+def load_adapter_state(model: ClaraModel, name: str, state: dict[str, torch.Tensor], source: str) -> None:
+    """Load one adapter's LoRA weights, refusing a state dict that does not fit instead of loading nothing.
+
+    Keys are relative to the PeftModel (peft's get_peft_model_state_dict) or, as in the official
+    release (saved through transformers' get_adapter_state_dict), to the bare transformers model.
+    """
+    state = {key if key.startswith(PEFT_PREFIX) else PEFT_PREFIX + key: value for key, value in state.items()}
+    result = set_peft_model_state_dict(model.peft_model, state, adapter_name=name)
+    missing = [key for key in result.missing_keys if f".{name}." in key]
+    if result.unexpected_keys or missing or not state:
+        problem = (f"unexpected keys such as {result.unexpected_keys[0]!r}" if result.unexpected_keys
+                   else f"no weights for {missing[0]!r}" if missing else "no weights at all")
+        raise CheckpointError(f"{source}: adapter '{name}' does not fit the model ({problem}); "
+                              "was it trained with another base model or LoRA setting?")
 
 
 def _load_official(path: str, config: dict, dtype: torch.dtype, attn_implementation: str,
@@ -155,14 +174,19 @@ def _load_official(path: str, config: dict, dtype: torch.dtype, attn_implementat
     settings = ModelSettings(base_model=base_model or config["decoder_model_name"], n_mem_tokens=doc_len // rate,
                              compress_rate=rate, doc_max_length=doc_len,
                              generation_top_k=int(config.get("generation_top_k", 5)),
-                             lora_r=int(config.get("lora_r", 16)), lora_alpha=int(config.get("lora_alpha", 32)))
+                             lora_r=int(config.get("lora_r", 16)),
+                             # The release trained with alpha = 2 r and does not record alpha.
+                             lora_alpha=int(config.get("lora_alpha", 2 * int(config.get("lora_r", 16)))))
     adapters = torch.load(os.path.join(path, "adapters.pth"), map_location="cpu", weights_only=True)
     model = build_model(settings, list(adapters), dtype, attn_implementation)
     for name, state in adapters.items():
-        set_peft_model_state_dict(model.peft_model, state, adapter_name=name)
+        load_adapter_state(model, name, state, os.path.join(path, "adapters.pth"))
     layers = torch.load(os.path.join(path, "decoder_first_last_layers.pth"), map_location="cpu", weights_only=True)
     _copy_full_matrix(model, layers, "embed_tokens.weight", model.causal_lm.get_input_embeddings().weight, path)
-    _copy_full_matrix(model, layers, "lm_head.weight", model.causal_lm.get_output_embeddings().weight, path)
+    head = model.causal_lm.get_output_embeddings().weight
+    # With tied embeddings the release's save (named_parameters) holds no separate lm_head entry.
+    if head is not model.causal_lm.get_input_embeddings().weight or any(k.endswith("lm_head.weight") for k in layers):
+        _copy_full_matrix(model, layers, "lm_head.weight", head, path)
     with torch.no_grad():
         model.mem_embeddings.copy_(model.causal_lm.get_input_embeddings().weight[list(model.tokens.mem_ids)])
     return model

@@ -154,11 +154,26 @@ def iter_lines(paths: list[str]) -> Iterator[tuple[str, int, bytes]]:
                     yield path, number, raw
 
 
+def _utf8_problem(raw: bytes, error: UnicodeDecodeError) -> str:
+    """Name the field that holds the invalid bytes when the rest of the line is a JSON object."""
+    try:
+        obj = json.loads(raw.decode("utf-8", errors="surrogateescape"))
+    except ValueError:
+        obj = None
+    if isinstance(obj, dict):
+        for name, value in obj.items():
+            texts = value if isinstance(value, list) else [value]
+            if any(isinstance(t, str) and any("\udc80" <= c <= "\udcff" for c in t) for t in texts):
+                return (f"field '{name}': expected valid UTF-8 text, got invalid bytes "
+                        f"(byte {error.start} of the line)")
+    return f"not valid UTF-8 (byte {error.start} of the line)"
+
+
 def parse_line(stage: str, raw: bytes, min_docs: int) -> dict:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as error:
-        raise BadRecord(f"not valid UTF-8 (byte {error.start} of the line)") from None
+        raise BadRecord(_utf8_problem(raw, error)) from None
     try:
         obj = json.loads(text)
     except json.JSONDecodeError as error:

@@ -92,6 +92,17 @@ class ClaraModel(nn.Module):
         self.mem_embeddings = nn.Parameter(embedding[list(tokens.mem_ids)].detach().clone().float())
         self._active = None
         self.refresh_lora_layers()
+        # With tied input and output embeddings, the export (which merges the memory embeddings into
+        # the matrix) also changes the LM head's memory rows; the head uses those rows here as well,
+        # so that the trained model, its export and a reload compute the same logits.
+        head = self.causal_lm.get_output_embeddings()
+        if head is not None and head.weight is self.causal_lm.get_input_embeddings().weight:
+            head.register_forward_hook(self._tied_memory_logits)
+
+    def _tied_memory_logits(self, module: nn.Module, args: tuple, logits: torch.Tensor) -> torch.Tensor:
+        first, n = self.tokens.first_mem_id, self.tokens.n_mem
+        memory = (args[0] @ self.mem_embeddings.to(args[0].dtype).T).to(logits.dtype)
+        return torch.cat([logits[..., :first], memory, logits[..., first + n:]], dim=-1)
 
     # -- the pieces of the base model -------------------------------------------------------------
     @property
@@ -244,15 +255,25 @@ class ClaraModel(nn.Module):
     @torch.no_grad()
     def generate(self, batch: Batch, max_new_tokens: int = 64) -> tuple[list[str], torch.Tensor | None]:
         """Greedy answers for a batch built without targets; stage 2 also returns the chosen indices."""
-        embeds, extras = self.decoder_inputs(batch)
-        stop_ids = {self.tokenizer.eos_token_id}
-        turn_end = self.tokenizer.convert_tokens_to_ids(end_of_turn(self.tokenizer))
-        if isinstance(turn_end, int) and turn_end != self.tokenizer.unk_token_id:
-            stop_ids.add(turn_end)
-        with self.adapter("decoder_adapter"):
-            out = self.causal_lm.generate(inputs_embeds=embeds, attention_mask=batch.dec_mask,
-                                          max_new_tokens=max_new_tokens, do_sample=False,
-                                          pad_token_id=self.tokens.pad_id, eos_token_id=sorted(stop_ids))
+        # Greedy decoding must not depend on the mode the caller left the model in (LoRA dropout).
+        was_training = self.training
+        self.eval()
+        try:
+            embeds, extras = self.decoder_inputs(batch)
+            stop_ids = {self.tokenizer.eos_token_id}
+            turn_end = self.tokenizer.convert_tokens_to_ids(end_of_turn(self.tokenizer))
+            if isinstance(turn_end, int) and turn_end != self.tokenizer.unk_token_id:
+                stop_ids.add(turn_end)
+            # CLaRa's own tokens are not text: a generated <MEMi> would be read back through the plain
+            # embedding row rather than the trained memory embedding.
+            added = list(self.tokens.mem_ids) + [self.tokens.ae_id, self.tokens.enc_id, self.tokens.sep_id]
+            with self.adapter("decoder_adapter"):
+                out = self.causal_lm.generate(inputs_embeds=embeds, attention_mask=batch.dec_mask,
+                                              max_new_tokens=max_new_tokens, do_sample=False,
+                                              pad_token_id=self.tokens.pad_id, eos_token_id=sorted(stop_ids),
+                                              suppress_tokens=added)
+        finally:
+            self.train(was_training)
         texts = self.tokenizer.batch_decode(out, skip_special_tokens=True)
         return [t.strip() for t in texts], extras.chosen
 

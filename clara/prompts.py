@@ -124,9 +124,13 @@ def render_prompt(tokenizer, system: str, user: str) -> str:
     try:
         return _chat(tokenizer, [{"role": "system", "content": system}, {"role": "user", "content": user}], True)
     except Exception as error:  # jinja raises TemplateError (or its own exception) for an unsupported role
-        if "system" not in str(error).lower():
-            raise
-        return _chat(tokenizer, [{"role": "user", "content": system + "\n" + user}], True)
+        # Templates word the refusal differently (Mistral-7B-Instruct-v0.2: "Conversation roles must
+        # alternate user/assistant/..."), so try the folded form whatever the message; if that fails
+        # too, the problem was not the system role and the original error is the informative one.
+        try:
+            return _chat(tokenizer, [{"role": "user", "content": system + "\n" + user}], True)
+        except Exception:
+            raise error from None
 
 
 @functools.lru_cache(maxsize=8)
