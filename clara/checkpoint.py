@@ -42,11 +42,29 @@ def build_model(settings: ModelSettings, adapters: list[str], dtype: torch.dtype
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir or base_path)
     tokens = add_special_tokens(tokenizer, settings.n_mem_tokens)
     base = AutoModelForCausalLM.from_pretrained(base_path, dtype=dtype, attn_implementation=attn_implementation)
-    if base.get_input_embeddings().weight.shape[0] != len(tokenizer):
+    if base.get_input_embeddings().weight.shape[0] < len(tokenizer):
         base.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    init_added_rows(base, tokenizer.convert_tokens_to_ids(added_token_strings(settings.n_mem_tokens)))
     base.config.use_cache = False
     peft_model = attach_adapters(base, adapters, settings)
     return ClaraModel(peft_model, tokenizer, tokens, settings)
+
+
+@torch.no_grad()
+def init_added_rows(base, ids: list[int]) -> None:
+    """Start the added tokens' rows at the scale of the real ones: the per-dimension mean and spread.
+
+    Rows drawn at the initializer's small scale (std 0.02) leave the memory tokens nearly silent
+    next to real tokens, and the compressed states of every document then look alike.
+    """
+    matrices = [base.get_input_embeddings().weight]
+    head = base.get_output_embeddings().weight
+    if head.data_ptr() != matrices[0].data_ptr():
+        matrices.append(head)
+    for matrix in matrices:
+        old = matrix[: min(ids)].float()
+        rows = old.mean(0) + old.std(0) * torch.randn(len(ids), matrix.shape[1], device=matrix.device)
+        matrix[ids] = rows.to(matrix.dtype)
 
 
 def added_token_rows(model: ClaraModel) -> dict[str, torch.Tensor]:

@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# Train one CLaRa stage on one GPU, or on the CPU of a machine without CUDA (built-in tiny model).
+#
+#   ./train_single_gpu.sh                                    # stage1 on example/pretrain_data.jsonl
+#   STAGE=stage1_2 PRETRAIN_CHECKPOINT=./checkpoints/clara_stage1 ./train_single_gpu.sh
+#   STAGE=stage2 PRETRAIN_CHECKPOINT=./checkpoints/clara_stage1_2 ./train_single_gpu.sh
+#   ./train_single_gpu.sh --max_steps 20                     # extra arguments go to python -m clara.train
+#   DRY_RUN=true ./train_single_gpu.sh                       # print the command, run nothing
+#
+# Every setting is an environment variable with the default below; empty means unset. Settings are
+# checked before anything starts (exit 2 and one line naming the bad one). Output is also appended to
+# $SAVE_PATH/train.log. Re-running the same command resumes from the newest checkpoint (RESUME=auto).
+set -euo pipefail
+
+# What to train
+: "${STAGE:=stage1}"                  # stage1 | stage1_2 | stage2
+: "${MODEL_PATH:=}"                   # hub id or local dir; unset: Qwen/Qwen3-14B with CUDA, built-in "tiny" without
+: "${PRETRAIN_CHECKPOINT:=}"          # previous stage's SAVE_PATH (stage1_2 needs stage1's, stage2 needs stage1_2's)
+: "${ALLOW_NO_CHECKPOINT:=false}"     # true: stage1_2/stage2 may start from the base model
+: "${DATASET:=}"                      # JSONL, several joined by commas; unset: example/pretrain_data.jsonl (stage1),
+                                      #   example/instruction_tuning_data.jsonl (stage1_2), example/end_to_end_data.jsonl (stage2)
+: "${EVAL_DATASET:=}"                 # optional held-out JSONL, evaluated every EVAL_STEPS and at the end
+: "${EVAL_MAX_SAMPLES:=100}"          # samples generated from per evaluation (stage1_2, stage2)
+: "${SAVE_PATH:=}"                    # unset: ./checkpoints/clara_${STAGE}
+: "${BAD_SAMPLES:=error}"             # error: stop on bad records; skip: train on the good ones
+# Model
+: "${DOC_MAX_LENGTH:=256}"            # max document tokens
+: "${COMPRESS_RATE:=32}"              # document tokens per memory vector (DOC_MAX_LENGTH / COMPRESS_RATE memory tokens)
+: "${GENERATION_TOP_K:=5}"            # stage2: documents selected per question
+: "${MAX_LEN:=}"                      # max decoder tokens; unset: 2048 (stage2: 1024)
+: "${MSE_WEIGHT:=0.1}"                # weight of the MSE alignment loss; 0 turns it off
+: "${FLASH_ATTN:=auto}"               # auto: FlashAttention-2 when installed and on CUDA, else SDPA; true; false
+: "${GRADIENT_CHECKPOINTING:=}"       # unset: true with CUDA, false on CPU
+# Optimisation
+: "${LEARNING_RATE:=}"                # unset: 1e-4 (stage2: 5e-6); tiny model 2e-3 (stage2: 1e-3)
+: "${BATCH_SIZE:=4}"                  # global batch: samples per optimizer step
+: "${MICRO_BATCH_SIZE:=1}"            # samples per process per forward
+: "${MAX_EPOCHS:=1}"
+: "${MAX_STEPS:=}"                    # unset: the epochs decide
+: "${MAX_SAMPLES:=}"                  # unset: all training samples
+: "${SEED:=42}"
+: "${ZERO_STAGE:=2}"                  # DeepSpeed ZeRO stage: 0, 1 or 2
+# Output
+: "${DEBUG_MODE:=true}"               # colour-coded per-token confidence print
+: "${DEBUG_EVERY_STEPS:=5}"
+: "${DEBUG_MAX_PRINT_TOKENS:=100}"
+: "${LOGGING_STEPS:=1}"               # metrics.jsonl every N optimizer steps
+: "${EVAL_STEPS:=50}"
+: "${SAVE_STEPS:=100}"                # resumable checkpoint every N optimizer steps (and at the end)
+: "${MAX_CKPT_NUM:=3}"                # resumable checkpoints kept
+: "${RESUME:=auto}"                   # auto: continue from the newest checkpoint; false: start over; or a step_N dir
+: "${USE_TENSORBOARD:=false}"
+: "${USE_WANDB:=false}"
+: "${WANDB_PROJECT:=clara}"
+# Processes
+: "${NUM_GPUS:=1}"                    # processes per node (CPU processes without CUDA)
+: "${NUM_NODES:=1}"
+: "${NODE_RANK:=0}"
+: "${MASTER_ADDR:=127.0.0.1}"
+: "${MASTER_PORT:=29501}"
+: "${DRY_RUN:=false}"                 # true: print the command and exit
+
+source "$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd -P)/scripts/launch_common.sh"
+clara_launch train_single_gpu.sh "$@"
