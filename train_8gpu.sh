@@ -37,8 +37,8 @@ set -euo pipefail
 : "${GRADIENT_CHECKPOINTING:=}"       # unset: true with CUDA, false on CPU
 # Optimisation
 : "${LEARNING_RATE:=}"                # unset: 1e-4 (stage2: 5e-6); tiny model 2e-3 (stage2: 1e-3)
-: "${BATCH_SIZE:=128}"                # global batch: samples per optimizer step
-: "${MICRO_BATCH_SIZE:=2}"            # samples per process per forward
+: "${BATCH_SIZE:=}"                   # global batch (samples per optimizer step); unset: 128 (tiny model: 8 x processes)
+: "${MICRO_BATCH_SIZE:=}"             # samples per process per forward; unset: 2 (tiny model: 8)
 : "${MAX_EPOCHS:=1}"
 : "${MAX_STEPS:=}"                    # unset: the epochs decide
 : "${MAX_SAMPLES:=}"                  # unset: all training samples
@@ -67,5 +67,7 @@ set -euo pipefail
 : "${MASTER_PORT:=29500}"
 : "${DRY_RUN:=false}"                 # true: print the command and exit
 
+CLARA_DEFAULT_BATCH_SIZE=128
+CLARA_DEFAULT_MICRO_BATCH_SIZE=2
 source "$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd -P)/scripts/launch_common.sh"
 clara_launch train_8gpu.sh "$@"

@@ -33,8 +33,8 @@ set -euo pipefail
 : "${GRADIENT_CHECKPOINTING:=}"       # unset: true with CUDA, false on CPU
 # Optimisation
 : "${LEARNING_RATE:=}"                # unset: 1e-4 (stage2: 5e-6); tiny model 2e-3 (stage2: 1e-3)
-: "${BATCH_SIZE:=4}"                  # global batch: samples per optimizer step
-: "${MICRO_BATCH_SIZE:=1}"            # samples per process per forward
+: "${BATCH_SIZE:=}"                   # global batch (samples per optimizer step); unset: 4 (tiny model: 8 x processes)
+: "${MICRO_BATCH_SIZE:=}"             # samples per process per forward; unset: 1 (tiny model: 8)
 : "${MAX_EPOCHS:=1}"
 : "${MAX_STEPS:=}"                    # unset: the epochs decide
 : "${MAX_SAMPLES:=}"                  # unset: all training samples
@@ -60,5 +60,7 @@ set -euo pipefail
 : "${MASTER_PORT:=29501}"
 : "${DRY_RUN:=false}"                 # true: print the command and exit
 
+CLARA_DEFAULT_BATCH_SIZE=4
+CLARA_DEFAULT_MICRO_BATCH_SIZE=1
 source "$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd -P)/scripts/launch_common.sh"
 clara_launch train_single_gpu.sh "$@"

@@ -40,8 +40,9 @@ class TrainConfig:
     generation_top_k: int = 5
     # None resolves per stage and model, see resolve().
     learning_rate: float | None = None
-    batch_size: int = 4
-    micro_batch_size: int = 1
+    # None resolves to 4 and 1; with the tiny model to one micro-batch of 8 per process and step.
+    batch_size: int | None = None
+    micro_batch_size: int | None = None
     max_epochs: int = 1
     max_steps: int | None = None
     max_samples: int | None = None
@@ -94,8 +95,8 @@ def cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
-def resolve(cfg: TrainConfig, has_cuda: bool | None = None) -> TrainConfig:
-    """Fill the settings left at None with their stage- and device-dependent defaults."""
+def resolve(cfg: TrainConfig, has_cuda: bool | None = None, world_size: int = 1) -> TrainConfig:
+    """Fill the settings left at None with their stage-, model- and device-dependent defaults."""
     from clara.tiny import TINY_MODEL_NAME
 
     has_cuda = cuda_available() if has_cuda is None else has_cuda
@@ -111,6 +112,11 @@ def resolve(cfg: TrainConfig, has_cuda: bool | None = None) -> TrainConfig:
             cfg.learning_rate = 1e-3 if cfg.stage == "stage2" else 2e-3
         else:
             cfg.learning_rate = 5e-6 if cfg.stage == "stage2" else 1e-4
+    tiny = cfg.model_path == TINY_MODEL_NAME
+    if cfg.micro_batch_size is None:
+        cfg.micro_batch_size = 8 if tiny else 1
+    if cfg.batch_size is None:
+        cfg.batch_size = cfg.micro_batch_size * world_size if tiny else 4
     if cfg.max_len is None:
         cfg.max_len = 1024 if cfg.stage == "stage2" else 2048
     if cfg.gradient_checkpointing is None:

@@ -17,9 +17,10 @@ USER_ERRORS = (ConfigError, DataError, CheckpointError)
 
 @record
 def main(argv: list[str] | None = None) -> int:
-    cfg = resolve(parse_config(argv))
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    cfg = resolve(parse_config(argv), world_size=world_size)
     try:
-        validate(cfg, world_size=int(os.environ.get("WORLD_SIZE", "1")))
+        validate(cfg, world_size=world_size)
         from clara.trainer import Stop, train
 
         train(cfg)

@@ -126,12 +126,12 @@ _clara_validate() {
 
     # Numbers: integers where the trainer wants whole numbers, decimals where it takes floats.
     local name
-    for name in DOC_MAX_LENGTH COMPRESS_RATE GENERATION_TOP_K BATCH_SIZE MICRO_BATCH_SIZE MAX_EPOCHS \
+    for name in DOC_MAX_LENGTH COMPRESS_RATE GENERATION_TOP_K MAX_EPOCHS \
         DEBUG_EVERY_STEPS DEBUG_MAX_PRINT_TOKENS LOGGING_STEPS EVAL_STEPS SAVE_STEPS EVAL_MAX_SAMPLES \
         MAX_CKPT_NUM NUM_GPUS NUM_NODES; do
         _clara_int "$name" 1
     done
-    for name in MAX_LEN MAX_STEPS MAX_SAMPLES; do
+    for name in BATCH_SIZE MICRO_BATCH_SIZE MAX_LEN MAX_STEPS MAX_SAMPLES; do
         _clara_opt_int "$name" 1
     done
     _clara_int NODE_RANK 0
@@ -160,11 +160,9 @@ _clara_validate() {
         clara_fail "WANDB_PROJECT is empty: expected a Weights & Biases project name"
     fi
 
-    # Relations between settings.
-    local per_step=$((MICRO_BATCH_SIZE * NUM_GPUS * NUM_NODES))
-    if ((BATCH_SIZE % per_step)); then
-        clara_fail "BATCH_SIZE=$BATCH_SIZE: expected a multiple of MICRO_BATCH_SIZE x NUM_GPUS x NUM_NODES" \
-            "= $MICRO_BATCH_SIZE x $NUM_GPUS x $NUM_NODES = $per_step"
+    # Relations between settings. Batch sizes left unset are checked once the device decided them.
+    if [[ -n $BATCH_SIZE && -n $MICRO_BATCH_SIZE ]]; then
+        _clara_check_batch
     fi
     if ((DOC_MAX_LENGTH % COMPRESS_RATE)); then
         clara_fail "DOC_MAX_LENGTH=$DOC_MAX_LENGTH: expected a multiple of COMPRESS_RATE=$COMPRESS_RATE" \
@@ -213,6 +211,14 @@ _clara_python() {
     fi
 }
 
+_clara_check_batch() {
+    local per_step=$((MICRO_BATCH_SIZE * NUM_GPUS * NUM_NODES))
+    if ((BATCH_SIZE % per_step)); then
+        clara_fail "BATCH_SIZE=$BATCH_SIZE: expected a multiple of MICRO_BATCH_SIZE x NUM_GPUS x NUM_NODES" \
+            "= $MICRO_BATCH_SIZE x $NUM_GPUS x $NUM_NODES = $per_step"
+    fi
+}
+
 _clara_resolve_device() {
     local out count
     if ! out=$("$CLARA_PY" -c 'import torch; print(torch.cuda.device_count())' 2>&1); then
@@ -245,6 +251,17 @@ _clara_resolve_device() {
             GRADIENT_CHECKPOINTING=false
         fi
     fi
+
+    # Batch sizes: the script's defaults, except that the tiny model trains in one micro-batch of 8
+    # per process and step, which keeps a CPU epoch of the example data within minutes.
+    if [[ $MODEL_PATH == tiny ]]; then
+        : "${MICRO_BATCH_SIZE:=8}"
+        : "${BATCH_SIZE:=$((MICRO_BATCH_SIZE * NUM_GPUS * NUM_NODES))}"
+    else
+        : "${MICRO_BATCH_SIZE:=$CLARA_DEFAULT_MICRO_BATCH_SIZE}"
+        : "${BATCH_SIZE:=$CLARA_DEFAULT_BATCH_SIZE}"
+    fi
+    _clara_check_batch
 
     # One intra-op thread pool per process: share the cores among this node's processes.
     local cores
