@@ -50,6 +50,15 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+def _die_with_parent() -> None:
+    """Under torchrun, end this worker when its agent dies (e.g. kill -9 of the launcher), on Linux."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+
+
 def init_distributed() -> tuple[int, int, int, torch.device]:
     """Join the torchrun process group (or make a one-process one); returns rank, world size, local rank, device."""
     import deepspeed
@@ -57,6 +66,8 @@ def init_distributed() -> tuple[int, int, int, torch.device]:
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=str(_free_port()))
+    else:
+        _die_with_parent()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)
@@ -140,14 +151,22 @@ def save_resumable(engine, state: TrainState, cfg: TrainConfig, rank: int) -> st
                            save_latest=False, exclude_frozen_parameters=True)
     dist.barrier()
     if rank == 0:
-        final = os.path.join(root, tag)
-        if os.path.isdir(final):
-            shutil.rmtree(final)
-        os.replace(os.path.join(root, tmp_tag), final)
-        for _, old in complete_checkpoints(root)[:-cfg.max_ckpt_num]:
-            shutil.rmtree(os.path.join(root, old))
+        _publish(root, tmp_tag, tag, cfg.max_ckpt_num)
+    dist.barrier()
+    # Nodes that do not share SAVE_PATH with rank 0 still hold their own unfinished copy.
+    if int(os.environ.get("LOCAL_RANK", "0")) == 0 and rank != 0 and os.path.isdir(os.path.join(root, tmp_tag)):
+        _publish(root, tmp_tag, tag, cfg.max_ckpt_num)
     dist.barrier()
     return os.path.join(root, tag)
+
+
+def _publish(root: str, tmp_tag: str, tag: str, keep: int) -> None:
+    final = os.path.join(root, tag)
+    if os.path.isdir(final):
+        shutil.rmtree(final)
+    os.replace(os.path.join(root, tmp_tag), final)
+    for _, old in complete_checkpoints(root)[:-keep]:
+        shutil.rmtree(os.path.join(root, old))
 
 
 def find_resume_point(cfg: TrainConfig) -> tuple[str, str] | None:
@@ -451,8 +470,10 @@ def train(cfg: TrainConfig) -> dict:
                   "run the same command again to continue.")
         raise
     finally:
-        for signum, handler in previous_handlers.items():
-            signal.signal(signum, handler)
+        # After a stop, keep ignoring the signals: torchrun sends more while the ranks exit.
+        if not stop_signal:
+            for signum, handler in previous_handlers.items():
+                signal.signal(signum, handler)
         log.close()
     return last
 
