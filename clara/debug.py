@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 from dataclasses import dataclass
@@ -17,7 +18,11 @@ RESET = "\x1b[0m"
 
 
 def colour(p: float) -> str:
-    """24-bit ANSI foreground from red (p=0) to green (p=1)."""
+    """24-bit ANSI foreground from red (p=0) to green (p=1).
+
+    A non-finite p (the logits of a diverged step, which the trainer skips but still prints) shows red.
+    """
+    p = min(max(p, 0.0), 1.0) if math.isfinite(p) else 0.0
     return f"\x1b[38;2;{round(255 * (1 - p))};{round(255 * p)};0m"
 
 
@@ -93,4 +98,11 @@ class DebugPrinter:
     def print_sample(self, batch: Batch, out: StepOutput, step: int) -> None:
         from tqdm import tqdm
 
-        tqdm.write(self.format_sample(batch, out, step), file=self.stream or sys.stdout)
+        stream = self.stream or sys.stdout
+        text = self.format_sample(batch, out, step)
+        # Flushed before the progress bar is redrawn: on a pipe or a log file (the launchers' tee,
+        # nohup, a batch scheduler) stdout is block-buffered, and the print would otherwise show up
+        # long after its step, or be cut in two by the progress bar on stderr.
+        with tqdm.external_write_mode(file=stream):
+            stream.write(text + "\n")
+            stream.flush()
