@@ -301,13 +301,10 @@ def resolve_stage(checkpoint: str, stage: str | None) -> str:
 
 def init_processes() -> tuple[int, int, torch.device]:
     """Rank, world size and device; joins the process group torchrun / accelerate launch describe."""
+    from clara.trainer import local_device
+
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if torch.cuda.is_available():
-        torch.cuda.set_device(local_rank)
-        device = torch.device("cuda", local_rank)
-    else:
-        device = torch.device("cpu")
+    _, device = local_device()
     if world == 1:
         return 0, 1, device
     import torch.distributed as dist

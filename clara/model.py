@@ -224,7 +224,6 @@ class ClaraModel(nn.Module):
 
         Returns the selected memory vectors [B * k * n, H], the chosen indices [B, k], the scores [B, N].
         """
-        n, hidden = self.tokens.n_mem, self.hidden_size
         query, _ = self.compress(batch.query_ids, batch.query_mask, "query_reasoner_adapter")
         candidates = self.compress_candidates(batch.enc_ids, batch.enc_mask).flatten(1)
         counts = torch.tensor(batch.docs_per_sample, device=candidates.device)
@@ -234,7 +233,7 @@ class ClaraModel(nn.Module):
         chosen, weights = differentiable_topk(scores, self.settings.generation_top_k,
                                               self.settings.topk_temperature, valid)
         selected = torch.einsum("bkn,bnd->bkd", weights.to(padded.dtype), padded)
-        return selected.reshape(-1, hidden), chosen, scores.detach()
+        return selected.reshape(-1, self.hidden_size), chosen, scores.detach()
 
     def decoder_inputs(self, batch: Batch, with_mse: bool = False) -> tuple[torch.Tensor, StepOutput]:
         """Decoder input embeddings, plus the MSE / retrieval results of producing them."""

@@ -59,6 +59,15 @@ def _die_with_parent() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
 
 
+def local_device() -> tuple[int, torch.device]:
+    """This process's local rank and device: its own GPU under torchrun, else the CPU."""
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if not torch.cuda.is_available():
+        return local_rank, torch.device("cpu")
+    torch.cuda.set_device(local_rank)
+    return local_rank, torch.device("cuda", local_rank)
+
+
 def init_distributed() -> tuple[int, int, int, torch.device]:
     """Join the torchrun process group (or make a one-process one); returns rank, world size, local rank, device."""
     import deepspeed
@@ -68,12 +77,7 @@ def init_distributed() -> tuple[int, int, int, torch.device]:
                           MASTER_PORT=str(_free_port()))
     else:
         _die_with_parent()
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if torch.cuda.is_available():
-        torch.cuda.set_device(local_rank)
-        device = torch.device("cuda", local_rank)
-    else:
-        device = torch.device("cpu")
+    local_rank, device = local_device()
     deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo", verbose=False)
     return dist.get_rank(), dist.get_world_size(), local_rank, device
 

@@ -24,15 +24,6 @@ EXAMPLES = Path(__file__).resolve().parent.parent / "example"
 ADDED = [f"<MEM{i}>" for i in range(N_MEM)] + ["<AE>", "<ENC>", "<SEP>"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny matrices: a second thread only oversubscribes a busy 2-core machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def config(stage: str, checkpoint: str | None = None, doc_max_length: int = DOC_MAX_LENGTH) -> TrainConfig:
     return TrainConfig(stage=stage, model_path="tiny", pretrain_checkpoint=checkpoint, allow_no_checkpoint=True,
                        doc_max_length=doc_max_length, compress_rate=COMPRESS_RATE, generation_top_k=TOP_K,

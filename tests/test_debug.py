@@ -70,14 +70,6 @@ PLAIN_TOKEN = re.compile(r"([\s\S]*?)\[(\d\.\d\d|nan)\]")
 COLOUR_TOKEN = re.compile(r"\x1b\[38;2;(\d+);(\d+);(\d+)m([\s\S]*?)\x1b\[0m")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # -- parsing the print ------------------------------------------------------------------------------------
 def parse_prints(text: str) -> list[dict]:
     """Every print in `text`, as a dict of its fields; fails when a header starts a print that does not parse."""

@@ -70,15 +70,6 @@ def assert_rows_match(got: list[dict], expected: list[dict], rel: float = 1e-5) 
 
 
 # -- fixtures: data, checkpoints, one CLI run per stage -------------------------------------------------
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """In-process evaluations use one thread, like the subprocesses (and much faster on a busy 2-core box)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("evaluate")

@@ -31,16 +31,6 @@ ADAPTERS = ("encoder_adapter", "decoder_adapter", "query_reasoner_adapter")
 STAGES = tuple(TRAINED)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # The tiny model's matrices are too small for two threads to help; on a busy 2-core machine two
-    # threads per process oversubscribe the cores and make each step ten times slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def config(stage: str) -> TrainConfig:
     return TrainConfig(stage=stage, model_path="tiny", doc_max_length=DOC_MAX_LENGTH, compress_rate=COMPRESS_RATE,
                        generation_top_k=TOP_K, allow_no_checkpoint=True, max_len=MAX_LEN)

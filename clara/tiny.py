@@ -1,0 +1,373 @@
+"""The built-in tiny model: a small Qwen3-architecture causal LM that can already read.
+
+CLaRa trains LoRA adapters on a frozen base model. A base with random weights cannot show
+learning (its frozen output head keeps predictions near uniform), so the tiny model is
+pretrained here, on CPU, on the example corpus: the documents as plain text, and chat turns
+whose user message holds one or two documents and a question and whose answer is copied from
+the right document. The result is cached in `$CLARA_HOME/tiny-v1` and rebuilt from a fixed
+seed when absent; `python -m clara.tiny [--out DIR]` builds it explicitly.
+"""
+
+import argparse
+import json
+import math
+import os
+import random
+import re
+import shutil
+import string
+import tempfile
+import time
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+from filelock import FileLock
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GenerationConfig,
+    PreTrainedTokenizerFast,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
+
+TINY_MODEL_NAME = "tiny"
+# Bump when the recipe or the example data changes, so stale caches are not reused.
+TINY_VERSION = "tiny-v1"
+
+EXAMPLE_DIR = Path(__file__).resolve().parent.parent / "example"
+TRAIN_FILES = ("pretrain_data.jsonl", "instruction_tuning_data.jsonl", "end_to_end_data.jsonl")
+EVAL_FILE = "instruction_tuning_data_eval.jsonl"
+
+SYSTEM_PROMPT = (
+    "You are a helpful assistant. Your task is to extract relevant information from provided "
+    "documents and to answer to questions as briefly as possible."
+)
+
+# The stage1 prompts of the spec, here with the document as text: their answers copy many
+# facts and the name from the document, which teaches copying faster than one answer per text.
+QA_SYSTEM_PROMPT = (
+    "You are a helpful assistant. Given a document, your task is to generate some single "
+    "questions to cover all key information of the document and answer them sequentially."
+)
+PARAPHRASE_SYSTEM_PROMPT = (
+    "You are a helpful assistant. Your task is follow the instructions to paraphrase the "
+    "background information."
+)
+
+PAD_TOKEN = "<|endoftext|>"
+IM_START = "<|im_start|>"
+IM_END = "<|im_end|>"
+
+# Qwen3-style turns without the thinking block; `enable_thinking` is accepted and ignored
+# because Jinja leaves unused variables alone.
+CHAT_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{%- if message['role'] not in ['system', 'user', 'assistant'] %}"
+    "{{- raise_exception('Unknown role: ' + message['role']) }}"
+    "{%- endif %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}"
+    "{{- '<|im_start|>assistant\\n' }}"
+    "{%- endif %}"
+)
+
+VOCAB_SIZE = int(os.environ.get("XV", "640"))
+MODEL_SHAPE = {
+    "hidden_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 16,
+    "intermediate_size": 256,
+}
+TRAIN_STEPS = int(os.environ.get("XSTEPS", "1500"))
+BATCH_TEXTS = 32
+LEARNING_RATE = 3e-3
+WARMUP_STEPS = 50
+DOC_TEXT_SHARE = float(os.environ.get("XDOC", "0.1"))
+STAGE1_SHARE = float(os.environ.get("XS1", "0.3"))
+TWO_DOC_SHARE = 0.5
+DOCS_PER_TEXT = 3
+ANSWER_WEIGHT = float(os.environ.get("XAW", "5"))
+
+
+def clara_home() -> Path:
+    return Path(os.environ.get("CLARA_HOME") or Path.home() / ".cache" / "clara")
+
+
+def tiny_model_dir() -> str:
+    """Directory of the cached tiny model, built on first use.
+
+    Safe for concurrent callers (e.g. several torchrun ranks): one builds under a file lock,
+    into a temporary directory that is renamed into place only when complete.
+    """
+    home = clara_home()
+    final = home / TINY_VERSION
+    if final.is_dir():
+        return str(final)
+    home.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(home / f"{TINY_VERSION}.lock")):
+        if final.is_dir():
+            return str(final)
+        # Holding the lock means no other builder is alive: leftovers are from a crash.
+        for stale in home.glob(f"{TINY_VERSION}.tmp*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp = tempfile.mkdtemp(prefix=f"{TINY_VERSION}.tmp", dir=home)
+        try:
+            print(f"[clara.tiny] building the tiny model into {final} (first use, about 2 minutes)",
+                  flush=True)
+            build_tiny_model(tmp)
+            os.replace(tmp, final)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return str(final)
+
+
+def reading_messages(docs: list[str], question: str, answer: str | None = None) -> list[dict]:
+    """Chat messages that ask `question` about `docs` given as text (the stage1_2 prompt)."""
+    user = "Background:\n" + "\n".join(docs) + f"\n\nQuestion:{question}"
+    messages = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": user}]
+    if answer is not None:
+        messages.append({"role": "assistant", "content": answer})
+    return messages
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    with path.open(encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+class _Corpus(NamedTuple):
+    docs: list[str]
+    # (question, answer, context documents) in the stage1_2 prompt; distractors are added later.
+    reading: list[tuple[str, str, list[str]]]
+    # Complete chats (system, user, assistant) in the stage1 prompts.
+    stage1: list[list[dict]]
+
+
+def _load_corpus() -> _Corpus:
+    missing = [name for name in TRAIN_FILES if not (EXAMPLE_DIR / name).is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"the tiny model is built from the example data, but {missing} is missing in "
+            f"{EXAMPLE_DIR}; run `python example/make_data.py`")
+    docs: dict[str, None] = {}
+    reading: list[tuple[str, str, list[str]]] = []
+    stage1: list[list[dict]] = []
+    pretrain, instruction, end_to_end = (_read_jsonl(EXAMPLE_DIR / name) for name in TRAIN_FILES)
+    for record in pretrain:
+        docs.update(dict.fromkeys(record["docs"]))
+        user = "Background:\n" + "\n".join(record["docs"])
+        if record.get("data_type", "qa") == "qa":
+            pairs = list(zip(record["question"], record["answers"]))
+            reading += [(q, a, record["docs"]) for q, a in pairs]
+            system = QA_SYSTEM_PROMPT
+            answer = "\n".join(f"Question: {q}\nAnswer: {a}" for q, a in pairs)
+        else:
+            system = PARAPHRASE_SYSTEM_PROMPT
+            answer = record["answers"][0]
+        stage1.append([{"role": "system", "content": system}, {"role": "user", "content": user},
+                       {"role": "assistant", "content": answer}])
+    for record in instruction:
+        docs.update(dict.fromkeys(record["docs"]))
+        reading.append((record["question"], record["answers"], record["docs"]))
+    for record in end_to_end:
+        docs.update(dict.fromkeys(record["docs"]))
+        relevant = [record["docs"][i] for i in record["pos_index"]]
+        reading.append((record["question"], record["gold_answer"], relevant))
+    return _Corpus(list(docs), reading, stage1)
+
+
+def _tokenizer_texts(corpus: _Corpus) -> list[str]:
+    # The texts the model reads, the reading prompt's system message as often as it is used:
+    # merged into few tokens, it keeps training sequences short.
+    texts = corpus.docs + [m["content"] for chat in corpus.stage1 for m in chat]
+    for question, answer, _ in corpus.reading:
+        texts += [SYSTEM_PROMPT, question, answer]
+    return texts
+
+
+def _train_tokenizer(texts: list[str]) -> PreTrainedTokenizerFast:
+    backend = Tokenizer(models.BPE())
+    # Spaces are tokens of their own, so "owl" is the same token in " is owl." and in the
+    # answer "owl", and a name is the same tokens in a document and in a question: copying is
+    # then one generic skill instead of a mapping learned per word.
+    mode = os.environ.get("XSPLIT", "2")
+    if mode == "1":
+        backend.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(" ", behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False),
+        ])
+    elif mode == "2":
+        backend.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(r"[A-Za-z]+ ?|[0-9]+ ?|[^A-Za-z0-9\s]+ ?|\s+"), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ])
+    else:
+        backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    specials = [AddedToken(t, special=True, normalized=False) for t in (PAD_TOKEN, IM_START, IM_END)]
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB_SIZE,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    backend.train_from_iterator(texts, trainer)
+    # Like Qwen: no BOS, pad <|endoftext|>, EOS <|im_end|>, chat markers as extra special tokens.
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        eos_token=IM_END,
+        pad_token=PAD_TOKEN,
+        extra_special_tokens=[IM_START, IM_END],
+        chat_template=CHAT_TEMPLATE,
+        model_max_length=4096,
+        clean_up_tokenization_spaces=False,
+    )
+
+
+def _sample_text(rng: random.Random, tokenizer: PreTrainedTokenizerFast,
+                 corpus: _Corpus) -> tuple[str, int]:
+    """A training text and the character offset where its answer starts (its length if none)."""
+    draw = rng.random()
+    if draw < DOC_TEXT_SHARE:
+        # Several documents per text, as in packed pretraining, so that the batch's chat turns
+        # set the padded length rather than one short document.
+        text = "".join(rng.choice(corpus.docs) + PAD_TOKEN for _ in range(DOCS_PER_TEXT))
+        return text, len(text)
+    if draw < DOC_TEXT_SHARE + STAGE1_SHARE:
+        messages = rng.choice(corpus.stage1)
+    else:
+        question, answer, context = rng.choice(corpus.reading)
+        if len(context) == 1 and rng.random() < TWO_DOC_SHARE:
+            distractor = rng.choice(corpus.docs)
+            while distractor == context[0]:
+                distractor = rng.choice(corpus.docs)
+            context = [context[0], distractor] if rng.random() < 0.5 else [distractor, context[0]]
+        messages = reading_messages(context, question, answer)
+    prompt = tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
+    full = tokenizer.apply_chat_template(messages, tokenize=False)
+    return full, len(prompt)
+
+
+def _lr_at(step: int, steps: int) -> float:
+    if step < WARMUP_STEPS:
+        return LEARNING_RATE * (step + 1) / WARMUP_STEPS
+    progress = (step - WARMUP_STEPS) / max(1, steps - WARMUP_STEPS)
+    return LEARNING_RATE * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def build_tiny_model(out_dir: str, seed: int = 0, steps: int = TRAIN_STEPS) -> None:
+    """Train the tokenizer and the model from the example training files and save both to `out_dir`."""
+    start = time.time()
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    corpus = _load_corpus()
+    tokenizer = _train_tokenizer(_tokenizer_texts(corpus))
+
+    config = Qwen3Config(
+        vocab_size=len(tokenizer),
+        max_position_embeddings=4096,
+        tie_word_embeddings=True,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=None,
+        dtype="float32",
+        **MODEL_SHAPE,
+    )
+    model = Qwen3ForCausalLM(config)
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=LEARNING_RATE, betas=(0.9, 0.95),
+                                  weight_decay=0.0)
+    tokenizer.padding_side = "right"
+    running = 0.0
+    for step in range(steps):
+        samples = [_sample_text(rng, tokenizer, corpus) for _ in range(BATCH_TEXTS)]
+        batch = tokenizer([text for text, _ in samples], return_tensors="pt", padding=True,
+                          add_special_tokens=False, return_offsets_mapping=True)
+        # Every real token is trained (the model must also learn the documents' language);
+        # answer tokens weigh more, since copying the answer is the skill CLaRa relies on.
+        answer_start = torch.tensor([start for _, start in samples])[:, None]
+        is_answer = batch["offset_mapping"][:, :, 0] >= answer_start
+        weights = batch["attention_mask"].float() * (1 + (ANSWER_WEIGHT - 1) * is_answer.float())
+        for group in optimizer.param_groups:
+            group["lr"] = _lr_at(step, steps)
+        # Right padding under causal attention cannot affect real tokens, so no mask is needed
+        # and attention takes its faster unmasked path.
+        logits = model(input_ids=batch["input_ids"]).logits[:, :-1]
+        token_loss = torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), batch["input_ids"][:, 1:].reshape(-1),
+            reduction="none")
+        target_weights = weights[:, 1:].reshape(-1)
+        loss = (token_loss * target_weights).sum() / target_weights.sum()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        running += loss.item()
+        if (step + 1) % 100 == 0 or step + 1 == steps:
+            window = (step % 100) + 1
+            print(f"[clara.tiny] step {step + 1}/{steps} loss {running / window:.4f} "
+                  f"({time.time() - start:.0f}s)", flush=True)
+            running = 0.0
+
+    model.eval()
+    model.generation_config = GenerationConfig(
+        do_sample=False, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+
+
+def normalize_answer(text: str) -> str:
+    text = text.lower().translate(str.maketrans("", "", string.punctuation))
+    return re.sub(r"\s+", " ", text).strip()
+
+
+@torch.no_grad()
+def reading_exact_match(model_dir: str, data_path: str | None = None, batch_size: int = 25) -> float:
+    """Share of stage1_2-format questions answered exactly with the documents given as text."""
+    records = _read_jsonl(Path(data_path) if data_path else EXAMPLE_DIR / EVAL_FILE)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer.padding_side = "left"
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model.eval()
+    correct = 0
+    for i in range(0, len(records), batch_size):
+        chunk = records[i:i + batch_size]
+        prompts = [
+            tokenizer.apply_chat_template(reading_messages(r["docs"], r["question"]), tokenize=False,
+                                          add_generation_prompt=True, enable_thinking=False)
+            for r in chunk
+        ]
+        batch = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+        out = model.generate(**batch, max_new_tokens=12, do_sample=False)
+        answers = tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+        correct += sum(normalize_answer(p) == normalize_answer(r["answers"])
+                       for p, r in zip(answers, chunk))
+    return correct / len(records)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Build the built-in tiny CLaRa base model.")
+    parser.add_argument("--out", help=f"output directory (default: $CLARA_HOME/{TINY_VERSION}, "
+                                      "built only if absent)")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    start = time.time()
+    if args.out:
+        build_tiny_model(args.out, seed=args.seed)
+        out = args.out
+    else:
+        out = tiny_model_dir()
+    print(f"[clara.tiny] model in {out} ({time.time() - start:.0f}s)")
+    score = reading_exact_match(out)
+    print(f"[clara.tiny] held-out exact match with the documents in the prompt: {score:.1%}")
+
+
+if __name__ == "__main__":
+    main()
