@@ -4,11 +4,12 @@ CLaRa trains LoRA adapters on a frozen base model. A base with random weights ca
 learning (its frozen output head keeps predictions near uniform), so the tiny model is
 pretrained here, on CPU, on the example corpus: the documents as plain text, and chat turns
 whose user message holds one or two documents and a question and whose answer is copied from
-the right document. The result is cached in `$CLARA_HOME/tiny-v1` and rebuilt from a fixed
+the right document. The result is cached in `$CLARA_HOME/tiny-<recipe hash>` and rebuilt from a fixed
 seed when absent; `python -m clara.tiny [--out DIR]` builds it explicitly.
 """
 
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -34,9 +35,6 @@ from transformers import (
 )
 
 TINY_MODEL_NAME = "tiny"
-# Bump when the recipe or the example data changes, so stale caches are not reused.
-TINY_VERSION = "tiny-v1"
-
 EXAMPLE_DIR = Path(__file__).resolve().parent.parent / "example"
 TRAIN_FILES = ("pretrain_data.jsonl", "instruction_tuning_data.jsonl", "end_to_end_data.jsonl")
 EVAL_FILE = "instruction_tuning_data_eval.jsonl"
@@ -75,7 +73,17 @@ CHAT_TEMPLATE = (
     "{%- endif %}"
 )
 
-VOCAB_SIZE = int(os.environ.get("XV", "640"))
+def _recipe_version() -> str:
+    """Cache key: this file and the example training data, so a changed recipe never reuses a stale model."""
+    digest = hashlib.sha256(Path(__file__).read_bytes())
+    for name in TRAIN_FILES:
+        digest.update((EXAMPLE_DIR / name).read_bytes())
+    return f"tiny-{digest.hexdigest()[:12]}"
+
+
+TINY_VERSION = _recipe_version()
+
+VOCAB_SIZE = 640
 MODEL_SHAPE = {
     "hidden_size": 64,
     "num_hidden_layers": 2,
@@ -84,15 +92,15 @@ MODEL_SHAPE = {
     "head_dim": 16,
     "intermediate_size": 256,
 }
-TRAIN_STEPS = int(os.environ.get("XSTEPS", "1500"))
+TRAIN_STEPS = 1500
 BATCH_TEXTS = 32
 LEARNING_RATE = 3e-3
 WARMUP_STEPS = 50
-DOC_TEXT_SHARE = float(os.environ.get("XDOC", "0.1"))
-STAGE1_SHARE = float(os.environ.get("XS1", "0.3"))
+DOC_TEXT_SHARE = 0.1
+STAGE1_SHARE = 0.3
 TWO_DOC_SHARE = 0.5
 DOCS_PER_TEXT = 3
-ANSWER_WEIGHT = float(os.environ.get("XAW", "5"))
+ANSWER_WEIGHT = 5.0
 
 
 def clara_home() -> Path:
@@ -196,19 +204,10 @@ def _train_tokenizer(texts: list[str]) -> PreTrainedTokenizerFast:
     # Spaces are tokens of their own, so "owl" is the same token in " is owl." and in the
     # answer "owl", and a name is the same tokens in a document and in a question: copying is
     # then one generic skill instead of a mapping learned per word.
-    mode = os.environ.get("XSPLIT", "2")
-    if mode == "1":
-        backend.pre_tokenizer = pre_tokenizers.Sequence([
-            pre_tokenizers.Split(" ", behavior="isolated"),
-            pre_tokenizers.ByteLevel(add_prefix_space=False),
-        ])
-    elif mode == "2":
-        backend.pre_tokenizer = pre_tokenizers.Sequence([
-            pre_tokenizers.Split(Regex(r"[A-Za-z]+ ?|[0-9]+ ?|[^A-Za-z0-9\s]+ ?|\s+"), behavior="isolated"),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-        ])
-    else:
-        backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(r"[A-Za-z]+ ?|[0-9]+ ?|[^A-Za-z0-9\s]+ ?|\s+"), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
     backend.decoder = decoders.ByteLevel()
     specials = [AddedToken(t, special=True, normalized=False) for t in (PAD_TOKEN, IM_START, IM_END)]
     trainer = trainers.BpeTrainer(
