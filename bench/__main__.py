@@ -24,6 +24,9 @@ REPO = Path(__file__).resolve().parent.parent
 # memory in use and the peak of each stretch is exact. Other allocators ignore these variables.
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(128 * 1024), "MALLOC_TRIM_THRESHOLD_": str(128 * 1024)}
 
+# With --max_load, a configuration also waits for this share of idle CPU time over a few seconds.
+MIN_IDLE = 0.75
+
 # The scaling rows: (group, overrides of the base configuration for each row).
 SWEEPS = {
     "candidates": [{"stage": "stage2", "candidates": n} for n in (5, 10, 20, 40)],
@@ -143,8 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--timeout", type=float, default=1800, help="seconds allowed per configuration")
     run.add_argument("--max_load", type=float, default=None,
                      help="on a shared machine: before each configuration, wait (at most --timeout seconds) until "
-                          "the 1-minute load average is below this; default: start at once, and warn above "
-                          "0.75 x the CPU count")
+                          f"the 1-minute load average is below this and the CPUs are {MIN_IDLE * 100:.0f}%% idle over 3 s; "
+                          "default: start at once, and warn above 0.75 x the CPU count")
     run.add_argument("--exact_memory", type=_bool, default=True, metavar="BOOL",
                      help="give each measuring process fixed glibc malloc thresholds, so RSS follows the memory "
                           "in use (false: the allocator's defaults, as a training run has them)")
@@ -275,18 +278,43 @@ def describe(cfg: BenchConfig) -> str:
             f"{cfg.warmup_steps} warm-up + {cfg.steps} timed steps")
 
 
+def idle_share(seconds: float = 3.0) -> float | None:
+    """The share of CPU time spent idle over the next few seconds (Linux), else None."""
+
+    def sample() -> tuple[int, int]:
+        with open("/proc/stat") as handle:
+            values = [int(v) for v in handle.readline().split()[1:9]]
+        return values[3] + values[4], sum(values)  # idle + iowait, total
+
+    try:
+        idle_before, total_before = sample()
+        time.sleep(seconds)
+        idle_after, total_after = sample()
+    except (OSError, ValueError, IndexError):
+        return None
+    return (idle_after - idle_before) / max(1, total_after - total_before)
+
+
 def wait_for_load(max_load: float | None, timeout: float) -> float | None:
-    """The 1-minute load average, after waiting for it to fall below max_load (when given)."""
+    """The 1-minute load average, after waiting (when max_load is given, at most timeout seconds) until it
+    is below max_load and the CPUs were at least MIN_IDLE idle over a few seconds: the load average
+    trails by minutes, and a job that started a moment ago would still share the cores."""
     if not hasattr(os, "getloadavg"):
         return None
+    if max_load is None:
+        return os.getloadavg()[0]
     deadline = time.monotonic() + timeout
-    load = os.getloadavg()[0]
-    if max_load is not None and load >= max_load:
-        print(f"waiting for the 1-minute load average ({load:.2f}) to fall below {max_load} ...", file=sys.stderr)
-        while load >= max_load and time.monotonic() < deadline:
-            time.sleep(5)
-            load = os.getloadavg()[0]
-    return load
+    told = False
+    while True:
+        load = os.getloadavg()[0]
+        idle = idle_share() if load < max_load else None
+        if (load < max_load and (idle is None or idle >= MIN_IDLE)) or time.monotonic() >= deadline:
+            return load
+        if not told:
+            print(f"waiting for the 1-minute load average ({load:.2f}) to fall below {max_load} and the CPUs to "
+                  f"be {MIN_IDLE:.0%} idle ...", file=sys.stderr)
+            told = True
+        time.sleep(5)
 
 
 def main(argv: list[str] | None = None) -> int:

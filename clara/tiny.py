@@ -230,7 +230,7 @@ def _train_tokenizer(texts: list[str]) -> PreTrainedTokenizerFast:
 
 
 def _sample_text(rng: random.Random, tokenizer: PreTrainedTokenizerFast,
-                 corpus: _Corpus) -> tuple[str, int]:
+                 corpus: _Corpus, easy: bool = False) -> tuple[str, int]:
     """A training text and the character offset where its answer starts (its length if none)."""
     draw = rng.random()
     if draw < DOC_TEXT_SHARE:
@@ -242,7 +242,9 @@ def _sample_text(rng: random.Random, tokenizer: PreTrainedTokenizerFast,
         messages = rng.choice(corpus.stage1)
     else:
         question, answer, context = rng.choice(corpus.reading)
-        if len(context) == 1 and rng.random() < TWO_DOC_SHARE:
+        while easy and len(context) > 1:
+            question, answer, context = rng.choice(corpus.reading)
+        if len(context) == 1 and not easy and rng.random() < TWO_DOC_SHARE:
             distractor = rng.choice(corpus.docs)
             while distractor == context[0]:
                 distractor = rng.choice(corpus.docs)

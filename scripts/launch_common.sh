@@ -268,6 +268,11 @@ _clara_resolve_device() {
     cores=$(nproc 2>/dev/null || getconf _NPROCESSORS_ONLN 2>/dev/null || echo 1)
     if [[ -n ${OMP_NUM_THREADS:-} ]]; then
         CLARA_THREADS_NOTE="$OMP_NUM_THREADS (from the environment)"
+    elif [[ $MODEL_PATH == tiny ]]; then
+        # The tiny model's matrices are too small for a second thread to pay for itself.
+        OMP_NUM_THREADS=1
+        CLARA_THREADS_NOTE="1 (the tiny model is faster on one thread)"
+        CLARA_ENV+=(OMP_NUM_THREADS=1)
     else
         OMP_NUM_THREADS=$((cores / NUM_GPUS))
         ((OMP_NUM_THREADS >= 1)) || OMP_NUM_THREADS=1
