@@ -132,9 +132,9 @@ def write_tokenizer(out_dir: str, vocab_size: int, n_added: int):
     to the tokenizer's length; without the fillers the vocabulary asked for would shrink)."""
     from transformers import AutoTokenizer
 
-    from clara.tiny import tiny_model_dir
+    from clara.tiny import build_tokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir())
+    tokenizer = build_tokenizer()
     own = len(tokenizer)
     if vocab_size < own + n_added:
         raise SystemExit(f"--vocab_size={vocab_size}: expected at least {own + n_added} (the tiny tokenizer's "
