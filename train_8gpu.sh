@@ -32,7 +32,7 @@ set -euo pipefail
 : "${COMPRESS_RATE:=32}"              # document tokens per memory vector (DOC_MAX_LENGTH / COMPRESS_RATE memory tokens)
 : "${GENERATION_TOP_K:=5}"            # stage2: documents selected per question
 : "${MAX_LEN:=}"                      # max decoder tokens; unset: 2048 (stage2: 1024)
-: "${MSE_WEIGHT:=0.1}"                # weight of the MSE alignment loss; 0 turns it off
+: "${MSE_WEIGHT:=}"                  # weight of the MSE alignment loss, 0 turns it off; unset: 0.1 (tiny model: 0)
 : "${FLASH_ATTN:=auto}"               # auto: FlashAttention-2 when installed and on CUDA, else SDPA; true; false
 : "${GRADIENT_CHECKPOINTING:=}"       # unset: true with CUDA, false on CPU
 # Optimisation

@@ -39,7 +39,7 @@ HELP = {
     "zero_stage": "DeepSpeed ZeRO stage",
     "gradient_checkpointing": "recompute activations in backward (default: on with CUDA)",
     "flash_attn": "auto: FlashAttention-2 when installed and on CUDA, else SDPA; true; false",
-    "mse_weight": "weight of the MSE alignment loss (0 turns it off; stage1/stage1_2)",
+    "mse_weight": "weight of the MSE alignment loss, 0 turns it off; stage1/stage1_2 (default 0.1; tiny model 0)",
     "max_ckpt_num": "resumable checkpoints kept",
     "resume": "auto: continue from the newest checkpoint in save_path; false: start over; or a checkpoint dir",
     "use_tensorboard": "log to save_path/tensorboard",

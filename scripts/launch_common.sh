@@ -141,7 +141,9 @@ _clara_validate() {
     if [[ -n $LEARNING_RATE ]]; then
         _clara_float LEARNING_RATE positive
     fi
-    _clara_float MSE_WEIGHT nonnegative
+    if [[ -n $MSE_WEIGHT ]]; then
+        _clara_float MSE_WEIGHT nonnegative
+    fi
 
     for name in DEBUG_MODE ALLOW_NO_CHECKPOINT USE_TENSORBOARD USE_WANDB DRY_RUN; do
         _clara_bool "$name"
@@ -292,6 +294,10 @@ _clara_auto_learning_rate() {
     fi
 }
 
+_clara_auto_mse_weight() {
+    [[ $MODEL_PATH == tiny ]] && echo 0 || echo 0.1
+}
+
 _clara_auto_max_len() {
     [[ $STAGE == stage2 ]] && echo 1024 || echo 2048
 }
@@ -317,11 +323,11 @@ _clara_build_command() {
         --logging_steps "$LOGGING_STEPS" --eval_steps "$EVAL_STEPS" --save_steps "$SAVE_STEPS"
         --eval_max_samples "$EVAL_MAX_SAMPLES"
         --seed "$SEED" --zero_stage "$ZERO_STAGE" --gradient_checkpointing "$GRADIENT_CHECKPOINTING"
-        --flash_attn "$FLASH_ATTN" --mse_weight "$MSE_WEIGHT" --max_ckpt_num "$MAX_CKPT_NUM"
+        --flash_attn "$FLASH_ATTN" --max_ckpt_num "$MAX_CKPT_NUM"
         --resume "$RESUME" --bad_samples "$BAD_SAMPLES"
         --use_tensorboard "$USE_TENSORBOARD" --use_wandb "$USE_WANDB" --wandb_project "$WANDB_PROJECT")
     local pair flag value
-    for pair in pretrain_checkpoint:PRETRAIN_CHECKPOINT eval_dataset:EVAL_DATASET learning_rate:LEARNING_RATE \
+    for pair in pretrain_checkpoint:PRETRAIN_CHECKPOINT eval_dataset:EVAL_DATASET learning_rate:LEARNING_RATE mse_weight:MSE_WEIGHT \
         max_len:MAX_LEN max_steps:MAX_STEPS max_samples:MAX_SAMPLES; do
         flag=${pair%%:*}
         value=${pair#*:}
@@ -356,7 +362,9 @@ _clara_summary() {
     local max_len="auto: $(_clara_auto_max_len) (the trainer's default for this stage)"
     local world=$((NUM_GPUS * NUM_NODES))
     [[ -z $LEARNING_RATE ]] || lr=$LEARNING_RATE
+    local mse="auto: $(_clara_auto_mse_weight) (the trainer's default for this model)"
     [[ -z $MAX_LEN ]] || max_len=$MAX_LEN
+    [[ -z $MSE_WEIGHT ]] || mse=$MSE_WEIGHT
     printf '==================== CLaRa %s: %s ====================\n' "$STAGE" "$script"
     _clara_row device "$CLARA_DEVICE"
     _clara_row MODEL_PATH "$MODEL_PATH$CLARA_MODEL_NOTE"
@@ -383,7 +391,7 @@ _clara_summary() {
     _clara_row ZERO_STAGE "$ZERO_STAGE"
     _clara_row GRADIENT_CHECKPOINTING "$GRADIENT_CHECKPOINTING"
     _clara_row FLASH_ATTN "$FLASH_ATTN"
-    _clara_row MSE_WEIGHT "$MSE_WEIGHT"
+    _clara_row MSE_WEIGHT "$mse"
     _clara_row SEED "$SEED"
     _clara_row "RESUME / MAX_CKPT_NUM" "$RESUME / $MAX_CKPT_NUM"
     _clara_row BAD_SAMPLES "$BAD_SAMPLES"
