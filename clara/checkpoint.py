@@ -20,7 +20,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from clara.model import ClaraModel, ModelSettings, attach_adapters
 from clara.prompts import add_special_tokens, added_token_strings
-from clara.tiny import TINY_MODEL_NAME, tiny_model_dir
+from clara.tiny import TINY_MODEL_NAME, TINY_VERSION, clara_home, tiny_model_dir
 
 FORMAT_NAME = "clara"
 FORMAT_VERSION = 1
@@ -121,7 +121,23 @@ def save_model(model: ClaraModel, out_dir: str, stage: str) -> None:
         "special_tokens": added_token_strings(model.tokens.n_mem),
         **dataclasses.asdict(model.settings),
     }
+    if model.settings.base_model == TINY_MODEL_NAME:
+        config["tiny_version"] = TINY_VERSION
     _atomic_json(os.path.join(out_dir, "config.json"), config)
+
+
+def tiny_base_for(version: str | None, path: str) -> str:
+    """The base of a checkpoint trained on the built-in tiny model: the cached build it was trained
+    on when that differs from the one this code builds (another recipe gives other weights)."""
+    if version is None or version == TINY_VERSION:
+        return TINY_MODEL_NAME
+    cached = clara_home() / version
+    if cached.is_dir():
+        return str(cached)
+    raise CheckpointError(
+        f"{path}: trained on the built-in tiny model {version}, but this version of clara builds "
+        f"{TINY_VERSION} (a different recipe, so different weights) and {cached} does not exist; "
+        "retrain the checkpoint")
 
 
 def read_config(path: str) -> dict:
@@ -154,6 +170,8 @@ def load_model(path: str, dtype: torch.dtype = torch.float32, attn_implementatio
     settings = ModelSettings(**{k: v for k, v in config.items() if k in fields})
     if base_model:
         settings.base_model = base_model
+    elif settings.base_model == TINY_MODEL_NAME:
+        settings.base_model = tiny_base_for(config.get("tiny_version"), path)
     model = build_model(settings, config["adapters"], dtype, attn_implementation, tokenizer_dir=path)
     adapters = load_file(os.path.join(path, "adapters.safetensors"))
     for name in config["adapters"]:

@@ -256,3 +256,29 @@ def test_chaining_with_another_number_of_memory_tokens_is_refused(tmp_path):
         build_stage_model(config("stage1_2", str(tmp_path / "s1"), doc_max_length=2 * DOC_MAX_LENGTH),
                           log=lambda *a: None)
     assert os.path.isfile(tmp_path / "s1" / "config.json")
+
+
+def test_a_tiny_model_checkpoint_keeps_the_tiny_build_it_was_trained_on(tmp_path, monkeypatch):
+    from clara import tiny
+
+    current_build = tiny.tiny_model_dir()
+    model = stage_model("stage1")
+    save_model(model, str(tmp_path / "s1"), "stage1")
+    config_path = tmp_path / "s1" / "config.json"
+    saved = json.loads(config_path.read_text())
+    assert saved["base_model"] == "tiny" and saved["tiny_version"] == tiny.TINY_VERSION
+
+    # A checkpoint of another recipe's tiny model: refused while that build is not cached ...
+    old = "tiny-000000000000"
+    config_path.write_text(json.dumps({**saved, "tiny_version": old}))
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("CLARA_HOME", str(home))
+    with pytest.raises(CheckpointError, match=f"{old}.*retrain"):
+        load_model(str(tmp_path / "s1"))
+    # ... and loaded on that build (here a copy of the current one) when it is.
+    (home / old).symlink_to(current_build)
+    reloaded = load_model(str(tmp_path / "s1"))
+    assert reloaded.settings.base_model == str(home / old)
+    batch, _ = batches(model, "stage1")
+    assert torch.equal(eval_loss(model, batch), eval_loss(reloaded, batch))
