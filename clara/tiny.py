@@ -131,8 +131,8 @@ def tiny_model_dir() -> str:
             shutil.rmtree(stale, ignore_errors=True)
         tmp = tempfile.mkdtemp(prefix=f"{TINY_VERSION}.tmp", dir=home)
         try:
-            print(f"[clara.tiny] building the tiny model into {final} (first use, about 2 minutes)",
-                  flush=True)
+            print(f"[clara.tiny] building the tiny model into {final} "
+                  "(first use, about 5 minutes on one core)", flush=True)
             build_tiny_model(tmp)
             os.replace(tmp, final)
         finally:
