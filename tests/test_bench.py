@@ -31,11 +31,9 @@ def bench(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def small_args() -> list[str]:
     """The smallest model: one layer of width 32, the vocabulary just large enough for the tokenizer."""
-    from transformers import AutoTokenizer
+    from clara.tiny import build_tokenizer
 
-    from clara.tiny import tiny_model_dir
-
-    vocab = len(AutoTokenizer.from_pretrained(tiny_model_dir())) + N_MEM + 3
+    vocab = len(build_tokenizer()) + N_MEM + 3
     return ["--hidden_size", "32", "--num_layers", "1", "--num_heads", "2", "--num_kv_heads", "1",
             "--intermediate_size", "64", "--vocab_size", str(vocab), "--doc_max_length", str(DOC_MAX_LENGTH),
             "--compress_rate", str(COMPRESS_RATE), "--question_tokens", "8", "--answer_tokens", "4",
