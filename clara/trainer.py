@@ -151,7 +151,8 @@ def save_resumable(engine, state: TrainState, cfg: TrainConfig, rank: int) -> st
     if rank == 0 and os.path.isdir(os.path.join(root, tmp_tag)):
         shutil.rmtree(os.path.join(root, tmp_tag))
     dist.barrier()
-    engine.save_checkpoint(root, tag=tmp_tag, client_state={"train_state": dataclasses.asdict(state)},
+    client_state = {"train_state": dataclasses.asdict(state), "settings": cfg.to_dict()}
+    engine.save_checkpoint(root, tag=tmp_tag, client_state=client_state,
                            save_latest=False, exclude_frozen_parameters=True)
     dist.barrier()
     if rank == 0:
@@ -171,6 +172,19 @@ def _publish(root: str, tmp_tag: str, tag: str, keep: int) -> None:
     os.replace(os.path.join(root, tmp_tag), final)
     for _, old in complete_checkpoints(root)[:-keep]:
         shutil.rmtree(os.path.join(root, old))
+
+
+# Settings a resumed run may change without changing what it trains: how long, and what it logs.
+RESUME_FREE_SETTINGS = frozenset({
+    "max_steps", "max_epochs", "resume", "save_path", "save_steps", "max_ckpt_num", "logging_steps",
+    "eval_dataset", "eval_steps", "eval_max_samples", "max_new_tokens", "debug_mode", "debug_every_steps",
+    "debug_max_print_tokens", "use_tensorboard", "use_wandb", "wandb_project"})
+
+
+def changed_settings(saved: dict, current: dict) -> list[str]:
+    """'name old -> new' for each setting that differs from the run a checkpoint was saved by."""
+    return [f"{name} {saved[name]!r} -> {current.get(name)!r}" for name in sorted(saved)
+            if name not in RESUME_FREE_SETTINGS and saved[name] != current.get(name)]
 
 
 def find_resume_point(cfg: TrainConfig) -> tuple[str, str] | None:
@@ -365,6 +379,11 @@ def train(cfg: TrainConfig) -> dict:
             raise ConfigError(f"--resume: {os.path.join(*resume)} could not be loaded")
         state = TrainState(**client["train_state"])
         log.print(f"Resumed from {os.path.join(*resume)} at step {state.global_step}.")
+        changed = changed_settings(client.get("settings", {}), cfg.to_dict())
+        if changed:
+            log.print(f"Warning: the run that saved this checkpoint had other settings ({'; '.join(changed)}); "
+                      "training goes on with the new ones. RESUME=false (--resume false) or another SAVE_PATH "
+                      "starts over instead.")
     elif rank == 0 and os.path.exists(os.path.join(cfg.save_path, "metrics.jsonl")):
         os.remove(os.path.join(cfg.save_path, "metrics.jsonl"))
 

@@ -43,7 +43,7 @@ QUICK = {"DEBUG_MODE": "false", "BATCH_SIZE": "2", "MICRO_BATCH_SIZE": "1", "MAX
 # The same for two processes: one sample per process per step.
 QUICK_2RANK = {**QUICK, "NUM_GPUS": "2", "OMP_NUM_THREADS": "1", "MAX_STEPS": "3"}
 
-# Generous: the first run of a session may build the tiny model (about 2 minutes, once per CLARA_HOME).
+# Generous: the first run of a session may build the tiny model (about 6 minutes, once per CLARA_HOME).
 RUN_TIMEOUT = 600
 
 
@@ -389,6 +389,19 @@ def test_kill_9_then_rerun_resumes_to_the_same_weights(tmp_path):
     assert straight.returncode == 0, straight
     assert "Resumed from" not in straight.output
     assert max_weight_difference(save, reference) < 1e-6
+
+
+def test_resuming_with_other_settings_names_them(tmp_path):
+    save = tmp_path / "out"
+    first = run(SINGLE, launcher_env(**QUICK, SAVE_PATH=save, SAVE_STEPS=2))
+    assert first.returncode == 0, first
+    # A longer run with another learning rate resumes from step 2 and says what changed;
+    # the longer run alone (MAX_STEPS) is a change that resuming is for, and goes unmentioned.
+    second = run(SINGLE, launcher_env(**{**QUICK, "MAX_STEPS": "3"}, SAVE_PATH=save, LEARNING_RATE="0.001"))
+    assert second.returncode == 0, second
+    assert "Resumed from" in second.output
+    warning = next(line for line in second.output.splitlines() if line.startswith("Warning: the run that saved"))
+    assert "learning_rate 0.002 -> 0.001" in warning and "max_steps" not in warning
 
 
 @pytest.mark.parametrize("target", ["process_group", "launcher_only"])
