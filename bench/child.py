@@ -2,9 +2,9 @@
 
 `python -m bench` starts one such process per configuration, so that peak memory belongs to that
 configuration alone. The steps run through the trainer's own code: a random-weight Qwen3 base saved
-with the tiny model's tokenizer, loaded by clara.stages.build_stage_model, wrapped by
-deepspeed.initialize with clara.trainer.deepspeed_config, fed Batches from clara.collate.Collator and
-stepped by clara.trainer.optimizer_step.
+with the tiny model's tokenizer, set up by clara.trainer.setup_training (the stage model, its
+Collator, AdamW and deepspeed.initialize, as a training run has them) and stepped by
+clara.trainer.optimizer_step.
 """
 
 from __future__ import annotations
@@ -259,14 +259,10 @@ def measure(cfg: BenchConfig, work_dir: str) -> dict:
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    import deepspeed
-
-    from clara.collate import Collator
     from clara.config import TrainConfig
     from clara.model import attention_implementation
     from clara.prompts import added_token_strings
-    from clara.stages import build_stage_model, stage_module
-    from clara.trainer import deepspeed_config, init_distributed, lr_lambda, optimizer_step, step_seed
+    from clara.trainer import init_distributed, optimizer_step, setup_training, step_seed
 
     quiet_libraries()
     started = time.perf_counter()
@@ -291,23 +287,9 @@ def measure(cfg: BenchConfig, work_dir: str) -> dict:
         candidate_chunk_size=cfg.candidate_chunk_size)
     attn = attention_implementation(train_cfg.flash_attn, on_cuda)
 
-    # As clara.trainer.train sets up a run.
-    torch.manual_seed(train_cfg.seed)
-    model = build_stage_model(train_cfg, dtype, attn, log=lambda *args: None)
-    if train_cfg.gradient_checkpointing:
-        model.enable_gradient_checkpointing()
-    model.to(device)
-    model.train()
-    module = stage_module(train_cfg.stage)
-    collator = Collator(train_cfg.stage, model.tokenizer, model.tokens, train_cfg.doc_max_length, train_cfg.max_len,
-                        train_cfg.generation_top_k, train_cfg.seed)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=train_cfg.learning_rate, betas=(0.9, 0.95), weight_decay=0.0)
     total_steps = cfg.warmup_steps + cfg.steps
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(train_cfg, total_steps))
-    engine, optimizer, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                                           config=deepspeed_config(train_cfg, world, on_cuda))
-    mse_weight = train_cfg.mse_weight if module.USES_MSE else 0.0
+    setup = setup_training(train_cfg, total_steps, world, device, dtype, attn, log=lambda *args: None)
+    model, collator, engine, optimizer = setup.model, setup.collator, setup.engine, setup.optimizer
 
     shape = model_shape(model)
     memory = PeakMemory(device)
@@ -346,7 +328,8 @@ def measure(cfg: BenchConfig, work_dir: str) -> dict:
         batch = collator(records).to(device)
         sync()
         t1 = time.perf_counter()
-        result = optimizer_step(engine, optimizer, [batch], [step_seed(train_cfg.seed, step, 0, rank)], mse_weight)
+        result = optimizer_step(engine, optimizer, [batch], [step_seed(train_cfg.seed, step, 0, rank)],
+                                setup.mse_weight)
         sync()
         t2 = time.perf_counter()
         if step < cfg.warmup_steps:
@@ -383,7 +366,7 @@ def measure(cfg: BenchConfig, work_dir: str) -> dict:
         "n_mem_tokens": cfg.n_mem_tokens,
         "docs_per_sample": cfg.docs_per_sample,
         "params_total": sum(p.numel() for p in model.parameters()),
-        "params_trainable": sum(p.numel() for p in trainable),
+        "params_trainable": sum(p.numel() for p in setup.trainable),
         "vocab_size": shape.vocab,
         "steps_timed": len(step_times),
         "step_time_s": step_time,

@@ -264,6 +264,45 @@ def _nonfinite_safe_loss(model) -> torch.Tensor:
 
 
 @dataclass
+class TrainingSetup:
+    """What a run trains with: the model, its stage's collator and the DeepSpeed engine around both."""
+
+    model: object  # ClaraModel
+    collator: object  # Collator
+    trainable: list
+    engine: object
+    optimizer: object
+    scheduler: object
+    mse_weight: float  # the configured weight, or 0 for a stage without the MSE loss
+
+
+def setup_training(cfg: TrainConfig, total_steps: int, world: int, device: torch.device, dtype: torch.dtype,
+                   attn: str, log=print) -> TrainingSetup:
+    """Seeded model, collator, AdamW, the learning-rate schedule and deepspeed.initialize (also used by bench/)."""
+    import deepspeed
+
+    from clara.collate import Collator
+    from clara.stages import build_stage_model, stage_module
+
+    torch.manual_seed(cfg.seed)
+    model = build_stage_model(cfg, dtype, attn, log=log)
+    if cfg.gradient_checkpointing:
+        model.enable_gradient_checkpointing()
+    model.to(device)
+    model.train()
+    collator = Collator(cfg.stage, model.tokenizer, model.tokens, cfg.doc_max_length, cfg.max_len,
+                        cfg.generation_top_k, cfg.seed)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=cfg.learning_rate, betas=(0.9, 0.95), weight_decay=0.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps))
+    engine, optimizer, _, scheduler = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler,
+        config=deepspeed_config(cfg, world, device.type == "cuda"))
+    mse_weight = cfg.mse_weight if stage_module(cfg.stage).USES_MSE else 0.0
+    return TrainingSetup(model, collator, trainable, engine, optimizer, scheduler, mse_weight)
+
+
+@dataclass
 class StepResult:
     # Summed over this rank's micro-batches: LM loss, MSE, finite micro-batches, tokens read,
     # correct answer tokens, supervised answer tokens.
@@ -320,14 +359,11 @@ def optimizer_step(engine, optimizer, batches: list, seeds: list[int], mse_weigh
 def train(cfg: TrainConfig) -> dict:
     """Train one stage as configured; returns the last logged metrics."""
     import datasets
-    import deepspeed
 
     from clara.checkpoint import save_model
-    from clara.collate import Collator
     from clara.data import load_records
     from clara.debug import DebugPrinter
     from clara.model import attention_implementation
-    from clara.stages import build_stage_model, stage_module
 
     rank, world, local_rank, device = init_distributed()
     log = RunLog(cfg, rank)
@@ -354,22 +390,10 @@ def train(cfg: TrainConfig) -> dict:
         raise ConfigError(f"--batch_size={cfg.batch_size}: larger than the {len(records)} training samples")
     total_steps = cfg.max_steps or steps_per_epoch * cfg.max_epochs
 
-    torch.manual_seed(cfg.seed)
-    model = build_stage_model(cfg, dtype, attn, log=log.print)
-    if cfg.gradient_checkpointing:
-        model.enable_gradient_checkpointing()
-    model.to(device)
-    model.train()
-    module = stage_module(cfg.stage)
-    collator = Collator(cfg.stage, model.tokenizer, model.tokens, cfg.doc_max_length, cfg.max_len,
-                        cfg.generation_top_k, cfg.seed)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=cfg.learning_rate, betas=(0.9, 0.95), weight_decay=0.0)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps))
-    engine, optimizer, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                                           config=deepspeed_config(cfg, world, on_cuda))
+    setup = setup_training(cfg, total_steps, world, device, dtype, attn, log=log.print)
+    model, collator, engine, optimizer, scheduler = (setup.model, setup.collator, setup.engine, setup.optimizer,
+                                                     setup.scheduler)
     accumulation = cfg.batch_size // (cfg.micro_batch_size * world)
-    mse_weight = cfg.mse_weight if module.USES_MSE else 0.0
 
     state = TrainState()
     resume = find_resume_point(cfg)
@@ -387,7 +411,7 @@ def train(cfg: TrainConfig) -> dict:
     elif rank == 0 and os.path.exists(os.path.join(cfg.save_path, "metrics.jsonl")):
         os.remove(os.path.join(cfg.save_path, "metrics.jsonl"))
 
-    n_trainable = sum(p.numel() for p in trainable)
+    n_trainable = sum(p.numel() for p in setup.trainable)
     settings = cfg.to_dict()
     if rank == 0:
         with open(os.path.join(cfg.save_path, "training_args.json"), "w", encoding="utf-8") as out:
@@ -422,7 +446,7 @@ def train(cfg: TrainConfig) -> dict:
             show_debug = debug is not None and state.global_step % cfg.debug_every_steps == 0
             result = optimizer_step(
                 engine, optimizer, batches, [step_seed(cfg.seed, state.global_step, m, rank) for m in range(accumulation)],
-                mse_weight, on_first=(lambda b, o: debug.print_sample(b, o, state.global_step)) if show_debug else None)
+                setup.mse_weight, on_first=(lambda b, o: debug.print_sample(b, o, state.global_step)) if show_debug else None)
             state.global_step += 1
             state.step_in_epoch += 1
             state.consumed_samples += cfg.batch_size
@@ -439,7 +463,7 @@ def train(cfg: TrainConfig) -> dict:
             last = {
                 "step": state.global_step, "epoch": round(state.global_step / steps_per_epoch, 4),
                 "loss": totals[0].item() / finite_batches if not skipped else float("nan"),
-                "mse_loss": totals[1].item() / finite_batches if mse_weight and not skipped else None,
+                "mse_loss": totals[1].item() / finite_batches if setup.mse_weight and not skipped else None,
                 "lr": scheduler.get_last_lr()[0], "grad_norm": _grad_norm(engine),
                 "samples_per_s": cfg.batch_size / elapsed, "tokens_per_s": totals[3].item() / elapsed,
                 "peak_memory_mb": round(peak_memory_mb(device), 1),
