@@ -15,6 +15,7 @@ from importlib import metadata
 from pathlib import Path
 
 from bench.config import STAGES, BenchConfig
+from clara.cli import parse_bool
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -51,17 +52,8 @@ def describe_sweeps() -> str:
     return "; ".join(parts)
 
 
-def _bool(text: str) -> bool:
-    value = text.strip().lower()
-    if value in ("true", "1", "yes", "on"):
-        return True
-    if value in ("false", "0", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
-
-
 def _auto_bool(text: str) -> bool | None:
-    return None if text.strip().lower() == "auto" else _bool(text)
+    return None if text.strip().lower() == "auto" else parse_bool(text)
 
 
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -104,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "DOC_MAX_LENGTH/COMPRESS_RATE + 3 (the tokenizer is padded with unused entries to fill it)")
     shape.add_argument("--head_dim", type=int, default=d.head_dim,
                        help="attention head size (default: hidden_size / num_heads)")
-    shape.add_argument("--tie_word_embeddings", type=_bool, default=d.tie_word_embeddings, metavar="BOOL",
+    shape.add_argument("--tie_word_embeddings", type=parse_bool, default=d.tie_word_embeddings, metavar="BOOL",
                        help="share the input embedding and the LM head (Qwen3 does up to 4B)")
     train = parser.add_argument_group("training settings")
     train.add_argument("--stage", choices=STAGES, default=d.stage, help="training stage")
@@ -148,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="on a shared machine: before each configuration, wait (at most --timeout seconds) until "
                           f"the 1-minute load average is below this and the CPUs are {MIN_IDLE * 100:.0f}%% idle over 3 s; "
                           "default: start at once, and warn above 0.75 x the CPU count")
-    run.add_argument("--exact_memory", type=_bool, default=True, metavar="BOOL",
+    run.add_argument("--exact_memory", type=parse_bool, default=True, metavar="BOOL",
                      help="give each measuring process fixed glibc malloc thresholds, so RSS follows the memory "
                           "in use (false: the allocator's defaults, as a training run has them)")
     return parser

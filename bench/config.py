@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-STAGES = ("stage1", "stage1_2", "stage2")
+from clara.config import STAGES
 
 
 @dataclass
