@@ -262,7 +262,8 @@ def measure(cfg: BenchConfig, work_dir: str) -> dict:
     from clara.config import TrainConfig
     from clara.model import attention_implementation
     from clara.prompts import added_token_strings
-    from clara.trainer import init_distributed, optimizer_step, setup_training, step_seed
+    from clara.distributed import init_distributed
+    from clara.trainer import optimizer_step, setup_training, step_seed
 
     quiet_libraries()
     started = time.perf_counter()

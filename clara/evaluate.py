@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from clara.checkpoint import CheckpointError
 from clara.config import STAGES, ConfigError
 from clara.data import DataError
+from clara.distributed import broadcast, gather_rows, join_process_group, rank_zero_first
 
 USER_ERRORS = (ConfigError, DataError, CheckpointError)
 GENERATING_STAGES = ("stage1_2", "stage2")
@@ -138,29 +139,6 @@ def summarise(stage: str, rows: list[dict]) -> dict:
         summary.update(sorted(retrieval.items(), key=lambda kv: (not kv[0].startswith("recall@"),
                                                                  not kv[0].startswith("precision@"))))
     return summary
-
-
-def gather_rows(rows: list[dict], rank: int, world: int) -> list[dict] | None:
-    """All ranks' rows on rank 0 in dataset order; None on the other ranks."""
-    if world == 1:
-        return sorted(rows, key=lambda r: r["index"])
-    import torch.distributed as dist
-
-    parts = [None] * world if rank == 0 else None
-    dist.gather_object(rows, parts, dst=0)
-    if rank != 0:
-        return None
-    return sorted((r for part in parts for r in part), key=lambda r: r["index"])
-
-
-def broadcast(obj, rank: int, world: int):
-    if world == 1:
-        return obj
-    import torch.distributed as dist
-
-    box = [obj if rank == 0 else None]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
 
 
 def evaluate_model(model, records, cfg, rank: int = 0, world: int = 1, device=None,
@@ -299,21 +277,6 @@ def resolve_stage(checkpoint: str, stage: str | None) -> str:
     return found
 
 
-def init_processes() -> tuple[int, int, torch.device]:
-    """Rank, world size and device; joins the process group torchrun / accelerate launch describe."""
-    from clara.trainer import local_device
-
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    _, device = local_device()
-    if world == 1:
-        return 0, 1, device
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return dist.get_rank(), dist.get_world_size(), device
-
-
 def run(args: argparse.Namespace, rank: int, world: int, device: torch.device) -> dict:
     import datasets
 
@@ -340,20 +303,8 @@ def run(args: argparse.Namespace, rank: int, world: int, device: torch.device) -
     top_k = int(config.get("generation_top_k", 5))
     datasets.disable_progress_bars()
     # Rank 0 builds the Arrow cache first; the other ranks then read it (and meet the same errors).
-    error = None
-    if rank == 0:
-        try:
-            records = load_records(stage, args.dataset, min_docs=top_k if stage == "stage2" else 1,
-                                   max_samples=args.limit, log=say)
-        except USER_ERRORS as caught:
-            error = caught
-    if world > 1:
-        torch.distributed.barrier()
-    if rank != 0:
-        records = load_records(stage, args.dataset, min_docs=top_k if stage == "stage2" else 1,
-                               max_samples=args.limit, log=say)
-    if error is not None:
-        raise error
+    records = rank_zero_first(lambda: load_records(stage, args.dataset, min_docs=top_k if stage == "stage2" else 1,
+                                                   max_samples=args.limit, log=say), rank, world)
 
     model = load_model(args.checkpoint, dtype, attn, base_model=args.model_path)
     if stage == "stage2" and QUERY_REASONER not in model.adapter_names:
@@ -381,7 +332,7 @@ def run(args: argparse.Namespace, rank: int, world: int, device: torch.device) -
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    rank, world, device = init_processes()
+    rank, world, device = join_process_group()
     try:
         run(args, rank, world, device)
     except USER_ERRORS as error:

@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
-import re
-import shutil
 import signal
-import socket
 import sys
 import time
 from dataclasses import dataclass
@@ -18,21 +14,10 @@ import torch
 import torch.distributed as dist
 
 from clara.config import ConfigError, TrainConfig
+from clara.distributed import init_distributed, rank_zero_first
+from clara.resumable import TrainState, changed_settings, find_resume_point, save_resumable
 
-CHECKPOINT_DIR = "checkpoints"
 MAX_NONFINITE_IN_A_ROW = 10
-
-
-@dataclass
-class TrainState:
-    """Where the run is; saved with every resumable checkpoint."""
-
-    global_step: int = 0
-    epoch: int = 0
-    step_in_epoch: int = 0
-    consumed_samples: int = 0
-    nonfinite_in_a_row: int = 0
-    skipped_steps: int = 0
 
 
 class Stop(Exception):
@@ -41,45 +26,6 @@ class Stop(Exception):
     def __init__(self, signum: int):
         super().__init__(signal.Signals(signum).name)
         self.signum = signum
-
-
-# -- process group and devices ------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _die_with_parent() -> None:
-    """Under torchrun, end this worker when its agent dies (e.g. kill -9 of the launcher), on Linux."""
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        pr_set_pdeathsig = 1
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
-
-
-def local_device() -> tuple[int, torch.device]:
-    """This process's local rank and device: its own GPU under torchrun, else the CPU."""
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if not torch.cuda.is_available():
-        return local_rank, torch.device("cpu")
-    torch.cuda.set_device(local_rank)
-    return local_rank, torch.device("cuda", local_rank)
-
-
-def init_distributed() -> tuple[int, int, int, torch.device]:
-    """Join the torchrun process group (or make a one-process one); returns rank, world size, local rank, device."""
-    import deepspeed
-
-    if "RANK" not in os.environ:
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(_free_port()))
-    else:
-        _die_with_parent()
-    local_rank, device = local_device()
-    deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo", verbose=False)
-    return dist.get_rank(), dist.get_world_size(), local_rank, device
 
 
 # -- data order -------------------------------------------------------------------------------------------
@@ -128,74 +74,6 @@ def deepspeed_config(cfg: TrainConfig, world: int, on_cuda: bool) -> dict:
         "wall_clock_breakdown": False,
         "zero_allow_untested_optimizer": True,
     }
-
-
-# -- resumable checkpoints ----------------------------------------------------------------------------
-def checkpoint_root(cfg: TrainConfig) -> str:
-    return os.path.join(cfg.save_path, CHECKPOINT_DIR)
-
-
-def complete_checkpoints(root: str) -> list[tuple[int, str]]:
-    """(step, tag) of the finished checkpoints, oldest first. Unfinished ones carry a tmp_ prefix."""
-    if not os.path.isdir(root):
-        return []
-    found = [(int(m.group(1)), name) for name in os.listdir(root) if (m := re.fullmatch(r"step_(\d+)", name))]
-    return sorted(found)
-
-
-def save_resumable(engine, state: TrainState, cfg: TrainConfig, rank: int) -> str:
-    """Save model, optimizer, scheduler and TrainState; the directory appears under its final name only when whole."""
-    root = checkpoint_root(cfg)
-    tag = f"step_{state.global_step}"
-    tmp_tag = f"tmp_{tag}"
-    if rank == 0 and os.path.isdir(os.path.join(root, tmp_tag)):
-        shutil.rmtree(os.path.join(root, tmp_tag))
-    dist.barrier()
-    client_state = {"train_state": dataclasses.asdict(state), "settings": cfg.to_dict()}
-    engine.save_checkpoint(root, tag=tmp_tag, client_state=client_state,
-                           save_latest=False, exclude_frozen_parameters=True)
-    dist.barrier()
-    if rank == 0:
-        _publish(root, tmp_tag, tag, cfg.max_ckpt_num)
-    dist.barrier()
-    # Nodes that do not share SAVE_PATH with rank 0 still hold their own unfinished copy.
-    if int(os.environ.get("LOCAL_RANK", "0")) == 0 and rank != 0 and os.path.isdir(os.path.join(root, tmp_tag)):
-        _publish(root, tmp_tag, tag, cfg.max_ckpt_num)
-    dist.barrier()
-    return os.path.join(root, tag)
-
-
-def _publish(root: str, tmp_tag: str, tag: str, keep: int) -> None:
-    final = os.path.join(root, tag)
-    if os.path.isdir(final):
-        shutil.rmtree(final)
-    os.replace(os.path.join(root, tmp_tag), final)
-    for _, old in complete_checkpoints(root)[:-keep]:
-        shutil.rmtree(os.path.join(root, old))
-
-
-# Settings a resumed run may change without changing what it trains: how long, and what it logs.
-RESUME_FREE_SETTINGS = frozenset({
-    "max_steps", "max_epochs", "resume", "save_path", "save_steps", "max_ckpt_num", "logging_steps",
-    "eval_dataset", "eval_steps", "eval_max_samples", "max_new_tokens", "debug_mode", "debug_every_steps",
-    "debug_max_print_tokens", "use_tensorboard", "use_wandb", "wandb_project"})
-
-
-def changed_settings(saved: dict, current: dict) -> list[str]:
-    """'name old -> new' for each setting that differs from the run a checkpoint was saved by."""
-    return [f"{name} {saved[name]!r} -> {current.get(name)!r}" for name in sorted(saved)
-            if name not in RESUME_FREE_SETTINGS and saved[name] != current.get(name)]
-
-
-def find_resume_point(cfg: TrainConfig) -> tuple[str, str] | None:
-    """(root, tag) to resume from, or None."""
-    if cfg.resume == "false":
-        return None
-    if cfg.resume != "auto":
-        path = os.path.abspath(cfg.resume.rstrip("/"))
-        return os.path.dirname(path), os.path.basename(path)
-    found = complete_checkpoints(checkpoint_root(cfg))
-    return (checkpoint_root(cfg), found[-1][1]) if found else None
 
 
 # -- logging ----------------------------------------------------------------------------------------------
@@ -377,14 +255,12 @@ def train(cfg: TrainConfig) -> dict:
     # Data first: bad records stop the run before the model loads. Rank 0 builds the Arrow cache.
     min_docs = cfg.generation_top_k if cfg.stage == "stage2" else 1
     rejected = os.path.join(cfg.save_path, "rejected.jsonl")
-    if rank != 0:
-        dist.barrier()
-    records = load_records(cfg.stage, cfg.dataset, cfg.bad_samples, min_docs, rejected if rank == 0 else None,
-                           cfg.max_samples, log=log.print)
-    eval_records = (load_records(cfg.stage, cfg.eval_dataset, cfg.bad_samples, min_docs, None, None, log=log.print)
+    records = rank_zero_first(lambda: load_records(cfg.stage, cfg.dataset, cfg.bad_samples, min_docs,
+                                                   rejected if rank == 0 else None, cfg.max_samples, log=log.print),
+                              rank, world)
+    eval_records = (rank_zero_first(lambda: load_records(cfg.stage, cfg.eval_dataset, cfg.bad_samples, min_docs,
+                                                         None, None, log=log.print), rank, world)
                     if cfg.eval_dataset else None)
-    if rank == 0:
-        dist.barrier()
     steps_per_epoch = len(records) // cfg.batch_size
     if steps_per_epoch == 0:
         raise ConfigError(f"--batch_size={cfg.batch_size}: larger than the {len(records)} training samples")

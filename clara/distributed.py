@@ -1,0 +1,107 @@
+"""Processes and devices: the torchrun process group, this process's device, and the few collectives
+the trainer and the evaluation share (rank-0-first loading, gathering rows, broadcasting a result)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import sys
+from collections.abc import Callable
+from typing import TypeVar
+
+import torch
+import torch.distributed as dist
+
+T = TypeVar("T")
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _die_with_parent() -> None:
+    """Under torchrun, end this worker when its agent dies (e.g. kill -9 of the launcher), on Linux."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+
+
+def local_device() -> tuple[int, torch.device]:
+    """This process's local rank and device: its own GPU under torchrun, else the CPU."""
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if not torch.cuda.is_available():
+        return local_rank, torch.device("cpu")
+    torch.cuda.set_device(local_rank)
+    return local_rank, torch.device("cuda", local_rank)
+
+
+def init_distributed() -> tuple[int, int, int, torch.device]:
+    """Join the torchrun process group (or make a one-process one); returns rank, world size, local rank, device."""
+    import deepspeed
+
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(_free_port()))
+    else:
+        _die_with_parent()
+    local_rank, device = local_device()
+    deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo", verbose=False)
+    return dist.get_rank(), dist.get_world_size(), local_rank, device
+
+
+def join_process_group() -> tuple[int, int, torch.device]:
+    """Rank, world size and device for a tool started by torchrun / accelerate launch, or alone."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    _, device = local_device()
+    if world == 1:
+        return 0, 1, device
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def rank_zero_first(load: Callable[[], T], rank: int, world: int) -> T:
+    """Run `load` on rank 0 first (it builds caches such as the Arrow files), then on the other ranks.
+
+    An error on rank 0 is raised only after the other ranks were released, so that they meet the
+    same error instead of waiting forever.
+    """
+    error = None
+    result = None
+    if rank == 0:
+        try:
+            result = load()
+        except Exception as caught:  # re-raised below, after the barrier
+            error = caught
+    if world > 1:
+        dist.barrier()
+    if rank != 0:
+        result = load()
+    if error is not None:
+        raise error
+    return result
+
+
+def gather_rows(rows: list[dict], rank: int, world: int) -> list[dict] | None:
+    """All ranks' rows on rank 0, sorted by their "index"; None on the other ranks."""
+    if world == 1:
+        return sorted(rows, key=lambda r: r["index"])
+    parts = [None] * world if rank == 0 else None
+    dist.gather_object(rows, parts, dst=0)
+    if rank != 0:
+        return None
+    return sorted((r for part in parts for r in part), key=lambda r: r["index"])
+
+
+def broadcast(obj: T, rank: int, world: int) -> T:
+    """Rank 0's object on every rank."""
+    if world == 1:
+        return obj
+    box = [obj if rank == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
