@@ -229,17 +229,19 @@ class SyntheticRecords:
 
     def record(self) -> dict:
         from clara.data import normalise
+        from clara.stages import get_stage
 
         cfg = self.cfg
+        stage = get_stage(cfg.stage)
         docs = [self.text(cfg.doc_max_length + 3) for _ in range(cfg.docs_per_sample)]
         question, answer = self.short_text(cfg.question_tokens) + "?", self.short_text(cfg.answer_tokens)
-        if cfg.stage == "stage1":
+        if stage.schema == "stage1":
             raw = {"data_type": "qa", "question": [question], "answers": [answer], "docs": docs}
         else:
             raw = {"question": question, "answer": answer, "docs": docs}
-            if cfg.stage == "stage2":
+            if stage.uses_query:
                 raw["pos_index"] = [0]
-        return normalise(cfg.stage, raw, min_docs=cfg.top_k if cfg.stage == "stage2" else 1)
+        return normalise(stage, raw, min_docs=stage.min_docs(cfg.top_k))
 
     def records(self, count: int) -> list[dict]:
         return [self.record() for _ in range(count)]
@@ -260,9 +262,10 @@ def measure(cfg: BenchConfig, work_dir: str) -> dict:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     from clara.config import TrainConfig
+    from clara.distributed import init_distributed, resolve_dtype
     from clara.model import attention_implementation
     from clara.prompts import added_token_strings
-    from clara.distributed import init_distributed
+    from clara.stages import get_stage
     from clara.trainer import optimizer_step, setup_training, step_seed
 
     quiet_libraries()
@@ -271,7 +274,7 @@ def measure(cfg: BenchConfig, work_dir: str) -> dict:
     if world != 1:
         raise SystemExit("bench: run it as one process (python -m bench), not under torchrun")
     on_cuda = device.type == "cuda"
-    dtype = torch.bfloat16 if on_cuda else torch.float32
+    dtype = resolve_dtype("auto", device)
     gradient_checkpointing = on_cuda if cfg.gradient_checkpointing is None else cfg.gradient_checkpointing
 
     base_dir = os.path.join(work_dir, "base")
@@ -295,7 +298,8 @@ def measure(cfg: BenchConfig, work_dir: str) -> dict:
     shape = model_shape(model)
     memory = PeakMemory(device)
     compression = {"peak_over_start": 0}
-    if cfg.stage == "stage2":
+    uses_query = get_stage(cfg.stage).uses_query
+    if uses_query:
         original = model.compress_candidates
 
         def measured_compress_candidates(ids, mask):
@@ -382,7 +386,7 @@ def measure(cfg: BenchConfig, work_dir: str) -> dict:
         "peak_memory_mb": peak / MB,
         "base_memory_mb": base_memory / MB,
         "step_memory_mb": (peak - base_memory) / MB,
-        "candidate_compression_memory_mb": compression["peak_over_start"] / MB if cfg.stage == "stage2" else None,
+        "candidate_compression_memory_mb": compression["peak_over_start"] / MB if uses_query else None,
         "model_flops_per_step": model_flops,
         "model_flops_parts": {k: statistics.median(f[k] for f in flops) for k in flops[0]},
         "achieved_tflops": achieved / 1e12,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from clara.config import STAGES
+from clara.stages import STAGES, get_stage
 
 
 @dataclass
@@ -51,7 +51,7 @@ class BenchConfig:
 
     @property
     def docs_per_sample(self) -> int:
-        return self.candidates if self.stage == "stage2" else self.docs
+        return self.candidates if get_stage(self.stage).uses_query else self.docs
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -85,7 +85,7 @@ class BenchConfig:
             bad("num_heads", f"a multiple of --num_kv_heads ({self.num_kv_heads})")
         if self.compress_rate > 0 and self.doc_max_length % self.compress_rate:
             bad("doc_max_length", f"a multiple of --compress_rate ({self.compress_rate})")
-        if self.stage == "stage2" and self.candidates < self.top_k:
+        if self.stage in STAGES and get_stage(self.stage).uses_query and self.candidates < self.top_k:
             bad("candidates", f"at least --top_k ({self.top_k})")
         if self.zero_stage not in (0, 1, 2):
             bad("zero_stage", "0, 1 or 2")

@@ -1,4 +1,4 @@
-"""Records -> tensors: encoder inputs, decoder inputs and labels (spec section 4)."""
+"""Records -> tensors: encoder inputs, decoder inputs and labels (README: "How CLaRa reads a document")."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import torch
 
 from clara import prompts
 from clara.prompts import SpecialTokens
+from clara.stages import Stage
 
 IGNORE_INDEX = -100
 
@@ -29,10 +30,6 @@ class Batch:
     pos_index: list[list[int] | None] = field(default_factory=list)
     truncated_docs: int = 0
     num_tokens: int = 0  # tokens the model reads: decoder prompt and answer, documents, questions
-
-    @property
-    def size(self) -> int:
-        return self.dec_ids.shape[0]
 
     def to(self, device: torch.device | str) -> "Batch":
         moved = {}
@@ -96,7 +93,7 @@ def build_decoder(tokenizer, tokens: SpecialTokens, examples: list[tuple[str, st
 class Collator:
     """Turns a list of normalised records of one stage into a Batch."""
 
-    stage: str
+    stage: Stage
     tokenizer: object
     tokens: SpecialTokens
     doc_max_length: int
@@ -106,26 +103,23 @@ class Collator:
     with_targets: bool = True
 
     def __call__(self, records: list[dict]) -> Batch:
-        from clara.stages import stage_module
-
-        module = stage_module(self.stage)
         examples = []
         for record in records:
-            system, user, target = module.example(record, self.tokens.n_mem, self.top_k, self.seed)
+            system, user, target = self.stage.example(record, self.tokens.n_mem, self.top_k, self.seed)
             examples.append((system, user, target if self.with_targets else None))
         dec_ids, dec_mask, labels = build_decoder(self.tokenizer, self.tokens, examples, self.max_len)
         docs = [d for record in records for d in record["docs"]]
         enc_ids, enc_mask, truncated = encode_documents(self.tokenizer, self.tokens, docs, self.doc_max_length)
-        headers = [module.header(record) for record in records]
+        headers = [self.stage.header(record) for record in records]
         batch = Batch(enc_ids=enc_ids, enc_mask=enc_mask, dec_ids=dec_ids, dec_mask=dec_mask,
                       labels=labels if self.with_targets else None,
                       docs_per_sample=[len(record["docs"]) for record in records],
                       questions=[q for q, _ in headers], answers=[a for _, a in headers],
                       truncated_docs=truncated)
-        if self.stage == "stage2":
+        if self.stage.uses_query:
             counts = set(batch.docs_per_sample)
             if len(counts) != 1:
-                raise ValueError(f"stage2 samples of one micro-batch need the same number of candidate "
+                raise ValueError(f"{self.stage.name} samples of one micro-batch need the same number of candidate "
                                  f"documents, got {sorted(counts)}; use MICRO_BATCH_SIZE=1 or equal counts")
             batch.query_ids, batch.query_mask, _ = encode_documents(
                 self.tokenizer, self.tokens, [record["question"] for record in records], self.doc_max_length)

@@ -1,4 +1,4 @@
-"""JSON Lines reading and validation per stage (spec section 3).
+"""JSON Lines reading and validation per stage (README: "Data").
 
 Every line is checked before training starts; good records are normalised to one schema per stage
 (the `question` field is a list in stage1 and a string elsewhere, which Arrow cannot mix) and
@@ -13,6 +13,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import datasets
+
+from clara.config import split_paths
+from clara.errors import DataError
+from clara.stages import Stage, get_stage
 
 DOC_FIELDS = ("docs", "context", "content")
 ANSWER_FIELDS = ("answers", "answer", "gold_answer", "golden_answers")
@@ -33,10 +37,6 @@ FEATURES = {
         "has_pos_index": datasets.Value("bool"),
     }),
 }
-
-
-class DataError(ValueError):
-    """Bad records; the message names every bad FILE:LINE (the first 20 and a count)."""
 
 
 class BadRecord(ValueError):
@@ -96,7 +96,7 @@ def _single_answer(obj: dict) -> str:
     return _string(name, value)
 
 
-def normalise_stage1(obj: dict) -> dict:
+def normalise_stage1(obj: dict, min_docs: int = 1) -> dict:
     data_type = obj.get("data_type", "qa")
     docs = _docs(obj)
     if data_type == "paraphrase":
@@ -138,12 +138,14 @@ def normalise_answer_record(obj: dict, min_docs: int = 1) -> dict:
             "has_pos_index": pos_index is not None}
 
 
-def normalise(stage: str, obj, min_docs: int = 1) -> dict:
+NORMALISERS = {"stage1": normalise_stage1, "answer": normalise_answer_record}
+
+
+def normalise(stage: Stage, obj, min_docs: int = 1) -> dict:
+    """One record in the stage's schema, or BadRecord saying what is wrong."""
     if not isinstance(obj, dict):
         raise BadRecord(f"expected a JSON object, got {_describe(obj)}")
-    if stage == "stage1":
-        return normalise_stage1(obj)
-    return normalise_answer_record(obj, min_docs=min_docs if stage == "stage2" else 1)
+    return NORMALISERS[stage.schema](obj, min_docs)
 
 
 def iter_lines(paths: list[str]) -> Iterator[tuple[str, int, bytes]]:
@@ -169,7 +171,7 @@ def _utf8_problem(raw: bytes, error: UnicodeDecodeError) -> str:
     return f"not valid UTF-8 (byte {error.start} of the line)"
 
 
-def parse_line(stage: str, raw: bytes, min_docs: int) -> dict:
+def parse_line(stage: Stage, raw: bytes, min_docs: int) -> dict:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as error:
@@ -181,7 +183,7 @@ def parse_line(stage: str, raw: bytes, min_docs: int) -> dict:
     return normalise(stage, obj, min_docs)
 
 
-def scan(stage: str, paths: list[str], min_docs: int = 1) -> tuple[int, LoadReport]:
+def scan(stage: Stage, paths: list[str], min_docs: int = 1) -> tuple[int, LoadReport]:
     """Check every line; return the number of good records and the bad ones."""
     report = LoadReport()
     good = 0
@@ -194,8 +196,9 @@ def scan(stage: str, paths: list[str], min_docs: int = 1) -> tuple[int, LoadRepo
     return good, report
 
 
-def _generate(stage: str, paths: list[str], min_docs: int, fingerprint: list) -> Iterator[dict]:
+def _generate(stage_name: str, paths: list[str], min_docs: int, fingerprint: list) -> Iterator[dict]:
     del fingerprint  # only part of the cache key: a changed file gets a new Arrow cache
+    stage = get_stage(stage_name)  # by name: the Arrow cache key hashes these arguments
     for _, _, raw in iter_lines(paths):
         try:
             yield parse_line(stage, raw, min_docs)
@@ -203,11 +206,7 @@ def _generate(stage: str, paths: list[str], min_docs: int, fingerprint: list) ->
             continue
 
 
-def split_paths(spec: str) -> list[str]:
-    return [p.strip() for p in spec.split(",") if p.strip()]
-
-
-def load_records(stage: str, dataset: str, bad_samples: str = "error", min_docs: int = 1,
+def load_records(stage: Stage, dataset: str, bad_samples: str = "error", min_docs: int = 1,
                  rejected_path: str | None = None, max_samples: int | None = None,
                  log=print) -> datasets.Dataset:
     """Validate and load one stage's JSONL file(s) into an Arrow-backed dataset.
@@ -223,7 +222,7 @@ def load_records(stage: str, dataset: str, bad_samples: str = "error", min_docs:
             shown = "\n".join(messages[:MAX_REPORTED_ERRORS])
             more = len(messages) - MAX_REPORTED_ERRORS
             tail = f"\n... and {more} more bad lines" if more > 0 else ""
-            raise DataError(f"{len(messages)} bad record(s) in {dataset} ({stage}):\n{shown}{tail}\n"
+            raise DataError(f"{len(messages)} bad record(s) in {dataset} ({stage.name}):\n{shown}{tail}\n"
                             "Fix them, or set BAD_SAMPLES=skip (--bad_samples skip) to train on the rest.")
         if rejected_path:
             os.makedirs(os.path.dirname(os.path.abspath(rejected_path)), exist_ok=True)
@@ -234,12 +233,12 @@ def load_records(stage: str, dataset: str, bad_samples: str = "error", min_docs:
         log(f"Skipped {len(report.rejected)} bad record(s) of {dataset}"
             + (f"; written to {rejected_path}" if rejected_path else ""))
     if good == 0:
-        raise DataError(f"{dataset}: no usable {stage} records")
+        raise DataError(f"{dataset}: no usable {stage.name} records")
     fingerprint = [(os.path.abspath(p), os.path.getsize(p), os.stat(p).st_mtime_ns) for p in paths]
-    features = FEATURES["stage1" if stage == "stage1" else "answer"]
+    features = FEATURES[stage.schema]
     records = datasets.Dataset.from_generator(
         _generate, features=features,
-        gen_kwargs={"stage": stage, "paths": paths, "min_docs": min_docs, "fingerprint": fingerprint})
+        gen_kwargs={"stage_name": stage.name, "paths": paths, "min_docs": min_docs, "fingerprint": fingerprint})
     if max_samples is not None and max_samples < len(records):
         records = records.select(range(max_samples))
     return records

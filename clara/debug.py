@@ -1,4 +1,4 @@
-"""The colour-coded confidence print (spec section 6), computed from the training forward's own logits."""
+"""The colour-coded confidence print (README: "The debug print"), computed from the training forward's own logits."""
 
 from __future__ import annotations
 
@@ -68,7 +68,7 @@ class DebugPrinter:
         hidden = stats.total - self.max_print_tokens
         return "".join(shown) + (f"...(+{hidden} tokens)" if hidden > 0 else "")
 
-    def format_sample(self, batch: Batch, out: StepOutput, step: int, sample: int = 0) -> str:
+    def format_sample(self, batch: Batch, out: StepOutput, sample: int = 0) -> str:
         stats = sample_stats(out, sample)
         with_colour = use_colour()
         slots = out.chosen.shape[1] if out.chosen is not None else batch.docs_per_sample[sample]
@@ -95,11 +95,11 @@ class DebugPrinter:
         ]
         return "\n".join(lines)
 
-    def print_sample(self, batch: Batch, out: StepOutput, step: int) -> None:
+    def print_sample(self, batch: Batch, out: StepOutput) -> None:
         from tqdm import tqdm
 
         stream = self.stream or sys.stdout
-        text = self.format_sample(batch, out, step)
+        text = self.format_sample(batch, out)
         # Flushed before the progress bar is redrawn: on a pipe or a log file (the launchers' tee,
         # nohup, a batch scheduler) stdout is block-buffered, and the print would otherwise show up
         # long after its step, or be cut in two by the progress bar on stderr.

@@ -1,4 +1,4 @@
-"""Evaluation (spec sections 5 and 7): inside the trainer and as `python -m clara.evaluate`.
+"""Evaluation (README: "Evaluation and inference"): inside the trainer and as `python -m clara.evaluate`.
 
 Every stage: eval loss (the mean of per-sample teacher-forced LM losses, in eval mode) and token
 accuracy. stage1_2 and stage2 also answer the first `eval_max_samples` (`--max_samples`) samples
@@ -22,16 +22,23 @@ import math
 import os
 import sys
 
+import datasets
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
-from clara.checkpoint import CheckpointError
-from clara.config import STAGES, ConfigError
-from clara.data import DataError
-from clara.distributed import broadcast, gather_rows, join_process_group, rank_zero_first
+from clara.checkpoint import load_model, read_config
+from clara.collate import Collator
+from clara.config import TrainConfig, check_files
+from clara.data import load_records
+from clara.distributed import broadcast, gather_rows, join_process_group, rank_zero_first, resolve_dtype
+from clara.errors import USER_ERRORS, CheckpointError
+from clara.files import json_safe, write_json_atomic, write_text_atomic
+from clara.inference import collatable_runs, ensure_query_reasoner, infer_stage
+from clara.metrics import cover_exact_match, exact_match, f1_score, retrieval_summary
+from clara.model import attention_implementation, eval_mode
+from clara.stages import STAGES, Stage, get_stage
 
-USER_ERRORS = (ConfigError, DataError, CheckpointError)
-GENERATING_STAGES = ("stage1_2", "stage2")
 RETRIEVAL_KS = (1, 3, 5)
 
 
@@ -48,25 +55,15 @@ def per_sample_lm(lm, batch_size: int) -> tuple[list[float | None], list[int], l
     return losses, [int(h) for h in hits.tolist()], counts.tolist()
 
 
-def sample_header(stage: str, record: dict) -> tuple[str, str]:
-    from clara.stages import stage_module
-
-    return stage_module(stage).header(record)
-
-
 def micro_batches(num_samples: int, batch_size: int) -> list[range]:
     return [range(start, min(start + batch_size, num_samples)) for start in range(0, num_samples, batch_size)]
 
 
 @torch.no_grad()
-def evaluate_shard(model, records, stage: str, batch_size: int, generate_limit: int, max_new_tokens: int,
+def evaluate_shard(model, records, stage: Stage, batch_size: int, generate_limit: int, max_new_tokens: int,
                    max_len: int, seed: int, rank: int = 0, world: int = 1, device=None,
                    show_progress: bool = True, leave_progress: bool = False) -> list[dict]:
     """This rank's per-sample results (each with its dataset index under "index")."""
-    from clara.collate import Collator
-    from clara.inference import collatable_runs
-    from clara.metrics import cover_exact_match, exact_match, f1_score
-
     settings = model.settings
     device = device if device is not None else model.mem_embeddings.device
     collate = {targets: Collator(stage, model.tokenizer, model.tokens, settings.doc_max_length, max_len,
@@ -75,9 +72,7 @@ def evaluate_shard(model, records, stage: str, batch_size: int, generate_limit: 
     mine = micro_batches(len(records), batch_size)[rank::world]
     progress = None
     if show_progress and rank == 0:
-        from tqdm import tqdm
-
-        progress = tqdm(total=sum(len(b) for b in mine), desc=f"eval {stage}" + (" (rank 0)" if world > 1 else ""),
+        progress = tqdm(total=sum(len(b) for b in mine), desc=f"eval {stage.name}" + (" (rank 0)" if world > 1 else ""),
                         unit="sample", dynamic_ncols=True, file=sys.stderr, leave=leave_progress)
     results = []
     for indices in mine:
@@ -89,20 +84,20 @@ def evaluate_shard(model, records, stage: str, batch_size: int, generate_limit: 
             losses, hits, counts = per_sample_lm(out.lm, len(run))
             chosen = out.chosen.tolist() if out.chosen is not None else None
             for j, (index, record) in enumerate(zip(run_indices, run)):
-                question, answer = sample_header(stage, record)
+                question, answer = stage.header(record)
                 row = {"index": index, "question": question, "answer": answer, "loss": losses[j],
                        "correct_tokens": hits[j], "answer_tokens": counts[j],
                        "token_accuracy": hits[j] / counts[j] if counts[j] else None}
-                if stage == "stage1":
+                if "data_type" in record:
                     row["data_type"] = record["data_type"]
-                if stage in GENERATING_STAGES:
+                if stage.generates:
                     row.update(prediction=None, exact_match=None, f1=None, cover_exact_match=None)
                 if chosen is not None:
                     row["chosen"] = chosen[j]
                     row["pos_index"] = list(record["pos_index"]) if record["has_pos_index"] else None
                 results.append(row)
             wanted = [j for j, index in enumerate(run_indices) if index < generate_limit]
-            if stage in GENERATING_STAGES and wanted:
+            if stage.generates and wanted:
                 prompt = collate[False]([run[j] for j in wanted]).to(device)
                 texts, _ = model.generate(prompt, max_new_tokens=max_new_tokens)
                 rows = results[len(results) - len(run):]
@@ -117,10 +112,8 @@ def evaluate_shard(model, records, stage: str, batch_size: int, generate_limit: 
     return results
 
 
-def summarise(stage: str, rows: list[dict]) -> dict:
+def summarise(stage: Stage, rows: list[dict]) -> dict:
     """The flat summary of numbers: what the trainer logs as eval_* and the CLI prints."""
-    from clara.metrics import retrieval_summary
-
     losses = [r["loss"] for r in rows if r["loss"] is not None]
     tokens = sum(r["answer_tokens"] for r in rows)
     summary: dict = {
@@ -128,12 +121,12 @@ def summarise(stage: str, rows: list[dict]) -> dict:
         "token_accuracy": sum(r["correct_tokens"] for r in rows) / tokens if tokens else float("nan"),
         "samples": len(rows),
     }
-    if stage in GENERATING_STAGES:
+    if stage.generates:
         generated = [r for r in rows if r["prediction"] is not None]
         for key in ("exact_match", "f1", "cover_exact_match"):
             summary[key] = sum(r[key] for r in generated) / len(generated) if generated else float("nan")
         summary["generated"] = len(generated)
-    if stage == "stage2":
+    if stage.uses_query:
         retrieval = retrieval_summary([r["chosen"] for r in rows], [r["pos_index"] for r in rows], RETRIEVAL_KS)
         # Recall first, then precision, then the counts: the order the table shows.
         summary.update(sorted(retrieval.items(), key=lambda kv: (not kv[0].startswith("recall@"),
@@ -151,16 +144,12 @@ def evaluate_model(model, records, cfg, rank: int = 0, world: int = 1, device=No
     Returns {"summary": flat dict of numbers (every rank), "samples": per-sample rows in dataset
     order (rank 0; None elsewhere)}.
     """
-    was_training = model.training
-    model.eval()
-    try:
-        rows = evaluate_shard(model, records, cfg.stage, cfg.micro_batch_size, cfg.eval_max_samples,
+    with eval_mode(model):
+        rows = evaluate_shard(model, records, get_stage(cfg.stage), cfg.micro_batch_size, cfg.eval_max_samples,
                               cfg.max_new_tokens, cfg.max_len, cfg.seed, rank, world, device,
                               show_progress, leave_progress)
-    finally:
-        model.train(was_training)
     rows = gather_rows(rows, rank, world)
-    summary = broadcast(summarise(cfg.stage, rows) if rank == 0 else None, rank, world)
+    summary = broadcast(summarise(get_stage(cfg.stage), rows) if rank == 0 else None, rank, world)
     return {"summary": summary, "samples": rows}
 
 
@@ -193,23 +182,12 @@ def summary_path(output: str) -> str:
     return (root if ext in (".jsonl", ".json") else output) + ".summary.json"
 
 
-def _json_number(value):
-    return None if isinstance(value, float) and not math.isfinite(value) else value
-
-
 def write_outputs(output: str, rows: list[dict], summary: dict, meta: dict) -> str:
     """Per-sample JSON lines at `output`, the summary beside it; both replaced atomically."""
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-    tmp = output + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as out:
-        for row in rows:
-            line = {k: _json_number(v) for k, v in row.items()}
-            out.write(json.dumps(line, ensure_ascii=False) + "\n")
-    os.replace(tmp, output)
+    write_text_atomic(output, "".join(json.dumps(json_safe(row), ensure_ascii=False) + "\n" for row in rows))
     path = summary_path(output)
-    with open(path + ".tmp", "w", encoding="utf-8") as out:
-        json.dump({**meta, "metrics": {k: _json_number(v) for k, v in summary.items()}}, out, indent=2)
-    os.replace(path + ".tmp", path)
+    write_json_atomic(path, {**meta, "metrics": json_safe(summary)})
     return path
 
 
@@ -233,7 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--checkpoint", required=True,
                         help="checkpoint directory (native or official release layout)")
     parser.add_argument("--dataset", required=True, help="JSONL file(s) of the stage, joined by commas")
-    parser.add_argument("--stage", choices=STAGES, default=None,
+    parser.add_argument("--stage", choices=list(STAGES), default=None,
                         help="data format and metrics (default: the stage recorded in the checkpoint; official "
                              "checkpoints: stage2 when they hold a query_reasoner_adapter, else required)")
     parser.add_argument("--max_samples", type=positive_int, default=None,
@@ -253,7 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=42,
                         help="the training seed, which picks the stage1 paraphrase prompts (default 42)")
     parser.add_argument("--dtype", default="auto",
-                        help="auto (default: bfloat16 on CUDA, float32 on CPU), float32, bfloat16, float16")
+                        help="auto (default): bf16 on a GPU that supports it, fp16 on older GPUs, fp32 on the CPU; bf16; fp16; fp32")
     parser.add_argument("--flash_attn", default="auto", choices=("auto", "true", "false"),
                         help="auto (default): FlashAttention-2 when installed and on CUDA, else SDPA")
     parser.add_argument("--model_path", default=None,
@@ -263,8 +241,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def resolve_stage(checkpoint: str, stage: str | None) -> str:
-    from clara.inference import infer_stage
-
     found = infer_stage(checkpoint)
     if stage:
         return stage
@@ -278,52 +254,37 @@ def resolve_stage(checkpoint: str, stage: str | None) -> str:
 
 
 def run(args: argparse.Namespace, rank: int, world: int, device: torch.device) -> dict:
-    import datasets
-
-    from clara.checkpoint import load_model
-    from clara.config import TrainConfig
-    from clara.data import load_records
-    from clara.inference import DEFAULT_MAX_LEN, QUERY_REASONER, ensure_query_reasoner, resolve_dtype
-    from clara.model import attention_implementation
-
     say = print if rank == 0 else (lambda *a, **k: None)
-    stage = resolve_stage(args.checkpoint, args.stage)
+    stage = get_stage(resolve_stage(args.checkpoint, args.stage))
     stage_source = "--stage" if args.stage else "from the checkpoint"
-    for path in args.dataset.split(","):
-        if not os.path.isfile(path.strip()):
-            raise ConfigError(f"--dataset: file {path.strip()!r} does not exist or is not readable")
-    try:
-        dtype = resolve_dtype(args.dtype, device)
-        attn = attention_implementation(args.flash_attn, device.type == "cuda")
-    except ValueError as error:
-        raise ConfigError(str(error)) from None
-    from clara.checkpoint import read_config
-
+    check_files("dataset", args.dataset)
+    dtype = resolve_dtype(args.dtype, device)
+    attn = attention_implementation(args.flash_attn, device.type == "cuda")
     config = read_config(args.checkpoint)
     top_k = int(config.get("generation_top_k", 5))
     datasets.disable_progress_bars()
     # Rank 0 builds the Arrow cache first; the other ranks then read it (and meet the same errors).
-    records = rank_zero_first(lambda: load_records(stage, args.dataset, min_docs=top_k if stage == "stage2" else 1,
+    records = rank_zero_first(lambda: load_records(stage, args.dataset, min_docs=stage.min_docs(top_k),
                                                    max_samples=args.limit, log=say), rank, world)
 
     model = load_model(args.checkpoint, dtype, attn, base_model=args.model_path)
-    if stage == "stage2" and QUERY_REASONER not in model.adapter_names:
+    if stage.uses_query:
         ensure_query_reasoner(model, log=say)
     model.to(device)
-    cfg = TrainConfig(stage=stage, micro_batch_size=args.batch_size,
+    cfg = TrainConfig(stage=stage.name, micro_batch_size=args.batch_size,
                       eval_max_samples=args.max_samples or len(records), max_new_tokens=args.max_new_tokens,
-                      doc_max_length=model.settings.doc_max_length, max_len=args.max_len or DEFAULT_MAX_LEN[stage],
+                      doc_max_length=model.settings.doc_max_length, max_len=args.max_len or stage.max_len,
                       generation_top_k=model.settings.generation_top_k, seed=args.seed)
-    say(f"Evaluating {args.checkpoint} ({stage}, {stage_source}) on {args.dataset}: {len(records)} samples"
-        + (f", generation on {min(cfg.eval_max_samples, len(records))}" if stage in GENERATING_STAGES else "")
+    say(f"Evaluating {args.checkpoint} ({stage.name}, {stage_source}) on {args.dataset}: {len(records)} samples"
+        + (f", generation on {min(cfg.eval_max_samples, len(records))}" if stage.generates else "")
         + f" | {world} process(es) | device {device.type} | dtype {str(dtype).replace('torch.', '')}",
         flush=True)
     results = evaluate_model(model, records, cfg, rank, world, device, show_progress=not args.no_progress,
                              leave_progress=True)
     if rank == 0:
-        say(format_table(results["summary"], title=f"{stage} evaluation of {args.checkpoint}"))
+        say(format_table(results["summary"], title=f"{stage.name} evaluation of {args.checkpoint}"))
         if args.output:
-            meta = {"checkpoint": args.checkpoint, "dataset": args.dataset, "stage": stage, "world_size": world,
+            meta = {"checkpoint": args.checkpoint, "dataset": args.dataset, "stage": stage.name, "world_size": world,
                     "batch_size": args.batch_size, "max_new_tokens": args.max_new_tokens}
             written = write_outputs(args.output, results["samples"], results["summary"], meta)
             say(f"Per-sample results: {args.output}\nSummary: {written}")

@@ -1,4 +1,4 @@
-"""Python inference API (spec section 7): `from clara import CLaRa`.
+"""Python inference API (README: "Evaluation and inference"): `from clara import CLaRa`.
 
     model = CLaRa.from_pretrained("checkpoints/clara_stage1_2")           # native or official layout
     vectors = model.compress_documents(["Vorlan is a kingdom. ..."])       # [D, n, H]
@@ -20,33 +20,9 @@ import torch
 
 from clara.checkpoint import CheckpointError, load_model, read_config
 from clara.collate import Collator, encode_documents
-from clara.model import ClaraModel
-
-QUERY_REASONER = "query_reasoner_adapter"
-DEFAULT_MAX_LEN = {"stage1": 2048, "stage1_2": 2048, "stage2": 1024}
-
-
-# -- devices and dtypes ---------------------------------------------------------------------------------
-def resolve_device(device: str | torch.device | None = None) -> torch.device:
-    """None: the current CUDA device when there is one, else the CPU."""
-    if device is None:
-        return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-    return torch.device(device)
-
-
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-           "float16": torch.float16, "fp16": torch.float16}
-
-
-def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
-    """None or "auto": bfloat16 on CUDA, float32 elsewhere (as in training)."""
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype is None or dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    if dtype not in _DTYPES:
-        raise ValueError(f"dtype {dtype!r}: expected auto or one of {', '.join(sorted(_DTYPES))}")
-    return _DTYPES[dtype]
+from clara.distributed import default_device, resolve_dtype
+from clara.model import ClaraModel, attention_implementation
+from clara.stages import ENCODER, QUERY_REASONER, STAGES, Stage
 
 
 # -- checkpoints ------------------------------------------------------------------------------------------
@@ -76,30 +52,15 @@ def infer_stage(path: str) -> str | None:
     return None
 
 
-@torch.no_grad()
 def ensure_query_reasoner(model: ClaraModel, log=print) -> bool:
     """Give a model without a query reasoner one copied from the compressor, as stage 2 starts.
 
     Returns True when one was added.
     """
-    from peft import get_peft_model_state_dict, set_peft_model_state_dict
-
-    from clara.model import lora_config
-
     if QUERY_REASONER in model.adapter_names:
         return False
-    model.peft_model.add_adapter(QUERY_REASONER, lora_config(model.settings))
-    state = get_peft_model_state_dict(model.peft_model, adapter_name="encoder_adapter", save_embedding_layers=False)
-    set_peft_model_state_dict(model.peft_model, state, adapter_name=QUERY_REASONER)
-    # The new weights take the device and dtype of their encoder twins (LoRA may be kept in float32).
-    params = dict(model.peft_model.named_parameters())
-    for name, param in params.items():
-        if f".{QUERY_REASONER}." in name:
-            twin = params[name.replace(f".{QUERY_REASONER}.", ".encoder_adapter.")]
-            param.data = param.data.to(device=twin.device, dtype=twin.dtype)
-    model.refresh_lora_layers()
-    model.requires_grad_(False)
-    log(f"{QUERY_REASONER} not in the checkpoint: initialised as a copy of encoder_adapter (as stage2 starts)")
+    model.copy_adapter(ENCODER, QUERY_REASONER)
+    log(f"{QUERY_REASONER} not in the checkpoint: initialised as a copy of {ENCODER} (as stage2 starts)")
     return True
 
 
@@ -116,7 +77,7 @@ def paraphrase_record(docs: Sequence[str], paraphrase: str = "") -> dict:
     return {"data_type": "paraphrase", "questions": [], "answers": [paraphrase], "docs": list(docs)}
 
 
-def collatable_runs(stage: str, records: list[dict]) -> Iterator[tuple[int, list[dict]]]:
+def collatable_runs(stage: Stage, records: list[dict]) -> Iterator[tuple[int, list[dict]]]:
     """Split consecutive records into runs one micro-batch can hold: (offset, run).
 
     Stage 2 stacks the candidates of a micro-batch, so its samples need equal candidate counts;
@@ -125,7 +86,7 @@ def collatable_runs(stage: str, records: list[dict]) -> Iterator[tuple[int, list
     start = 0
     while start < len(records):
         end = start + 1
-        if stage == "stage2":
+        if stage.uses_query:
             count = len(records[start]["docs"])
             while end < len(records) and len(records[end]["docs"]) == count:
                 end += 1
@@ -146,7 +107,7 @@ class CLaRa:
 
     def __init__(self, model: ClaraModel, stage: str | None = None, device: str | torch.device | None = None,
                  batch_size: int = 8, max_len: int | None = None, seed: int = 42):
-        self.device = resolve_device(device)
+        self.device = (torch.device(device) if device is not None else default_device())
         self.model = model.to(self.device).eval()
         self.model.requires_grad_(False)
         self.stage = stage
@@ -165,22 +126,20 @@ class CLaRa:
         attn_implementation None: FlashAttention-2 on CUDA when installed, else SDPA.
         base_model replaces the base model the checkpoint names (e.g. a local copy).
         """
-        from clara.model import attention_implementation
-
-        target = resolve_device(device)
+        target = (torch.device(device) if device is not None else default_device())
         if attn_implementation is None:
             attn_implementation = attention_implementation("auto", target.type == "cuda")
         model = load_model(path, resolve_dtype(dtype, target), attn_implementation, base_model=base_model)
         return cls(model, stage=stage or infer_stage(path), device=target, **kwargs)
 
     # -- helpers -----------------------------------------------------------------------------------------
-    def _collator(self, stage: str) -> Collator:
+    def _collator(self, stage: Stage) -> Collator:
         settings = self.model.settings
         return Collator(stage, self.model.tokenizer, self.model.tokens, settings.doc_max_length,
-                        self.max_len or DEFAULT_MAX_LEN[stage], settings.generation_top_k, self.seed,
+                        self.max_len or stage.max_len, settings.generation_top_k, self.seed,
                         with_targets=False)
 
-    def _generate(self, stage: str, records: list[dict], max_new_tokens: int) -> tuple[list[str], list]:
+    def _generate(self, stage: Stage, records: list[dict], max_new_tokens: int) -> tuple[list[str], list]:
         collator = self._collator(stage)
         texts, chosen = [], []
         for start in range(0, len(records), self.batch_size):
@@ -216,7 +175,7 @@ class CLaRa:
                    for i, (q, d) in enumerate(zip(questions, documents))]
         if any(not r["docs"] for r in records):
             raise ValueError("every question needs at least one document")
-        return self._generate("stage1_2", records, max_new_tokens)[0]
+        return self._generate(STAGES["stage1_2"], records, max_new_tokens)[0]
 
     def generate_from_questions(self, questions: Sequence[str], documents: Sequence[Sequence[str]],
                                 max_new_tokens: int = 64) -> tuple[list[str], list[list[int]]]:
@@ -235,7 +194,7 @@ class CLaRa:
             raise ValueError(f"questions {short[:10]} have fewer candidate documents than the checkpoint's "
                              f"generation_top_k={k}")
         ensure_query_reasoner(self.model)
-        return self._generate("stage2", records, max_new_tokens)
+        return self._generate(STAGES["stage2"], records, max_new_tokens)
 
     def generate_from_paraphrase(self, documents: Sequence[str | Sequence[str]],
                                  max_new_tokens: int = 64) -> list[str]:
@@ -245,4 +204,4 @@ class CLaRa:
                    for i, d in enumerate(documents)]
         if any(not r["docs"] for r in records):
             raise ValueError("every item needs at least one document")
-        return self._generate("stage1", records, max_new_tokens)[0]
+        return self._generate(STAGES["stage1"], records, max_new_tokens)[0]

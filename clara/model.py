@@ -1,4 +1,4 @@
-"""The shared CLaRa model: one frozen base LLM, three LoRA roles, memory tokens (spec sections 4 and 9).
+"""The shared CLaRa model: one frozen base LLM, three LoRA roles, memory tokens (README: "How CLaRa reads a document" and "What a step costs").
 
 - compressor (`encoder_adapter`): document + memory tokens -> final hidden states at the memory positions;
 - generator (`decoder_adapter`): chat prompt whose memory slots take the compressed vectors;
@@ -12,11 +12,12 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from clara.collate import IGNORE_INDEX, Batch
+from clara.errors import ConfigError
 from clara.prompts import SpecialTokens, end_of_turn
 from clara.topk import cosine_scores, differentiable_topk
 
@@ -59,6 +60,17 @@ class StepOutput:
     scores: torch.Tensor | None = None  # stage 2: [B, N] retrieval scores
 
 
+@contextlib.contextmanager
+def eval_mode(module: nn.Module):
+    """Run in eval mode (no LoRA dropout) and give the module back in the mode it came in."""
+    was_training = module.training
+    module.eval()
+    try:
+        yield module
+    finally:
+        module.train(was_training)
+
+
 def lora_config(settings: ModelSettings) -> LoraConfig:
     return LoraConfig(r=settings.lora_r, lora_alpha=settings.lora_alpha, lora_dropout=settings.lora_dropout,
                       target_modules="all-linear", bias="none")
@@ -68,14 +80,14 @@ def attention_implementation(flash_attn: str, on_cuda: bool) -> str:
     """FlashAttention-2 where installed and on CUDA (or when asked), else PyTorch SDPA."""
     if flash_attn == "false" or not on_cuda:
         if flash_attn == "true" and not on_cuda:
-            raise ValueError("FLASH_ATTN=true needs a CUDA device; use auto or false on CPU")
+            raise ConfigError("flash_attn", flash_attn, "auto or false on the CPU (FlashAttention-2 needs CUDA)")
         return "sdpa"
     try:
         import flash_attn  # noqa: F401
     except ImportError:
         if flash_attn == "true":
-            raise ValueError("FLASH_ATTN=true but flash-attn is not installed: "
-                             "pip install --no-build-isolation -r requirements-gpu.txt") from None
+            raise ConfigError("flash_attn", flash_attn, "auto or false, or flash-attn installed: "
+                              "pip install --no-build-isolation -r requirements-gpu.txt") from None
         return "sdpa"
     return "flash_attention_2"
 
@@ -152,11 +164,31 @@ class ClaraModel(nn.Module):
         self.causal_lm.activation_checkpointing_enable(
             activation_checkpointing_kwargs={"use_reentrant": False, "context_fn": self._checkpoint_contexts})
 
-    def set_trainable(self, adapters: tuple[str, ...] | list[str]) -> None:
-        """Train exactly these adapters and the memory embeddings; freeze everything else."""
+    def set_trainable(self, adapters: tuple[str, ...] | list[str], memory_embeddings: bool) -> None:
+        """Train exactly these adapters (and the memory embeddings if asked); freeze everything else."""
         for name, param in self.peft_model.named_parameters():
             param.requires_grad_(any(f".{adapter}." in name for adapter in adapters))
-        self.mem_embeddings.requires_grad_(True)
+        self.mem_embeddings.requires_grad_(memory_embeddings)
+
+    def add_fresh_adapter(self, name: str) -> None:
+        """A newly initialised LoRA adapter under `name`, replacing one of that name."""
+        if name in self.adapter_names:
+            self.peft_model.delete_adapter(name)
+        self.peft_model.add_adapter(name, lora_config(self.settings))
+        self.refresh_lora_layers()
+
+    @torch.no_grad()
+    def copy_adapter(self, source: str, target: str) -> None:
+        """A new adapter `target` with `source`'s weights, device and dtype (how stage 2 starts its query reasoner)."""
+        self.add_fresh_adapter(target)
+        state = get_peft_model_state_dict(self.peft_model, adapter_name=source, save_embedding_layers=False)
+        set_peft_model_state_dict(self.peft_model, state, adapter_name=target)
+        params = dict(self.peft_model.named_parameters())
+        for name, param in params.items():
+            if f".{target}." in name:
+                twin = params[name.replace(f".{target}.", f".{source}.")]
+                param.data = param.data.to(device=twin.device, dtype=twin.dtype)
+                param.requires_grad_(twin.requires_grad)
 
     # -- compute ------------------------------------------------------------------------------------
     def _mem_mask(self, ids: torch.Tensor) -> torch.Tensor:
@@ -210,13 +242,8 @@ class ClaraModel(nn.Module):
     def compress_candidates(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Stage-2 candidates through the frozen compressor, without gradient, in bounded chunks."""
         chunk = self.settings.candidate_chunk_size
-        was_training = self.training
-        self.eval()
-        try:
-            with torch.no_grad():
-                parts = [self.compress(ids[i:i + chunk], mask[i:i + chunk])[0] for i in range(0, ids.shape[0], chunk)]
-        finally:
-            self.train(was_training)
+        with eval_mode(self), torch.no_grad():
+            parts = [self.compress(ids[i:i + chunk], mask[i:i + chunk])[0] for i in range(0, ids.shape[0], chunk)]
         return torch.cat(parts)
 
     def select(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -255,9 +282,7 @@ class ClaraModel(nn.Module):
     def generate(self, batch: Batch, max_new_tokens: int = 64) -> tuple[list[str], torch.Tensor | None]:
         """Greedy answers for a batch built without targets; stage 2 also returns the chosen indices."""
         # Greedy decoding must not depend on the mode the caller left the model in (LoRA dropout).
-        was_training = self.training
-        self.eval()
-        try:
+        with eval_mode(self):
             embeds, extras = self.decoder_inputs(batch)
             stop_ids = {self.tokenizer.eos_token_id}
             turn_end = self.tokenizer.convert_tokens_to_ids(end_of_turn(self.tokenizer))
@@ -271,8 +296,6 @@ class ClaraModel(nn.Module):
                                               max_new_tokens=max_new_tokens, do_sample=False,
                                               pad_token_id=self.tokens.pad_id, eos_token_id=sorted(stop_ids),
                                               suppress_tokens=added)
-        finally:
-            self.train(was_training)
         texts = self.tokenizer.batch_decode(out, skip_special_tokens=True)
         return [t.strip() for t in texts], extras.chosen
 

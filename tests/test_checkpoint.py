@@ -13,7 +13,8 @@ from clara.checkpoint import CheckpointError, load_model, read_config, save_mode
 from clara.collate import Collator
 from clara.config import TrainConfig
 from clara.data import normalise
-from clara.stages import build_stage_model
+from clara.stage_model import build_stage_model
+from clara.stages import get_stage
 
 DOC_MAX_LENGTH = 32
 COMPRESS_RATE = 8
@@ -61,12 +62,12 @@ def read_records(stage: str, count: int) -> list[dict]:
         for record in raw:  # four candidates: enough to choose from, fast to compress
             record["docs"] = record["docs"][:4]
             record["pos_index"] = [i for i in record["pos_index"] if i < 4]
-    return [normalise(stage, r, min_docs=TOP_K if stage == "stage2" else 1) for r in raw]
+    return [normalise(get_stage(stage), r, min_docs=TOP_K if stage == "stage2" else 1) for r in raw]
 
 
 def batches(model, stage: str):
     records = read_records(stage, 3)
-    make = lambda targets: Collator(stage, model.tokenizer, model.tokens, DOC_MAX_LENGTH, MAX_LEN, top_k=TOP_K,
+    make = lambda targets: Collator(get_stage(stage), model.tokenizer, model.tokens, DOC_MAX_LENGTH, MAX_LEN, top_k=TOP_K,
                                     with_targets=targets)(records)
     return make(True), make(False)
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from clara.data import DataError, load_records
+from clara.stages import get_stage
 
 REPO = Path(__file__).resolve().parent.parent
 GOOD = {
@@ -39,7 +40,7 @@ def write_lines(path: Path, lines: list) -> str:
 
 
 def load(stage: str, path: str, **kwargs):
-    return load_records(stage, path, min_docs=MIN_DOCS[stage], log=lambda *a: None, **kwargs)
+    return load_records(get_stage(stage), path, min_docs=MIN_DOCS[stage], log=lambda *a: None, **kwargs)
 
 
 def with_(stage: str, **changes) -> dict:
@@ -129,7 +130,7 @@ def test_skip_loads_the_good_records_and_writes_the_rejected(tmp_path):
     path = write_lines(tmp_path / "data.jsonl", [good[0], bad[0], good[1], bad[1], bad[2], good[2]])
     rejected = tmp_path / "out" / "rejected.jsonl"
     messages = []
-    records = load_records("stage2", path, bad_samples="skip", min_docs=2, rejected_path=str(rejected),
+    records = load_records(get_stage("stage2"), path, bad_samples="skip", min_docs=2, rejected_path=str(rejected),
                            log=messages.append)
     assert [r["question"] for r in records] == ["question 0?", "question 1?", "question 2?"]
     assert records[0]["answer"] == "owl" and records[0]["pos_index"] == [1] and records[0]["has_pos_index"]
@@ -184,7 +185,8 @@ def test_stage1_records_normalise(tmp_path):
 def test_example_files_are_valid():
     for stage, name in (("stage1", "pretrain_data.jsonl"), ("stage1_2", "instruction_tuning_data.jsonl"),
                         ("stage2", "end_to_end_data.jsonl")):
-        records = load_records(stage, str(REPO / "example" / name), min_docs=5, log=lambda *a: None,
+        records = load_records(get_stage(stage), str(REPO / "example" / name), min_docs=get_stage(stage).min_docs(5),
+                               log=lambda *a: None,
                                max_samples=10)
         assert len(records) == 10
 

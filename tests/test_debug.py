@@ -29,7 +29,8 @@ from clara.collate import IGNORE_INDEX, Collator
 from clara.config import TrainConfig
 from clara.data import normalise
 from clara.debug import DebugPrinter
-from clara.stages import build_stage_model
+from clara.stage_model import build_stage_model
+from clara.stages import get_stage
 from clara.trainer import epoch_order, micro_batch_indices, optimizer_step
 
 REPO = Path(__file__).resolve().parent.parent
@@ -151,7 +152,7 @@ def records(stage: str, raws: list[dict]) -> list[dict]:
             keep = sorted([pos] + [i for i in range(len(raw["docs"])) if i != pos][:3])
             cut.append({**raw, "docs": [raw["docs"][i] for i in keep], "pos_index": [keep.index(pos)]})
         raws = cut
-    return [normalise(stage, r, min_docs=TOP_K if stage == "stage2" else 1) for r in raws]
+    return [normalise(get_stage(stage), r, min_docs=TOP_K if stage == "stage2" else 1) for r in raws]
 
 
 def first_qa_records(count: int) -> list[dict]:
@@ -160,7 +161,7 @@ def first_qa_records(count: int) -> list[dict]:
 
 
 def make_batch(model, stage: str, recs: list[dict]):
-    return Collator(stage, model.tokenizer, model.tokens, DOC_MAX_LENGTH, MAX_LEN, top_k=TOP_K, seed=0)(recs)
+    return Collator(get_stage(stage), model.tokenizer, model.tokens, DOC_MAX_LENGTH, MAX_LEN, top_k=TOP_K, seed=0)(recs)
 
 
 def default_batch(model, stage: str):
@@ -218,7 +219,7 @@ def rgb(p: float) -> tuple[float, float, int]:
 
 
 def printed(model, batch, out, max_tokens: int = 1000) -> str:
-    return DebugPrinter(model.tokenizer, model.tokens, max_tokens).format_sample(batch, out, step=0)
+    return DebugPrinter(model.tokenizer, model.tokens, max_tokens).format_sample(batch, out)
 
 
 # -- metrics: the printed numbers against an independent computation ----------------------------------------
@@ -276,7 +277,7 @@ def test_the_trainer_hands_the_hook_its_own_training_forward(monkeypatch):
     model.train()
     with single_process_group():
         optimizer_step(engine, engine.optimizer, batches, seeds, MSE_WEIGHT,
-                       on_first=lambda b, o: (seen.append((b, o)), texts.append(printer.format_sample(b, o, 0))))
+                       on_first=lambda b, o: (seen.append((b, o)), texts.append(printer.format_sample(b, o))))
     assert len(engine.outputs) == len(batches)  # one forward per micro-batch, none for the print
     assert len(seen) == 1 and seen[0][0] is batches[0] and seen[0][1] is engine.outputs[0]
     fields = only_print(texts[0])
@@ -402,7 +403,7 @@ def test_stage2_prints_the_chosen_documents_and_pos_index(models, monkeypatch):
     model = models(stage)
     raws = raw_records(stage)[:2]
     raws[1] = {key: value for key, value in raws[1].items() if key != "pos_index"}  # pos_index is optional
-    recs = records(stage, raws[:1]) + [normalise(stage, raws[1], min_docs=TOP_K)]
+    recs = records(stage, raws[:1]) + [normalise(get_stage(stage), raws[1], min_docs=TOP_K)]
     batch = make_batch(model, stage, [recs[0], {**recs[1], "docs": recs[1]["docs"][:4]}])
     out = training_forward(model, batch, stage, seed=13)
     ref = reference(model, batch, stage, seed=13)
@@ -415,7 +416,7 @@ def test_stage2_prints_the_chosen_documents_and_pos_index(models, monkeypatch):
     assert float(fields["ce"]) == pytest.approx(ref["ce"], abs=2e-6)
 
     # Sample 1 has no pos_index: the print says so rather than failing.
-    text = DebugPrinter(model.tokenizer, model.tokens, 5).format_sample(batch, out, step=0, sample=1)
+    text = DebugPrinter(model.tokenizer, model.tokens, 5).format_sample(batch, out, sample=1)
     fields = only_print(text)
     assert fields["sample"] == "1" and fields["pos"] == "None"
     assert json.loads(fields["chosen"]) == out.chosen[1].tolist()
@@ -483,7 +484,7 @@ def test_a_diverged_step_prints_through_the_trainer(monkeypatch):
     with single_process_group():
         engine = CountingEngine(model, 1)
         result = optimizer_step(engine, engine.optimizer, [batch], [1], MSE_WEIGHT,
-                                on_first=lambda b, o: texts.append(printer.format_sample(b, o, 0)))
+                                on_first=lambda b, o: texts.append(printer.format_sample(b, o)))
     assert result.skipped
     fields = only_print(texts[0])
     assert fields["ce"] == "nan"
@@ -510,7 +511,7 @@ def test_print_sample_flushes_before_the_progress_bar_returns(models, monkeypatc
     batch = default_batch(model, stage)
     out = training_forward(model, batch, stage, seed=23)
     stream = Recorder()
-    DebugPrinter(model.tokenizer, model.tokens, 100, stream=stream).print_sample(batch, out, step=0)
+    DebugPrinter(model.tokenizer, model.tokens, 100, stream=stream).print_sample(batch, out)
     assert stream.text == printed(model, batch, out, 100) + "\n"
     assert stream.flushed and stream.flushed[-1] == len(stream.text)
 

@@ -22,6 +22,7 @@ import torch
 
 from clara import evaluate
 from clara.inference import CLaRa
+from clara.stages import get_stage
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLE = REPO / "example"
@@ -176,8 +177,8 @@ def test_per_sample_loss_is_the_training_loss_of_that_sample(stage, cli_runs, ch
 
     rows = read_jsonl(cli_runs[stage][1])
     model = load_model(str(checkpoints[stage])).eval()
-    records = load_records(stage, str(eval_files[stage]), log=lambda *a: None)
-    collator = Collator(stage, model.tokenizer, model.tokens, model.settings.doc_max_length,
+    records = load_records(get_stage(stage), str(eval_files[stage]), log=lambda *a: None)
+    collator = Collator(get_stage(stage), model.tokenizer, model.tokens, model.settings.doc_max_length,
                         1024 if stage == "stage2" else 2048, model.settings.generation_top_k, 42)
     with torch.no_grad():
         for i, row in enumerate(rows):
@@ -232,8 +233,8 @@ def test_generation_is_greedy_and_repeatable(workdir, cli_runs, checkpoints, eva
 
     # Greedy: the argmax token at every step, recomputed here without generate() or a KV cache.
     model = load_model(str(checkpoints[stage])).eval()
-    records = load_records(stage, str(eval_files[stage]), log=lambda *a: None)
-    prompt = Collator(stage, model.tokenizer, model.tokens, model.settings.doc_max_length, 2048,
+    records = load_records(get_stage(stage), str(eval_files[stage]), log=lambda *a: None)
+    prompt = Collator(get_stage(stage), model.tokenizer, model.tokens, model.settings.doc_max_length, 2048,
                       model.settings.generation_top_k, 42, with_targets=False)
     stops = {model.tokenizer.eos_token_id, model.tokenizer.convert_tokens_to_ids(end_of_turn(model.tokenizer))}
     # CLaRa's own tokens (<MEMi>, <AE>, <ENC>, <SEP>) are not text and are never generated.
@@ -302,7 +303,7 @@ def test_recall_at_k_on_forced_scores(workdir, checkpoints, monkeypatch):
             out.write(json.dumps(record) + "\n")
     model = load_model(str(checkpoints["stage2"]))
     model.train()
-    records = load_records("stage2", str(path), min_docs=5, log=lambda *a: None)
+    records = load_records(get_stage("stage2"), str(path), min_docs=5, log=lambda *a: None)
     cfg = TrainConfig(stage="stage2", micro_batch_size=2, eval_max_samples=1, max_new_tokens=2, max_len=1024)
     results = evaluate.evaluate_model(model, records, cfg, show_progress=False)
     assert model.training and all(m.training for m in model.modules())  # put back in train mode

@@ -15,6 +15,7 @@ from clara import prompts
 from clara.collate import IGNORE_INDEX, Collator, encode_documents
 from clara.data import normalise
 from clara.prompts import add_special_tokens, memory_slots
+from clara.stages import get_stage
 from clara.tiny import tiny_model_dir
 
 N_MEM = 4
@@ -207,8 +208,8 @@ def test_memory_slot_string(tok):
 
 # -- decoder prompts and labels -----------------------------------------------------------------------------
 def collate(tokenizer, tokens, stage: str, raw: list[dict], top_k: int = 2, with_targets: bool = True):
-    records = [normalise(stage, r, min_docs=top_k if stage == "stage2" else 1) for r in raw]
-    collator = Collator(stage, tokenizer, tokens, DOC_MAX_LENGTH, MAX_LEN, top_k=top_k, seed=3,
+    records = [normalise(get_stage(stage), r, min_docs=top_k if stage == "stage2" else 1) for r in raw]
+    collator = Collator(get_stage(stage), tokenizer, tokens, DOC_MAX_LENGTH, MAX_LEN, top_k=top_k, seed=3,
                         with_targets=with_targets)
     return collator(records)
 
@@ -291,9 +292,9 @@ def stage_messages(stage: str, record: dict) -> tuple[str, str]:
 
 def test_prompt_longer_than_max_len_is_refused(tok):
     tokenizer, tokens = tok
-    records = [normalise("stage1_2", ANSWER_RECORDS[0])]
+    records = [normalise(get_stage("stage1_2"), ANSWER_RECORDS[0])]
     with pytest.raises(ValueError, match="MAX_LEN"):
-        Collator("stage1_2", tokenizer, tokens, DOC_MAX_LENGTH, 20)(records)
+        Collator(get_stage("stage1_2"), tokenizer, tokens, DOC_MAX_LENGTH, 20)(records)
 
 
 # -- templates that differ from the Qwen one ----------------------------------------------------------------

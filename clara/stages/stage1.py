@@ -3,12 +3,7 @@
 from __future__ import annotations
 
 from clara import prompts
-
-# Both adapters start fresh and train; the memory embeddings train in every stage.
-NEW_ADAPTERS = ("encoder_adapter", "decoder_adapter")
-LOADED_ADAPTERS: tuple[str, ...] = ()
-TRAINED_ADAPTERS = ("encoder_adapter", "decoder_adapter")
-USES_MSE = True
+from clara.stages.stage import DECODER, ENCODER, Stage
 
 
 def example(record: dict, n_mem: int, top_k: int, seed: int) -> tuple[str, str, str]:
@@ -26,3 +21,25 @@ def header(record: dict) -> tuple[str, str]:
     if record["data_type"] == "paraphrase":
         return "(paraphrase)", record["answers"][0]
     return record["questions"][0], record["answers"][0]
+
+
+STAGE = Stage(
+    name="stage1",
+    description="compression pretraining",
+    new_adapters=(ENCODER, DECODER),
+    loaded_adapters=(),
+    trained_adapters=(ENCODER, DECODER),
+    trains_memory_embeddings=True,
+    uses_mse=True,
+    uses_query=False,
+    generates=False,
+    previous=None,
+    schema="stage1",
+    default_dataset="example/pretrain_data.jsonl",
+    learning_rate=1e-4,
+    tiny_learning_rate=2e-3,
+    max_len=2048,
+    constant_schedule=False,
+    example=example,
+    header=header,
+)

@@ -3,12 +3,7 @@
 from __future__ import annotations
 
 from clara import prompts
-
-# The compressor comes from stage 1; the generator starts fresh.
-NEW_ADAPTERS = ("decoder_adapter",)
-LOADED_ADAPTERS = ("encoder_adapter",)
-TRAINED_ADAPTERS = ("encoder_adapter", "decoder_adapter")
-USES_MSE = True
+from clara.stages.stage import DECODER, ENCODER, Stage
 
 
 def example(record: dict, n_mem: int, top_k: int, seed: int) -> tuple[str, str, str]:
@@ -18,3 +13,26 @@ def example(record: dict, n_mem: int, top_k: int, seed: int) -> tuple[str, str, 
 
 def header(record: dict) -> tuple[str, str]:
     return record["question"], record["answer"]
+
+
+# The compressor comes from stage 1 and keeps training; the generator starts fresh.
+STAGE = Stage(
+    name="stage1_2",
+    description="compression instruction tuning",
+    new_adapters=(DECODER,),
+    loaded_adapters=(ENCODER,),
+    trained_adapters=(ENCODER, DECODER),
+    trains_memory_embeddings=True,
+    uses_mse=True,
+    uses_query=False,
+    generates=True,
+    previous="stage1",
+    schema="answer",
+    default_dataset="example/instruction_tuning_data.jsonl",
+    learning_rate=1e-4,
+    tiny_learning_rate=2e-3,
+    max_len=2048,
+    constant_schedule=False,
+    example=example,
+    header=header,
+)

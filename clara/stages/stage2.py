@@ -3,13 +3,8 @@
 from __future__ import annotations
 
 from clara import prompts
-
-# Compressor and generator come from stage 1_2; the query reasoner is loaded when the checkpoint
-# has one, else it starts as a copy of the compressor. The compressor stays frozen.
-NEW_ADAPTERS: tuple[str, ...] = ()
-LOADED_ADAPTERS = ("encoder_adapter", "decoder_adapter")
-TRAINED_ADAPTERS = ("query_reasoner_adapter", "decoder_adapter")
-USES_MSE = False
+from clara.stages.stage import DECODER, ENCODER, QUERY_REASONER, Stage
+from clara.stages.stage1_2 import header
 
 
 def example(record: dict, n_mem: int, top_k: int, seed: int) -> tuple[str, str, str]:
@@ -17,5 +12,26 @@ def example(record: dict, n_mem: int, top_k: int, seed: int) -> tuple[str, str, 
     return prompts.SYSTEM_ANSWER, prompts.answer_user_message(slots, record["question"]), record["answer"]
 
 
-def header(record: dict) -> tuple[str, str]:
-    return record["question"], record["answer"]
+# Compressor and generator come from stage 1_2; the query reasoner is loaded when the checkpoint has
+# one, else it starts as a copy of the compressor. The compressor, memory embeddings included, stays
+# frozen, so that documents compressed before stage 2 keep their vectors.
+STAGE = Stage(
+    name="stage2",
+    description="end-to-end retrieval and generation",
+    new_adapters=(),
+    loaded_adapters=(ENCODER, DECODER),
+    trained_adapters=(QUERY_REASONER, DECODER),
+    trains_memory_embeddings=False,
+    uses_mse=False,
+    uses_query=True,
+    generates=True,
+    previous="stage1_2",
+    schema="answer",
+    default_dataset="example/end_to_end_data.jsonl",
+    learning_rate=5e-6,
+    tiny_learning_rate=1e-3,
+    max_len=1024,
+    constant_schedule=True,
+    example=example,
+    header=header,
+)

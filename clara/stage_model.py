@@ -1,0 +1,66 @@
+"""The model a stage starts from: the previous stage's checkpoint, with new adapters where the stage says.
+
+stage1: new compressor and generator. stage1_2: compressor from stage1, new generator. stage2: compressor
+and generator from stage1_2; the query reasoner from it when present, else a copy of the compressor.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from clara.checkpoint import CheckpointError, build_model, load_model, read_config
+from clara.config import TrainConfig
+from clara.model import ClaraModel, ModelSettings
+from clara.stages import ENCODER, get_stage
+
+
+def model_settings(cfg: TrainConfig) -> ModelSettings:
+    return ModelSettings(base_model=cfg.model_path, n_mem_tokens=cfg.n_mem_tokens, compress_rate=cfg.compress_rate,
+                         doc_max_length=cfg.doc_max_length, generation_top_k=cfg.generation_top_k,
+                         lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                         topk_temperature=cfg.topk_temperature, candidate_chunk_size=cfg.candidate_chunk_size)
+
+
+def build_stage_model(cfg: TrainConfig, dtype: torch.dtype = torch.float32, attn_implementation: str = "sdpa",
+                      log: Callable[[str], None] = print) -> ClaraModel:
+    """The model `cfg.stage` trains, with exactly the stage's adapters and trainable parameters."""
+    stage = get_stage(cfg.stage)
+    settings = model_settings(cfg)
+    if not cfg.pretrain_checkpoint:
+        log(f"{stage.name}: starting every adapter fresh from the base model {cfg.model_path}")
+        model = build_model(settings, list(stage.adapters), dtype, attn_implementation)
+    else:
+        model = _continue_from(cfg, settings, dtype, attn_implementation, log)
+    model.set_trainable(stage.trained_adapters, memory_embeddings=stage.trains_memory_embeddings)
+    return model
+
+
+def _continue_from(cfg: TrainConfig, settings: ModelSettings, dtype: torch.dtype, attn_implementation: str,
+                   log: Callable[[str], None]) -> ClaraModel:
+    stage = get_stage(cfg.stage)
+    source = cfg.pretrain_checkpoint
+    config = read_config(source)
+    saved_n = config.get("n_mem_tokens") or config["doc_max_length"] // config["compr_rate"]
+    if saved_n != cfg.n_mem_tokens:
+        raise CheckpointError(
+            f"DOC_MAX_LENGTH / COMPRESS_RATE = {cfg.doc_max_length} / {cfg.compress_rate} gives "
+            f"{cfg.n_mem_tokens} memory tokens, but {source} was trained with {saved_n}")
+    saved_adapters = config.get("adapters") or list(stage.adapters)
+    missing = [name for name in stage.loaded_adapters if name not in saved_adapters]
+    if missing:
+        raise CheckpointError(f"{source} has no {', '.join(missing)}, which {stage.name} loads; "
+                              "pass the checkpoint of the previous stage")
+    model = load_model(source, dtype, attn_implementation, base_model=cfg.model_path)
+    model.settings = settings
+    for name in stage.adapters:
+        if name in stage.new_adapters:
+            model.add_fresh_adapter(name)
+            log(f"{stage.name}: new {name}")
+        elif name in model.adapter_names:
+            log(f"{stage.name}: {name} loaded from {source}")
+        else:
+            model.copy_adapter(ENCODER, name)
+            log(f"{stage.name}: {name} initialised as a copy of {ENCODER}")
+    return model
