@@ -11,6 +11,7 @@
 # checked before anything starts (exit 2 and one line naming the bad one). Output is also appended to
 # $SAVE_PATH/train.log. Re-running the same command resumes from the newest checkpoint (RESUME=auto).
 set -euo pipefail
+set -a # every setting below reaches python -m clara.launch, which resolves and checks them
 
 # What to train
 : "${STAGE:=stage1}"                  # stage1 | stage1_2 | stage2
@@ -30,6 +31,7 @@ set -euo pipefail
 : "${MAX_LEN:=}"                      # max decoder tokens; unset: 2048 (stage2: 1024)
 : "${MSE_WEIGHT:=}"                  # weight of the MSE alignment loss, 0 turns it off; unset: 0.1 (tiny model: 0)
 : "${FLASH_ATTN:=auto}"               # auto: FlashAttention-2 when installed and on CUDA, else SDPA; true; false
+: "${DTYPE:=auto}"                    # auto: bf16 (fp16 on GPUs without bf16: V100, T4), fp32 on CPU; bf16 | fp16 | fp32
 : "${GRADIENT_CHECKPOINTING:=}"       # unset: true with CUDA, false on CPU
 # Optimisation
 : "${LEARNING_RATE:=}"                # unset: 1e-4 (stage2: 5e-6); tiny model 2e-3 (stage2: 1e-3)
@@ -57,10 +59,9 @@ set -euo pipefail
 : "${NUM_NODES:=1}"
 : "${NODE_RANK:=0}"
 : "${MASTER_ADDR:=127.0.0.1}"
-: "${MASTER_PORT:=29501}"
+: "${MASTER_PORT:=}"                  # unset: a free port on one node; 29501 with several nodes
 : "${DRY_RUN:=false}"                 # true: print the command and exit
 
-CLARA_DEFAULT_BATCH_SIZE=4
-CLARA_DEFAULT_MICRO_BATCH_SIZE=1
+set +a
 source "$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd -P)/scripts/launch_common.sh"
-clara_launch train_single_gpu.sh "$@"
+clara_launch train_single_gpu.sh 4 1 29501 "$@"  # default BATCH_SIZE, MICRO_BATCH_SIZE; port of several nodes

@@ -1,182 +1,209 @@
-"""Training settings: one dataclass, the defaults per stage, and validation."""
+"""Training settings: one dataclass (each field with its help text), the defaults that depend on the stage,
+the model and the device, and validation.
+
+This module is light on purpose (no torch, no datasets): the launchers resolve and check the settings
+through it before anything heavy starts (`python -m clara.launch`).
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 
-STAGES = ("stage1", "stage1_2", "stage2")
+from clara.errors import ConfigError
+from clara.stages import STAGES, get_stage
 
-DEFAULT_DATASETS = {
-    "stage1": "example/pretrain_data.jsonl",
-    "stage1_2": "example/instruction_tuning_data.jsonl",
-    "stage2": "example/end_to_end_data.jsonl",
-}
-
-# The example data ships a held-out file beside each training file.
-DEFAULT_EVAL_DATASETS = {stage: path.replace(".jsonl", "_eval.jsonl") for stage, path in DEFAULT_DATASETS.items()}
-
+TINY_MODEL_NAME = "tiny"
 GPU_DEFAULT_MODEL = "Qwen/Qwen3-14B"
+REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
-class ConfigError(ValueError):
-    """A setting a user gave is invalid; the message names it and what was expected."""
+def setting(default, help: str):
+    return field(default=default, metadata={"help": help})
 
 
 @dataclass
 class TrainConfig:
-    stage: str = "stage1"
-    # None resolves to the built-in tiny model without CUDA and to GPU_DEFAULT_MODEL with it.
-    model_path: str | None = None
-    pretrain_checkpoint: str | None = None
-    allow_no_checkpoint: bool = False
-    # None resolves to the stage's example file; several files are joined by commas.
-    dataset: str | None = None
-    eval_dataset: str | None = None
-    save_path: str | None = None
-    doc_max_length: int = 256
-    compress_rate: int = 32
-    generation_top_k: int = 5
-    # None resolves per stage and model, see resolve().
-    learning_rate: float | None = None
-    # None resolves to 4 and 1; with the tiny model to one micro-batch of 8 per process and step.
-    batch_size: int | None = None
-    micro_batch_size: int | None = None
-    max_epochs: int = 1
-    max_steps: int | None = None
-    max_samples: int | None = None
-    max_len: int | None = None
-    debug_mode: bool = True
-    debug_every_steps: int = 5
-    debug_max_print_tokens: int = 100
-    logging_steps: int = 1
-    eval_steps: int = 50
-    save_steps: int = 100
-    eval_max_samples: int = 100
-    max_new_tokens: int = 64
-    seed: int = 42
-    zero_stage: int = 2
-    gradient_checkpointing: bool | None = None
-    flash_attn: str = "auto"
-    # None resolves to 0.1; with the tiny model to 0, see resolve().
-    mse_weight: float | None = None
-    max_ckpt_num: int = 3
-    resume: str = "auto"
-    use_tensorboard: bool = False
-    use_wandb: bool = False
-    wandb_project: str = "clara"
-    bad_samples: str = "error"
-    lora_r: int = 16
-    lora_alpha: int = 32
-    lora_dropout: float = 0.1
-    topk_temperature: float = 0.02
-    # Stage-2 candidates compressed per no-grad chunk: bounds the compression part of peak memory.
-    candidate_chunk_size: int = 64
-    warmup_ratio: float = 0.03
-    min_lr_ratio: float = 0.1
+    # What to train
+    stage: str = setting("stage1", "training stage: " + ", ".join(STAGES))
+    model_path: str | None = setting(None, "base model: hub id, local directory, or 'tiny' for the built-in model "
+                                           f"(default: tiny without CUDA, {GPU_DEFAULT_MODEL} with it)")
+    pretrain_checkpoint: str | None = setting(None, "checkpoint of the previous stage (stage1_2 needs stage1's, "
+                                                    "stage2 needs stage1_2's)")
+    allow_no_checkpoint: bool = setting(False, "let stage1_2/stage2 start from the base model")
+    dataset: str | None = setting(None, "training JSONL file(s), joined by commas (default: the stage's example file)")
+    eval_dataset: str | None = setting(None, "held-out JSONL file(s) evaluated every --eval_steps and at the end")
+    save_path: str | None = setting(None, "output directory (default: checkpoints/clara_<stage>)")
+    bad_samples: str = setting("error", "error: stop on bad records; skip: train on the good ones, write the rest "
+                                        "to rejected.jsonl")
+    # Model
+    doc_max_length: int = setting(256, "max document tokens")
+    compress_rate: int = setting(32, "document tokens per memory vector; memory tokens = doc_max_length / "
+                                     "compress_rate")
+    generation_top_k: int = setting(5, "stage2: documents selected per question")
+    max_len: int | None = setting(None, "max decoder tokens (default 2048, stage2 1024)")
+    mse_weight: float | None = setting(None, "weight of the MSE alignment loss, 0 turns it off; stage1/stage1_2 "
+                                             "(default 0.1; tiny model 0)")
+    dtype: str = setting("auto", "auto: bf16 on a GPU that supports it, fp16 (DeepSpeed's dynamic loss scaling) on older "
+                                 "GPUs such as V100 and T4, fp32 on the CPU; bf16; fp16; fp32")
+    flash_attn: str = setting("auto", "auto: FlashAttention-2 when installed and on CUDA, else SDPA; true; false")
+    gradient_checkpointing: bool | None = setting(None, "recompute activations in backward (default: on with CUDA)")
+    lora_r: int = setting(16, "LoRA rank")
+    lora_alpha: int = setting(32, "LoRA alpha")
+    lora_dropout: float = setting(0.1, "LoRA dropout")
+    topk_temperature: float = setting(0.02, "stage2: softmax temperature of the differentiable top-k")
+    candidate_chunk_size: int = setting(64, "stage2: candidates compressed per no-grad chunk (bounds peak memory)")
+    # Optimisation
+    learning_rate: float | None = setting(None, "peak learning rate (default 1e-4, stage2 5e-6; tiny model 2e-3, "
+                                                "stage2 1e-3)")
+    batch_size: int | None = setting(None, "global batch size: samples per optimizer step (default 4; tiny model: "
+                                           "micro_batch_size x processes)")
+    micro_batch_size: int | None = setting(None, "samples per process per forward (default 1; tiny model: 8)")
+    max_epochs: int = setting(1, "epochs over the data")
+    max_steps: int | None = setting(None, "stop after this many optimizer steps (default: the epochs decide)")
+    max_samples: int | None = setting(None, "use at most this many training samples")
+    warmup_ratio: float = setting(0.03, "share of steps warming the learning rate up")
+    min_lr_ratio: float = setting(0.1, "floor of the cosine schedule, as a share of the peak")
+    seed: int = setting(42, "random seed: same seed, data and world size give the same run")
+    zero_stage: int = setting(2, "DeepSpeed ZeRO stage: 0, 1 or 2")
+    # Output
+    debug_mode: bool = setting(True, "colour-coded per-token confidence print")
+    debug_every_steps: int = setting(5, "debug print every N optimizer steps")
+    debug_max_print_tokens: int = setting(100, "answer tokens shown per debug print")
+    logging_steps: int = setting(1, "write metrics.jsonl every N optimizer steps")
+    eval_steps: int = setting(50, "evaluate every N optimizer steps (with --eval_dataset)")
+    eval_max_samples: int = setting(100, "samples generated from per evaluation (stage1_2/stage2)")
+    max_new_tokens: int = setting(64, "max generated tokens per answer in evaluation")
+    save_steps: int = setting(100, "save a resumable checkpoint every N optimizer steps")
+    max_ckpt_num: int = setting(3, "resumable checkpoints kept")
+    resume: str = setting("auto", "auto: continue from the newest checkpoint in save_path; false: start over; "
+                                  "or a checkpoint directory")
+    use_tensorboard: bool = setting(False, "log to save_path/tensorboard")
+    use_wandb: bool = setting(False, "log to Weights & Biases")
+    wandb_project: str = setting("clara", "W&B project")
 
     @property
     def n_mem_tokens(self) -> int:
         return self.doc_max_length // self.compress_rate
 
-    @property
-    def is_tiny(self) -> bool:
-        from clara.tiny import TINY_MODEL_NAME
-
-        return self.model_path == TINY_MODEL_NAME
-
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
 
-def cuda_available() -> bool:
-    import torch
+def split_paths(spec: str) -> list[str]:
+    """Files joined by commas -> the list of files."""
+    return [p.strip() for p in spec.split(",") if p.strip()]
 
-    return torch.cuda.is_available()
+
+def example_path(relative: str) -> str:
+    """An example file as given when it exists from here, else inside the repository (any working directory)."""
+    return relative if os.path.exists(relative) else str(REPO_ROOT / relative)
 
 
 def resolve(cfg: TrainConfig, has_cuda: bool | None = None, world_size: int = 1) -> TrainConfig:
     """Fill the settings left at None with their stage-, model- and device-dependent defaults."""
-    from clara.tiny import TINY_MODEL_NAME
+    if has_cuda is None:
+        import torch  # deferred: only the trainer's own call needs to look for CUDA
 
-    has_cuda = cuda_available() if has_cuda is None else has_cuda
+        has_cuda = torch.cuda.is_available()
+    stage = get_stage(cfg.stage) if cfg.stage in STAGES else None
     if cfg.model_path is None:
         cfg.model_path = GPU_DEFAULT_MODEL if has_cuda else TINY_MODEL_NAME
-    if cfg.dataset is None:
-        cfg.dataset = DEFAULT_DATASETS.get(cfg.stage)
-    if cfg.save_path is None:
-        cfg.save_path = os.path.join("checkpoints", f"clara_{cfg.stage}")
-    if cfg.learning_rate is None:
-        # The tiny model learns in minutes only with a large LoRA learning rate (spec section 8).
-        if cfg.model_path == TINY_MODEL_NAME:
-            cfg.learning_rate = 1e-3 if cfg.stage == "stage2" else 2e-3
-        else:
-            cfg.learning_rate = 5e-6 if cfg.stage == "stage2" else 1e-4
     tiny = cfg.model_path == TINY_MODEL_NAME
+    if stage is not None:
+        if cfg.dataset is None:
+            cfg.dataset = example_path(stage.default_dataset)
+        if cfg.learning_rate is None:
+            cfg.learning_rate = stage.tiny_learning_rate if tiny else stage.learning_rate
+        if cfg.max_len is None:
+            cfg.max_len = stage.max_len
+    if cfg.save_path is None:
+        cfg.save_path = f"./checkpoints/clara_{cfg.stage}"
     if cfg.micro_batch_size is None:
         cfg.micro_batch_size = 8 if tiny else 1
     if cfg.batch_size is None:
+        # The tiny model trains one micro-batch of 8 per process and step, so a CPU epoch takes minutes.
         cfg.batch_size = cfg.micro_batch_size * world_size if tiny else 4
     if cfg.mse_weight is None:
-        # Measured on the tiny model: with MSE 0.1, stage1_2 stayed at chance (6% EM after 1,500
-        # steps); without it, it reached 54% in the same run length.
+        # The MSE loss keeps the tiny model from learning to read (README: "Tips").
         cfg.mse_weight = 0.0 if tiny else 0.1
-    if cfg.max_len is None:
-        cfg.max_len = 1024 if cfg.stage == "stage2" else 2048
     if cfg.gradient_checkpointing is None:
         cfg.gradient_checkpointing = has_cuda
     return cfg
 
 
+POSITIVE_INTS = ("doc_max_length", "compress_rate", "generation_top_k", "batch_size", "micro_batch_size",
+                 "max_epochs", "max_len", "debug_every_steps", "debug_max_print_tokens", "logging_steps",
+                 "eval_steps", "save_steps", "max_ckpt_num", "lora_r", "lora_alpha", "candidate_chunk_size",
+                 "eval_max_samples", "max_new_tokens", "max_steps", "max_samples")
+POSITIVE_FLOATS = ("learning_rate", "topk_temperature")
+SHARES = ("lora_dropout", "warmup_ratio", "min_lr_ratio", "mse_weight")  # finite numbers >= 0
+CHOICES = {"dtype": ("auto", "bf16", "fp16", "fp32"), "flash_attn": ("auto", "true", "false"), "bad_samples": ("error", "skip"), "zero_stage": (0, 1, 2)}
+
+
 def validate(cfg: TrainConfig, world_size: int = 1) -> None:
-    """Raise ConfigError naming the first invalid setting."""
-
-    def fail(name: str, expected: str) -> None:
-        raise ConfigError(f"--{name}={getattr(cfg, name)!r}: expected {expected}")
-
+    """Raise ConfigError naming the first invalid setting; `cfg` has been through resolve()."""
     if cfg.stage not in STAGES:
-        fail("stage", "one of " + ", ".join(STAGES))
-    positive = ("doc_max_length", "compress_rate", "generation_top_k", "batch_size", "micro_batch_size",
-                "max_epochs", "max_len", "debug_every_steps", "debug_max_print_tokens", "logging_steps",
-                "eval_steps", "save_steps", "max_ckpt_num", "lora_r", "candidate_chunk_size",
-                "eval_max_samples", "max_new_tokens")
-    for name in positive:
-        if getattr(cfg, name) is not None and getattr(cfg, name) <= 0:
-            fail(name, "a positive integer")
-    for name in ("max_steps", "max_samples"):
-        if getattr(cfg, name) is not None and getattr(cfg, name) <= 0:
-            fail(name, "a positive integer or unset")
-    if cfg.learning_rate is not None and not cfg.learning_rate > 0:
-        fail("learning_rate", "a positive number")
-    if cfg.mse_weight is not None and cfg.mse_weight < 0:
-        fail("mse_weight", "a number >= 0")
+        raise ConfigError("stage", cfg.stage, "one of " + ", ".join(STAGES))
+    for name in POSITIVE_INTS:
+        value = getattr(cfg, name)
+        if value is not None and value <= 0:
+            raise ConfigError(name, value, "a positive integer")
+    for name in POSITIVE_FLOATS:
+        value = getattr(cfg, name)
+        if not (math.isfinite(value) and value > 0):
+            raise ConfigError(name, value, "a finite number > 0 (e.g. 1e-4)")
+    for name in SHARES:
+        value = getattr(cfg, name)
+        if not (math.isfinite(value) and value >= 0):
+            raise ConfigError(name, value, "a finite number >= 0 (e.g. 0.1)")
+    for name, choices in CHOICES.items():
+        if getattr(cfg, name) not in choices:
+            # ZeRO-3 would shard the frozen base that LoRA keeps replicated, and need gathered exports.
+            raise ConfigError(name, getattr(cfg, name), "one of " + ", ".join(map(str, choices)))
     if cfg.doc_max_length % cfg.compress_rate:
-        fail("doc_max_length", f"a multiple of --compress_rate ({cfg.compress_rate})")
+        raise ConfigError("doc_max_length", cfg.doc_max_length,
+                          f"a multiple of COMPRESS_RATE={cfg.compress_rate} (memory tokens per document = "
+                          "DOC_MAX_LENGTH / COMPRESS_RATE)")
     per_step = cfg.micro_batch_size * world_size
     if cfg.batch_size % per_step:
-        fail("batch_size", f"a multiple of micro_batch_size x world size = {cfg.micro_batch_size} x {world_size}")
-    if cfg.zero_stage not in (0, 1, 2):
-        # LoRA keeps the frozen base replicated; ZeRO-3 would shard it and need gathered exports.
-        fail("zero_stage", "0, 1 or 2")
-    if cfg.flash_attn not in ("auto", "true", "false"):
-        fail("flash_attn", "auto, true or false")
-    if cfg.bad_samples not in ("error", "skip"):
-        fail("bad_samples", "error or skip")
+        raise ConfigError("batch_size", cfg.batch_size, f"a multiple of MICRO_BATCH_SIZE x processes = "
+                                                        f"{cfg.micro_batch_size} x {world_size} = {per_step}")
     if cfg.resume not in ("auto", "false") and not os.path.isdir(cfg.resume):
-        fail("resume", "auto, false, or a checkpoint directory")
-    for path in (cfg.dataset or "").split(","):
-        if not os.path.isfile(path) or not os.access(path, os.R_OK):
-            raise ConfigError(f"--dataset: file {path!r} does not exist or is not readable")
+        raise ConfigError("resume", cfg.resume, "auto, false, or an existing checkpoint directory "
+                                                "($SAVE_PATH/checkpoints/step_N)")
+    check_files("dataset", cfg.dataset)
     if cfg.eval_dataset:
-        for path in cfg.eval_dataset.split(","):
-            if not os.path.isfile(path):
-                raise ConfigError(f"--eval_dataset: file {path!r} does not exist or is not readable")
+        check_files("eval_dataset", cfg.eval_dataset)
+    _check_pretrain_checkpoint(cfg)
+
+
+def check_files(name: str, spec: str | None) -> None:
+    """`spec` names readable files joined by commas; else ConfigError for the setting `name`."""
+    paths = (spec or "").split(",")
+    if not spec or any(not p.strip() for p in paths):
+        raise ConfigError(name, spec, "one or more JSONL files joined by commas (an empty entry was given)")
+    for path in map(str.strip, paths):
+        if os.path.isdir(path):
+            raise ConfigError(name, spec, f"JSONL files joined by commas; '{path}' is a directory")
+        if not os.path.isfile(path) or not os.access(path, os.R_OK):
+            raise ConfigError(name, spec, f"readable JSONL files joined by commas; '{path}' does not exist "
+                                          "or is not readable")
+
+
+def _check_pretrain_checkpoint(cfg: TrainConfig) -> None:
+    stage = get_stage(cfg.stage)
     if cfg.pretrain_checkpoint:
+        if not os.path.isdir(cfg.pretrain_checkpoint):
+            raise ConfigError("pretrain_checkpoint", cfg.pretrain_checkpoint,
+                              "the SAVE_PATH of a finished earlier stage (no such directory)")
         if not os.path.isfile(os.path.join(cfg.pretrain_checkpoint, "config.json")):
-            raise ConfigError(f"--pretrain_checkpoint={cfg.pretrain_checkpoint!r}: expected a checkpoint "
-                              "directory with config.json (the SAVE_PATH of a finished earlier stage)")
-    elif cfg.stage != "stage1" and not cfg.allow_no_checkpoint:
-        previous = "stage1" if cfg.stage == "stage1_2" else "stage1_2"
-        raise ConfigError(f"--stage={cfg.stage} needs --pretrain_checkpoint (the {previous} SAVE_PATH); "
-                          "pass --allow_no_checkpoint true to start from the base model")
+            raise ConfigError("pretrain_checkpoint", cfg.pretrain_checkpoint,
+                              "the SAVE_PATH of a finished earlier stage (not a checkpoint: no config.json inside)")
+    elif stage.previous and not cfg.allow_no_checkpoint:
+        raise ConfigError("pretrain_checkpoint", None,
+                          f"the {stage.previous} SAVE_PATH, since STAGE={stage.name} continues from a "
+                          f"{stage.previous} checkpoint; or ALLOW_NO_CHECKPOINT=true to start from the base model")

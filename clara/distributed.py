@@ -13,6 +13,8 @@ from typing import TypeVar
 import torch
 import torch.distributed as dist
 
+from clara.errors import ConfigError
+
 T = TypeVar("T")
 
 
@@ -38,6 +40,28 @@ def local_device() -> tuple[int, torch.device]:
         return local_rank, torch.device("cpu")
     torch.cuda.set_device(local_rank)
     return local_rank, torch.device("cuda", local_rank)
+
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32,
+          "bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """None or "auto": bf16 on a GPU that supports it, fp16 on older GPUs (V100, T4), fp32 on the CPU."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype is None or dtype == "auto":
+        if device.type != "cuda":
+            return torch.float32
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if dtype not in DTYPES:
+        raise ConfigError("dtype", dtype, "auto, bf16, fp16 or fp32")
+    return DTYPES[dtype]
+
+
+def default_device() -> torch.device:
+    """The current CUDA device when there is one, else the CPU."""
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
 def init_distributed() -> tuple[int, int, int, torch.device]:

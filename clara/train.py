@@ -7,12 +7,9 @@ import sys
 
 from torch.distributed.elastic.multiprocessing.errors import record
 
-from clara.checkpoint import CheckpointError
 from clara.cli import parse_config
-from clara.config import ConfigError, resolve, validate
-from clara.data import DataError
-
-USER_ERRORS = (ConfigError, DataError, CheckpointError)
+from clara.config import resolve, validate
+from clara.errors import USER_ERRORS
 
 
 @record
@@ -21,14 +18,16 @@ def main(argv: list[str] | None = None) -> int:
     cfg = resolve(parse_config(argv), world_size=world_size)
     try:
         validate(cfg, world_size=world_size)
+        # Deferred: a bad flag is reported before deepspeed, peft and the model code load.
         from clara.trainer import Stop, train
 
-        train(cfg)
+        try:
+            train(cfg)
+        except Stop as stop:
+            return 128 + stop.signum
     except USER_ERRORS as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    except Stop as stop:
-        return 128 + stop.signum
     return 0
 
 

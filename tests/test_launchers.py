@@ -35,7 +35,7 @@ LAUNCHER_VARS = (
     "GRADIENT_CHECKPOINTING LEARNING_RATE BATCH_SIZE MICRO_BATCH_SIZE MAX_EPOCHS MAX_STEPS MAX_SAMPLES SEED "
     "ZERO_STAGE DEBUG_MODE DEBUG_EVERY_STEPS DEBUG_MAX_PRINT_TOKENS LOGGING_STEPS EVAL_STEPS SAVE_STEPS "
     "MAX_CKPT_NUM RESUME USE_TENSORBOARD USE_WANDB WANDB_PROJECT NUM_GPUS NUM_NODES NODE_RANK MASTER_ADDR "
-    "MASTER_PORT DRY_RUN PYTHON"
+    "MASTER_PORT DRY_RUN DTYPE PYTHON"
 ).split()
 
 # A short run: 2 samples per optimizer step, no debug print.
@@ -458,6 +458,10 @@ INVALID = [
     (SINGLE, {"DRY_RUN": "maybe"}, "DRY_RUN"),
     (SINGLE, {"ZERO_STAGE": "3"}, "ZERO_STAGE"),
     (SINGLE, {"RESUME": "sometimes"}, "RESUME"),
+    (SINGLE, {"DTYPE": "fp8"}, "DTYPE"),
+    (SINGLE, {"DTYPE": "fp16"}, "DTYPE"),  # no CUDA here: fp16 loss scaling needs it
+    (SINGLE, {"LEARNING_RATE": "1e999"}, "LEARNING_RATE"),
+    (EIGHT, {"NUM_GPUS": "4294967296", "MICRO_BATCH_SIZE": "4294967296"}, "NUM_GPUS"),
 ]
 
 
@@ -543,10 +547,11 @@ def test_dry_run_prints_the_exact_command_and_runs_nothing(tmp_path):
     for flag, value in [("--nproc_per_node", "2"), ("--nnodes", "1"), ("--node_rank", "0"),
                         ("--master_addr", "127.0.0.1"), ("--master_port", port), ("-m", "clara.train"),
                         ("--stage", "stage1"), ("--model_path", "tiny"), ("--batch_size", "8"),
-                        ("--micro_batch_size", "2"), ("--learning_rate", "3e-4"), ("--zero_stage", "2"),
+                        ("--micro_batch_size", "2"), ("--zero_stage", "2"),
                         ("--save_path", str(save)), ("--dataset", "example/pretrain_data.jsonl"),
                         ("--debug_every_steps", "10"), ("--save_steps", "500")]:
         assert flag_value(words, flag) == value, flag
+    assert float(flag_value(words, "--learning_rate")) == 3e-4
     assert "--max_len" not in words  # unset: the trainer's own per-stage default applies
     assert tuple(words[-len(extra):]) == extra  # passed on unchanged, last so that they win
     assert not save.exists()  # nothing ran: no log, no output directory

@@ -1,0 +1,28 @@
+"""The errors a user can cause (bad settings, data or checkpoints). Each message names the setting, file or
+line and what was expected; the command lines print it as one line and exit 2."""
+
+from __future__ import annotations
+
+
+class ConfigError(ValueError):
+    """A setting a user gave is invalid. `name` is the setting, `value` what was given, `expected` what
+    would do; str() names the trainer flag, `for_variable()` the launcher's environment variable."""
+
+    def __init__(self, name: str, value, expected: str):
+        self.name, self.value, self.expected = name, value, expected
+        super().__init__(f"--{name}={value!r}: expected {expected}")
+
+    def for_variable(self) -> str:
+        shown = "" if self.value is None else self.value
+        return f"{self.name.upper()}={shown}: expected {self.expected}"
+
+
+class DataError(ValueError):
+    """Bad records; the message names every bad FILE:LINE (the first 20 and a count)."""
+
+
+class CheckpointError(ValueError):
+    """A directory is not a usable checkpoint; the message says which file or setting is wrong."""
+
+
+USER_ERRORS = (ConfigError, DataError, CheckpointError)

@@ -1,0 +1,57 @@
+"""Files written whole or not at all: a crash or a full disk mid-write leaves the previous version in place."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+from collections.abc import Iterator
+
+
+def fsync_directory(path: str) -> None:
+    """Make a rename inside `path` durable (a no-op where directories cannot be opened, e.g. Windows)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_path(path: str) -> Iterator[str]:
+    """Yields a temporary name to write to; on success it is synced and renamed to `path`, else removed."""
+    tmp = path + ".tmp"
+    try:
+        yield tmp
+        with open(tmp, "rb") as written:
+            os.fsync(written.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    fsync_directory(os.path.dirname(os.path.abspath(path)))
+
+
+def json_safe(value):
+    """`value` with every non-finite float replaced by None: JSON has no NaN or Infinity."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: json_safe(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(item) for item in value]
+    return value
+
+
+def write_text_atomic(path: str, text: str) -> None:
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as out:
+        out.write(text)
+
+
+def write_json_atomic(path: str, obj) -> None:
+    """`obj` as indented JSON; non-finite floats are refused rather than written as NaN (not JSON)."""
+    write_text_atomic(path, json.dumps(obj, indent=2, allow_nan=False) + "\n")

@@ -1,0 +1,311 @@
+"""`python -m clara.launch`: the launchers' settings resolved and checked in one call, before anything heavy.
+
+train_single_gpu.sh and train_8gpu.sh read environment variables (the trainer's flags in upper case, plus
+NUM_GPUS, NUM_NODES, NODE_RANK, MASTER_ADDR, MASTER_PORT and DRY_RUN) and call this module, which
+
+- parses and validates every setting (exit 2 and one line naming the variable, its value and what is
+  expected), with the same resolve() and validate() that the trainer runs again on its flags;
+- finds the devices (CUDA or CPU) and the defaults that depend on them;
+- prints, for the script to `eval`, bash assignments: the torchrun command and its environment, the log
+  file, and the summary of the resolved settings.
+
+Bash keeps what bash must do: each script's block of defaults, the log, running torchrun, signals.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import shlex
+import shutil
+import socket
+import sys
+from dataclasses import dataclass
+
+from clara.cli import build_parser, parse_value, value_type
+from clara.config import TINY_MODEL_NAME, ConfigError, TrainConfig, resolve, validate
+from clara.stages import get_stage
+
+# torchrun kills workers that have not exited this long after it passed a signal on; saving a large
+# model's resumable checkpoint can take longer than its default of 30 s.
+SHUTDOWN_TIMEOUT_S = 300
+# Left out of the command when unset, so that the trainer stays the one place that decides them.
+TRAINER_DECIDES = ("learning_rate", "mse_weight", "max_len")
+KINDS = {int: "an integer", float: "a number (e.g. 1e-4)", bool: "true or false"}
+
+
+class LaunchError(Exception):
+    """A bad launcher setting: the message is the whole line."""
+
+
+@dataclass
+class Processes:
+    num_gpus: int
+    num_nodes: int
+    node_rank: int
+    master_addr: str
+    master_port: int
+
+    @property
+    def world_size(self) -> int:
+        return self.num_gpus * self.num_nodes
+
+
+def env_int(name: str, minimum: int, maximum: int | None = None) -> int | None:
+    """An integer variable, None when unset; leading zeros are fine, signs and decimals are not."""
+    text = os.environ.get(name, "").strip()
+    if not text:
+        return None
+    expected = (f"an integer from {minimum} to {maximum}" if maximum is not None
+                else "a positive integer" if minimum == 1 else f"an integer >= {minimum}")
+    if not text.isdigit() or int(text) < minimum or (maximum is not None and int(text) > maximum):
+        raise LaunchError(f"{name}={text}: expected {expected}")
+    return int(text)
+
+
+def env_bool(name: str) -> bool:
+    text = os.environ.get(name, "").strip()
+    if text.lower() not in ("true", "false"):
+        raise LaunchError(f"{name}={text}: expected true or false")
+    return text.lower() == "true"
+
+
+def settings_from_env(extra: list[str], script_defaults: dict) -> TrainConfig:
+    """TrainConfig from the environment (empty means unset), with the extra trainer arguments on top."""
+    values = {}
+    for field in dataclasses.fields(TrainConfig):
+        text = os.environ.get(field.name.upper(), "")
+        if not text.strip():
+            continue
+        try:
+            values[field.name] = parse_value(field, text)
+        except (ValueError, argparse.ArgumentTypeError):
+            raise LaunchError(f"{field.name.upper()}={text}: expected {KINDS.get(value_type(field), 'text')}")
+    parser = build_parser()
+    parser.set_defaults(**values)
+    cfg = TrainConfig(**vars(parser.parse_args(extra)))
+    if cfg.model_path != TINY_MODEL_NAME:
+        # The script's batch sizes; the tiny model keeps the trainer's (one micro-batch of 8 per process).
+        for name, value in script_defaults.items():
+            if getattr(cfg, name) is None:
+                setattr(cfg, name, value)
+    return cfg
+
+
+def processes_from_env(default_port: int) -> Processes:
+    num_nodes = env_int("NUM_NODES", 1) or 1
+    node_rank = env_int("NODE_RANK", 0) or 0
+    if node_rank >= num_nodes:
+        raise LaunchError(f"NODE_RANK={node_rank}: expected a node rank below NUM_NODES={num_nodes} "
+                          f"(0 to {num_nodes - 1})")
+    master_addr = os.environ.get("MASTER_ADDR", "").strip()
+    if not master_addr:
+        raise LaunchError("MASTER_ADDR is empty: expected the address of the node with NODE_RANK=0 "
+                          "(127.0.0.1 on one node)")
+    port = env_int("MASTER_PORT", 1, 65535)
+    if port is None:
+        # One node: a free port of our own, so that a rerun right after kill -9 (whose dying workers
+        # still hold the old port) starts at once. Several nodes must agree on the script's port.
+        port = free_port() if num_nodes == 1 else default_port
+    elif node_rank == 0 and not port_is_free(port):
+        raise LaunchError(f"MASTER_PORT={port}: already in use on this machine (another run?); expected a "
+                          f"free port, or leave MASTER_PORT unset on one node to pick one")
+    return Processes(env_int("NUM_GPUS", 1) or 1, num_nodes, node_rank, master_addr, port)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def port_is_free(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def cuda_devices() -> int:
+    try:
+        import torch  # deferred: the only heavy import, after every setting that can be checked without it
+    except ImportError as error:
+        raise LaunchError(f"cannot import torch ({error}); expected the packages of requirements.txt") from None
+    return torch.cuda.device_count()
+
+
+def check_devices(procs: Processes, devices: int, dtype: str) -> None:
+    if devices and procs.num_gpus > devices:
+        raise LaunchError(f"NUM_GPUS={procs.num_gpus}: expected at most {devices} (the CUDA devices visible on "
+                          "this node)")
+    if not devices and dtype == "fp16":
+        raise LaunchError("DTYPE=fp16: expected auto, bf16 or fp32 without a CUDA device (fp16 loss scaling "
+                          "needs CUDA)")
+    cores = os.cpu_count() or 1
+    if not devices and procs.num_gpus > cores:
+        raise LaunchError(f"NUM_GPUS={procs.num_gpus}: expected at most {cores} (no CUDA device: one CPU "
+                          "process per core of this node)")
+
+
+def thread_setting(cfg: TrainConfig, procs: Processes) -> tuple[str | None, str]:
+    """OMP_NUM_THREADS to set (None: keep the environment's) and how it was chosen."""
+    if os.environ.get("OMP_NUM_THREADS"):
+        return None, f"{os.environ['OMP_NUM_THREADS']} (from the environment)"
+    if cfg.model_path == TINY_MODEL_NAME:
+        return "1", "1 (the tiny model is faster on one thread)"
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    threads = max(1, cores // procs.num_gpus)
+    return str(threads), f"{threads} ({cores} cores / {procs.num_gpus} process(es) on this node)"
+
+
+def trainer_flags(cfg: TrainConfig, given: TrainConfig) -> list[str]:
+    flags = []
+    for field in dataclasses.fields(TrainConfig):
+        value = getattr(given if field.name in TRAINER_DECIDES else cfg, field.name)
+        if value is not None:
+            flags += [f"--{field.name}", str(value).lower() if isinstance(value, bool) else str(value)]
+    return flags
+
+
+def short_rate(rate: float) -> str:
+    """1e-4 rather than 0.0001."""
+    mantissa, exponent = f"{rate:e}".split("e")
+    return f"{float(mantissa):g}e{int(exponent)}"
+
+
+def summary(script: str, cfg: TrainConfig, given: TrainConfig, procs: Processes, device: str, model_note: str,
+            threads: str, extra: list[str]) -> str:
+    stage = get_stage(cfg.stage)
+    auto = "auto: {} (the trainer's default for this {})"
+    rows = [
+        ("device", device),
+        ("MODEL_PATH", cfg.model_path + model_note),
+        ("PRETRAIN_CHECKPOINT", cfg.pretrain_checkpoint or "(none: adapters start fresh)"),
+        ("DATASET", cfg.dataset),
+        ("EVAL_DATASET", cfg.eval_dataset or "(none)"),
+        ("SAVE_PATH", cfg.save_path),
+        ("DOC_MAX_LENGTH / COMPRESS_RATE", f"{cfg.doc_max_length} / {cfg.compress_rate} = {cfg.n_mem_tokens} memory "
+                                           "tokens per document"),
+        *([("GENERATION_TOP_K", str(cfg.generation_top_k))] if stage.uses_query else []),
+        ("LEARNING_RATE", short_rate(cfg.learning_rate) if given.learning_rate is not None
+         else auto.format(short_rate(cfg.learning_rate), "model and stage")),
+        ("BATCH_SIZE", f"{cfg.batch_size} = MICRO_BATCH_SIZE {cfg.micro_batch_size} x {procs.world_size} process(es) "
+                       f"x gradient accumulation {cfg.batch_size // (cfg.micro_batch_size * procs.world_size)}"),
+        ("MAX_EPOCHS", str(cfg.max_epochs)),
+        ("MAX_STEPS", str(cfg.max_steps) if cfg.max_steps else "(unset: the epochs decide)"),
+        ("MAX_SAMPLES", str(cfg.max_samples) if cfg.max_samples else "(unset: all)"),
+        ("MAX_LEN", str(cfg.max_len) if given.max_len is not None else auto.format(cfg.max_len, "stage")),
+        ("DEBUG_MODE", f"{str(cfg.debug_mode).lower()} (every {cfg.debug_every_steps} steps, up to "
+                       f"{cfg.debug_max_print_tokens} tokens)"),
+        ("LOGGING/EVAL/SAVE_STEPS", f"{cfg.logging_steps} / {cfg.eval_steps} / {cfg.save_steps}"),
+        ("processes", f"NUM_NODES {procs.num_nodes} x NUM_GPUS {procs.num_gpus} = world size {procs.world_size}; "
+                      f"NODE_RANK {procs.node_rank}; rendezvous {procs.master_addr}:{procs.master_port}"),
+        ("ZERO_STAGE", str(cfg.zero_stage)),
+        ("GRADIENT_CHECKPOINTING", str(cfg.gradient_checkpointing).lower()),
+        ("DTYPE / FLASH_ATTN", f"{cfg.dtype} / {cfg.flash_attn}"),
+        ("MSE_WEIGHT", f"{cfg.mse_weight:g}" if given.mse_weight is not None
+         else auto.format(f"{cfg.mse_weight:g}", "model")),
+        ("SEED", str(cfg.seed)),
+        ("RESUME / MAX_CKPT_NUM", f"{cfg.resume} / {cfg.max_ckpt_num}"),
+        ("BAD_SAMPLES", cfg.bad_samples),
+        ("USE_TENSORBOARD/WANDB", f"{str(cfg.use_tensorboard).lower()} / {str(cfg.use_wandb).lower()} "
+                                  f"(project {cfg.wandb_project})"),
+        ("OMP_NUM_THREADS", threads),
+        *([("extra trainer arguments", shlex.join(extra))] if extra else []),
+    ]
+    lines = [f"==================== CLaRa {cfg.stage}: {script} ===================="]
+    lines += [f"  {key:<30} {value}" for key, value in rows]
+    return "\n".join(lines)
+
+
+def log_file(cfg: TrainConfig, procs: Processes, dry_run: bool) -> str:
+    """Where the script appends everything printed; created here, so that a bad SAVE_PATH is one clear line."""
+    name = "train.log" if procs.node_rank == 0 else f"train_node{procs.node_rank}.log"
+    path = os.path.join(cfg.save_path, name)
+    if not dry_run:
+        try:
+            os.makedirs(cfg.save_path, exist_ok=True)
+            with open(path, "a", encoding="utf-8"):
+                pass
+        except OSError as error:
+            raise LaunchError(f"SAVE_PATH={cfg.save_path}: cannot write {path} ({error.strerror}); "
+                              "expected a writable directory")
+    return path
+
+
+def plan(script: str, extra: list[str], script_defaults: dict, default_port: int) -> dict[str, str | list[str]]:
+    """Everything the script needs, as bash variables; raises LaunchError or ConfigError on a bad setting."""
+    dry_run = env_bool("DRY_RUN") if os.environ.get("DRY_RUN", "").strip() else False
+    given = settings_from_env(extra, script_defaults)
+    procs = processes_from_env(default_port)
+    # Everything that does not depend on the device is checked before torch is imported.
+    validate(resolve(dataclasses.replace(given), has_cuda=False, world_size=procs.world_size), procs.world_size)
+    devices = cuda_devices()
+    check_devices(procs, devices, given.dtype)
+    cfg = resolve(dataclasses.replace(given), has_cuda=devices > 0, world_size=procs.world_size)
+    validate(cfg, procs.world_size)
+    if devices:
+        device = f"CUDA: {devices} device(s) visible, {procs.num_gpus} process(es) per node (DTYPE {given.dtype}, NCCL)"
+    else:
+        device = f"no CUDA device found: {procs.num_gpus} CPU process(es) per node (float32, gloo, SDPA)"
+    model_note = ""
+    if given.model_path is None:
+        model_note = " (default with CUDA)" if devices else " (the built-in tiny model: default without CUDA)"
+    threads, threads_note = thread_setting(cfg, procs)
+    env = [f"OMP_NUM_THREADS={threads}"] if threads else []
+    if not os.environ.get("TORCH_ELASTIC_SHUTDOWN_TIMEOUT"):
+        env.append(f"TORCH_ELASTIC_SHUTDOWN_TIMEOUT={SHUTDOWN_TIMEOUT_S}")
+    runner = ["torchrun"] if shutil.which("torchrun") else [sys.executable, "-m", "torch.distributed.run"]
+    command = [*runner, "--nproc_per_node", str(procs.num_gpus), "--nnodes", str(procs.num_nodes),
+               "--node_rank", str(procs.node_rank), "--master_addr", procs.master_addr,
+               "--master_port", str(procs.master_port), "-m", "clara.train", *trainer_flags(cfg, given), *extra]
+    return {
+        "CLARA_ENV": env,
+        "CLARA_CMD": command,
+        "CLARA_COMMAND_LINE": shlex.join(env + command),
+        "CLARA_LOG": log_file(cfg, procs, dry_run),
+        "CLARA_SAVE_PATH": cfg.save_path,
+        "CLARA_STAGE": cfg.stage,
+        "CLARA_NODE_RANK": str(procs.node_rank),
+        "CLARA_DRY_RUN": str(dry_run).lower(),
+        "CLARA_SUMMARY": summary(script, cfg, given, procs, device, model_note, threads_note, extra),
+    }
+
+
+def as_bash(variables: dict[str, str | list[str]]) -> str:
+    lines = []
+    for name, value in variables.items():
+        if isinstance(value, list):
+            lines.append(f"{name}=({' '.join(shlex.quote(v) for v in value)})")
+        else:
+            lines.append(f"{name}={shlex.quote(value)}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m clara.launch", description=__doc__.splitlines()[0])
+    parser.add_argument("--script", required=True, help="the launcher's name, shown in the summary")
+    parser.add_argument("--batch_size", type=int, required=True, help="the script's default BATCH_SIZE")
+    parser.add_argument("--micro_batch_size", type=int, required=True, help="the script's default MICRO_BATCH_SIZE")
+    parser.add_argument("--master_port", type=int, required=True, help="the rendezvous port of several nodes")
+    parser.add_argument("extra", nargs=argparse.REMAINDER, help="trainer arguments, after --")
+    args = parser.parse_args(argv)
+    extra = args.extra[1:] if args.extra[:1] == ["--"] else args.extra
+    try:
+        variables = plan(args.script, extra, {"batch_size": args.batch_size,
+                                              "micro_batch_size": args.micro_batch_size}, args.master_port)
+    except ConfigError as error:
+        print(f"error: {error.for_variable()}", file=sys.stderr)
+        return 2
+    except LaunchError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(as_bash(variables))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
