@@ -171,7 +171,6 @@ def sweep_configs(base: BenchConfig, groups: str) -> list[BenchConfig]:
 
 def child_env(exact_memory: bool) -> dict:
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
     for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(name, None)  # one process of its own, never part of an outer torchrun job
     if exact_memory:

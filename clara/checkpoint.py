@@ -1,4 +1,4 @@
-"""Build models, save them, and load both the native and the official release layouts (spec section 4).
+"""Build models, save them, and load both the native and the official release layouts (README: "Outputs, checkpoints and resuming").
 
 Native layout of a model directory:
   config.json                      format, base model, memory/compression settings, LoRA settings, adapters
@@ -18,17 +18,16 @@ from peft import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from clara.config import TINY_MODEL_NAME
+from clara.errors import CheckpointError
+from clara.files import atomic_path, write_json_atomic
 from clara.model import ClaraModel, ModelSettings, attach_adapters
 from clara.prompts import add_special_tokens, added_token_strings
-from clara.tiny import TINY_MODEL_NAME, TINY_VERSION, clara_home, tiny_model_dir
+from clara.tiny import TINY_VERSION, clara_home, tiny_model_dir
 
 FORMAT_NAME = "clara"
 FORMAT_VERSION = 1
 OFFICIAL_FILES = ("adapters.pth", "decoder_first_last_layers.pth")
-
-
-class CheckpointError(ValueError):
-    """A directory is not a usable checkpoint; the message says which file or setting is wrong."""
 
 
 def resolve_base_path(model_path: str) -> str:
@@ -90,17 +89,9 @@ def set_added_token_rows(model: ClaraModel, rows: dict[str, torch.Tensor]) -> No
     model.mem_embeddings.copy_(rows["embed_tokens"][: model.tokens.n_mem])
 
 
-def _atomic_json(path: str, obj: dict) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as out:
-        json.dump(obj, out, indent=2)
-    os.replace(tmp, path)
-
-
-def _atomic_safetensors(path: str, tensors: dict[str, torch.Tensor], metadata: dict | None = None) -> None:
-    tmp = path + ".tmp"
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
-    os.replace(tmp, path)
+def _save_safetensors(path: str, tensors: dict[str, torch.Tensor], metadata: dict | None = None) -> None:
+    with atomic_path(path) as tmp:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
 
 
 def save_model(model: ClaraModel, out_dir: str, stage: str) -> None:
@@ -110,8 +101,8 @@ def save_model(model: ClaraModel, out_dir: str, stage: str) -> None:
     for name in model.adapter_names:
         state = get_peft_model_state_dict(model.peft_model, adapter_name=name, save_embedding_layers=False)
         adapters.update({f"{name}.{key}": value for key, value in state.items()})
-    _atomic_safetensors(os.path.join(out_dir, "adapters.safetensors"), adapters)
-    _atomic_safetensors(os.path.join(out_dir, "special_tokens.safetensors"), added_token_rows(model))
+    _save_safetensors(os.path.join(out_dir, "adapters.safetensors"), adapters)
+    _save_safetensors(os.path.join(out_dir, "special_tokens.safetensors"), added_token_rows(model))
     model.tokenizer.save_pretrained(out_dir)
     config = {
         "format": FORMAT_NAME,
@@ -123,7 +114,7 @@ def save_model(model: ClaraModel, out_dir: str, stage: str) -> None:
     }
     if model.settings.base_model == TINY_MODEL_NAME:
         config["tiny_version"] = TINY_VERSION
-    _atomic_json(os.path.join(out_dir, "config.json"), config)
+    write_json_atomic(os.path.join(out_dir, "config.json"), config)
 
 
 def tiny_base_for(version: str | None, path: str) -> str:
@@ -150,11 +141,6 @@ def read_config(path: str) -> dict:
         raise CheckpointError(f"{config_path}: neither a native CLaRa checkpoint (format: clara) nor the "
                               "official release layout (decoder_model_name)")
     return config
-
-
-def checkpoint_stage(path: str) -> str | None:
-    config = read_config(path)
-    return config.get("stage")
 
 
 def load_model(path: str, dtype: torch.dtype = torch.float32, attn_implementation: str = "sdpa",

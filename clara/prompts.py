@@ -1,4 +1,4 @@
-"""Special tokens, chat prompts and the memory-slot string (spec section 4).
+"""Special tokens, chat prompts and the memory-slot string (README: "How CLaRa reads a document").
 
 The strings and the token layout follow the official CLaRa release so that its checkpoints load
 and results compare.

@@ -1,4 +1,4 @@
-"""Retrieval scores and the differentiable top-k of stage 2 (spec section 4)."""
+"""Retrieval scores and the differentiable top-k of stage 2 (README: "How CLaRa reads a document")."""
 
 from __future__ import annotations
 

@@ -1,21 +1,41 @@
-"""The DeepSpeed training loop (spec section 5): one optimizer step at a time, resumable at every step boundary."""
+"""The DeepSpeed training loop (README: "Outputs, checkpoints and resuming"), read top to bottom like a
+recipe: `Trainer.setup()` (process group, data, model, resume), then `Trainer.train()`, one optimizer step at
+a time (its micro-batches, the reduced step metrics, evaluation, saving), then the export. Every step
+boundary is a resumable point.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import resource
 import signal
 import sys
 import time
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import astuple, dataclass, field, fields
 
+import datasets
+import deepspeed
 import torch
 import torch.distributed as dist
+from tqdm import tqdm
 
+from clara.checkpoint import save_model
+from clara.collate import Batch, Collator
 from clara.config import ConfigError, TrainConfig
-from clara.distributed import init_distributed, rank_zero_first
+from clara.data import load_records
+from clara.debug import DebugPrinter
+from clara.distributed import init_distributed, rank_zero_first, resolve_dtype
+from clara.evaluate import evaluate_model
+from clara.files import json_safe, write_json_atomic
+from clara.metrics import retrieval_summary
+from clara.model import StepOutput, attention_implementation
 from clara.resumable import TrainState, changed_settings, find_resume_point, save_resumable
+from clara.stage_model import build_stage_model
+from clara.stages import get_stage
 
 MAX_NONFINITE_IN_A_ROW = 10
 
@@ -52,7 +72,7 @@ def lr_lambda(cfg: TrainConfig, total_steps: int):
     warmup = max(1, math.ceil(cfg.warmup_ratio * total_steps))
 
     def factor(step: int) -> float:
-        if cfg.stage == "stage2":
+        if get_stage(cfg.stage).constant_schedule:
             return 1.0
         if step < warmup:
             return (step + 1) / warmup
@@ -62,14 +82,16 @@ def lr_lambda(cfg: TrainConfig, total_steps: int):
     return factor
 
 
-def deepspeed_config(cfg: TrainConfig, world: int, on_cuda: bool) -> dict:
+def deepspeed_config(cfg: TrainConfig, world: int, dtype: torch.dtype) -> dict:
     return {
         "train_batch_size": cfg.batch_size,
         "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
         "gradient_accumulation_steps": cfg.batch_size // (cfg.micro_batch_size * world),
         "gradient_clipping": 1.0,
         "zero_optimization": {"stage": cfg.zero_stage},
-        "bf16": {"enabled": on_cuda},
+        "bf16": {"enabled": dtype == torch.bfloat16},
+        # Dynamic loss scaling (loss_scale 0): overflowing fp16 steps are skipped by DeepSpeed's scaler.
+        "fp16": {"enabled": dtype == torch.float16, "loss_scale": 0, "initial_scale_power": 16},
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
         "zero_allow_untested_optimizer": True,
@@ -93,19 +115,17 @@ class RunLog:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:
-                raise ConfigError("USE_TENSORBOARD=true needs the tensorboard package: pip install tensorboard") from None
+                raise ConfigError("use_tensorboard", True, "the tensorboard package installed: pip install tensorboard") from None
             self.tensorboard = SummaryWriter(os.path.join(cfg.save_path, "tensorboard"))
         if cfg.use_wandb:
             try:
                 import wandb
             except ImportError:
-                raise ConfigError("USE_WANDB=true needs the wandb package: pip install wandb") from None
+                raise ConfigError("use_wandb", True, "the wandb package installed: pip install wandb") from None
             self.wandb = wandb.init(project=cfg.wandb_project, config=cfg.to_dict(), dir=cfg.save_path)
 
     def print(self, *parts) -> None:
         if self.enabled:
-            from tqdm import tqdm
-
             tqdm.write(" ".join(str(p) for p in parts), file=sys.stdout)
             sys.stdout.flush()
 
@@ -113,7 +133,7 @@ class RunLog:
         if not self.enabled:
             return
         with open(self.metrics_path, "a", encoding="utf-8") as out:
-            out.write(json.dumps(record) + "\n")
+            out.write(json.dumps(json_safe(record)) + "\n")
         numbers = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "step"}
         if self.tensorboard:
             for key, value in numbers.items():
@@ -131,14 +151,7 @@ class RunLog:
 def peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
-    import resource
-
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def _nonfinite_safe_loss(model) -> torch.Tensor:
-    """A zero loss touching every trained parameter, so that ZeRO's gradient hooks still fire."""
-    return sum(p.sum() for p in model.parameters() if p.requires_grad) * 0.0
 
 
 @dataclass
@@ -157,67 +170,88 @@ class TrainingSetup:
 def setup_training(cfg: TrainConfig, total_steps: int, world: int, device: torch.device, dtype: torch.dtype,
                    attn: str, log=print) -> TrainingSetup:
     """Seeded model, collator, AdamW, the learning-rate schedule and deepspeed.initialize (also used by bench/)."""
-    import deepspeed
-
-    from clara.collate import Collator
-    from clara.stages import build_stage_model, stage_module
-
     torch.manual_seed(cfg.seed)
     model = build_stage_model(cfg, dtype, attn, log=log)
     if cfg.gradient_checkpointing:
         model.enable_gradient_checkpointing()
     model.to(device)
     model.train()
-    collator = Collator(cfg.stage, model.tokenizer, model.tokens, cfg.doc_max_length, cfg.max_len,
+    stage = get_stage(cfg.stage)
+    collator = Collator(stage, model.tokenizer, model.tokens, cfg.doc_max_length, cfg.max_len,
                         cfg.generation_top_k, cfg.seed)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=cfg.learning_rate, betas=(0.9, 0.95), weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps))
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler,
-        config=deepspeed_config(cfg, world, device.type == "cuda"))
-    mse_weight = cfg.mse_weight if stage_module(cfg.stage).USES_MSE else 0.0
+        config=deepspeed_config(cfg, world, dtype))
+    mse_weight = cfg.mse_weight if stage.uses_mse else 0.0
     return TrainingSetup(model, collator, trainable, engine, optimizer, scheduler, mse_weight)
+
+
+
+# -- one optimizer step -----------------------------------------------------------------------------------
+@dataclass
+class StepSums:
+    """What a step adds up over its micro-batches (and, all-reduced, over the ranks)."""
+
+    lm_loss: float = 0.0
+    mse: float = 0.0
+    finite_batches: float = 0.0  # micro-batches whose loss was finite
+    tokens: float = 0.0  # tokens the model read: decoder prompt and answer, documents, questions
+    correct_tokens: float = 0.0  # answer tokens whose argmax prediction was the gold token
+    answer_tokens: float = 0.0
+    stop_requests: float = 0.0  # ranks that received SIGTERM / SIGINT
+
+    def all_reduced(self, device: torch.device) -> "StepSums":
+        total = torch.tensor(astuple(self), dtype=torch.float64, device=device)
+        dist.all_reduce(total)
+        return StepSums(*total.tolist())
 
 
 @dataclass
 class StepResult:
-    # Summed over this rank's micro-batches: LM loss, MSE, finite micro-batches, tokens read,
-    # correct answer tokens, supervised answer tokens.
-    sums: torch.Tensor
+    sums: StepSums  # this rank's
     skipped: bool
-    chosen: list[list[int]]
-    positives: list[list[int] | None]
+    chosen: list[list[int]] = field(default_factory=list)  # stage 2: each sample's chosen candidates
+    positives: list[list[int] | None] = field(default_factory=list)
 
 
-def optimizer_step(engine, optimizer, batches: list, seeds: list[int], mse_weight: float,
-                   on_first=None) -> StepResult:
+def _nonfinite_safe_loss(model) -> torch.Tensor:
+    """A zero loss touching every trained parameter, so that ZeRO's gradient hooks still fire."""
+    return sum(p.sum() for p in model.parameters() if p.requires_grad) * 0.0
+
+
+def optimizer_step(engine, optimizer, batches: list[Batch], seeds: list[int], mse_weight: float,
+                   on_first: Callable[[Batch, StepOutput], None] | None = None,
+                   loss_scaled: bool = False) -> StepResult:
     """Forward and backward every micro-batch of one optimizer step, then step.
 
     A non-finite loss on any rank replaces that micro-batch's backward by a zero one and runs the
-    optimizer step at learning rate 0, so the weights stay as they were.
+    optimizer step at learning rate 0, so the weights stay as they were. With fp16 loss scaling
+    (`loss_scaled`) DeepSpeed's scaler handles overflows itself: it skips the step and lowers the scale.
     """
     device = batches[0].dec_ids.device
-    sums = torch.zeros(6, dtype=torch.float64, device=device)
-    skipped = False
-    chosen, positives = [], []
+    # Summed on the device in the order of StepSums' fields, so that the step never waits for a .item().
+    sums = torch.zeros(len(fields(StepSums)), dtype=torch.float64, device=device)
+    result = StepResult(sums=StepSums(), skipped=False)
     for micro, (batch, seed) in enumerate(zip(batches, seeds)):
         torch.manual_seed(seed)
         try:
             out = engine(batch, mse_weight=mse_weight)
             finite = torch.isfinite(out.loss.detach()).float()
             dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-            if finite.item() == 1.0:
+            if loss_scaled or finite.item() == 1.0:
                 engine.backward(out.loss)
                 mse = out.mse.detach() if out.mse is not None else torch.zeros((), device=device)
                 correct = (out.lm.logits.argmax(-1) == out.lm.targets).sum()
-                sums += torch.stack([out.lm.loss.detach().double(), mse.double(), torch.ones((), device=device).double(),
-                                     torch.tensor(batch.num_tokens, device=device).double(), correct.double(),
-                                     torch.tensor(out.lm.targets.numel(), device=device).double()])
+                sums[:6] += torch.stack([out.lm.loss.detach().double(), mse.double(), torch.ones((), device=device).double(),
+                                         torch.tensor(batch.num_tokens, device=device).double(), correct.double(),
+                                         torch.tensor(out.lm.targets.numel(), device=device).double()])
             else:
-                skipped = True
+                result.skipped = True
                 engine.backward(_nonfinite_safe_loss(engine.module))
-            if skipped and engine.is_gradient_accumulation_boundary():
+            if result.skipped and engine.is_gradient_accumulation_boundary():
                 for group in optimizer.param_groups:
                     group["lr"] = 0.0  # the schedule sets the next step's rate again
             engine.step()
@@ -226,183 +260,252 @@ def optimizer_step(engine, optimizer, batches: list, seeds: list[int], mse_weigh
                 "Out of memory. Lower MICRO_BATCH_SIZE (raise the gradient accumulation instead), set "
                 "GRADIENT_CHECKPOINTING=true, or lower MAX_LEN / DOC_MAX_LENGTH.") from error
         if out.chosen is not None:
-            chosen += out.chosen.tolist()
-            positives += batch.pos_index
+            result.chosen += out.chosen.tolist()
+            result.positives += batch.pos_index
         if micro == 0 and on_first is not None:
             on_first(batch, out)
-    return StepResult(sums=sums.cpu(), skipped=skipped, chosen=chosen, positives=positives)
+    result.sums = StepSums(*sums.tolist())
+    return result
 
 
-# -- the run ----------------------------------------------------------------------------------------------
-def train(cfg: TrainConfig) -> dict:
-    """Train one stage as configured; returns the last logged metrics."""
-    import datasets
-
-    from clara.checkpoint import save_model
-    from clara.data import load_records
-    from clara.debug import DebugPrinter
-    from clara.model import attention_implementation
-
-    rank, world, local_rank, device = init_distributed()
-    log = RunLog(cfg, rank)
-    datasets.disable_progress_bars()
-    on_cuda = device.type == "cuda"
-    if not on_cuda:
-        log.print("No CUDA device: training on CPU (float32, gloo, PyTorch SDPA).")
-    dtype = torch.bfloat16 if on_cuda else torch.float32
-    attn = attention_implementation(cfg.flash_attn, on_cuda)
-
-    # Data first: bad records stop the run before the model loads. Rank 0 builds the Arrow cache.
-    min_docs = cfg.generation_top_k if cfg.stage == "stage2" else 1
-    rejected = os.path.join(cfg.save_path, "rejected.jsonl")
-    records = rank_zero_first(lambda: load_records(cfg.stage, cfg.dataset, cfg.bad_samples, min_docs,
-                                                   rejected if rank == 0 else None, cfg.max_samples, log=log.print),
-                              rank, world)
-    eval_records = (rank_zero_first(lambda: load_records(cfg.stage, cfg.eval_dataset, cfg.bad_samples, min_docs,
-                                                         None, None, log=log.print), rank, world)
-                    if cfg.eval_dataset else None)
-    steps_per_epoch = len(records) // cfg.batch_size
-    if steps_per_epoch == 0:
-        raise ConfigError(f"--batch_size={cfg.batch_size}: larger than the {len(records)} training samples")
-    total_steps = cfg.max_steps or steps_per_epoch * cfg.max_epochs
-
-    setup = setup_training(cfg, total_steps, world, device, dtype, attn, log=log.print)
-    model, collator, engine, optimizer, scheduler = (setup.model, setup.collator, setup.engine, setup.optimizer,
-                                                     setup.scheduler)
-    accumulation = cfg.batch_size // (cfg.micro_batch_size * world)
-
-    state = TrainState()
-    resume = find_resume_point(cfg)
-    if resume:
-        _, client = engine.load_checkpoint(resume[0], tag=resume[1], load_module_strict=False)
-        if client is None:
-            raise ConfigError(f"--resume: {os.path.join(*resume)} could not be loaded")
-        state = TrainState(**client["train_state"])
-        log.print(f"Resumed from {os.path.join(*resume)} at step {state.global_step}.")
-        changed = changed_settings(client.get("settings", {}), cfg.to_dict())
-        if changed:
-            log.print(f"Warning: the run that saved this checkpoint had other settings ({'; '.join(changed)}); "
-                      "training goes on with the new ones. RESUME=false (--resume false) or another SAVE_PATH "
-                      "starts over instead.")
-    elif rank == 0 and os.path.exists(os.path.join(cfg.save_path, "metrics.jsonl")):
-        os.remove(os.path.join(cfg.save_path, "metrics.jsonl"))
-
-    n_trainable = sum(p.numel() for p in setup.trainable)
-    settings = cfg.to_dict()
-    if rank == 0:
-        with open(os.path.join(cfg.save_path, "training_args.json"), "w", encoding="utf-8") as out:
-            json.dump(settings, out, indent=2)
-    log.print("Settings: " + json.dumps(settings))
-    log.print(f"Trainable parameters: {n_trainable:,} | world size {world} | device {device.type} | "
-              f"attention {attn} | dtype {str(dtype).replace('torch.', '')} | {len(records)} samples, "
-              f"{steps_per_epoch} steps/epoch, {total_steps} steps, gradient accumulation {accumulation}")
-
-    debug = DebugPrinter(model.tokenizer, model.tokens, cfg.debug_max_print_tokens) if cfg.debug_mode and rank == 0 else None
-    stop_signal: list[int] = []
-    previous_handlers = {s: signal.signal(s, lambda signum, frame: stop_signal.append(signum))
-                         for s in (signal.SIGTERM, signal.SIGINT)}
-    last: dict = {}
-    progress = None
-    if rank == 0:
-        from tqdm import tqdm
-
-        progress = tqdm(total=total_steps, initial=state.global_step, desc=cfg.stage, dynamic_ncols=True,
-                        file=sys.stderr)
-    truncated_docs = 0
+# -- signals ------------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def stop_requests() -> Iterator[list[int]]:
+    """SIGTERM and SIGINT are recorded, not acted on: the loop finishes its step, saves and stops."""
+    received: list[int] = []
+    previous = {s: signal.signal(s, lambda signum, frame: received.append(signum))
+                for s in (signal.SIGTERM, signal.SIGINT)}
     try:
-        while state.global_step < total_steps:
-            order = epoch_order(len(records), cfg.seed, state.epoch)
-            started = time.perf_counter()
-            batches = []
-            for micro in range(accumulation):
-                indices = micro_batch_indices(order, state.step_in_epoch, micro, rank, world, cfg.batch_size,
-                                              cfg.micro_batch_size)
-                batches.append(collator([records[i] for i in indices]).to(device))
-                truncated_docs += batches[-1].truncated_docs
-            show_debug = debug is not None and state.global_step % cfg.debug_every_steps == 0
-            result = optimizer_step(
-                engine, optimizer, batches, [step_seed(cfg.seed, state.global_step, m, rank) for m in range(accumulation)],
-                setup.mse_weight, on_first=(lambda b, o: debug.print_sample(b, o, state.global_step)) if show_debug else None)
-            state.global_step += 1
-            state.step_in_epoch += 1
-            state.consumed_samples += cfg.batch_size
-            if state.step_in_epoch >= steps_per_epoch:
-                state.epoch += 1
-                state.step_in_epoch = 0
-            totals = torch.cat([result.sums, torch.tensor([len(stop_signal)], dtype=torch.float64)])
-            dist.all_reduce(totals)
-            skipped = result.skipped or totals[2] == 0
-            state.nonfinite_in_a_row = state.nonfinite_in_a_row + 1 if skipped else 0
-            state.skipped_steps += int(skipped)
-            elapsed = time.perf_counter() - started
-            finite_batches = max(totals[2].item(), 1.0)
-            last = {
-                "step": state.global_step, "epoch": round(state.global_step / steps_per_epoch, 4),
-                "loss": totals[0].item() / finite_batches if not skipped else float("nan"),
-                "mse_loss": totals[1].item() / finite_batches if setup.mse_weight and not skipped else None,
-                "lr": scheduler.get_last_lr()[0], "grad_norm": _grad_norm(engine),
-                "samples_per_s": cfg.batch_size / elapsed, "tokens_per_s": totals[3].item() / elapsed,
-                "peak_memory_mb": round(peak_memory_mb(device), 1),
-                "token_acc": totals[4].item() / max(totals[5].item(), 1.0),
-            }
-            if result.chosen:
-                from clara.metrics import retrieval_summary
-
-                last.update({k: v for k, v in retrieval_summary(result.chosen, result.positives).items()
-                             if k.startswith("recall")})
-            if skipped:
-                log.print(f"step {state.global_step}: non-finite loss, optimizer step skipped "
-                          f"({state.nonfinite_in_a_row} in a row)")
-                if state.nonfinite_in_a_row >= MAX_NONFINITE_IN_A_ROW:
-                    raise RuntimeError(f"{MAX_NONFINITE_IN_A_ROW} non-finite losses in a row: training diverged. "
-                                       "Lower LEARNING_RATE and check the data.")
-            if progress:
-                progress.update(1)
-                shown = {"loss": f"{last['loss']:.4f}", "lr": f"{last['lr']:.2e}",
-                         "samples/s": f"{last['samples_per_s']:.1f}", "tokens/s": f"{last['tokens_per_s']:.0f}"}
-                if last["mse_loss"] is not None:
-                    shown["mse"] = f"{last['mse_loss']:.4f}"
-                progress.set_postfix(shown, refresh=False)
-            if state.global_step % cfg.logging_steps == 0 or state.global_step == total_steps:
-                log.metrics(last)
-            if eval_records is not None and (state.global_step % cfg.eval_steps == 0 or state.global_step == total_steps):
-                from clara.evaluate import evaluate_model
-
-                results = evaluate_model(engine.module, eval_records, cfg, rank, world, device)
-                last.update({f"eval_{k}": v for k, v in results["summary"].items()})
-                log.metrics({"step": state.global_step, **{f"eval_{k}": v for k, v in results["summary"].items()}})
-                log.print(f"step {state.global_step} eval: " + json.dumps(results["summary"]))
-            if totals[6] > 0:
-                save_resumable(engine, state, cfg, rank)
-                raise Stop(stop_signal[0] if stop_signal else signal.SIGTERM)
-            if state.global_step % cfg.save_steps == 0 or state.global_step == total_steps:
-                save_resumable(engine, state, cfg, rank)
-        if progress:
-            progress.close()
-        if truncated_docs:
-            log.print(f"{truncated_docs} documents were longer than DOC_MAX_LENGTH={cfg.doc_max_length} "
-                      "tokens and were truncated.")
-        if rank == 0:
-            save_model(engine.module, cfg.save_path, cfg.stage)
-            with open(os.path.join(cfg.save_path, "training_args.json"), "w", encoding="utf-8") as out:
-                json.dump(settings, out, indent=2)
-            log.print(f"Saved the {cfg.stage} model to {cfg.save_path} (final loss {last.get('loss', float('nan')):.4f}).")
-        dist.barrier()
-    except Stop as stop:
-        log.print(f"Received {stop}: saved a resumable checkpoint at step {state.global_step}; "
-                  "run the same command again to continue.")
-        raise
+        yield received
     finally:
         # After a stop, keep ignoring the signals: torchrun sends more while the ranks exit.
-        if not stop_signal:
-            for signum, handler in previous_handlers.items():
+        if not received:
+            for signum, handler in previous.items():
                 signal.signal(signum, handler)
-        log.close()
-    return last
 
 
-def _grad_norm(engine) -> float | None:
+# -- the run ------------------------------------------------------------------------------------------------
+class Trainer:
+    """One stage's run: setup(), then train(), which ends with the export."""
+
+    def __init__(self, cfg: TrainConfig):
+        self.cfg = cfg
+        self.stage = get_stage(cfg.stage)
+        self.state = TrainState()
+        self.truncated_docs = 0
+
+    # -- set-up -------------------------------------------------------------------------------------------
+    def setup(self) -> None:
+        cfg = self.cfg
+        self.rank, self.world, _, self.device = init_distributed()
+        self.log = RunLog(cfg, self.rank)
+        on_cuda = self.device.type == "cuda"
+        self.dtype = resolve_dtype(cfg.dtype, self.device)
+        if self.dtype == torch.float16 and not on_cuda:
+            raise ConfigError("dtype", cfg.dtype, "auto, bf16 or fp32 on the CPU (fp16 loss scaling needs CUDA)")
+        self.attn = attention_implementation(cfg.flash_attn, on_cuda)
+        self._setup_data()  # first: bad records stop the run before the model loads
+        self.steps_per_epoch = len(self.records) // cfg.batch_size
+        if self.steps_per_epoch == 0:
+            raise ConfigError("batch_size", cfg.batch_size, f"at most the {len(self.records)} training samples")
+        self.total_steps = cfg.max_steps or self.steps_per_epoch * cfg.max_epochs
+        self.accumulation = cfg.batch_size // (cfg.micro_batch_size * self.world)
+        self.components = setup_training(cfg, self.total_steps, self.world, self.device, self.dtype, self.attn,
+                                    log=self.log.print)
+        self._resume()
+        self._announce()
+        show = cfg.debug_mode and self.rank == 0
+        self.debug = DebugPrinter(self.components.model.tokenizer, self.components.model.tokens,
+                                  cfg.debug_max_print_tokens) if show else None
+
+    def _setup_data(self) -> None:
+        cfg, stage = self.cfg, self.stage
+        datasets.disable_progress_bars()
+        min_docs = stage.min_docs(cfg.generation_top_k)
+        rejected = os.path.join(cfg.save_path, "rejected.jsonl") if self.rank == 0 else None
+        # Rank 0 builds the Arrow cache first; the other ranks then read it.
+        self.records = rank_zero_first(lambda: load_records(stage, cfg.dataset, cfg.bad_samples, min_docs, rejected,
+                                                            cfg.max_samples, log=self.log.print),
+                                       self.rank, self.world)
+        self.eval_records = None
+        if cfg.eval_dataset:
+            self.eval_records = rank_zero_first(lambda: load_records(stage, cfg.eval_dataset, cfg.bad_samples,
+                                                                     min_docs, None, None, log=self.log.print),
+                                                self.rank, self.world)
+
+    def _resume(self) -> None:
+        cfg = self.cfg
+        resume = find_resume_point(cfg)
+        if resume is None:
+            if self.rank == 0 and os.path.exists(self.log.metrics_path):
+                os.remove(self.log.metrics_path)
+            return
+        _, client = self.components.engine.load_checkpoint(resume[0], tag=resume[1], load_module_strict=False)
+        if client is None:
+            raise ConfigError("resume", os.path.join(*resume), "a resumable checkpoint that loads")
+        self.state = TrainState(**client["train_state"])
+        self.log.print(f"Resumed from {os.path.join(*resume)} at step {self.state.global_step}.")
+        changed = changed_settings(client.get("settings", {}), cfg.to_dict())
+        if changed:
+            self.log.print(f"Warning: the run that saved this checkpoint had other settings ({'; '.join(changed)}); "
+                           "training goes on with the new ones. RESUME=false (--resume false) or another SAVE_PATH "
+                           "starts over instead.")
+
+    def _announce(self) -> None:
+        settings = self.cfg.to_dict()
+        if self.rank == 0:
+            write_json_atomic(os.path.join(self.cfg.save_path, "training_args.json"), settings)
+        self.log.print("Settings: " + json.dumps(settings))
+        trainable = sum(p.numel() for p in self.components.trainable)
+        self.log.print(f"Trainable parameters: {trainable:,} | world size {self.world} | device {self.device.type} | "
+                       f"attention {self.attn} | dtype {str(self.dtype).replace('torch.', '')} | "
+                       f"{len(self.records)} samples, {self.steps_per_epoch} steps/epoch, {self.total_steps} steps, "
+                       f"gradient accumulation {self.accumulation}")
+
+    # -- training -----------------------------------------------------------------------------------------
+    def train(self) -> dict:
+        """Step until total_steps; save every save_steps, on a stop request and at the end; then export."""
+        last: dict = {}
+        progress = (tqdm(total=self.total_steps, initial=self.state.global_step, desc=self.cfg.stage,
+                         dynamic_ncols=True, file=sys.stderr) if self.rank == 0 else None)
+        with stop_requests() as received:
+            try:
+                while self.state.global_step < self.total_steps:
+                    last = self._one_step(received, progress)
+            except Stop as stop:
+                self.log.print(f"Received {stop}: saved a resumable checkpoint at step {self.state.global_step}; "
+                               "run the same command again to continue.")
+                raise
+        if progress:
+            progress.close()
+        self.export(last)
+        return last
+
+    def _one_step(self, received: list[int], progress: tqdm | None) -> dict:
+        cfg, state = self.cfg, self.state
+        started = time.perf_counter()
+        batches = self._next_batches()
+        show = self.debug is not None and state.global_step % cfg.debug_every_steps == 0
+        step = state.global_step
+        result = optimizer_step(self.components.engine, self.components.optimizer, batches,
+                                [step_seed(cfg.seed, step, m, self.rank) for m in range(self.accumulation)],
+                                self.components.mse_weight,
+                                on_first=self.debug.print_sample if show else None,
+                                loss_scaled=self.dtype == torch.float16)
+        result.sums.stop_requests = float(len(received))
+        sums = result.sums.all_reduced(self.device)
+        self._advance(skipped=result.skipped or sums.finite_batches == 0)
+        metrics = self.step_metrics(result, sums, time.perf_counter() - started)
+        self._report(metrics, progress)
+        at_end = state.global_step == self.total_steps
+        if self.eval_records is not None and (state.global_step % cfg.eval_steps == 0 or at_end):
+            metrics.update(self.evaluate())
+        if sums.stop_requests > 0:
+            self.save_checkpoint()
+            raise Stop(received[0] if received else signal.SIGTERM)
+        if state.global_step % cfg.save_steps == 0 or at_end:
+            self.save_checkpoint()
+        return metrics
+
+    def _next_batches(self) -> list[Batch]:
+        """This rank's micro-batches of the next optimizer step, on the device."""
+        cfg, state = self.cfg, self.state
+        order = epoch_order(len(self.records), cfg.seed, state.epoch)
+        batches = []
+        for micro in range(self.accumulation):
+            indices = micro_batch_indices(order, state.step_in_epoch, micro, self.rank, self.world, cfg.batch_size,
+                                          cfg.micro_batch_size)
+            batches.append(self.components.collator([self.records[i] for i in indices]).to(self.device))
+            self.truncated_docs += batches[-1].truncated_docs
+        return batches
+
+    def _advance(self, skipped: bool) -> None:
+        state = self.state
+        state.global_step += 1
+        state.step_in_epoch += 1
+        state.consumed_samples += self.cfg.batch_size
+        if state.step_in_epoch >= self.steps_per_epoch:
+            state.epoch += 1
+            state.step_in_epoch = 0
+        state.nonfinite_in_a_row = state.nonfinite_in_a_row + 1 if skipped else 0
+        state.skipped_steps += int(skipped)
+        if skipped:
+            self.log.print(f"step {state.global_step}: non-finite loss, optimizer step skipped "
+                           f"({state.nonfinite_in_a_row} in a row)")
+            if state.nonfinite_in_a_row >= MAX_NONFINITE_IN_A_ROW:
+                raise RuntimeError(f"{MAX_NONFINITE_IN_A_ROW} non-finite losses in a row: training diverged. "
+                                   "Lower LEARNING_RATE and check the data.")
+
+    def step_metrics(self, result: StepResult, sums: StepSums, elapsed: float) -> dict:
+        """The metrics.jsonl line of a step (means over the finite micro-batches of every rank)."""
+        skipped = self.state.nonfinite_in_a_row > 0
+        finite = max(sums.finite_batches, 1.0)
+        metrics = {
+            "step": self.state.global_step, "epoch": round(self.state.global_step / self.steps_per_epoch, 4),
+            "loss": sums.lm_loss / finite if not skipped else float("nan"),
+            "mse_loss": sums.mse / finite if self.components.mse_weight and not skipped else None,
+            "lr": self.components.scheduler.get_last_lr()[0], "grad_norm": grad_norm(self.components.engine),
+            "samples_per_s": self.cfg.batch_size / elapsed, "tokens_per_s": sums.tokens / elapsed,
+            "peak_memory_mb": round(peak_memory_mb(self.device), 1),
+            "token_acc": sums.correct_tokens / max(sums.answer_tokens, 1.0),
+        }
+        if result.chosen:
+            retrieval = retrieval_summary(result.chosen, result.positives)
+            metrics.update({k: v for k, v in retrieval.items() if k.startswith("recall")})
+        return metrics
+
+    def _report(self, metrics: dict, progress: tqdm | None) -> None:
+        if progress:
+            progress.update(1)
+            shown = {"loss": f"{metrics['loss']:.4f}", "lr": f"{metrics['lr']:.2e}",
+                     "samples/s": f"{metrics['samples_per_s']:.1f}", "tokens/s": f"{metrics['tokens_per_s']:.0f}"}
+            if metrics["mse_loss"] is not None:
+                shown["mse"] = f"{metrics['mse_loss']:.4f}"
+            progress.set_postfix(shown, refresh=False)
+        if self.state.global_step % self.cfg.logging_steps == 0 or self.state.global_step == self.total_steps:
+            self.log.metrics(metrics)
+
+    def evaluate(self) -> dict:
+        """Evaluate on the held-out records; returns the eval_* metrics (also logged)."""
+        results = evaluate_model(self.components.engine.module, self.eval_records, self.cfg, self.rank, self.world,
+                                 self.device)
+        metrics = {f"eval_{k}": v for k, v in results["summary"].items()}
+        self.log.metrics({"step": self.state.global_step, **metrics})
+        self.log.print(f"step {self.state.global_step} eval: " + json.dumps(results["summary"]))
+        return metrics
+
+    # -- saving -------------------------------------------------------------------------------------------
+    def save_checkpoint(self) -> None:
+        save_resumable(self.components.engine, self.state, self.cfg, self.rank)
+
+    def export(self, last: dict) -> None:
+        """The trained model in the checkpoint format, into SAVE_PATH (rank 0 writes, every rank waits)."""
+        cfg = self.cfg
+        if self.truncated_docs:
+            self.log.print(f"{self.truncated_docs} documents were longer than DOC_MAX_LENGTH={cfg.doc_max_length} "
+                           "tokens and were truncated.")
+        if self.rank == 0:
+            save_model(self.components.engine.module, cfg.save_path, cfg.stage)
+            write_json_atomic(os.path.join(cfg.save_path, "training_args.json"), cfg.to_dict())
+            self.log.print(f"Saved the {cfg.stage} model to {cfg.save_path} "
+                           f"(final loss {last.get('loss', float('nan')):.4f}).")
+        dist.barrier()
+
+    def close(self) -> None:
+        if hasattr(self, "log"):
+            self.log.close()
+
+
+def train(cfg: TrainConfig) -> dict:
+    """Train one stage as configured; returns the last step's metrics."""
+    trainer = Trainer(cfg)
+    try:
+        trainer.setup()
+        return trainer.train()
+    finally:
+        trainer.close()
+
+
+def grad_norm(engine) -> float | None:
     norm = engine.get_global_grad_norm()
-    if norm is None:
-        return None
-    return float(norm)
+    return None if norm is None else float(norm)

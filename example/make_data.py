@@ -6,13 +6,9 @@ Run `python example/make_data.py`; the output is the same on every run (fixed se
 
 import json
 import random
-import sys
 from pathlib import Path
 
-# Run as a script from any directory: the generator lives in the clara package beside example/.
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from clara.synthetic import (  # noqa: E402
-    end_to_end_records, instruction_records, invent_names, make_entity, pretrain_records)
+from clara.synthetic import end_to_end_records, instruction_records, invent_names, make_entity, pretrain_records
 
 SEED = 20240517
 OUT_DIR = Path(__file__).resolve().parent

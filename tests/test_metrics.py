@@ -17,7 +17,6 @@ from clara.metrics import (
     token_accuracy,
 )
 
-
 # --- normalisation ------------------------------------------------------------------------
 
 
