@@ -2,8 +2,9 @@
 
 Every stage: eval loss (the mean of per-sample teacher-forced LM losses, in eval mode) and token
 accuracy. stage1_2 and stage2 also answer the first `eval_max_samples` (`--max_samples`) samples
-by greedy generation and score them with EM, F1 and cover-EM; stage2 also reports recall@k and
-precision@k against `pos_index`.
+by greedy generation and score them with EM, F1 and cover-EM against the first gold answer, as
+the paper does, and with their best over all gold answers (`*_any`; see clara.metrics); stage2
+also reports recall@k and precision@k against `pos_index`.
 
 Several processes (torchrun, accelerate launch) split the work by micro-batches: the data is cut
 into micro-batches in dataset order first and rank r takes micro-batches r, r + world, ..., so
@@ -29,6 +30,7 @@ from clara.checkpoint import CheckpointError
 from clara.config import STAGES, ConfigError
 from clara.data import DataError
 from clara.distributed import broadcast, gather_rows, join_process_group, rank_zero_first
+from clara.metrics import ANSWER_SCORE_NAMES, answer_scores, retrieval_summary
 
 USER_ERRORS = (ConfigError, DataError, CheckpointError)
 GENERATING_STAGES = ("stage1_2", "stage2")
@@ -65,7 +67,6 @@ def evaluate_shard(model, records, stage: str, batch_size: int, generate_limit: 
     """This rank's per-sample results (each with its dataset index under "index")."""
     from clara.collate import Collator
     from clara.inference import collatable_runs
-    from clara.metrics import cover_exact_match, exact_match, f1_score
 
     settings = model.settings
     device = device if device is not None else model.mem_embeddings.device
@@ -96,7 +97,7 @@ def evaluate_shard(model, records, stage: str, batch_size: int, generate_limit: 
                 if stage == "stage1":
                     row["data_type"] = record["data_type"]
                 if stage in GENERATING_STAGES:
-                    row.update(prediction=None, exact_match=None, f1=None, cover_exact_match=None)
+                    row.update(answers=list(record["answers"]), prediction=None, **dict.fromkeys(ANSWER_SCORE_NAMES))
                 if chosen is not None:
                     row["chosen"] = chosen[j]
                     row["pos_index"] = list(record["pos_index"]) if record["has_pos_index"] else None
@@ -107,9 +108,7 @@ def evaluate_shard(model, records, stage: str, batch_size: int, generate_limit: 
                 texts, _ = model.generate(prompt, max_new_tokens=max_new_tokens)
                 rows = results[len(results) - len(run):]
                 for j, text in zip(wanted, texts):
-                    gold = rows[j]["answer"]
-                    rows[j].update(prediction=text, exact_match=exact_match(text, gold), f1=f1_score(text, gold),
-                                   cover_exact_match=cover_exact_match(text, gold))
+                    rows[j].update(prediction=text, **answer_scores(text, rows[j]["answers"]))
         if progress is not None:
             progress.update(len(indices))
     if progress is not None:
@@ -119,8 +118,6 @@ def evaluate_shard(model, records, stage: str, batch_size: int, generate_limit: 
 
 def summarise(stage: str, rows: list[dict]) -> dict:
     """The flat summary of numbers: what the trainer logs as eval_* and the CLI prints."""
-    from clara.metrics import retrieval_summary
-
     losses = [r["loss"] for r in rows if r["loss"] is not None]
     tokens = sum(r["answer_tokens"] for r in rows)
     summary: dict = {
@@ -130,7 +127,7 @@ def summarise(stage: str, rows: list[dict]) -> dict:
     }
     if stage in GENERATING_STAGES:
         generated = [r for r in rows if r["prediction"] is not None]
-        for key in ("exact_match", "f1", "cover_exact_match"):
+        for key in ANSWER_SCORE_NAMES:
             summary[key] = sum(r[key] for r in generated) / len(generated) if generated else float("nan")
         summary["generated"] = len(generated)
     if stage == "stage2":
@@ -165,7 +162,7 @@ def evaluate_model(model, records, cfg, rank: int = 0, world: int = 1, device=No
 
 
 # -- presentation -----------------------------------------------------------------------------------------
-PERCENT_KEYS = ("token_accuracy", "exact_match", "f1", "cover_exact_match")
+PERCENT_KEYS = ("token_accuracy", *ANSWER_SCORE_NAMES)
 
 
 def format_table(summary: dict, title: str = "") -> str:

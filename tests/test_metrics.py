@@ -16,7 +16,6 @@ from clara.metrics import (
     retrieval_summary,
 )
 
-
 # --- normalisation ------------------------------------------------------------------------
 
 
