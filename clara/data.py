@@ -31,7 +31,8 @@ FEATURES = {
     }),
     "answer": datasets.Features({
         "question": datasets.Value("string"),
-        "answer": datasets.Value("string"),
+        "answer": datasets.Value("string"),  # the first gold answer: trained on, and scored as in the paper
+        "answers": datasets.Sequence(datasets.Value("string")),  # every gold answer, for the *_any metrics
         "docs": datasets.Sequence(datasets.Value("string")),
         "pos_index": datasets.Sequence(datasets.Value("int64")),
         "has_pos_index": datasets.Value("bool"),
@@ -87,13 +88,18 @@ def _docs(obj: dict) -> list[str]:
     return docs
 
 
-def _single_answer(obj: dict) -> str:
+def _gold_answers(obj: dict) -> list[str]:
+    """Every gold answer: a string is one, a list holds several (the first is the one trained on)."""
     name, value = _pick(obj, ANSWER_FIELDS)
     if isinstance(value, list):
         if not value:
             raise BadRecord(f"field '{name}': expected a string or a non-empty list of strings, got []")
-        value = value[0]
-    return _string(name, value)
+        return _string_list(name, value)
+    return [_string(name, value)]
+
+
+def _single_answer(obj: dict) -> str:
+    return _gold_answers(obj)[0]
 
 
 def normalise_stage1(obj: dict, min_docs: int = 1) -> dict:
@@ -119,7 +125,7 @@ def normalise_answer_record(obj: dict, min_docs: int = 1) -> dict:
     if "question" not in obj:
         raise BadRecord("field 'question': expected a string, got nothing")
     question = _string("question", obj["question"])
-    answer = _single_answer(obj)
+    answers = _gold_answers(obj)
     docs = _docs(obj)
     if len(docs) < min_docs:
         raise BadRecord(f"field 'docs': expected at least {min_docs} candidate documents "
@@ -134,8 +140,8 @@ def normalise_answer_record(obj: dict, min_docs: int = 1) -> dict:
         bad = [i for i in pos_index if not 0 <= i < len(docs)]
         if bad:
             raise BadRecord(f"field 'pos_index': expected indices in 0..{len(docs) - 1}, got {bad}")
-    return {"question": question, "answer": answer, "docs": docs, "pos_index": pos_index or [],
-            "has_pos_index": pos_index is not None}
+    return {"question": question, "answer": answers[0], "answers": answers, "docs": docs,
+            "pos_index": pos_index or [], "has_pos_index": pos_index is not None}
 
 
 NORMALISERS = {"stage1": normalise_stage1, "answer": normalise_answer_record}

@@ -2,8 +2,9 @@
 
 Every stage: eval loss (the mean of per-sample teacher-forced LM losses, in eval mode) and token
 accuracy. stage1_2 and stage2 also answer the first `eval_max_samples` (`--max_samples`) samples
-by greedy generation and score them with EM, F1 and cover-EM; stage2 also reports recall@k and
-precision@k against `pos_index`.
+by greedy generation and score them with EM, F1 and cover-EM against the first gold answer, as
+the paper does, and with their best over all gold answers (`*_any`; see clara.metrics); stage2
+also reports recall@k and precision@k against `pos_index`.
 
 Several processes (torchrun, accelerate launch) split the work by micro-batches: the data is cut
 into micro-batches in dataset order first and rank r takes micro-batches r, r + world, ..., so
@@ -35,7 +36,7 @@ from clara.distributed import broadcast, gather_rows, join_process_group, rank_z
 from clara.errors import USER_ERRORS, CheckpointError
 from clara.files import json_safe, write_json_atomic, write_text_atomic
 from clara.inference import collatable_runs, ensure_query_reasoner, infer_stage
-from clara.metrics import cover_exact_match, exact_match, f1_score, retrieval_summary
+from clara.metrics import ANSWER_SCORE_NAMES, answer_scores, retrieval_summary
 from clara.model import attention_implementation, eval_mode
 from clara.stages import STAGES, Stage, get_stage
 
@@ -91,7 +92,7 @@ def evaluate_shard(model, records, stage: Stage, batch_size: int, generate_limit
                 if "data_type" in record:
                     row["data_type"] = record["data_type"]
                 if stage.generates:
-                    row.update(prediction=None, exact_match=None, f1=None, cover_exact_match=None)
+                    row.update(answers=list(record["answers"]), prediction=None, **dict.fromkeys(ANSWER_SCORE_NAMES))
                 if chosen is not None:
                     row["chosen"] = chosen[j]
                     row["pos_index"] = list(record["pos_index"]) if record["has_pos_index"] else None
@@ -102,9 +103,7 @@ def evaluate_shard(model, records, stage: Stage, batch_size: int, generate_limit
                 texts, _ = model.generate(prompt, max_new_tokens=max_new_tokens)
                 rows = results[len(results) - len(run):]
                 for j, text in zip(wanted, texts):
-                    gold = rows[j]["answer"]
-                    rows[j].update(prediction=text, exact_match=exact_match(text, gold), f1=f1_score(text, gold),
-                                   cover_exact_match=cover_exact_match(text, gold))
+                    rows[j].update(prediction=text, **answer_scores(text, rows[j]["answers"]))
         if progress is not None:
             progress.update(len(indices))
     if progress is not None:
@@ -123,7 +122,7 @@ def summarise(stage: Stage, rows: list[dict]) -> dict:
     }
     if stage.generates:
         generated = [r for r in rows if r["prediction"] is not None]
-        for key in ("exact_match", "f1", "cover_exact_match"):
+        for key in ANSWER_SCORE_NAMES:
             summary[key] = sum(r[key] for r in generated) / len(generated) if generated else float("nan")
         summary["generated"] = len(generated)
     if stage.uses_query:
@@ -154,7 +153,7 @@ def evaluate_model(model, records, cfg, rank: int = 0, world: int = 1, device=No
 
 
 # -- presentation -----------------------------------------------------------------------------------------
-PERCENT_KEYS = ("token_accuracy", "exact_match", "f1", "cover_exact_match")
+PERCENT_KEYS = ("token_accuracy", *ANSWER_SCORE_NAMES)
 
 
 def format_table(summary: dict, title: str = "") -> str:

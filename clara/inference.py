@@ -1,10 +1,16 @@
 """Python inference API (README: "Evaluation and inference"): `from clara import CLaRa`.
 
-    model = CLaRa.from_pretrained("checkpoints/clara_stage1_2")           # native or official layout
-    vectors = model.compress_documents(["Vorlan is a kingdom. ..."])       # [D, n, H]
-    answers = model.generate_from_text(["What is Vorlan?"], [["Vorlan is a kingdom. ..."]])
-    answers, chosen = stage2_model.generate_from_questions(questions, candidates)
-    paraphrases = model.generate_from_paraphrase(["Vorlan is a kingdom. ..."])
+The calls, argument names and return types of the official CLaRa release work as in its README:
+
+    model = CLaRa.from_pretrained("checkpoints/clara_stage1_2")            # native or official layout
+    embeddings, mse = model.compress_documents(documents=["Vorlan is a kingdom. ..."])  # [D, n, H], MSE
+    answers = model.generate_from_text(questions=["What is Vorlan?"], documents=[["Vorlan is ..."]],
+                                       max_new_tokens=64)
+    answers = model.generate_from_compressed_documents_and_questions(
+        questions=["What is Vorlan?"], compressed_documents=embeddings)     # k = D / questions per question
+    paraphrases = model.generate_from_paraphrase(questions=[""], documents=[["Vorlan is ..."]])
+    answers, topk_indices = stage2_model.generate_from_questions(questions=questions, documents=candidates,
+                                                                 max_new_tokens=64)   # indices: [B, k] tensor
 
 Decoding is greedy. Prompts are never written here: every call builds normalised records (the
 form `clara.data` produces) and runs them through the training Collator and
@@ -68,8 +74,8 @@ def ensure_query_reasoner(model: ClaraModel, log=print) -> bool:
 def answer_record(question: str, docs: Sequence[str], answer: str = "",
                   pos_index: Sequence[int] | None = None) -> dict:
     """A stage1_2 / stage2 record."""
-    return {"question": question, "answer": answer, "docs": list(docs), "pos_index": list(pos_index or []),
-            "has_pos_index": pos_index is not None}
+    return {"question": question, "answer": answer, "answers": [answer], "docs": list(docs),
+            "pos_index": list(pos_index or []), "has_pos_index": pos_index is not None}
 
 
 def paraphrase_record(docs: Sequence[str], paraphrase: str = "") -> dict:
@@ -102,6 +108,14 @@ def _as_list(items, name: str) -> list:
     return list(items)
 
 
+def answer_records(questions: Sequence[str], documents: Sequence[Sequence[str]]) -> list[dict]:
+    """One stage1_2 / stage2 record per question with its own documents."""
+    questions, documents = _as_list(questions, "questions"), _as_list(documents, "documents")
+    if len(questions) != len(documents):
+        raise ValueError(f"{len(questions)} questions but {len(documents)} document lists")
+    return [answer_record(q, _as_list(d, f"documents[{i}]")) for i, (q, d) in enumerate(zip(questions, documents))]
+
+
 class CLaRa:
     """A trained CLaRa model ready for inference; see the module docstring."""
 
@@ -132,6 +146,12 @@ class CLaRa:
         model = load_model(path, resolve_dtype(dtype, target), attn_implementation, base_model=base_model)
         return cls(model, stage=stage or infer_stage(path), device=target, **kwargs)
 
+    def to(self, device: str | torch.device) -> "CLaRa":
+        """Move the model to another device (as `model.to("cuda")` in the official README); returns self."""
+        self.device = torch.device(device)
+        self.model.to(self.device)
+        return self
+
     # -- helpers -----------------------------------------------------------------------------------------
     def _collator(self, stage: Stage) -> Collator:
         settings = self.model.settings
@@ -139,67 +159,110 @@ class CLaRa:
                         self.max_len or stage.max_len, settings.generation_top_k, self.seed,
                         with_targets=False)
 
-    def _generate(self, stage: Stage, records: list[dict], max_new_tokens: int) -> tuple[list[str], list]:
+    def _generate(self, stage: Stage, records: list[dict], max_new_tokens: int,
+                  vectors: list[torch.Tensor] | None = None) -> tuple[list[str], list]:
+        """Greedy answers and (stage 2) chosen indices, in record order.
+
+        vectors: per record, the memory vectors [docs, n, H] of its documents, computed earlier; they
+        are used instead of compressing the records' documents.
+        """
         collator = self._collator(stage)
         texts, chosen = [], []
         for start in range(0, len(records), self.batch_size):
-            for _, run in collatable_runs(stage, records[start:start + self.batch_size]):
+            for offset, run in collatable_runs(stage, records[start:start + self.batch_size]):
                 batch = collator(run).to(self.device)
-                out, picked = self.model.generate(batch, max_new_tokens=max_new_tokens)
+                given = None
+                if vectors is not None:
+                    first = start + offset
+                    given = torch.cat(vectors[first:first + len(run)]).flatten(0, 1).to(self.device)
+                out, picked = self.model.generate(batch, max_new_tokens=max_new_tokens, vectors=given)
                 texts += out
                 chosen += picked.tolist() if picked is not None else [None] * len(run)
         return texts, chosen
 
-    # -- the API -----------------------------------------------------------------------------------------
+    # -- the API (official names, argument names and return types) ------------------------------------------
     @torch.no_grad()
-    def compress_documents(self, docs: Sequence[str]) -> torch.Tensor:
-        """Documents -> their memory vectors [D, n, H] (compressor final hidden states)."""
-        docs = _as_list(docs, "docs")
-        if not docs:
-            return torch.empty(0, self.model.tokens.n_mem, self.model.hidden_size, device=self.device)
-        parts = []
-        for start in range(0, len(docs), self.batch_size):
-            chunk = docs[start:start + self.batch_size]
+    def compress_documents(self, documents: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Documents -> (embeddings, mse).
+
+        embeddings: the memory vectors [D, n, H] (compressor final hidden states at the memory tokens),
+        on the model's device. mse: the stage-1 alignment loss over these documents, a 0-dim float32
+        tensor: the squared difference between the mean of a document's memory states and the mean of
+        its token states, averaged over documents and hidden units.
+        """
+        documents = _as_list(documents, "documents")
+        if not documents:
+            raise ValueError("documents: expected at least one document, got an empty list")
+        parts, weighted_mse = [], 0.0
+        for start in range(0, len(documents), self.batch_size):
+            chunk = documents[start:start + self.batch_size]
             ids, mask, _ = encode_documents(self.model.tokenizer, self.model.tokens, chunk,
                                             self.model.settings.doc_max_length)
-            parts.append(self.model.compress(ids.to(self.device), mask.to(self.device))[0])
-        return torch.cat(parts)
+            states, mse = self.model.compress(ids.to(self.device), mask.to(self.device), with_mse=True)
+            parts.append(states)
+            # Each chunk's MSE is a mean over its documents: weighting by their count gives the mean over all.
+            weighted_mse = weighted_mse + mse * len(chunk)
+        return torch.cat(parts), weighted_mse / len(documents)
 
     def generate_from_text(self, questions: Sequence[str], documents: Sequence[Sequence[str]],
-                           max_new_tokens: int = 64) -> list[str]:
+                           max_new_tokens: int = 128) -> list[str]:
         """Answer each question from its own documents (all of them compressed), as in stage 1_2."""
-        questions, documents = _as_list(questions, "questions"), _as_list(documents, "documents")
-        if len(questions) != len(documents):
-            raise ValueError(f"{len(questions)} questions but {len(documents)} document lists")
-        records = [answer_record(q, _as_list(d, f"documents[{i}]"))
-                   for i, (q, d) in enumerate(zip(questions, documents))]
+        records = answer_records(questions, documents)
         if any(not r["docs"] for r in records):
             raise ValueError("every question needs at least one document")
         return self._generate(STAGES["stage1_2"], records, max_new_tokens)[0]
 
+    def generate_from_compressed_documents_and_questions(self, questions: Sequence[str],
+                                                         compressed_documents: torch.Tensor,
+                                                         max_new_tokens: int = 128) -> list[str]:
+        """Answer each question from document vectors computed earlier by compress_documents, as in stage 1_2.
+
+        compressed_documents [B * k, n, H] holds k documents per question, question by question.
+        """
+        questions = _as_list(questions, "questions")
+        if not questions:
+            raise ValueError("questions: expected at least one question, got an empty list")
+        if not isinstance(compressed_documents, torch.Tensor):
+            raise TypeError(f"compressed_documents: expected a tensor (the embeddings of `embeddings, mse = "
+                            f"compress_documents(...)`), got {type(compressed_documents).__name__}")
+        n, hidden = self.model.tokens.n_mem, self.model.hidden_size
+        shape = tuple(compressed_documents.shape)
+        if len(shape) != 3 or shape[1:] != (n, hidden) or shape[0] == 0 or shape[0] % len(questions):
+            raise ValueError(f"compressed_documents: expected a tensor [k * {len(questions)} questions, {n}, {hidden}] "
+                             f"(the embeddings compress_documents returns), got shape {list(shape)}")
+        k = shape[0] // len(questions)
+        # The documents are compressed already: the prompt needs only how many there are.
+        records = [answer_record(q, [""] * k) for q in questions]
+        vectors = list(compressed_documents.split(k))
+        return self._generate(STAGES["stage1_2"], records, max_new_tokens, vectors=vectors)[0]
+
     def generate_from_questions(self, questions: Sequence[str], documents: Sequence[Sequence[str]],
-                                max_new_tokens: int = 64) -> tuple[list[str], list[list[int]]]:
+                                max_new_tokens: int = 128) -> tuple[list[str], torch.Tensor]:
         """Stage 2: the query reasoner picks the top-k of each question's candidates, the generator answers.
 
-        Returns the answers and, per question, the chosen candidate indices in rank order.
+        Returns the answers and topk_indices: per question, the chosen candidate indices in rank order,
+        a [B, k] int64 tensor on the CPU (k = the checkpoint's generation_top_k).
         """
-        questions, documents = _as_list(questions, "questions"), _as_list(documents, "documents")
-        if len(questions) != len(documents):
-            raise ValueError(f"{len(questions)} questions but {len(documents)} candidate lists")
         k = self.model.settings.generation_top_k
-        records = [answer_record(q, _as_list(d, f"documents[{i}]"))
-                   for i, (q, d) in enumerate(zip(questions, documents))]
+        records = answer_records(questions, documents)
         short = [i for i, r in enumerate(records) if len(r["docs"]) < k]
         if short:
             raise ValueError(f"questions {short[:10]} have fewer candidate documents than the checkpoint's "
                              f"generation_top_k={k}")
         ensure_query_reasoner(self.model)
-        return self._generate(STAGES["stage2"], records, max_new_tokens)
+        answers, chosen = self._generate(STAGES["stage2"], records, max_new_tokens)
+        return answers, torch.tensor(chosen, dtype=torch.long).reshape(len(records), k)
 
-    def generate_from_paraphrase(self, documents: Sequence[str | Sequence[str]],
-                                 max_new_tokens: int = 64) -> list[str]:
-        """Paraphrase each item (a document, or a list of documents read together), as in stage 1."""
-        documents = _as_list(documents, "documents")
+    def generate_from_paraphrase(self, questions: Sequence[str], documents: Sequence[Sequence[str] | str],
+                                 max_new_tokens: int = 128) -> list[str]:
+        """Paraphrase each item of documents (a list of documents read together, or one document), as in stage 1.
+
+        questions: one per item, as in the official API; the paraphrase prompt has no question, so their
+        text is not used (the official README passes empty strings).
+        """
+        questions, documents = _as_list(questions, "questions"), _as_list(documents, "documents")
+        if len(questions) != len(documents):
+            raise ValueError(f"{len(questions)} questions but {len(documents)} document lists")
         records = [paraphrase_record([d] if isinstance(d, str) else _as_list(d, f"documents[{i}]"))
                    for i, d in enumerate(documents)]
         if any(not r["docs"] for r in records):

@@ -1,8 +1,19 @@
-"""Answer and retrieval metrics: EM, F1, cover-EM, recall/precision@k, token accuracy.
+"""Answer and retrieval metrics: EM, F1, cover-EM, recall/precision@k.
 
-All scores are fractions in [0, 1]. Answer normalisation follows SQuAD so that numbers
-compare with published results, plus one rule: a whole answer of "true"/"false" reads as
-"yes"/"no".
+All scores are fractions in [0, 1]. The answer metrics follow the official CLaRa evaluation, so
+that numbers compare with the paper:
+
+- normalisation: an answer that is exactly "True" or "False" reads as "yes" / "no"; then SQuAD's
+  rules (lower case, ASCII punctuation deleted, articles dropped, whitespace collapsed);
+- exact_match: the normalised prediction equals the normalised gold answer;
+- f1: token-level F1, except that it is 0 when the prediction or the gold answer is "yes", "no" or
+  "noanswer" and the two differ (a yes/no answer is right or wrong, never half right);
+- cover_exact_match: every normalised gold token appears among the prediction's tokens, in any
+  order (so an empty gold answer is covered by every prediction).
+
+Each of these scores one gold answer. `answer_scores` gives them against the first gold answer (what
+the paper reports) and, as `<name>_any`, their best over all gold answers (how NQ-style sets with
+several answers are usually scored).
 """
 
 from __future__ import annotations
@@ -10,57 +21,50 @@ from __future__ import annotations
 import re
 import string
 from collections import Counter
-from collections.abc import Sequence
-
-import torch
+from collections.abc import Callable, Sequence
 
 __all__ = [
     "normalize_answer",
     "exact_match",
     "f1_score",
     "cover_exact_match",
+    "ANSWER_METRICS",
+    "ANSWER_SCORE_NAMES",
+    "answer_scores",
     "recall_at_k",
     "precision_at_k",
     "retrieval_summary",
-    "token_accuracy",
-    "qa_summary",
 ]
 
 _PUNCTUATION = frozenset(string.punctuation)
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
-# Models answer boolean questions with either word; gold data mostly says yes/no.
-_BOOLEAN_WORDS = {"true": "yes", "false": "no"}
+# The official evaluation maps only these two exact strings, before any normalisation.
+_BOOLEAN_ANSWERS = {"True": "yes", "False": "no"}
+# F1 gives no partial credit between these and anything else.
+_CLOSED_ANSWERS = frozenset({"yes", "no", "noanswer"})
 
 
 def normalize_answer(s: str) -> str:
-    """Lower case, drop ASCII punctuation and articles, collapse whitespace, map true/false."""
-    text = s.lower()
-    # SQuAD deletes punctuation rather than spacing it ("don't" -> "dont"); keep that
-    # so scores stay comparable with other implementations.
+    """Map exact True/False to yes/no, then lower case, drop punctuation and articles, collapse whitespace."""
+    text = _BOOLEAN_ANSWERS.get(s, s).lower()
+    # SQuAD deletes punctuation rather than spacing it ("don't" -> "dont").
     text = "".join(ch for ch in text if ch not in _PUNCTUATION)
     text = _ARTICLES.sub(" ", text)
-    text = " ".join(text.split())
-    return _BOOLEAN_WORDS.get(text, text)
+    return " ".join(text.split())
 
 
-def _gold_list(answers: str | Sequence[str]) -> list[str]:
-    """Accept one gold answer or several."""
-    if isinstance(answers, str):
-        return [answers]
-    return list(answers)
+def exact_match(prediction: str, gold: str) -> float:
+    """1.0 if the normalised prediction equals the normalised gold answer, else 0.0."""
+    return float(normalize_answer(prediction) == normalize_answer(gold))
 
 
-def exact_match(prediction: str, answers: str | Sequence[str]) -> float:
-    """1.0 if the normalised prediction equals some normalised gold answer, else 0.0."""
-    pred = normalize_answer(prediction)
-    return max((float(pred == normalize_answer(g)) for g in _gold_list(answers)), default=0.0)
-
-
-def _f1_tokens(pred_tokens: list[str], gold_tokens: list[str]) -> float:
-    """Token-level F1 of one prediction against one gold answer."""
-    if not pred_tokens or not gold_tokens:
-        # Both empty is a correct "no answer"; one empty shares nothing with the other.
-        return float(pred_tokens == gold_tokens)
+def f1_score(prediction: str, gold: str) -> float:
+    """Token-level F1 of the prediction against the gold answer; 0 for a differing yes/no/noanswer."""
+    pred, truth = normalize_answer(prediction), normalize_answer(gold)
+    if (pred in _CLOSED_ANSWERS or truth in _CLOSED_ANSWERS) and pred != truth:
+        return 0.0
+    pred_tokens, gold_tokens = pred.split(), truth.split()
+    # Empty on either side shares no token, so it scores 0 (an empty pair too, as officially).
     overlap = sum((Counter(pred_tokens) & Counter(gold_tokens)).values())
     if overlap == 0:
         return 0.0
@@ -69,35 +73,29 @@ def _f1_tokens(pred_tokens: list[str], gold_tokens: list[str]) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
-def f1_score(prediction: str, answers: str | Sequence[str]) -> float:
-    """Best token-level F1 of the prediction over the gold answers."""
-    pred_tokens = normalize_answer(prediction).split()
-    return max(
-        (_f1_tokens(pred_tokens, normalize_answer(g).split()) for g in _gold_list(answers)),
-        default=0.0,
-    )
+def cover_exact_match(prediction: str, gold: str) -> float:
+    """1.0 if every normalised gold token appears among the prediction's tokens (any order), else 0.0."""
+    pred_tokens = set(normalize_answer(prediction).split())
+    return float(all(token in pred_tokens for token in normalize_answer(gold).split()))
 
 
-def _contains_span(tokens: list[str], span: list[str]) -> bool:
-    """Whether span occurs as a contiguous run of whole tokens in tokens."""
-    n = len(span)
-    return any(tokens[i : i + n] == span for i in range(len(tokens) - n + 1))
+ANSWER_METRICS: dict[str, Callable[[str, str], float]] = {
+    "exact_match": exact_match,
+    "f1": f1_score,
+    "cover_exact_match": cover_exact_match,
+}
+# The keys of answer_scores, in order: first-gold scores, then best-over-all-golds scores.
+ANSWER_SCORE_NAMES = (*ANSWER_METRICS, *(f"{name}_any" for name in ANSWER_METRICS))
 
 
-def cover_exact_match(prediction: str, answers: str | Sequence[str]) -> float:
-    """1.0 if some normalised gold answer occurs as a whole-token span of the prediction."""
-    pred_tokens = normalize_answer(prediction).split()
-    for gold in _gold_list(answers):
-        gold_tokens = normalize_answer(gold).split()
-        # An empty gold would be "contained" in every prediction; only an empty
-        # prediction should match it.
-        if not gold_tokens:
-            if not pred_tokens:
-                return 1.0
-            continue
-        if _contains_span(pred_tokens, gold_tokens):
-            return 1.0
-    return 0.0
+def answer_scores(prediction: str, answers: Sequence[str]) -> dict[str, float]:
+    """Every answer metric against the first gold answer, then `<name>_any`: the best over all of them."""
+    if isinstance(answers, str) or not answers:
+        raise ValueError(f"answers: expected a non-empty list of gold answers, got {answers!r}")
+    per_gold = {name: [metric(prediction, gold) for gold in answers] for name, metric in ANSWER_METRICS.items()}
+    first = {name: scores[0] for name, scores in per_gold.items()}
+    best = {f"{name}_any": max(scores) for name, scores in per_gold.items()}
+    return {**first, **best}
 
 
 def _check_k(k: int) -> None:
@@ -165,41 +163,4 @@ def retrieval_summary(
     summary: dict[str, float | int] = {key: sums[key] / counts[key] for key in sums}
     summary["retrieval_samples"] = samples
     summary["retrieval_skipped"] = skipped
-    return summary
-
-
-def token_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> tuple[int, int]:
-    """(correct, total) of argmax(logits) == labels over aligned rows; -100 labels are ignored."""
-    if logits.dim() != 2 or labels.dim() != 1 or logits.shape[0] != labels.shape[0]:
-        raise ValueError(
-            f"expected logits [N, V] and labels [N], got {tuple(logits.shape)} and "
-            f"{tuple(labels.shape)}"
-        )
-    with torch.no_grad():
-        # Tolerate the usual ignore index so a caller that forgot to mask does not
-        # count padding or prompt positions.
-        mask = labels != -100
-        correct = (logits.argmax(dim=-1) == labels) & mask
-        return int(correct.sum().item()), int(mask.sum().item())
-
-
-def qa_summary(
-    predictions: Sequence[str], answers: Sequence[str | Sequence[str]]
-) -> dict[str, float | int]:
-    """Mean exact_match, f1 and cover_exact_match over samples, plus `count`.
-
-    With no samples the means are 0.0 and count is 0.
-    """
-    if len(predictions) != len(answers):
-        raise ValueError(f"{len(predictions)} predictions but {len(answers)} answers")
-    count = len(predictions)
-    totals = {"exact_match": 0.0, "f1": 0.0, "cover_exact_match": 0.0}
-    for pred, gold in zip(predictions, answers):
-        totals["exact_match"] += exact_match(pred, gold)
-        totals["f1"] += f1_score(pred, gold)
-        totals["cover_exact_match"] += cover_exact_match(pred, gold)
-    summary: dict[str, float | int] = {
-        key: (value / count if count else 0.0) for key, value in totals.items()
-    }
-    summary["count"] = count
     return summary

@@ -3,18 +3,17 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 from clara.metrics import (
+    ANSWER_SCORE_NAMES,
+    answer_scores,
     cover_exact_match,
     exact_match,
     f1_score,
     normalize_answer,
     precision_at_k,
-    qa_summary,
     recall_at_k,
     retrieval_summary,
-    token_accuracy,
 )
 
 # --- normalisation ------------------------------------------------------------------------
@@ -42,13 +41,16 @@ def test_normalize_answer(raw: str, expected: str) -> None:
     "raw, expected",
     [
         ("True", "yes"),
-        ("false.", "no"),
-        (" TRUE ", "yes"),
+        ("False", "no"),
+        # As in the official evaluation, only the exact strings True / False are mapped.
+        ("false.", "false"),
+        (" TRUE ", "true"),
+        ("true", "true"),
+        ("True story", "true story"),
         ("yes", "yes"),
-        ("true story", "true story"),  # only a whole answer of true/false is mapped
     ],
 )
-def test_normalize_yes_no(raw: str, expected: str) -> None:
+def test_normalize_true_false(raw: str, expected: str) -> None:
     assert normalize_answer(raw) == expected
 
 
@@ -58,18 +60,15 @@ def test_normalize_yes_no(raw: str, expected: str) -> None:
 def test_exact_match_ignores_case_articles_punctuation_whitespace() -> None:
     assert exact_match("  the  PARIS. ", "Paris") == 1.0
     assert exact_match("Paris, France", "Paris") == 0.0
+    assert exact_match("", "the") == 1.0  # both normalise to nothing
 
 
 def test_exact_match_true_false_read_as_yes_no() -> None:
     assert exact_match("True", "yes") == 1.0
-    assert exact_match("False.", "No") == 1.0
+    assert exact_match("False", "No.") == 1.0
+    assert exact_match("yes", "True") == 1.0
     assert exact_match("True", "no") == 0.0
-
-
-def test_exact_match_takes_best_of_several_answers() -> None:
-    assert exact_match("NYC", ["New York City", "nyc"]) == 1.0
-    assert exact_match("Boston", ["New York City", "nyc"]) == 0.0
-    assert exact_match("anything", []) == 0.0
+    assert exact_match("true.", "yes") == 0.0
 
 
 # --- F1 -----------------------------------------------------------------------------------
@@ -88,11 +87,12 @@ def test_f1_counts_repeated_tokens_once_per_match() -> None:
     assert f1_score("Paris Paris", "Paris") == pytest.approx(2 / 3)
 
 
-def test_f1_empty_prediction() -> None:
+def test_f1_empty_sides_score_zero() -> None:
     assert f1_score("", "Paris") == 0.0
     assert f1_score("the.", "Paris") == 0.0  # normalises to nothing
-    assert f1_score("", "") == 1.0
-    assert f1_score("", "The") == 1.0  # both normalise to empty
+    assert f1_score("Paris", "") == 0.0
+    # An empty pair shares no token either: 0, as in the official evaluation (EM still gives 1).
+    assert f1_score("", "") == 0.0
 
 
 def test_f1_no_overlap_and_exact() -> None:
@@ -100,14 +100,16 @@ def test_f1_no_overlap_and_exact() -> None:
     assert f1_score("Paris.", "paris") == 1.0
 
 
-def test_f1_takes_best_of_several_answers() -> None:
-    # vs "new york city": 0.8; vs "york": P 1/2, R 1 -> 2/3; best 0.8
-    assert f1_score("New York", ["york", "New York City"]) == pytest.approx(0.8)
-    assert f1_score("New York", ["London", "new york"]) == 1.0
-
-
-def test_f1_true_reads_as_yes() -> None:
+def test_f1_yes_no_noanswer_get_no_partial_credit() -> None:
+    # Token overlap would give 2/3 here; a yes/no prediction that differs from the gold scores 0.
+    assert f1_score("yes", "yes it is") == 0.0
+    assert f1_score("no answer", "noanswer") == 0.0
+    assert f1_score("it is no", "no") == 0.0  # the gold side counts too
+    assert f1_score("noanswer", "noanswer") == 1.0
     assert f1_score("True", "Yes") == 1.0
+    assert f1_score("False", "yes") == 0.0
+    # Other answers keep partial credit.
+    assert f1_score("yes sir", "sir") == pytest.approx(2 / 3)
 
 
 # --- cover exact match --------------------------------------------------------------------
@@ -119,10 +121,12 @@ def test_cover_em_positive() -> None:
     assert cover_exact_match("The answer: Paris", "paris") == 1.0
 
 
-def test_cover_em_negative() -> None:
+def test_cover_em_is_token_membership_not_a_span() -> None:
+    # Every gold token among the prediction's tokens, in any order and not necessarily adjacent.
+    assert cover_exact_match("York New City", "New York City") == 1.0
+    assert cover_exact_match("city of new york", "New York City") == 1.0
+    assert cover_exact_match("New York", "New York City") == 0.0
     assert cover_exact_match("It is London", "Paris") == 0.0
-    # tokens must be contiguous and in order
-    assert cover_exact_match("York New City", "New York City") == 0.0
 
 
 def test_cover_em_respects_token_boundaries() -> None:
@@ -130,17 +134,45 @@ def test_cover_em_respects_token_boundaries() -> None:
     assert cover_exact_match("modern art at noon", "art") == 1.0
 
 
-def test_cover_em_several_answers_and_empty() -> None:
-    assert cover_exact_match("born in NYC", ["New York City", "NYC"]) == 1.0
-    assert cover_exact_match("born in Boston", ["New York City", "NYC"]) == 0.0
-    # an empty gold answer must not be covered by every prediction
-    assert cover_exact_match("something", "") == 0.0
-    assert cover_exact_match("", "") == 1.0
-    assert cover_exact_match("anything", []) == 0.0
+def test_cover_em_empty_gold_and_yes_no() -> None:
+    # An empty gold answer has no token to miss (the official definition).
+    assert cover_exact_match("something", "") == 1.0
+    assert cover_exact_match("", "Paris") == 0.0
+    assert cover_exact_match("True", "yes") == 1.0
+    assert cover_exact_match("True.", "yes") == 0.0
 
 
-def test_cover_em_yes_no() -> None:
-    assert cover_exact_match("True.", "yes") == 1.0
+# --- first gold and best over all golds ---------------------------------------------------
+
+
+def test_answer_scores_first_gold_and_any() -> None:
+    scores = answer_scores("born in NYC", ["New York City", "NYC", "born in nyc"])
+    assert list(scores) == list(ANSWER_SCORE_NAMES) == [
+        "exact_match", "f1", "cover_exact_match", "exact_match_any", "f1_any", "cover_exact_match_any"]
+    # Against the first gold only: nothing in common.
+    assert (scores["exact_match"], scores["f1"], scores["cover_exact_match"]) == (0.0, 0.0, 0.0)
+    # Best over all: the third gold matches exactly.
+    assert (scores["exact_match_any"], scores["f1_any"], scores["cover_exact_match_any"]) == (1.0, 1.0, 1.0)
+
+
+def test_answer_scores_any_takes_each_metric_best_separately() -> None:
+    # vs "new york city": F1 0.8, cover 0; vs "york": F1 2/3, cover 1.
+    scores = answer_scores("New York", ["New York City", "york"])
+    assert scores["f1"] == pytest.approx(0.8) and scores["f1_any"] == pytest.approx(0.8)
+    assert scores["cover_exact_match"] == 0.0 and scores["cover_exact_match_any"] == 1.0
+    assert scores["exact_match_any"] == 0.0
+
+
+def test_answer_scores_one_gold_gives_equal_pairs() -> None:
+    scores = answer_scores("Paris", ["paris"])
+    assert all(scores[name] == 1.0 for name in ANSWER_SCORE_NAMES)
+
+
+def test_answer_scores_needs_a_list_of_golds() -> None:
+    with pytest.raises(ValueError, match="non-empty list"):
+        answer_scores("Paris", [])
+    with pytest.raises(ValueError, match="non-empty list"):
+        answer_scores("Paris", "Paris")
 
 
 # --- retrieval ----------------------------------------------------------------------------
@@ -211,58 +243,3 @@ def test_retrieval_summary_none_positives_and_nothing_counted() -> None:
 def test_retrieval_summary_length_mismatch() -> None:
     with pytest.raises(ValueError):
         retrieval_summary([[0]], [[0], [1]])
-
-
-# --- token accuracy -----------------------------------------------------------------------
-
-
-def test_token_accuracy_small_tensor() -> None:
-    logits = torch.tensor(
-        [
-            [0.1, 2.0, 0.3],  # argmax 1
-            [3.0, 0.0, 0.0],  # argmax 0
-            [0.0, 0.0, 1.0],  # argmax 2
-            [0.5, 0.4, 0.1],  # argmax 0
-        ]
-    )
-    labels = torch.tensor([1, 0, 1, 2])
-    correct, total = token_accuracy(logits, labels)
-    assert (correct, total) == (2, 4)
-    assert isinstance(correct, int) and isinstance(total, int)
-
-
-def test_token_accuracy_ignores_minus_100_and_empty() -> None:
-    logits = torch.tensor([[0.0, 1.0], [1.0, 0.0], [1.0, 0.0]])
-    labels = torch.tensor([1, -100, 1])
-    assert token_accuracy(logits, labels) == (1, 2)
-    assert token_accuracy(torch.zeros(0, 5), torch.zeros(0, dtype=torch.long)) == (0, 0)
-
-
-def test_token_accuracy_shape_mismatch() -> None:
-    with pytest.raises(ValueError):
-        token_accuracy(torch.zeros(3, 4), torch.zeros(2, dtype=torch.long))
-    with pytest.raises(ValueError):
-        token_accuracy(torch.zeros(1, 3, 4), torch.zeros(3, dtype=torch.long))
-
-
-# --- QA summary ---------------------------------------------------------------------------
-
-
-def test_qa_summary_means() -> None:
-    summary = qa_summary(
-        ["Paris", "New York", "It was in Rome."],
-        ["paris", ["New York City", "LA"], "Rome"],
-    )
-    # EM: 1, 0, 0; F1: 1, 0.8, (pred "it was in rome" vs "rome": P 1/4, R 1 -> 0.4);
-    # cover-EM: 1, 0, 1
-    assert summary["exact_match"] == pytest.approx(1 / 3)
-    assert summary["f1"] == pytest.approx((1 + 0.8 + 0.4) / 3)
-    assert summary["cover_exact_match"] == pytest.approx(2 / 3)
-    assert summary["count"] == 3
-
-
-def test_qa_summary_empty_and_mismatch() -> None:
-    expected = {"exact_match": 0.0, "f1": 0.0, "cover_exact_match": 0.0, "count": 0}
-    assert qa_summary([], []) == expected
-    with pytest.raises(ValueError):
-        qa_summary(["a"], [])
