@@ -103,8 +103,12 @@ def example_path(relative: str) -> str:
     return relative if os.path.exists(relative) else str(REPO_ROOT / relative)
 
 
-def resolve(cfg: TrainConfig, has_cuda: bool | None = None, world_size: int = 1) -> TrainConfig:
-    """Fill the settings left at None with their stage-, model- and device-dependent defaults."""
+def resolve(cfg: TrainConfig, has_cuda: bool | None = None, world_size: int = 1,
+            batch_defaults: tuple[int, int] = (4, 1)) -> TrainConfig:
+    """Fill the settings left at None with their stage-, model- and device-dependent defaults.
+
+    batch_defaults: (batch_size, micro_batch_size) for a real model; each launcher has its own.
+    """
     if has_cuda is None:
         import torch  # deferred: only the trainer's own call needs to look for CUDA
 
@@ -123,10 +127,10 @@ def resolve(cfg: TrainConfig, has_cuda: bool | None = None, world_size: int = 1)
     if cfg.save_path is None:
         cfg.save_path = f"./checkpoints/clara_{cfg.stage}"
     if cfg.micro_batch_size is None:
-        cfg.micro_batch_size = 8 if tiny else 1
+        cfg.micro_batch_size = 8 if tiny else batch_defaults[1]
     if cfg.batch_size is None:
         # The tiny model trains one micro-batch of 8 per process and step, so a CPU epoch takes minutes.
-        cfg.batch_size = cfg.micro_batch_size * world_size if tiny else 4
+        cfg.batch_size = cfg.micro_batch_size * world_size if tiny else batch_defaults[0]
     if cfg.mse_weight is None:
         # The MSE loss keeps the tiny model from learning to read (README: "Tips").
         cfg.mse_weight = 0.0 if tiny else 0.1
@@ -144,8 +148,12 @@ SHARES = ("lora_dropout", "warmup_ratio", "min_lr_ratio", "mse_weight")  # finit
 CHOICES = {"dtype": ("auto", "bf16", "fp16", "fp32"), "flash_attn": ("auto", "true", "false"), "bad_samples": ("error", "skip"), "zero_stage": (0, 1, 2)}
 
 
-def validate(cfg: TrainConfig, world_size: int = 1) -> None:
-    """Raise ConfigError naming the first invalid setting; `cfg` has been through resolve()."""
+def validate(cfg: TrainConfig, world_size: int = 1, check_batch: bool = True) -> None:
+    """Raise ConfigError naming the first invalid setting; `cfg` has been through resolve().
+
+    check_batch False leaves out BATCH_SIZE against MICRO_BATCH_SIZE x processes, for a check made before
+    the device (and with it the default batch sizes) is known.
+    """
     if cfg.stage not in STAGES:
         raise ConfigError("stage", cfg.stage, "one of " + ", ".join(STAGES))
     for name in POSITIVE_INTS:
@@ -169,7 +177,7 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> None:
                           f"a multiple of COMPRESS_RATE={cfg.compress_rate} (memory tokens per document = "
                           "DOC_MAX_LENGTH / COMPRESS_RATE)")
     per_step = cfg.micro_batch_size * world_size
-    if cfg.batch_size % per_step:
+    if check_batch and cfg.batch_size % per_step:
         raise ConfigError("batch_size", cfg.batch_size, f"a multiple of MICRO_BATCH_SIZE x processes = "
                                                         f"{cfg.micro_batch_size} x {world_size} = {per_step}")
     if cfg.resume not in ("auto", "false") and not os.path.isdir(cfg.resume):

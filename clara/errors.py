@@ -5,16 +5,12 @@ from __future__ import annotations
 
 
 class ConfigError(ValueError):
-    """A setting a user gave is invalid. `name` is the setting, `value` what was given, `expected` what
-    would do; str() names the trainer flag, `for_variable()` the launcher's environment variable."""
+    """A setting a user gave is invalid: `name` is the setting, `value` what was given, `expected` what would
+    do. The message names the trainer flag; the launchers name the environment variable instead."""
 
     def __init__(self, name: str, value, expected: str):
         self.name, self.value, self.expected = name, value, expected
         super().__init__(f"--{name}={value!r}: expected {expected}")
-
-    def for_variable(self) -> str:
-        shown = "" if self.value is None else self.value
-        return f"{self.name.upper()}={shown}: expected {self.expected}"
 
 
 class DataError(ValueError):

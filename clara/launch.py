@@ -71,26 +71,22 @@ def env_bool(name: str) -> bool:
     return text.lower() == "true"
 
 
-def settings_from_env(extra: list[str], script_defaults: dict) -> TrainConfig:
-    """TrainConfig from the environment (empty means unset), with the extra trainer arguments on top."""
-    values = {}
+def settings_from_env(extra: list[str]) -> tuple[TrainConfig, dict[str, str]]:
+    """TrainConfig from the environment (empty means unset), with the extra trainer arguments on top;
+    and the text of each variable that was set, for the error messages."""
+    values, texts = {}, {}
     for field in dataclasses.fields(TrainConfig):
         text = os.environ.get(field.name.upper(), "")
         if not text.strip():
             continue
+        texts[field.name] = text
         try:
             values[field.name] = parse_value(field, text)
         except (ValueError, argparse.ArgumentTypeError):
             raise LaunchError(f"{field.name.upper()}={text}: expected {KINDS.get(value_type(field), 'text')}")
     parser = build_parser()
     parser.set_defaults(**values)
-    cfg = TrainConfig(**vars(parser.parse_args(extra)))
-    if cfg.model_path != TINY_MODEL_NAME:
-        # The script's batch sizes; the tiny model keeps the trainer's (one micro-batch of 8 per process).
-        for name, value in script_defaults.items():
-            if getattr(cfg, name) is None:
-                setattr(cfg, name, value)
-    return cfg
+    return TrainConfig(**vars(parser.parse_args(extra))), texts
 
 
 def processes_from_env(default_port: int) -> Processes:
@@ -121,7 +117,10 @@ def free_port() -> int:
 
 
 def port_is_free(port: int) -> bool:
+    """Nothing listens on the port. SO_REUSEADDR, as torchrun's store sets it: a closed run's connections
+    lingering in TIME_WAIT do not keep the port from being used again."""
     with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind(("127.0.0.1", port))
         except OSError:
@@ -236,17 +235,31 @@ def log_file(cfg: TrainConfig, procs: Processes, dry_run: bool) -> str:
     return path
 
 
-def plan(script: str, extra: list[str], script_defaults: dict, default_port: int) -> dict[str, str | list[str]]:
-    """Everything the script needs, as bash variables; raises LaunchError or ConfigError on a bad setting."""
+def checked(given: TrainConfig, texts: dict[str, str], has_cuda: bool, world: int,
+            batch_defaults: tuple[int, int], check_batch: bool = True) -> TrainConfig:
+    """The resolved settings, or LaunchError naming the variable as the user wrote it."""
+    cfg = resolve(dataclasses.replace(given), has_cuda=has_cuda, world_size=world, batch_defaults=batch_defaults)
+    try:
+        validate(cfg, world, check_batch)
+    except ConfigError as error:
+        shown = texts.get(error.name, "" if error.value is None else str(error.value))
+        raise LaunchError(f"{error.name.upper()}={shown}: expected {error.expected}") from None
+    return cfg
+
+
+def plan(script: str, extra: list[str], batch_defaults: tuple[int, int],
+         default_port: int) -> dict[str, str | list[str]]:
+    """Everything the script needs, as bash variables; raises LaunchError on a bad setting."""
     dry_run = env_bool("DRY_RUN") if os.environ.get("DRY_RUN", "").strip() else False
-    given = settings_from_env(extra, script_defaults)
+    given, texts = settings_from_env(extra)
     procs = processes_from_env(default_port)
-    # Everything that does not depend on the device is checked before torch is imported.
-    validate(resolve(dataclasses.replace(given), has_cuda=False, world_size=procs.world_size), procs.world_size)
+    # Everything that does not depend on the device is checked before torch is imported; the default
+    # batch sizes do (the tiny model without CUDA, the script's with it).
+    both_batch_sizes = given.batch_size is not None and given.micro_batch_size is not None
+    checked(given, texts, False, procs.world_size, batch_defaults, check_batch=both_batch_sizes)
     devices = cuda_devices()
     check_devices(procs, devices, given.dtype)
-    cfg = resolve(dataclasses.replace(given), has_cuda=devices > 0, world_size=procs.world_size)
-    validate(cfg, procs.world_size)
+    cfg = checked(given, texts, devices > 0, procs.world_size, batch_defaults)
     if devices:
         device = f"CUDA: {devices} device(s) visible, {procs.num_gpus} process(es) per node (DTYPE {given.dtype}, NCCL)"
     else:
@@ -295,11 +308,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     extra = args.extra[1:] if args.extra[:1] == ["--"] else args.extra
     try:
-        variables = plan(args.script, extra, {"batch_size": args.batch_size,
-                                              "micro_batch_size": args.micro_batch_size}, args.master_port)
-    except ConfigError as error:
-        print(f"error: {error.for_variable()}", file=sys.stderr)
-        return 2
+        variables = plan(args.script, extra, (args.batch_size, args.micro_batch_size), args.master_port)
     except LaunchError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

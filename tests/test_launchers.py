@@ -20,6 +20,7 @@ from pathlib import Path
 
 import psutil  # a DeepSpeed dependency
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from clara.trainer import micro_batch_indices
@@ -288,6 +289,15 @@ def test_three_stages_chain_through_pretrain_checkpoint(default_run, tmp_path):
     assert json.loads((stage2 / "config.json").read_text())["stage"] == "stage2"
     assert [m["step"] for m in metrics(stage2)] == [1, 2]
 
+    # Stage 2 keeps the compressor frozen, memory embeddings included: a document compressed before
+    # stage 2 has the same vectors after it.
+    from clara import CLaRa
+
+    document = ["Povai is a city. Its national flower is violet."]
+    before, _ = CLaRa.from_pretrained(str(stage1_2), device="cpu").compress_documents(documents=document)
+    after, _ = CLaRa.from_pretrained(str(stage2), device="cpu").compress_documents(documents=document)
+    assert torch.equal(before, after)
+
 
 def test_stage1_to_stage1_2_with_two_processes(two_rank_run, tmp_path):
     tmp, first = two_rank_run
@@ -369,17 +379,23 @@ def wait_for(condition, proc: subprocess.Popen, timeout: float = RUN_TIMEOUT, wh
 
 
 def test_kill_9_then_rerun_resumes_to_the_same_weights(tmp_path):
+    """The same command right after kill -9 resumes, as a scheduler's automatic restart would: with
+    MASTER_PORT unset, each run picks a free port, so the dying workers' port does not block it."""
     settings = {**QUICK, "MAX_STEPS": 6, "SAVE_STEPS": 2}
     save = tmp_path / "interrupted"
     env = launcher_env(**settings, SAVE_PATH=save)
+    del env["MASTER_PORT"]
     proc = start(SINGLE, env, output=tmp_path / "first.out")
     try:
         wait_for(lambda: (save / "checkpoints" / "step_2").is_dir(), proc, what="checkpoint step_2")
+        below = psutil.Process(proc.pid).children(recursive=True)
+        os.killpg(proc.pid, signal.SIGKILL)  # the launcher and torchrun; the workers die with their agent
+        proc.wait()
+        resumed = run(SINGLE, env)  # at once, while the workers may still be dying
     finally:
         kill_tree(proc)
-    assert not (save / "adapters.safetensors").exists(), "the run finished before it was killed"
-
-    resumed = run(SINGLE, env)
+    psutil.wait_procs(below, timeout=60)
+    assert not (tmp_path / "first.out").read_text().count("Saved the stage1 model"), "the run finished first"
     assert resumed.returncode == 0, resumed
     assert "Resumed from" in resumed.output
     assert_exported(save)
@@ -459,9 +475,7 @@ INVALID = [
     (SINGLE, {"ZERO_STAGE": "3"}, "ZERO_STAGE"),
     (SINGLE, {"RESUME": "sometimes"}, "RESUME"),
     (SINGLE, {"DTYPE": "fp8"}, "DTYPE"),
-    (SINGLE, {"DTYPE": "fp16"}, "DTYPE"),  # no CUDA here: fp16 loss scaling needs it
     (SINGLE, {"LEARNING_RATE": "1e999"}, "LEARNING_RATE"),
-    (EIGHT, {"NUM_GPUS": "4294967296", "MICRO_BATCH_SIZE": "4294967296"}, "NUM_GPUS"),
 ]
 
 
@@ -481,6 +495,30 @@ def test_invalid_setting_exits_2_with_one_line(tmp_path, script, settings, varia
         assert f"{variable}={settings[variable]}" in lines[0]
     assert seconds < 5, f"validation took {seconds:.1f}s: something heavy ran first"
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("settings,variable", [
+    ({"DTYPE": "fp16"}, "DTYPE"),  # fp16 loss scaling needs CUDA
+    ({"NUM_GPUS": "4294967296", "MICRO_BATCH_SIZE": "4294967296"}, "NUM_GPUS"),  # more processes than cores
+])
+def test_settings_known_bad_once_the_devices_are_known_are_one_line(tmp_path, settings, variable):
+    """Checked once the launcher has looked for CUDA (after importing torch), so not timed as above."""
+    env = launcher_env(**settings, SAVE_PATH=tmp_path / "out")
+    proc = subprocess.run(["bash", f"./{EIGHT}"], cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and proc.stdout == "", proc.stderr
+    assert proc.stderr.startswith(f"error: {variable}={settings[variable]}: expected"), proc.stderr
+    assert len(proc.stderr.splitlines()) == 1
+
+
+def test_an_unwritable_save_path_is_one_line(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a directory")
+    env = launcher_env(**QUICK, SAVE_PATH=blocker / "out")
+    proc = subprocess.run(["bash", f"./{SINGLE}"], cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert proc.stdout == ""
+    assert proc.stderr.splitlines() == [proc.stderr.strip()]
+    assert proc.stderr.startswith(f"error: SAVE_PATH={blocker / 'out'}: cannot write") and "expected" in proc.stderr
 
 
 def test_bad_data_keeps_the_trainers_exit_status_2(tmp_path):
