@@ -136,6 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="run the scaling rows instead of one configuration: 'all' or a comma list of "
                           + ", ".join(SWEEPS) + "; rows not named in a group keep the settings above "
                           "(candidates and chunk rows are stage2; with --stage stage2 the docs rows run stage1_2)")
+    run.add_argument("--profile", type=parse_bool, default=d.profile, metavar="BOOL",
+                     help="after the timed steps, one more under torch.profiler: kernel (CPU: operator) time by "
+                          "kind (matmul, attention, other) and the busiest operators, in the JSON")
     run.add_argument("--json", metavar="FILE", help="also write the results as JSON to FILE")
     run.add_argument("--timeout", type=float, default=1800, help="seconds allowed per configuration")
     run.add_argument("--max_load", type=float, default=None,

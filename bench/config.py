@@ -56,6 +56,7 @@ class BenchConfig:
     seed: int = 0
     threads: int | None = None  # None: PyTorch's default
     peak_tflops: float | None = None  # None: from the table of known GPUs
+    profile: bool = False  # one more step under torch.profiler: where the step's time goes
     # Labels for the sweep table.
     group: str = "single"
     label: str = ""
