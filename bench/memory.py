@@ -237,8 +237,11 @@ def fitting_change(dims: Dims, work: Workload, gpus: int, zero_stage: int, gradi
             "use a larger GPU or a smaller model")
 
 
+MICRO_BATCH_SEARCH_LIMIT = 256
+
+
 def largest_micro_batch(dims: Dims, work: Workload, gpus: int, zero_stage: int, gradient_checkpointing: bool,
-                        budget: float, limit: int = 256) -> int:
+                        budget: float, limit: int = MICRO_BATCH_SEARCH_LIMIT) -> int:
     """The largest micro-batch (up to `limit`) whose peak stays under `budget` bytes; 0 if none does."""
     fitting = 0
     for size in range(1, limit + 1):
@@ -274,6 +277,10 @@ PART_COLUMNS = (("weights", ("base_weights", "lora_weights")), ("optim", ("optim
                 ("activ", ("activations",)), ("logits", ("lm_head",)), ("cands", ("candidate_compression",)))
 
 
+def _searched(size: int) -> str:
+    return f"{size}+" if size == MICRO_BATCH_SEARCH_LIMIT else str(size)
+
+
 def format_rows(rows: list[dict], gpu_gib: float = 80.0) -> str:
     lines = ["| model | GPUs | stage | micro-batch | " + " | ".join(name for name, _ in PART_COLUMNS)
              + f" | peak GiB/GPU | fits {gpu_gib:g} GiB | change if not | largest micro-batch (checkpointing on / off) |",
@@ -282,8 +289,8 @@ def format_rows(rows: list[dict], gpu_gib: float = 80.0) -> str:
         cells = [f"{sum(row['parts_gib'][k] for k in keys):.1f}" for _, keys in PART_COLUMNS]
         lines.append(f"| {row['model']} | {row['gpus']} | {row['stage']} | {row['micro_batch_size']} | "
                      + " | ".join(cells) + f" | {row['peak_gib']:.1f} | {'yes' if row['fits'] else 'no'} | "
-                     f"{row['change'] or '-'} | {row['largest_micro_batch']['checkpointing']} / "
-                     f"{row['largest_micro_batch']['no_checkpointing']} |")
+                     f"{row['change'] or '-'} | {_searched(row['largest_micro_batch']['checkpointing'])} / "
+                     f"{_searched(row['largest_micro_batch']['no_checkpointing'])} |")
     return "\n".join(lines)
 
 
@@ -301,11 +308,19 @@ def main(argv: list[str] | None = None) -> int:
                         help="gradient checkpointing")
     parser.add_argument("--micro_batch_size", type=int, help="samples per GPU per forward (default: the launcher's)")
     parser.add_argument("--candidate_chunk_size", type=int, default=64, help="stage-2 candidates per no-grad chunk")
+    parser.add_argument("--docs_per_sample", type=int,
+                        help="documents per sample (stage2: candidates); default: 1, 5, 20 for the three stages")
+    parser.add_argument("--prompt_tokens", type=int,
+                        help="generator tokens per sample besides the memory slots (at most MAX_LEN); default: "
+                             "320 for stage1, 96 for the others")
+    parser.add_argument("--supervised_tokens", type=int,
+                        help="generator tokens per sample with a target; default: 256 for stage1, 32 for the others")
     parser.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
     args = parser.parse_args(argv)
     overrides = {"candidate_chunk_size": args.candidate_chunk_size}
-    if args.micro_batch_size:
-        overrides["micro_batch_size"] = args.micro_batch_size
+    for name in ("micro_batch_size", "docs_per_sample", "prompt_tokens", "supervised_tokens"):
+        if getattr(args, name):
+            overrides[name] = getattr(args, name)
     rows = [row for model in args.model or ["mistral-7b", "qwen3-14b"] for gpus in args.gpus or [1, 8]
             for row in plan_rows(model, gpus, args.gpu_gib, args.zero_stage, args.gradient_checkpointing == "true",
                                  **overrides)]

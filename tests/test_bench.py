@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from bench.__main__ import SWEEPS, build_parser, sweep_configs, wait_for_load
-from bench.config import BenchConfig
+from bench.__main__ import SWEEPS, build_parser, config_from_args, parse_args, sweep_configs, wait_for_load
+from bench.config import SHAPES, BenchConfig
 from bench.flops import ModelShape, pass_flops, peak_flops, step_flops
 
 REPO = Path(__file__).resolve().parent.parent
@@ -124,6 +124,14 @@ def test_stage1_run_with_gradient_checkpointing(small_args, tmp_path):
     assert profile["clock"] == "cpu" and 0 < profile["busy_s"] and profile["step_s"] > 0
     assert set(profile["by_kind_s"]) <= {"matmul", "attention", "communication", "other"}
     assert "matmul" in profile["by_kind_s"]
+
+
+def test_named_shape_sets_the_shape_and_given_options_win():
+    cfg = config_from_args(parse_args(["--shape", "qwen3-1.7b", "--num_layers", "2"]))
+    assert cfg.num_layers == 2
+    assert {k: getattr(cfg, k) for k in SHAPES["qwen3-1.7b"] if k != "num_layers"} == {
+        k: v for k, v in SHAPES["qwen3-1.7b"].items() if k != "num_layers"}
+    assert config_from_args(parse_args([])).hidden_size == BenchConfig().hidden_size
 
 
 # -- the FLOP count ----------------------------------------------------------------------------------------
