@@ -19,6 +19,7 @@ OUT_DIR=${1:-${OUT:-./gpu_check}}
 PYTHON=${PYTHON:-python}
 INSTALL_LIMIT_S=${INSTALL_LIMIT_S:-150}
 FLASH_ATTN_LIMIT_S=${FLASH_ATTN_LIMIT_S:-60}
+TOTAL_S=${TOTAL_S:-460}  # the whole check, installs included: under 8 minutes
 
 no_cuda() {
     echo "gpu_check: no CUDA device ($1): nothing to check"
@@ -40,10 +41,16 @@ mkdir -p "$OUT_DIR" || exit 2
 install() {
     local limit=$1 log=$2
     shift 2
-    if timeout "$limit" "$PYTHON" -m pip install --disable-pip-version-check "$@" >"$OUT_DIR/$log" 2>&1; then
+    # Few retries and a short socket timeout: a machine without network fails fast instead of waiting.
+    local status=0
+    timeout "$limit" "$PYTHON" -m pip install --disable-pip-version-check --retries 1 --timeout 10 "$@" \
+        >"$OUT_DIR/$log" 2>&1 || status=$?
+    if ((status == 0)); then
         echo "pip install $*: done (log: $log)"
+    elif ((status == 124)); then
+        echo "pip install $*: stopped after ${limit} s, going on with what is installed (log: $log)"
     else
-        echo "pip install $*: failed or timed out after ${limit} s, going on with what is installed (log: $log): $(tail -n 1 "$OUT_DIR/$log")"
+        echo "pip install $*: failed (exit $status), going on with what is installed (log: $log): $(tail -n 1 "$OUT_DIR/$log")"
     fi
 }
 installs=$(
@@ -52,4 +59,4 @@ installs=$(
 )
 printf '%s\n' "$installs" >&2
 
-"$PYTHON" -m bench.gpu_check --out "$OUT_DIR" --installs "$installs"
+"$PYTHON" -m bench.gpu_check --out "$OUT_DIR" --installs "$installs" --budget_s $((TOTAL_S - SECONDS))
