@@ -14,7 +14,7 @@ import time
 from importlib import metadata
 from pathlib import Path
 
-from bench.config import STAGES, BenchConfig
+from bench.config import SHAPES, STAGES, BenchConfig
 from clara.cli import parse_bool
 
 REPO = Path(__file__).resolve().parent.parent
@@ -85,6 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
                "gradients; the stage-2 candidate compression is forward only; recomputation by gradient "
                "checkpointing is not counted. Sweep groups: " + describe_sweeps() + ".")
     shape = parser.add_argument_group("model shape (random weights)")
+    shape.add_argument("--shape", choices=sorted(SHAPES), default=None,
+                       help="start from a real model's shape (the shape options given as well override it)")
     shape.add_argument("--hidden_size", type=int, default=d.hidden_size, help="hidden size")
     shape.add_argument("--num_layers", type=int, default=d.num_layers, help="transformer layers")
     shape.add_argument("--num_heads", type=int, default=d.num_heads, help="attention heads")
@@ -134,6 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="run the scaling rows instead of one configuration: 'all' or a comma list of "
                           + ", ".join(SWEEPS) + "; rows not named in a group keep the settings above "
                           "(candidates and chunk rows are stage2; with --stage stage2 the docs rows run stage1_2)")
+    run.add_argument("--profile", type=parse_bool, default=d.profile, metavar="BOOL",
+                     help="after the timed steps, one more under torch.profiler: kernel (CPU: operator) time by "
+                          "kind (matmul, attention, other) and the busiest operators, in the JSON")
     run.add_argument("--json", metavar="FILE", help="also write the results as JSON to FILE")
     run.add_argument("--timeout", type=float, default=1800, help="seconds allowed per configuration")
     run.add_argument("--max_load", type=float, default=None,
@@ -144,6 +149,16 @@ def build_parser() -> argparse.ArgumentParser:
                      help="give each measuring process fixed glibc malloc thresholds, so RSS follows the memory "
                           "in use (false: the allocator's defaults, as a training run has them)")
     return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line; with --shape, that model's shape replaces the default shape options."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.shape:
+        parser.set_defaults(**SHAPES[args.shape])
+        args = parser.parse_args(argv)
+    return args
 
 
 def config_from_args(args: argparse.Namespace) -> BenchConfig:
@@ -309,7 +324,7 @@ def wait_for_load(max_load: float | None, timeout: float) -> float | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     base = config_from_args(args)
     try:
         configs = sweep_configs(base, args.sweep) if args.sweep else [base]

@@ -248,6 +248,51 @@ class SyntheticRecords:
 
 
 # -- the measurement ---------------------------------------------------------------------------------------
+# Operator names by kind, for the profile: matrix multiplies, attention, collectives; the rest is
+# elementwise work, norms, copies and the optimizer.
+KINDS = (("matmul", ("mm", "matmul", "linear", "addmm", "bmm", "baddbmm", "gemm")),
+         ("attention", ("attention", "flash", "fmha", "sdpa")),
+         ("communication", ("nccl", "c10d", "all_reduce", "allreduce", "all_gather", "reduce_scatter", "broadcast")))
+
+
+def kind_of(name: str) -> str:
+    lowered = name.lower()
+    for kind, words in KINDS:
+        if any(word in lowered for word in words):
+            return kind
+    return "other"
+
+
+def profile_step(run_step, on_cuda: bool) -> dict:
+    """One step under torch.profiler: busy time by kind of operator (kernel time on a GPU, CPU time on a CPU)
+    next to the step's wall time, whose remainder is time the GPU waited for the host."""
+    import torch
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_cuda else [])
+    with profile(activities=activities) as prof:
+        started = time.perf_counter()
+        run_step()
+        wall = time.perf_counter() - started
+    by_op = {}
+    for event in prof.key_averages():
+        if event.device_type != DeviceType.CPU:
+            continue  # kernels are counted through the operators that launched them
+        micros = event.self_device_time_total if on_cuda else event.self_cpu_time_total
+        if micros > 0:
+            by_op[event.key] = by_op.get(event.key, 0.0) + micros / 1e6
+    by_kind = {}
+    for name, seconds in by_op.items():
+        by_kind[kind_of(name)] = by_kind.get(kind_of(name), 0.0) + seconds
+    busy = sum(by_op.values())
+    top = sorted(by_op.items(), key=lambda item: -item[1])[:12]
+    return {"clock": "cuda_kernels" if on_cuda else "cpu", "step_s": wall, "busy_s": busy,
+            "waiting_s": max(0.0, wall - busy) if on_cuda else None,
+            "by_kind_s": dict(sorted(by_kind.items(), key=lambda item: -item[1])),
+            "top_operators_s": [[name, seconds] for name, seconds in top]}
+
+
 def quiet_libraries() -> None:
     import transformers
 
@@ -285,7 +330,7 @@ def measure(cfg: BenchConfig, work_dir: str) -> dict:
         stage=cfg.stage, model_path=base_dir, allow_no_checkpoint=True, save_path=os.path.join(work_dir, "out"),
         doc_max_length=cfg.doc_max_length, compress_rate=cfg.compress_rate, generation_top_k=cfg.top_k,
         learning_rate=1e-4, batch_size=cfg.micro_batch_size, micro_batch_size=cfg.micro_batch_size,
-        max_steps=cfg.warmup_steps + cfg.steps, max_len=1 << 20, debug_mode=False, seed=cfg.seed,
+        max_steps=cfg.warmup_steps + cfg.steps + int(cfg.profile), max_len=1 << 20, debug_mode=False, seed=cfg.seed,
         zero_stage=cfg.zero_stage, gradient_checkpointing=gradient_checkpointing, flash_attn=cfg.flash_attn,
         mse_weight=cfg.mse_weight, lora_r=cfg.lora_r, lora_alpha=2 * cfg.lora_r,
         candidate_chunk_size=cfg.candidate_chunk_size)
@@ -350,6 +395,18 @@ def measure(cfg: BenchConfig, work_dir: str) -> dict:
     sync()
     peak = memory.peak()
     memory.stop()
+    shapes = {"enc": list(batch.enc_ids.shape), "dec": list(batch.dec_ids.shape),
+              "query": list(batch.query_ids.shape) if batch.query_ids is not None else None, "supervised": supervised}
+    profiled = None
+    if cfg.profile:
+        extra = collator(data.records(cfg.micro_batch_size)).to(device)
+
+        def run_step() -> None:
+            optimizer_step(engine, optimizer, [extra], [step_seed(train_cfg.seed, total_steps, 0, rank)],
+                           setup.mse_weight)
+            sync()
+
+        profiled = profile_step(run_step, on_cuda)
 
     step_time = statistics.median(step_times)
     step_tokens = statistics.median(tokens)
@@ -392,6 +449,8 @@ def measure(cfg: BenchConfig, work_dir: str) -> dict:
         "achieved_tflops": achieved / 1e12,
         "peak_tflops": peak_rate / 1e12 if peak_rate else None,
         "mfu": achieved / peak_rate if peak_rate else None,
+        "batch_shapes": shapes,
+        "profile": profiled,
         "loss": losses[-1],
         "losses_finite": all(math.isfinite(x) for x in losses),
         "setup_s": setup_s,

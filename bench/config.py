@@ -7,6 +7,21 @@ from dataclasses import dataclass
 
 from clara.stages import STAGES, get_stage
 
+# Shapes of real base models, from their config.json on the Hugging Face hub (a fact, not a download):
+# hidden size, layers, attention and key/value heads, head size, MLP width, vocabulary, tied embeddings.
+SHAPES = {
+    "qwen3-0.6b": dict(hidden_size=1024, num_layers=28, num_heads=16, num_kv_heads=8, head_dim=128,
+                       intermediate_size=3072, vocab_size=151936, tie_word_embeddings=True),
+    "qwen3-1.7b": dict(hidden_size=2048, num_layers=28, num_heads=16, num_kv_heads=8, head_dim=128,
+                       intermediate_size=6144, vocab_size=151936, tie_word_embeddings=True),
+    "qwen3-14b": dict(hidden_size=5120, num_layers=40, num_heads=40, num_kv_heads=8, head_dim=128,
+                      intermediate_size=17408, vocab_size=151936, tie_word_embeddings=False),
+    # Mistral-7B-Instruct-v0.2, the official CLaRa release's base (a Mistral, built here as a Qwen3 of its
+    # shape: the two differ only in Qwen3's per-head q/k norms, a few thousand parameters).
+    "mistral-7b": dict(hidden_size=4096, num_layers=32, num_heads=32, num_kv_heads=8, head_dim=128,
+                       intermediate_size=14336, vocab_size=32000, tie_word_embeddings=False),
+}
+
 
 @dataclass
 class BenchConfig:
@@ -41,6 +56,7 @@ class BenchConfig:
     seed: int = 0
     threads: int | None = None  # None: PyTorch's default
     peak_tflops: float | None = None  # None: from the table of known GPUs
+    profile: bool = False  # one more step under torch.profiler: where the step's time goes
     # Labels for the sweep table.
     group: str = "single"
     label: str = ""

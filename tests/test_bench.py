@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from bench.__main__ import SWEEPS, build_parser, sweep_configs, wait_for_load
-from bench.config import BenchConfig
+from bench.__main__ import SWEEPS, build_parser, config_from_args, parse_args, sweep_configs, wait_for_load
+from bench.config import SHAPES, BenchConfig
 from bench.flops import ModelShape, pass_flops, peak_flops, step_flops
 
 REPO = Path(__file__).resolve().parent.parent
@@ -109,13 +109,29 @@ def test_stage1_run_with_gradient_checkpointing(small_args, tmp_path):
     out = tmp_path / "bench.json"
     vocab = int(small_args[small_args.index("--vocab_size") + 1])
     proc = bench(*small_args, "--stage", "stage1", "--docs", "2", "--micro_batch_size", "2",
-                 "--gradient_checkpointing", "true", "--json", str(out))
+                 "--gradient_checkpointing", "true", "--profile", "true", "--json", str(out))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     (result,) = json.loads(out.read_text())["results"]
     check_result(result, "stage1", docs=2, micro_batch=2, vocab=vocab)
     assert result["gradient_checkpointing"] is True
     assert result["candidate_compression_memory_mb"] is None
     assert set(result["model_flops_parts"]) == {"documents", "decoder", "lm_head", "total"}
+    # The batch as collated (two documents per sample, each filling DOC_MAX_LENGTH) and the profiled step.
+    shapes = result["batch_shapes"]
+    assert shapes["enc"] == [4, DOC_MAX_LENGTH + 3 + N_MEM] and shapes["dec"][0] == 2 and shapes["query"] is None
+    assert 0 < shapes["supervised"] < 2 * shapes["dec"][1]
+    profile = result["profile"]
+    assert profile["clock"] == "cpu" and 0 < profile["busy_s"] and profile["step_s"] > 0
+    assert set(profile["by_kind_s"]) <= {"matmul", "attention", "communication", "other"}
+    assert "matmul" in profile["by_kind_s"]
+
+
+def test_named_shape_sets_the_shape_and_given_options_win():
+    cfg = config_from_args(parse_args(["--shape", "qwen3-1.7b", "--num_layers", "2"]))
+    assert cfg.num_layers == 2
+    assert {k: getattr(cfg, k) for k in SHAPES["qwen3-1.7b"] if k != "num_layers"} == {
+        k: v for k, v in SHAPES["qwen3-1.7b"].items() if k != "num_layers"}
+    assert config_from_args(parse_args([])).hidden_size == BenchConfig().hidden_size
 
 
 # -- the FLOP count ----------------------------------------------------------------------------------------

@@ -1,0 +1,335 @@
+"""Peak GPU memory of a CLaRa training step, computed from the model shape (not measured).
+
+`python -m bench.memory --model qwen3-14b --gpus 8` prints, per stage, the expected peak allocated
+memory per GPU (what torch.cuda.max_memory_allocated reports) at the launchers' default settings, by
+part, and what to change when it does not fit. The accounting, per GPU, in bf16 on CUDA:
+
+- frozen base: 2 bytes per parameter, on every GPU (ZeRO 1 and 2 shard optimizer states and
+  gradients, not parameters);
+- LoRA: every adapter of the stage in bf16 (2 bytes per parameter); the trained ones (two roles) and
+  the memory embeddings also have an fp32 master copy and Adam's two moments (12 bytes), sharded over
+  the GPUs with ZeRO >= 1, and gradients (bf16 on every GPU, plus an fp32 partition);
+- DeepSpeed's gradient-reduction bucket: reduce_bucket_size (5e8) elements allocated whatever the
+  model's size, in bf16 with ZeRO 2 and fp32 with ZeRO 1;
+- activations kept for backward, per token of each pass that needs gradients (the compressor's or query
+  reasoner's documents, the generator's prompt): without gradient checkpointing every layer's saved
+  tensors (see layer_activation_bytes); with it, each layer's input only, plus one layer's saved
+  tensors while it is recomputed;
+- the stage-2 candidates: compressed without gradient, candidate_chunk_size documents at a time, so
+  one layer's transient tensors for one chunk;
+- the vocabulary projection at the supervised positions only (spec section 9): bf16 logits, their fp32
+  copy and the fp32 gradient of the cross-entropy.
+
+Not included: the CUDA context (about 0.5 GiB outside torch's allocator) and the caching allocator's
+fragmentation, so leave about 10% of the GPU free. The figures are checked against the 0.6B and 1.7B
+shapes measured by scripts/gpu_check.sh (its report lists predicted next to measured peaks).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from dataclasses import dataclass
+
+from bench.config import SHAPES
+from clara.config import STAGES
+
+GiB = 2**30
+# DeepSpeed's default ZeRO reduce_bucket_size, in elements: allocated in full at the first backward.
+REDUCE_BUCKET_ELEMENTS = int(5e8)
+# Adapters held by each stage's model, and how many of them train.
+ADAPTERS_HELD = {"stage1": 2, "stage1_2": 2, "stage2": 3}
+TRAINED_ADAPTERS = 2
+# The linear layers LoRA adapts ("all-linear"), per transformer layer.
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass
+class Dims:
+    """A base model's shape (the fields of a bench.config.SHAPES entry)."""
+
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    vocab_size: int
+    tie_word_embeddings: bool
+    qk_norm: bool = True  # Qwen3 normalises queries and keys per head; Mistral does not
+
+    @property
+    def q_width(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def kv_width(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+    def linear_shapes(self) -> dict[str, tuple[int, int]]:
+        """(in, out) of each linear layer of one transformer layer."""
+        h, q, kv, i = self.hidden_size, self.q_width, self.kv_width, self.intermediate_size
+        return {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
+                "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
+
+
+def dims_of(model: str) -> Dims:
+    return Dims(**SHAPES[model], qk_norm=not model.startswith("mistral"))
+
+
+@dataclass
+class Workload:
+    """What one micro-batch holds (per GPU)."""
+
+    stage: str
+    micro_batch_size: int = 1
+    docs_per_sample: int = 1  # stage2: candidates per question
+    doc_max_length: int = 256
+    compress_rate: int = 32
+    top_k: int = 5  # stage2: documents the generator reads
+    prompt_tokens: int = 96  # generator tokens besides the memory slots: template, question, answer
+    supervised_tokens: int = 32  # generator positions with a target (the answer)
+    question_tokens: int = 32  # stage2: the query reasoner's input besides its memory tokens
+    candidate_chunk_size: int = 64
+
+    @property
+    def n_mem(self) -> int:
+        return self.doc_max_length // self.compress_rate
+
+    @property
+    def doc_tokens(self) -> int:
+        """One document as the compressor reads it: <ENC>, the text, BOS/EOS and the memory tokens."""
+        return self.doc_max_length + self.n_mem + 3
+
+    @property
+    def decoder_tokens(self) -> int:
+        slots = self.top_k if self.stage == "stage2" else self.docs_per_sample
+        return self.prompt_tokens + slots * self.n_mem
+
+
+# Typical samples at the launchers' defaults (DOC_MAX_LENGTH 256, COMPRESS_RATE 32, GENERATION_TOP_K 5):
+# stage1 paraphrases or answers about one document (the target about as long as the document); stage1_2
+# answers a question from five documents; stage2 retrieves five of twenty candidates.
+DEFAULT_WORKLOADS = {
+    "stage1": dict(docs_per_sample=1, prompt_tokens=320, supervised_tokens=256),
+    "stage1_2": dict(docs_per_sample=5, prompt_tokens=96, supervised_tokens=32),
+    "stage2": dict(docs_per_sample=20, prompt_tokens=96, supervised_tokens=32),
+}
+
+
+def default_micro_batch(gpus: int) -> int:
+    """MICRO_BATCH_SIZE of train_single_gpu.sh (one GPU) and of train_8gpu.sh (more)."""
+    return 1 if gpus == 1 else 2
+
+
+def parameter_counts(dims: Dims, lora_r: int = 16) -> dict[str, int]:
+    """Base parameters by part, `linear` (N of bench.flops) and one adapter's LoRA parameters."""
+    linear_per_layer = sum(a * b for a, b in dims.linear_shapes().values())
+    norms_per_layer = 2 * dims.hidden_size + (2 * dims.head_dim if dims.qk_norm else 0)
+    embedding = dims.vocab_size * dims.hidden_size
+    head = 0 if dims.tie_word_embeddings else embedding
+    layers = dims.num_layers * (linear_per_layer + norms_per_layer)
+    lora = dims.num_layers * sum(lora_r * (a + b) for a, b in dims.linear_shapes().values())
+    return {"embedding": embedding, "lm_head": head, "layers": layers,
+            "total": embedding + head + layers + dims.hidden_size,  # + the final norm
+            "linear": dims.num_layers * linear_per_layer, "lora_per_adapter": lora}
+
+
+def lora_input_elements(dims: Dims) -> int:
+    """Elements per token of the inputs of one layer's adapted linear layers."""
+    return sum(a for a, _ in dims.linear_shapes().values())
+
+
+def layer_activation_bytes(dims: Dims) -> int:
+    """Bytes one transformer layer keeps for backward per token, in bf16, frozen base, LoRA with dropout.
+
+    A frozen linear keeps nothing (its input gradient needs only its weight), nor does a norm's frozen
+    weight. Kept: each RMSNorm's input in fp32 (4 bytes per element); each LoRA input after dropout
+    (bf16) and CUDA's boolean dropout mask (3 bytes per element of the adapted layer's input); the
+    attention's query, keys and values (keys and values repeated to every head: a padding mask rules
+    out grouped-query SDPA) and its output; the MLP's gate and up projections and the activation (2
+    bytes each). Left out as small: LoRA's rank-r intermediates, the softmax statistics.
+    """
+    h, q, kv, i = dims.hidden_size, dims.q_width, dims.kv_width, dims.intermediate_size
+    norms = 4 * h * 2 + (4 * (q + kv) if dims.qk_norm else 0)
+    lora_inputs = 3 * lora_input_elements(dims)
+    attention = 2 * (q + 2 * q + q)
+    mlp = 2 * 3 * i
+    return norms + lora_inputs + attention + mlp
+
+
+def nograd_layer_bytes(dims: Dims) -> int:
+    """Transient bytes per token of one layer's forward without gradient (the live tensors at its widest)."""
+    h, q, kv, i = dims.hidden_size, dims.q_width, dims.kv_width, dims.intermediate_size
+    return 2 * (3 * h + 2 * q + 2 * kv + 3 * i)
+
+
+def step_memory(dims: Dims, work: Workload, gpus: int = 1, zero_stage: int = 2,
+                gradient_checkpointing: bool = True, lora_r: int = 16) -> dict[str, float]:
+    """Expected peak allocated bytes per GPU of one training micro-step, by part, with `peak` their sum."""
+    counts = parameter_counts(dims, lora_r)
+    h, layers = dims.hidden_size, dims.num_layers
+    trained = TRAINED_ADAPTERS * counts["lora_per_adapter"] + work.n_mem * h
+    shard = gpus if zero_stage >= 1 else 1
+    parts = {
+        "base_weights": 2.0 * counts["total"],
+        "lora_weights": 2.0 * ADAPTERS_HELD[work.stage] * counts["lora_per_adapter"] + 2.0 * work.n_mem * h,
+        "optimizer": 12.0 * trained / shard,
+        "gradients": 2.0 * trained + 4.0 * trained / (gpus if zero_stage == 2 else 1),
+        "reduce_bucket": {0: 0.0, 1: 4.0, 2: 2.0}[zero_stage] * REDUCE_BUCKET_ELEMENTS,
+    }
+    b = work.micro_batch_size
+    if work.stage == "stage2":
+        grad_passes = [b * (work.question_tokens + work.n_mem), b * work.decoder_tokens]
+    else:
+        grad_passes = [b * work.docs_per_sample * work.doc_tokens, b * work.decoder_tokens]
+    per_layer = layer_activation_bytes(dims)
+    # Each pass also keeps its embeddings, final norm and hidden states (about 10 bytes per hidden unit).
+    edges = 10 * h * sum(grad_passes)
+    if gradient_checkpointing:
+        kept = 2 * h * layers * sum(grad_passes) + per_layer * max(grad_passes)
+    else:
+        kept = per_layer * layers * sum(grad_passes)
+    # Backward's own working set: activation gradients of the widest pass (a few hidden-sized tensors).
+    parts["activations"] = float(kept + edges + 8 * h * max(grad_passes))
+    parts["lm_head"] = 10.0 * b * work.supervised_tokens * dims.vocab_size
+    if work.stage == "stage2":
+        chunk = min(work.candidate_chunk_size, b * work.docs_per_sample)
+        compression = chunk * work.doc_tokens * (nograd_layer_bytes(dims) + 2 * h)
+        # It runs after the query reasoner's forward, before the generator's: only that pass is kept then.
+        query_kept = parts["activations"] * grad_passes[0] / sum(grad_passes)
+        parts["candidate_compression"] = float(max(0.0, compression + query_kept - parts["activations"]))
+    else:
+        parts["candidate_compression"] = 0.0
+    parts["peak"] = sum(parts.values())
+    return parts
+
+
+def default_workload(stage: str, gpus: int, **overrides) -> Workload:
+    values = {**DEFAULT_WORKLOADS[stage], "micro_batch_size": default_micro_batch(gpus), **overrides}
+    return Workload(stage=stage, **values)
+
+
+def fitting_change(dims: Dims, work: Workload, gpus: int, zero_stage: int, gradient_checkpointing: bool,
+                   budget: float) -> str:
+    """The first of the usual changes (in the order to try them) that brings the peak under `budget` bytes."""
+    tries = []
+    if not gradient_checkpointing:
+        tries.append(("GRADIENT_CHECKPOINTING=true", work, zero_stage, True))
+    if work.micro_batch_size > 1:
+        tries.append(("MICRO_BATCH_SIZE=1 (more gradient accumulation)",
+                      dataclasses.replace(work, micro_batch_size=1), zero_stage, True))
+    small = dataclasses.replace(work, micro_batch_size=1)
+    if work.stage == "stage2":
+        for chunk in (16, 4):
+            if chunk < work.candidate_chunk_size:
+                tries.append((f"candidate_chunk_size={chunk}", dataclasses.replace(small, candidate_chunk_size=chunk),
+                              zero_stage, True))
+    if zero_stage < 2 and gpus > 1:
+        tries.append(("ZERO_STAGE=2", small, 2, True))
+    for label, w, z, gc in tries:
+        if step_memory(dims, w, gpus, z, gc)["peak"] <= budget:
+            return label
+    return ("does not fit even with every change: the frozen bf16 weights alone take "
+            f"{2 * parameter_counts(dims)['total'] / GiB:.1f} GiB on each GPU (ZeRO 1/2 do not shard them); "
+            "use a larger GPU or a smaller model")
+
+
+MICRO_BATCH_SEARCH_LIMIT = 256
+
+
+def largest_micro_batch(dims: Dims, work: Workload, gpus: int, zero_stage: int, gradient_checkpointing: bool,
+                        budget: float, limit: int = MICRO_BATCH_SEARCH_LIMIT) -> int:
+    """The largest micro-batch (up to `limit`) whose peak stays under `budget` bytes; 0 if none does."""
+    fitting = 0
+    for size in range(1, limit + 1):
+        if step_memory(dims, dataclasses.replace(work, micro_batch_size=size), gpus, zero_stage,
+                       gradient_checkpointing)["peak"] > budget:
+            break
+        fitting = size
+    return fitting
+
+
+def plan_rows(model: str, gpus: int, gpu_gib: float = 80.0, zero_stage: int = 2,
+              gradient_checkpointing: bool = True, **overrides) -> list[dict]:
+    """One row per stage: the expected peak and whether it fits in 90% of the GPU (the rest: context, fragments)."""
+    dims = dims_of(model)
+    budget = 0.9 * gpu_gib * GiB
+    rows = []
+    for stage in STAGES:
+        work = default_workload(stage, gpus, **overrides)
+        parts = step_memory(dims, work, gpus, zero_stage, gradient_checkpointing)
+        fits = parts["peak"] <= budget
+        rows.append({"model": model, "gpus": gpus, "stage": stage, "micro_batch_size": work.micro_batch_size,
+                     "zero_stage": zero_stage, "gradient_checkpointing": gradient_checkpointing,
+                     "parts_gib": {k: v / GiB for k, v in parts.items()}, "peak_gib": parts["peak"] / GiB,
+                     "fits": fits, "change": None if fits else fitting_change(
+                         dims, work, gpus, zero_stage, gradient_checkpointing, budget),
+                     "largest_micro_batch": {
+                         "checkpointing": largest_micro_batch(dims, work, gpus, zero_stage, True, budget),
+                         "no_checkpointing": largest_micro_batch(dims, work, gpus, zero_stage, False, budget)}})
+    return rows
+
+
+PART_COLUMNS = (("weights", ("base_weights", "lora_weights")), ("optim", ("optimizer", "gradients", "reduce_bucket")),
+                ("activ", ("activations",)), ("logits", ("lm_head",)), ("cands", ("candidate_compression",)))
+
+
+def _searched(size: int) -> str:
+    return f"{size}+" if size == MICRO_BATCH_SEARCH_LIMIT else str(size)
+
+
+def format_rows(rows: list[dict], gpu_gib: float = 80.0) -> str:
+    lines = ["| model | GPUs | stage | micro-batch | " + " | ".join(name for name, _ in PART_COLUMNS)
+             + f" | peak GiB/GPU | fits {gpu_gib:g} GiB | change if not | largest micro-batch (checkpointing on / off) |",
+             "|---" * (len(PART_COLUMNS) + 8) + "|"]
+    for row in rows:
+        cells = [f"{sum(row['parts_gib'][k] for k in keys):.1f}" for _, keys in PART_COLUMNS]
+        lines.append(f"| {row['model']} | {row['gpus']} | {row['stage']} | {row['micro_batch_size']} | "
+                     + " | ".join(cells) + f" | {row['peak_gib']:.1f} | {'yes' if row['fits'] else 'no'} | "
+                     f"{row['change'] or '-'} | {_searched(row['largest_micro_batch']['checkpointing'])} / "
+                     f"{_searched(row['largest_micro_batch']['no_checkpointing'])} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.memory", description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--model", choices=sorted(SHAPES), action="append",
+                        help="base model shape (repeatable; default: mistral-7b and qwen3-14b)")
+    parser.add_argument("--gpus", type=int, action="append",
+                        help="data-parallel GPUs, with the launcher's MICRO_BATCH_SIZE: 1 for one GPU, 2 for more "
+                             "(repeatable; default: 1 and 8)")
+    parser.add_argument("--gpu_gib", type=float, default=80.0, help="memory of one GPU")
+    parser.add_argument("--zero_stage", type=int, choices=(0, 1, 2), default=2, help="DeepSpeed ZeRO stage")
+    parser.add_argument("--gradient_checkpointing", choices=("true", "false"), default="true",
+                        help="gradient checkpointing")
+    parser.add_argument("--micro_batch_size", type=int, help="samples per GPU per forward (default: the launcher's)")
+    parser.add_argument("--candidate_chunk_size", type=int, default=64, help="stage-2 candidates per no-grad chunk")
+    parser.add_argument("--docs_per_sample", type=int,
+                        help="documents per sample (stage2: candidates); default: 1, 5, 20 for the three stages")
+    parser.add_argument("--prompt_tokens", type=int,
+                        help="generator tokens per sample besides the memory slots (at most MAX_LEN); default: "
+                             "320 for stage1, 96 for the others")
+    parser.add_argument("--supervised_tokens", type=int,
+                        help="generator tokens per sample with a target; default: 256 for stage1, 32 for the others")
+    parser.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
+    args = parser.parse_args(argv)
+    overrides = {"candidate_chunk_size": args.candidate_chunk_size}
+    for name in ("micro_batch_size", "docs_per_sample", "prompt_tokens", "supervised_tokens"):
+        if getattr(args, name):
+            overrides[name] = getattr(args, name)
+    rows = [row for model in args.model or ["mistral-7b", "qwen3-14b"] for gpus in args.gpus or [1, 8]
+            for row in plan_rows(model, gpus, args.gpu_gib, args.zero_stage, args.gradient_checkpointing == "true",
+                                 **overrides)]
+    print(format_rows(rows, args.gpu_gib))
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as out:
+            json.dump(rows, out, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
