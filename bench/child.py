@@ -266,7 +266,6 @@ def kind_of(name: str) -> str:
 def profile_step(run_step, on_cuda: bool) -> dict:
     """One step under torch.profiler: busy time by kind of operator (kernel time on a GPU, CPU time on a CPU)
     next to the step's wall time, whose remainder is time the GPU waited for the host."""
-    import torch
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
@@ -387,7 +386,7 @@ def measure(cfg: BenchConfig, work_dir: str) -> dict:
         step_times.append(t2 - t1)
         collate_times.append(t1 - t0)
         tokens.append(batch.num_tokens)
-        losses.append(float(result.sums[0]) if not result.skipped else float("nan"))
+        losses.append(result.sums.lm_loss if not result.skipped else float("nan"))
         supervised = int((batch.labels[:, 1:] != -100).sum())
         query = batch.query_mask.sum(1).tolist() if batch.query_mask is not None else None
         flops.append(step_flops(shape, cfg.stage, batch.enc_mask.sum(1).tolist(), batch.dec_mask.sum(1).tolist(),

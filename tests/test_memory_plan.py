@@ -14,8 +14,17 @@ import torch
 from transformers import AutoModelForCausalLM, MistralConfig, Qwen3Config
 
 from bench.config import SHAPES
-from bench.memory import (GiB, Dims, Workload, dims_of, layer_activation_bytes, lora_input_elements, parameter_counts,
-                          plan_rows, step_memory)
+from bench.memory import (
+    Dims,
+    GiB,
+    Workload,
+    dims_of,
+    layer_activation_bytes,
+    lora_input_elements,
+    parameter_counts,
+    plan_rows,
+    step_memory,
+)
 from clara.model import ModelSettings, attach_adapters
 
 REPO = Path(__file__).resolve().parent.parent
