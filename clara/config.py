@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from dataclasses import dataclass
 
 STAGES = ("stage1", "stage1_2", "stage2")
@@ -22,6 +23,23 @@ GPU_DEFAULT_MODEL = "Qwen/Qwen3-14B"
 
 class ConfigError(ValueError):
     """A setting a user gave is invalid; the message names it and what was expected."""
+
+
+_HUB_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,95}")
+
+
+def hub_id_parts(path: str) -> tuple[str, str | None] | None:
+    """(repo id, subfolder or None) when path reads as a Hugging Face Hub id `owner/name[/subfolder]`.
+
+    None for anything that reads as a local path: an existing one, an absolute or ./ ~ path, or one
+    whose first part is a local directory (a mistyped `checkpoints/stage1` stays a local path).
+    """
+    if os.path.exists(path) or path.startswith(("/", ".", "~")) or "\\" in path:
+        return None
+    parts = path.strip("/").split("/")
+    if len(parts) < 2 or not all(_HUB_NAME.fullmatch(p) for p in parts[:2]) or os.path.isdir(parts[0]):
+        return None
+    return "/".join(parts[:2]), "/".join(parts[2:]) or None
 
 
 @dataclass
@@ -173,9 +191,11 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> None:
             if not os.path.isfile(path):
                 raise ConfigError(f"--eval_dataset: file {path!r} does not exist or is not readable")
     if cfg.pretrain_checkpoint:
-        if not os.path.isfile(os.path.join(cfg.pretrain_checkpoint, "config.json")):
+        local = os.path.isfile(os.path.join(cfg.pretrain_checkpoint, "config.json"))
+        if not local and hub_id_parts(cfg.pretrain_checkpoint) is None:
             raise ConfigError(f"--pretrain_checkpoint={cfg.pretrain_checkpoint!r}: expected a checkpoint "
-                              "directory with config.json (the SAVE_PATH of a finished earlier stage)")
+                              "directory with config.json (the SAVE_PATH of a finished earlier stage) or a "
+                              "Hugging Face Hub id such as apple/CLaRa-7B-Instruct/compression-16")
     elif cfg.stage != "stage1" and not cfg.allow_no_checkpoint:
         previous = "stage1" if cfg.stage == "stage1_2" else "stage1_2"
         raise ConfigError(f"--stage={cfg.stage} needs --pretrain_checkpoint (the {previous} SAVE_PATH); "

@@ -23,7 +23,7 @@ def build_stage_model(cfg, dtype: torch.dtype = torch.float32, attn_implementati
     stage2: compressor and generator from stage1_2; the query reasoner from it when present, else a
     copy of the compressor.
     """
-    from clara.checkpoint import CheckpointError, build_model, load_model, read_config
+    from clara.checkpoint import CheckpointError, build_model, load_model, read_config, resolve_checkpoint
     from clara.model import ModelSettings, lora_config
 
     module = stage_module(cfg.stage)
@@ -36,7 +36,8 @@ def build_stage_model(cfg, dtype: torch.dtype = torch.float32, attn_implementati
         log(f"{cfg.stage}: starting every adapter fresh from the base model {cfg.model_path}")
         model = build_model(settings, needed, dtype, attn_implementation)
     else:
-        config = read_config(cfg.pretrain_checkpoint)
+        checkpoint = resolve_checkpoint(cfg.pretrain_checkpoint)
+        config = read_config(checkpoint)
         saved_n = config.get("n_mem_tokens") or config["doc_max_length"] // config["compr_rate"]
         if saved_n != cfg.n_mem_tokens:
             raise CheckpointError(
@@ -46,7 +47,7 @@ def build_stage_model(cfg, dtype: torch.dtype = torch.float32, attn_implementati
         if missing:
             raise CheckpointError(f"{cfg.pretrain_checkpoint} has no {', '.join(missing)}, which {cfg.stage} "
                                   "loads; pass the checkpoint of the previous stage")
-        model = load_model(cfg.pretrain_checkpoint, dtype, attn_implementation, base_model=cfg.model_path)
+        model = load_model(checkpoint, dtype, attn_implementation, base_model=cfg.model_path)
         model.settings = settings
         for name in needed:
             fresh = name in module.NEW_ADAPTERS
