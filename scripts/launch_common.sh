@@ -180,9 +180,14 @@ _clara_validate() {
         _clara_files EVAL_DATASET
     fi
     if [[ -n $PRETRAIN_CHECKPOINT ]]; then
-        if [[ ! -d $PRETRAIN_CHECKPOINT ]]; then
+        # Not a directory but read as a Hugging Face Hub id owner/name[/subfolder], by the rule of
+        # clara.config.hub_id_parts (relative, and its first part is no local directory): Python resolves it.
+        local hub_id='^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*(/.*)?$'
+        if [[ ! -d $PRETRAIN_CHECKPOINT && $PRETRAIN_CHECKPOINT =~ $hub_id && ! -d ${PRETRAIN_CHECKPOINT%%/*} ]]; then
+            :
+        elif [[ ! -d $PRETRAIN_CHECKPOINT ]]; then
             clara_fail "PRETRAIN_CHECKPOINT=$PRETRAIN_CHECKPOINT: no such directory; expected the SAVE_PATH" \
-                "of a finished earlier stage"
+                "of a finished earlier stage, or a Hub id such as apple/CLaRa-7B-Instruct/compression-16"
         elif [[ ! -f $PRETRAIN_CHECKPOINT/config.json ]]; then
             clara_fail "PRETRAIN_CHECKPOINT=$PRETRAIN_CHECKPOINT: not a checkpoint (no config.json inside);" \
                 "expected the SAVE_PATH of a finished earlier stage"
