@@ -22,7 +22,7 @@ import sys
 import torch
 from peft import get_peft_model_state_dict
 
-from clara.checkpoint import CheckpointError, PEFT_PREFIX, load_model, read_config, resolve_checkpoint, save_model
+from clara.checkpoint import PEFT_PREFIX, CheckpointError, load_model, read_config, resolve_checkpoint, save_model
 from clara.config import STAGES, ConfigError
 from clara.model import ClaraModel
 
