@@ -1,5 +1,8 @@
 """Build models, save them, and load both the native and the official release layouts (README: "Outputs, checkpoints and resuming").
 
+A checkpoint is a local directory or a Hugging Face Hub id (resolve_checkpoint); the official
+release is published as `apple/CLaRa-7B-{Base,Instruct,E2E}` with one subfolder per compression rate.
+
 Native layout of a model directory:
   config.json                      format, base model, memory/compression settings, LoRA settings, adapters
   adapters.safetensors             "<adapter>.<peft key>" -> LoRA weights of every adapter
@@ -9,16 +12,20 @@ Native layout of a model directory:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
+from collections.abc import Iterator
 
 import torch
+from huggingface_hub import HfApi, constants, snapshot_download
+from huggingface_hub.errors import GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError
 from peft import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from clara.config import TINY_MODEL_NAME
+from clara.config import TINY_MODEL_NAME, hub_id_parts
 from clara.errors import CheckpointError
 from clara.files import atomic_path, write_json_atomic
 from clara.model import ClaraModel, ModelSettings, attach_adapters
@@ -34,15 +41,123 @@ def resolve_base_path(model_path: str) -> str:
     return tiny_model_dir() if model_path == TINY_MODEL_NAME else model_path
 
 
+# -- the Hugging Face Hub -----------------------------------------------------------------------------------
+@contextlib.contextmanager
+def hub_errors(what: str, repo_id: str) -> Iterator[None]:
+    """Turn a failed Hub look-up (raised by huggingface_hub, or by transformers around it) into one line
+    that says what to do. Other errors pass unchanged."""
+    try:
+        yield
+    except Exception as error:
+        message = _hub_advice(error, what, repo_id)
+        if message is None:
+            raise
+        raise CheckpointError(message) from error
+
+
+def _hub_advice(error: BaseException, what: str, repo_id: str) -> str | None:
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, GatedRepoError):
+            return (f"{what}: {repo_id} is gated on the Hugging Face Hub; accept its licence at "
+                    f"https://huggingface.co/{repo_id} while logged in, then set HF_TOKEN to a token of that "
+                    "account (or run `hf auth login`)")
+        if isinstance(error, RepositoryNotFoundError):
+            return (f"{what}: the Hugging Face Hub has no repository {repo_id} that you can read "
+                    "(check the name; a private repository needs HF_TOKEN)")
+        if isinstance(error, LocalEntryNotFoundError):
+            if constants.HF_HUB_OFFLINE:
+                return (f"{what}: {repo_id} is not in the Hub cache {constants.HF_HUB_CACHE} and HF_HUB_OFFLINE=1 "
+                        "forbids downloading it; download it once with network access (same HF_HOME), "
+                        "then HF_HUB_OFFLINE=1 works")
+            return (f"{what}: cannot reach the Hugging Face Hub ({constants.ENDPOINT}) and {repo_id} is not in "
+                    f"the Hub cache {constants.HF_HUB_CACHE}; connect to the network, or fill that cache on a "
+                    "machine that can (same HF_HOME) and set HF_HUB_OFFLINE=1 here")
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def resolve_checkpoint(path_or_id: str, subfolder: str | None = None) -> str:
+    """The local directory of a checkpoint given as a directory or as a Hugging Face Hub id.
+
+    A Hub id is `owner/name` with subfolder=..., or the path form `owner/name/subfolder`. Only that
+    subfolder is downloaded, into the Hub cache; HF_HOME, HF_TOKEN and HF_HUB_OFFLINE apply as
+    everywhere in huggingface_hub.
+    """
+    local = os.path.join(path_or_id, subfolder) if subfolder else path_or_id
+    if os.path.isdir(local):
+        return local
+    parts = hub_id_parts(path_or_id)
+    if parts is None:
+        raise CheckpointError(f"{local}: no such checkpoint directory (nor a Hugging Face Hub id owner/name)")
+    repo_id, in_id = parts
+    folder = "/".join(p.strip("/") for p in (in_id, subfolder) if p) or None
+    # A mistyped local path also reads as a Hub id: the message starts with what the user gave.
+    what = (f"checkpoint {path_or_id}" + (f" subfolder {subfolder}" if subfolder else "")
+            + " (no such local directory, so read as a Hugging Face Hub id)")
+    # fnmatch's "*" also matches "/": "*/*" leaves out every subfolder, so the root alone is fetched.
+    patterns = {"allow_patterns": [f"{folder}/*"]} if folder else {"ignore_patterns": ["*/*"]}
+    with hub_errors(what, repo_id):
+        snapshot = snapshot_download(repo_id, **patterns)
+    directory = os.path.join(snapshot, folder) if folder else snapshot
+    if not os.path.isfile(os.path.join(directory, "config.json")):
+        found = hub_checkpoint_folders(repo_id, snapshot)
+        where = "in the Hub cache" if constants.HF_HUB_OFFLINE else "on the Hub"
+        raise CheckpointError(
+            f"{what}: no checkpoint there (no config.json); {repo_id} has "
+            + (f"these {where}: {', '.join(found)} (pass one as subfolder=, or append it to the id: "
+               f"{repo_id}/{found[0]})" if found else f"no checkpoint subfolder {where}"))
+    return directory
+
+
+def hub_checkpoint_folders(repo_id: str, snapshot: str) -> list[str]:
+    """Subfolders holding a config.json: listed by the Hub, or found in the cached snapshot when offline."""
+    if constants.HF_HUB_OFFLINE:
+        files = [os.path.relpath(os.path.join(root, name), snapshot)
+                 for root, _, names in os.walk(snapshot) for name in names]
+    else:
+        with hub_errors(f"checkpoint {repo_id}", repo_id):
+            files = HfApi().list_repo_files(repo_id)
+    return sorted(os.path.dirname(f) for f in files if f.endswith("/config.json"))
+
+
+def official_base_name(name: str, path: str) -> str:
+    """The base model an official config.json names, as something transformers can load.
+
+    The release records the path of its authors' copy (e.g. /mnt/.../Mistral-7B-Instruct-v0.2); a path
+    that does not exist here is replaced by the Hub id of the model it names.
+    """
+    if not os.path.isabs(name) or os.path.exists(name):
+        return name
+    base = os.path.basename(name.rstrip("/"))
+    for prefix, owner in (("Mistral-", "mistralai"), ("Qwen", "Qwen"), ("Llama-", "meta-llama")):
+        if base.startswith(prefix):
+            return f"{owner}/{base}"
+    raise CheckpointError(f"{path}/config.json: decoder_model_name {name!r} does not exist here; pass the base "
+                          "model (base_model= / --model_path)")
+
+
 def build_model(settings: ModelSettings, adapters: list[str], dtype: torch.dtype = torch.float32,
-                attn_implementation: str = "sdpa", tokenizer_dir: str | None = None) -> ClaraModel:
-    """The base model with the CLaRa tokens added and fresh LoRA adapters of the given names."""
+                attn_implementation: str = "sdpa", tokenizer_dir: str | None = None,
+                vocab_rows: int | None = None) -> ClaraModel:
+    """The base model with the CLaRa tokens added and fresh LoRA adapters of the given names.
+
+    vocab_rows: rows of the embedding matrix (the official code shrinks it to the tokenizer's length,
+    Qwen's has spare rows); None keeps the base's, grown where the added tokens need it.
+    """
     base_path = resolve_base_path(settings.base_model)
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir or base_path)
+    with hub_errors(f"base model {base_path}", base_path):
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir or base_path)
+        base = AutoModelForCausalLM.from_pretrained(base_path, dtype=dtype, attn_implementation=attn_implementation)
     tokens = add_special_tokens(tokenizer, settings.n_mem_tokens)
-    base = AutoModelForCausalLM.from_pretrained(base_path, dtype=dtype, attn_implementation=attn_implementation)
-    if base.get_input_embeddings().weight.shape[0] < len(tokenizer):
-        base.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    rows = vocab_rows or max(base.get_input_embeddings().weight.shape[0], len(tokenizer))
+    if rows < len(tokenizer):
+        raise CheckpointError(f"an embedding matrix of {rows} rows cannot hold the {len(tokenizer)} tokens of "
+                              f"{base_path}'s tokenizer with the CLaRa tokens: another base model or number of "
+                              "memory tokens?")
+    if rows != base.get_input_embeddings().weight.shape[0]:
+        base.resize_token_embeddings(rows, mean_resizing=False)
     init_added_rows(base, tokenizer.convert_tokens_to_ids(added_token_strings(settings.n_mem_tokens)))
     base.config.use_cache = False
     peft_model = attach_adapters(base, adapters, settings)
@@ -193,33 +308,38 @@ def _load_official(path: str, config: dict, dtype: torch.dtype, attn_implementat
         if not os.path.isfile(os.path.join(path, name)):
             raise CheckpointError(f"{path}: official-layout checkpoint without {name}")
     rate, doc_len = int(config["compr_rate"]), int(config["doc_max_length"])
-    settings = ModelSettings(base_model=base_model or config["decoder_model_name"], n_mem_tokens=doc_len // rate,
-                             compress_rate=rate, doc_max_length=doc_len,
+    settings = ModelSettings(base_model=base_model or official_base_name(config["decoder_model_name"], path),
+                             n_mem_tokens=doc_len // rate, compress_rate=rate, doc_max_length=doc_len,
                              generation_top_k=int(config.get("generation_top_k", 5)),
                              lora_r=int(config.get("lora_r", 16)),
                              # The release trained with alpha = 2 r and does not record alpha.
                              lora_alpha=int(config.get("lora_alpha", 2 * int(config.get("lora_r", 16)))))
     adapters = torch.load(os.path.join(path, "adapters.pth"), map_location="cpu", weights_only=True)
-    model = build_model(settings, list(adapters), dtype, attn_implementation)
+    layers = torch.load(os.path.join(path, "decoder_first_last_layers.pth"), map_location="cpu", weights_only=True)
+    embed = _full_matrix(layers, "embed_tokens.weight", path)
+    model = build_model(settings, list(adapters), dtype, attn_implementation, vocab_rows=embed.shape[0])
     for name, state in adapters.items():
         load_adapter_state(model, name, state, os.path.join(path, "adapters.pth"))
-    layers = torch.load(os.path.join(path, "decoder_first_last_layers.pth"), map_location="cpu", weights_only=True)
-    _copy_full_matrix(model, layers, "embed_tokens.weight", model.causal_lm.get_input_embeddings().weight, path)
+    _copy_full_matrix(embed, model.causal_lm.get_input_embeddings().weight, "embed_tokens.weight", path)
     head = model.causal_lm.get_output_embeddings().weight
     # With tied embeddings the release's save (named_parameters) holds no separate lm_head entry.
     if head is not model.causal_lm.get_input_embeddings().weight or any(k.endswith("lm_head.weight") for k in layers):
-        _copy_full_matrix(model, layers, "lm_head.weight", head, path)
+        _copy_full_matrix(_full_matrix(layers, "lm_head.weight", path), head, "lm_head.weight", path)
     with torch.no_grad():
         model.mem_embeddings.copy_(model.causal_lm.get_input_embeddings().weight[list(model.tokens.mem_ids)])
     return model
 
 
-@torch.no_grad()
-def _copy_full_matrix(model: ClaraModel, layers: dict, suffix: str, target: torch.Tensor, path: str) -> None:
+def _full_matrix(layers: dict, suffix: str, path: str) -> torch.Tensor:
     matches = [value for key, value in layers.items() if key.endswith(suffix)]
     if not matches:
         raise CheckpointError(f"{path}/decoder_first_last_layers.pth: no '{suffix}' entry")
-    if matches[0].shape != target.shape:
-        raise CheckpointError(f"{path}/decoder_first_last_layers.pth: '{suffix}' has shape "
-                              f"{tuple(matches[0].shape)}, the model expects {tuple(target.shape)}")
-    target.copy_(matches[0].to(target))
+    return matches[0]
+
+
+@torch.no_grad()
+def _copy_full_matrix(source: torch.Tensor, target: torch.Tensor, name: str, path: str) -> None:
+    if source.shape != target.shape:
+        raise CheckpointError(f"{path}/decoder_first_last_layers.pth: '{name}' has shape "
+                              f"{tuple(source.shape)}, the model expects {tuple(target.shape)}")
+    target.copy_(source.to(target))

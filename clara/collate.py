@@ -63,20 +63,29 @@ def encode_documents(tokenizer, tokens: SpecialTokens, docs: list[str],
 
 def encode_supervised(tokenizer, system: str, user: str, target: str | None,
                       max_len: int) -> tuple[list[int], list[int]]:
-    """Prompt ids followed by the target and the end-of-turn marker; labels only on the latter.
+    """Prompt ids followed by the assistant turn as the chat template renders it; labels only on the turn.
 
-    The prompt is rendered exactly as at inference (generation prompt included), never cut out of
-    a rendered full chat, because templates do not promise that one is a prefix of the other.
+    The prompt is rendered exactly as at inference (generation prompt included); the turn is the
+    answer, the end-of-turn marker and what the template writes after it (prompts.render_supervised).
     """
-    prompt_ids = tokenizer(prompts.render_prompt(tokenizer, system, user), add_special_tokens=False)["input_ids"]
     if target is None:
+        prompt_ids = tokenizer(prompts.render_prompt(tokenizer, system, user), add_special_tokens=False)["input_ids"]
         return prompt_ids, [IGNORE_INDEX] * len(prompt_ids)
-    target_ids = tokenizer(target + prompts.end_of_turn(tokenizer), add_special_tokens=False)["input_ids"]
+    prompt, turn = prompts.render_supervised(tokenizer, system, user, target)
+    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
     if len(prompt_ids) >= max_len:
         raise ValueError(f"a prompt of {len(prompt_ids)} tokens leaves no room for the answer within "
                          f"MAX_LEN={max_len}; raise MAX_LEN or lower the number of documents")
-    target_ids = target_ids[:max_len - len(prompt_ids)]
-    return prompt_ids + target_ids, [IGNORE_INDEX] * len(prompt_ids) + target_ids
+    # The turn is tokenised together with the prompt, as the official code does (a sentencepiece
+    # tokenizer would start a separately tokenised answer with a word-start marker), unless joining
+    # would change the prompt's own tokens, which must stay what generation sees.
+    joint = tokenizer(prompt + turn, add_special_tokens=False)["input_ids"]
+    if joint[:len(prompt_ids)] == prompt_ids:
+        turn_ids = joint[len(prompt_ids):]
+    else:
+        turn_ids = tokenizer(turn, add_special_tokens=False)["input_ids"]
+    turn_ids = turn_ids[:max_len - len(prompt_ids)]
+    return prompt_ids + turn_ids, [IGNORE_INDEX] * len(prompt_ids) + turn_ids
 
 
 def build_decoder(tokenizer, tokens: SpecialTokens, examples: list[tuple[str, str, str | None]],

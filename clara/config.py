@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,6 +20,23 @@ from clara.stages import STAGES, get_stage
 TINY_MODEL_NAME = "tiny"
 GPU_DEFAULT_MODEL = "Qwen/Qwen3-14B"
 REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+_HUB_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,95}")
+
+
+def hub_id_parts(path: str) -> tuple[str, str | None] | None:
+    """(repo id, subfolder or None) when path reads as a Hugging Face Hub id `owner/name[/subfolder]`.
+
+    None for anything that reads as a local path: an existing one, an absolute or ./ ~ path, or one
+    whose first part is a local directory (a mistyped `checkpoints/stage1` stays a local path).
+    """
+    if os.path.exists(path) or path.startswith(("/", ".", "~")) or "\\" in path:
+        return None
+    parts = path.strip("/").split("/")
+    if len(parts) < 2 or not all(_HUB_NAME.fullmatch(p) for p in parts[:2]) or os.path.isdir(parts[0]):
+        return None
+    return "/".join(parts[:2]), "/".join(parts[2:]) or None
 
 
 def setting(default, help: str):
@@ -204,6 +222,8 @@ def check_files(name: str, spec: str | None) -> None:
 
 def _check_pretrain_checkpoint(cfg: TrainConfig) -> None:
     stage = get_stage(cfg.stage)
+    if cfg.pretrain_checkpoint and hub_id_parts(cfg.pretrain_checkpoint) is not None:
+        return  # a Hub id, resolved (and its errors reported) when the trainer loads it
     if cfg.pretrain_checkpoint:
         if not os.path.isdir(cfg.pretrain_checkpoint):
             raise ConfigError("pretrain_checkpoint", cfg.pretrain_checkpoint,

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from clara.checkpoint import load_model, read_config
+from clara.checkpoint import load_model, read_config, resolve_checkpoint
 from clara.collate import Collator
 from clara.config import TrainConfig, check_files
 from clara.data import load_records
@@ -208,7 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "stage1_2/stage2 also EM, F1 and cover-EM of greedy answers; stage2 also recall@k. "
                     "Runs on several processes under torchrun or accelerate launch.")
     parser.add_argument("--checkpoint", required=True,
-                        help="checkpoint directory (native or official release layout)")
+                        help="checkpoint directory (native or official release layout) or Hugging Face Hub id "
+                             "(e.g. apple/CLaRa-7B-E2E/compression-16)")
     parser.add_argument("--dataset", required=True, help="JSONL file(s) of the stage, joined by commas")
     parser.add_argument("--stage", choices=list(STAGES), default=None,
                         help="data format and metrics (default: the stage recorded in the checkpoint; official "
@@ -254,19 +255,21 @@ def resolve_stage(checkpoint: str, stage: str | None) -> str:
 
 def run(args: argparse.Namespace, rank: int, world: int, device: torch.device) -> dict:
     say = print if rank == 0 else (lambda *a, **k: None)
-    stage = get_stage(resolve_stage(args.checkpoint, args.stage))
+    # A Hub id is downloaded once, by rank 0; the other ranks then find it in the cache.
+    checkpoint = rank_zero_first(lambda: resolve_checkpoint(args.checkpoint), rank, world)
+    stage = get_stage(resolve_stage(checkpoint, args.stage))
     stage_source = "--stage" if args.stage else "from the checkpoint"
     check_files("dataset", args.dataset)
     dtype = resolve_dtype(args.dtype, device)
     attn = attention_implementation(args.flash_attn, device.type == "cuda")
-    config = read_config(args.checkpoint)
+    config = read_config(checkpoint)
     top_k = int(config.get("generation_top_k", 5))
     datasets.disable_progress_bars()
     # Rank 0 builds the Arrow cache first; the other ranks then read it (and meet the same errors).
     records = rank_zero_first(lambda: load_records(stage, args.dataset, min_docs=stage.min_docs(top_k),
                                                    max_samples=args.limit, log=say), rank, world)
 
-    model = load_model(args.checkpoint, dtype, attn, base_model=args.model_path)
+    model = load_model(checkpoint, dtype, attn, base_model=args.model_path)
     if stage.uses_query:
         ensure_query_reasoner(model, log=say)
     model.to(device)

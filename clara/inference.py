@@ -3,6 +3,7 @@
 The calls, argument names and return types of the official CLaRa release work as in its README:
 
     model = CLaRa.from_pretrained("checkpoints/clara_stage1_2")            # native or official layout
+    model = CLaRa.from_pretrained("apple/CLaRa-7B-Instruct", subfolder="compression-16")  # Hub id
     embeddings, mse = model.compress_documents(documents=["Vorlan is a kingdom. ..."])  # [D, n, H], MSE
     answers = model.generate_from_text(questions=["What is Vorlan?"], documents=[["Vorlan is ..."]],
                                        max_new_tokens=64)
@@ -24,7 +25,7 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
-from clara.checkpoint import CheckpointError, load_model, read_config
+from clara.checkpoint import CheckpointError, load_model, read_config, resolve_checkpoint
 from clara.collate import Collator, encode_documents
 from clara.distributed import default_device, resolve_dtype
 from clara.model import ClaraModel, attention_implementation
@@ -133,8 +134,11 @@ class CLaRa:
     def from_pretrained(cls, path: str, device: str | torch.device | None = None,
                         dtype: str | torch.dtype | None = None, stage: str | None = None,
                         attn_implementation: str | None = None, base_model: str | None = None,
-                        **kwargs) -> "CLaRa":
-        """Load a checkpoint directory in the native or the official release layout.
+                        subfolder: str | None = None, **kwargs) -> "CLaRa":
+        """Load a checkpoint in the native or the official release layout: a directory or a Hub id.
+
+        Hub ids: from_pretrained("apple/CLaRa-7B-Instruct", subfolder="compression-16") or the path form
+        "apple/CLaRa-7B-Instruct/compression-16"; only that subfolder is downloaded (checkpoint.resolve_checkpoint).
 
         device None: CUDA when available, else CPU. dtype None: bfloat16 on CUDA, float32 on CPU.
         attn_implementation None: FlashAttention-2 on CUDA when installed, else SDPA.
@@ -143,6 +147,7 @@ class CLaRa:
         target = (torch.device(device) if device is not None else default_device())
         if attn_implementation is None:
             attn_implementation = attention_implementation("auto", target.type == "cuda")
+        path = resolve_checkpoint(path, subfolder)
         model = load_model(path, resolve_dtype(dtype, target), attn_implementation, base_model=base_model)
         return cls(model, stage=stage or infer_stage(path), device=target, **kwargs)
 

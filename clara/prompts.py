@@ -119,29 +119,60 @@ def _chat(tokenizer, messages: list[dict], add_generation_prompt: bool) -> str:
                                          enable_thinking=False)
 
 
-def render_prompt(tokenizer, system: str, user: str) -> str:
-    """The inference prompt; templates that reject a system role get it folded into the user turn."""
+def _prompt(tokenizer, system: str, user: str) -> tuple[list[dict], str]:
+    """The messages of the prompt and its rendering with a generation prompt.
+
+    Templates that reject a system role get the system text, a newline and the user text as one user turn.
+    """
+    messages = [{"role": "system", "content": system}, {"role": "user", "content": user}]
     try:
-        return _chat(tokenizer, [{"role": "system", "content": system}, {"role": "user", "content": user}], True)
+        return messages, _chat(tokenizer, messages, True)
     except Exception as error:  # jinja raises TemplateError (or its own exception) for an unsupported role
         # Templates word the refusal differently (Mistral-7B-Instruct-v0.2: "Conversation roles must
         # alternate user/assistant/..."), so try the folded form whatever the message; if that fails
         # too, the problem was not the system role and the original error is the informative one.
+        folded = [{"role": "user", "content": system + "\n" + user}]
         try:
-            return _chat(tokenizer, [{"role": "user", "content": system + "\n" + user}], True)
+            return folded, _chat(tokenizer, folded, True)
         except Exception:
             raise error from None
 
 
+def render_prompt(tokenizer, system: str, user: str) -> str:
+    """The inference prompt: the chat template with a generation prompt."""
+    return _prompt(tokenizer, system, user)[1]
+
+
+def render_supervised(tokenizer, system: str, user: str, answer: str) -> tuple[str, str]:
+    """(inference prompt, assistant turn): the turn is the text the template renders for the answer.
+
+    Where the generation prompt is a prefix of the rendered full chat (Qwen, Mistral), the turn is
+    the rest of that chat: the answer as the template writes it, the end-of-turn marker and what
+    follows it (Qwen: `<|im_end|>\n`), which is what the official code supervises. Where it is not
+    (some Qwen3 variants render an empty think block only at generation time), cutting the full
+    chat would shift the labels, so the turn is the answer followed by the text the template puts
+    after an assistant message.
+    """
+    messages, prompt = _prompt(tokenizer, system, user)
+    full = _chat(tokenizer, messages + [{"role": "assistant", "content": answer}], False)
+    if full.startswith(prompt):
+        return prompt, full[len(prompt):]
+    return prompt, answer + _after_assistant_text(tokenizer)
+
+
+def _after_assistant_text(tokenizer) -> str:
+    return _after_assistant_cached(tokenizer.chat_template or "", tokenizer)
+
+
 @functools.lru_cache(maxsize=8)
-def _end_of_turn_cached(template: str, tokenizer) -> str:
+def _after_assistant_cached(template: str, tokenizer) -> str:
     marker = "ZQXJ answer ZQXJ"
     chat = _chat(tokenizer, [{"role": "user", "content": "q"}, {"role": "assistant", "content": marker}], False)
     at = chat.rfind(marker)
-    tail = chat[at + len(marker):].strip() if at >= 0 else ""
-    return tail or tokenizer.eos_token
+    tail = chat[at + len(marker):] if at >= 0 else ""
+    return tail if tail.strip() else tokenizer.eos_token
 
 
 def end_of_turn(tokenizer) -> str:
-    """The text a template puts after an assistant message (e.g. <|im_end|> or </s>)."""
-    return _end_of_turn_cached(tokenizer.chat_template or "", tokenizer)
+    """The end-of-turn marker a template puts after an assistant message (e.g. <|im_end|> or </s>)."""
+    return _after_assistant_text(tokenizer).strip()

@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 import torch
 
-from clara.checkpoint import CheckpointError, build_model, load_model, read_config
+from clara.checkpoint import CheckpointError, build_model, load_model, read_config, resolve_checkpoint
 from clara.config import TrainConfig
 from clara.model import ClaraModel, ModelSettings
 from clara.stages import ENCODER, get_stage
@@ -40,7 +40,7 @@ def build_stage_model(cfg: TrainConfig, dtype: torch.dtype = torch.float32, attn
 def _continue_from(cfg: TrainConfig, settings: ModelSettings, dtype: torch.dtype, attn_implementation: str,
                    log: Callable[[str], None]) -> ClaraModel:
     stage = get_stage(cfg.stage)
-    source = cfg.pretrain_checkpoint
+    source = resolve_checkpoint(cfg.pretrain_checkpoint)
     config = read_config(source)
     saved_n = config.get("n_mem_tokens") or config["doc_max_length"] // config["compr_rate"]
     if saved_n != cfg.n_mem_tokens:

@@ -466,7 +466,8 @@ INVALID = [
     (SINGLE, {"DOC_MAX_LENGTH": "100"}, "DOC_MAX_LENGTH"),
     (EIGHT, {"NUM_NODES": "2", "NODE_RANK": "2"}, "NODE_RANK"),
     (SINGLE, {"STAGE": "stage1_2", "PRETRAIN_CHECKPOINT": "example"}, "PRETRAIN_CHECKPOINT"),
-    (SINGLE, {"STAGE": "stage2", "PRETRAIN_CHECKPOINT": "no/such/dir"}, "PRETRAIN_CHECKPOINT"),
+    (SINGLE, {"STAGE": "stage2", "PRETRAIN_CHECKPOINT": "./no/such/dir"}, "PRETRAIN_CHECKPOINT"),  # not a Hub id
+    (SINGLE, {"STAGE": "stage2", "PRETRAIN_CHECKPOINT": "example/no_such_dir"}, "PRETRAIN_CHECKPOINT"),
     (SINGLE, {"STAGE": "stage1_2"}, "PRETRAIN_CHECKPOINT"),
     (EIGHT, {"STAGE": "stage2"}, "PRETRAIN_CHECKPOINT"),
     (SINGLE, {"DEBUG_MODE": "yes"}, "DEBUG_MODE"),

@@ -219,7 +219,7 @@ def test_stage1_qa_prompt_and_labels(tok):
     batch = collate(tokenizer, tokens, "stage1", [QA_RECORD])
     prompt = qwen_prompt(SYSTEM_QA, "Background:\n" + SLOT * 2)
     answer = "Question: Who rules Vorlan?\nAnswer: Queen Ida\nQuestion: What is its sacred animal?\nAnswer: owl"
-    check_row(batch, 0, tokenizer, tokens, prompt, answer + "<|im_end|>")
+    check_row(batch, 0, tokenizer, tokens, prompt, answer + "<|im_end|>\n")
     assert batch.docs_per_sample == [2] and batch.enc_ids.shape[0] == 2
 
 
@@ -234,7 +234,7 @@ def test_stage1_paraphrase_prompt_and_labels(tok):
     rendered = [qwen_prompt(SYSTEM_PARAPHRASE, i.format(slots=SLOT)) for i in instructions]
     matches = [p for p in rendered if row[:len(ids_of(tokenizer, p))] == ids_of(tokenizer, p)]
     assert len(matches) == 1
-    check_row(batch, 0, tokenizer, tokens, matches[0], PARAPHRASE_RECORD["answers"][0] + "<|im_end|>")
+    check_row(batch, 0, tokenizer, tokens, matches[0], PARAPHRASE_RECORD["answers"][0] + "<|im_end|>\n")
     # The instruction varies between samples.
     chosen = {prompts.paraphrase_instruction(f"document number {i}", 3) for i in range(40)}
     assert len(chosen) > 3
@@ -245,7 +245,7 @@ def test_stage1_2_prompt_and_labels_with_left_padding(tok):
     batch = collate(tokenizer, tokens, "stage1_2", ANSWER_RECORDS)
     for i, record in enumerate(ANSWER_RECORDS):
         user = "Background:\n" + SLOT * len(record["docs"]) + "\n\nQuestion:" + record["question"]
-        check_row(batch, i, tokenizer, tokens, qwen_prompt(SYSTEM_ANSWER, user), record["answer"] + "<|im_end|>")
+        check_row(batch, i, tokenizer, tokens, qwen_prompt(SYSTEM_ANSWER, user), record["answer"] + "<|im_end|>\n")
     assert batch.dec_mask[0, 0] == 0 or batch.dec_mask[1, 0] == 0  # the shorter row is padded on the left
     assert batch.docs_per_sample == [2, 1]
 
@@ -254,7 +254,7 @@ def test_stage2_prompt_has_top_k_slots(tok):
     tokenizer, tokens = tok
     batch = collate(tokenizer, tokens, "stage2", [STAGE2_RECORD], top_k=2)
     user = "Background:\n" + SLOT * 2 + "\n\nQuestion:" + STAGE2_RECORD["question"]
-    check_row(batch, 0, tokenizer, tokens, qwen_prompt(SYSTEM_ANSWER, user), "seven<|im_end|>")
+    check_row(batch, 0, tokenizer, tokens, qwen_prompt(SYSTEM_ANSWER, user), "seven<|im_end|>\n")
     assert batch.enc_ids.shape[0] == 3  # every candidate is compressed
     assert batch.query_ids.shape[0] == 1 and batch.pos_index == [[1]]
     bos_id = tokenizer.convert_tokens_to_ids("<|im_start|>")
@@ -280,7 +280,7 @@ def test_supervised_sequence_extends_the_inference_prompt(tok, stage, raw):
         assert row[:len(prompt)] == prompt
         assert labels[:len(prompt)] == [IGNORE_INDEX] * len(prompt)
         assert all(t != IGNORE_INDEX for t in labels[len(prompt):])
-        assert tokenizer.decode(row[len(prompt):]).endswith("<|im_end|>")
+        assert tokenizer.decode(row[len(prompt):]).endswith("<|im_end|>\n")
 
 
 def stage_messages(stage: str, record: dict) -> tuple[str, str]:
@@ -313,8 +313,9 @@ def test_template_without_system_role(model_dir, template):
     else:
         prompt = f"[INST] {folded} [/INST]"
     assert prompts.render_prompt(tokenizer, SYSTEM_ANSWER, user) == prompt
-    # End of turn: what the template puts after an assistant message (here the EOS for both).
-    check_row(batch, 0, tokenizer, tokens, prompt, record["answer"] + "<|im_end|>")
+    # The assistant turn as the template renders it: the EOS, then a newline where the template writes one.
+    turn_end = "<|im_end|>\n" if template is NO_SYSTEM_TEMPLATE else "<|im_end|>"
+    check_row(batch, 0, tokenizer, tokens, prompt, record["answer"] + turn_end)
 
 
 def test_template_error_unrelated_to_the_system_role_is_raised(model_dir):
@@ -336,14 +337,80 @@ def test_generation_prompt_that_is_not_a_prefix_of_the_full_chat(model_dir):
 
     train = collate(tokenizer, tokens, "stage1_2", [record])
     infer = collate(tokenizer, tokens, "stage1_2", [record], with_targets=False)
-    check_row(train, 0, tokenizer, tokens, generation, record["answer"] + "<|im_end|>")
+    check_row(train, 0, tokenizer, tokens, generation, record["answer"] + "<|im_end|>\n")
     # What generation sees is exactly the part of the training row before the first supervised token.
     seen = infer.dec_ids[0][infer.dec_mask[0].bool()].tolist()
     row = train.dec_ids[0][train.dec_mask[0].bool()].tolist()
     labels = train.labels[0][train.dec_mask[0].bool()].tolist()
     first = next(i for i, t in enumerate(labels) if t != IGNORE_INDEX)
     assert row[:first] == seen == ids_of(tokenizer, generation)
-    assert tokenizer.decode(row[first:]) == record["answer"] + "<|im_end|>"
+    assert tokenizer.decode(row[first:]) == record["answer"] + "<|im_end|>\n"
+
+
+# -- the official code's label layout ----------------------------------------------------------------------
+def official_layout(tokenizer, system: str, user: str, answer: str) -> tuple[list[int], list[int]]:
+    """Ids and labels as the official code builds them, written here from its description: the full chat
+    (system, user and assistant turns, no generation prompt) tokenised in one go, and labels -100 on as many
+    leading tokens as the generation prompt alone has. A template that refuses the system role gets the system
+    text, a newline and the user text as one user turn."""
+    def chat(messages, generation):
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation,
+                                             enable_thinking=False)
+
+    messages = [{"role": "system", "content": system}, {"role": "user", "content": user}]
+    try:
+        prompt = chat(messages, True)
+    except Exception:
+        messages = [{"role": "user", "content": system + "\n" + user}]
+        prompt = chat(messages, True)
+    full = chat(messages + [{"role": "assistant", "content": answer}], False)
+    ids = ids_of(tokenizer, full)
+    prompt_len = len(ids_of(tokenizer, prompt))
+    return ids, [IGNORE_INDEX] * prompt_len + ids[prompt_len:]
+
+
+@pytest.mark.parametrize("template", [None, MISTRAL_LIKE_TEMPLATE], ids=["qwen-like", "mistral-like"])
+@pytest.mark.parametrize("stage,raw", [("stage1", [QA_RECORD, PARAPHRASE_RECORD]), ("stage1_2", ANSWER_RECORDS),
+                                       ("stage2", [STAGE2_RECORD])], ids=["stage1", "stage1_2", "stage2"])
+def test_labels_match_the_official_layout(model_dir, template, stage, raw):
+    """Every token the template renders for the assistant turn is supervised, the newline after Qwen's
+    <|im_end|> included, exactly as in the official code: so per-sample losses on its checkpoints match."""
+    from clara.stages import stage_module
+
+    tokenizer, tokens = fresh_tokenizer(model_dir, template)
+    batch = collate(tokenizer, tokens, stage, raw)
+    records = [normalise(get_stage(stage), r, min_docs=2 if stage == "stage2" else 1) for r in raw]
+    for i, record in enumerate(records):
+        system, user, answer = stage_module(stage).example(record, N_MEM, 2, 3)
+        ids, labels = official_layout(tokenizer, system, user, answer)
+        mask = batch.dec_mask[i].bool()
+        assert batch.dec_ids[i][mask].tolist() == ids
+        assert batch.labels[i][mask].tolist() == labels
+        supervised = tokenizer.decode([t for t in labels if t != IGNORE_INDEX])
+        assert supervised == answer + ("<|im_end|>" if template else "<|im_end|>\n")
+
+
+# Generation prompt "...\nA" and the answer right after it: a prompt ending in a letter and an answer starting
+# with letters are one word to the tokenizer.
+LETTER_END_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{%- if message['role'] == 'assistant' %}{{- '\\nA' + message['content'] + eos_token }}"
+    "{%- else %}{{- message['role'] + ': ' + message['content'] }}{%- endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '\\nA' }}{%- endif %}"
+)
+
+
+def test_a_turn_whose_tokens_would_merge_into_the_prompt_keeps_the_prompt_tokens(model_dir):
+    """Tokenising prompt and turn together can change the prompt's last tokens ("A" + "nswer" -> "Answer");
+    the prompt must then stay what generation sees, and the turn is tokenised on its own."""
+    tokenizer, tokens = fresh_tokenizer(model_dir, LETTER_END_TEMPLATE)
+    record = {**ANSWER_RECORDS[0], "answer": "nswer: rose"}
+    user = "Background:\n" + SLOT * 2 + "\n\nQuestion:" + record["question"]
+    prompt = f"system: {SYSTEM_ANSWER}user: {user}\nA"
+    assert ids_of(tokenizer, prompt + "nswer")[:len(ids_of(tokenizer, prompt))] != ids_of(tokenizer, prompt)
+    check_row(collate(tokenizer, tokens, "stage1_2", [record]), 0, tokenizer, tokens, prompt,
+              "nswer: rose<|im_end|>")
 
 
 def test_records_from_the_example_files_collate(tok):
