@@ -91,3 +91,18 @@ def test_the_bottom_layer_does_not_load_torch():
                 [n.module for n in top_level if isinstance(n, ast.ImportFrom) and n.module]
         assert not any(h.split(".")[0] in ("torch", "transformers", "datasets", "deepspeed", "peft") for h in heavy), \
             f"{name} imports {heavy} at module level"
+
+
+def test_the_installed_package_runs_from_any_directory(tmp_path):
+    """requirements.txt installs this repository as the clara package, with its command lines."""
+    import shutil
+    import subprocess
+    import sys
+
+    for command in (["clara-train", "--help"], ["clara-evaluate", "--help"],
+                    [sys.executable, "-m", "clara.train", "--help"]):
+        if shutil.which(command[0]) is None and command[0] != sys.executable:
+            raise AssertionError(f"{command[0]} is not on PATH: pip install -r requirements.txt installs it")
+        proc = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        assert "--checkpoint" in proc.stdout or "--stage" in proc.stdout
