@@ -30,7 +30,7 @@ from clara.errors import CheckpointError
 from clara.files import atomic_path, write_json_atomic
 from clara.model import ClaraModel, ModelSettings, attach_adapters
 from clara.prompts import add_special_tokens, added_token_strings
-from clara.tiny import TINY_VERSION, clara_home, tiny_model_dir
+from clara.tiny import clara_home, tiny_model_dir, tiny_version
 
 FORMAT_NAME = "clara"
 FORMAT_VERSION = 1
@@ -228,22 +228,24 @@ def save_model(model: ClaraModel, out_dir: str, stage: str) -> None:
         **dataclasses.asdict(model.settings),
     }
     if model.settings.base_model == TINY_MODEL_NAME:
-        config["tiny_version"] = TINY_VERSION
+        config["tiny_version"] = tiny_version()
     write_json_atomic(os.path.join(out_dir, "config.json"), config)
 
 
 def tiny_base_for(version: str | None, path: str) -> str:
-    """The base of a checkpoint trained on the built-in tiny model: the cached build it was trained
-    on when that differs from the one this code builds (another recipe gives other weights)."""
-    if version is None or version == TINY_VERSION:
+    """The base of a checkpoint trained on the built-in tiny model: the build it was trained on,
+    kept in $CLARA_HOME/<version> when it differs from the shipped one (another recipe gives
+    other weights)."""
+    if version is None or version == tiny_version():
         return TINY_MODEL_NAME
-    cached = clara_home() / version
-    if cached.is_dir():
-        return str(cached)
+    kept = clara_home() / version
+    if kept.is_dir():
+        return str(kept)
     raise CheckpointError(
-        f"{path}: trained on the built-in tiny model {version}, but this version of clara builds "
-        f"{TINY_VERSION} (a different recipe, so different weights) and {cached} does not exist; "
-        "retrain the checkpoint")
+        f"{path}: trained on the built-in tiny model {version}, but this version of clara ships "
+        f"{tiny_version()} (a different recipe, so different weights) and {kept} does not exist; "
+        "retrain the checkpoint, or build the old model there with the clara version it was trained "
+        f"with (`python -m clara.tiny --out {kept}`)")
 
 
 def read_config(path: str) -> dict:

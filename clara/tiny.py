@@ -6,25 +6,24 @@ pretrained here, on CPU, on texts from the example corpus's generator (clara/syn
 documents as plain text, stage1 chats, and chat turns whose user message holds one or two
 documents and a question and whose answer is copied from the right document. Each text
 invents new places, so the model learns to read rather than to memorise. Its tokenizer is
-trained on the example files. The result is cached in `$CLARA_HOME/tiny-<recipe hash>` and
-rebuilt from a fixed seed when absent; `python -m clara.tiny [--out DIR]` builds it explicitly.
+trained on the example files.
+
+The built model ships in clara/tiny_model with the hash of the recipe it was built from
+(recipe.json), so no run waits for a build. `python -m clara.tiny --out DIR` rebuilds it from
+the recipe; `python -m clara.tiny` checks the shipped model against the recipe.
 """
 
 import argparse
+import functools
 import hashlib
+import inspect
 import json
-import math
 import os
 import random
-import re
-import shutil
-import string
-import tempfile
 import time
 from pathlib import Path
 
 import torch
-from filelock import FileLock
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
     AutoModelForCausalLM,
@@ -35,28 +34,17 @@ from transformers import (
     Qwen3ForCausalLM,
 )
 
+from clara.metrics import normalize_answer
+from clara.prompts import SYSTEM_ANSWER, SYSTEM_PARAPHRASE, SYSTEM_QA, answer_user_message, qa_target
+from clara.schedule import cosine_with_warmup
 from clara.synthetic import invent_names, make_entity, pick_fact, pretrain_records, question_answer
 
 TINY_MODEL_NAME = "tiny"
+SHIPPED_DIR = Path(__file__).resolve().parent / "tiny_model"
+RECIPE_FILE = "recipe.json"
 EXAMPLE_DIR = Path(__file__).resolve().parent.parent / "example"
 TRAIN_FILES = ("pretrain_data.jsonl", "instruction_tuning_data.jsonl", "end_to_end_data.jsonl")
 EVAL_FILE = "instruction_tuning_data_eval.jsonl"
-
-SYSTEM_PROMPT = (
-    "You are a helpful assistant. Your task is to extract relevant information from provided "
-    "documents and to answer to questions as briefly as possible."
-)
-
-# The stage1 prompts of the spec, here with the document as text: their answers copy many
-# facts and the name from the document, which teaches copying faster than one answer per text.
-QA_SYSTEM_PROMPT = (
-    "You are a helpful assistant. Given a document, your task is to generate some single "
-    "questions to cover all key information of the document and answer them sequentially."
-)
-PARAPHRASE_SYSTEM_PROMPT = (
-    "You are a helpful assistant. Your task is follow the instructions to paraphrase the "
-    "background information."
-)
 
 PAD_TOKEN = "<|endoftext|>"
 IM_START = "<|im_start|>"
@@ -76,18 +64,6 @@ CHAT_TEMPLATE = (
     "{%- endif %}"
 )
 
-def _recipe_version() -> str:
-    """Cache key: this file, the generator and the example training data, so a changed recipe
-    never reuses a stale model."""
-    digest = hashlib.sha256(Path(__file__).read_bytes())
-    digest.update((Path(__file__).parent / "synthetic.py").read_bytes())
-    for name in TRAIN_FILES:
-        digest.update((EXAMPLE_DIR / name).read_bytes())
-    return f"tiny-{digest.hexdigest()[:12]}"
-
-
-TINY_VERSION = _recipe_version()
-
 VOCAB_SIZE = 640
 MODEL_SHAPE = {
     "hidden_size": 64,
@@ -106,44 +82,76 @@ STAGE1_SHARE = 0.15
 TWO_DOC_SHARE = 0.5
 DOCS_PER_TEXT = 3
 ANSWER_WEIGHT = 30.0
+LR_FLOOR = 0.1
 
 
 def clara_home() -> Path:
+    """Where builds of other recipes are kept, for checkpoints trained on them (see tiny_base_for)."""
     return Path(os.environ.get("CLARA_HOME") or Path.home() / ".cache" / "clara")
 
 
 def tiny_model_dir() -> str:
-    """Directory of the cached tiny model, built on first use.
+    """Directory of the shipped tiny model."""
+    if not (SHIPPED_DIR / RECIPE_FILE).is_file():
+        raise FileNotFoundError(f"{SHIPPED_DIR / RECIPE_FILE}: the built-in tiny model is missing; "
+                                f"rebuild it with `python -m clara.tiny --out {SHIPPED_DIR}`")
+    return str(SHIPPED_DIR)
 
-    Safe for concurrent callers (e.g. several torchrun ranks): one builds under a file lock,
-    into a temporary directory that is renamed into place only when complete.
+
+def read_recipe(model_dir: str) -> dict:
+    """What a build recorded about itself: its version (the recipe hash), seed and steps."""
+    with open(Path(model_dir) / RECIPE_FILE, encoding="utf-8") as handle:
+        return json.load(handle)
+
+
+@functools.cache
+def tiny_version() -> str:
+    """The recipe hash the shipped model was built from (checkpoints record it)."""
+    return read_recipe(tiny_model_dir())["version"]
+
+
+def _require_example_files() -> None:
+    missing = [name for name in TRAIN_FILES if not (EXAMPLE_DIR / name).is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"the tiny model is built from the example data, but {missing} is missing in "
+            f"{EXAMPLE_DIR}; run `python example/make_data.py`")
+
+
+def _without_comment_lines(path: Path) -> bytes:
+    # Rewording a whole-line comment changes no weight, so it should not call for a rebuild.
+    lines = path.read_text(encoding="utf-8").splitlines()
+    return "\n".join(line for line in lines if not line.lstrip().startswith("#")).encode()
+
+
+@functools.cache
+def recipe_version(seed: int = 0, steps: int = TRAIN_STEPS) -> str:
+    """The name of the model this recipe builds: a hash of everything that shapes its weights.
+
+    That is this file and the generator (whole-line comments aside), the schedule and the prompt
+    pieces taken from other modules, the example training files, the seed and the step count.
+    Computed on demand rather than at import: it reads about 2 MB of example data, which an
+    installation without example/ does not have.
     """
-    home = clara_home()
-    final = home / TINY_VERSION
-    if final.is_dir():
-        return str(final)
-    home.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(home / f"{TINY_VERSION}.lock")):
-        if final.is_dir():
-            return str(final)
-        # Holding the lock means no other builder is alive: leftovers are from a crash.
-        for stale in home.glob(f"{TINY_VERSION}.tmp*"):
-            shutil.rmtree(stale, ignore_errors=True)
-        tmp = tempfile.mkdtemp(prefix=f"{TINY_VERSION}.tmp", dir=home)
-        try:
-            print(f"[clara.tiny] building the tiny model into {final} "
-                  "(first use, about 6 minutes on one core)", flush=True)
-            build_tiny_model(tmp)
-            os.replace(tmp, final)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    return str(final)
+    _require_example_files()
+    digest = hashlib.sha256()
+    for path in (Path(__file__), Path(__file__).parent / "synthetic.py"):
+        digest.update(_without_comment_lines(path))
+    # Whatever the build takes from other modules must be listed here.
+    for function in (cosine_with_warmup, qa_target, answer_user_message):
+        digest.update(inspect.getsource(function).encode())
+    for prompt in (SYSTEM_ANSWER, SYSTEM_QA, SYSTEM_PARAPHRASE):
+        digest.update(prompt.encode())
+    for name in TRAIN_FILES:
+        digest.update((EXAMPLE_DIR / name).read_bytes())
+    digest.update(f"seed={seed} steps={steps}".encode())
+    return f"tiny-{digest.hexdigest()[:12]}"
 
 
 def reading_messages(docs: list[str], question: str, answer: str | None = None) -> list[dict]:
     """Chat messages that ask `question` about `docs` given as text (the stage1_2 prompt)."""
-    user = "Background:\n" + "\n".join(docs) + f"\n\nQuestion:{question}"
-    messages = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": user}]
+    user = answer_user_message("\n".join(docs), question)
+    messages = [{"role": "system", "content": SYSTEM_ANSWER}, {"role": "user", "content": user}]
     if answer is not None:
         messages.append({"role": "assistant", "content": answer})
     return messages
@@ -155,14 +163,15 @@ def _read_jsonl(path: Path) -> list[dict]:
 
 
 def _stage1_messages(record: dict) -> list[dict]:
-    """A stage1 record as a complete chat in the stage1 prompts, with the document as text."""
+    """A stage1 record as a complete chat in the stage1 prompts, with the document as text: their
+    answers copy many facts and the name from the document, which teaches copying faster than one
+    answer per text."""
     user = "Background:\n" + "\n".join(record["docs"])
     if record["data_type"] == "qa":
-        system = QA_SYSTEM_PROMPT
-        answer = "\n".join(f"Question: {q}\nAnswer: {a}"
-                           for q, a in zip(record["question"], record["answers"]))
+        system = SYSTEM_QA
+        answer = qa_target(record["question"], record["answers"])
     else:
-        system = PARAPHRASE_SYSTEM_PROMPT
+        system = SYSTEM_PARAPHRASE
         answer = record["answers"][0]
     return [{"role": "system", "content": system}, {"role": "user", "content": user},
             {"role": "assistant", "content": answer}]
@@ -171,17 +180,13 @@ def _stage1_messages(record: dict) -> list[dict]:
 def _tokenizer_texts() -> list[str]:
     """The example training files as the model reads them, each prompt's system message as often
     as it is used: merged into few tokens, it keeps training sequences short."""
-    missing = [name for name in TRAIN_FILES if not (EXAMPLE_DIR / name).is_file()]
-    if missing:
-        raise FileNotFoundError(
-            f"the tiny model's tokenizer is trained on the example data, but {missing} is missing "
-            f"in {EXAMPLE_DIR}; run `python example/make_data.py`")
+    _require_example_files()
     pretrain, instruction, end_to_end = (_read_jsonl(EXAMPLE_DIR / name) for name in TRAIN_FILES)
     texts = [m["content"] for record in pretrain for m in _stage1_messages(record)]
     for record in instruction:
-        texts += record["docs"] + [SYSTEM_PROMPT, record["question"], record["answers"]]
+        texts += record["docs"] + [SYSTEM_ANSWER, record["question"], record["answers"]]
     for record in end_to_end:
-        texts += record["docs"] + [SYSTEM_PROMPT, record["question"], record["gold_answer"]]
+        texts += record["docs"] + [SYSTEM_ANSWER, record["question"], record["gold_answer"]]
     return texts
 
 
@@ -216,7 +221,7 @@ def _train_tokenizer(texts: list[str]) -> PreTrainedTokenizerFast:
 
 
 def build_tokenizer() -> PreTrainedTokenizerFast:
-    """The tiny model's tokenizer alone (a few seconds), e.g. for a random-weight model of another shape."""
+    """The tiny model's tokenizer trained afresh from the example data (the shipped model holds the same)."""
     return _train_tokenizer(_tokenizer_texts())
 
 
@@ -255,15 +260,11 @@ def _sample_text(rng: random.Random, tokenizer: PreTrainedTokenizerFast) -> tupl
     return full, len(prompt)
 
 
-def _lr_at(step: int, steps: int) -> float:
-    if step < WARMUP_STEPS:
-        return LEARNING_RATE * (step + 1) / WARMUP_STEPS
-    progress = (step - WARMUP_STEPS) / max(1, steps - WARMUP_STEPS)
-    return LEARNING_RATE * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
 def build_tiny_model(out_dir: str, seed: int = 0, steps: int = TRAIN_STEPS) -> None:
-    """Train the tokenizer and the model from the example training files and save both to `out_dir`."""
+    """Train the tokenizer and the model from the example training files and save both to `out_dir`,
+    with recipe.json (written last, so a directory that has it holds a complete build)."""
+    version = recipe_version(seed, steps)
+    Path(out_dir, RECIPE_FILE).unlink(missing_ok=True)
     # One thread, whatever the caller's setting: the tiny matrices gain nothing from more, and a
     # fixed thread count fixes the order of float reductions, so every machine builds the same model.
     threads = torch.get_num_threads()
@@ -272,6 +273,9 @@ def build_tiny_model(out_dir: str, seed: int = 0, steps: int = TRAIN_STEPS) -> N
         _train_tiny_model(out_dir, seed, steps)
     finally:
         torch.set_num_threads(threads)
+    with open(Path(out_dir) / RECIPE_FILE, "w", encoding="utf-8") as handle:
+        json.dump({"version": version, "seed": seed, "steps": steps}, handle, indent=2)
+        handle.write("\n")
 
 
 def _train_tiny_model(out_dir: str, seed: int, steps: int) -> None:
@@ -302,14 +306,13 @@ def _train_tiny_model(out_dir: str, seed: int, steps: int) -> None:
         batch = tokenizer([text for text, _ in samples], return_tensors="pt", padding=True,
                           add_special_tokens=False, return_offsets_mapping=True)
         # Every real token is trained (the model must also learn the documents' language), but
-        # answer tokens weigh much more: copying the answer is the skill CLaRa relies on. Measured
-        # held-out reading: 95% after 1,000-1,750 steps with weight 30 (two seeds); with weight 10,
-        # 95% only at step 2,500 for one seed and 69% at step 2,250 for another.
+        # answer tokens weigh much more: copying the answer is the skill CLaRa relies on (README:
+        # "The built-in tiny model" gives the measured effect of the weight).
         answer_start = torch.tensor([start for _, start in samples])[:, None]
         is_answer = batch["offset_mapping"][:, :, 0] >= answer_start
         weights = batch["attention_mask"].float() * (1 + (ANSWER_WEIGHT - 1) * is_answer.float())
         for group in optimizer.param_groups:
-            group["lr"] = _lr_at(step, steps)
+            group["lr"] = LEARNING_RATE * cosine_with_warmup(step, steps, WARMUP_STEPS, LR_FLOOR)
         # Right padding under causal attention cannot affect real tokens, so no mask is needed
         # and attention takes its faster unmasked path.
         logits = model(input_ids=batch["input_ids"]).logits[:, :-1]
@@ -334,11 +337,6 @@ def _train_tiny_model(out_dir: str, seed: int, steps: int) -> None:
         do_sample=False, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
-
-
-def normalize_answer(text: str) -> str:
-    text = text.lower().translate(str.maketrans("", "", string.punctuation))
-    return re.sub(r"\s+", " ", text).strip()
 
 
 @torch.no_grad()
@@ -366,18 +364,25 @@ def reading_exact_match(model_dir: str, data_path: str | None = None, batch_size
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Build the built-in tiny CLaRa base model.")
-    parser.add_argument("--out", help=f"output directory (default: $CLARA_HOME/{TINY_VERSION}, "
-                                      "built only if absent)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser = argparse.ArgumentParser(
+        description="Build the built-in tiny CLaRa base model from its recipe, or check the shipped one.")
+    parser.add_argument("--out", help=f"build into this directory ({SHIPPED_DIR} replaces the shipped "
+                                      "model); without it, check the shipped model against the recipe")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the build (with --out)")
     args = parser.parse_args(argv)
-    start = time.time()
     if args.out:
+        start = time.time()
         build_tiny_model(args.out, seed=args.seed)
         out = args.out
+        print(f"[clara.tiny] built {read_recipe(out)['version']} into {out} ({time.time() - start:.0f}s)")
     else:
+        if args.seed != 0:
+            parser.error("--seed: expected only with --out (the shipped model is built with seed 0)")
         out = tiny_model_dir()
-    print(f"[clara.tiny] model in {out} ({time.time() - start:.0f}s)")
+        shipped, current = tiny_version(), recipe_version()
+        verdict = ("matches the recipe" if shipped == current else
+                   f"is outdated: the recipe now builds {current}; run `python -m clara.tiny --out {out}`")
+        print(f"[clara.tiny] the shipped model {shipped} in {out} {verdict}")
     score = reading_exact_match(out)
     print(f"[clara.tiny] held-out exact match with the documents in the prompt: {score:.1%}")
 

@@ -7,6 +7,7 @@ boundary is a resumable point.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import os
@@ -34,6 +35,7 @@ from clara.files import json_safe, write_json_atomic
 from clara.metrics import retrieval_summary
 from clara.model import StepOutput, attention_implementation
 from clara.resumable import TrainState, changed_settings, find_resume_point, save_resumable
+from clara.schedule import cosine_with_warmup
 from clara.stage_model import build_stage_model
 from clara.stages import get_stage
 
@@ -67,19 +69,12 @@ def step_seed(seed: int, step: int, micro: int, rank: int) -> int:
 
 
 # -- schedule ---------------------------------------------------------------------------------------------
-def lr_lambda(cfg: TrainConfig, total_steps: int):
-    """Cosine with warmup and a floor (stage2: constant), as a multiple of the peak."""
+def lr_lambda(cfg: TrainConfig, total_steps: int) -> Callable[[int], float]:
+    """Cosine with warmup and a floor (a constant for stages that ask for one), as a multiple of the peak."""
     warmup = max(1, math.ceil(cfg.warmup_ratio * total_steps))
-
-    def factor(step: int) -> float:
-        if get_stage(cfg.stage).constant_schedule:
-            return 1.0
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
-        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-    return factor
+    if get_stage(cfg.stage).constant_schedule:
+        return lambda step: 1.0
+    return functools.partial(cosine_with_warmup, total_steps=total_steps, warmup_steps=warmup, floor=cfg.min_lr_ratio)
 
 
 def deepspeed_config(cfg: TrainConfig, world: int, dtype: torch.dtype) -> dict:

@@ -268,15 +268,15 @@ def test_a_tiny_model_checkpoint_keeps_the_tiny_build_it_was_trained_on(tmp_path
     save_model(model, str(tmp_path / "s1"), "stage1")
     config_path = tmp_path / "s1" / "config.json"
     saved = json.loads(config_path.read_text())
-    assert saved["base_model"] == "tiny" and saved["tiny_version"] == tiny.TINY_VERSION
+    assert saved["base_model"] == "tiny" and saved["tiny_version"] == tiny.tiny_version()
 
-    # A checkpoint of another recipe's tiny model: refused while that build is not cached ...
+    # A checkpoint of another recipe's tiny model: refused while that build is not kept in CLARA_HOME ...
     old = "tiny-000000000000"
     config_path.write_text(json.dumps({**saved, "tiny_version": old}))
     home = tmp_path / "home"
     home.mkdir()
     monkeypatch.setenv("CLARA_HOME", str(home))
-    with pytest.raises(CheckpointError, match=f"{old}.*retrain"):
+    with pytest.raises(CheckpointError, match=f"{old}.*ships {tiny.tiny_version()}.*retrain"):
         load_model(str(tmp_path / "s1"))
     # ... and loaded on that build (here a copy of the current one) when it is.
     (home / old).symlink_to(current_build)

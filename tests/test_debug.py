@@ -45,7 +45,7 @@ TOP_K = 2
 MAX_LEN = 512
 MSE_WEIGHT = 0.1
 SEED = 42
-RUN_TIMEOUT = 600  # generous: the first run of a session may build the tiny model
+RUN_TIMEOUT = 600  # generous: a 2-core machine may be busy with other work
 
 RULE = "=" * 80
 ESC = "\x1b"

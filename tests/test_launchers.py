@@ -44,7 +44,7 @@ QUICK = {"DEBUG_MODE": "false", "BATCH_SIZE": "2", "MICRO_BATCH_SIZE": "1", "MAX
 # The same for two processes: one sample per process per step.
 QUICK_2RANK = {**QUICK, "NUM_GPUS": "2", "OMP_NUM_THREADS": "1", "MAX_STEPS": "3"}
 
-# Generous: the first run of a session may build the tiny model (about 6 minutes, once per CLARA_HOME).
+# Generous: a 2-core machine may be busy with other work.
 RUN_TIMEOUT = 600
 
 

@@ -1,36 +1,102 @@
-"""The built-in tiny model: a normal HF model directory that can read, rebuilt reproducibly."""
+"""The built-in tiny model: a normal HF model directory that can read, shipped with the package and
+rebuilt reproducibly from its recipe."""
 
-import json
 import os
 import re
-import string
+import shutil
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from clara import tiny
 
 REPO = Path(__file__).resolve().parent.parent
-EVAL_FILE = REPO / "example" / "instruction_tuning_data_eval.jsonl"
-SYSTEM = ("You are a helpful assistant. Your task is to extract relevant information from provided "
-          "documents and to answer to questions as briefly as possible.")
-
-
-def normalize(text: str) -> str:
-    text = text.lower().translate(str.maketrans("", "", string.punctuation))
-    return re.sub(r"\s+", " ", text).strip()
 
 
 @pytest.fixture(scope="module")
 def model_dir() -> str:
-    # Built once into $CLARA_HOME (default ~/.cache/clara), then reused by later runs.
     return tiny.tiny_model_dir()
+
+
+def test_the_shipped_model_is_built_from_the_current_recipe(model_dir):
+    # Fails when tiny.py, synthetic.py, the schedule, the prompts it uses or the example training
+    # files changed after the shipped model was built.
+    recorded = tiny.read_recipe(model_dir)
+    assert recorded == {"version": tiny.recipe_version(), "seed": 0, "steps": tiny.TRAIN_STEPS}, (
+        f"the recipe changed since {model_dir} was built; rebuild it: python -m clara.tiny --out {model_dir}")
+    assert Path(model_dir).parent == Path(tiny.__file__).parent
+    assert sum(p.stat().st_size for p in Path(model_dir).iterdir()) < 2_000_000
+
+
+def test_the_recipe_hash_follows_the_training_data_and_not_comments(tmp_path, monkeypatch):
+    shipped = tiny.recipe_version()
+    example = tmp_path / "example"
+    shutil.copytree(REPO / "example", example)
+    monkeypatch.setattr(tiny, "EXAMPLE_DIR", example)
+    tiny.recipe_version.cache_clear()
+    try:
+        assert tiny.recipe_version() == shipped
+        with open(example / tiny.TRAIN_FILES[1], "a", encoding="utf-8") as handle:
+            handle.write("\n")
+        tiny.recipe_version.cache_clear()
+        assert tiny.recipe_version() != shipped
+        assert tiny.recipe_version(seed=1) != tiny.recipe_version()
+    finally:
+        tiny.recipe_version.cache_clear()
+    source = Path(tiny.__file__).read_text(encoding="utf-8")
+    commented = tmp_path / "tiny.py"
+    commented.write_text(source.replace("\nVOCAB_SIZE", "\n    # reworded explanation\nVOCAB_SIZE"))
+    assert tiny._without_comment_lines(commented) == tiny._without_comment_lines(Path(tiny.__file__))
+    commented.write_text(source.replace("ANSWER_WEIGHT = 30.0", "ANSWER_WEIGHT = 31.0"))
+    assert tiny._without_comment_lines(commented) != tiny._without_comment_lines(Path(tiny.__file__))
+
+
+def test_rebuild_is_reproducible(model_dir, tmp_path):
+    # A full rebuild takes about 10 minutes of one core; two short ones give the same files byte
+    # for byte, and everything but the weights and the recipe record is what the shipped model has.
+    a, b = tmp_path / "a", tmp_path / "b"
+    tiny.build_tiny_model(str(a), steps=3)
+    tiny.build_tiny_model(str(b), steps=3)
+    names = sorted(p.name for p in a.iterdir())
+    assert names == sorted(p.name for p in Path(model_dir).iterdir())
+    assert names == sorted(p.name for p in b.iterdir())
+    for name in names:
+        assert (a / name).read_bytes() == (b / name).read_bytes(), name
+        if name not in ("model.safetensors", tiny.RECIPE_FILE):
+            assert (a / name).read_bytes() == (Path(model_dir) / name).read_bytes(), name
+    assert tiny.read_recipe(str(a)) == {"version": tiny.recipe_version(0, 3), "seed": 0, "steps": 3}
+
+
+def test_an_interrupted_build_leaves_no_recipe_record(tmp_path, monkeypatch):
+    # recipe.json marks a complete build: an earlier one's record goes before training starts.
+    out = tmp_path / "model"
+    out.mkdir()
+    (out / tiny.RECIPE_FILE).write_text('{"version": "tiny-000000000000", "seed": 0, "steps": 3}')
+
+    def killed(out_dir, seed, steps):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(tiny, "_train_tiny_model", killed)
+    with pytest.raises(KeyboardInterrupt):
+        tiny.build_tiny_model(str(out), steps=3)
+    assert not (out / tiny.RECIPE_FILE).exists()
+
+
+def test_importing_clara_needs_neither_the_example_data_nor_a_build(tmp_path):
+    # An installed package: clara/ (with the shipped model) and no example/ beside it.
+    shutil.copytree(REPO / "clara", tmp_path / "clara", ignore=shutil.ignore_patterns("__pycache__"))
+    script = ("import clara.checkpoint\nfrom clara import CLaRa\nfrom clara import tiny\n"
+              "print(tiny.tiny_model_dir(), tiny.tiny_version())")
+    env = {**os.environ, "PYTHONPATH": str(tmp_path), "CLARA_HOME": str(tmp_path / "home")}
+    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == [str(tmp_path / "clara" / "tiny_model"), tiny.tiny_version()]
+    assert not (tmp_path / "home").exists()
 
 
 def test_tokenizer_is_qwen_like(model_dir):
@@ -72,76 +138,11 @@ def test_model_config(model_dir):
     assert model.generation_config.eos_token_id == model.config.eos_token_id
 
 
-@torch.no_grad()
-def test_answers_held_out_questions_from_documents_in_the_prompt(model_dir):
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    tok.padding_side = "left"
-    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
-    records = [json.loads(line) for line in EVAL_FILE.read_text().splitlines() if line.strip()]
-    prompts = [
-        tok.apply_chat_template(
-            [{"role": "system", "content": SYSTEM},
-             {"role": "user", "content": "Background:\n" + "\n".join(r["docs"])
-                                         + "\n\nQuestion:" + r["question"]}],
-            tokenize=False, add_generation_prompt=True, enable_thinking=False)
-        for r in records
-    ]
-    batch = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
-    out = model.generate(**batch, max_new_tokens=12, do_sample=False)
-    answers = tok.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
-    exact = sum(normalize(a) == normalize(r["answers"]) for a, r in zip(answers, records))
-    assert exact / len(records) >= 0.9, list(zip(answers, [r["answers"] for r in records]))[:10]
-
-
-def test_rebuild_is_reproducible(model_dir, tmp_path):
-    # A full rebuild takes minutes; a short one shows the same seed gives the same tokenizer
-    # as the cached model and the same weights twice over.
-    a, b = tmp_path / "a", tmp_path / "b"
-    tiny.build_tiny_model(str(a), steps=3)
-    tiny.build_tiny_model(str(b), steps=3)
-    assert (a / "tokenizer.json").read_bytes() == (Path(model_dir) / "tokenizer.json").read_bytes()
-    assert (a / "tokenizer.json").read_bytes() == (b / "tokenizer.json").read_bytes()
-    weights_a, weights_b = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
-    assert weights_a.keys() == weights_b.keys()
-    assert all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a)
-
-
-def test_failed_build_leaves_nothing_behind(tmp_path, monkeypatch):
-    def broken_build(out_dir, seed=0):
-        Path(out_dir, "config.json").write_text("{}")
-        raise RuntimeError("killed mid-build")
-
-    monkeypatch.setenv("CLARA_HOME", str(tmp_path))
-    monkeypatch.setattr(tiny, "build_tiny_model", broken_build)
-    with pytest.raises(RuntimeError):
-        tiny.tiny_model_dir()
-    assert not [p for p in tmp_path.iterdir() if p.is_dir()]
-
-
-def test_concurrent_callers_build_once(tmp_path):
-    # Two processes ask at once, like two torchrun ranks; a stand-in build that is slow and
-    # counts its runs shows that only one of them builds and both get the finished directory.
-    script = textwrap.dedent(f"""
-        import os, time
-        from pathlib import Path
-        from clara import tiny
-
-        def slow_build(out_dir, seed=0):
-            with open({str(tmp_path / "builds.txt")!r}, "a") as f:
-                f.write("build\\n")
-            time.sleep(2)
-            Path(out_dir, "config.json").write_text("{{}}")
-
-        tiny.build_tiny_model = slow_build
-        print(tiny.tiny_model_dir())
-    """)
-    env = {**os.environ, "CLARA_HOME": str(tmp_path / "home"), "PYTHONPATH": str(REPO)}
-    procs = [subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.PIPE,
-                              text=True) for _ in range(2)]
-    outputs = [p.communicate(timeout=120)[0].strip().splitlines()[-1] for p in procs]
-    assert all(p.returncode == 0 for p in procs)
-    final = tmp_path / "home" / tiny.TINY_VERSION
-    assert outputs == [str(final), str(final)]
-    assert (final / "config.json").is_file()
-    assert (tmp_path / "builds.txt").read_text() == "build\n"
-    assert [p.name for p in (tmp_path / "home").iterdir() if p.is_dir()] == [tiny.TINY_VERSION]
+def test_check_command_reads_held_out_questions_from_documents_in_the_prompt(model_dir):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-m", "clara.tiny"], cwd=REPO, env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert f"the shipped model {tiny.recipe_version()} in {model_dir} matches the recipe" in result.stdout
+    score = re.search(r"held-out exact match with the documents in the prompt: ([0-9.]+)%", result.stdout)
+    assert score and float(score.group(1)) >= 90, result.stdout
