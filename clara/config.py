@@ -19,6 +19,9 @@ DEFAULT_EVAL_DATASETS = {stage: path.replace(".jsonl", "_eval.jsonl") for stage,
 
 GPU_DEFAULT_MODEL = "Qwen/Qwen3-14B"
 
+# A data setting that starts with this names a Hub data set instead of JSONL files: hf:NAME:CONFIG[:SPLIT].
+HUB_PREFIX = "hf:"
+
 
 class ConfigError(ValueError):
     """A setting a user gave is invalid; the message names it and what was expected."""
@@ -88,6 +91,40 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class HubSource:
+    """A configuration of a Hugging Face Hub data set, or of a local directory in the Hub layout."""
+
+    name: str
+    config: str
+    split: str | None = None
+
+    def __str__(self) -> str:
+        return HUB_PREFIX + ":".join(part for part in (self.name, self.config, self.split) if part)
+
+
+def parse_hub_source(text: str, setting: str) -> HubSource:
+    parts = text[len(HUB_PREFIX):].split(":")
+    if not 2 <= len(parts) <= 3 or not all(parts):
+        raise ConfigError(f"{setting}={text!r}: expected hf:NAME:CONFIG or hf:NAME:CONFIG:SPLIT "
+                          "(e.g. hf:apple/CLaRa_multi_stage:instruction_tuning)")
+    return HubSource(*parts)
+
+
+def check_data_sources(setting: str, value: str) -> None:
+    """A data setting holds readable JSONL files joined by commas, or one hf:NAME:CONFIG[:SPLIT]."""
+    entries = [entry.strip() for entry in value.split(",")]
+    if any(entry.startswith(HUB_PREFIX) for entry in entries):
+        if len(entries) > 1:
+            raise ConfigError(f"{setting}={value!r}: expected one hf: data set on its own, "
+                              "or JSONL files joined by commas")
+        parse_hub_source(entries[0], setting)
+        return
+    for path in entries:
+        if not os.path.isfile(path) or not os.access(path, os.R_OK):
+            raise ConfigError(f"{setting}: file {path!r} does not exist or is not readable")
 
 
 def cuda_available() -> bool:
@@ -165,13 +202,9 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> None:
         fail("bad_samples", "error or skip")
     if cfg.resume not in ("auto", "false") and not os.path.isdir(cfg.resume):
         fail("resume", "auto, false, or a checkpoint directory")
-    for path in (cfg.dataset or "").split(","):
-        if not os.path.isfile(path) or not os.access(path, os.R_OK):
-            raise ConfigError(f"--dataset: file {path!r} does not exist or is not readable")
+    check_data_sources("--dataset", cfg.dataset or "")
     if cfg.eval_dataset:
-        for path in cfg.eval_dataset.split(","):
-            if not os.path.isfile(path):
-                raise ConfigError(f"--eval_dataset: file {path!r} does not exist or is not readable")
+        check_data_sources("--eval_dataset", cfg.eval_dataset)
     if cfg.pretrain_checkpoint:
         if not os.path.isfile(os.path.join(cfg.pretrain_checkpoint, "config.json")):
             raise ConfigError(f"--pretrain_checkpoint={cfg.pretrain_checkpoint!r}: expected a checkpoint "

@@ -10,7 +10,7 @@ into micro-batches in dataset order first and rank r takes micro-batches r, r + 
 each micro-batch holds the same samples whatever the world size. Rank 0 gathers the per-sample
 results, restores dataset order and computes the summary, which every rank receives.
 
-    python -m clara.evaluate --checkpoint DIR --dataset FILE [--stage S] [--max_samples N]
+    python -m clara.evaluate --checkpoint DIR --dataset FILE|hf:NAME:CONFIG[:SPLIT] [--stage S] [--max_samples N]
         [--batch_size B] [--max_new_tokens T] [--output FILE]
 """
 
@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from clara.checkpoint import CheckpointError
-from clara.config import STAGES, ConfigError
+from clara.config import STAGES, ConfigError, check_data_sources
 from clara.data import DataError
 from clara.distributed import broadcast, gather_rows, join_process_group, rank_zero_first
 
@@ -232,7 +232,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "Runs on several processes under torchrun or accelerate launch.")
     parser.add_argument("--checkpoint", required=True,
                         help="checkpoint directory (native or official release layout)")
-    parser.add_argument("--dataset", required=True, help="JSONL file(s) of the stage, joined by commas")
+    parser.add_argument("--dataset", required=True,
+                        help="JSONL file(s) of the stage, joined by commas, or a Hub data set hf:NAME:CONFIG[:SPLIT] "
+                             "(NAME: a Hub id or a local directory in the Hub layout)")
     parser.add_argument("--stage", choices=STAGES, default=None,
                         help="data format and metrics (default: the stage recorded in the checkpoint; official "
                              "checkpoints: stage2 when they hold a query_reasoner_adapter, else required)")
@@ -277,43 +279,66 @@ def resolve_stage(checkpoint: str, stage: str | None) -> str:
     return found
 
 
-def run(args: argparse.Namespace, rank: int, world: int, device: torch.device) -> dict:
+def resolve_runtime(dtype_name: str, flash_attn: str, device: torch.device) -> tuple[torch.dtype, str]:
+    """The weights' dtype and the attention implementation for --dtype and --flash_attn on this device."""
+    from clara.inference import resolve_dtype
+    from clara.model import attention_implementation
+
+    try:
+        return resolve_dtype(dtype_name, device), attention_implementation(flash_attn, device.type == "cuda")
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+
+
+def load_eval_records(stage: str, dataset: str, top_k: int, limit: int | None, rank: int, world: int, log):
+    """Validated records of `dataset` (JSONL files or hf:NAME:CONFIG[:SPLIT]); the first `limit` when given."""
     import datasets
 
-    from clara.checkpoint import load_model
-    from clara.config import TrainConfig
     from clara.data import load_records
-    from clara.inference import DEFAULT_MAX_LEN, QUERY_REASONER, ensure_query_reasoner, resolve_dtype
-    from clara.model import attention_implementation
+
+    datasets.disable_progress_bars()
+    # Rank 0 builds the Arrow cache first; the other ranks then read it (and meet the same errors).
+    return rank_zero_first(lambda: load_records(stage, dataset, min_docs=top_k if stage == "stage2" else 1,
+                                                max_samples=limit, log=log), rank, world)
+
+
+def load_eval_model(checkpoint: str, stage: str, dtype: torch.dtype, attn: str, model_path: str | None,
+                    device: torch.device, log):
+    """The checkpoint's ClaraModel on `device`, with a query reasoner for stage2."""
+    from clara.checkpoint import load_model
+    from clara.inference import QUERY_REASONER, ensure_query_reasoner
+
+    model = load_model(checkpoint, dtype, attn, base_model=model_path)
+    if stage == "stage2" and QUERY_REASONER not in model.adapter_names:
+        ensure_query_reasoner(model, log=log)
+    return model.to(device)
+
+
+def eval_config(model, stage: str, num_records: int, batch_size: int, max_samples: int | None, max_new_tokens: int,
+                max_len: int | None, seed: int):
+    """The TrainConfig that evaluate_model needs; memory and retrieval settings come from the model."""
+    from clara.config import TrainConfig
+    from clara.inference import DEFAULT_MAX_LEN
+
+    return TrainConfig(stage=stage, micro_batch_size=batch_size, eval_max_samples=max_samples or num_records,
+                       max_new_tokens=max_new_tokens, doc_max_length=model.settings.doc_max_length,
+                       max_len=max_len or DEFAULT_MAX_LEN[stage], generation_top_k=model.settings.generation_top_k,
+                       seed=seed)
+
+
+def run(args: argparse.Namespace, rank: int, world: int, device: torch.device) -> dict:
+    from clara.checkpoint import read_config
 
     say = print if rank == 0 else (lambda *a, **k: None)
     stage = resolve_stage(args.checkpoint, args.stage)
     stage_source = "--stage" if args.stage else "from the checkpoint"
-    for path in args.dataset.split(","):
-        if not os.path.isfile(path.strip()):
-            raise ConfigError(f"--dataset: file {path.strip()!r} does not exist or is not readable")
-    try:
-        dtype = resolve_dtype(args.dtype, device)
-        attn = attention_implementation(args.flash_attn, device.type == "cuda")
-    except ValueError as error:
-        raise ConfigError(str(error)) from None
-    from clara.checkpoint import read_config
-
-    config = read_config(args.checkpoint)
-    top_k = int(config.get("generation_top_k", 5))
-    datasets.disable_progress_bars()
-    # Rank 0 builds the Arrow cache first; the other ranks then read it (and meet the same errors).
-    records = rank_zero_first(lambda: load_records(stage, args.dataset, min_docs=top_k if stage == "stage2" else 1,
-                                                   max_samples=args.limit, log=say), rank, world)
-
-    model = load_model(args.checkpoint, dtype, attn, base_model=args.model_path)
-    if stage == "stage2" and QUERY_REASONER not in model.adapter_names:
-        ensure_query_reasoner(model, log=say)
-    model.to(device)
-    cfg = TrainConfig(stage=stage, micro_batch_size=args.batch_size,
-                      eval_max_samples=args.max_samples or len(records), max_new_tokens=args.max_new_tokens,
-                      doc_max_length=model.settings.doc_max_length, max_len=args.max_len or DEFAULT_MAX_LEN[stage],
-                      generation_top_k=model.settings.generation_top_k, seed=args.seed)
+    check_data_sources("--dataset", args.dataset)
+    dtype, attn = resolve_runtime(args.dtype, args.flash_attn, device)
+    top_k = int(read_config(args.checkpoint).get("generation_top_k", 5))
+    records = load_eval_records(stage, args.dataset, top_k, args.limit, rank, world, say)
+    model = load_eval_model(args.checkpoint, stage, dtype, attn, args.model_path, device, say)
+    cfg = eval_config(model, stage, len(records), args.batch_size, args.max_samples, args.max_new_tokens,
+                      args.max_len, args.seed)
     say(f"Evaluating {args.checkpoint} ({stage}, {stage_source}) on {args.dataset}: {len(records)} samples"
         + (f", generation on {min(cfg.eval_max_samples, len(records))}" if stage in GENERATING_STAGES else "")
         + f" | {world} process(es) | device {device.type} | dtype {str(dtype).replace('torch.', '')}",
