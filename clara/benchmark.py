@@ -28,9 +28,19 @@ import torch
 
 from clara.config import ConfigError
 from clara.distributed import broadcast, join_process_group
-from clara.evaluate import (RETRIEVAL_KS, USER_ERRORS, eval_config, evaluate_model, load_eval_model,
-                            load_eval_records, positive_int, resolve_runtime, resolve_stage, summary_path,
-                            write_outputs)
+from clara.evaluate import (
+    RETRIEVAL_KS,
+    USER_ERRORS,
+    eval_config,
+    evaluate_model,
+    load_eval_model,
+    load_eval_records,
+    positive_int,
+    resolve_runtime,
+    resolve_stage,
+    summary_path,
+    write_outputs,
+)
 
 DEFAULT_DATA = "apple/CLaRa_multi_stage"
 # (configuration name part, row label), in the paper's order.

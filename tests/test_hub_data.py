@@ -142,9 +142,12 @@ def offline(monkeypatch):
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
 
 
-def run_module(args: list[str], env: dict, cwd: Path = REPO, timeout: int = 900) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", *args], cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=timeout)
+def run_command(command: list[str], env: dict, cwd: Path = REPO) -> subprocess.CompletedProcess:
+    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, check=False, timeout=900)
+
+
+def run_module(args: list[str], env: dict) -> subprocess.CompletedProcess:
+    return run_command([sys.executable, "-m", *args], env)
 
 
 def quiet(*args, **kwargs) -> None:
@@ -221,15 +224,14 @@ def test_a_hub_id_is_read_from_the_hugging_face_cache_offline(hub, workdir):
     code = ("from clara.data import load_records\n"
             f"print([r['answer'] for r in load_records('stage1_2', 'hf:{HUB_ID}:inst_eval_hotpotqa_with_pos', "
             "log=print)])")
-    proc = subprocess.run([sys.executable, "-c", code], cwd=workdir, env=offline_env(hf_home), capture_output=True,
-                          text=True, timeout=300)
+    proc = run_command([sys.executable, "-c", code], offline_env(hf_home), cwd=workdir)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = configs["inst_eval_hotpotqa_with_pos"]
     assert proc.stdout.strip().splitlines()[-1] == repr(
         [r["answer"][0] if isinstance(r["answer"], list) else r["answer"] for r in rows])
 
-    proc = subprocess.run([sys.executable, "-c", code.replace(HUB_ID, "clara-test/not-cached")], cwd=workdir,
-                          env=offline_env(hf_home), capture_output=True, text=True, timeout=300)
+    proc = run_command([sys.executable, "-c", code.replace(HUB_ID, "clara-test/not-cached")], offline_env(hf_home),
+                       cwd=workdir)
     assert proc.returncode == 1
     assert "hf:clara-test/not-cached:inst_eval_hotpotqa_with_pos: not in the Hugging Face cache" in proc.stderr
 
@@ -303,7 +305,8 @@ def test_benchmark_prints_the_full_table_and_resumes(stage, checkpoints, hub, wo
     assert header == ["Data set"] + [f"{s} {m}" for s in ("Normal", "Oracle") for m in metrics]
     assert list(rows) == ["NQ", "HotpotQA", "MuSiQue", "2WikiMultihopQA", "Average"]
     prefix = "inst_eval_" if stage == "stage1_2" else "e2e_eval_ours_"
-    keys = ["exact_match", "f1", "cover_exact_match"] + ([f"recall@{k}" for k in (1, 3, 5)] if stage == "stage2" else [])
+    keys = ["exact_match", "f1", "cover_exact_match"]
+    keys += [f"recall@{k}" for k in (1, 3, 5)] if stage == "stage2" else []
     for label, name in (("NQ", "nq"), ("2WikiMultihopQA", "2wiki")):
         for column, setting in enumerate(("no_pos", "with_pos")):
             config = f"{prefix}{name}_{setting}"
@@ -326,7 +329,8 @@ def test_benchmark_prints_the_full_table_and_resumes(stage, checkpoints, hub, wo
     assert parse_table(again.stdout) == (header, rows)
     (output / f"{prefix}musique_with_pos.summary.json").unlink()
     again = run_module(args, env)
-    assert "7 of 8 sets already done" in again.stdout and f"{prefix}musique_with_pos: {EVAL_ROWS} samples" in again.stdout
+    assert "7 of 8 sets already done" in again.stdout
+    assert f"{prefix}musique_with_pos: {EVAL_ROWS} samples" in again.stdout
     assert parse_table(again.stdout) == (header, rows)
 
 
@@ -341,11 +345,11 @@ def test_benchmark_on_jsonl_copies_in_two_processes_with_max_samples(checkpoints
             write_jsonl(copies / f"{config}.jsonl", rows)
     common = ["--checkpoint", str(checkpoints["stage2"]), "--max_samples", "2", "--max_new_tokens", "8",
               "--batch_size", "1", "--no_progress"]
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                          "-m", "clara.benchmark", *common, "--data", str(copies), "--output_dir",
-                          str(workdir / "bench_two")], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    two = run_module(["torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "clara.benchmark",
+                      *common, "--data", str(copies), "--output_dir", str(workdir / "bench_two")], env)
     assert two.returncode == 0, two.stdout[-3000:] + two.stderr[-3000:]
-    one = run_module(["clara.benchmark", *common, "--data", str(root), "--output_dir", str(workdir / "bench_one")], env)
+    one = run_module(["clara.benchmark", *common, "--data", str(root), "--output_dir", str(workdir / "bench_one")],
+                     env)
     assert one.returncode == 0, one.stdout[-3000:] + one.stderr[-3000:]
     assert parse_table(two.stdout) == parse_table(one.stdout)
     summary = json.loads((workdir / "bench_two" / "e2e_eval_ours_nq_with_pos.summary.json").read_text())
