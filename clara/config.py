@@ -107,7 +107,7 @@ class HubSource:
 
 def parse_hub_source(text: str, setting: str) -> HubSource:
     parts = text[len(HUB_PREFIX):].split(":")
-    if not 2 <= len(parts) <= 3 or not all(parts):
+    if not 2 <= len(parts) <= 3 or not all(parts) or "," in text:
         raise ConfigError(f"{setting}={text!r}: expected hf:NAME:CONFIG or hf:NAME:CONFIG:SPLIT "
                           "(e.g. hf:apple/CLaRa_multi_stage:instruction_tuning)")
     return HubSource(*parts)

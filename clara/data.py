@@ -3,6 +3,8 @@
 Every line is checked before training starts; good records are normalised to one schema per stage
 (the `question` field is a list in stage1 and a string elsewhere, which Arrow cannot mix) and
 stored with `datasets` (Arrow, memory-mapped), so large files do not have to fit in memory.
+A configuration of a Hub data set, `hf:NAME:CONFIG[:SPLIT]`, is read row by row through `datasets` and
+gets the same checks (see the section at the end).
 """
 
 from __future__ import annotations
