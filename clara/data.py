@@ -276,7 +276,7 @@ def _config_files(source: HubSource, path: str) -> tuple[str, list[str]]:
     """The split and the data files of source's configuration, read from the README of `path`."""
     try:
         builder = datasets.load_dataset_builder(path, source.config)
-    except (ValueError, FileNotFoundError) as error:
+    except (ValueError, FileNotFoundError, ConnectionError) as error:  # unknown configuration or data set, no network
         raise DataError(f"{source}: {error}") from None
     splits = builder.config.data_files or {}
     split = source.split
