@@ -52,8 +52,10 @@ class TrainConfig:
     pretrain_checkpoint: str | None = setting(None, "checkpoint of the previous stage (stage1_2 needs stage1's, "
                                                     "stage2 needs stage1_2's)")
     allow_no_checkpoint: bool = setting(False, "let stage1_2/stage2 start from the base model")
-    dataset: str | None = setting(None, "training JSONL file(s), joined by commas (default: the stage's example file)")
-    eval_dataset: str | None = setting(None, "held-out JSONL file(s) evaluated every --eval_steps and at the end")
+    dataset: str | None = setting(None, "training JSONL file(s) joined by commas, or a Hub data set "
+                                        "hf:NAME:CONFIG[:SPLIT] (default: the stage's example file)")
+    eval_dataset: str | None = setting(None, "held-out data (JSONL files or hf:NAME:CONFIG[:SPLIT]) evaluated "
+                                             "every --eval_steps and at the end")
     save_path: str | None = setting(None, "output directory (default: checkpoints/clara_<stage>)")
     bad_samples: str = setting("error", "error: stop on bad records; skip: train on the good ones, write the rest "
                                         "to rejected.jsonl")
@@ -201,15 +203,45 @@ def validate(cfg: TrainConfig, world_size: int = 1, check_batch: bool = True) ->
     if cfg.resume not in ("auto", "false") and not os.path.isdir(cfg.resume):
         raise ConfigError("resume", cfg.resume, "auto, false, or an existing checkpoint directory "
                                                 "($SAVE_PATH/checkpoints/step_N)")
-    check_files("dataset", cfg.dataset)
+    check_data_sources("dataset", cfg.dataset)
     if cfg.eval_dataset:
-        check_files("eval_dataset", cfg.eval_dataset)
+        check_data_sources("eval_dataset", cfg.eval_dataset)
     _check_pretrain_checkpoint(cfg)
 
 
-def check_files(name: str, spec: str | None) -> None:
-    """`spec` names readable files joined by commas; else ConfigError for the setting `name`."""
+# A data setting that starts with this names a Hub data set instead of JSONL files: hf:NAME:CONFIG[:SPLIT].
+HUB_PREFIX = "hf:"
+
+
+@dataclass(frozen=True)
+class HubSource:
+    """A configuration of a Hugging Face Hub data set, or of a local directory in the Hub layout."""
+
+    name: str
+    config: str
+    split: str | None = None
+
+    def __str__(self) -> str:
+        return HUB_PREFIX + ":".join(part for part in (self.name, self.config, self.split) if part)
+
+
+def parse_hub_source(text: str, setting: str) -> HubSource:
+    parts = text[len(HUB_PREFIX):].split(":")
+    if not 2 <= len(parts) <= 3 or not all(parts) or "," in text:
+        raise ConfigError(setting, text, "hf:NAME:CONFIG or hf:NAME:CONFIG:SPLIT "
+                                         "(e.g. hf:apple/CLaRa_multi_stage:instruction_tuning)")
+    return HubSource(*parts)
+
+
+def check_data_sources(name: str, spec: str | None) -> None:
+    """`spec` names readable JSONL files joined by commas, or one hf:NAME:CONFIG[:SPLIT]; else ConfigError
+    for the setting `name`."""
     paths = (spec or "").split(",")
+    if any(p.strip().startswith(HUB_PREFIX) for p in paths):
+        if len(paths) > 1:
+            raise ConfigError(name, spec, "one hf: data set on its own, or JSONL files joined by commas")
+        parse_hub_source(paths[0].strip(), name)
+        return
     if not spec or any(not p.strip() for p in paths):
         raise ConfigError(name, spec, "one or more JSONL files joined by commas (an empty entry was given)")
     for path in map(str.strip, paths):

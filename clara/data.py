@@ -3,18 +3,22 @@
 Every line is checked before training starts; good records are normalised to one schema per stage
 (the `question` field is a list in stage1 and a string elsewhere, which Arrow cannot mix) and
 stored with `datasets` (Arrow, memory-mapped), so large files do not have to fit in memory.
+A configuration of a Hub data set, `hf:NAME:CONFIG[:SPLIT]`, is read row by row through `datasets` and
+gets the same checks (see the section at the end).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import datasets
+import huggingface_hub
 
-from clara.config import split_paths
+from clara.config import HUB_PREFIX, HubSource, parse_hub_source, split_paths
 from clara.errors import DataError
 from clara.stages import Stage, get_stage
 
@@ -46,10 +50,12 @@ class BadRecord(ValueError):
 
 @dataclass
 class LoadReport:
-    rejected: list[tuple[str, int, str, str]] = field(default_factory=list)  # (file, line, reason, raw text)
+    # (file, line, reason, raw text); for a Hub data set (hf:NAME:CONFIG:SPLIT, row index, reason, row as JSON)
+    rejected: list[tuple[str, int, str, str]] = field(default_factory=list)
 
     def messages(self) -> list[str]:
-        return [f"{path}:{line}: {reason}" for path, line, reason, _ in self.rejected]
+        return [f"{path} row {line}: {reason}" if path.startswith(HUB_PREFIX) else f"{path}:{line}: {reason}"
+                for path, line, reason, _ in self.rejected]
 
 
 def _describe(value) -> str:
@@ -202,6 +208,30 @@ def scan(stage: Stage, paths: list[str], min_docs: int = 1) -> tuple[int, LoadRe
     return good, report
 
 
+def _handle_rejected(report: LoadReport, good: int, stage: Stage, dataset: str, bad_samples: str,
+                     rejected_path: str | None, log) -> None:
+    """Raise DataError naming the bad records, or (bad_samples == "skip") write them and say how many."""
+    if report.rejected:
+        messages = report.messages()
+        if bad_samples != "skip":
+            shown = "\n".join(messages[:MAX_REPORTED_ERRORS])
+            more = len(messages) - MAX_REPORTED_ERRORS
+            tail = f"\n... and {more} more bad lines" if more > 0 else ""
+            raise DataError(f"{len(messages)} bad record(s) in {dataset} ({stage.name}):\n{shown}{tail}\n"
+                            "Fix them, or set BAD_SAMPLES=skip (--bad_samples skip) to train on the rest.")
+        if rejected_path:
+            os.makedirs(os.path.dirname(os.path.abspath(rejected_path)), exist_ok=True)
+            with open(rejected_path, "w", encoding="utf-8") as out:
+                for path, number, reason, raw in report.rejected:
+                    where = ({"dataset": path, "row": number} if path.startswith(HUB_PREFIX)
+                             else {"file": path, "line": number})
+                    out.write(json.dumps({**where, "reason": reason, "text": raw}, ensure_ascii=False) + "\n")
+        log(f"Skipped {len(report.rejected)} bad record(s) of {dataset}"
+            + (f"; written to {rejected_path}" if rejected_path else ""))
+    if good == 0:
+        raise DataError(f"{dataset}: no usable {stage.name} records")
+
+
 def _generate(stage_name: str, paths: list[str], min_docs: int, fingerprint: list) -> Iterator[dict]:
     del fingerprint  # only part of the cache key: a changed file gets a new Arrow cache
     stage = get_stage(stage_name)  # by name: the Arrow cache key hashes these arguments
@@ -220,26 +250,12 @@ def load_records(stage: Stage, dataset: str, bad_samples: str = "error", min_doc
     Raises DataError naming the bad lines, unless bad_samples == "skip", in which case the bad
     lines are written to rejected_path and the good ones are loaded.
     """
+    if dataset.startswith(HUB_PREFIX):
+        return load_hub_records(stage, parse_hub_source(dataset, "dataset"), bad_samples, min_docs, rejected_path,
+                                max_samples, log)
     paths = split_paths(dataset)
     good, report = scan(stage, paths, min_docs)
-    if report.rejected:
-        messages = report.messages()
-        if bad_samples != "skip":
-            shown = "\n".join(messages[:MAX_REPORTED_ERRORS])
-            more = len(messages) - MAX_REPORTED_ERRORS
-            tail = f"\n... and {more} more bad lines" if more > 0 else ""
-            raise DataError(f"{len(messages)} bad record(s) in {dataset} ({stage.name}):\n{shown}{tail}\n"
-                            "Fix them, or set BAD_SAMPLES=skip (--bad_samples skip) to train on the rest.")
-        if rejected_path:
-            os.makedirs(os.path.dirname(os.path.abspath(rejected_path)), exist_ok=True)
-            with open(rejected_path, "w", encoding="utf-8") as out:
-                for path, number, reason, raw in report.rejected:
-                    out.write(json.dumps({"file": path, "line": number, "reason": reason, "text": raw},
-                                         ensure_ascii=False) + "\n")
-        log(f"Skipped {len(report.rejected)} bad record(s) of {dataset}"
-            + (f"; written to {rejected_path}" if rejected_path else ""))
-    if good == 0:
-        raise DataError(f"{dataset}: no usable {stage.name} records")
+    _handle_rejected(report, good, stage, dataset, bad_samples, rejected_path, log)
     fingerprint = [(os.path.abspath(p), os.path.getsize(p), os.stat(p).st_mtime_ns) for p in paths]
     features = FEATURES[stage.schema]
     records = datasets.Dataset.from_generator(
@@ -248,3 +264,140 @@ def load_records(stage: Stage, dataset: str, bad_samples: str = "error", min_doc
     if max_samples is not None and max_samples < len(records):
         records = records.select(range(max_samples))
     return records
+
+
+# -- Hub data sets: hf:NAME:CONFIG[:SPLIT] ------------------------------------------------------------------
+# Each data file is read on its own, JSON lines as text: `datasets` would cast every file of a configuration
+# to one inferred schema, and the official set has fields that are a string in some rows and a list in
+# others, which that cast refuses. normalise() then brings each row to the stage's schema, as for JSONL.
+JSON_LINES_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz", ".jsonl.zst", ".json.zst")
+TABLE_MODULES = {".parquet": "parquet", ".arrow": "arrow", ".csv": "csv"}
+HUB_FILE = re.compile(r"hf://datasets/(?:[^/@]+/)?[^/@]+@([^/]+)/(.+)")
+
+
+def _config_files(source: HubSource, path: str) -> tuple[str, list[str]]:
+    """The split and the data files of source's configuration, read from the README of `path`."""
+    try:
+        builder = datasets.load_dataset_builder(path, source.config)
+    except (ValueError, FileNotFoundError, ConnectionError) as error:  # unknown configuration or data set, no network
+        raise DataError(f"{source}: {error}") from None
+    splits = builder.config.data_files or {}
+    split = source.split
+    if split is None:
+        if len(splits) != 1:
+            raise DataError(f"{source}: configuration {source.config!r} has the splits {', '.join(splits)}; "
+                            f"name one: {source}:SPLIT")
+        split = next(iter(splits))
+    elif split not in splits:
+        raise DataError(f"{source}: no split {split!r}; configuration {source.config!r} has {', '.join(splits)}")
+    return split, list(splits[split])
+
+
+def _snapshot(source: HubSource, offline: bool) -> str:
+    """A local copy (the huggingface_hub cache under HF_HOME) of the README and this configuration's files."""
+    try:
+        if offline:
+            return huggingface_hub.snapshot_download(source.name, repo_type="dataset", local_files_only=True)
+        _, remote = _config_files(source, source.name)
+        located = [HUB_FILE.fullmatch(url) for url in remote]
+        revision = located[0].group(1) if located and located[0] else None
+        return huggingface_hub.snapshot_download(
+            source.name, repo_type="dataset", revision=revision,
+            allow_patterns=["README.md", *(match.group(2) for match in located if match)])
+    except huggingface_hub.errors.LocalEntryNotFoundError:
+        raise DataError(f"{source}: not in the Hugging Face cache ({huggingface_hub.constants.HF_HUB_CACHE}) and "
+                        "offline mode is on (HF_DATASETS_OFFLINE / HF_HUB_OFFLINE): load it once online, "
+                        "or give a local directory in the Hub layout") from None
+
+
+def hub_files(source: HubSource, streaming: bool) -> tuple[str, list[str]]:
+    """(hf:NAME:CONFIG:SPLIT, the data files in order): local files, or remote ones to stream when `streaming`.
+
+    A Hub data set is first downloaded into the Hugging Face cache (only this configuration's files), except
+    when streaming online; offline it must be in the cache already.
+    """
+    offline = datasets.config.HF_HUB_OFFLINE
+    local = os.path.isdir(source.name) or (streaming and not offline)
+    split, files = _config_files(source, source.name if local else _snapshot(source, offline))
+    return str(HubSource(source.name, source.config, split)), files
+
+
+def _file_rows(file: str) -> Iterator[str | dict]:
+    """One data file's rows in order: JSON lines as their text, tables as dicts in the file's own schema."""
+    name = file.lower()
+    if name.endswith(JSON_LINES_SUFFIXES):
+        lines = datasets.load_dataset("text", data_files=[file], split="train", streaming=True)
+        return (line["text"] for line in lines if line["text"].strip())
+    suffix = os.path.splitext(name)[1]
+    if suffix not in TABLE_MODULES:
+        raise DataError(f"{file}: unsupported data file; expected JSON lines or "
+                        + ", ".join(TABLE_MODULES))
+    rows = datasets.load_dataset(TABLE_MODULES[suffix], data_files=[file], split="train", streaming=True)
+    # A null in a table column means that the row lacks the field.
+    return ({key: value for key, value in row.items() if value is not None} for row in rows)
+
+
+def iter_hub_rows(files: list[str] | tuple[str, ...]) -> Iterator[tuple[int, str | dict]]:
+    """(row index in the configuration's split, row), file after file."""
+    index = 0
+    for file in files:
+        for row in _file_rows(file):
+            yield index, row
+            index += 1
+
+
+def _hub_record(stage: Stage, row: str | dict, min_docs: int) -> dict:
+    return parse_line(stage, row.encode("utf-8"), min_docs) if isinstance(row, str) else normalise(stage, row, min_docs)
+
+
+def scan_hub(stage: Stage, label: str, files: list[str], min_docs: int = 1,
+             max_samples: int | None = None) -> tuple[int, LoadReport]:
+    """Check the rows up to the max_samples-th good one (all without it); the good count and the bad rows."""
+    report = LoadReport()
+    good = 0
+    for index, row in iter_hub_rows(files):
+        try:
+            _hub_record(stage, row, min_docs)
+        except BadRecord as error:
+            raw = row if isinstance(row, str) else json.dumps(row, ensure_ascii=False)
+            report.rejected.append((label, index, str(error), raw))
+            continue
+        good += 1
+        if good == max_samples:
+            break
+    return good, report
+
+
+def _generate_hub(stage_name: str, files: tuple[str, ...], min_docs: int, max_samples: int | None,
+                  fingerprint: tuple) -> Iterator[dict]:
+    del fingerprint  # only part of the cache key, as in _generate
+    stage = get_stage(stage_name)
+    good = 0
+    for _, row in iter_hub_rows(files):
+        try:
+            record = _hub_record(stage, row, min_docs)
+        except BadRecord:
+            continue
+        yield record
+        good += 1
+        if good == max_samples:
+            return
+
+
+def load_hub_records(stage: Stage, source: HubSource, bad_samples: str = "error", min_docs: int = 1,
+                     rejected_path: str | None = None, max_samples: int | None = None,
+                     log=print) -> datasets.Dataset:
+    """load_records for one configuration of a Hub data set (or a local directory in the Hub layout).
+
+    With max_samples only the rows up to the max_samples-th good one are read (streamed from the Hub when
+    online), so a prefix of a set larger than the disk can be used; bad rows are named by row index.
+    """
+    label, files = hub_files(source, streaming=max_samples is not None)
+    good, report = scan_hub(stage, label, files, min_docs, max_samples)
+    _handle_rejected(report, good, stage, label, bad_samples, rejected_path, log)
+    fingerprint = tuple((f, os.path.getsize(f), os.stat(f).st_mtime_ns) if os.path.isfile(f) else f for f in files)
+    # Tuples, not lists: `datasets` would split list arguments into shards, each with its own max_samples.
+    return datasets.Dataset.from_generator(
+        _generate_hub, features=FEATURES[stage.schema],
+        gen_kwargs={"stage_name": stage.name, "files": tuple(files), "min_docs": min_docs, "max_samples": max_samples,
+                    "fingerprint": fingerprint})

@@ -11,7 +11,7 @@ into micro-batches in dataset order first and rank r takes micro-batches r, r + 
 each micro-batch holds the same samples whatever the world size. Rank 0 gathers the per-sample
 results, restores dataset order and computes the summary, which every rank receives.
 
-    python -m clara.evaluate --checkpoint DIR --dataset FILE [--stage S] [--max_samples N]
+    python -m clara.evaluate --checkpoint DIR --dataset FILE|hf:NAME:CONFIG[:SPLIT] [--stage S] [--max_samples N]
         [--batch_size B] [--max_new_tokens T] [--output FILE]
 """
 
@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from clara.checkpoint import load_model, read_config, resolve_checkpoint
 from clara.collate import Collator
-from clara.config import TrainConfig, check_files
+from clara.config import TrainConfig, check_data_sources
 from clara.data import load_records
 from clara.distributed import broadcast, gather_rows, join_process_group, rank_zero_first, resolve_dtype
 from clara.errors import USER_ERRORS, CheckpointError
@@ -210,7 +210,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--checkpoint", required=True,
                         help="checkpoint directory (native or official release layout) or Hugging Face Hub id "
                              "(e.g. apple/CLaRa-7B-E2E/compression-16)")
-    parser.add_argument("--dataset", required=True, help="JSONL file(s) of the stage, joined by commas")
+    parser.add_argument("--dataset", required=True,
+                        help="JSONL file(s) of the stage, joined by commas, or a Hub data set hf:NAME:CONFIG[:SPLIT] "
+                             "(NAME: a Hub id or a local directory in the Hub layout)")
     parser.add_argument("--stage", choices=list(STAGES), default=None,
                         help="data format and metrics (default: the stage recorded in the checkpoint; official "
                              "checkpoints: stage2 when they hold a query_reasoner_adapter, else required)")
@@ -253,30 +255,50 @@ def resolve_stage(checkpoint: str, stage: str | None) -> str:
     return found
 
 
+def resolve_runtime(dtype_name: str, flash_attn: str, device: torch.device) -> tuple[torch.dtype, str]:
+    """The weights' dtype and the attention implementation for --dtype and --flash_attn on this device."""
+    return resolve_dtype(dtype_name, device), attention_implementation(flash_attn, device.type == "cuda")
+
+
+def load_eval_records(stage: Stage, dataset: str, top_k: int, limit: int | None, rank: int, world: int, log):
+    """Validated records of `dataset` (JSONL files or hf:NAME:CONFIG[:SPLIT]); the first `limit` when given."""
+    datasets.disable_progress_bars()
+    # Rank 0 builds the Arrow cache first; the other ranks then read it (and meet the same errors).
+    return rank_zero_first(lambda: load_records(stage, dataset, min_docs=stage.min_docs(top_k), max_samples=limit,
+                                                log=log), rank, world)
+
+
+def load_eval_model(checkpoint: str, stage: Stage, dtype: torch.dtype, attn: str, model_path: str | None,
+                    device: torch.device, log):
+    """The checkpoint's ClaraModel on `device`, with a query reasoner where the stage uses one."""
+    model = load_model(checkpoint, dtype, attn, base_model=model_path)
+    if stage.uses_query:
+        ensure_query_reasoner(model, log=log)
+    return model.to(device)
+
+
+def eval_config(model, stage: Stage, num_records: int, batch_size: int, max_samples: int | None,
+                max_new_tokens: int, max_len: int | None, seed: int) -> TrainConfig:
+    """The TrainConfig that evaluate_model needs; memory and retrieval settings come from the model."""
+    return TrainConfig(stage=stage.name, micro_batch_size=batch_size, eval_max_samples=max_samples or num_records,
+                       max_new_tokens=max_new_tokens, doc_max_length=model.settings.doc_max_length,
+                       max_len=max_len or stage.max_len, generation_top_k=model.settings.generation_top_k,
+                       seed=seed)
+
+
 def run(args: argparse.Namespace, rank: int, world: int, device: torch.device) -> dict:
     say = print if rank == 0 else (lambda *a, **k: None)
     # A Hub id is downloaded once, by rank 0; the other ranks then find it in the cache.
     checkpoint = rank_zero_first(lambda: resolve_checkpoint(args.checkpoint), rank, world)
     stage = get_stage(resolve_stage(checkpoint, args.stage))
     stage_source = "--stage" if args.stage else "from the checkpoint"
-    check_files("dataset", args.dataset)
-    dtype = resolve_dtype(args.dtype, device)
-    attn = attention_implementation(args.flash_attn, device.type == "cuda")
-    config = read_config(checkpoint)
-    top_k = int(config.get("generation_top_k", 5))
-    datasets.disable_progress_bars()
-    # Rank 0 builds the Arrow cache first; the other ranks then read it (and meet the same errors).
-    records = rank_zero_first(lambda: load_records(stage, args.dataset, min_docs=stage.min_docs(top_k),
-                                                   max_samples=args.limit, log=say), rank, world)
-
-    model = load_model(checkpoint, dtype, attn, base_model=args.model_path)
-    if stage.uses_query:
-        ensure_query_reasoner(model, log=say)
-    model.to(device)
-    cfg = TrainConfig(stage=stage.name, micro_batch_size=args.batch_size,
-                      eval_max_samples=args.max_samples or len(records), max_new_tokens=args.max_new_tokens,
-                      doc_max_length=model.settings.doc_max_length, max_len=args.max_len or stage.max_len,
-                      generation_top_k=model.settings.generation_top_k, seed=args.seed)
+    check_data_sources("dataset", args.dataset)
+    dtype, attn = resolve_runtime(args.dtype, args.flash_attn, device)
+    top_k = int(read_config(checkpoint).get("generation_top_k", 5))
+    records = load_eval_records(stage, args.dataset, top_k, args.limit, rank, world, say)
+    model = load_eval_model(checkpoint, stage, dtype, attn, args.model_path, device, say)
+    cfg = eval_config(model, stage, len(records), args.batch_size, args.max_samples, args.max_new_tokens,
+                      args.max_len, args.seed)
     say(f"Evaluating {args.checkpoint} ({stage.name}, {stage_source}) on {args.dataset}: {len(records)} samples"
         + (f", generation on {min(cfg.eval_max_samples, len(records))}" if stage.generates else "")
         + f" | {world} process(es) | device {device.type} | dtype {str(dtype).replace('torch.', '')}",
