@@ -375,13 +375,12 @@ def official_layout(tokenizer, system: str, user: str, answer: str) -> tuple[lis
 def test_labels_match_the_official_layout(model_dir, template, stage, raw):
     """Every token the template renders for the assistant turn is supervised, the newline after Qwen's
     <|im_end|> included, exactly as in the official code: so per-sample losses on its checkpoints match."""
-    from clara.stages import stage_module
 
     tokenizer, tokens = fresh_tokenizer(model_dir, template)
     batch = collate(tokenizer, tokens, stage, raw)
     records = [normalise(get_stage(stage), r, min_docs=2 if stage == "stage2" else 1) for r in raw]
     for i, record in enumerate(records):
-        system, user, answer = stage_module(stage).example(record, N_MEM, 2, 3)
+        system, user, answer = get_stage(stage).example(record, N_MEM, 2, 3)
         ids, labels = official_layout(tokenizer, system, user, answer)
         mask = batch.dec_mask[i].bool()
         assert batch.dec_ids[i][mask].tolist() == ids
