@@ -182,11 +182,11 @@ def validate(cfg: TrainConfig, world_size: int = 1, check_batch: bool = True) ->
             raise ConfigError(name, value, "a positive integer")
     for name in POSITIVE_FLOATS:
         value = getattr(cfg, name)
-        if not (math.isfinite(value) and value > 0):
+        if value is not None and not (math.isfinite(value) and value > 0):
             raise ConfigError(name, value, "a finite number > 0 (e.g. 1e-4)")
     for name in SHARES:
         value = getattr(cfg, name)
-        if not (math.isfinite(value) and value >= 0):
+        if value is not None and not (math.isfinite(value) and value >= 0):
             raise ConfigError(name, value, "a finite number >= 0 (e.g. 0.1)")
     for name, choices in CHOICES.items():
         if getattr(cfg, name) not in choices:

@@ -101,8 +101,8 @@ def checkpoint_stage_of(checkpoint: str, stage: str | None) -> str:
 
     found = stage or infer_stage(checkpoint)
     if found is None:
-        raise ConfigError(f"--checkpoint {checkpoint}: the official layout records no stage and has no "
-                          "query_reasoner_adapter (which would mean stage2); pass --stage stage1 or stage1_2")
+        raise ConfigError("checkpoint", checkpoint, "--stage stage1 or stage1_2 as well: the official layout records "
+                                                    "no stage and this one has no query_reasoner_adapter (stage2)")
     return found
 
 
@@ -117,8 +117,8 @@ def push_to_hub(out_dir: str, repo_id: str, path_in_repo: str) -> str:
         api.upload_folder(folder_path=out_dir, repo_id=repo_id, path_in_repo=path_in_repo or None,
                           commit_message=f"CLaRa checkpoint {path_in_repo or ''}".strip())
     except HfHubHTTPError as error:
-        raise ConfigError(f"--push_to_hub {repo_id}: the Hub refused the upload ({str(error).splitlines()[0]}); "
-                          "set HF_TOKEN to a token with write access to that repository") from error
+        raise ConfigError("push_to_hub", repo_id, f"a repository HF_TOKEN may write to; the Hub refused the upload "
+                                                  f"({str(error).splitlines()[0]})") from error
     return f"{repo_id}/{path_in_repo}" if path_in_repo else repo_id
 
 
@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
         checkpoint = resolve_checkpoint(args.checkpoint)
         stage = checkpoint_stage_of(checkpoint, args.stage)
         if os.path.realpath(args.out) == os.path.realpath(checkpoint):
-            raise ConfigError(f"--out {args.out} is the checkpoint itself; choose another directory")
+            raise ConfigError("out", args.out, "a directory other than the checkpoint itself")
         model = load_model(checkpoint, base_model=args.model_path)
         if args.format == "official":
             write_official(model, args.out, stage)

@@ -222,8 +222,8 @@ def test_a_hub_id_is_read_from_the_hugging_face_cache_offline(hub, workdir):
     shutil.copytree(root, repo / "snapshots" / revision)
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text(revision)
-    code = ("from clara.data import load_records\n"
-            f"print([r['answer'] for r in load_records('stage1_2', 'hf:{HUB_ID}:inst_eval_hotpotqa_with_pos', "
+    code = ("from clara.data import load_records\nfrom clara.stages import get_stage\n"
+            f"print([r['answer'] for r in load_records(get_stage('stage1_2'), 'hf:{HUB_ID}:inst_eval_hotpotqa_with_pos', "
             "log=print)])")
     proc = run_command([sys.executable, "-c", code], offline_env(hf_home), cwd=workdir)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -244,7 +244,7 @@ def test_settings_accept_hub_data_sets():
     for dataset, message in (("hf:apple/CLaRa_multi_stage", "expected hf:NAME:CONFIG or hf:NAME:CONFIG:SPLIT"),
                              ("hf:a:b:c:d", "expected hf:NAME:CONFIG or hf:NAME:CONFIG:SPLIT"),
                              ("hf:a:b,example/pretrain_data.jsonl", "expected one hf: data set on its own"),
-                             ("missing.jsonl", "file 'missing.jsonl' does not exist")):
+                             ("missing.jsonl", "'missing.jsonl' does not exist")):
         with pytest.raises(ConfigError, match=re.escape(message)):
             validate(TrainConfig(dataset=dataset, batch_size=1, micro_batch_size=1, max_len=64))
 
