@@ -12,7 +12,7 @@ and R the LoRA matrix parameters of one adapter (sum of r * (in + out) over the 
 
 Causal attention over a sequence of s attended tokens costs, per layer, 2 * width * s * (s + 1) in the
 forward (Q K^T and the weighted sum of V, each over the s (s + 1) / 2 query-key pairs; width =
-heads * head_dim). The LM head projects only the supervised positions (spec section 9): 2 V H per
+heads * head_dim). The LM head projects only the supervised positions (README: "What a step costs"): 2 V H per
 supervised token forward and, being frozen, 2 V H backward for the activation gradient.
 
 Gradient-checkpointing recomputation is not counted: model FLOPs utilisation counts the work the

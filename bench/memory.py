@@ -17,7 +17,7 @@ part, and what to change when it does not fit. The accounting, per GPU, in bf16 
   tensors while it is recomputed;
 - the stage-2 candidates: compressed without gradient, candidate_chunk_size documents at a time, so
   one layer's transient tensors for one chunk;
-- the vocabulary projection at the supervised positions only (spec section 9): bf16 logits, their fp32
+- the vocabulary projection at the supervised positions only (README: "What a step costs"): bf16 logits, their fp32
   copy and the fp32 gradient of the cross-entropy.
 
 Not included: the CUDA context (about 0.5 GiB outside torch's allocator) and the caching allocator's

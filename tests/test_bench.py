@@ -1,4 +1,4 @@
-"""The benchmark (spec section 9): `python -m bench` runs at the smallest size and its JSON holds sane
+"""The benchmark (README: "What a step costs"): `python -m bench` runs at the smallest size and its JSON holds sane
 numbers; the FLOP count treats the frozen base and LoRA as the issue describes; the sweep plans the
 scaling rows."""
 

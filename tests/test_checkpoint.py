@@ -1,4 +1,4 @@
-"""Checkpoints (spec section 4): native save/load, the official release layout, and stage chaining."""
+"""Checkpoints (README: "How CLaRa reads a document"): native save/load, the official release layout, and stage chaining."""
 
 import json
 import os

@@ -1,4 +1,4 @@
-"""Reading and validating training data (spec section 3), directly and through `python -m clara.train`."""
+"""Reading and validating training data (README: "Data"), directly and through `python -m clara.train`."""
 
 import json
 import os

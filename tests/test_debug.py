@@ -1,4 +1,4 @@
-"""The colour-coded confidence print (spec section 6), on the built-in tiny model.
+"""The colour-coded confidence print (README: "The debug print"), on the built-in tiny model.
 
 In-process tests build a stage model, run the training forward and format the print, then check it
 against numbers this file computes itself: a second, separate decoder pass through the full causal LM
@@ -49,7 +49,7 @@ RUN_TIMEOUT = 600  # generous: a 2-core machine may be busy with other work
 
 RULE = "=" * 80
 ESC = "\x1b"
-# One print, field by field, exactly as laid out in spec section 6 (stage 2 adds the chosen line).
+# One print, field by field, exactly as laid out in README "The debug print" (stage 2 adds the chosen line).
 PRINT = re.compile(
     r"={80}\n"
     r"\[Debug\] CLaRa Training Debug - Sample (?P<sample>\d+)\n"
@@ -75,7 +75,7 @@ COLOUR_TOKEN = re.compile(r"\x1b\[38;2;(\d+);(\d+);(\d+)m([\s\S]*?)\x1b\[0m")
 def parse_prints(text: str) -> list[dict]:
     """Every print in `text`, as a dict of its fields; fails when a header starts a print that does not parse."""
     found = [m.groupdict() for m in PRINT.finditer(text)]
-    assert len(found) == text.count(HEADER), f"a print does not follow the layout of spec section 6:\n{text[-3000:]}"
+    assert len(found) == text.count(HEADER), f"a print does not follow the layout of README "The debug print":\n{text[-3000:]}"
     return found
 
 
@@ -214,7 +214,7 @@ def memory_runs(model, ids: torch.Tensor) -> int:
 
 
 def rgb(p: float) -> tuple[float, float, int]:
-    """The colour spec section 6 gives probability p, before rounding."""
+    """The colour README "The debug print" gives probability p, before rounding."""
     return 255 * (1 - p), 255 * p, 0
 
 
@@ -454,7 +454,7 @@ def test_stage1_qa_shows_the_first_question_and_answer(models, monkeypatch):
 
 
 def test_a_non_finite_forward_still_prints(models, monkeypatch):
-    """A NaN loss skips the optimizer step (spec section 5); the debug print of that step must not crash it."""
+    """A NaN loss skips the optimizer step (README: "Outputs, checkpoints and resuming"); the debug print of that step must not crash it."""
     monkeypatch.delenv("NO_COLOR", raising=False)
     stage = "stage1"
     model = models(stage)

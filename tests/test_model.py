@@ -1,4 +1,4 @@
-"""The shared model (spec sections 4 and 9): losses, which parameters train, compression without the
+"""The shared model (README: "How CLaRa reads a document" and "What a step costs"): losses, which parameters train, compression without the
 LM head, injection, the differentiable top-k, and gradient checkpointing with switching adapters."""
 
 import contextlib
@@ -24,7 +24,7 @@ MAX_LEN = 512
 MSE_WEIGHT = 0.1
 EXAMPLES = Path(__file__).resolve().parent.parent / "example"
 
-# What each stage trains (spec section 4), written out here rather than read from clara.stages.
+# What each stage trains (README: "How CLaRa reads a document"), written out here rather than read from clara.stages.
 TRAINED = {"stage1": ("encoder_adapter", "decoder_adapter"),
            "stage1_2": ("encoder_adapter", "decoder_adapter"),
            "stage2": ("query_reasoner_adapter", "decoder_adapter")}

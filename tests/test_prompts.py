@@ -1,6 +1,6 @@
 """Special tokens, the encoder input layout, the memory-slot string, the decoder prompts and their labels.
 
-Spec section 4. Expected token sequences are written out here from the spec's text (system prompts,
+README: "How CLaRa reads a document". Expected token sequences are written out here from the documented layout (system prompts,
 message layout, the tiny model's chat template), not taken from clara's own constants, so that a
 wrong string or a shifted label fails.
 """
