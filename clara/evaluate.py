@@ -27,10 +27,11 @@ import torch.nn.functional as F
 
 from clara.checkpoint import CheckpointError
 from clara.config import STAGES, ConfigError
+from clara.index import CorpusIndexError
 from clara.data import DataError
 from clara.distributed import broadcast, gather_rows, join_process_group, rank_zero_first
 
-USER_ERRORS = (ConfigError, DataError, CheckpointError)
+USER_ERRORS = (ConfigError, DataError, CheckpointError, CorpusIndexError)
 GENERATING_STAGES = ("stage1_2", "stage2")
 RETRIEVAL_KS = (1, 3, 5)
 
@@ -259,6 +260,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model_path", default=None,
                         help="base model to use instead of the one the checkpoint names")
     parser.add_argument("--no_progress", action="store_true", help="no progress bar")
+    parser.add_argument("--index", default=None,
+                        help="stage2: also answer from this corpus index (python -m clara.index): recall@1/3/5 of "
+                             "the records' gold_ids over the whole corpus, and EM / F1 / cover-EM (on rank 0)")
     return parser
 
 
@@ -322,12 +326,33 @@ def run(args: argparse.Namespace, rank: int, world: int, device: torch.device) -
                              leave_progress=True)
     if rank == 0:
         say(format_table(results["summary"], title=f"{stage} evaluation of {args.checkpoint}"))
+        if args.index:
+            results["summary"].update(open_corpus(args, model, records, cfg, device, say))
         if args.output:
             meta = {"checkpoint": args.checkpoint, "dataset": args.dataset, "stage": stage, "world_size": world,
-                    "batch_size": args.batch_size, "max_new_tokens": args.max_new_tokens}
+                    "batch_size": args.batch_size, "max_new_tokens": args.max_new_tokens, "index": args.index}
             written = write_outputs(args.output, results["samples"], results["summary"], meta)
             say(f"Per-sample results: {args.output}\nSummary: {written}")
     return results
+
+
+def open_corpus(args: argparse.Namespace, model, records, cfg, device: torch.device, say) -> dict:
+    """The open-corpus table (answers from the index's stored vectors); its numbers prefixed open_."""
+    from clara.data import split_paths
+    from clara.index import check_index_matches, load_index, open_corpus_summary, read_gold_ids
+
+    if cfg.stage != "stage2":
+        raise ConfigError(f"--index: open-corpus evaluation needs stage2 records, not {cfg.stage}")
+    index = load_index(args.index)
+    check_index_matches(index, model, args.checkpoint)
+    gold = read_gold_ids(split_paths(args.dataset), args.limit)
+    summary, _ = open_corpus_summary(model, index, [r["question"] for r in records], [r["answer"] for r in records],
+                                     gold, min(cfg.eval_max_samples, len(records)), RETRIEVAL_KS,
+                                     batch_size=cfg.micro_batch_size, max_new_tokens=cfg.max_new_tokens,
+                                     max_len=cfg.max_len, seed=cfg.seed, device=device)
+    say(format_table(summary, title=f"open-corpus evaluation: retrieval over all {len(index.ids)} documents of "
+                                    f"{args.index}, answers from their stored vectors"))
+    return {f"open_{key}": value for key, value in summary.items()}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -153,6 +153,7 @@ class CLaRa:
         self.batch_size = batch_size
         self.max_len = max_len
         self.seed = seed  # picks the paraphrase instruction, as in training (--seed, default 42)
+        self._index = None  # the corpus index last answered from, kept loaded
 
     @classmethod
     def from_pretrained(cls, path: str, device: str | torch.device | None = None,
@@ -218,12 +219,20 @@ class CLaRa:
             raise ValueError("every question needs at least one document")
         return self._generate("stage1_2", records, max_new_tokens)[0]
 
-    def generate_from_questions(self, questions: Sequence[str], documents: Sequence[Sequence[str]],
-                                max_new_tokens: int = 64) -> tuple[list[str], list[list[int]]]:
+    def generate_from_questions(self, questions: Sequence[str], documents: Sequence[Sequence[str]] | None = None,
+                                max_new_tokens: int = 64, index: str | None = None,
+                                stage2_mips: bool = False) -> tuple[list[str], list[list[int]] | list[list[str]]]:
         """Stage 2: the query reasoner picks the top-k of each question's candidates, the generator answers.
 
-        Returns the answers and, per question, the chosen candidate indices in rank order.
+        Returns the answers and, per question, the chosen candidate indices in rank order. With
+        index=DIR (a folder of `python -m clara.index`; stage2_mips=True, the official flag, asks for
+        the same) the candidates are the whole indexed corpus, the generator reads the stored vectors
+        and the chosen documents are returned as ids.
         """
+        if index is not None or stage2_mips:
+            if index is None or documents is not None:
+                raise ValueError("answering from a corpus index (stage2_mips) takes index=DIR and no documents")
+            return self._generate_from_index(_as_list(questions, "questions"), index, max_new_tokens)
         questions, documents = _as_list(questions, "questions"), _as_list(documents, "documents")
         if len(questions) != len(documents):
             raise ValueError(f"{len(questions)} questions but {len(documents)} candidate lists")
@@ -236,6 +245,19 @@ class CLaRa:
                              f"generation_top_k={k}")
         ensure_query_reasoner(self.model)
         return self._generate("stage2", records, max_new_tokens)
+
+    def _generate_from_index(self, questions: list[str], path: str, max_new_tokens: int) -> tuple[list, list]:
+        # Deferred: faiss is needed only by this path.
+        from clara.index import answer_from_index, check_index_matches, load_index
+
+        if self._index is None or self._index.path != path:
+            self._index = load_index(path)
+        ensure_query_reasoner(self.model)
+        check_index_matches(self._index, self.model)
+        found = answer_from_index(self.model, self._index, questions, batch_size=self.batch_size,
+                                  max_new_tokens=max_new_tokens, max_len=self.max_len or DEFAULT_MAX_LEN["stage2"],
+                                  seed=self.seed, device=self.device)
+        return found.answers, found.ids
 
     def generate_from_paraphrase(self, documents: Sequence[str | Sequence[str]],
                                  max_new_tokens: int = 64) -> list[str]:

@@ -252,13 +252,21 @@ class ClaraModel(nn.Module):
         return out
 
     @torch.no_grad()
-    def generate(self, batch: Batch, max_new_tokens: int = 64) -> tuple[list[str], torch.Tensor | None]:
-        """Greedy answers for a batch built without targets; stage 2 also returns the chosen indices."""
+    def generate(self, batch: Batch, max_new_tokens: int = 64,
+                 memory: torch.Tensor | None = None) -> tuple[list[str], torch.Tensor | None]:
+        """Greedy answers for a batch built without targets; stage 2 also returns the chosen indices.
+
+        memory: memory vectors [slots * n, H] already computed (e.g. stored in a corpus index) for the
+        prompt's memory slots; the batch's documents are then neither compressed nor selected.
+        """
         # Greedy decoding must not depend on the mode the caller left the model in (LoRA dropout).
         was_training = self.training
         self.eval()
         try:
-            embeds, extras = self.decoder_inputs(batch)
+            if memory is None:
+                embeds, extras = self.decoder_inputs(batch)
+            else:
+                embeds, extras = self.inject(batch.dec_ids, memory), StepOutput(loss=None, lm=None)
             stop_ids = {self.tokenizer.eos_token_id}
             turn_end = self.tokenizer.convert_tokens_to_ids(end_of_turn(self.tokenizer))
             if isinstance(turn_end, int) and turn_end != self.tokenizer.unk_token_id:
