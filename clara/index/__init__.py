@@ -335,7 +335,8 @@ def _merge(out_dir: str, plan: dict, ids: list[str], texts: list[str], search: S
     started = time.perf_counter()
     vectors = np.concatenate([normalised_rows(_read_shard(out_dir, i)) for i in range(plan["shards"])])
     index = make_search_index(vectors, search)
-    meta = {**plan, "search": search.__dict__ | {"nlist": getattr(index, "nlist", None)},
+    effective = {"nlist": index.nlist, "nprobe": index.nprobe} if search.kind == "ivf" else {}
+    meta = {**plan, "search": search.__dict__ | effective,
             "bytes_per_document": plan["n_mem"] * plan["hidden"] * STORAGE_DTYPES[plan["storage_dtype"]].itemsize}
     if search.kind != "flat":
         queries = pair_queries(vectors, min(RECALL_QUERIES, len(vectors)))
