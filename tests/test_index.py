@@ -144,8 +144,8 @@ def test_index_stores_every_document_compressed_as_one_at_a_time(built, checkpoi
 
 def test_two_processes_under_torchrun_build_the_same_index(workdir, built, checkpoints, data):
     out = workdir / "index_torchrun"
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                           "--master_port", "29613", "-m", *index_args(checkpoints["a"], data["corpus"], out)],
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "-m", *index_args(checkpoints["a"], data["corpus"], out)],
                           cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "2 process(es)" in proc.stdout
