@@ -27,9 +27,9 @@ import torch.nn.functional as F
 
 from clara.checkpoint import CheckpointError
 from clara.config import STAGES, ConfigError
-from clara.index import CorpusIndexError
 from clara.data import DataError
 from clara.distributed import broadcast, gather_rows, join_process_group, rank_zero_first
+from clara.index import CorpusIndexError
 
 USER_ERRORS = (ConfigError, DataError, CheckpointError, CorpusIndexError)
 GENERATING_STAGES = ("stage1_2", "stage2")
@@ -293,6 +293,8 @@ def run(args: argparse.Namespace, rank: int, world: int, device: torch.device) -
     say = print if rank == 0 else (lambda *a, **k: None)
     stage = resolve_stage(args.checkpoint, args.stage)
     stage_source = "--stage" if args.stage else "from the checkpoint"
+    if args.index and stage != "stage2":
+        raise ConfigError(f"--index: open-corpus evaluation needs a stage2 checkpoint and records, not {stage}")
     for path in args.dataset.split(","):
         if not os.path.isfile(path.strip()):
             raise ConfigError(f"--dataset: file {path.strip()!r} does not exist or is not readable")
@@ -341,8 +343,6 @@ def open_corpus(args: argparse.Namespace, model, records, cfg, device: torch.dev
     from clara.data import split_paths
     from clara.index import check_index_matches, load_index, open_corpus_summary, read_gold_ids
 
-    if cfg.stage != "stage2":
-        raise ConfigError(f"--index: open-corpus evaluation needs stage2 records, not {cfg.stage}")
     index = load_index(args.index)
     check_index_matches(index, model, args.checkpoint)
     gold = read_gold_ids(split_paths(args.dataset), args.limit)
