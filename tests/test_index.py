@@ -24,8 +24,8 @@ from clara.checkpoint import build_model, save_model
 from clara.index import (
     SHARD_FILE,
     CorpusIndexError,
-    answer_from_index,
     SearchSettings,
+    answer_from_index,
     load_index,
     make_search_index,
     pair_queries,

@@ -25,7 +25,6 @@ interrupted resumes with the shards that are missing.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import math
