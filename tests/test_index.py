@@ -289,3 +289,19 @@ def test_open_corpus_recall_and_answers_next_to_the_closed_candidate_numbers(wor
     em = [exact_match(a, r["gold_answer"]) for a, r in zip(answers, records)]
     assert metrics["open_exact_match"] == pytest.approx(sum(em) / len(em))
     assert metrics["open_documents"] == N_DOCS and metrics["open_generated"] == N_QUESTIONS
+
+
+# -- the bench rows ----------------------------------------------------------------------------------------------
+def test_retrieval_bench_rows(workdir):
+    out = workdir / "bench.json"
+    proc = run_module(["bench", "--retrieval", "--sizes", "2000", "--queries", "20", "--index_docs", "64",
+                       "--questions", "2", "--max_new_tokens", "2", "--json", str(out)])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = {row["row"]: row for row in json.loads(out.read_text())}
+    assert rows["memory per document (float32)"]["value"] == "2048 B + 2048 B"
+    assert rows["memory per document (float16)"]["value"] == "1024 B + 2048 B"
+    answering = [row for name, row in rows.items() if name.startswith("answer a question, 20 candidates")]
+    assert len(answering) == 2 and all(r["stored_ms"] > 0 and r["compressing_ms"] > 0 for r in answering)
+    search = rows["search over 2,000 documents"]
+    assert search["flat_ms"] > 0 and 0.9 <= search["recall"] <= 1.0
+    assert "indexing throughput" in proc.stdout
