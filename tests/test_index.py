@@ -84,7 +84,7 @@ def workdir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def checkpoints(workdir) -> dict[str, Path]:
-    """a and b differ in every role; a_reasoner shares a's compressor (as stage2 shares stage1_2's)."""
+    """a and b differ in every role; a_reasoner shares a's compressor and memory embeddings only."""
     return {"a": noisy_checkpoint(workdir / "ck_a", {r: i + 1 for i, r in enumerate(ROLES)}),
             "b": noisy_checkpoint(workdir / "ck_b", {r: i + 11 for i, r in enumerate(ROLES)}),
             "a_reasoner": noisy_checkpoint(workdir / "ck_a2", {"encoder_adapter": 1, "decoder_adapter": 22,
@@ -234,7 +234,7 @@ def test_answers_from_the_index_equal_answers_from_the_same_documents_as_candida
     # The official flag selects the same path.
     assert model.generate_from_questions(questions, index=str(out), stage2_mips=True,
                                          max_new_tokens=NEW_TOKENS) == (answers, ids)
-    # A stage2 checkpoint with the same (frozen) compressor answers from the same index.
+    # A checkpoint with the same compressor and memory embeddings answers from the same index.
     other = CLaRa.from_pretrained(str(checkpoints["a_reasoner"]))
     assert len(other.generate_from_questions(questions[:1], index=str(out), max_new_tokens=2)[1][0]) == TOP_K
 

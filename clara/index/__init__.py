@@ -148,8 +148,9 @@ def compressor_fingerprint(model: ClaraModel) -> str:
     the added tokens' rows, a sample of the base model's embeddings and the document length.
 
     Weights are hashed as bfloat16, so a model loaded in float32 on CPU and in bfloat16 on a GPU
-    agree. Stage 2 keeps the compressor frozen, so a stage1_2 checkpoint and the stage2 checkpoint
-    trained from it share a fingerprint (and an index).
+    agree. Checkpoints that differ only in the query reasoner or the generator share a fingerprint
+    (and an index). Stage 2 freezes the compressor's LoRA but trains the memory embeddings, which
+    the compressor reads, so a stage2 checkpoint needs its own index, not its stage1_2's.
     """
     digest = hashlib.sha256(json.dumps([model.settings.n_mem_tokens, model.settings.doc_max_length]).encode())
 
