@@ -149,8 +149,8 @@ def compressor_fingerprint(model: ClaraModel) -> str:
 
     Weights are hashed as bfloat16, so a model loaded in float32 on CPU and in bfloat16 on a GPU
     agree. Checkpoints that differ only in the query reasoner or the generator share a fingerprint
-    (and an index). Stage 2 freezes the compressor's LoRA but trains the memory embeddings, which
-    the compressor reads, so a stage2 checkpoint needs its own index, not its stage1_2's.
+    (and an index). The trainer currently updates the memory embeddings in stage 2 too, so a stage2
+    checkpoint needs its own index, not its stage1_2 checkpoint's.
     """
     digest = hashlib.sha256(json.dumps([model.settings.n_mem_tokens, model.settings.doc_max_length]).encode())
 
