@@ -140,6 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="after the timed steps, one more under torch.profiler: kernel (CPU: operator) time by "
                           "kind (matmul, attention, other) and the busiest operators, in the JSON")
     run.add_argument("--json", metavar="FILE", help="also write the results as JSON to FILE")
+    run.add_argument("--retrieval", action="store_true",
+                     help="measure answering from a compressed corpus instead (indexing, memory per document, "
+                          "search latency, answer time); its options: python -m bench --retrieval --help")
     run.add_argument("--timeout", type=float, default=1800, help="seconds allowed per configuration")
     run.add_argument("--max_load", type=float, default=None,
                      help="on a shared machine: before each configuration, wait (at most --timeout seconds) until "
@@ -324,6 +327,11 @@ def wait_for_load(max_load: float | None, timeout: float) -> float | None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    given = list(argv) if argv is not None else sys.argv[1:]
+    if "--retrieval" in given:  # its own rows and options (bench/retrieval.py)
+        from bench import retrieval
+
+        return retrieval.main([a for a in given if a != "--retrieval"])
     args = parse_args(argv)
     base = config_from_args(args)
     try:

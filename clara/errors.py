@@ -21,4 +21,8 @@ class CheckpointError(ValueError):
     """A directory is not a usable checkpoint; the message says which file or setting is wrong."""
 
 
-USER_ERRORS = (ConfigError, DataError, CheckpointError)
+class CorpusIndexError(ValueError):
+    """A corpus index that cannot be built or used as asked."""
+
+
+USER_ERRORS = (ConfigError, DataError, CheckpointError, CorpusIndexError)

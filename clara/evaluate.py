@@ -33,7 +33,7 @@ from clara.collate import Collator
 from clara.config import TrainConfig, check_data_sources
 from clara.data import load_records
 from clara.distributed import broadcast, gather_rows, join_process_group, rank_zero_first, resolve_dtype
-from clara.errors import USER_ERRORS, CheckpointError
+from clara.errors import USER_ERRORS, CheckpointError, ConfigError
 from clara.files import json_safe, write_json_atomic, write_text_atomic
 from clara.inference import collatable_runs, ensure_query_reasoner, infer_stage
 from clara.metrics import ANSWER_SCORE_NAMES, answer_scores, retrieval_summary
@@ -239,6 +239,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model_path", default=None,
                         help="base model to use instead of the one the checkpoint names")
     parser.add_argument("--no_progress", action="store_true", help="no progress bar")
+    parser.add_argument("--index", default=None,
+                        help="stage2: also answer from this corpus index (python -m clara.index): recall@1/3/5 of "
+                             "the records' gold_ids over the whole corpus, and EM / F1 / cover-EM (on rank 0)")
     return parser
 
 
@@ -292,6 +295,9 @@ def run(args: argparse.Namespace, rank: int, world: int, device: torch.device) -
     checkpoint = rank_zero_first(lambda: resolve_checkpoint(args.checkpoint), rank, world)
     stage = get_stage(resolve_stage(checkpoint, args.stage))
     stage_source = "--stage" if args.stage else "from the checkpoint"
+    if args.index and not stage.uses_query:
+        raise ConfigError("index", args.index, f"a stage2 checkpoint and records (open-corpus retrieval uses the "
+                                               f"query reasoner), not {stage.name}")
     check_data_sources("dataset", args.dataset)
     dtype, attn = resolve_runtime(args.dtype, args.flash_attn, device)
     top_k = int(read_config(checkpoint).get("generation_top_k", 5))
@@ -307,12 +313,31 @@ def run(args: argparse.Namespace, rank: int, world: int, device: torch.device) -
                              leave_progress=True)
     if rank == 0:
         say(format_table(results["summary"], title=f"{stage.name} evaluation of {args.checkpoint}"))
+        if args.index:
+            results["summary"].update(open_corpus(args, model, records, cfg, device, say))
         if args.output:
             meta = {"checkpoint": args.checkpoint, "dataset": args.dataset, "stage": stage.name, "world_size": world,
-                    "batch_size": args.batch_size, "max_new_tokens": args.max_new_tokens}
+                    "batch_size": args.batch_size, "max_new_tokens": args.max_new_tokens, "index": args.index}
             written = write_outputs(args.output, results["samples"], results["summary"], meta)
             say(f"Per-sample results: {args.output}\nSummary: {written}")
     return results
+
+
+def open_corpus(args: argparse.Namespace, model, records, cfg, device: torch.device, say) -> dict:
+    """The open-corpus table (answers from the index's stored vectors); its numbers prefixed open_."""
+    from clara.data import split_paths
+    from clara.index import check_index_matches, load_index, open_corpus_summary, read_gold_ids
+
+    index = load_index(args.index)
+    check_index_matches(index, model, args.checkpoint)
+    gold = read_gold_ids(split_paths(args.dataset), args.limit)
+    summary, _ = open_corpus_summary(model, index, [r["question"] for r in records], [r["answer"] for r in records],
+                                     gold, min(cfg.eval_max_samples, len(records)), RETRIEVAL_KS,
+                                     batch_size=cfg.micro_batch_size, max_new_tokens=cfg.max_new_tokens,
+                                     max_len=cfg.max_len, seed=cfg.seed, device=device)
+    say(format_table(summary, title=f"open-corpus evaluation: retrieval over all {len(index.ids)} documents of "
+                                    f"{args.index}, answers from their stored vectors"))
+    return {f"open_{key}": value for key, value in summary.items()}
 
 
 def main(argv: list[str] | None = None) -> int:

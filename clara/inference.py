@@ -129,6 +129,7 @@ class CLaRa:
         self.batch_size = batch_size
         self.max_len = max_len
         self.seed = seed  # picks the paraphrase instruction, as in training (--seed, default 42)
+        self._index = None  # the corpus index last answered from, kept loaded
 
     @classmethod
     def from_pretrained(cls, path: str, device: str | torch.device | None = None,
@@ -241,13 +242,21 @@ class CLaRa:
         vectors = list(compressed_documents.split(k))
         return self._generate(STAGES["stage1_2"], records, max_new_tokens, vectors=vectors)[0]
 
-    def generate_from_questions(self, questions: Sequence[str], documents: Sequence[Sequence[str]],
-                                max_new_tokens: int = 128) -> tuple[list[str], torch.Tensor]:
+    def generate_from_questions(self, questions: Sequence[str], documents: Sequence[Sequence[str]] | None = None,
+                                max_new_tokens: int = 128, index: str | None = None,
+                                stage2_mips: bool = False) -> tuple[list[str], torch.Tensor | list[list[str]]]:
         """Stage 2: the query reasoner picks the top-k of each question's candidates, the generator answers.
 
         Returns the answers and topk_indices: per question, the chosen candidate indices in rank order,
-        a [B, k] int64 tensor on the CPU (k = the checkpoint's generation_top_k).
+        a [B, k] int64 tensor on the CPU (k = the checkpoint's generation_top_k). With index=DIR (a folder
+        of `python -m clara.index`; stage2_mips=True, the official flag, asks for the same) the candidates
+        are the whole indexed corpus, the generator reads the stored vectors, and the chosen documents are
+        returned as ids (a list of lists of strings).
         """
+        if index is not None or stage2_mips:
+            if index is None or documents is not None:
+                raise ValueError("answering from a corpus index (stage2_mips) takes index=DIR and no documents")
+            return self._generate_from_index(_as_list(questions, "questions"), index, max_new_tokens)
         k = self.model.settings.generation_top_k
         records = answer_records(questions, documents)
         short = [i for i, r in enumerate(records) if len(r["docs"]) < k]
@@ -257,6 +266,19 @@ class CLaRa:
         ensure_query_reasoner(self.model)
         answers, chosen = self._generate(STAGES["stage2"], records, max_new_tokens)
         return answers, torch.tensor(chosen, dtype=torch.long).reshape(len(records), k)
+
+    def _generate_from_index(self, questions: list[str], path: str, max_new_tokens: int) -> tuple[list, list]:
+        # Deferred: faiss is needed only by this path.
+        from clara.index import answer_from_index, check_index_matches, load_index
+
+        if self._index is None or self._index.path != path:
+            self._index = load_index(path)
+        ensure_query_reasoner(self.model)
+        check_index_matches(self._index, self.model)
+        found = answer_from_index(self.model, self._index, questions, batch_size=self.batch_size,
+                                  max_new_tokens=max_new_tokens, max_len=self.max_len or STAGES["stage2"].max_len,
+                                  seed=self.seed, device=self.device)
+        return found.answers, found.ids
 
     def generate_from_paraphrase(self, questions: Sequence[str], documents: Sequence[Sequence[str] | str],
                                  max_new_tokens: int = 128) -> list[str]:

@@ -1,6 +1,8 @@
 """Generate the synthetic example data for every training stage (see clara/synthetic.py).
 
-Held-out files use places that never occur in the training files.
+Held-out files use places that never occur in the training files. corpus.jsonl holds every
+place's document with an id (`{"id": "place-0000", "text": ...}`), for `python -m clara.index`;
+the held-out stage2 questions name their gold documents' ids (`gold_ids`) for open-corpus evaluation.
 Run `python example/make_data.py`; the output is the same on every run (fixed seed).
 """
 
@@ -50,13 +52,21 @@ def main() -> None:
         "instruction_tuning": instruction_records,
         "end_to_end": end_to_end_records,
     }
+    doc_ids = {entity["doc"]: f"place-{i:04d}" for i, entity in enumerate(entities)}
     for stem, build in builders.items():
         for suffix, pool in splits.items():
             count = SIZES[stem][0] if suffix == "" else SIZES[stem][1]
             records = build(rng, pool, count)
+            # Held-out only: the training files are part of the tiny model's recipe (its cache key).
+            if stem == "end_to_end" and suffix == "_eval":
+                for record in records:
+                    record["gold_ids"] = [doc_ids[record["docs"][i]] for i in record["pos_index"]]
             path = OUT_DIR / f"{stem}_data{suffix}.jsonl"
             write_jsonl(path, records)
             print(summary(path, records))
+    path = OUT_DIR / "corpus.jsonl"
+    write_jsonl(path, [{"id": doc_id, "text": doc} for doc, doc_id in doc_ids.items()])
+    print(f"{path.name}: {len(doc_ids)} documents (every place, training and held out)")
 
 
 if __name__ == "__main__":

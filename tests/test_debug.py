@@ -75,7 +75,7 @@ COLOUR_TOKEN = re.compile(r"\x1b\[38;2;(\d+);(\d+);(\d+)m([\s\S]*?)\x1b\[0m")
 def parse_prints(text: str) -> list[dict]:
     """Every print in `text`, as a dict of its fields; fails when a header starts a print that does not parse."""
     found = [m.groupdict() for m in PRINT.finditer(text)]
-    assert len(found) == text.count(HEADER), f"a print does not follow the layout of README "The debug print":\n{text[-3000:]}"
+    assert len(found) == text.count(HEADER), f"a print does not follow the layout of README 'The debug print':\n{text[-3000:]}"
     return found
 
 
