@@ -66,7 +66,7 @@ def data_source(data: str, config: str) -> str:
 
 def metric_columns(stage: str) -> list[tuple[str, str]]:
     columns = list(ANSWER_METRICS)
-    if stage == "stage2":
+    if get_stage(stage).uses_query:
         columns += [(f"recall@{k}", f"R@{k}") for k in RETRIEVAL_KS]
     return columns
 
