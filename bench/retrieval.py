@@ -145,7 +145,7 @@ def answer_rows(model, questions: int, candidates: int, max_new_tokens: int, joi
             started = time.perf_counter()
             answers, chosen = clara.generate_from_questions([question], [docs], max_new_tokens=max_new_tokens)
             fresh.append(time.perf_counter() - started)
-            if answers != from_index.answers or [str(c) for c in chosen[0]] != from_index.ids[0]:
+            if answers != from_index.answers or [str(c) for c in chosen[0].tolist()] != from_index.ids[0]:
                 raise AssertionError(f"question {i}: the two paths disagree")
     stored_ms, fresh_ms = 1000 * statistics.median(stored), 1000 * statistics.median(fresh)
     length = "example documents" if joined == 1 else f"{joined} example documents each (up to DOC_MAX_LENGTH)"

@@ -134,7 +134,7 @@ def test_index_stores_every_document_compressed_as_one_at_a_time(built, checkpoi
     assert index.ids == ids and index.texts == texts and index.search_index.ntotal == N_DOCS
     memory = stored_memory(out)
     model = CLaRa.from_pretrained(str(checkpoints["a"]), batch_size=1)
-    alone = model.compress_documents(texts)  # one document per forward: no padding
+    alone, _ = model.compress_documents(documents=texts)  # one document per forward: no padding
     torch.testing.assert_close(memory, alone, rtol=1e-4, atol=1e-5)
     # Exact search: a stored document's own direction finds it first, with cosine 1.
     rows = torch.nn.functional.normalize(memory.flatten(1), dim=-1).numpy()
@@ -228,7 +228,7 @@ def test_answers_from_the_index_equal_answers_from_the_same_documents_as_candida
     index = load_index(str(out))
     candidates, chosen = model.generate_from_questions(questions, [index.texts] * len(questions),
                                                        max_new_tokens=NEW_TOKENS)
-    assert ids == [[index.ids[i] for i in row] for row in chosen]
+    assert ids == [[index.ids[i] for i in row] for row in chosen.tolist()]
     assert answers == candidates
     assert all(len(row) == TOP_K for row in ids)
     # The official flag selects the same path.
