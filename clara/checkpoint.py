@@ -90,17 +90,32 @@ def set_added_token_rows(model: ClaraModel, rows: dict[str, torch.Tensor]) -> No
     model.mem_embeddings.copy_(rows["embed_tokens"][: model.tokens.n_mem])
 
 
+def fsync_path(path: str) -> None:
+    """Flush a file's or a directory's contents to the disk, so that a rename publishing it survives a crash."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _durable_replace(tmp: str, path: str) -> None:
+    fsync_path(tmp)
+    os.replace(tmp, path)
+    fsync_path(os.path.dirname(os.path.abspath(path)))
+
+
 def _atomic_json(path: str, obj: dict) -> None:
     tmp = path + ".tmp"
     with open(tmp, "w", encoding="utf-8") as out:
         json.dump(obj, out, indent=2)
-    os.replace(tmp, path)
+    _durable_replace(tmp, path)
 
 
 def _atomic_safetensors(path: str, tensors: dict[str, torch.Tensor], metadata: dict | None = None) -> None:
     tmp = path + ".tmp"
     save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
-    os.replace(tmp, path)
+    _durable_replace(tmp, path)
 
 
 def save_model(model: ClaraModel, out_dir: str, stage: str) -> None:

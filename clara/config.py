@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass
 
@@ -140,17 +141,24 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> None:
     positive = ("doc_max_length", "compress_rate", "generation_top_k", "batch_size", "micro_batch_size",
                 "max_epochs", "max_len", "debug_every_steps", "debug_max_print_tokens", "logging_steps",
                 "eval_steps", "save_steps", "max_ckpt_num", "lora_r", "candidate_chunk_size",
-                "eval_max_samples", "max_new_tokens")
+                "eval_max_samples", "max_new_tokens", "lora_alpha")
     for name in positive:
         if getattr(cfg, name) is not None and getattr(cfg, name) <= 0:
             fail(name, "a positive integer")
     for name in ("max_steps", "max_samples"):
         if getattr(cfg, name) is not None and getattr(cfg, name) <= 0:
             fail(name, "a positive integer or unset")
-    if cfg.learning_rate is not None and not cfg.learning_rate > 0:
-        fail("learning_rate", "a positive number")
-    if cfg.mse_weight is not None and cfg.mse_weight < 0:
-        fail("mse_weight", "a number >= 0")
+    # float() also reads "nan", "inf" and "1e999" (inf): a non-finite setting would poison the weights.
+    for name, in_range, expected in (
+            ("learning_rate", lambda v: v > 0, "a positive finite number"),
+            ("mse_weight", lambda v: v >= 0, "a finite number >= 0"),
+            ("topk_temperature", lambda v: v > 0, "a positive finite number"),
+            ("lora_dropout", lambda v: 0 <= v < 1, "a number in [0, 1)"),
+            ("warmup_ratio", lambda v: 0 <= v <= 1, "a number in [0, 1]"),
+            ("min_lr_ratio", lambda v: 0 <= v <= 1, "a number in [0, 1]")):
+        value = getattr(cfg, name)
+        if value is not None and not (math.isfinite(value) and in_range(value)):
+            fail(name, expected)
     if cfg.doc_max_length % cfg.compress_rate:
         fail("doc_max_length", f"a multiple of --compress_rate ({cfg.compress_rate})")
     per_step = cfg.micro_batch_size * world_size

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import datasets
@@ -181,26 +181,29 @@ def parse_line(stage: str, raw: bytes, min_docs: int) -> dict:
     return normalise(stage, obj, min_docs)
 
 
-def scan(stage: str, paths: list[str], min_docs: int = 1) -> tuple[int, LoadReport]:
-    """Check every line; return the number of good records and the bad ones."""
+def scan(stage: str, paths: list[str], min_docs: int = 1,
+         check: Callable[[dict], str | None] | None = None) -> tuple[int, LoadReport]:
+    """Check every line (and, with `check`, every normalised record); return the number of good records and the bad ones."""
     report = LoadReport()
     good = 0
     for path, number, raw in iter_lines(paths):
         try:
-            parse_line(stage, raw, min_docs)
+            record = parse_line(stage, raw, min_docs)
+            problem = check(record) if check else None
+            if problem:
+                raise BadRecord(problem)
             good += 1
         except BadRecord as error:
             report.rejected.append((path, number, str(error), raw.decode("utf-8", errors="replace").rstrip("\n")))
     return good, report
 
 
-def _generate(stage: str, paths: list[str], min_docs: int, fingerprint: list) -> Iterator[dict]:
+def _generate(stage: str, paths: list[str], min_docs: int, bad_lines: str, fingerprint: list) -> Iterator[dict]:
     del fingerprint  # only part of the cache key: a changed file gets a new Arrow cache
-    for _, _, raw in iter_lines(paths):
-        try:
+    skip = {tuple(line) for line in json.loads(bad_lines)}
+    for path, number, raw in iter_lines(paths):
+        if (path, number) not in skip:
             yield parse_line(stage, raw, min_docs)
-        except BadRecord:
-            continue
 
 
 def split_paths(spec: str) -> list[str]:
@@ -209,14 +212,15 @@ def split_paths(spec: str) -> list[str]:
 
 def load_records(stage: str, dataset: str, bad_samples: str = "error", min_docs: int = 1,
                  rejected_path: str | None = None, max_samples: int | None = None,
-                 log=print) -> datasets.Dataset:
+                 log=print, check: Callable[[dict], str | None] | None = None) -> datasets.Dataset:
     """Validate and load one stage's JSONL file(s) into an Arrow-backed dataset.
 
+    `check` finds what the schema cannot (a decoder input over MAX_LEN) in a normalised record.
     Raises DataError naming the bad lines, unless bad_samples == "skip", in which case the bad
     lines are written to rejected_path and the good ones are loaded.
     """
     paths = split_paths(dataset)
-    good, report = scan(stage, paths, min_docs)
+    good, report = scan(stage, paths, min_docs, check)
     if report.rejected:
         messages = report.messages()
         if bad_samples != "skip":
@@ -239,7 +243,9 @@ def load_records(stage: str, dataset: str, bad_samples: str = "error", min_docs:
     features = FEATURES["stage1" if stage == "stage1" else "answer"]
     records = datasets.Dataset.from_generator(
         _generate, features=features,
-        gen_kwargs={"stage": stage, "paths": paths, "min_docs": min_docs, "fingerprint": fingerprint})
+        gen_kwargs={"stage": stage, "paths": paths, "min_docs": min_docs, "fingerprint": fingerprint,
+                    # A string: datasets would read a list of another length than `paths` as shards.
+                    "bad_lines": json.dumps([[path, line] for path, line, _, _ in report.rejected])})
     if max_samples is not None and max_samples < len(records):
         records = records.select(range(max_samples))
     return records

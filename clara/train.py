@@ -11,8 +11,9 @@ from clara.checkpoint import CheckpointError
 from clara.cli import parse_config
 from clara.config import ConfigError, resolve, validate
 from clara.data import DataError
+from clara.resumable import ResumeError, RunFailure
 
-USER_ERRORS = (ConfigError, DataError, CheckpointError)
+USER_ERRORS = (ConfigError, DataError, CheckpointError, ResumeError)
 
 
 @record
@@ -29,6 +30,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except Stop as stop:
         return 128 + stop.signum
+    except RunFailure as failure:
+        print(f"error: {failure}", file=sys.stderr)
+        return 1
     return 0
 
 

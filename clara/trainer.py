@@ -15,7 +15,8 @@ import torch.distributed as dist
 
 from clara.config import ConfigError, TrainConfig
 from clara.distributed import init_distributed, rank_zero_first
-from clara.resumable import TrainState, changed_settings, find_resume_point, save_resumable
+from clara.resumable import (RunFailure, TrainState, changed_settings, load_resumable, mark_finished,
+                             nonfinite_parameters, plan_run, rewind_metrics, save_resumable)
 
 MAX_NONFINITE_IN_A_ROW = 10
 
@@ -112,8 +113,10 @@ class RunLog:
     def metrics(self, record: dict) -> None:
         if not self.enabled:
             return
+        # JSON has no NaN or Infinity (a skipped step's loss): those are written as null.
+        finite = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
         with open(self.metrics_path, "a", encoding="utf-8") as out:
-            out.write(json.dumps(record) + "\n")
+            out.write(json.dumps(finite, allow_nan=False) + "\n")
         numbers = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "step"}
         if self.tensorboard:
             for key, value in numbers.items():
@@ -239,9 +242,11 @@ def train(cfg: TrainConfig) -> dict:
     import datasets
 
     from clara.checkpoint import save_model
+    from clara.collate import Collator
     from clara.data import load_records
     from clara.debug import DebugPrinter
     from clara.model import attention_implementation
+    from clara.stages import stage_tokenizer
 
     rank, world, local_rank, device = init_distributed()
     log = RunLog(cfg, rank)
@@ -253,18 +258,30 @@ def train(cfg: TrainConfig) -> dict:
     attn = attention_implementation(cfg.flash_attn, on_cuda)
 
     # Data first: bad records stop the run before the model loads. Rank 0 builds the Arrow cache.
+    # The tokenizer comes first, to measure each record's decoder input against MAX_LEN.
+    tokenizer, tokens = stage_tokenizer(cfg)
+    too_long = Collator(cfg.stage, tokenizer, tokens, cfg.doc_max_length, cfg.max_len, cfg.generation_top_k,
+                        cfg.seed).length_problem
     min_docs = cfg.generation_top_k if cfg.stage == "stage2" else 1
     rejected = os.path.join(cfg.save_path, "rejected.jsonl")
     records = rank_zero_first(lambda: load_records(cfg.stage, cfg.dataset, cfg.bad_samples, min_docs,
-                                                   rejected if rank == 0 else None, cfg.max_samples, log=log.print),
+                                                   rejected if rank == 0 else None, cfg.max_samples, log=log.print,
+                                                   check=too_long),
                               rank, world)
     eval_records = (rank_zero_first(lambda: load_records(cfg.stage, cfg.eval_dataset, cfg.bad_samples, min_docs,
-                                                         None, None, log=log.print), rank, world)
+                                                         None, None, log=log.print, check=too_long), rank, world)
                     if cfg.eval_dataset else None)
     steps_per_epoch = len(records) // cfg.batch_size
     if steps_per_epoch == 0:
         raise ConfigError(f"--batch_size={cfg.batch_size}: larger than the {len(records)} training samples")
     total_steps = cfg.max_steps or steps_per_epoch * cfg.max_epochs
+    # Where to start, decided (and damaged or planted checkpoints reported) before the model loads.
+    plan = plan_run(cfg, total_steps, rank, world, log.print)
+    if plan.finished:
+        log.print(f"Nothing to do: run {plan.run_id} finished at step {plan.state.global_step} and its model is in "
+                  f"{cfg.save_path}. A larger MAX_STEPS continues it; RESUME=false starts over.")
+        log.close()
+        return {}
 
     setup = setup_training(cfg, total_steps, world, device, dtype, attn, log=log.print)
     model, collator, engine, optimizer, scheduler = (setup.model, setup.collator, setup.engine, setup.optimizer,
@@ -272,20 +289,17 @@ def train(cfg: TrainConfig) -> dict:
     accumulation = cfg.batch_size // (cfg.micro_batch_size * world)
 
     state = TrainState()
-    resume = find_resume_point(cfg)
-    if resume:
-        _, client = engine.load_checkpoint(resume[0], tag=resume[1], load_module_strict=False)
-        if client is None:
-            raise ConfigError(f"--resume: {os.path.join(*resume)} could not be loaded")
-        state = TrainState(**client["train_state"])
-        log.print(f"Resumed from {os.path.join(*resume)} at step {state.global_step}.")
-        changed = changed_settings(client.get("settings", {}), cfg.to_dict())
+    if plan.directory:
+        load_resumable(engine, plan)
+        state = plan.state
+        if rank == 0:
+            rewind_metrics(cfg.save_path, state.global_step)
+        log.print(f"Resumed from {plan.directory} at step {state.global_step}.")
+        changed = changed_settings(plan.settings, cfg.to_dict())
         if changed:
             log.print(f"Warning: the run that saved this checkpoint had other settings ({'; '.join(changed)}); "
                       "training goes on with the new ones. RESUME=false (--resume false) or another SAVE_PATH "
                       "starts over instead.")
-    elif rank == 0 and os.path.exists(os.path.join(cfg.save_path, "metrics.jsonl")):
-        os.remove(os.path.join(cfg.save_path, "metrics.jsonl"))
 
     n_trainable = sum(p.numel() for p in setup.trainable)
     settings = cfg.to_dict()
@@ -329,8 +343,13 @@ def train(cfg: TrainConfig) -> dict:
             if state.step_in_epoch >= steps_per_epoch:
                 state.epoch += 1
                 state.step_in_epoch = 0
-            totals = torch.cat([result.sums, torch.tensor([len(stop_signal)], dtype=torch.float64)])
+            diverged = bool(nonfinite_parameters(engine.module))
+            totals = torch.cat([result.sums, torch.tensor([len(stop_signal), diverged], dtype=torch.float64)])
             dist.all_reduce(totals)
+            if totals[7] > 0:
+                raise RunFailure(f"step {state.global_step}: the trained weights became inf/NaN (training diverged); "
+                                 f"nothing of this step was saved and the checkpoints in {cfg.save_path}/checkpoints "
+                                 "are the last good ones. Lower LEARNING_RATE and start over (RESUME=false).")
             skipped = result.skipped or totals[2] == 0
             state.nonfinite_in_a_row = state.nonfinite_in_a_row + 1 if skipped else 0
             state.skipped_steps += int(skipped)
@@ -354,8 +373,8 @@ def train(cfg: TrainConfig) -> dict:
                 log.print(f"step {state.global_step}: non-finite loss, optimizer step skipped "
                           f"({state.nonfinite_in_a_row} in a row)")
                 if state.nonfinite_in_a_row >= MAX_NONFINITE_IN_A_ROW:
-                    raise RuntimeError(f"{MAX_NONFINITE_IN_A_ROW} non-finite losses in a row: training diverged. "
-                                       "Lower LEARNING_RATE and check the data.")
+                    raise RunFailure(f"{MAX_NONFINITE_IN_A_ROW} non-finite losses in a row: training diverged. "
+                                     "Lower LEARNING_RATE and check the data.")
             if progress:
                 progress.update(1)
                 shown = {"loss": f"{last['loss']:.4f}", "lr": f"{last['lr']:.2e}",
@@ -373,10 +392,10 @@ def train(cfg: TrainConfig) -> dict:
                 log.metrics({"step": state.global_step, **{f"eval_{k}": v for k, v in results["summary"].items()}})
                 log.print(f"step {state.global_step} eval: " + json.dumps(results["summary"]))
             if totals[6] > 0:
-                save_resumable(engine, state, cfg, rank)
+                save_resumable(engine, state, cfg, rank, plan.run_id)
                 raise Stop(stop_signal[0] if stop_signal else signal.SIGTERM)
             if state.global_step % cfg.save_steps == 0 or state.global_step == total_steps:
-                save_resumable(engine, state, cfg, rank)
+                save_resumable(engine, state, cfg, rank, plan.run_id)
         if progress:
             progress.close()
         if truncated_docs:
@@ -386,6 +405,7 @@ def train(cfg: TrainConfig) -> dict:
             save_model(engine.module, cfg.save_path, cfg.stage)
             with open(os.path.join(cfg.save_path, "training_args.json"), "w", encoding="utf-8") as out:
                 json.dump(settings, out, indent=2)
+            mark_finished(cfg, plan.run_id, state.global_step)
             log.print(f"Saved the {cfg.stage} model to {cfg.save_path} (final loss {last.get('loss', float('nan')):.4f}).")
         dist.barrier()
     except Stop as stop:

@@ -16,6 +16,22 @@ def stage_module(stage: str) -> ModuleType:
     return STAGE_MODULES[stage]
 
 
+def stage_tokenizer(cfg):
+    """The tokenizer (with CLaRa's tokens added) that the stage's model will use, without loading the model:
+    the data check measures every record's decoder input with it before the model loads."""
+    from transformers import AutoTokenizer
+
+    from clara.checkpoint import read_config, resolve_base_path
+    from clara.prompts import add_special_tokens
+
+    source = resolve_base_path(cfg.model_path)
+    # A native checkpoint carries its tokenizer (build_model loads it from there); the official layout does not.
+    if cfg.pretrain_checkpoint and "decoder_model_name" not in read_config(cfg.pretrain_checkpoint):
+        source = cfg.pretrain_checkpoint
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    return tokenizer, add_special_tokens(tokenizer, cfg.n_mem_tokens)
+
+
 def build_stage_model(cfg, dtype: torch.dtype = torch.float32, attn_implementation: str = "sdpa", log=print):
     """The model a stage starts from: the previous stage's checkpoint, new adapters where the spec says.
 
