@@ -25,6 +25,7 @@ import re
 import shutil
 import time
 import uuid
+import zipfile
 from dataclasses import dataclass
 
 import torch
@@ -153,17 +154,28 @@ def safe_torch_load(path: str, map_location=None, mmap: bool = False):
         with torch.serialization.safe_globals(_allowed_types()):
             return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as error:
-        reason = str(error).strip().splitlines()[0]
+        # torch's message is several lines of advice (including weights_only=False); keep what was refused.
+        found = re.search(r"Unsupported (global: GLOBAL \S+|operand \S+)", str(error))
+        reason = found.group(0) if found else "not a weights-only pickle"
         raise ResumeError(f"{path}: refused to load: it holds something other than tensors and plain data "
                           f"({reason}); a resumable checkpoint never does, so it may have been planted. "
                           "Nothing was run; delete the directory") from None
 
 
 def check_loadable(directory: str) -> None:
-    """Read every .pt file of a checkpoint the safe way (memory-mapped: cheap) before the model loads."""
+    """Read every .pt file of a checkpoint the safe way (memory-mapped where possible: cheap) before the model loads."""
     for name in _files_below(directory):
-        if name.endswith(".pt"):
-            safe_torch_load(os.path.join(directory, name), map_location="cpu", mmap=True)
+        path = os.path.join(directory, name)
+        if not name.endswith(".pt"):
+            continue
+        try:
+            safe_torch_load(path, map_location="cpu", mmap=zipfile.is_zipfile(path))
+        except ResumeError:
+            raise
+        except (RuntimeError, EOFError, ValueError) as error:
+            # The manifest matched, so the file is as written: by something other than DeepSpeed.
+            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise ResumeError(f"{path}: not a readable checkpoint file ({reason})") from None
 
 
 def use_safe_loading(engine) -> None:
@@ -202,7 +214,14 @@ def _read_run(root: str) -> dict:
 
 
 def _read_state(directory: str) -> dict:
-    return _read_json(os.path.join(directory, STATE_FILE))
+    path = os.path.join(directory, STATE_FILE)
+    try:
+        saved = _read_json(path)
+        TrainState(**saved["train_state"])
+        str(saved["run_id"])
+    except (ValueError, KeyError, TypeError) as error:
+        raise ResumeError(f"{path}: not a trainer state written by clara ({error!r})") from None
+    return saved
 
 
 def _choose(root: str, current_run: str | None, log) -> tuple[str, dict] | None:
@@ -252,7 +271,8 @@ def _move_aside(cfg: TrainConfig, old_run: str | None, keep: str | None, why: st
     root = checkpoint_root(cfg)
     names = sorted(n for n in (os.listdir(root) if os.path.isdir(root) else []) if os.path.join(root, n) != keep)
     metrics = os.path.join(cfg.save_path, "metrics.jsonl")
-    if not names:
+    if not any(re.fullmatch(r"(tmp_)?step_\d+", name) for name in names):
+        # No checkpoint to keep (say the previous run was stopped before its first save): start clean.
         if os.path.exists(metrics):
             os.remove(metrics)
         return

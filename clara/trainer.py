@@ -413,6 +413,8 @@ def train(cfg: TrainConfig) -> dict:
                   "run the same command again to continue.")
         raise
     finally:
+        if progress:
+            progress.close()  # an error printed next starts on a line of its own
         # After a stop, keep ignoring the signals: torchrun sends more while the ranks exit.
         if not stop_signal:
             for signum, handler in previous_handlers.items():

@@ -252,7 +252,8 @@ def test_stage2_samples_with_different_candidate_counts_train(tmp_path):
     rows[1]["pos_index"] = [i for i in rows[1]["pos_index"] if i < 19]
     data = tmp_path / "mixed.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    env = launcher_env(**{**QUICK, "MICRO_BATCH_SIZE": "2", "MAX_STEPS": "1"}, STAGE="stage2",
+    # One micro-batch of all four samples: 20, 19, 20 and 20 candidates side by side.
+    env = launcher_env(**{**QUICK, "BATCH_SIZE": "4", "MICRO_BATCH_SIZE": "4", "MAX_STEPS": "1"}, STAGE="stage2",
                        ALLOW_NO_CHECKPOINT="true", DATASET=data, SAVE_PATH=tmp_path / "out")
     result = run(SINGLE, env)
     assert result.returncode == 0, result
