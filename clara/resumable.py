@@ -8,6 +8,10 @@ Layout:
   checkpoints/step_N/manifest.json        written last: every other file with its size and SHA-256
   previous_runs/<time>-<run id>/          what a fresh start moved aside (checkpoints, metrics.jsonl)
 
+A save writes DeepSpeed's files and trainer_state.json into tmp_step_N; a background thread then
+fsyncs them, writes the manifest and renames the directory to step_N (the next save, the last one
+and a signal's save wait for it), so training does not wait for the disk.
+
 Nothing read back can run code: DeepSpeed's .pt files are read with torch.load(weights_only=True)
 and an allow-list of the few non-tensor types they hold, both by a check before the model loads
 and by DeepSpeed's own reads (see use_safe_loading).
@@ -23,6 +27,7 @@ import os
 import pickle
 import re
 import shutil
+import threading
 import time
 import uuid
 import zipfile
@@ -373,8 +378,11 @@ def nonfinite_parameters(module: torch.nn.Module) -> list[str]:
 def _expected_bytes(root: str, module: torch.nn.Module) -> int:
     """What the next checkpoint needs: the newest one's size, or the trained weights plus fp32 Adam state."""
     found = complete_checkpoints(root)
-    if found and os.path.isfile(os.path.join(root, found[-1][1], MANIFEST)):
-        return checkpoint_bytes(os.path.join(root, found[-1][1]))
+    try:
+        if found:
+            return checkpoint_bytes(os.path.join(root, found[-1][1]))
+    except (OSError, ValueError, KeyError, TypeError):
+        pass  # an older layout, or rotated away by rank 0 meanwhile: estimate instead
     trained = [p for p in module.parameters() if p.requires_grad]
     return sum(p.numel() * (p.element_size() + 12) for p in trained) + 2**20
 
@@ -391,12 +399,30 @@ def _out_of_space(cfg: TrainConfig, needed: int, free: int, tag: str, root: str)
                       "elsewhere) and run the same command again to resume")
 
 
-def save_resumable(engine, state: TrainState, cfg: TrainConfig, rank: int, run_id: str) -> str:
+# The durable part of a save (checksums, fsync, the rename, rotation) runs in this thread while training goes on.
+_publishing: threading.Thread | None = None
+_publish_failures: list[BaseException] = []
+
+
+def wait_for_saves() -> None:
+    """Block until the last checkpoint is published; raise what went wrong publishing it."""
+    global _publishing
+    if _publishing is not None:
+        _publishing.join()
+        _publishing = None
+    if _publish_failures:
+        raise _publish_failures.pop(0)
+
+
+def save_resumable(engine, state: TrainState, cfg: TrainConfig, rank: int, run_id: str, wait: bool = False) -> str:
     """Save model, optimizer, scheduler and TrainState; the directory appears under its final name only when whole.
 
     Refuses non-finite weights and a disk without room for the checkpoint; a failed write leaves no
-    partial directory, and the previous checkpoints stay untouched.
+    partial directory, and the previous checkpoints stay untouched. The files are written here; they
+    are made durable and published in the background (the next save, or wait=True, waits for that).
     """
+    global _publishing
+    wait_for_saves()
     bad = nonfinite_parameters(engine.module)
     if bad:
         raise RunFailure(f"step {state.global_step}: the trained weights hold inf/NaN ({bad[0]}); not saved")
@@ -415,28 +441,58 @@ def save_resumable(engine, state: TrainState, cfg: TrainConfig, rank: int, run_i
     if rank == 0 and os.path.isdir(tmp_dir):
         shutil.rmtree(tmp_dir)
     dist.barrier()
+    trainer_state = {"run_id": run_id, "train_state": dataclasses.asdict(state), "settings": cfg.to_dict()}
     try:
         engine.save_checkpoint(root, tag=tmp_tag, client_state={}, save_latest=False, exclude_frozen_parameters=True)
-        if local_first:
-            _write_json_durably(os.path.join(tmp_dir, STATE_FILE), {
-                "run_id": run_id, "train_state": dataclasses.asdict(state), "settings": cfg.to_dict()})
-        dist.barrier()
         if rank == 0:
-            _publish(root, tmp_tag, tag, cfg.max_ckpt_num)
+            _write_json(os.path.join(tmp_dir, STATE_FILE), trainer_state)
         dist.barrier()
-        # Nodes that do not share SAVE_PATH with rank 0 still hold their own unfinished copy.
-        if local_first and rank != 0 and os.path.isdir(tmp_dir):
-            _publish(root, tmp_tag, tag, cfg.max_ckpt_num)
+        # A node that does not share SAVE_PATH with rank 0 does not see its trainer_state.json: it
+        # publishes its own copy. Every node decides before any rename.
+        own_copy = local_first and rank != 0 and not os.path.exists(os.path.join(tmp_dir, STATE_FILE))
+        if own_copy:
+            _write_json(os.path.join(tmp_dir, STATE_FILE), trainer_state)
         dist.barrier()
     except (OSError, RuntimeError) as error:
-        free = shutil.disk_usage(root).free
-        if local_first and os.path.isdir(tmp_dir):
-            shutil.rmtree(tmp_dir)
-        if getattr(error, "errno", None) == errno.ENOSPC or free < needed:
-            # PyTorch's writer reports a full disk as "basic_ios::clear: iostream error", without an errno.
-            raise _out_of_space(cfg, needed, free, tag, root) from error
+        _clean_up_failed_save(error, cfg, tmp_dir, tag, needed, remove=local_first)
         raise
+    if rank == 0 or own_copy:
+        _publishing = threading.Thread(target=_publish_or_record, args=(cfg, tmp_tag, tag, needed),
+                                       name=f"publish {tag}")
+        _publishing.start()
+    if wait:
+        wait_for_saves()
     return os.path.join(root, tag)
+
+
+def _write_json(path: str, obj: dict) -> None:
+    # Inside an unpublished directory: the manifest fsyncs it, the directory's rename publishes it.
+    with open(path, "w", encoding="utf-8") as out:
+        json.dump(obj, out, indent=2)
+
+
+def _clean_up_failed_save(error: BaseException, cfg: TrainConfig, tmp_dir: str, tag: str, needed: int,
+                          remove: bool) -> None:
+    """Remove the partial directory; raise RunFailure (from `error`) when the disk is full."""
+    root = os.path.dirname(tmp_dir)
+    free = shutil.disk_usage(root).free
+    if remove and os.path.isdir(tmp_dir):
+        shutil.rmtree(tmp_dir)
+    if getattr(error, "errno", None) == errno.ENOSPC or free < needed:
+        # PyTorch's writer reports a full disk as "basic_ios::clear: iostream error", without an errno.
+        raise _out_of_space(cfg, needed, free, tag, root) from error
+
+
+def _publish_or_record(cfg: TrainConfig, tmp_tag: str, tag: str, needed: int) -> None:
+    root = checkpoint_root(cfg)
+    try:
+        _publish(root, tmp_tag, tag, cfg.max_ckpt_num)
+    except (OSError, RuntimeError) as error:
+        try:
+            _clean_up_failed_save(error, cfg, os.path.join(root, tmp_tag), tag, needed, remove=True)
+            _publish_failures.append(error)
+        except RunFailure as failure:
+            _publish_failures.append(failure)
 
 
 def _publish(root: str, tmp_tag: str, tag: str, keep: int) -> None:

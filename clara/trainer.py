@@ -392,10 +392,10 @@ def train(cfg: TrainConfig) -> dict:
                 log.metrics({"step": state.global_step, **{f"eval_{k}": v for k, v in results["summary"].items()}})
                 log.print(f"step {state.global_step} eval: " + json.dumps(results["summary"]))
             if totals[6] > 0:
-                save_resumable(engine, state, cfg, rank, plan.run_id)
+                save_resumable(engine, state, cfg, rank, plan.run_id, wait=True)
                 raise Stop(stop_signal[0] if stop_signal else signal.SIGTERM)
             if state.global_step % cfg.save_steps == 0 or state.global_step == total_steps:
-                save_resumable(engine, state, cfg, rank, plan.run_id)
+                save_resumable(engine, state, cfg, rank, plan.run_id, wait=state.global_step == total_steps)
         if progress:
             progress.close()
         if truncated_docs:
