@@ -212,15 +212,19 @@ def split_paths(spec: str) -> list[str]:
 
 def load_records(stage: str, dataset: str, bad_samples: str = "error", min_docs: int = 1,
                  rejected_path: str | None = None, max_samples: int | None = None,
-                 log=print, check: Callable[[dict], str | None] | None = None) -> datasets.Dataset:
+                 log=print, make_check: Callable[[], Callable[[dict], str | None]] | None = None) -> datasets.Dataset:
     """Validate and load one stage's JSONL file(s) into an Arrow-backed dataset.
 
-    `check` finds what the schema cannot (a decoder input over MAX_LEN) in a normalised record.
+    make_check() returns a check for what the schema cannot see in a normalised record (a decoder
+    input over MAX_LEN); it is called only once no record breaks the schema (or with skip), since
+    making it may be costly (loading a tokenizer).
     Raises DataError naming the bad lines, unless bad_samples == "skip", in which case the bad
     lines are written to rejected_path and the good ones are loaded.
     """
     paths = split_paths(dataset)
-    good, report = scan(stage, paths, min_docs, check)
+    good, report = scan(stage, paths, min_docs)
+    if make_check is not None and (bad_samples == "skip" or not report.rejected):
+        good, report = scan(stage, paths, min_docs, make_check())
     if report.rejected:
         messages = report.messages()
         if bad_samples != "skip":

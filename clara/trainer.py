@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -258,18 +259,22 @@ def train(cfg: TrainConfig) -> dict:
     attn = attention_implementation(cfg.flash_attn, on_cuda)
 
     # Data first: bad records stop the run before the model loads. Rank 0 builds the Arrow cache.
-    # The tokenizer comes first, to measure each record's decoder input against MAX_LEN.
-    tokenizer, tokens = stage_tokenizer(cfg)
-    too_long = Collator(cfg.stage, tokenizer, tokens, cfg.doc_max_length, cfg.max_len, cfg.generation_top_k,
+    # Each record's decoder input is measured against MAX_LEN with the tokenizer, loaded (once) only
+    # when no record breaks the schema.
+    @functools.cache
+    def length_check():
+        tokenizer, tokens = stage_tokenizer(cfg)
+        return Collator(cfg.stage, tokenizer, tokens, cfg.doc_max_length, cfg.max_len, cfg.generation_top_k,
                         cfg.seed).length_problem
+
     min_docs = cfg.generation_top_k if cfg.stage == "stage2" else 1
     rejected = os.path.join(cfg.save_path, "rejected.jsonl")
     records = rank_zero_first(lambda: load_records(cfg.stage, cfg.dataset, cfg.bad_samples, min_docs,
                                                    rejected if rank == 0 else None, cfg.max_samples, log=log.print,
-                                                   check=too_long),
+                                                   make_check=length_check),
                               rank, world)
     eval_records = (rank_zero_first(lambda: load_records(cfg.stage, cfg.eval_dataset, cfg.bad_samples, min_docs,
-                                                         None, None, log=log.print, check=too_long), rank, world)
+                                                         None, None, log=log.print, make_check=length_check), rank, world)
                     if cfg.eval_dataset else None)
     steps_per_epoch = len(records) // cfg.batch_size
     if steps_per_epoch == 0:

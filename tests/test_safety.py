@@ -291,7 +291,7 @@ def test_bad_samples_skip_drops_a_record_over_max_len(tmp_path):
     data.write_text("\n".join([good[0], json.dumps(long_record(70)), *good[1:]]) + "\n")
     rejected = tmp_path / "rejected.jsonl"
     records = load_records("stage1_2", str(data), "skip", rejected_path=str(rejected), log=lambda *_: None,
-                           check=check)
+                           make_check=lambda: check)
     assert [r["question"] for r in records] == [json.loads(line)["question"] for line in good]
     assert [json.loads(line)["line"] for line in rejected.read_text().splitlines()] == [2]
 
