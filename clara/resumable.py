@@ -274,7 +274,8 @@ def _decide(cfg: TrainConfig, total_steps: int, log) -> ResumePlan:
 def _move_aside(cfg: TrainConfig, old_run: str | None, keep: str | None, why: str, log) -> None:
     """Move everything of another run out of checkpoints/ (and its metrics.jsonl) into previous_runs/."""
     root = checkpoint_root(cfg)
-    names = sorted(n for n in (os.listdir(root) if os.path.isdir(root) else []) if os.path.join(root, n) != keep)
+    names = sorted(n for n in (os.listdir(root) if os.path.isdir(root) else [])
+                   if keep is None or os.path.join(os.path.abspath(root), n) != os.path.abspath(keep))
     metrics = os.path.join(cfg.save_path, "metrics.jsonl")
     if not any(re.fullmatch(r"(tmp_)?step_\d+", name) for name in names):
         # No checkpoint to keep (say the previous run was stopped before its first save): start clean.
@@ -327,7 +328,8 @@ def _adopt_run(cfg: TrainConfig, plan: ResumePlan, log) -> None:
     run = _read_run(root)
     if run.get("run_id") == plan.run_id:
         return
-    inside = plan.directory if plan.directory and os.path.dirname(plan.directory) == os.path.abspath(root) else None
+    inside = (plan.directory if plan.directory
+              and os.path.dirname(os.path.abspath(plan.directory)) == os.path.abspath(root) else None)
     if plan.directory is None or run:
         why = "RESUME=false" if cfg.resume == "false" else "Starting over" if plan.directory is None else \
             f"Resuming run {plan.run_id}"
