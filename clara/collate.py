@@ -116,7 +116,8 @@ class Collator:
             return None
         docs = self.top_k if self.stage == "stage2" else len(record["docs"])
         return (f"decoder input of {length} tokens ({docs} documents x {self.tokens.n_mem} memory tokens, plus "
-                f"the prompt and answer) exceeds MAX_LEN={self.max_len}; raise MAX_LEN or give the record fewer documents")
+                f"the prompt and answer) exceeds MAX_LEN={self.max_len}; raise MAX_LEN or give the record "
+                "fewer documents")
 
     def __call__(self, records: list[dict]) -> Batch:
         from clara.stages import stage_module

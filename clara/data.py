@@ -183,7 +183,8 @@ def parse_line(stage: str, raw: bytes, min_docs: int) -> dict:
 
 def scan(stage: str, paths: list[str], min_docs: int = 1,
          check: Callable[[dict], str | None] | None = None) -> tuple[int, LoadReport]:
-    """Check every line (and, with `check`, every normalised record); return the number of good records and the bad ones."""
+    """Check every line (and, with `check`, every normalised record); return the number of good records
+    and the bad ones."""
     report = LoadReport()
     good = 0
     for path, number, raw in iter_lines(paths):

@@ -245,7 +245,7 @@ def _choose(root: str, current_run: str | None, log) -> tuple[str, dict] | None:
 
 def _explicit(cfg: TrainConfig) -> tuple[str, dict]:
     directory = os.path.abspath(cfg.resume.rstrip("/"))
-    if not os.path.isfile(os.path.join(directory, MANIFEST)) and not os.path.isfile(os.path.join(directory, STATE_FILE)):
+    if not any(os.path.isfile(os.path.join(directory, name)) for name in (MANIFEST, STATE_FILE)):
         raise ResumeError(f"--resume={cfg.resume}: not a resumable checkpoint directory (no {MANIFEST}); "
                           "expected auto, false, or $SAVE_PATH/checkpoints/step_N")
     problem = manifest_problem(directory)

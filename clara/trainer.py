@@ -274,7 +274,8 @@ def train(cfg: TrainConfig) -> dict:
                                                    make_check=length_check),
                               rank, world)
     eval_records = (rank_zero_first(lambda: load_records(cfg.stage, cfg.eval_dataset, cfg.bad_samples, min_docs,
-                                                         None, None, log=log.print, make_check=length_check), rank, world)
+                                                         None, None, log=log.print, make_check=length_check),
+                                    rank, world)
                     if cfg.eval_dataset else None)
     steps_per_epoch = len(records) // cfg.batch_size
     if steps_per_epoch == 0:
