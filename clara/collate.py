@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 
 import torch
@@ -111,6 +112,17 @@ class Collator:
     seed: int = 0
     with_targets: bool = True
 
+    def length_problem(self, record: dict) -> str | None:
+        """Why a normalised record cannot be trained on whole: its decoder input exceeds max_len (else None)."""
+        system, user, target = self.stage.example(record, self.tokens.n_mem, self.top_k, self.seed)
+        length = len(encode_supervised(self.tokenizer, system, user, target, max_len=sys.maxsize)[0])
+        if length <= self.max_len:
+            return None
+        docs = self.top_k if self.stage.uses_query else len(record["docs"])
+        return (f"decoder input of {length} tokens ({docs} documents x {self.tokens.n_mem} memory tokens, plus "
+                f"the prompt and answer) exceeds MAX_LEN={self.max_len}; raise MAX_LEN or give the record "
+                "fewer documents")
+
     def __call__(self, records: list[dict]) -> Batch:
         examples = []
         for record in records:
@@ -126,10 +138,7 @@ class Collator:
                       questions=[q for q, _ in headers], answers=[a for _, a in headers],
                       truncated_docs=truncated)
         if self.stage.uses_query:
-            counts = set(batch.docs_per_sample)
-            if len(counts) != 1:
-                raise ValueError(f"{self.stage.name} samples of one micro-batch need the same number of candidate "
-                                 f"documents, got {sorted(counts)}; use MICRO_BATCH_SIZE=1 or equal counts")
+            # Samples may have different numbers of candidates: ClaraModel.select pads them and masks the padding.
             batch.query_ids, batch.query_mask, _ = encode_documents(
                 self.tokenizer, self.tokens, [record["question"] for record in records], self.doc_max_length)
             batch.pos_index = [list(record["pos_index"]) if record["has_pos_index"] else None for record in records]

@@ -18,6 +18,9 @@ from clara.errors import ConfigError
 from clara.stages import STAGES, get_stage
 
 TINY_MODEL_NAME = "tiny"
+# Files every resumable checkpoint directory holds (clara.resumable writes them).
+CHECKPOINT_MANIFEST = "manifest.json"
+CHECKPOINT_STATE = "trainer_state.json"
 GPU_DEFAULT_MODEL = "Qwen/Qwen3-14B"
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -163,8 +166,15 @@ POSITIVE_INTS = ("doc_max_length", "compress_rate", "generation_top_k", "batch_s
                  "max_epochs", "max_len", "debug_every_steps", "debug_max_print_tokens", "logging_steps",
                  "eval_steps", "save_steps", "max_ckpt_num", "lora_r", "lora_alpha", "candidate_chunk_size",
                  "eval_max_samples", "max_new_tokens", "max_steps", "max_samples")
-POSITIVE_FLOATS = ("learning_rate", "topk_temperature")
-SHARES = ("lora_dropout", "warmup_ratio", "min_lr_ratio", "mse_weight")  # finite numbers >= 0
+# float() also reads "nan", "inf" and "1e999" (inf): a non-finite setting would poison the weights.
+FLOAT_RANGES = {
+    "learning_rate": (lambda v: v > 0, "a finite number > 0 (e.g. 1e-4)"),
+    "topk_temperature": (lambda v: v > 0, "a finite number > 0 (e.g. 0.02)"),
+    "mse_weight": (lambda v: v >= 0, "a finite number >= 0 (e.g. 0.1)"),
+    "lora_dropout": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
+    "warmup_ratio": (lambda v: 0 <= v <= 1, "a number in [0, 1]"),
+    "min_lr_ratio": (lambda v: 0 <= v <= 1, "a number in [0, 1]"),
+}
 CHOICES = {"dtype": ("auto", "bf16", "fp16", "fp32"), "flash_attn": ("auto", "true", "false"), "bad_samples": ("error", "skip"), "zero_stage": (0, 1, 2)}
 
 
@@ -180,14 +190,10 @@ def validate(cfg: TrainConfig, world_size: int = 1, check_batch: bool = True) ->
         value = getattr(cfg, name)
         if value is not None and value <= 0:
             raise ConfigError(name, value, "a positive integer")
-    for name in POSITIVE_FLOATS:
+    for name, (in_range, expected) in FLOAT_RANGES.items():
         value = getattr(cfg, name)
-        if value is not None and not (math.isfinite(value) and value > 0):
-            raise ConfigError(name, value, "a finite number > 0 (e.g. 1e-4)")
-    for name in SHARES:
-        value = getattr(cfg, name)
-        if value is not None and not (math.isfinite(value) and value >= 0):
-            raise ConfigError(name, value, "a finite number >= 0 (e.g. 0.1)")
+        if value is not None and not (math.isfinite(value) and in_range(value)):
+            raise ConfigError(name, value, expected)
     for name, choices in CHOICES.items():
         if getattr(cfg, name) not in choices:
             # ZeRO-3 would shard the frozen base that LoRA keeps replicated, and need gathered exports.
@@ -200,8 +206,9 @@ def validate(cfg: TrainConfig, world_size: int = 1, check_batch: bool = True) ->
     if check_batch and cfg.batch_size % per_step:
         raise ConfigError("batch_size", cfg.batch_size, f"a multiple of MICRO_BATCH_SIZE x processes = "
                                                         f"{cfg.micro_batch_size} x {world_size} = {per_step}")
-    if cfg.resume not in ("auto", "false") and not os.path.isdir(cfg.resume):
-        raise ConfigError("resume", cfg.resume, "auto, false, or an existing checkpoint directory "
+    resumable = any(os.path.isfile(os.path.join(cfg.resume, name)) for name in (CHECKPOINT_MANIFEST, CHECKPOINT_STATE))
+    if cfg.resume not in ("auto", "false") and not resumable:
+        raise ConfigError("resume", cfg.resume, "auto, false, or a resumable checkpoint directory "
                                                 "($SAVE_PATH/checkpoints/step_N)")
     check_data_sources("dataset", cfg.dataset)
     if cfg.eval_dataset:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import datasets
@@ -195,13 +195,18 @@ def parse_line(stage: Stage, raw: bytes, min_docs: int) -> dict:
     return normalise(stage, obj, min_docs)
 
 
-def scan(stage: Stage, paths: list[str], min_docs: int = 1) -> tuple[int, LoadReport]:
-    """Check every line; return the number of good records and the bad ones."""
+def scan(stage: Stage, paths: list[str], min_docs: int = 1,
+         check: Callable[[dict], str | None] | None = None) -> tuple[int, LoadReport]:
+    """Check every line (and, with `check`, every normalised record); return the number of good records
+    and the bad ones."""
     report = LoadReport()
     good = 0
     for path, number, raw in iter_lines(paths):
         try:
-            parse_line(stage, raw, min_docs)
+            record = parse_line(stage, raw, min_docs)
+            problem = check(record) if check else None
+            if problem:
+                raise BadRecord(problem)
             good += 1
         except BadRecord as error:
             report.rejected.append((path, number, str(error), raw.decode("utf-8", errors="replace").rstrip("\n")))
@@ -232,21 +237,23 @@ def _handle_rejected(report: LoadReport, good: int, stage: Stage, dataset: str, 
         raise DataError(f"{dataset}: no usable {stage.name} records")
 
 
-def _generate(stage_name: str, paths: list[str], min_docs: int, fingerprint: list) -> Iterator[dict]:
+def _generate(stage_name: str, paths: list[str], min_docs: int, bad_lines: str, fingerprint: list) -> Iterator[dict]:
     del fingerprint  # only part of the cache key: a changed file gets a new Arrow cache
     stage = get_stage(stage_name)  # by name: the Arrow cache key hashes these arguments
-    for _, _, raw in iter_lines(paths):
-        try:
+    skip = {tuple(line) for line in json.loads(bad_lines)}
+    for path, number, raw in iter_lines(paths):
+        if (path, number) not in skip:
             yield parse_line(stage, raw, min_docs)
-        except BadRecord:
-            continue
 
 
 def load_records(stage: Stage, dataset: str, bad_samples: str = "error", min_docs: int = 1,
                  rejected_path: str | None = None, max_samples: int | None = None,
-                 log=print) -> datasets.Dataset:
+                 log=print, make_check: Callable[[], Callable[[dict], str | None]] | None = None) -> datasets.Dataset:
     """Validate and load one stage's JSONL file(s) into an Arrow-backed dataset.
 
+    make_check() returns a check for what the schema cannot see in a normalised record (a decoder
+    input over MAX_LEN); it is called only once no record breaks the schema (or with skip), since
+    making it may be costly (loading a tokenizer).
     Raises DataError naming the bad lines, unless bad_samples == "skip", in which case the bad
     lines are written to rejected_path and the good ones are loaded.
     """
@@ -255,12 +262,16 @@ def load_records(stage: Stage, dataset: str, bad_samples: str = "error", min_doc
                                 max_samples, log)
     paths = split_paths(dataset)
     good, report = scan(stage, paths, min_docs)
+    if make_check is not None and (bad_samples == "skip" or not report.rejected):
+        good, report = scan(stage, paths, min_docs, make_check())
     _handle_rejected(report, good, stage, dataset, bad_samples, rejected_path, log)
     fingerprint = [(os.path.abspath(p), os.path.getsize(p), os.stat(p).st_mtime_ns) for p in paths]
     features = FEATURES[stage.schema]
     records = datasets.Dataset.from_generator(
         _generate, features=features,
-        gen_kwargs={"stage_name": stage.name, "paths": paths, "min_docs": min_docs, "fingerprint": fingerprint})
+        gen_kwargs={"stage_name": stage.name, "paths": paths, "min_docs": min_docs, "fingerprint": fingerprint,
+                    # A string: datasets would read a list of another length than `paths` as shards.
+                    "bad_lines": json.dumps([[path, line] for path, line, _, _ in report.rejected])})
     if max_samples is not None and max_samples < len(records):
         records = records.select(range(max_samples))
     return records

@@ -25,4 +25,13 @@ class CorpusIndexError(ValueError):
     """A corpus index that cannot be built or used as asked."""
 
 
-USER_ERRORS = (ConfigError, DataError, CheckpointError, CorpusIndexError)
+class ResumeError(ValueError):
+    """A resumable checkpoint the user pointed at (or that SAVE_PATH holds) must not or cannot be loaded."""
+
+
+USER_ERRORS = (ConfigError, DataError, CheckpointError, CorpusIndexError, ResumeError)
+
+
+class RunFailure(RuntimeError):
+    """The run cannot go on (disk full, diverged); the message says what was kept and what to do. Not the
+    user's input: the command lines print it as one line and exit 1."""

@@ -9,12 +9,9 @@ import os
 from collections.abc import Iterator
 
 
-def fsync_directory(path: str) -> None:
-    """Make a rename inside `path` durable (a no-op where directories cannot be opened, e.g. Windows)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
+def fsync_path(path: str) -> None:
+    """Flush a file's, or a directory's, contents to the disk: a rename publishing it then survives a crash."""
+    fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
@@ -24,16 +21,15 @@ def fsync_directory(path: str) -> None:
 @contextlib.contextmanager
 def atomic_path(path: str) -> Iterator[str]:
     """Yields a temporary name to write to; on success it is synced and renamed to `path`, else removed."""
-    tmp = path + ".tmp"
+    tmp = f"{path}.tmp{os.getpid()}"  # several nodes may write the same file on a shared file system
     try:
         yield tmp
-        with open(tmp, "rb") as written:
-            os.fsync(written.fileno())
+        fsync_path(tmp)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
-    fsync_directory(os.path.dirname(os.path.abspath(path)))
+    fsync_path(os.path.dirname(os.path.abspath(path)))
 
 
 def json_safe(value):

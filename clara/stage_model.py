@@ -9,11 +9,33 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from clara.checkpoint import CheckpointError, build_model, load_model, read_config, resolve_checkpoint
+from clara.checkpoint import (
+    CheckpointError,
+    build_model,
+    load_model,
+    read_config,
+    resolve_base_path,
+    resolve_checkpoint,
+)
 from clara.config import TrainConfig
 from clara.model import ClaraModel, ModelSettings
+from clara.prompts import SpecialTokens, add_special_tokens
 from clara.stages import ENCODER, get_stage
+
+
+def stage_tokenizer(cfg: TrainConfig) -> tuple[PreTrainedTokenizerBase, SpecialTokens]:
+    """The tokenizer (with CLaRa's tokens added) that the stage's model will use, without loading the model:
+    the data check measures every record's decoder input with it before the model loads."""
+    source = resolve_base_path(cfg.model_path)
+    if cfg.pretrain_checkpoint:
+        checkpoint = resolve_checkpoint(cfg.pretrain_checkpoint)
+        # A native checkpoint carries its tokenizer (build_model loads it from there); the official layout does not.
+        if "decoder_model_name" not in read_config(checkpoint):
+            source = checkpoint
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    return tokenizer, add_special_tokens(tokenizer, cfg.n_mem_tokens)
 
 
 def model_settings(cfg: TrainConfig) -> ModelSettings:

@@ -9,7 +9,7 @@ from torch.distributed.elastic.multiprocessing.errors import record
 
 from clara.cli import parse_config
 from clara.config import resolve, validate
-from clara.errors import USER_ERRORS
+from clara.errors import USER_ERRORS, RunFailure
 
 
 @record
@@ -28,6 +28,9 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except RunFailure as failure:
+        print(f"error: {failure}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -30,13 +30,23 @@ from clara.config import ConfigError, TrainConfig
 from clara.data import load_records
 from clara.debug import DebugPrinter
 from clara.distributed import init_distributed, rank_zero_first, resolve_dtype
+from clara.errors import RunFailure
 from clara.evaluate import evaluate_model
 from clara.files import json_safe, write_json_atomic
 from clara.metrics import retrieval_summary
 from clara.model import StepOutput, attention_implementation
-from clara.resumable import TrainState, changed_settings, find_resume_point, save_resumable
+from clara.resumable import (
+    TrainState,
+    changed_settings,
+    load_resumable,
+    mark_finished,
+    nonfinite_parameters,
+    plan_run,
+    rewind_metrics,
+    save_resumable,
+)
 from clara.schedule import cosine_with_warmup
-from clara.stage_model import build_stage_model
+from clara.stage_model import build_stage_model, stage_tokenizer
 from clara.stages import get_stage
 
 MAX_NONFINITE_IN_A_ROW = 10
@@ -197,6 +207,7 @@ class StepSums:
     correct_tokens: float = 0.0  # answer tokens whose argmax prediction was the gold token
     answer_tokens: float = 0.0
     stop_requests: float = 0.0  # ranks that received SIGTERM / SIGINT
+    diverged_ranks: float = 0.0  # ranks whose trained weights hold inf or NaN after the step
 
     def all_reduced(self, device: torch.device) -> "StepSums":
         total = torch.tensor(astuple(self), dtype=torch.float64, device=device)
@@ -305,6 +316,10 @@ class Trainer:
             raise ConfigError("batch_size", cfg.batch_size, f"at most the {len(self.records)} training samples")
         self.total_steps = cfg.max_steps or self.steps_per_epoch * cfg.max_epochs
         self.accumulation = cfg.batch_size // (cfg.micro_batch_size * self.world)
+        # Where to start is decided (damaged or planted checkpoints reported) before the model loads.
+        self.plan = plan_run(cfg, self.total_steps, self.rank, self.world, self.log.print)
+        if self.plan.finished:
+            return
         self.components = setup_training(cfg, self.total_steps, self.world, self.device, self.dtype, self.attn,
                                     log=self.log.print)
         self._resume()
@@ -317,30 +332,37 @@ class Trainer:
         cfg, stage = self.cfg, self.stage
         datasets.disable_progress_bars()
         min_docs = stage.min_docs(cfg.generation_top_k)
+        length_check = functools.cache(self._length_check)
         rejected = os.path.join(cfg.save_path, "rejected.jsonl") if self.rank == 0 else None
         # Rank 0 builds the Arrow cache first; the other ranks then read it.
         self.records = rank_zero_first(lambda: load_records(stage, cfg.dataset, cfg.bad_samples, min_docs, rejected,
-                                                            cfg.max_samples, log=self.log.print),
+                                                            cfg.max_samples, log=self.log.print,
+                                                            make_check=length_check),
                                        self.rank, self.world)
         self.eval_records = None
         if cfg.eval_dataset:
             self.eval_records = rank_zero_first(lambda: load_records(stage, cfg.eval_dataset, cfg.bad_samples,
-                                                                     min_docs, None, None, log=self.log.print),
+                                                                     min_docs, None, None, log=self.log.print,
+                                                                     make_check=length_check),
                                                 self.rank, self.world)
 
-    def _resume(self) -> None:
+    def _length_check(self) -> Callable[[dict], str | None]:
+        """Why a record's decoder input exceeds MAX_LEN (None when it fits), with the stage's tokenizer."""
         cfg = self.cfg
-        resume = find_resume_point(cfg)
-        if resume is None:
-            if self.rank == 0 and os.path.exists(self.log.metrics_path):
-                os.remove(self.log.metrics_path)
+        tokenizer, tokens = stage_tokenizer(cfg)
+        return Collator(self.stage, tokenizer, tokens, cfg.doc_max_length, cfg.max_len, cfg.generation_top_k,
+                        cfg.seed).length_problem
+
+    def _resume(self) -> None:
+        plan = self.plan
+        if plan.directory is None:
             return
-        _, client = self.components.engine.load_checkpoint(resume[0], tag=resume[1], load_module_strict=False)
-        if client is None:
-            raise ConfigError("resume", os.path.join(*resume), "a resumable checkpoint that loads")
-        self.state = TrainState(**client["train_state"])
-        self.log.print(f"Resumed from {os.path.join(*resume)} at step {self.state.global_step}.")
-        changed = changed_settings(client.get("settings", {}), cfg.to_dict())
+        load_resumable(self.components.engine, plan)
+        self.state = plan.state
+        if self.rank == 0:
+            rewind_metrics(self.cfg.save_path, self.state.global_step)
+        self.log.print(f"Resumed from {plan.directory} at step {self.state.global_step}.")
+        changed = changed_settings(plan.settings, self.cfg.to_dict())
         if changed:
             self.log.print(f"Warning: the run that saved this checkpoint had other settings ({'; '.join(changed)}); "
                            "training goes on with the new ones. RESUME=false (--resume false) or another SAVE_PATH "
@@ -360,6 +382,11 @@ class Trainer:
     # -- training -----------------------------------------------------------------------------------------
     def train(self) -> dict:
         """Step until total_steps; save every save_steps, on a stop request and at the end; then export."""
+        if self.plan.finished:
+            self.log.print(f"Nothing to do: run {self.plan.run_id} finished at step {self.plan.state.global_step} "
+                           f"and its model is in {self.cfg.save_path}. A larger MAX_STEPS continues it; "
+                           "RESUME=false starts over.")
+            return {}
         last: dict = {}
         progress = (tqdm(total=self.total_steps, initial=self.state.global_step, desc=self.cfg.stage,
                          dynamic_ncols=True, file=sys.stderr) if self.rank == 0 else None)
@@ -371,8 +398,9 @@ class Trainer:
                 self.log.print(f"Received {stop}: saved a resumable checkpoint at step {self.state.global_step}; "
                                "run the same command again to continue.")
                 raise
-        if progress:
-            progress.close()
+            finally:
+                if progress:
+                    progress.close()  # an error printed next starts on a line of its own
         self.export(last)
         return last
 
@@ -388,7 +416,12 @@ class Trainer:
                                 on_first=self.debug.print_sample if show else None,
                                 loss_scaled=self.dtype == torch.float16)
         result.sums.stop_requests = float(len(received))
+        result.sums.diverged_ranks = float(bool(nonfinite_parameters(self.components.engine.module)))
         sums = result.sums.all_reduced(self.device)
+        if sums.diverged_ranks:
+            raise RunFailure(f"step {step + 1}: the trained weights became inf/NaN (training diverged); nothing of "
+                             f"this step was saved, and the checkpoints in {cfg.save_path}/checkpoints are the last "
+                             "good ones. Lower LEARNING_RATE and start over (RESUME=false).")
         self._advance(skipped=result.skipped or sums.finite_batches == 0)
         metrics = self.step_metrics(result, sums, time.perf_counter() - started)
         self._report(metrics, progress)
@@ -396,10 +429,10 @@ class Trainer:
         if self.eval_records is not None and (state.global_step % cfg.eval_steps == 0 or at_end):
             metrics.update(self.evaluate())
         if sums.stop_requests > 0:
-            self.save_checkpoint()
+            self.save_checkpoint(wait=True)
             raise Stop(received[0] if received else signal.SIGTERM)
         if state.global_step % cfg.save_steps == 0 or at_end:
-            self.save_checkpoint()
+            self.save_checkpoint(wait=at_end)
         return metrics
 
     def _next_batches(self) -> list[Batch]:
@@ -428,8 +461,8 @@ class Trainer:
             self.log.print(f"step {state.global_step}: non-finite loss, optimizer step skipped "
                            f"({state.nonfinite_in_a_row} in a row)")
             if state.nonfinite_in_a_row >= MAX_NONFINITE_IN_A_ROW:
-                raise RuntimeError(f"{MAX_NONFINITE_IN_A_ROW} non-finite losses in a row: training diverged. "
-                                   "Lower LEARNING_RATE and check the data.")
+                raise RunFailure(f"{MAX_NONFINITE_IN_A_ROW} non-finite losses in a row: training diverged. "
+                                 "Lower LEARNING_RATE and check the data.")
 
     def step_metrics(self, result: StepResult, sums: StepSums, elapsed: float) -> dict:
         """The metrics.jsonl line of a step (means over the finite micro-batches of every rank)."""
@@ -470,8 +503,9 @@ class Trainer:
         return metrics
 
     # -- saving -------------------------------------------------------------------------------------------
-    def save_checkpoint(self) -> None:
-        save_resumable(self.components.engine, self.state, self.cfg, self.rank)
+    def save_checkpoint(self, wait: bool = False) -> None:
+        """A resumable checkpoint of this step; it is published in the background unless `wait`."""
+        save_resumable(self.components.engine, self.state, self.cfg, self.rank, self.plan.run_id, wait=wait)
 
     def export(self, last: dict) -> None:
         """The trained model in the checkpoint format, into SAVE_PATH (rank 0 writes, every rank waits)."""
@@ -482,6 +516,7 @@ class Trainer:
         if self.rank == 0:
             save_model(self.components.engine.module, cfg.save_path, cfg.stage)
             write_json_atomic(os.path.join(cfg.save_path, "training_args.json"), cfg.to_dict())
+            mark_finished(cfg, self.plan.run_id, self.state.global_step)
             self.log.print(f"Saved the {cfg.stage} model to {cfg.save_path} "
                            f"(final loss {last.get('loss', float('nan')):.4f}).")
         dist.barrier()
