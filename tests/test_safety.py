@@ -180,7 +180,7 @@ def test_an_infinite_learning_rate_exits_2_before_the_model_loads(tmp_path):
     result = run(SINGLE, launcher_env(**QUICK, LEARNING_RATE="1e999", SAVE_PATH=tmp_path / "out"))
     assert result.returncode == 2, result
     lines = error_lines(result.output)
-    assert len(lines) == 1 and "--learning_rate=inf" in lines[0] and "finite" in lines[0], result
+    assert len(lines) == 1 and "LEARNING_RATE=1e999" in lines[0] and "finite" in lines[0], result
     assert not loaded_the_model(result.output)
 
 
