@@ -9,10 +9,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from clara.checkpoint import CheckpointError
-from clara.config import ConfigError
+from clara.errors import USER_ERRORS
 from clara.evaluate import positive_int
-from clara.index import CorpusIndexError, answer_from_index, check_index_matches, load_index
+from clara.index import answer_from_index, check_index_matches, load_index
 from clara.inference import CLaRa, ensure_query_reasoner
 
 FIRST_WORDS = 12
@@ -44,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
         check_index_matches(index, clara.model, args.checkpoint)
         found = answer_from_index(clara.model, index, args.questions, max_new_tokens=args.max_new_tokens,
                                   device=clara.device)
-    except (CorpusIndexError, CheckpointError, ConfigError) as error:
+    except USER_ERRORS as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     for question, answer, rows, scores in zip(args.questions, found.answers, found.rows, found.scores):

@@ -27,10 +27,9 @@ import sys
 import torch
 
 from clara.config import ConfigError
-from clara.distributed import broadcast, join_process_group
+from clara.distributed import broadcast, run_command
 from clara.evaluate import (
     RETRIEVAL_KS,
-    USER_ERRORS,
     eval_config,
     evaluate_model,
     load_eval_model,
@@ -182,17 +181,7 @@ def run(args: argparse.Namespace, rank: int, world: int, device: torch.device) -
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    rank, world, device = join_process_group()
-    try:
-        run(args, rank, world, device)
-    except USER_ERRORS as error:
-        if rank == 0:
-            print(f"error: {error}", file=sys.stderr)
-        return 2
-    finally:
-        if world > 1 and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
-    return 0
+    return run_command(lambda rank, world, device: run(args, rank, world, device))
 
 
 if __name__ == "__main__":

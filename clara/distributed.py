@@ -13,7 +13,7 @@ from typing import TypeVar
 import torch
 import torch.distributed as dist
 
-from clara.errors import ConfigError
+from clara.errors import USER_ERRORS, ConfigError
 
 T = TypeVar("T")
 
@@ -87,6 +87,24 @@ def join_process_group() -> tuple[int, int, torch.device]:
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return dist.get_rank(), dist.get_world_size(), device
+
+
+def run_command(body: Callable[[int, int, torch.device], object]) -> int:
+    """Run a command line's `body(rank, world, device)` alone or under torchrun / accelerate launch.
+
+    A user error is one line on stderr (from rank 0) and exit 2; the process group is left cleanly.
+    """
+    rank, world, device = join_process_group()
+    try:
+        body(rank, world, device)
+    except USER_ERRORS as error:
+        if rank == 0:
+            print(f"error: {error}", file=sys.stderr)
+        return 2
+    finally:
+        if world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
 
 
 def rank_zero_first(load: Callable[[], T], rank: int, world: int) -> T:

@@ -32,8 +32,8 @@ from clara.checkpoint import load_model, read_config, resolve_checkpoint
 from clara.collate import Collator
 from clara.config import TrainConfig, check_data_sources
 from clara.data import load_records
-from clara.distributed import broadcast, gather_rows, join_process_group, rank_zero_first, resolve_dtype
-from clara.errors import USER_ERRORS, CheckpointError, ConfigError
+from clara.distributed import broadcast, gather_rows, rank_zero_first, resolve_dtype, run_command
+from clara.errors import CheckpointError, ConfigError
 from clara.files import json_safe, write_json_atomic, write_text_atomic
 from clara.inference import collatable_runs, ensure_query_reasoner, infer_stage
 from clara.metrics import ANSWER_SCORE_NAMES, answer_scores, retrieval_summary
@@ -342,17 +342,7 @@ def open_corpus(args: argparse.Namespace, model, records, cfg, device: torch.dev
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    rank, world, device = join_process_group()
-    try:
-        run(args, rank, world, device)
-    except USER_ERRORS as error:
-        if rank == 0:
-            print(f"error: {error}", file=sys.stderr)
-        return 2
-    finally:
-        if world > 1 and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
-    return 0
+    return run_command(lambda rank, world, device: run(args, rank, world, device))
 
 
 if __name__ == "__main__":

@@ -7,13 +7,10 @@ import sys
 
 import torch
 
-from clara.checkpoint import CheckpointError, load_model
-from clara.config import ConfigError
-from clara.data import DataError
-from clara.distributed import join_process_group
+from clara.checkpoint import load_model
+from clara.distributed import resolve_dtype, run_command
 from clara.evaluate import positive_int
-from clara.index import SEARCH_KINDS, STORAGE_DTYPES, CorpusIndexError, SearchSettings, build_index, read_corpus
-from clara.inference import resolve_dtype
+from clara.index import SEARCH_KINDS, STORAGE_DTYPES, SearchSettings, build_index, read_corpus
 from clara.model import attention_implementation
 
 
@@ -53,11 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
 def run(args: argparse.Namespace, rank: int, world: int, device: torch.device) -> dict:
     say = print if rank == 0 else (lambda *a, **k: None)
     ids, texts = read_corpus(args.corpus)
-    try:
-        dtype = resolve_dtype(args.model_dtype, device)
-        attn = attention_implementation(args.flash_attn, device.type == "cuda")
-    except ValueError as error:
-        raise ConfigError(str(error)) from None
+    dtype = resolve_dtype(args.model_dtype, device)
+    attn = attention_implementation(args.flash_attn, device.type == "cuda")
     model = load_model(args.checkpoint, dtype, attn, base_model=args.model_path).to(device).eval()
     model.requires_grad_(False)
     say(f"Indexing {len(ids)} documents of {args.corpus} with the compressor of {args.checkpoint} "
@@ -73,17 +67,7 @@ def run(args: argparse.Namespace, rank: int, world: int, device: torch.device) -
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    rank, world, device = join_process_group()
-    try:
-        run(args, rank, world, device)
-    except (DataError, CorpusIndexError, CheckpointError, ConfigError) as error:
-        if rank == 0:
-            print(f"error: {error}", file=sys.stderr)
-        return 2
-    finally:
-        if world > 1 and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
-    return 0
+    return run_command(lambda rank, world, device: run(args, rank, world, device))
 
 
 if __name__ == "__main__":
