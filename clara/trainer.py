@@ -358,6 +358,7 @@ class Trainer:
         if plan.directory is None:
             return
         load_resumable(self.components.engine, plan)
+        self._restart_schedule_at(self.cfg.learning_rate)
         self.state = plan.state
         if self.rank == 0:
             rewind_metrics(self.cfg.save_path, self.state.global_step)
@@ -367,6 +368,14 @@ class Trainer:
             self.log.print(f"Warning: the run that saved this checkpoint had other settings ({'; '.join(changed)}); "
                            "training goes on with the new ones. RESUME=false (--resume false) or another SAVE_PATH "
                            "starts over instead.")
+
+    def _restart_schedule_at(self, peak: float) -> None:
+        """The restored scheduler brings back the saved run's peak rate; a resumed run goes on with this one."""
+        scheduler = self.components.scheduler
+        scheduler.base_lrs = [peak] * len(scheduler.base_lrs)
+        for group, factor in zip(self.components.optimizer.param_groups, scheduler.lr_lambdas):
+            group["initial_lr"] = peak
+            group["lr"] = peak * factor(scheduler.last_epoch)
 
     def _announce(self) -> None:
         settings = self.cfg.to_dict()

@@ -418,6 +418,8 @@ def test_resuming_with_other_settings_names_them(tmp_path):
     assert "Resumed from" in second.output
     warning = next(line for line in second.output.splitlines() if line.startswith("Warning: the run that saved"))
     assert "learning_rate 0.002 -> 0.001" in warning and "max_steps" not in warning
+    # ... and the new rate is the one used: after the last of 3 steps the cosine is at its floor, 0.1 x peak.
+    assert metrics(save)[-1]["lr"] == pytest.approx(0.1 * 0.001)
 
 
 @pytest.mark.parametrize("target", ["process_group", "launcher_only"])
