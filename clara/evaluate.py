@@ -35,7 +35,7 @@ from clara.data import load_records
 from clara.distributed import broadcast, gather_rows, rank_zero_first, resolve_dtype, run_command
 from clara.errors import CheckpointError, ConfigError
 from clara.files import json_safe, write_json_atomic, write_text_atomic
-from clara.inference import collatable_runs, ensure_query_reasoner, infer_stage
+from clara.inference import ensure_query_reasoner, infer_stage
 from clara.metrics import ANSWER_SCORE_NAMES, answer_scores, retrieval_summary
 from clara.model import attention_implementation, eval_mode
 from clara.stages import STAGES, Stage, get_stage
@@ -77,33 +77,32 @@ def evaluate_shard(model, records, stage: Stage, batch_size: int, generate_limit
                         unit="sample", dynamic_ncols=True, file=sys.stderr, leave=leave_progress)
     results = []
     for indices in mine:
-        batch_records = [records[i] for i in indices]
-        for offset, run in collatable_runs(stage, batch_records):
-            run_indices = list(indices)[offset:offset + len(run)]
-            batch = collate[True](run).to(device)
-            out = model(batch, mse_weight=0.0)
-            losses, hits, counts = per_sample_lm(out.lm, len(run))
-            chosen = out.chosen.tolist() if out.chosen is not None else None
-            for j, (index, record) in enumerate(zip(run_indices, run)):
-                question, answer = stage.header(record)
-                row = {"index": index, "question": question, "answer": answer, "loss": losses[j],
-                       "correct_tokens": hits[j], "answer_tokens": counts[j],
-                       "token_accuracy": hits[j] / counts[j] if counts[j] else None}
-                if "data_type" in record:
-                    row["data_type"] = record["data_type"]
-                if stage.generates:
-                    row.update(answers=list(record["answers"]), prediction=None, **dict.fromkeys(ANSWER_SCORE_NAMES))
-                if chosen is not None:
-                    row["chosen"] = chosen[j]
-                    row["pos_index"] = list(record["pos_index"]) if record["has_pos_index"] else None
-                results.append(row)
-            wanted = [j for j, index in enumerate(run_indices) if index < generate_limit]
-            if stage.generates and wanted:
-                prompt = collate[False]([run[j] for j in wanted]).to(device)
-                texts, _ = model.generate(prompt, max_new_tokens=max_new_tokens)
-                rows = results[len(results) - len(run):]
-                for j, text in zip(wanted, texts):
-                    rows[j].update(prediction=text, **answer_scores(text, rows[j]["answers"]))
+        run = [records[i] for i in indices]
+        run_indices = list(indices)
+        batch = collate[True](run).to(device)
+        out = model(batch, mse_weight=0.0)
+        losses, hits, counts = per_sample_lm(out.lm, len(run))
+        chosen = out.chosen.tolist() if out.chosen is not None else None
+        for j, (index, record) in enumerate(zip(run_indices, run)):
+            question, answer = stage.header(record)
+            row = {"index": index, "question": question, "answer": answer, "loss": losses[j],
+                   "correct_tokens": hits[j], "answer_tokens": counts[j],
+                   "token_accuracy": hits[j] / counts[j] if counts[j] else None}
+            if "data_type" in record:
+                row["data_type"] = record["data_type"]
+            if stage.generates:
+                row.update(answers=list(record["answers"]), prediction=None, **dict.fromkeys(ANSWER_SCORE_NAMES))
+            if chosen is not None:
+                row["chosen"] = chosen[j]
+                row["pos_index"] = list(record["pos_index"]) if record["has_pos_index"] else None
+            results.append(row)
+        wanted = [j for j, index in enumerate(run_indices) if index < generate_limit]
+        if stage.generates and wanted:
+            prompt = collate[False]([run[j] for j in wanted]).to(device)
+            texts, _ = model.generate(prompt, max_new_tokens=max_new_tokens)
+            rows = results[len(results) - len(run):]
+            for j, text in zip(wanted, texts):
+                rows[j].update(prediction=text, **answer_scores(text, rows[j]["answers"]))
         if progress is not None:
             progress.update(len(indices))
     if progress is not None:

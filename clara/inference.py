@@ -21,7 +21,7 @@ form `clara.data` produces) and runs them through the training Collator and
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -82,25 +82,6 @@ def answer_record(question: str, docs: Sequence[str], answer: str = "",
 def paraphrase_record(docs: Sequence[str], paraphrase: str = "") -> dict:
     """A stage1 paraphrase record."""
     return {"data_type": "paraphrase", "questions": [], "answers": [paraphrase], "docs": list(docs)}
-
-
-def collatable_runs(stage: Stage, records: list[dict]) -> Iterator[tuple[int, list[dict]]]:
-    """Split consecutive records into runs one micro-batch can hold: (offset, run).
-
-    Stage 2 stacks the candidates of a micro-batch, so its samples need equal candidate counts;
-    every other stage takes the records as they are.
-    """
-    start = 0
-    while start < len(records):
-        end = start + 1
-        if stage.uses_query:
-            count = len(records[start]["docs"])
-            while end < len(records) and len(records[end]["docs"]) == count:
-                end += 1
-        else:
-            end = len(records)
-        yield start, records[start:end]
-        start = end
 
 
 def _as_list(items, name: str) -> list:
@@ -175,15 +156,14 @@ class CLaRa:
         collator = self._collator(stage)
         texts, chosen = [], []
         for start in range(0, len(records), self.batch_size):
-            for offset, run in collatable_runs(stage, records[start:start + self.batch_size]):
-                batch = collator(run).to(self.device)
-                given = None
-                if vectors is not None:
-                    first = start + offset
-                    given = torch.cat(vectors[first:first + len(run)]).flatten(0, 1).to(self.device)
-                out, picked = self.model.generate(batch, max_new_tokens=max_new_tokens, vectors=given)
-                texts += out
-                chosen += picked.tolist() if picked is not None else [None] * len(run)
+            run = records[start:start + self.batch_size]
+            batch = collator(run).to(self.device)
+            given = None
+            if vectors is not None:
+                given = torch.cat(vectors[start:start + len(run)]).flatten(0, 1).to(self.device)
+            out, picked = self.model.generate(batch, max_new_tokens=max_new_tokens, vectors=given)
+            texts += out
+            chosen += picked.tolist() if picked is not None else [None] * len(run)
         return texts, chosen
 
     # -- the API (official names, argument names and return types) ------------------------------------------
