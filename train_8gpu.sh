@@ -33,7 +33,8 @@ set -a # every setting below reaches python -m clara.launch, which resolves and 
 : "${COMPRESS_RATE:=32}"              # document tokens per memory vector (DOC_MAX_LENGTH / COMPRESS_RATE memory tokens)
 : "${GENERATION_TOP_K:=5}"            # stage2: documents selected per question
 : "${MAX_LEN:=}"                      # max decoder tokens; unset: 2048 (stage2: 1024)
-: "${MSE_WEIGHT:=}"                  # weight of the MSE alignment loss, 0 turns it off; unset: 0.1 (tiny model: 0)
+: "${MSE_WEIGHT:=}"                   # weight of the MSE alignment loss, 0 turns it off; unset: 0.1 (tiny model: 0)
+: "${RETRIEVAL_WEIGHT:=0}"            # stage2: weight of a loss towards pos_index; 0: the official objective (generator loss only)
 : "${FLASH_ATTN:=auto}"               # auto: FlashAttention-2 when installed and on CUDA, else SDPA; true; false
 : "${DTYPE:=auto}"                    # auto: bf16 (fp16 on GPUs without bf16: V100, T4), fp32 on CPU; bf16 | fp16 | fp32
 : "${GRADIENT_CHECKPOINTING:=}"       # unset: true with CUDA, false on CPU

@@ -70,6 +70,9 @@ class TrainConfig:
     max_len: int | None = setting(None, "max decoder tokens (default 2048, stage2 1024)")
     mse_weight: float | None = setting(None, "weight of the MSE alignment loss, 0 turns it off; stage1/stage1_2 "
                                              "(default 0.1; tiny model 0)")
+    retrieval_weight: float = setting(0.0, "stage2: weight of a cross-entropy loss that pulls the retrieval scores "
+                                           "towards each record's pos_index; 0 (the official objective): the "
+                                           "generator's loss alone trains retrieval")
     dtype: str = setting("auto", "auto: bf16 on a GPU that supports it, fp16 (DeepSpeed's dynamic loss scaling) on older "
                                  "GPUs such as V100 and T4, fp32 on the CPU; bf16; fp16; fp32")
     flash_attn: str = setting("auto", "auto: FlashAttention-2 when installed and on CUDA, else SDPA; true; false")
@@ -171,6 +174,7 @@ FLOAT_RANGES = {
     "learning_rate": (lambda v: v > 0, "a finite number > 0 (e.g. 1e-4)"),
     "topk_temperature": (lambda v: v > 0, "a finite number > 0 (e.g. 0.02)"),
     "mse_weight": (lambda v: v >= 0, "a finite number >= 0 (e.g. 0.1)"),
+    "retrieval_weight": (lambda v: v >= 0, "a finite number >= 0 (e.g. 1)"),
     "lora_dropout": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
     "warmup_ratio": (lambda v: 0 <= v <= 1, "a number in [0, 1]"),
     "min_lr_ratio": (lambda v: 0 <= v <= 1, "a number in [0, 1]"),

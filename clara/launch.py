@@ -188,7 +188,10 @@ def summary(script: str, cfg: TrainConfig, given: TrainConfig, procs: Processes,
         ("SAVE_PATH", cfg.save_path),
         ("DOC_MAX_LENGTH / COMPRESS_RATE", f"{cfg.doc_max_length} / {cfg.compress_rate} = {cfg.n_mem_tokens} memory "
                                            "tokens per document"),
-        *([("GENERATION_TOP_K", str(cfg.generation_top_k))] if stage.uses_query else []),
+        *([("GENERATION_TOP_K", str(cfg.generation_top_k)),
+           ("RETRIEVAL_WEIGHT", f"{cfg.retrieval_weight:g}" + ("" if cfg.retrieval_weight else
+                                                               " (the official objective: the generator's loss only)"))]
+          if stage.uses_query else []),
         ("LEARNING_RATE", short_rate(cfg.learning_rate) if given.learning_rate is not None
          else auto.format(short_rate(cfg.learning_rate), "model and stage")),
         ("BATCH_SIZE", f"{cfg.batch_size} = MICRO_BATCH_SIZE {cfg.micro_batch_size} x {procs.world_size} process(es) "

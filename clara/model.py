@@ -19,7 +19,7 @@ from torch import nn
 from clara.collate import IGNORE_INDEX, Batch
 from clara.errors import ConfigError
 from clara.prompts import SpecialTokens, end_of_turn
-from clara.topk import cosine_scores, differentiable_topk
+from clara.topk import cosine_scores, differentiable_topk, retrieval_loss
 
 ADAPTERS = ("encoder_adapter", "decoder_adapter", "query_reasoner_adapter")
 
@@ -57,7 +57,8 @@ class StepOutput:
     lm: LMOutput
     mse: torch.Tensor | None = None
     chosen: torch.Tensor | None = None  # stage 2: [B, k] candidate indices
-    scores: torch.Tensor | None = None  # stage 2: [B, N] retrieval scores
+    scores: torch.Tensor | None = None  # stage 2: [B, N] retrieval scores, -inf at padding
+    retrieval: torch.Tensor | None = None  # stage 2 with RETRIEVAL_WEIGHT: the loss towards pos_index
 
 
 @contextlib.contextmanager
@@ -249,7 +250,8 @@ class ClaraModel(nn.Module):
     def select(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Stage 2: score the candidates against the question, pick top-k differentiably.
 
-        Returns the selected memory vectors [B * k * n, H], the chosen indices [B, k], the scores [B, N].
+        Returns the selected memory vectors [B * k * n, H], the chosen indices [B, k] and the scores
+        [B, N] (-inf at padding, with their gradient).
         """
         query, _ = self.compress(batch.query_ids, batch.query_mask, "query_reasoner_adapter")
         candidates = self.compress_candidates(batch.enc_ids, batch.enc_mask).flatten(1)
@@ -260,7 +262,7 @@ class ClaraModel(nn.Module):
         chosen, weights = differentiable_topk(scores, self.settings.generation_top_k,
                                               self.settings.topk_temperature, valid)
         selected = torch.einsum("bkn,bnd->bkd", weights.to(padded.dtype), padded)
-        return selected.reshape(-1, self.hidden_size), chosen, scores.detach()
+        return selected.reshape(-1, self.hidden_size), chosen, scores.masked_fill(~valid, float("-inf"))
 
     def decoder_inputs(self, batch: Batch, with_mse: bool = False) -> tuple[torch.Tensor, StepOutput]:
         """Decoder input embeddings, plus the MSE / retrieval results of producing them."""
@@ -272,10 +274,14 @@ class ClaraModel(nn.Module):
             vectors, extras.chosen, extras.scores = self.select(batch)
         return self.inject(batch.dec_ids, vectors), extras
 
-    def forward(self, batch: Batch, mse_weight: float = 0.0) -> StepOutput:
+    def forward(self, batch: Batch, mse_weight: float = 0.0, retrieval_weight: float = 0.0) -> StepOutput:
         embeds, out = self.decoder_inputs(batch, with_mse=mse_weight > 0)
         out.lm = self.lm_loss(embeds, batch.dec_mask, batch.labels)
         out.loss = out.lm.loss if out.mse is None else out.lm.loss + mse_weight * out.mse
+        if retrieval_weight > 0 and out.scores is not None:
+            out.retrieval = retrieval_loss(out.scores, batch.pos_index, self.settings.topk_temperature)
+            if out.retrieval is not None:
+                out.loss = out.loss + retrieval_weight * out.retrieval
         return out
 
     @torch.no_grad()

@@ -30,3 +30,19 @@ def differentiable_topk(scores: torch.Tensor, k: int, temperature: float,
         weights.append(hard + soft - soft.detach())
         taken = taken | hard.bool()
     return indices, torch.stack(weights, dim=1)
+
+
+def retrieval_loss(scores: torch.Tensor, positives: list[list[int] | None], temperature: float) -> torch.Tensor | None:
+    """Cross-entropy of softmax(scores / temperature) over each record's candidates towards its positives.
+
+    scores [B, N] with -inf at padding; a record with several positives counts their probabilities
+    together. Records without positives are left out; None when no record has any.
+    """
+    rows = [i for i, wanted in enumerate(positives) if wanted]
+    if not rows:
+        return None
+    log_probs = torch.log_softmax(scores[rows].float() / temperature, dim=-1)
+    is_positive = torch.zeros_like(log_probs, dtype=torch.bool)
+    for row, i in enumerate(rows):
+        is_positive[row, positives[i]] = True
+    return -torch.logsumexp(log_probs.masked_fill(~is_positive, float("-inf")), dim=-1).mean()

@@ -170,6 +170,7 @@ class TrainingSetup:
     optimizer: object
     scheduler: object
     mse_weight: float  # the configured weight, or 0 for a stage without the MSE loss
+    retrieval_weight: float  # the configured weight, or 0 for a stage without retrieval
 
 
 def setup_training(cfg: TrainConfig, total_steps: int, world: int, device: torch.device, dtype: torch.dtype,
@@ -191,7 +192,8 @@ def setup_training(cfg: TrainConfig, total_steps: int, world: int, device: torch
         model=model, optimizer=optimizer, lr_scheduler=scheduler,
         config=deepspeed_config(cfg, world, dtype))
     mse_weight = cfg.mse_weight if stage.uses_mse else 0.0
-    return TrainingSetup(model, collator, trainable, engine, optimizer, scheduler, mse_weight)
+    retrieval_weight = cfg.retrieval_weight if stage.uses_query else 0.0
+    return TrainingSetup(model, collator, trainable, engine, optimizer, scheduler, mse_weight, retrieval_weight)
 
 
 
@@ -202,6 +204,7 @@ class StepSums:
 
     lm_loss: float = 0.0
     mse: float = 0.0
+    retrieval: float = 0.0
     finite_batches: float = 0.0  # micro-batches whose loss was finite
     tokens: float = 0.0  # tokens the model read: decoder prompt and answer, documents, questions
     correct_tokens: float = 0.0  # answer tokens whose argmax prediction was the gold token
@@ -230,7 +233,7 @@ def _nonfinite_safe_loss(model) -> torch.Tensor:
 
 def optimizer_step(engine, optimizer, batches: list[Batch], seeds: list[int], mse_weight: float,
                    on_first: Callable[[Batch, StepOutput], None] | None = None,
-                   loss_scaled: bool = False) -> StepResult:
+                   loss_scaled: bool = False, retrieval_weight: float = 0.0) -> StepResult:
     """Forward and backward every micro-batch of one optimizer step, then step.
 
     A non-finite loss on any rank replaces that micro-batch's backward by a zero one and runs the
@@ -244,14 +247,17 @@ def optimizer_step(engine, optimizer, batches: list[Batch], seeds: list[int], ms
     for micro, (batch, seed) in enumerate(zip(batches, seeds)):
         torch.manual_seed(seed)
         try:
-            out = engine(batch, mse_weight=mse_weight)
+            out = engine(batch, mse_weight=mse_weight, retrieval_weight=retrieval_weight)
             finite = torch.isfinite(out.loss.detach()).float()
             dist.all_reduce(finite, op=dist.ReduceOp.MIN)
             if loss_scaled or finite.item() == 1.0:
                 engine.backward(out.loss)
-                mse = out.mse.detach() if out.mse is not None else torch.zeros((), device=device)
+                zero = torch.zeros((), device=device)
+                mse = out.mse.detach() if out.mse is not None else zero
+                retrieval = out.retrieval.detach() if out.retrieval is not None else zero
                 correct = (out.lm.logits.argmax(-1) == out.lm.targets).sum()
-                sums[:6] += torch.stack([out.lm.loss.detach().double(), mse.double(), torch.ones((), device=device).double(),
+                sums[:7] += torch.stack([out.lm.loss.detach().double(), mse.double(), retrieval.double(),
+                                         torch.ones((), device=device).double(),
                                          torch.tensor(batch.num_tokens, device=device).double(), correct.double(),
                                          torch.tensor(out.lm.targets.numel(), device=device).double()])
             else:
@@ -423,7 +429,8 @@ class Trainer:
                                 [step_seed(cfg.seed, step, m, self.rank) for m in range(self.accumulation)],
                                 self.components.mse_weight,
                                 on_first=self.debug.print_sample if show else None,
-                                loss_scaled=self.dtype == torch.float16)
+                                loss_scaled=self.dtype == torch.float16,
+                                retrieval_weight=self.components.retrieval_weight)
         result.sums.stop_requests = float(len(received))
         result.sums.diverged_ranks = float(bool(nonfinite_parameters(self.components.engine.module)))
         sums = result.sums.all_reduced(self.device)
@@ -481,6 +488,7 @@ class Trainer:
             "step": self.state.global_step, "epoch": round(self.state.global_step / self.steps_per_epoch, 4),
             "loss": sums.lm_loss / finite if not skipped else float("nan"),
             "mse_loss": sums.mse / finite if self.components.mse_weight and not skipped else None,
+            "retrieval_loss": sums.retrieval / finite if self.components.retrieval_weight and not skipped else None,
             "lr": self.components.scheduler.get_last_lr()[0], "grad_norm": grad_norm(self.components.engine),
             "samples_per_s": self.cfg.batch_size / elapsed, "tokens_per_s": sums.tokens / elapsed,
             "peak_memory_mb": round(peak_memory_mb(self.device), 1),
@@ -496,8 +504,9 @@ class Trainer:
             progress.update(1)
             shown = {"loss": f"{metrics['loss']:.4f}", "lr": f"{metrics['lr']:.2e}",
                      "samples/s": f"{metrics['samples_per_s']:.1f}", "tokens/s": f"{metrics['tokens_per_s']:.0f}"}
-            if metrics["mse_loss"] is not None:
-                shown["mse"] = f"{metrics['mse_loss']:.4f}"
+            for name, short in (("mse_loss", "mse"), ("retrieval_loss", "retrieval")):
+                if metrics[name] is not None:
+                    shown[short] = f"{metrics[name]:.4f}"
             progress.set_postfix(shown, refresh=False)
         if self.state.global_step % self.cfg.logging_steps == 0 or self.state.global_step == self.total_steps:
             self.log.metrics(metrics)

@@ -10,9 +10,13 @@ import json
 import random
 from pathlib import Path
 
-from clara.synthetic import end_to_end_records, instruction_records, invent_names, make_entity, pretrain_records
+from clara.synthetic import (N_STAGE2_CANDIDATES, end_to_end_records, instruction_records, invent_names,
+                             make_entity, pretrain_records)
 
 SEED = 20240517
+# Its own seed: the open-corpus files are drawn after the others and must not change them (the
+# training files above are part of the tiny model's recipe).
+OPEN_CORPUS_SEED = 20261202
 OUT_DIR = Path(__file__).resolve().parent
 
 N_TRAIN_ENTITIES = 2000
@@ -22,6 +26,7 @@ SIZES = {
     "pretrain": (1500, 100),
     "instruction_tuning": (1500, 100),
     "end_to_end": (400, 100),
+    "open_corpus": (2000, 100),
 }
 
 
@@ -40,6 +45,37 @@ def summary(path: Path, records: list[dict]) -> str:
         n_qa = sum(r["data_type"] == "qa" for r in records)
         line += f", {n_qa} qa / {len(records) - n_qa} paraphrase"
     return line
+
+
+def described_question(entity: dict, attr: str) -> str:
+    """A question that names the place by its other facts, never by its name.
+
+    Compressed documents keep their facts far more than their names (a made-up name is a few
+    characters of a tiny tokenizer's vocabulary), so a question the query reasoner can match against
+    a whole corpus describes the place the way its document does.
+    """
+    others = [f"whose {other} is {value}" for other, value in entity["facts"].items() if other != attr]
+    return f"What is the {attr} of the {entity['kind']} {' and '.join(others)}?"
+
+
+def open_corpus_records(rng: random.Random, entities: list[dict], count: int, doc_ids: dict[str, str]) -> list[dict]:
+    """Stage-2 records whose question describes its place; half the distractors share a described fact."""
+    records = []
+    for entity in rng.choices(entities, k=count) if count > len(entities) else rng.sample(entities, count):
+        attr = rng.choice(list(entity["facts"]))
+        described = {(a, v) for a, v in entity["facts"].items() if a != attr}
+        similar = [e for e in entities if e is not entity and described & set(e["facts"].items())]
+        n_similar = min(len(similar), (N_STAGE2_CANDIDATES - 1) // 2)
+        others = rng.sample(similar, n_similar)
+        rest = [e for e in entities if e is not entity and e not in others]
+        others += rng.sample(rest, N_STAGE2_CANDIDATES - 1 - n_similar)
+        rng.shuffle(others)
+        position = rng.randrange(N_STAGE2_CANDIDATES)
+        docs = [e["doc"] for e in others]
+        docs.insert(position, entity["doc"])
+        records.append({"question": described_question(entity, attr), "gold_answer": entity["facts"][attr],
+                        "docs": docs, "pos_index": [position], "gold_ids": [doc_ids[entity["doc"]]]})
+    return records
 
 
 def main() -> None:
@@ -64,6 +100,13 @@ def main() -> None:
             path = OUT_DIR / f"{stem}_data{suffix}.jsonl"
             write_jsonl(path, records)
             print(summary(path, records))
+    open_rng = random.Random(OPEN_CORPUS_SEED)
+    for suffix, pool in splits.items():
+        count = SIZES["open_corpus"][0] if suffix == "" else SIZES["open_corpus"][1]
+        path = OUT_DIR / f"open_corpus_data{suffix}.jsonl"
+        records = open_corpus_records(open_rng, pool, count, doc_ids)
+        write_jsonl(path, records)
+        print(summary(path, records))
     path = OUT_DIR / "corpus.jsonl"
     write_jsonl(path, [{"id": doc_id, "text": doc} for doc, doc_id in doc_ids.items()])
     print(f"{path.name}: {len(doc_ids)} documents (every place, training and held out)")

@@ -14,7 +14,7 @@ from clara.config import TrainConfig
 from clara.data import normalise
 from clara.stage_model import build_stage_model
 from clara.stages import get_stage
-from clara.topk import cosine_scores, differentiable_topk
+from clara.topk import cosine_scores, differentiable_topk, retrieval_loss
 
 DOC_MAX_LENGTH = 32
 COMPRESS_RATE = 8
@@ -294,6 +294,34 @@ def test_cosine_scores():
     expected = torch.tensor([[F.cosine_similarity(queries[b], candidates[b, n], dim=0).item() for n in range(5)]
                              for b in range(2)])
     torch.testing.assert_close(cosine_scores(queries, candidates), expected)
+
+
+
+def test_retrieval_loss_is_the_cross_entropy_towards_the_positives():
+    generator = torch.Generator().manual_seed(3)
+    scores = torch.rand(3, 5, generator=generator)
+    scores[2, 4] = float("-inf")  # padding
+    temperature = 0.1
+    loss = retrieval_loss(scores, [[1], None, [0, 3]], temperature)
+    probs = torch.softmax(scores / temperature, dim=-1)
+    expected = -(probs[0, 1].log() + (probs[2, 0] + probs[2, 3]).log()) / 2  # the record without positives left out
+    torch.testing.assert_close(loss, expected)
+    assert retrieval_loss(scores, [None, [], None], temperature) is None
+
+
+def test_retrieval_weight_adds_the_loss_and_trains_the_query_reasoner():
+    model = stage_model("stage2", random_lora_b=False)
+    batch = make_batch(model, "stage2", read_records("stage2", 2))
+    model.eval()  # no dropout: the two forwards see the same model
+    plain = model(batch)
+    out = model(batch, retrieval_weight=0.5)
+    assert plain.retrieval is None and out.retrieval is not None
+    expected = retrieval_loss(out.scores, batch.pos_index, model.settings.topk_temperature)
+    torch.testing.assert_close(out.loss, plain.loss + 0.5 * expected)
+    model.zero_grad(set_to_none=True)
+    out.retrieval.backward()
+    grads = {role_of(n) for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert grads == {"query_reasoner_adapter"}  # the compressor and the generator are not in this loss
 
 
 # -- gradient checkpointing ----------------------------------------------------------------------------------
