@@ -3,6 +3,8 @@
 Held-out files use places that never occur in the training files. corpus.jsonl holds every
 place's document with an id (`{"id": "place-0000", "text": ...}`), for `python -m clara.index`;
 the held-out stage2 questions name their gold documents' ids (`gold_ids`) for open-corpus evaluation.
+open_corpus_data*.jsonl hold stage2 questions that describe their place by its facts (with `gold_ids`),
+for retrieval over the whole corpus.
 Run `python example/make_data.py`; the output is the same on every run (fixed seed).
 """
 
@@ -10,8 +12,14 @@ import json
 import random
 from pathlib import Path
 
-from clara.synthetic import (N_STAGE2_CANDIDATES, end_to_end_records, instruction_records, invent_names,
-                             make_entity, pretrain_records)
+from clara.synthetic import (
+    N_STAGE2_CANDIDATES,
+    end_to_end_records,
+    instruction_records,
+    invent_names,
+    make_entity,
+    pretrain_records,
+)
 
 SEED = 20240517
 # Its own seed: the open-corpus files are drawn after the others and must not change them (the
