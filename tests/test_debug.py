@@ -292,8 +292,8 @@ class CountingEngine:
         self.module, self.micro_batches, self.outputs, self.micro = model, micro_batches, [], 0
         self.optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
 
-    def __call__(self, batch, mse_weight=0.0):
-        self.outputs.append(self.module(batch, mse_weight=mse_weight))
+    def __call__(self, batch, **loss_weights):
+        self.outputs.append(self.module(batch, **loss_weights))
         return self.outputs[-1]
 
     def backward(self, loss):
