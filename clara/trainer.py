@@ -205,6 +205,7 @@ class StepSums:
     lm_loss: float = 0.0
     mse: float = 0.0
     retrieval: float = 0.0
+    retrieval_batches: float = 0.0  # micro-batches with a retrieval loss (records with pos_index)
     finite_batches: float = 0.0  # micro-batches whose loss was finite
     tokens: float = 0.0  # tokens the model read: decoder prompt and answer, documents, questions
     correct_tokens: float = 0.0  # answer tokens whose argmax prediction was the gold token
@@ -252,12 +253,12 @@ def optimizer_step(engine, optimizer, batches: list[Batch], seeds: list[int], ms
             dist.all_reduce(finite, op=dist.ReduceOp.MIN)
             if loss_scaled or finite.item() == 1.0:
                 engine.backward(out.loss)
-                zero = torch.zeros((), device=device)
+                zero, one = torch.zeros((), device=device), torch.ones((), device=device)
                 mse = out.mse.detach() if out.mse is not None else zero
                 retrieval = out.retrieval.detach() if out.retrieval is not None else zero
                 correct = (out.lm.logits.argmax(-1) == out.lm.targets).sum()
-                sums[:7] += torch.stack([out.lm.loss.detach().double(), mse.double(), retrieval.double(),
-                                         torch.ones((), device=device).double(),
+                sums[:8] += torch.stack([out.lm.loss.detach().double(), mse.double(), retrieval.double(),
+                                         (one if out.retrieval is not None else zero).double(), one.double(),
                                          torch.tensor(batch.num_tokens, device=device).double(), correct.double(),
                                          torch.tensor(out.lm.targets.numel(), device=device).double()])
             else:
@@ -488,7 +489,8 @@ class Trainer:
             "step": self.state.global_step, "epoch": round(self.state.global_step / self.steps_per_epoch, 4),
             "loss": sums.lm_loss / finite if not skipped else float("nan"),
             "mse_loss": sums.mse / finite if self.components.mse_weight and not skipped else None,
-            "retrieval_loss": sums.retrieval / finite if self.components.retrieval_weight and not skipped else None,
+            "retrieval_loss": (sums.retrieval / sums.retrieval_batches if sums.retrieval_batches and not skipped
+                               else None),
             "lr": self.components.scheduler.get_last_lr()[0], "grad_norm": grad_norm(self.components.engine),
             "samples_per_s": self.cfg.batch_size / elapsed, "tokens_per_s": sums.tokens / elapsed,
             "peak_memory_mb": round(peak_memory_mb(self.device), 1),

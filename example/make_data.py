@@ -66,12 +66,32 @@ def described_question(entity: dict, attr: str) -> str:
     return f"What is the {attr} of the {entity['kind']} {' and '.join(others)}?"
 
 
-def open_corpus_records(rng: random.Random, entities: list[dict], count: int, doc_ids: dict[str, str]) -> list[dict]:
-    """Stage-2 records whose question describes its place; half the distractors share a described fact."""
+def fits(entity: dict, kind: str, described: set[tuple[str, str]]) -> bool:
+    return entity["kind"] == kind and described <= set(entity["facts"].items())
+
+
+def unique_attrs(entity: dict, corpus: list[dict]) -> list[str]:
+    """The facts to ask for whose description (kind and the other facts) fits no other place of the corpus."""
+    return [attr for attr in entity["facts"]
+            if not any(other is not entity and fits(other, entity["kind"], described_facts(entity, attr))
+                       for other in corpus)]
+
+
+def described_facts(entity: dict, attr: str) -> set[tuple[str, str]]:
+    return {(a, v) for a, v in entity["facts"].items() if a != attr}
+
+
+def open_corpus_records(rng: random.Random, entities: list[dict], corpus: list[dict], count: int,
+                        doc_ids: dict[str, str]) -> list[dict]:
+    """Stage-2 records whose question describes its place so that only its document fits among the whole
+    corpus; about half the distractors share a described fact."""
+    askable = [(entity, attrs) for entity in entities if (attrs := unique_attrs(entity, corpus))]
+    # Every place once before any twice.
+    drawn = rng.sample(askable, min(count, len(askable))) + rng.choices(askable, k=max(0, count - len(askable)))
     records = []
-    for entity in rng.choices(entities, k=count) if count > len(entities) else rng.sample(entities, count):
-        attr = rng.choice(list(entity["facts"]))
-        described = {(a, v) for a, v in entity["facts"].items() if a != attr}
+    for entity, attrs in drawn:
+        attr = rng.choice(attrs)
+        described = described_facts(entity, attr)
         similar = [e for e in entities if e is not entity and described & set(e["facts"].items())]
         n_similar = min(len(similar), (N_STAGE2_CANDIDATES - 1) // 2)
         others = rng.sample(similar, n_similar)
@@ -112,7 +132,7 @@ def main() -> None:
     for suffix, pool in splits.items():
         count = SIZES["open_corpus"][0] if suffix == "" else SIZES["open_corpus"][1]
         path = OUT_DIR / f"open_corpus_data{suffix}.jsonl"
-        records = open_corpus_records(open_rng, pool, count, doc_ids)
+        records = open_corpus_records(open_rng, pool, entities, count, doc_ids)
         write_jsonl(path, records)
         print(summary(path, records))
     path = OUT_DIR / "corpus.jsonl"

@@ -296,7 +296,6 @@ def test_cosine_scores():
     torch.testing.assert_close(cosine_scores(queries, candidates), expected)
 
 
-
 def test_retrieval_loss_is_the_cross_entropy_towards_the_positives():
     generator = torch.Generator().manual_seed(3)
     scores = torch.rand(3, 5, generator=generator)
