@@ -70,7 +70,7 @@ def test_stage2_with_the_retrieval_loss_finds_held_out_documents_in_the_whole_co
          "--no_progress"], REPO)
     metrics = json.loads(output.with_suffix(".summary.json").read_text())["metrics"]
     # Chance: 5 of 2,400 documents (0.2%) over the corpus, 5 of 20 candidates (25%) in the closed set.
-    # Measured with this seed: open recall@5 92%, closed 100% (README: "On CPU, from training to asking").
+    # Measured with this seed: open recall@5 86%, closed 100% (README: "On CPU, from training to asking").
     assert metrics["open_documents"] == 2400 and metrics["open_retrieval_samples"] == 100
     assert metrics["recall@5"] >= 0.8, f"closed-candidate recall@5 {metrics['recall@5']:.0%}"
     assert metrics["open_recall@5"] >= 0.5, f"open-corpus recall@5 {metrics['open_recall@5']:.0%}"
