@@ -285,7 +285,6 @@ def test_the_trainer_hands_the_hook_its_own_training_forward(monkeypatch):
     assert float(fields["ce"]) == pytest.approx(ref["ce"], abs=2e-6)
 
 
-
 def test_optimizer_step_adds_up_the_retrieval_loss_over_the_micro_batches_with_positives():
     stage = "stage2"
     model = stage_model(stage)
