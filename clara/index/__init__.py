@@ -426,6 +426,21 @@ def encode_questions(model: ClaraModel, questions: list[str], device: torch.devi
     return normalised_rows(query.cpu())
 
 
+def generator_inputs(model: ClaraModel, index: CorpusIndex, questions: list[str], rows: list[list[int]],
+                     max_len: int, seed: int) -> tuple[Batch, torch.Tensor]:
+    """The generator's stage-2 prompts for the questions, and the stored vectors [slots * n, H] of each
+    question's documents (the index rows, generation_top_k per question) for their memory slots."""
+    top_k = model.settings.generation_top_k
+    memory = index.memory([row for found in rows for row in found])
+    examples = [stage2.example({"question": q, "answer": ""}, model.tokens.n_mem, top_k, seed)[:2] + (None,)
+                for q in questions]
+    dec_ids, dec_mask, _ = build_decoder(model.tokenizer, model.tokens, examples, max_len)
+    empty = torch.empty(0, 0, dtype=torch.long)
+    batch = Batch(enc_ids=empty, enc_mask=empty, dec_ids=dec_ids, dec_mask=dec_mask, labels=None,
+                  docs_per_sample=[top_k] * len(questions), questions=questions, answers=[""] * len(questions))
+    return batch, memory.reshape(-1, model.hidden_size)
+
+
 @torch.no_grad()
 def answer_from_index(model: ClaraModel, index: CorpusIndex, questions: list[str], *, retrieve: int | None = None,
                       batch_size: int = 8, max_new_tokens: int = 64, max_len: int = 1024, seed: int = 42,
@@ -444,7 +459,6 @@ def answer_from_index(model: ClaraModel, index: CorpusIndex, questions: list[str
     if len(index.ids) < top_k:
         raise CorpusIndexError(f"--index {index.path}: {len(index.ids)} documents, fewer than generation_top_k={top_k}")
     retrieve = max(retrieve or top_k, top_k)
-    n_mem = model.tokens.n_mem
     result = IndexAnswers([], [], [], [])
     was_training = model.training
     model.eval()
@@ -457,14 +471,8 @@ def answer_from_index(model: ClaraModel, index: CorpusIndex, questions: list[str
             result.ids += [[index.ids[r] for r in found] for found in rows.tolist()]
             if not generate:
                 continue
-            memory = index.memory([r for found in rows[:, :top_k].tolist() for r in found])
-            examples = [stage2.example({"question": q, "answer": ""}, n_mem, top_k, seed)[:2] + (None,) for q in chunk]
-            dec_ids, dec_mask, _ = build_decoder(model.tokenizer, model.tokens, examples, max_len)
-            empty = torch.empty(0, 0, dtype=torch.long)
-            batch = Batch(enc_ids=empty, enc_mask=empty, dec_ids=dec_ids, dec_mask=dec_mask, labels=None,
-                          docs_per_sample=[top_k] * len(chunk), questions=chunk, answers=[""] * len(chunk))
-            texts, _ = model.generate(batch.to(device), max_new_tokens=max_new_tokens,
-                                      vectors=memory.reshape(-1, model.hidden_size).to(device))
+            batch, vectors = generator_inputs(model, index, chunk, rows[:, :top_k].tolist(), max_len, seed)
+            texts, _ = model.generate(batch.to(device), max_new_tokens=max_new_tokens, vectors=vectors.to(device))
             result.answers += texts
     finally:
         model.train(was_training)
