@@ -1,5 +1,9 @@
 """python -m clara.synthesize --corpus docs.jsonl --out data/ --llm SPEC: training data for all three stages from
-your own documents (see clara.synthesis and the README, "Training on your own documents")."""
+your own documents (see clara.synthesis and the README, "Training on your own documents").
+
+With a server (`--llm openai:`) nothing loads torch, so the command starts at once; a local model (`--llm hf:`)
+runs alone or under torchrun through clara.distributed.
+"""
 
 from __future__ import annotations
 
@@ -9,14 +13,11 @@ import hashlib
 import os
 import sys
 import time
+from typing import TYPE_CHECKING
 
-import torch
-
-from clara.distributed import resolve_dtype, run_command
-from clara.errors import ConfigError, RunFailure
-from clara.evaluate import positive_int
+from clara.corpus import corpus_hash, read_corpus
+from clara.errors import USER_ERRORS, ConfigError, RunFailure
 from clara.files import write_json_atomic
-from clara.index import corpus_hash, read_corpus
 from clara.synthesis.documents import Asking
 from clara.synthesis.llm import LLM, GenerationSettings, OpenAIChat, parse_llm_spec
 from clara.synthesis.pipeline import (
@@ -26,12 +27,23 @@ from clara.synthesis.pipeline import (
 from clara.synthesis.recipe import DEFAULT_PROMPTS, load_recipe
 from clara.synthesis.records import Layout, build_records, summarize, write_records
 
+if TYPE_CHECKING:
+    import torch
+
+
+def _int_at_least(text: str, least: int) -> int:
+    value = int(text) if text.strip().lstrip("-").isdigit() else least - 1
+    if value < least:
+        raise argparse.ArgumentTypeError(f"expected an integer >= {least}, got {text!r}")
+    return value
+
 
 def non_negative_int(text: str) -> int:
-    value = int(text) if text.strip().lstrip("-").isdigit() else -1
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
-    return value
+    return _int_at_least(text, 0)
+
+
+def positive_int(text: str) -> int:
+    return _int_at_least(text, 1)
 
 
 def positive_float(text: str) -> float:
@@ -97,25 +109,28 @@ def check_settings(args: argparse.Namespace, kind: str) -> None:
         raise ConfigError("candidates", args.candidates, "at least 2 (the positive and a distractor)")
 
 
-def run_settings(args: argparse.Namespace, ids: list[str], texts: list[str], prompts_text: str) -> dict:
-    """What the shards depend on: a rerun into the same folder must have the same."""
-    return {"corpus_sha256": corpus_hash(ids, texts), "documents": len(ids), "llm": args.llm, "model": args.model,
+def run_settings(args: argparse.Namespace, kind: str, target: str, ids: list[str], texts: list[str],
+                 prompts_text: str) -> dict:
+    """What the shards depend on: a rerun into the same folder must have the same (a server may move)."""
+    return {"corpus_sha256": corpus_hash(ids, texts), "documents": len(ids), "llm": kind,
+            "model": args.model if kind == "openai" else target,
             "prompts_sha256": hashlib.sha256(prompts_text.encode()).hexdigest(), "rounds": args.rounds,
             "judge": args.judge, "parse_retries": args.parse_retries, "max_tokens": args.max_tokens,
             "temperature": args.temperature, "seed": args.seed, "shard_size": args.shard_size}
 
 
-def make_llm(args: argparse.Namespace, kind: str, target: str, device: torch.device) -> LLM:
+def make_llm(args: argparse.Namespace, kind: str, target: str, device: torch.device | None) -> LLM:
     settings = GenerationSettings(args.max_tokens, args.temperature)
     if kind == "openai":
         return OpenAIChat(target, args.model, os.environ.get("OPENAI_API_KEY"), settings, args.concurrency,
                           args.timeout, args.max_retries, args.backoff)
-    from clara.synthesis.local import LocalChat  # loads transformers only for a local model
+    from clara.distributed import resolve_dtype
+    from clara.synthesis.local import LocalChat
 
     return LocalChat(target, settings, args.batch_size, device, resolve_dtype(args.model_dtype, device))
 
 
-def run(args: argparse.Namespace, rank: int, world: int, device: torch.device) -> dict | None:
+def run(args: argparse.Namespace, rank: int, world: int, device: torch.device | None) -> dict | None:
     say = print if rank == 0 else (lambda *a, **k: None)
     started = time.monotonic()
     kind, target = parse_llm_spec(args.llm)
@@ -123,7 +138,7 @@ def run(args: argparse.Namespace, rank: int, world: int, device: torch.device) -
     recipe = load_recipe(args.prompts)
     ids, texts = read_corpus(args.corpus)
     shards = plan_shards(len(ids), args.shard_size)
-    start_or_resume(args.out, run_settings(args, ids, texts, recipe.text), shards, rank)
+    start_or_resume(args.out, run_settings(args, kind, target, ids, texts, recipe.text), shards, rank)
     todo = pending_shards(args.out, len(shards), rank, world)
     done_before = len(shards) - len(pending_shards(args.out, len(shards)))
     say(f"Synthesizing {len(ids)} documents of {args.corpus} with {args.llm}"
@@ -161,10 +176,19 @@ def run(args: argparse.Namespace, rank: int, world: int, device: torch.device) -
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return run_command(lambda rank, world, device: run(args, rank, world, device))
+        kind, _ = parse_llm_spec(args.llm)
+        if kind == "hf":
+            from clara.distributed import run_command
+
+            return run_command(lambda rank, world, device: run(args, rank, world, device))
+        run(args, 0, 1, None)
+    except USER_ERRORS as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     except RunFailure as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
+    return 0
 
 
 if __name__ == "__main__":
