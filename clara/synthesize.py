@@ -168,8 +168,8 @@ def run(args: argparse.Namespace, rank: int, world: int, device: torch.device | 
         f"{summary['rejected'] or 'none'}); {summary['requests']['answered']} requests, "
         f"{summary['tokens']['prompt'] + summary['tokens']['completion']} tokens; this run: {worked} documents "
         f"in {seconds:.1f}s")
-    say("Wrote " + ", ".join(f"{name} ({count})" for name, count in written.items()) + f" and summary.json to "
-        f"{args.out}")
+    files = ", ".join(f"{name} ({count} records)" for name, count in written.items()) or "no training file"
+    say(f"Wrote {files} and summary.json to {args.out}")
     return summary
 
 
