@@ -7,6 +7,8 @@ token possible, so the loop's argmax takes it; greedy rows are not touched, so t
 generate gives without rows. `RowWatch`, a stopping criterion called after every token, follows each row's
 text: it ends a row at an end token, a stop string, its token limit or its cancellation, and passes the
 new text on to a streaming callback. A row that ends stops its own decoding only; the batch goes on.
+A row's state (its tokens, text and random generator) lives in its RowDecoding, so a server can decode
+a few tokens at a time and let new requests join the batch in between (clara.serving.engine).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ class Sampling:
     top_p: float = 1.0
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    min_tokens: int = 0  # the end tokens are not allowed before this many tokens (vLLM's min_tokens)
 
 
 @dataclass
@@ -42,6 +45,7 @@ class RowDecoding:
     text: str = ""  # the answer: stripped, cut before a stop string
     emitted: str = ""  # what on_text has been given (a prefix of the answer)
     finish_reason: str | None = None  # "stop" (end token or stop string), "length" or "cancelled"
+    generator: torch.Generator | None = None  # a sampling row's random state, kept between generate calls
 
 
 def cut_at_stop(text: str, stops: tuple[str, ...]) -> int | None:
@@ -51,32 +55,30 @@ def cut_at_stop(text: str, stops: tuple[str, ...]) -> int | None:
 
 
 class RowSampler(LogitsProcessor):
-    """Samples the next token of each row whose temperature is above 0 (top_p nucleus, seeded per row)."""
+    """Samples the next token of each row whose temperature is above 0 (top_p nucleus, seeded per row); keeps
+    the end tokens out of rows below their min_tokens."""
 
-    def __init__(self, rows: list[RowDecoding]):
-        self.rows = rows
-        self.generators: list[torch.Generator | None] | None = None
-
-    def _start(self, device: torch.device) -> None:
-        self.generators = []
-        for row in self.rows:
-            seed = row.sampling.seed if row.sampling.seed is not None else secrets.randbits(63)
-            sampled = row.sampling.temperature > 0
-            self.generators.append(torch.Generator(device=device).manual_seed(seed) if sampled else None)
+    def __init__(self, rows: list[RowDecoding], stop_ids: set[int]):
+        self.rows, self.stop_ids = rows, sorted(stop_ids)
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        if self.generators is None:
-            self._start(scores.device)
         scores = scores.clone()
-        for i, (row, generator) in enumerate(zip(self.rows, self.generators)):
-            if generator is None or row.finish_reason is not None:
+        for i, row in enumerate(self.rows):
+            if row.finish_reason is not None:
                 continue
+            if len(row.tokens) < row.sampling.min_tokens:
+                scores[i, self.stop_ids] = float("-inf")
+            if row.sampling.temperature <= 0:
+                continue
+            if row.generator is None:
+                seed = row.sampling.seed if row.sampling.seed is not None else secrets.randbits(63)
+                row.generator = torch.Generator(device=scores.device).manual_seed(seed)
             probs = torch.softmax(scores[i].float() / row.sampling.temperature, dim=-1)
             if row.sampling.top_p < 1.0:
                 ranked, order = probs.sort(descending=True)
                 keep = ranked.cumsum(0) - ranked < row.sampling.top_p  # the most likely token always stays
                 probs = torch.zeros_like(probs).scatter(0, order[keep], ranked[keep])
-            token = torch.multinomial(probs, 1, generator=generator)
+            token = torch.multinomial(probs, 1, generator=row.generator)
             scores[i] = float("-inf")
             scores[i, token] = 0.0
         return scores
@@ -126,11 +128,8 @@ def emit(row: RowDecoding, text: str) -> None:
         row.on_text(piece)
 
 
-def finish(row: RowDecoding, decoded: str) -> None:
-    """After generate: the row's answer is the batch's decoded text (what generate without rows returns),
-    cut before a stop string; what was not streamed yet is streamed."""
-    if row.finish_reason is None:
-        row.finish_reason = "length"
-    at = cut_at_stop(decoded, row.sampling.stop)
-    row.text = decoded if at is None else decoded[:at].rstrip()
-    emit(row, row.text)
+def finish(row: RowDecoding) -> None:
+    """After a generate call: stream what a finished row held back. A row left with finish_reason None
+    has tokens of its budget left; passing its tokens back after its prompt continues it."""
+    if row.finish_reason is not None:
+        emit(row, row.text)

@@ -293,8 +293,8 @@ class ClaraModel(nn.Module):
 
         vectors: memory vectors computed earlier ([slots * n, H], in slot order) to use instead of
         compressing the batch's documents. rows: one clara.decoding.RowDecoding per answer, decoded
-        with its own sampling, token limit (instead of max_new_tokens) and stop strings, streamed and
-        cancellable; greedy rows get the same answers as without rows.
+        with its own sampling, token limit and stop strings, streamed and cancellable, for at most
+        max_new_tokens more tokens in this call; greedy rows get the same answers as without rows.
         """
         # Greedy decoding must not depend on the mode the caller left the model in (LoRA dropout).
         with eval_mode(self):
@@ -311,18 +311,19 @@ class ClaraModel(nn.Module):
             added = list(self.tokens.mem_ids) + [self.tokens.ae_id, self.tokens.enc_id, self.tokens.sep_id]
             hooks = {}
             if rows is not None:
-                max_new_tokens = max(row.sampling.max_new_tokens for row in rows)
-                hooks = {"logits_processor": LogitsProcessorList([RowSampler(rows)]),
+                max_new_tokens = min(max_new_tokens, max(r.sampling.max_new_tokens - len(r.tokens) for r in rows))
+                hooks = {"logits_processor": LogitsProcessorList([RowSampler(rows, stop_ids)]),
                          "stopping_criteria": StoppingCriteriaList([RowWatch(rows, self.tokenizer, stop_ids)])}
             with self.adapter("decoder_adapter"):
                 out = self.causal_lm.generate(inputs_embeds=embeds, attention_mask=batch.dec_mask,
                                               max_new_tokens=max_new_tokens, do_sample=False,
                                               pad_token_id=self.tokens.pad_id, eos_token_id=sorted(stop_ids),
                                               suppress_tokens=added, **hooks)
-        texts = [t.strip() for t in self.tokenizer.batch_decode(out, skip_special_tokens=True)]
-        for row, text in zip(rows or [], texts):
-            finish(row, text)
-        return [row.text for row in rows] if rows is not None else texts, extras.chosen
+        if rows is None:
+            return [t.strip() for t in self.tokenizer.batch_decode(out, skip_special_tokens=True)], extras.chosen
+        for row in rows:
+            finish(row)
+        return [row.text for row in rows], extras.chosen
 
 
 def attach_adapters(base: nn.Module, names: list[str], settings: ModelSettings) -> PeftModel:

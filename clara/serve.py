@@ -41,6 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max_batch", type=positive_int, default=16, help="requests answered in one forward (default 16)")
     parser.add_argument("--max_wait_ms", type=float, default=10.0,
                         help="how long the first request of a batch waits for others (default 10)")
+    parser.add_argument("--window_tokens", type=positive_int, default=16,
+                        help="answer tokens decoded before requests that arrived meanwhile join the batch (default 16)")
     parser.add_argument("--max_body_bytes", type=positive_int, default=1 << 20, help="request body limit (default 1 MiB)")
     parser.add_argument("--dtype", default="auto",
                         help="auto (default): bf16 on a GPU that supports it, fp16 on older GPUs, fp32 on the CPU; bf16; fp16; fp32")
@@ -92,7 +94,8 @@ def build_app(args: argparse.Namespace, api_key: str | None):
         raise ConfigError("k", args.k, f"{top_k} (the checkpoint's generation_top_k) to "
                                        f"{min(args.max_k, len(index.ids))} (--max_k, documents in the index)")
     name = args.model_name or os.path.basename(os.path.normpath(args.checkpoint))
-    engine = Engine(clara, index, name, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms)
+    engine = Engine(clara, index, name, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
+                    window_tokens=args.window_tokens)
     limits = Limits(api_key=api_key, max_body_bytes=args.max_body_bytes, default_k=args.k, max_k=args.max_k,
                     default_max_tokens=args.max_tokens, max_tokens=args.max_tokens_limit)
     return create_app(engine, limits), name, len(index.ids), clara.device

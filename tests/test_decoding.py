@@ -54,6 +54,10 @@ def test_stop_strings_limits_and_streaming(model_and_batch):
     texts, _ = model.generate(batch, rows=rows)
     assert texts[long] == plain[long][:cut_at_stop(plain[long], (stop,))].rstrip()
     assert rows[long].finish_reason == "stop" and texts[long] != plain[long]
+    # min_tokens keeps the end token out: every answer runs to its limit.
+    rows = [RowDecoding(Sampling(NEW_TOKENS, min_tokens=NEW_TOKENS)) for _ in plain]
+    model.generate(batch, rows=rows)
+    assert all(len(row.tokens) == NEW_TOKENS and row.finish_reason == "length" for row in rows)
 
 
 def test_a_cancelled_row_stops_and_the_others_go_on(model_and_batch):

@@ -96,8 +96,9 @@ def health(server: str) -> dict:
 
 
 def ask(server: str, question: str, **fields):
+    fields = {"max_tokens": NEW_TOKENS, **fields}
     return client(server).chat.completions.create(model="ck", messages=[{"role": "user", "content": question}],
-                                                  max_tokens=NEW_TOKENS, **fields)
+                                                  **fields)
 
 
 # -- answers ------------------------------------------------------------------------------------------------
@@ -163,6 +164,29 @@ def test_32_concurrent_requests_are_answered_in_batches_as_one_at_a_time(server,
     assert answers == [alone] * 32
     assert after["requests"] - before["requests"] == 32
     assert after["batches"] - before["batches"] < 32 and after["largest_batch"] > 1, (before, after)
+
+
+@pytest.fixture(scope="module")
+def long_answer() -> dict:
+    """The tiny model soon writes its end token; min_tokens (the server's extension, as vLLM's) keeps it out."""
+    return {"extra_body": {"min_tokens": 300}}
+
+
+def test_a_long_answer_is_decoded_in_windows_and_does_not_hold_up_new_requests(server, reference, questions,
+                                                                                long_answer):
+    """A 40-token answer takes three windows of 16 tokens (the server's default) and equals the reference; a
+    short request sent while a long one decodes joins at the next window and is answered first."""
+    clara, index, _ = reference
+    expected, _ = clara.generate_from_questions(questions[6:7], index=index, max_new_tokens=40)
+    windowed = ask(server, questions[6], max_tokens=40).choices[0]
+    assert windowed.message.content == expected[0]
+    with ThreadPoolExecutor(2) as pool:
+        long = pool.submit(lambda: (ask(server, questions[4], max_tokens=1000, **long_answer), time.monotonic()))
+        time.sleep(1.0)
+        short = pool.submit(lambda: (ask(server, questions[0]), time.monotonic()))
+        (slow, slow_end), (short_answer, short_end) = long.result(), short.result()
+    assert slow.usage.completion_tokens >= 300
+    assert short_answer.choices[0].message.content and short_end < slow_end
 
 
 @torch.no_grad()
@@ -257,12 +281,14 @@ def test_the_server_still_answers_after_bad_requests_and_with_the_wrong_method(s
     assert health(server)["requests"] == before["requests"] + 1 and before["failed"] == 0
 
 
-def test_a_client_that_disconnects_mid_stream_frees_its_slot(server, questions):
+def test_a_client_that_disconnects_mid_stream_frees_its_slot(server, questions, long_answer):
     before = health(server)
-    body = chat_body(stream=True, max_tokens=1000, messages=[{"role": "user", "content": questions[4]}])
+    body = chat_body(stream=True, max_tokens=1000, messages=[{"role": "user", "content": questions[4]}],
+                     **long_answer["extra_body"])
     with httpx.stream("POST", f"{server}/v1/chat/completions", json=body, headers=auth(), timeout=60) as response:
-        lines = response.iter_lines()
-        assert next(lines).startswith("data: ")  # the first chunk: the role and the documents
+        events = (line for line in response.iter_lines() if line.startswith("data: "))
+        assert '"clara"' in next(events)  # the first chunk: the role and the documents
+        assert all('"content"' in next(events) for _ in range(3))  # then the answer, token by token
     deadline = time.monotonic() + 60
     while health(server)["cancelled"] == before["cancelled"] and time.monotonic() < deadline:
         time.sleep(0.2)

@@ -25,7 +25,7 @@ from importlib import resources
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException
 
 from clara.decoding import RowDecoding, Sampling
@@ -51,7 +51,10 @@ class Limits:
 
 
 class ServeChatRequest(ChatCompletionRequest):
+    """The OpenAI request plus this server's own fields (clients send them in `extra_body`)."""
+
     k: int | None = None  # how many documents to retrieve and return (the generator reads generation_top_k)
+    min_tokens: int = Field(0, ge=0)  # no end token before this many answer tokens (as vLLM)
 
 
 class RetrieveRequest(BaseModel):
@@ -131,7 +134,7 @@ def sampling(request: ServeChatRequest, limits: Limits) -> Sampling:
     if len(stops) > 4 or not all(stops):
         raise OpenAIError(400, "stop: expected up to 4 non-empty strings", param="stop", code="invalid_value")
     return Sampling(tokens, request.temperature or 0.0, 1.0 if request.top_p is None else request.top_p,
-                    request.seed, tuple(stops))
+                    request.seed, tuple(stops), min(request.min_tokens, tokens))
 
 
 async def next_event(job: Job, kind: str):

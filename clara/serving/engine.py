@@ -3,6 +3,9 @@
 Requests that arrive together (up to `max_batch`, waiting at most `max_wait_ms` after the first) share
 one query-reasoner forward, one search and one generate call; each answer is decoded its own way
 (clara.decoding) and ends on its own, so its response completes while longer ones in the batch go on.
+Answers are decoded `window_tokens` at a time: between windows, requests that arrived meanwhile join the
+batch (each continuing answer is fed back after its prompt), so a long answer never holds new ones up
+for more than one window.
 Only this thread touches the model and its tokenizer: adapter switching and the fast tokenizer are not
 safe to share between threads. It talks to the web side through each job's asyncio queue.
 """
@@ -17,7 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from clara.collate import encode_supervised
+from clara.collate import encode_supervised, pad_left
 from clara.decoding import RowDecoding
 from clara.index import CorpusIndex, encode_questions, generator_inputs
 from clara.inference import CLaRa
@@ -37,6 +40,8 @@ class Job:
     row: RowDecoding | None
     loop: asyncio.AbstractEventLoop
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
+    found: list[int] = field(default_factory=list)  # index rows of the documents the generator reads
+    prompt_tokens: int = 0
 
     def send(self, kind: str, value) -> None:
         self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, value))
@@ -61,9 +66,9 @@ class Counters:
 
 class Engine:
     def __init__(self, clara: CLaRa, index: CorpusIndex, model_name: str, max_batch: int = 16,
-                 max_wait_ms: float = 10.0, max_len: int | None = None, seed: int = 42):
+                 max_wait_ms: float = 10.0, window_tokens: int = 16, max_len: int | None = None, seed: int = 42):
         self.clara, self.index, self.model_name = clara, index, model_name
-        self.max_batch, self.max_wait = max_batch, max_wait_ms / 1000
+        self.max_batch, self.max_wait, self.window_tokens = max_batch, max_wait_ms / 1000, window_tokens
         # The prompt length and prompt choice of CLaRa.generate_from_questions(index=...), so answers agree.
         self.max_len, self.seed = max_len or clara.max_len or ANSWERING.max_len, seed
         self.counters = Counters()
@@ -93,42 +98,54 @@ class Engine:
 
     # -- the engine thread --------------------------------------------------------------------------------
     def _run(self) -> None:
-        while (first := self._queue.get()) is not None:
-            jobs = [first]
-            deadline = time.monotonic() + self.max_wait
-            while len(jobs) < self.max_batch:
-                try:
-                    job = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
-                except queue.Empty:
-                    break
-                if job is None:
-                    self._queue.put(None)  # stop after this batch
-                    break
-                jobs.append(job)
+        active: list[Job] = []
+        while (new := self._collect(wait=not active, room=self.max_batch - len(active))) is not None:
             started = time.perf_counter()
-            self._answer_isolated(jobs)
+            active = self._step_isolated(active, new)
             self.counters.busy_seconds += time.perf_counter() - started
 
-    def _answer_isolated(self, jobs: list[Job]) -> None:
-        """Answer the batch; if it fails, answer each job that has not streamed anything alone, so that one
-        failing request fails alone."""
-        try:
-            self._answer(jobs)
-            return
-        except Exception as error:  # noqa: BLE001 - reported to the clients, and the engine goes on
-            if len(jobs) == 1:
-                self._fail(jobs[0], error)
-                return
-        for job in jobs:
-            if job.row is not None and job.row.emitted:
-                self._fail(job, RuntimeError("the batch failed after this answer had started"))
-                continue
-            if job.row is not None:
-                job.row = RowDecoding(job.row.sampling, job.row.on_text, job.row.cancelled)
+    def _collect(self, wait: bool, room: int) -> list[Job] | None:
+        """New jobs, at most `room`. With nothing decoding: wait for the first, then up to max_wait for more
+        (None: stop). While answers are decoding: what is queued now, so they never wait for new ones."""
+        jobs: list[Job] = []
+        if wait:
+            if (first := self._queue.get()) is None:
+                return None
+            jobs.append(first)
+        deadline = time.monotonic() + (self.max_wait if wait else 0.0)
+        while len(jobs) < room:
             try:
-                self._answer([job])
+                job = self._queue.get(timeout=max(0.0, deadline - time.monotonic())) if wait else \
+                    self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if job is None:
+                self._queue.put(None)  # stop once the answers being decoded are finished
+                break
+            jobs.append(job)
+        return jobs
+
+    def _step_isolated(self, active: list[Job], new: list[Job]) -> list[Job]:
+        """One step; if it fails, each of its jobs that has not streamed anything yet is answered alone, so
+        that a failing request (or a batch too large for the device) fails alone."""
+        try:
+            return self._step(active, new)
+        except Exception as error:  # noqa: BLE001 - reported to the clients, and the engine goes on
+            if len(active) + len(new) == 1:
+                self._fail((active + new)[0], error)
+                return []
+        for job in active + new:
+            try:
+                if job.row is not None and job.row.emitted:
+                    raise RuntimeError("the batch failed after this answer had started")
+                if job.row is not None:
+                    job.row = RowDecoding(job.row.sampling, job.row.on_text, job.row.cancelled)
+                left = self._step([], [job])
+                while left:
+                    left = self._step(left, [])
             except Exception as error:  # noqa: BLE001
                 self._fail(job, error)
+        return []
 
     def _fail(self, job: Job, error: Exception) -> None:
         self.counters.failed += 1
@@ -136,35 +153,57 @@ class Engine:
                                       "server_error"))
 
     @torch.no_grad()
-    def _answer(self, jobs: list[Job]) -> None:
-        jobs = [job for job in jobs if self._admit(job)]
-        if not jobs:
-            return
-        self.counters.batches += 1
-        self.counters.largest_batch = max(self.counters.largest_batch, len(jobs))
-        model, device = self.clara.model, self.clara.device
+    def _step(self, active: list[Job], new: list[Job]) -> list[Job]:
+        """Retrieve for the new jobs, then decode every answer (new and continuing) for up to window_tokens
+        tokens in one batch; returns the answers still decoding."""
+        new = [job for job in new if self._admit(job)]
+        if new:
+            self._retrieve(new)
+        decoding = active + [job for job in new if job.row is not None]
+        if new or decoding:
+            self.counters.batches += 1
+            self.counters.largest_batch = max(self.counters.largest_batch, len(decoding) or len(new))
+        if decoding:
+            self._decode(decoding)
+        for job in new + active:
+            if job.row is None or job.row.finish_reason is not None:
+                self._done(job)
+        return [job for job in decoding if job.row.finish_reason is None]
+
+    def _retrieve(self, jobs: list[Job]) -> None:
+        model = self.clara.model
         questions = [job.question for job in jobs]
-        scores, rows = self.index.search(encode_questions(model, questions, device), max(job.k for job in jobs))
+        scores, rows = self.index.search(encode_questions(model, questions, self.clara.device),
+                                         max(job.k for job in jobs))
         for job, found, score in zip(jobs, rows.tolist(), scores.tolist()):
+            job.found = found[:self.top_k]
             job.send("retrieved", [{"id": self.index.ids[r], "score": s, "text": self.index.texts[r]}
                                    for r, s in list(zip(found, score))[:job.k]])
-        answering = [i for i, job in enumerate(jobs) if job.row is not None]
-        if answering:
-            batch, vectors = generator_inputs(model, self.index, [questions[i] for i in answering],
-                                              [rows[i, :self.top_k].tolist() for i in answering],
-                                              self.max_len, self.seed)
-            model.generate(batch.to(device), vectors=vectors.to(device), rows=[jobs[i].row for i in answering])
-            prompt_tokens = batch.dec_mask.sum(1).tolist()
-        for number, job in enumerate(jobs):
-            self.counters.requests += 1
-            if job.row is None:
-                job.send("done", {})
-                continue
-            if job.row.finish_reason == "cancelled":
-                self.counters.cancelled += 1
-            job.send("done", {"finish_reason": job.row.finish_reason, "text": job.row.text,
-                              "prompt_tokens": prompt_tokens[answering.index(number)],
-                              "completion_tokens": len(job.row.tokens)})
+
+    def _decode(self, jobs: list[Job]) -> None:
+        """The prompts, each followed by its answer's tokens so far, and window_tokens more of every answer."""
+        model = self.clara.model
+        batch, vectors = generator_inputs(model, self.index, [job.question for job in jobs],
+                                          [job.found for job in jobs], self.max_len, self.seed)
+        for job, mask in zip(jobs, batch.dec_mask):
+            job.prompt_tokens = job.prompt_tokens or int(mask.sum())
+        if any(job.row.tokens for job in jobs):
+            prompts = [ids[mask.bool()].tolist() for ids, mask in zip(batch.dec_ids, batch.dec_mask)]
+            rows = [prompt + job.row.tokens for prompt, job in zip(prompts, jobs)]
+            batch.dec_ids = pad_left(rows, model.tokens.pad_id)
+            batch.dec_mask = pad_left([[1] * len(row) for row in rows], 0)
+        model.generate(batch.to(self.clara.device), max_new_tokens=self.window_tokens,
+                       vectors=vectors.to(self.clara.device), rows=[job.row for job in jobs])
+
+    def _done(self, job: Job) -> None:
+        self.counters.requests += 1
+        if job.row is None:
+            job.send("done", {})
+            return
+        if job.row.finish_reason == "cancelled":
+            self.counters.cancelled += 1
+        job.send("done", {"finish_reason": job.row.finish_reason, "text": job.row.text,
+                          "prompt_tokens": job.prompt_tokens, "completion_tokens": len(job.row.tokens)})
 
     def _admit(self, job: Job) -> bool:
         """False for a job cancelled while queued, or whose question the model cannot read whole (400)."""
