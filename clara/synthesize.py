@@ -140,7 +140,8 @@ def run(args: argparse.Namespace, rank: int, world: int, device: torch.device | 
     shards = plan_shards(len(ids), args.shard_size)
     start_or_resume(args.out, run_settings(args, kind, target, ids, texts, recipe.text), shards, rank)
     todo = pending_shards(args.out, len(shards), rank, world)
-    done_before = len(shards) - len(pending_shards(args.out, len(shards)))
+    todo_everywhere = pending_shards(args.out, len(shards))
+    done_before = len(shards) - len(todo_everywhere)
     say(f"Synthesizing {len(ids)} documents of {args.corpus} with {args.llm}"
         f"{f' ({args.model})' if args.model else ''} into {args.out}: {len(shards)} shard(s), {done_before} done "
         f"before | {world} process(es)", flush=True)
@@ -157,7 +158,7 @@ def run(args: argparse.Namespace, rank: int, world: int, device: torch.device | 
     written = write_records(args.out, files)
     summary = summarize(results, duplicates, written)
     seconds = time.monotonic() - started
-    worked = sum(shards[i][1] - shards[i][0] for i in todo)
+    worked = sum(shards[i][1] - shards[i][0] for i in todo_everywhere)
     summary["this_run"] = {"documents": worked, "seconds": round(seconds, 2),
                            "documents_per_second": round(worked / seconds, 3)}
     write_json_atomic(os.path.join(args.out, "summary.json"), summary)

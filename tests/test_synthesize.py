@@ -58,6 +58,15 @@ def assert_every_file_loads(out: Path, stage2_docs: int) -> dict[str, int]:
     return counts
 
 
+def test_with_a_server_nothing_loads_torch():
+    script = ("import sys\nfrom clara.synthesize import build_parser\nbuild_parser().format_help()\n"
+              "print(sorted(m for m in ('torch', 'transformers', 'datasets') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
+
+
 def test_answers_are_parsed_strictly_and_filtered():
     assert parse_answer("paraphrase", '{"paraphrase": "x"}').paraphrase == "x"
     assert parse_answer("paraphrase", '```json\n{"paraphrase": "x"}\n```').paraphrase == "x"

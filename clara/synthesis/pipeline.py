@@ -54,8 +54,8 @@ def start_or_resume(out: str, settings: dict, shards: list[tuple[int, int]], ran
         if changed:
             said = ", ".join(f"{k}: {before.get(k)!r} -> {settings.get(k)!r}" for k in changed)
             raise ConfigError("out", out, f"a new folder, or the settings of the run it holds ({said})")
-    elif rank == 0:
-        os.makedirs(os.path.join(out, SHARD_DIR), exist_ok=True)
+    os.makedirs(os.path.join(out, SHARD_DIR), exist_ok=True)
+    if manifest is None and rank == 0:
         write_json_atomic(os.path.join(out, MANIFEST), {
             "settings": settings,
             "shards": [{"file": os.path.relpath(shard_path(out, i), out), "documents": [start, stop]}
