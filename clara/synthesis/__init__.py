@@ -3,7 +3,7 @@ CLaRa paper's synthesis: an LLM writes simple and complex QA pairs and a paraphr
 coverage rounds ask for pairs on the facts still uncovered.
 
     recipe      the tasks, their prompts (default_prompts.json, editable), answer schemas and filters
-    llm         one interface to an OpenAI-compatible server (httpx, with retries) ...
+    llm         one interface to an OpenAI-compatible server (aiohttp, with retries) ...
     local       ... and to a local Hugging Face model generating in batches
     documents   one document through the recipe
     pipeline    a corpus in resumable shards, with a manifest and a progress bar

@@ -8,6 +8,7 @@ wrong type makes the output malformed, and it is asked for again.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from dataclasses import dataclass
@@ -76,6 +77,7 @@ class Recipe:
         return [{"role": "system", "content": self.tasks[task]["system"]}, {"role": "user", "content": user}]
 
 
+@functools.cache
 def response_format(task: str) -> dict:
     """The OpenAI `response_format` asking for this task's JSON (enforced by vLLM and SGLang)."""
     return {"type": "json_schema",
