@@ -142,7 +142,8 @@ async def next_event(job: Job, kind: str):
     got, value = await job.events.get()
     if got == "error":
         raise value
-    assert got == kind, (got, kind)
+    if got != kind:
+        raise OpenAIError(500, f"the engine sent {got!r} where {kind!r} was due", "server_error")
     return value
 
 
@@ -156,97 +157,110 @@ def create_app(engine: Engine, limits: Limits) -> FastAPI:
         await asyncio.to_thread(engine.stop)
 
     app = FastAPI(title="CLaRa", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.engine, app.state.limits = engine, limits
+    app.state.page = resources.files("clara.serving").joinpath("page.html").read_text(encoding="utf-8")
     if limits.api_key:
         app.add_middleware(RequireKey, api_key=limits.api_key)
-    page = resources.files("clara.serving").joinpath("page.html").read_text(encoding="utf-8")
-    documents_in_index = len(engine.index.ids)
-
-    @app.exception_handler(OpenAIError)
-    async def openai_error(request: Request, error: OpenAIError) -> JSONResponse:
-        return JSONResponse(error.body(), status_code=error.status)
-
-    @app.exception_handler(HTTPException)
-    async def http_error(request: Request, error: HTTPException) -> JSONResponse:
-        return JSONResponse(error_body(f"{request.method} {request.url.path}: {error.detail}",
-                                       error_type_for(error.status_code)), status_code=error.status_code)
-
-    @app.exception_handler(RequestValidationError)
-    async def validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
-        return JSONResponse(error_body(str(error.errors()[0].get("msg"))), status_code=400)
-
-    def check_model(name: str | None) -> None:
-        if name is not None and name != engine.model_name:
-            raise OpenAIError(404, f"model {name!r} is not served here; this server serves {engine.model_name!r}",
-                              param="model", code="model_not_found")
-
-    def check_k(k: int | None, smallest: int) -> int:
-        k = k if k is not None else (limits.default_k or engine.top_k)
-        largest = min(limits.max_k, documents_in_index)
-        if not smallest <= k <= largest:
-            raise OpenAIError(400, f"k={k}: expected {smallest} to {largest} (the generator reads "
-                                   f"{engine.top_k} documents; the index holds {documents_in_index})",
-                              param="k", code="invalid_value")
-        return k
-
-    @app.get("/", response_class=HTMLResponse)
-    async def home() -> HTMLResponse:
-        return HTMLResponse(page)
-
-    @app.get("/health")
-    async def health() -> dict:
-        return {"status": "ok", "model": engine.model_name, "documents": documents_in_index,
-                "generation_top_k": engine.top_k, "max_batch": engine.max_batch,
-                "max_wait_ms": engine.max_wait * 1000, "queued": engine.queued(), **asdict(engine.counters)}
-
-    @app.get("/v1/models")
-    async def models() -> dict:
-        return {"object": "list", "data": [{"id": engine.model_name, "object": "model", "created": 0,
-                                            "owned_by": "clara"}]}
-
-    @app.post("/v1/retrieve")
-    async def retrieve(request: Request) -> dict:
-        body = parse(RetrieveRequest, await read_json(request, limits.max_body_bytes))
-        check_model(body.model)
-        if not body.question.strip():
-            raise OpenAIError(400, "question: expected a non-empty string", param="question", code="invalid_value")
-        k = check_k(body.k, 1)
-        job = engine.submit(Job(body.question.strip(), k, None, asyncio.get_running_loop()))
-        documents = await next_event(job, "retrieved")
-        return {"object": "list", "model": engine.model_name, "data": documents}
-
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request):
-        body = parse(ServeChatRequest, await read_json(request, limits.max_body_bytes))
-        check_model(body.model)
-        question, k = last_question(body.messages), check_k(body.k, engine.top_k)
-        job = Job(question, k, RowDecoding(sampling(body, limits)), asyncio.get_running_loop())
-        job.row.on_text = lambda piece: job.send("text", piece)
-        engine.submit(job)
-        try:
-            documents = await next_event(job, "retrieved")
-        except BaseException:
-            job.cancel()
-            raise
-        head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": engine.model_name}
-        clara = {"k": k, "generator_read": engine.top_k,
-                 "documents": [{**d, "text": d["text"][:SNIPPET_CHARS]} for d in documents]}
-        include_usage = bool((body.stream_options or {}).get("include_usage"))
-        if body.stream:
-            return StreamingResponse(stream(job, head, clara, include_usage), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        try:
-            while (event := await job.events.get())[0] == "text":
-                pass
-        finally:
-            job.cancel()
-        if event[0] == "error":
-            raise event[1]
-        done = event[1]
-        message = ChatMessage(role="assistant", content=done["text"])
-        return ClaraChatCompletion(**head, choices=[Choice(message=message, finish_reason=finish_reason(done))],
-                                   usage=usage(done), clara=clara).model_dump(exclude_none=True)
-
+    app.add_exception_handler(OpenAIError, openai_error)
+    app.add_exception_handler(HTTPException, http_error)
+    app.add_exception_handler(RequestValidationError, validation_error)
+    app.add_api_route("/", home, methods=["GET"], response_class=HTMLResponse)
+    app.add_api_route("/health", health, methods=["GET"])
+    app.add_api_route("/v1/models", models, methods=["GET"])
+    app.add_api_route("/v1/retrieve", retrieve, methods=["POST"])
+    app.add_api_route("/v1/chat/completions", chat_completions, methods=["POST"])
     return app
+
+
+# -- errors --------------------------------------------------------------------------------------------------
+async def openai_error(request: Request, error: OpenAIError) -> JSONResponse:
+    return JSONResponse(error.body(), status_code=error.status)
+
+
+async def http_error(request: Request, error: HTTPException) -> JSONResponse:
+    """Unknown paths (404) and methods (405), in the OpenAI error shape."""
+    return JSONResponse(error_body(f"{request.method} {request.url.path}: {error.detail}",
+                                   error_type_for(error.status_code)), status_code=error.status_code)
+
+
+async def validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
+    return JSONResponse(error_body(str(error.errors()[0].get("msg"))), status_code=400)
+
+
+def check_model(engine: Engine, name: str | None) -> None:
+    if name is not None and name != engine.model_name:
+        raise OpenAIError(404, f"model {name!r} is not served here; this server serves {engine.model_name!r}",
+                          param="model", code="model_not_found")
+
+
+def check_k(engine: Engine, limits: Limits, k: int | None, smallest: int) -> int:
+    k = k if k is not None else (limits.default_k or engine.top_k)
+    documents = len(engine.index.ids)
+    largest = min(limits.max_k, documents)
+    if not smallest <= k <= largest:
+        raise OpenAIError(400, f"k={k}: expected {smallest} to {largest} (the generator reads {engine.top_k} "
+                               f"documents; the index holds {documents})", param="k", code="invalid_value")
+    return k
+
+
+# -- routes --------------------------------------------------------------------------------------------------
+async def home(request: Request) -> HTMLResponse:
+    return HTMLResponse(request.app.state.page)
+
+
+async def health(request: Request) -> dict:
+    engine = request.app.state.engine
+    return {"status": "ok", "model": engine.model_name, "documents": len(engine.index.ids),
+            "generation_top_k": engine.top_k, "max_batch": engine.max_batch, "max_wait_ms": engine.max_wait * 1000,
+            "window_tokens": engine.window_tokens, "queued": engine.queued(), **asdict(engine.counters)}
+
+
+async def models(request: Request) -> dict:
+    name = request.app.state.engine.model_name
+    return {"object": "list", "data": [{"id": name, "object": "model", "created": 0, "owned_by": "clara"}]}
+
+
+async def retrieve(request: Request) -> dict:
+    engine, limits = request.app.state.engine, request.app.state.limits
+    body = parse(RetrieveRequest, await read_json(request, limits.max_body_bytes))
+    check_model(engine, body.model)
+    if not body.question.strip():
+        raise OpenAIError(400, "question: expected a non-empty string", param="question", code="invalid_value")
+    k = check_k(engine, limits, body.k, 1)
+    job = engine.submit(Job(body.question.strip(), k, None, asyncio.get_running_loop()))
+    return {"object": "list", "model": engine.model_name, "data": await next_event(job, "retrieved")}
+
+
+async def chat_completions(request: Request):
+    engine, limits = request.app.state.engine, request.app.state.limits
+    body = parse(ServeChatRequest, await read_json(request, limits.max_body_bytes))
+    check_model(engine, body.model)
+    question, k = last_question(body.messages), check_k(engine, limits, body.k, engine.top_k)
+    job = Job(question, k, RowDecoding(sampling(body, limits)), asyncio.get_running_loop())
+    job.row.on_text = lambda piece: job.send("text", piece)
+    engine.submit(job)
+    try:
+        documents = await next_event(job, "retrieved")
+    except BaseException:
+        job.cancel()
+        raise
+    head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": engine.model_name}
+    clara = {"k": k, "generator_read": engine.top_k,
+             "documents": [{**d, "text": d["text"][:SNIPPET_CHARS]} for d in documents]}
+    if body.stream:
+        include_usage = bool((body.stream_options or {}).get("include_usage"))
+        return StreamingResponse(stream(job, head, clara, include_usage), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    try:
+        while (event := await job.events.get())[0] == "text":
+            pass
+    finally:
+        job.cancel()
+    if event[0] == "error":
+        raise event[1]
+    message = ChatMessage(role="assistant", content=event[1]["text"])
+    return ClaraChatCompletion(**head, choices=[Choice(message=message, finish_reason=finish_reason(event[1]))],
+                               usage=usage(event[1]), clara=clara).model_dump(exclude_none=True)
 
 
 def finish_reason(done: dict) -> str:
