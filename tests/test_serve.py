@@ -7,6 +7,7 @@ checkpoint: plumbing and agreement, not quality) over a 40-document index, with 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import shutil
@@ -25,7 +26,7 @@ from clara.decoding import RowDecoding, Sampling
 from clara.index import build_index, encode_questions, generator_inputs, load_index
 from clara.inference import CLaRa
 from clara.launch import free_port
-from clara.serving.engine import ANSWERING
+from clara.serving.engine import ANSWERING, Engine, Job
 from test_index import EXAMPLE, ROLES, TOP_K, noisy_checkpoint, read_jsonl, run_module, subprocess_env
 
 pytestmark = pytest.mark.slow
@@ -219,6 +220,44 @@ def test_a_mixed_batch_differs_from_one_at_a_time_only_at_near_ties(reference, q
         allowed[list(model.tokens.mem_ids) + [model.tokens.ae_id, model.tokens.enc_id, model.tokens.sep_id]] = -1e9
         top = allowed.topk(2).values
         assert float(top[0] - top[1]) < 1e-4, (question, at)
+
+
+def test_a_failing_request_fails_alone(reference, questions, monkeypatch):
+    """The engine in this process, its decoding made to fail whenever one question is in the batch: that
+    request gets a 500, the others of its batch their normal answers."""
+    clara, index_path, _ = reference
+    engine = Engine(clara, load_index(index_path), "ck", max_batch=8, max_wait_ms=200)
+    decode = engine._decode
+
+    def failing(jobs):
+        if any(job.question == "FAIL" for job in jobs):
+            raise RuntimeError("injected")
+        decode(jobs)
+
+    monkeypatch.setattr(engine, "_decode", failing)
+
+    async def ask_all() -> list[tuple]:
+        loop = asyncio.get_running_loop()
+        jobs = [engine.submit(Job(q, TOP_K, RowDecoding(Sampling(NEW_TOKENS)), loop))
+                for q in [questions[0], "FAIL", questions[1]]]
+        finals = []
+        for job in jobs:
+            while (event := await job.events.get())[0] in ("retrieved", "text"):
+                pass
+            finals.append(event)
+        return finals
+
+    engine.start()
+    try:
+        finals = asyncio.run(ask_all())
+    finally:
+        engine.stop()
+    expected, _ = clara.generate_from_questions([questions[0], questions[1]], index=index_path,
+                                                max_new_tokens=NEW_TOKENS)
+    assert [kind for kind, _ in finals] == ["done", "error", "done"]
+    assert [finals[0][1]["text"], finals[2][1]["text"]] == expected
+    assert finals[1][1].status == 500 and "injected" in finals[1][1].message
+    assert engine.counters.failed == 1 and engine.counters.largest_batch == 3
 
 
 # -- bad requests ---------------------------------------------------------------------------------------------
