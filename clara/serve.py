@@ -22,7 +22,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m clara.serve",
                                      description="Serve a trained CLaRa model over the OpenAI chat API, answering "
                                                  "from a corpus index built by python -m clara.index.")
-    parser.add_argument("--checkpoint", required=True, help="stage2 checkpoint (or stage1_2: its compressor as reasoner)")
+    parser.add_argument("--checkpoint", required=True,
+                        help="stage2 checkpoint (or stage1_2: its compressor as reasoner)")
     parser.add_argument("--index", required=True, help="index folder of python -m clara.index")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=8000, help="port (default 8000)")
@@ -30,7 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="key every request must carry (Authorization: Bearer KEY); default $CLARA_API_KEY")
     parser.add_argument("--allow_remote_without_key", action="store_true",
                         help="listen on a non-loopback --host without an API key (for a trusted network only)")
-    parser.add_argument("--model_name", default=None, help="the model name clients use (default: the checkpoint's folder name)")
+    parser.add_argument("--model_name", default=None,
+                        help="the model name clients use (default: the checkpoint's folder name)")
     parser.add_argument("--k", type=positive_int, default=None,
                         help="documents retrieved per question when a request names none (default: generation_top_k)")
     parser.add_argument("--max_k", type=positive_int, default=64, help="largest k a request may ask (default 64)")
@@ -38,14 +40,17 @@ def build_parser() -> argparse.ArgumentParser:
                         help="answer tokens when a request names none (default 64)")
     parser.add_argument("--max_tokens_limit", type=positive_int, default=1024,
                         help="largest max_tokens a request may ask (default 1024)")
-    parser.add_argument("--max_batch", type=positive_int, default=16, help="requests answered in one forward (default 16)")
+    parser.add_argument("--max_batch", type=positive_int, default=16,
+                        help="requests answered in one forward (default 16)")
     parser.add_argument("--max_wait_ms", type=float, default=10.0,
                         help="how long the first request of a batch waits for others (default 10)")
     parser.add_argument("--window_tokens", type=positive_int, default=16,
                         help="answer tokens decoded before requests that arrived meanwhile join the batch (default 16)")
-    parser.add_argument("--max_body_bytes", type=positive_int, default=1 << 20, help="request body limit (default 1 MiB)")
+    parser.add_argument("--max_body_bytes", type=positive_int, default=1 << 20,
+                        help="request body limit (default 1 MiB)")
     parser.add_argument("--dtype", default="auto",
-                        help="auto (default): bf16 on a GPU that supports it, fp16 on older GPUs, fp32 on the CPU; bf16; fp16; fp32")
+                        help="auto (default): bf16 on a GPU that supports it, fp16 on older GPUs, fp32 on the CPU; "
+                             "bf16; fp16; fp32")
     parser.add_argument("--flash_attn", default="auto", choices=("auto", "true", "false"),
                         help="auto (default): FlashAttention-2 when installed and on CUDA, else SDPA")
     parser.add_argument("--model_path", default=None, help="base model to use instead of the one the checkpoint names")

@@ -295,7 +295,8 @@ BAD_REQUESTS = [
 ]
 
 
-@pytest.mark.parametrize("what, path, body, headers, status, code, param", BAD_REQUESTS, ids=[b[0] for b in BAD_REQUESTS])
+@pytest.mark.parametrize("what, path, body, headers, status, code, param", BAD_REQUESTS,
+                         ids=[b[0] for b in BAD_REQUESTS])
 def test_a_bad_request_gets_its_status_and_an_openai_error(server, what, path, body, headers, status, code, param):
     content = body if isinstance(body, bytes) else json.dumps(body).encode()
     response = httpx.post(f"{server}{path}", content=content, headers={**headers, "Content-Type": "application/json"})
