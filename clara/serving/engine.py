@@ -56,7 +56,7 @@ class Counters:
     """What /health reports: requests answered, the batches they were answered in, and the failures."""
 
     requests: int = 0
-    batches: int = 0
+    batches: int = 0  # engine steps: one retrieval for the new requests and one window of decoding for all
     largest_batch: int = 0
     cancelled: int = 0
     rejected: int = 0  # questions too long for the model (400)
