@@ -152,25 +152,29 @@ def run(args: argparse.Namespace, rank: int, world: int, device: torch.device | 
     if rank != 0:
         return None
     wait_for_shards(args.out, len(shards), say)
-    results = read_shards(args.out, len(shards))
-    files, duplicates = build_records(ids, texts, results, Layout(args.eval_fraction, args.stage1_2_docs,
-                                                                  args.candidates, args.seed))
-    written = write_records(args.out, files)
-    summary = summarize(results, duplicates, written)
-    seconds = time.monotonic() - started
     worked = sum(shards[i][1] - shards[i][0] for i in todo_everywhere)
+    return write_outputs(args, ids, texts, len(shards), worked, time.monotonic() - started, say)
+
+
+def write_outputs(args: argparse.Namespace, ids: list[str], texts: list[str], shards: int, worked: int,
+                  seconds: float, say) -> dict:
+    """Rank 0, every shard done: the stages' files, summary.json and the manifest's list of outputs."""
+    results = read_shards(args.out, shards)
+    records, duplicates = build_records(ids, texts, results, Layout(args.eval_fraction, args.stage1_2_docs,
+                                                                    args.candidates, args.seed))
+    written = write_records(args.out, records)
+    summary = summarize(results, duplicates, written)
     summary["this_run"] = {"documents": worked, "seconds": round(seconds, 2),
                            "documents_per_second": round(worked / seconds, 3)}
     write_json_atomic(os.path.join(args.out, "summary.json"), summary)
-    manifest = read_manifest(args.out)
-    write_json_atomic(os.path.join(args.out, MANIFEST), {**manifest, "outputs": written})
+    write_json_atomic(os.path.join(args.out, MANIFEST), {**read_manifest(args.out), "outputs": written})
     say(f"{summary['documents_with_pairs']} of {summary['documents']} documents gave {summary['pairs']} pairs "
         f"(rejected documents: {summary['documents_rejected'] or 'none'}; rejected outputs: "
         f"{summary['rejected'] or 'none'}); {summary['requests']['answered']} requests, "
         f"{summary['tokens']['prompt'] + summary['tokens']['completion']} tokens; this run: {worked} documents "
         f"in {seconds:.1f}s")
-    files = ", ".join(f"{name} ({count} records)" for name, count in written.items()) or "no training file"
-    say(f"Wrote {files} and summary.json to {args.out}")
+    listed = ", ".join(f"{name} ({count} records)" for name, count in written.items()) or "no training file"
+    say(f"Wrote {listed} and summary.json to {args.out}")
     return summary
 
 
@@ -189,6 +193,10 @@ def main(argv: list[str] | None = None) -> int:
     except RunFailure as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print(f"Stopped; the finished shards are kept in {args.out}: run the same command to continue",
+              file=sys.stderr)
+        return 130
     return 0
 
 

@@ -50,8 +50,8 @@ def templated_answer(task: str, document: str, user: str) -> dict:
         if last["question"] in user:
             return {"uncovered_facts": [], "pairs": []}
         return {"uncovered_facts": [f"Its {facts[-1][0]} is {facts[-1][1]}."], "pairs": [last]}
-    if task == "judge":
-        return {"supported": [True] * user.count(" Q: ")}
+    if task == "judge":  # the complex pairs are judged unsupported
+        return {"supported": [" and the " not in q for q in re.findall(r"^\d+\. Q: (.*) A: ", user, re.MULTILINE)]}
     raise ValueError(task)
 
 

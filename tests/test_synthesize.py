@@ -204,6 +204,22 @@ def test_a_rejected_key_stops_the_run_with_one_line(tmp_path):
     assert last.startswith("error: --llm=") and "OPENAI_API_KEY" in last and "401" in last
 
 
+def test_the_llm_as_judge_drops_the_pairs_it_rejects(tmp_path):
+    corpus = write_corpus(tmp_path / "corpus.jsonl", 6)
+    args = ["--corpus", str(tmp_path / "corpus.jsonl"), "--llm", "openai:URL", "--model", "fake-llm", *FAST]
+    summaries = {}
+    for judge in ((), ("--judge",)):
+        with FakeOpenAI(corpus) as fake:
+            out = tmp_path / f"out{len(judge)}"
+            argv = [a.replace("URL", fake.url) for a in args] + ["--out", str(out), *judge]
+            assert synthesize_main(argv) == 0
+        summaries[judge] = json.loads((out / "summary.json").read_text())
+    plain, judged = summaries[()], summaries[("--judge",)]
+    assert judged["rejected"] == {"judged_unsupported": 6}
+    assert judged["pairs"] == plain["pairs"] - 6
+    assert judged["requests"]["answered"] == plain["requests"]["answered"] + 6
+
+
 @pytest.mark.slow
 def test_the_tiny_model_as_local_llm_adds_up(tmp_path):
     write_corpus(tmp_path / "corpus.jsonl", 6)

@@ -88,7 +88,7 @@ async def synthesize_document(asking: Asking, doc_id: str, text: str) -> dict:
     found = {"simple_qa": doc.keep(simple.pairs) if simple else [],
              "complex_qa": doc.keep(complex_.pairs) if complex_ else [], "coverage": []}
     rounds = 0
-    while rounds < asking.rounds and simple is not None:
+    while rounds < asking.rounds and (simple is not None or complex_ is not None):
         rounds += 1
         answer = await doc.ask("coverage", rounds, found["simple_qa"] + found["complex_qa"] + found["coverage"])
         new = doc.keep(answer.pairs) if answer else []
@@ -111,6 +111,7 @@ async def synthesize_document(asking: Asking, doc_id: str, text: str) -> dict:
 
 
 def _answered(*answers) -> int:
+    """How many of the pair tasks gave a well-formed answer (none: the document is "no_valid_output")."""
     return sum(answer is not None for answer in answers)
 
 
