@@ -61,11 +61,13 @@ class _Server(ThreadingHTTPServer):
 
 
 class FakeOpenAI:
-    """`faults[(doc_id, task, attempt)]` is one of the fault names above; `delay` seconds pass before each answer."""
+    """`faults[(doc_id, task, attempt)]` is one of the fault names above; `delay` seconds pass before each answer;
+    `fixed[task]` replaces the templated answers of a task."""
 
     def __init__(self, corpus: dict[str, str], faults: dict | None = None, delay: float = 0.0,
-                 slow_seconds: float = 3.0, port: int = 0):
+                 slow_seconds: float = 3.0, port: int = 0, fixed: dict[str, dict] | None = None):
         self.doc_of = {text: doc_id for doc_id, text in corpus.items()}
+        self.fixed = fixed or {}  # task -> the answer it always gets, instead of the templated one
         self.faults, self.delay, self.slow_seconds = faults or {}, delay, slow_seconds
         self.attempts: Counter = Counter()
         self.served: Counter = Counter()  # fault name or "ok" -> requests
@@ -108,7 +110,8 @@ class FakeOpenAI:
             return 0, None, fault
         if fault == "slow":
             time.sleep(self.slow_seconds)
-        content = "{\"pairs\": [oops" if fault == "malformed" else json.dumps(templated_answer(task, text, user))
+        answer = self.fixed[task] if task in self.fixed else templated_answer(task, text, user)
+        content = "{\"pairs\": [oops" if fault == "malformed" else json.dumps(answer)
         prompt_tokens = sum(len(m.content.split()) for m in request.messages)
         completion = ChatCompletion(
             id=f"chatcmpl-{doc_id}-{task}-{attempt}", created=0, model=request.model,

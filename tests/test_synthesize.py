@@ -220,6 +220,22 @@ def test_the_llm_as_judge_drops_the_pairs_it_rejects(tmp_path):
     assert judged["requests"]["answered"] == plain["requests"]["answered"] + 6
 
 
+def test_pairs_the_document_does_not_support_are_dropped_and_counted(tmp_path, capsys):
+    corpus = write_corpus(tmp_path / "corpus.jsonl", 5)
+    invented = {"pairs": [{"question": "Who founded it?", "answer": "Queen Marella"},
+                          {"question": "Who founded it?", "answer": "Queen Marella"}]}
+    fixed = {"simple_qa": invented, "complex_qa": {"pairs": []}, "coverage": {"uncovered_facts": [], "pairs": []}}
+    with FakeOpenAI(corpus, fixed=fixed) as fake:
+        assert synthesize_main(["--corpus", str(tmp_path / "corpus.jsonl"), "--out", str(tmp_path / "out"),
+                                "--llm", f"openai:{fake.url}", "--model", "fake-llm", *FAST]) == 0
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["documents_with_pairs"] == 0
+    assert summary["documents_rejected"] == {"all_pairs_filtered": 5}
+    assert summary["rejected"] == {"unsupported": 10}
+    assert summary["files"] == {} and not list((tmp_path / "out").glob("*.jsonl"))
+    assert "Wrote no training file" in capsys.readouterr().out
+
+
 @pytest.mark.slow
 def test_the_tiny_model_as_local_llm_adds_up(tmp_path):
     write_corpus(tmp_path / "corpus.jsonl", 6)
