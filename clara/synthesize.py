@@ -21,7 +21,13 @@ from clara.files import write_json_atomic
 from clara.synthesis.documents import Asking
 from clara.synthesis.llm import LLM, GenerationSettings, OpenAIChat, parse_llm_spec
 from clara.synthesis.pipeline import (
-    MANIFEST, pending_shards, plan_shards, read_manifest, read_shards, start_or_resume, synthesize_shards,
+    MANIFEST,
+    pending_shards,
+    plan_shards,
+    read_manifest,
+    read_shards,
+    start_or_resume,
+    synthesize_shards,
     wait_for_shards,
 )
 from clara.synthesis.recipe import DEFAULT_PROMPTS, load_recipe
@@ -69,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--llm", required=True, help="openai:http://HOST:PORT/v1 (an OpenAI-compatible server; "
                                                     "key from OPENAI_API_KEY) or hf:MODEL_OR_PATH (local; hf:tiny)")
     parser.add_argument("--model", default=None, help="model name sent to the server (required with openai:)")
-    parser.add_argument("--prompts", default=None, help=f"prompts file (a copy of {DEFAULT_PROMPTS.name}, edited)")
+    parser.add_argument("--prompts", default=None, help=f"prompts file: a copy of {DEFAULT_PROMPTS}, edited")
     parser.add_argument("--rounds", type=non_negative_int, default=2, help="coverage rounds per document (at most)")
     parser.add_argument("--judge", action="store_true", help="also ask the LLM whether the document supports each "
                                                             "kept pair (one more request per document)")
@@ -83,7 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--parse_retries", type=non_negative_int, default=2,
                         help="times a malformed answer is asked for again before it is skipped")
     parser.add_argument("--max_tokens", type=positive_int, default=1024, help="tokens per answer")
-    parser.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (0: greedy)")
+    parser.add_argument("--temperature", type=float, default=0.0,
+                        help="sampling temperature (0: greedy, when a malformed answer asked for again tends to come "
+                             "back the same; each try has its own seed)")
     parser.add_argument("--seed", type=int, default=0, help="seeds of the requests, the split and the placing")
     parser.add_argument("--shard_size", type=positive_int, default=256,
                         help="documents per shard, the unit of writing and resuming")

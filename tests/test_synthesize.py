@@ -13,13 +13,13 @@ import time
 from pathlib import Path
 
 import pytest
+from fake_openai_server import FakeOpenAI
+from test_launchers import QUICK, SINGLE, assert_exported, launcher_env, run
 
 from clara.data import load_records, scan
 from clara.stages import get_stage
 from clara.synthesis.recipe import Filters, QAPair, load_recipe, pair_problem, parse_answer, words
 from clara.synthesize import main as synthesize_main
-from fake_openai_server import FakeOpenAI
-from test_launchers import QUICK, SINGLE, assert_exported, launcher_env, run
 
 REPO = Path(__file__).resolve().parent.parent
 CORPUS_LINES = (REPO / "example" / "corpus.jsonl").read_text(encoding="utf-8").splitlines()

@@ -63,7 +63,7 @@ def parse_llm_spec(spec: str) -> tuple[str, str]:
     if kind not in LLM_KINDS or not target:
         raise ConfigError("llm", spec, "openai:http://HOST:PORT/v1 or hf:MODEL_OR_PATH")
     if kind == "openai" and not target.startswith(("http://", "https://")):
-        raise ConfigError("llm", spec, "openai: followed by the server's base URL, e.g. openai:http://localhost:8000/v1")
+        raise ConfigError("llm", spec, "openai: and the server's base URL, e.g. openai:http://localhost:8000/v1")
     return kind, target
 
 

@@ -46,13 +46,16 @@ class LocalChat:
             try:
                 replies = await asyncio.to_thread(self._generate, [request for request, _ in batch])
             except Exception as error:  # handed to the waiting documents, which raise it
-                for _, future in batch:
-                    future.set_exception(error)
-                continue
+                replies = [error] * len(batch)
             finally:
                 self.in_flight = 0
             for (_, future), reply in zip(batch, replies):
-                future.set_result(reply)
+                if future.done():  # its document was cancelled (another one failed)
+                    continue
+                if isinstance(reply, Exception):
+                    future.set_exception(reply)
+                else:
+                    future.set_result(reply)
 
     @torch.inference_mode()
     def _generate(self, requests: list[ChatRequest]) -> list[Reply]:
