@@ -131,6 +131,8 @@ def test_faults_are_retried_counted_and_skipped(tmp_path):
     counts = assert_every_file_loads(out, stage2_docs=20)
     assert counts == summary["files"]
     assert counts["stage1_2.jsonl"] + counts["stage1_2_eval.jsonl"] == summary["pairs"]
+    assert summary["paraphrases"] == 29  # a QA record and a paraphrase record per document with pairs
+    assert counts["stage1.jsonl"] + counts["stage1_eval.jsonl"] == 2 * 29
     assert counts["stage2_eval.jsonl"] > 0 and counts["stage1_eval.jsonl"] > 0
     by_text = {text: doc_id for doc_id, text in corpus.items()}
     for line in (out / "stage2.jsonl").read_text().splitlines():

@@ -137,7 +137,8 @@ def document_outcome(result: dict, duplicates: int) -> str:
 
 def summarize(results: list[dict], duplicates: Counter, written: dict[str, int]) -> dict:
     """What the run made and what it cost, as summary.json holds it."""
-    outcomes = Counter(document_outcome(r, duplicates[r["id"]]) for r in results)
+    outcome_of = {r["id"]: document_outcome(r, duplicates[r["id"]]) for r in results}
+    outcomes = Counter(outcome_of.values())
     rejected = sum((Counter(r["rejected"]) for r in results), Counter())
     rejected["duplicate"] += sum(duplicates.values())
     pairs = {task: sum(len(r["pairs"][task]) for r in results) for task in PAIR_TASKS}
@@ -153,7 +154,8 @@ def summarize(results: list[dict], duplicates: Counter, written: dict[str, int])
         "pairs": total_pairs,
         "pairs_by_task": pairs,
         "pairs_per_document": round(total_pairs / documents, 3) if documents else 0.0,
-        "paraphrases": sum(r["paraphrase"] is not None for r in results),
+        # Written for the documents with pairs only: a document is trained on with both or not at all.
+        "paraphrases": sum(r["paraphrase"] is not None and outcome_of[r["id"]] == "with_pairs" for r in results),
         "rejected": dict(sorted((k, v) for k, v in rejected.items() if v)),
         "malformed_retried": counts["malformed_retried"],
         "coverage_rounds": counts["coverage_rounds"],
