@@ -143,6 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--retrieval", action="store_true",
                      help="measure answering from a compressed corpus instead (indexing, memory per document, "
                           "search latency, answer time); its options: python -m bench --retrieval --help")
+    run.add_argument("--serve", action="store_true",
+                     help="measure python -m clara.serve instead (throughput and p50/p99 latency at 1, 8 and 32 "
+                          "concurrent clients, batched and one at a time); its options: python -m bench --serve --help")
     run.add_argument("--timeout", type=float, default=1800, help="seconds allowed per configuration")
     run.add_argument("--max_load", type=float, default=None,
                      help="on a shared machine: before each configuration, wait (at most --timeout seconds) until "
@@ -332,6 +335,10 @@ def main(argv: list[str] | None = None) -> int:
         from bench import retrieval
 
         return retrieval.main([a for a in given if a != "--retrieval"])
+    if "--serve" in given:  # its own rows and options (bench/serve.py)
+        from bench import serve
+
+        return serve.main([a for a in given if a != "--serve"])
     args = parse_args(argv)
     base = config_from_args(args)
     try:

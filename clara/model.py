@@ -15,8 +15,10 @@ import torch.nn.functional as F
 from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
+from transformers import LogitsProcessorList, StoppingCriteriaList
 
 from clara.collate import IGNORE_INDEX, Batch
+from clara.decoding import RowDecoding, RowSampler, RowWatch, finish
 from clara.errors import ConfigError
 from clara.prompts import SpecialTokens, end_of_turn
 from clara.topk import cosine_scores, differentiable_topk, retrieval_loss
@@ -285,12 +287,14 @@ class ClaraModel(nn.Module):
         return out
 
     @torch.no_grad()
-    def generate(self, batch: Batch, max_new_tokens: int = 64,
-                 vectors: torch.Tensor | None = None) -> tuple[list[str], torch.Tensor | None]:
+    def generate(self, batch: Batch, max_new_tokens: int = 64, vectors: torch.Tensor | None = None,
+                 rows: list[RowDecoding] | None = None) -> tuple[list[str], torch.Tensor | None]:
         """Greedy answers for a batch built without targets; stage 2 also returns the chosen indices.
 
         vectors: memory vectors computed earlier ([slots * n, H], in slot order) to use instead of
-        compressing the batch's documents.
+        compressing the batch's documents. rows: one clara.decoding.RowDecoding per answer, decoded
+        with its own sampling, token limit and stop strings, streamed and cancellable, for at most
+        max_new_tokens more tokens in this call; greedy rows get the same answers as without rows.
         """
         # Greedy decoding must not depend on the mode the caller left the model in (LoRA dropout).
         with eval_mode(self):
@@ -305,13 +309,21 @@ class ClaraModel(nn.Module):
             # CLaRa's own tokens are not text: a generated <MEMi> would be read back through the plain
             # embedding row rather than the trained memory embedding.
             added = list(self.tokens.mem_ids) + [self.tokens.ae_id, self.tokens.enc_id, self.tokens.sep_id]
+            hooks = {}
+            if rows is not None:
+                max_new_tokens = min(max_new_tokens, max(r.sampling.max_new_tokens - len(r.tokens) for r in rows))
+                hooks = {"logits_processor": LogitsProcessorList([RowSampler(rows, stop_ids)]),
+                         "stopping_criteria": StoppingCriteriaList([RowWatch(rows, self.tokenizer, stop_ids)])}
             with self.adapter("decoder_adapter"):
                 out = self.causal_lm.generate(inputs_embeds=embeds, attention_mask=batch.dec_mask,
                                               max_new_tokens=max_new_tokens, do_sample=False,
                                               pad_token_id=self.tokens.pad_id, eos_token_id=sorted(stop_ids),
-                                              suppress_tokens=added)
-        texts = self.tokenizer.batch_decode(out, skip_special_tokens=True)
-        return [t.strip() for t in texts], extras.chosen
+                                              suppress_tokens=added, **hooks)
+        if rows is None:
+            return [t.strip() for t in self.tokenizer.batch_decode(out, skip_special_tokens=True)], extras.chosen
+        for row in rows:
+            finish(row)
+        return [row.text for row in rows], extras.chosen
 
 
 def attach_adapters(base: nn.Module, names: list[str], settings: ModelSettings) -> PeftModel:

@@ -2,7 +2,7 @@
 
 CLaRa trains LoRA adapters on a frozen base model. A base with random weights cannot show
 learning (its frozen output head keeps predictions near uniform), so the tiny model is
-pretrained here, on CPU, on texts from the example corpus's generator (clara/synthetic.py):
+pretrained here, on CPU, on texts from the example corpus's generator (clara/example_data.py):
 documents as plain text, stage1 chats, and chat turns whose user message holds one or two
 documents and a question and whose answer is copied from the right document. Each text
 invents new places, so the model learns to read rather than to memorise. Its tokenizer is
@@ -37,7 +37,7 @@ from transformers import (
 from clara.metrics import normalize_answer
 from clara.prompts import SYSTEM_ANSWER, SYSTEM_PARAPHRASE, SYSTEM_QA, answer_user_message, qa_target
 from clara.schedule import cosine_with_warmup
-from clara.synthetic import invent_names, make_entity, pick_fact, pretrain_records, question_answer
+from clara.example_data import invent_names, make_entity, pick_fact, pretrain_records, question_answer
 
 TINY_MODEL_NAME = "tiny"
 SHIPPED_DIR = Path(__file__).resolve().parent / "tiny_model"
@@ -135,7 +135,7 @@ def recipe_version(seed: int = 0, steps: int = TRAIN_STEPS) -> str:
     """
     _require_example_files()
     digest = hashlib.sha256()
-    for path in (Path(__file__), Path(__file__).parent / "synthetic.py"):
+    for path in (Path(__file__), Path(__file__).parent / "example_data.py"):
         digest.update(_without_comment_lines(path))
     # Whatever the build takes from other modules must be listed here.
     for function in (cosine_with_warmup, qa_target, answer_user_message):

@@ -71,6 +71,13 @@ def test_the_cycle_check_finds_a_cycle():
     assert find_cycle({"a": {"b"}, "b": set()}) is None
 
 
+def test_only_its_command_line_imports_the_synthesis_package():
+    graph = import_graph()
+    importers = {name for name, deps in graph.items() if not name.startswith("clara.synthesis")
+                 and any(dep.startswith("clara.synthesis") for dep in deps)}
+    assert importers == {"clara.synthesize"}
+
+
 def test_the_bottom_layer_does_not_load_torch():
     """The settings are resolved by the launchers before anything heavy starts (clara.launch)."""
     graph = import_graph()

@@ -23,7 +23,7 @@ def model_dir() -> str:
 
 
 def test_the_shipped_model_is_built_from_the_current_recipe(model_dir):
-    # Fails when tiny.py, synthetic.py, the schedule, the prompts it uses or the example training
+    # Fails when tiny.py, example_data.py, the schedule, the prompts it uses or the example training
     # files changed after the shipped model was built.
     recorded = tiny.read_recipe(model_dir)
     assert recorded == {"version": tiny.recipe_version(), "seed": 0, "steps": tiny.TRAIN_STEPS}, (

@@ -42,7 +42,8 @@ from safetensors.torch import save_file
 
 from clara.checkpoint import CheckpointError, added_token_rows
 from clara.collate import Batch, build_decoder, encode_documents
-from clara.data import MAX_REPORTED_ERRORS, DataError, iter_lines
+from clara.corpus import content_id, corpus_hash, read_corpus  # noqa: F401 (clara.index's API too)
+from clara.data import DataError, iter_lines
 from clara.distributed import broadcast
 from clara.errors import CorpusIndexError
 from clara.metrics import cover_exact_match, exact_match, f1_score, retrieval_summary
@@ -62,80 +63,6 @@ RECALL_QUERIES = 1000
 RECALL_K = 5
 # What must agree between an unfinished build and the one asked for before its shards are reused.
 BUILD_KEYS = ("fingerprint", "corpus_sha256", "documents", "n_mem", "hidden", "storage_dtype", "shard_size")
-
-
-# -- the corpus -----------------------------------------------------------------------------------------
-def content_id(text: str) -> str:
-    return "doc-" + hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
-
-
-def _corpus_line(obj) -> list[tuple[str | None, str]]:
-    """(id or None for a content id, text) pairs of one parsed line; raises ValueError with the reason."""
-    if not isinstance(obj, dict):
-        raise ValueError(f"expected a JSON object, got {type(obj).__name__}")
-    if "text" in obj:
-        if "id" not in obj:
-            raise ValueError("field 'id': expected a string or integer, got nothing")
-        doc_id = obj["id"]
-        if isinstance(doc_id, bool) or not isinstance(doc_id, (str, int)) or doc_id == "":
-            raise ValueError(f"field 'id': expected a non-empty string or an integer, got {doc_id!r}")
-        if not isinstance(obj["text"], str) or not obj["text"].strip():
-            raise ValueError("field 'text': expected a non-empty string")
-        return [(str(doc_id), obj["text"])]
-    if "docs" in obj:
-        docs = obj["docs"]
-        if not isinstance(docs, list) or not docs or not all(isinstance(d, str) and d.strip() for d in docs):
-            raise ValueError("field 'docs': expected a non-empty list of non-empty strings")
-        return [(None, d) for d in docs]
-    raise ValueError("expected {\"id\": ..., \"text\": ...} or a record with a 'docs' list")
-
-
-def read_corpus(path: str) -> tuple[list[str], list[str]]:
-    """Ids and texts of a corpus file; bad lines and duplicate ids raise DataError naming FILE:LINE."""
-    if not os.path.isfile(path):
-        raise DataError(f"--corpus: file {path!r} does not exist or is not readable")
-    ids: list[str] = []
-    texts: list[str] = []
-    first_line: dict[str, int] = {}
-    errors: list[str] = []
-    for file, number, raw in iter_lines([path]):
-        try:
-            pairs = _corpus_line(json.loads(raw.decode("utf-8")))
-        except UnicodeDecodeError as error:
-            errors.append(f"{file}:{number}: not valid UTF-8 (byte {error.start} of the line)")
-            continue
-        except json.JSONDecodeError as error:
-            errors.append(f"{file}:{number}: not valid JSON ({error.msg}, column {error.colno})")
-            continue
-        except ValueError as error:
-            errors.append(f"{file}:{number}: {error}")
-            continue
-        for doc_id, text in pairs:
-            if doc_id is None:
-                doc_id = content_id(text)
-                if doc_id in first_line:  # the same document in several records: stored once
-                    continue
-            elif doc_id in first_line:
-                errors.append(f"{file}:{number}: field 'id': duplicate id {doc_id!r} (first on line "
-                              f"{first_line[doc_id]})")
-                continue
-            first_line[doc_id] = number
-            ids.append(doc_id)
-            texts.append(text)
-    if errors:
-        more = len(errors) - MAX_REPORTED_ERRORS
-        raise DataError(f"{len(errors)} bad corpus record(s) in {path}:\n" + "\n".join(errors[:MAX_REPORTED_ERRORS])
-                        + (f"\n... and {more} more bad lines" if more > 0 else ""))
-    if not ids:
-        raise DataError(f"{path}: no documents")
-    return ids, texts
-
-
-def corpus_hash(ids: list[str], texts: list[str]) -> str:
-    digest = hashlib.sha256()
-    for doc_id, text in zip(ids, texts):
-        digest.update(json.dumps([doc_id, text], ensure_ascii=False).encode("utf-8"))
-    return digest.hexdigest()
 
 
 # -- the checkpoint an index belongs to ------------------------------------------------------------------------
@@ -426,6 +353,21 @@ def encode_questions(model: ClaraModel, questions: list[str], device: torch.devi
     return normalised_rows(query.cpu())
 
 
+def generator_inputs(model: ClaraModel, index: CorpusIndex, questions: list[str], rows: list[list[int]],
+                     max_len: int, seed: int) -> tuple[Batch, torch.Tensor]:
+    """The generator's stage-2 prompts for the questions, and the stored vectors [slots * n, H] of each
+    question's documents (the index rows, generation_top_k per question) for their memory slots."""
+    top_k = model.settings.generation_top_k
+    memory = index.memory([row for found in rows for row in found])
+    examples = [stage2.example({"question": q, "answer": ""}, model.tokens.n_mem, top_k, seed)[:2] + (None,)
+                for q in questions]
+    dec_ids, dec_mask, _ = build_decoder(model.tokenizer, model.tokens, examples, max_len)
+    empty = torch.empty(0, 0, dtype=torch.long)
+    batch = Batch(enc_ids=empty, enc_mask=empty, dec_ids=dec_ids, dec_mask=dec_mask, labels=None,
+                  docs_per_sample=[top_k] * len(questions), questions=questions, answers=[""] * len(questions))
+    return batch, memory.reshape(-1, model.hidden_size)
+
+
 @torch.no_grad()
 def answer_from_index(model: ClaraModel, index: CorpusIndex, questions: list[str], *, retrieve: int | None = None,
                       batch_size: int = 8, max_new_tokens: int = 64, max_len: int = 1024, seed: int = 42,
@@ -444,7 +386,6 @@ def answer_from_index(model: ClaraModel, index: CorpusIndex, questions: list[str
     if len(index.ids) < top_k:
         raise CorpusIndexError(f"--index {index.path}: {len(index.ids)} documents, fewer than generation_top_k={top_k}")
     retrieve = max(retrieve or top_k, top_k)
-    n_mem = model.tokens.n_mem
     result = IndexAnswers([], [], [], [])
     was_training = model.training
     model.eval()
@@ -457,14 +398,8 @@ def answer_from_index(model: ClaraModel, index: CorpusIndex, questions: list[str
             result.ids += [[index.ids[r] for r in found] for found in rows.tolist()]
             if not generate:
                 continue
-            memory = index.memory([r for found in rows[:, :top_k].tolist() for r in found])
-            examples = [stage2.example({"question": q, "answer": ""}, n_mem, top_k, seed)[:2] + (None,) for q in chunk]
-            dec_ids, dec_mask, _ = build_decoder(model.tokenizer, model.tokens, examples, max_len)
-            empty = torch.empty(0, 0, dtype=torch.long)
-            batch = Batch(enc_ids=empty, enc_mask=empty, dec_ids=dec_ids, dec_mask=dec_mask, labels=None,
-                          docs_per_sample=[top_k] * len(chunk), questions=chunk, answers=[""] * len(chunk))
-            texts, _ = model.generate(batch.to(device), max_new_tokens=max_new_tokens,
-                                      vectors=memory.reshape(-1, model.hidden_size).to(device))
+            batch, vectors = generator_inputs(model, index, chunk, rows[:, :top_k].tolist(), max_len, seed)
+            texts, _ = model.generate(batch.to(device), max_new_tokens=max_new_tokens, vectors=vectors.to(device))
             result.answers += texts
     finally:
         model.train(was_training)

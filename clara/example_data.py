@@ -1,4 +1,4 @@
-"""The synthetic corpus behind the example data and the built-in tiny model.
+"""The invented corpus behind the example data and the built-in tiny model.
 
 Each document describes one invented place with a few key-value facts, e.g.
 "Vorlan is a kingdom. Its sacred animal is owl. Its main food is rice.", and every question

@@ -1,0 +1,233 @@
+"""The model side of the server: one thread owns the model and answers the queued requests in batches.
+
+Requests that arrive together (up to `max_batch`, waiting at most `max_wait_ms` after the first) share
+one query-reasoner forward, one search and one generate call; each answer is decoded its own way
+(clara.decoding) and ends on its own, so its response completes while longer ones in the batch go on.
+Answers are decoded `window_tokens` at a time: between windows, requests that arrived meanwhile join the
+batch (each continuing answer is fed back after its prompt), so a long answer never holds new ones up
+for more than one window.
+Only this thread touches the model and its tokenizer: adapter switching and the fast tokenizer are not
+safe to share between threads. It talks to the web side through each job's asyncio queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from clara.collate import encode_supervised, pad_left
+from clara.decoding import RowDecoding
+from clara.index import CorpusIndex, encode_questions, generator_inputs
+from clara.inference import CLaRa
+from clara.openai_protocol import OpenAIError
+from clara.stages import STAGES
+
+ANSWERING = STAGES["stage2"]  # the stage whose prompt answers from retrieved documents
+
+
+@dataclass
+class Job:
+    """One request. `row` None: retrieval only. Events, in order: ("retrieved", documents), ("text", piece)...,
+    ("done", figures), or ("error", OpenAIError) at any point."""
+
+    question: str
+    k: int
+    row: RowDecoding | None
+    loop: asyncio.AbstractEventLoop
+    events: asyncio.Queue = field(default_factory=asyncio.Queue)
+    found: list[int] = field(default_factory=list)  # index rows of the documents the generator reads
+    prompt_tokens: int = 0
+
+    def send(self, kind: str, value) -> None:
+        self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, value))
+
+    def cancel(self) -> None:
+        if self.row is not None:
+            self.row.cancelled.set()
+
+
+@dataclass
+class Counters:
+    """What /health reports: requests answered, the batches they were answered in, and the failures."""
+
+    requests: int = 0
+    batches: int = 0  # engine steps: one retrieval for the new requests and one window of decoding for all
+    largest_batch: int = 0
+    cancelled: int = 0
+    rejected: int = 0  # questions too long for the model (400)
+    failed: int = 0  # errors of the server's own (500)
+    busy_seconds: float = 0.0
+
+
+class Engine:
+    def __init__(self, clara: CLaRa, index: CorpusIndex, model_name: str, max_batch: int = 16,
+                 max_wait_ms: float = 10.0, window_tokens: int = 16, max_len: int | None = None, seed: int = 42):
+        self.clara, self.index, self.model_name = clara, index, model_name
+        self.max_batch, self.max_wait, self.window_tokens = max_batch, max_wait_ms / 1000, window_tokens
+        # The prompt length and prompt choice of CLaRa.generate_from_questions(index=...), so answers agree.
+        self.max_len, self.seed = max_len or clara.max_len or ANSWERING.max_len, seed
+        self.counters = Counters()
+        self._queue: queue.Queue[Job | None] = queue.Queue()
+        self._thread: threading.Thread | None = None
+
+    @property
+    def top_k(self) -> int:
+        """How many retrieved documents the generator reads (the checkpoint's generation_top_k)."""
+        return self.clara.model.settings.generation_top_k
+
+    def queued(self) -> int:
+        return self._queue.qsize()
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="clara-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._queue.put(None)
+        if self._thread is not None:
+            self._thread.join(timeout=60)
+
+    def submit(self, job: Job) -> Job:
+        self._queue.put(job)
+        return job
+
+    # -- the engine thread --------------------------------------------------------------------------------
+    def _run(self) -> None:
+        active: list[Job] = []
+        while (new := self._collect(wait=not active, room=self.max_batch - len(active))) is not None:
+            started = time.perf_counter()
+            active = self._step_isolated(active, new)
+            self.counters.busy_seconds += time.perf_counter() - started
+
+    def _collect(self, wait: bool, room: int) -> list[Job] | None:
+        """New jobs, at most `room`. With nothing decoding: wait for the first, then up to max_wait for more
+        (None: stop). While answers are decoding: what is queued now, so they never wait for new ones."""
+        jobs: list[Job] = []
+        if wait:
+            if (first := self._queue.get()) is None:
+                return None
+            jobs.append(first)
+        deadline = time.monotonic() + (self.max_wait if wait else 0.0)
+        while len(jobs) < room:
+            try:
+                job = self._queue.get(timeout=max(0.0, deadline - time.monotonic())) if wait else \
+                    self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if job is None:
+                self._queue.put(None)  # stop once the answers being decoded are finished
+                break
+            jobs.append(job)
+        return jobs
+
+    def _step_isolated(self, active: list[Job], new: list[Job]) -> list[Job]:
+        """One step; if it fails, each of its jobs that has not streamed anything yet is answered alone, so
+        that a failing request (or a batch too large for the device) fails alone."""
+        try:
+            return self._step(active, new)
+        except Exception as error:  # noqa: BLE001 - reported to the clients, and the engine goes on
+            if len(active) + len(new) == 1:
+                self._fail((active + new)[0], error)
+                return []
+        for job in active + new:
+            try:
+                if job.row is not None and job.row.emitted:
+                    raise RuntimeError("the batch failed after this answer had started")
+                if job.row is not None:
+                    job.row = RowDecoding(job.row.sampling, job.row.on_text, job.row.cancelled)
+                left = self._step([], [job])
+                while left:
+                    left = self._step(left, [])
+            except Exception as error:  # noqa: BLE001
+                self._fail(job, error)
+        return []
+
+    def _fail(self, job: Job, error: Exception) -> None:
+        self.counters.failed += 1
+        job.send("error", OpenAIError(500, f"the server failed answering: {type(error).__name__}: {error}",
+                                      "server_error"))
+
+    @torch.no_grad()
+    def _step(self, active: list[Job], new: list[Job]) -> list[Job]:
+        """Retrieve for the new jobs, then decode every answer (new and continuing) for up to window_tokens
+        tokens in one batch; returns the answers still decoding."""
+        new = [job for job in new if self._admit(job)]
+        if new:
+            self._retrieve(new)
+        decoding = active + [job for job in new if job.row is not None]
+        if new or decoding:
+            self.counters.batches += 1
+            self.counters.largest_batch = max(self.counters.largest_batch, len(decoding) or len(new))
+        if decoding:
+            self._decode(decoding)
+        for job in new + active:
+            if job.row is None or job.row.finish_reason is not None:
+                self._done(job)
+        return [job for job in decoding if job.row.finish_reason is None]
+
+    def _retrieve(self, jobs: list[Job]) -> None:
+        model = self.clara.model
+        questions = [job.question for job in jobs]
+        scores, rows = self.index.search(encode_questions(model, questions, self.clara.device),
+                                         max(job.k for job in jobs))
+        for job, found, score in zip(jobs, rows.tolist(), scores.tolist()):
+            job.found = found[:self.top_k]
+            job.send("retrieved", [{"id": self.index.ids[r], "score": s, "text": self.index.texts[r]}
+                                   for r, s in list(zip(found, score))[:job.k]])
+
+    def _decode(self, jobs: list[Job]) -> None:
+        """The prompts, each followed by its answer's tokens so far, and window_tokens more of every answer."""
+        model = self.clara.model
+        batch, vectors = generator_inputs(model, self.index, [job.question for job in jobs],
+                                          [job.found for job in jobs], self.max_len, self.seed)
+        for job, mask in zip(jobs, batch.dec_mask):
+            job.prompt_tokens = job.prompt_tokens or int(mask.sum())
+        if any(job.row.tokens for job in jobs):
+            prompts = [ids[mask.bool()].tolist() for ids, mask in zip(batch.dec_ids, batch.dec_mask)]
+            rows = [prompt + job.row.tokens for prompt, job in zip(prompts, jobs)]
+            batch.dec_ids = pad_left(rows, model.tokens.pad_id)
+            batch.dec_mask = pad_left([[1] * len(row) for row in rows], 0)
+        model.generate(batch.to(self.clara.device), max_new_tokens=self.window_tokens,
+                       vectors=vectors.to(self.clara.device), rows=[job.row for job in jobs])
+
+    def _done(self, job: Job) -> None:
+        self.counters.requests += 1
+        if job.row is None:
+            job.send("done", {})
+            return
+        if job.row.finish_reason == "cancelled":
+            self.counters.cancelled += 1
+        job.send("done", {"finish_reason": job.row.finish_reason, "text": job.row.text,
+                          "prompt_tokens": job.prompt_tokens, "completion_tokens": len(job.row.tokens)})
+
+    def _admit(self, job: Job) -> bool:
+        """False for a job cancelled while queued, or whose question the model cannot read whole (400)."""
+        if job.row is not None and job.row.cancelled.is_set():
+            self.counters.cancelled += 1
+            job.send("done", {"finish_reason": "cancelled"})
+            return False
+        problem = self.length_problem(job.question)
+        if problem:
+            self.counters.rejected += 1
+            job.send("error", OpenAIError(400, problem, param="messages", code="context_length_exceeded"))
+        return problem is None
+
+    def length_problem(self, question: str) -> str | None:
+        """Why the question is too long for this model, or None. The query reasoner reads doc_max_length tokens
+        of it and the generator's prompt must fit max_len with room to answer."""
+        model = self.clara.model
+        tokens = len(model.tokenizer(question, add_special_tokens=False)["input_ids"])
+        if tokens > model.settings.doc_max_length:
+            return (f"the question is {tokens} tokens; the query reasoner reads at most "
+                    f"{model.settings.doc_max_length} (the checkpoint's doc_max_length)")
+        system, user, _ = ANSWERING.example({"question": question, "answer": ""}, model.tokens.n_mem, self.top_k,
+                                         self.seed)
+        prompt = len(encode_supervised(model.tokenizer, system, user, None, self.max_len)[0])
+        if prompt >= self.max_len:
+            return f"the prompt is {prompt} tokens with this question; the model's MAX_LEN is {self.max_len}"
+        return None

@@ -1,0 +1,14 @@
+"""Training data for all three stages from a user's own documents (`python -m clara.synthesize`), after the
+CLaRa paper's synthesis: an LLM writes simple and complex QA pairs and a paraphrase of every document, and
+coverage rounds ask for pairs on the facts still uncovered.
+
+    recipe      the tasks, their prompts (default_prompts.json, editable), answer schemas and filters
+    llm         one interface to an OpenAI-compatible server (aiohttp, with retries) ...
+    local       ... and to a local Hugging Face model generating in batches
+    documents   one document through the recipe
+    pipeline    a corpus in resumable shards, with a manifest and a progress bar
+    records     the stages' files (BM25 distractors, a held-out split) and the summary
+
+It may import the bottom layers (clara.errors, clara.files, clara.openai_protocol) and clara.tiny (the built-in
+model as a local LLM); nothing below the command line imports it. The command line is clara/synthesize.py.
+"""

@@ -1,0 +1,169 @@
+"""A small OpenAI-compatible chat server for the synthesis tests, on 127.0.0.1, that injects faults.
+
+It validates every request with clara.openai_protocol (a bad one is a 400, as from a real server) and answers
+the synthesis tasks (named by the request's json_schema) with completions templated from the documents of the
+example corpus ("Vorlan is a kingdom. Its sacred animal is owl. ..."): every fact but the last in the simple
+pairs, one complex pair, a paraphrase, the last fact in the first coverage round, nothing in the second.
+
+A fault is chosen by (document, task, attempt), attempt counting this server's earlier requests for the same
+document and task, so the same faults hit the same requests at any concurrency:
+malformed (an answer that is not JSON), 429, 500, slow (past the client's timeout), drop (the connection closed
+without an answer), 401.
+
+    python tests/fake_openai_server.py --corpus example/corpus.jsonl --delay 0.2 --port 8000
+serves the example corpus answering after 200 ms (the README's throughput figures).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import threading
+import time
+from collections import Counter
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from pydantic import ValidationError
+
+from clara.openai_protocol import ChatCompletion, ChatCompletionRequest, ChatMessage, Choice, OpenAIError, Usage
+
+FACT = re.compile(r"Its (.+?) is (.+?)\.")
+HEAD = re.compile(r"^(\w+) is an? (\w+)\.")
+
+
+def templated_answer(task: str, document: str, user: str) -> dict:
+    """The answer a good LLM could give for one of the example corpus's documents."""
+    name, kind = HEAD.match(document).groups()
+    facts = FACT.findall(document)
+    pairs = [{"question": f"What is the {attr} of {name}?", "answer": value} for attr, value in facts]
+    if task == "simple_qa":
+        return {"pairs": [{"question": f"What kind of place is {name}?", "answer": kind}] + pairs[:-1]}
+    if task == "complex_qa":
+        (a1, v1), (a2, v2) = facts[:2]
+        return {"pairs": [{"question": f"What are the {a1} and the {a2} of {name}?", "answer": f"{v1} and {v2}"}]}
+    if task == "paraphrase":
+        return {"paraphrase": f"{name}, {'an' if kind[0] in 'aeiou' else 'a'} {kind}, has these: "
+                              + "; ".join(f"{value} as its {attr}" for attr, value in reversed(facts)) + "."}
+    if task == "coverage":
+        last = pairs[-1]
+        if last["question"] in user:
+            return {"uncovered_facts": [], "pairs": []}
+        return {"uncovered_facts": [f"Its {facts[-1][0]} is {facts[-1][1]}."], "pairs": [last]}
+    if task == "judge":  # the complex pairs are judged unsupported
+        return {"supported": [" and the " not in q for q in re.findall(r"^\d+\. Q: (.*) A: ", user, re.MULTILINE)]}
+    raise ValueError(task)
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 256  # 32 clients connecting at once must not be refused
+
+
+class FakeOpenAI:
+    """`faults[(doc_id, task, attempt)]` is one of the fault names above; `delay` seconds pass before each answer;
+    `fixed[task]` replaces the templated answers of a task."""
+
+    def __init__(self, corpus: dict[str, str], faults: dict | None = None, delay: float = 0.0,
+                 slow_seconds: float = 3.0, port: int = 0, fixed: dict[str, dict] | None = None):
+        self.doc_of = {text: doc_id for doc_id, text in corpus.items()}
+        self.fixed = fixed or {}  # task -> the answer it always gets, instead of the templated one
+        self.faults, self.delay, self.slow_seconds = faults or {}, delay, slow_seconds
+        self.attempts: Counter = Counter()
+        self.served: Counter = Counter()  # fault name or "ok" -> requests
+        self.lock = threading.Lock()
+        self.httpd = _Server(("127.0.0.1", port), self._handler())
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+
+    def __enter__(self) -> FakeOpenAI:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+    def document(self, user: str) -> tuple[str, str]:
+        text = user.split("Document:\n", 1)[1].split("\n\n", 1)[0]
+        return self.doc_of[text], text
+
+    def answer(self, body: bytes) -> tuple[int, dict | None, str]:
+        """(status, JSON body or None to drop the connection, fault served)."""
+        try:
+            request = ChatCompletionRequest.model_validate_json(body)
+        except ValidationError as error:
+            return 400, OpenAIError.from_validation(error).body(), "bad_request"
+        task = request.response_format["json_schema"]["name"]
+        user = request.messages[-1].content
+        doc_id, text = self.document(user)
+        with self.lock:
+            attempt = self.attempts[(doc_id, task)]
+            self.attempts[(doc_id, task)] += 1
+        fault = self.faults.get((doc_id, task, attempt), "ok")
+        if fault in ("429", "500", "401"):
+            return int(fault), OpenAIError(int(fault), f"injected {fault}").body(), fault
+        if fault == "drop":
+            return 0, None, fault
+        if fault == "slow":
+            time.sleep(self.slow_seconds)
+        answer = self.fixed[task] if task in self.fixed else templated_answer(task, text, user)
+        content = "{\"pairs\": [oops" if fault == "malformed" else json.dumps(answer)
+        prompt_tokens = sum(len(m.content.split()) for m in request.messages)
+        completion = ChatCompletion(
+            id=f"chatcmpl-{doc_id}-{task}-{attempt}", created=0, model=request.model,
+            choices=[Choice(message=ChatMessage(role="assistant", content=content))],
+            usage=Usage(prompt_tokens=prompt_tokens, completion_tokens=len(content.split()),
+                        total_tokens=prompt_tokens + len(content.split())))
+        return 200, completion.model_dump(), fault
+
+    def _handler(self):
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                if server.delay:
+                    time.sleep(server.delay)
+                status, payload, fault = server.answer(body)
+                with server.lock:
+                    server.served[fault] += 1
+                if payload is None:
+                    self.close_connection = True
+                    return
+                data = json.dumps(payload).encode()
+                try:
+                    self.send_response(status)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data)
+                except (BrokenPipeError, ConnectionResetError):  # the client gave up waiting (a slow answer)
+                    self.close_connection = True
+
+            def log_message(self, *args):
+                pass
+
+        return Handler
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Serve the fake OpenAI-compatible LLM over a corpus.")
+    parser.add_argument("--corpus", required=True)
+    parser.add_argument("--delay", type=float, default=0.2, help="seconds before each answer")
+    parser.add_argument("--port", type=int, default=8000)
+    args = parser.parse_args()
+    with open(args.corpus, encoding="utf-8") as handle:
+        corpus = {str(r["id"]): r["text"] for r in map(json.loads, handle)}
+    fake = FakeOpenAI(corpus, delay=args.delay, port=args.port)
+    print(f"serving {len(corpus)} documents at {fake.url}", flush=True)
+    fake.httpd.serve_forever()
+
+
+if __name__ == "__main__":
+    main()
