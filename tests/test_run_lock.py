@@ -77,27 +77,26 @@ def test_a_second_launch_into_a_running_save_path_exits_2_and_the_first_ends_as_
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", ["auto", "file"])
-def test_after_kill_9_the_same_command_starts_at_once(tmp_path, mode):
-    """With CLARA_LOCK=file (as on a filesystem without OS locks) a second launch is refused the same way."""
+def test_the_lock_file_refuses_a_second_launch_and_after_kill_9_the_same_command_starts_at_once(tmp_path):
+    """CLARA_LOCK=file, as on a filesystem without OS locks. (With the OS lock, kill -9 and the rerun at once
+    are tests/test_launchers.py::test_kill_9_then_rerun_resumes_to_the_same_weights.)"""
     save = tmp_path / "out"
-    env = launcher_env(**{**QUICK, "MAX_STEPS": "6", "SAVE_STEPS": "2"}, SAVE_PATH=save, CLARA_LOCK=mode)
-    name = FALLBACK_NAME if mode == "file" else LOCK_NAME
+    env = launcher_env(**{**QUICK, "MAX_STEPS": "6", "SAVE_STEPS": "2"}, SAVE_PATH=save, CLARA_LOCK="file")
     first = start(SINGLE, env, output=tmp_path / "first.out")
     try:
-        wait_for(lambda: holder(save, name).get("pid") == first.pid, first, what="the first run's lock")
-        if mode == "file":
-            second = run(SINGLE, env, timeout=60)
-            assert second.returncode == 2 and f"pid {first.pid} " in error_lines(second.output)[0], second
+        wait_for(lambda: holder(save, FALLBACK_NAME).get("pid") == first.pid, first, what="the first run's lock")
+        second = run(SINGLE, env, timeout=60)
+        assert second.returncode == 2 and second.seconds < 30, second
+        assert f"{save} is in use by another run: host {socket.gethostname()}, pid {first.pid} " in \
+            error_lines(second.output)[0], second
         wait_for(lambda: (save / "checkpoints" / "step_2").is_dir(), first, what="checkpoint step_2")
     finally:
         kill_tree(first)
     again = run(SINGLE, env)
     assert again.returncode == 0, again
     assert "Resumed from" in again.output
-    if mode == "file":
-        assert f"Lock on {save}: the lock file {save / FALLBACK_NAME} (host, pid, a heartbeat" in again.output
-        assert "CLARA_LOCK=file" in again.output
+    assert f"Lock on {save}: the lock file {save / FALLBACK_NAME} (host, pid, a heartbeat every 10 s; " \
+           "CLARA_LOCK=file)" in again.output
     assert [m["step"] for m in metrics(save)] == [1, 2, 3, 4, 5, 6]
 
 
