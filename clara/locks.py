@@ -217,7 +217,9 @@ def heartbeat(path: str, token: str, alive, stop: threading.Event | None = None)
 
 @contextlib.contextmanager
 def holding(folder: str, what: str) -> Iterator[FolderLock]:
-    """This process holds `folder` while inside (a lock file gets a heartbeat thread)."""
+    """This process holds `folder` while inside (a lock file gets a heartbeat thread). A folder created here
+    that holds nothing but the lock at the end (the command failed) is removed again."""
+    created = not os.path.isdir(folder)
     lock = take(folder, what)
     stop = threading.Event()
     beat = None
@@ -234,6 +236,10 @@ def holding(folder: str, what: str) -> Iterator[FolderLock]:
         if beat is not None:
             beat.join()
         lock.release()
+        if created and set(os.listdir(folder)) <= set(LOCK_FILES):
+            for name in os.listdir(folder):
+                os.remove(os.path.join(folder, name))
+            os.rmdir(folder)
         if previous is None:
             os.environ.pop(INFO_ENV, None)
         else:

@@ -193,3 +193,12 @@ def test_a_resume_onto_changed_data_or_base_model_stops_and_the_setting_continue
     assert "Resumed from" in continued.output and "of the new data's order" in continued.output
     assert [m["step"] for m in metrics(save)] == [1, 2, 3, 4]
     assert json.loads((save / "training_args.json").read_text())["resume_changed_inputs"] is True
+
+
+def test_a_folder_created_for_a_command_that_failed_is_removed_again(tmp_path):
+    with pytest.raises(RuntimeError), holding(str(tmp_path / "new"), "a failing export"):
+        raise RuntimeError("the export failed")
+    assert not (tmp_path / "new").exists()
+    with holding(str(tmp_path / "kept"), "an export"):
+        (tmp_path / "kept" / "config.json").write_text("{}")
+    assert sorted(p.name for p in (tmp_path / "kept").iterdir()) == [LOCK_NAME, "config.json"]
