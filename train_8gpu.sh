@@ -56,6 +56,7 @@ set -a # every setting below reaches python -m clara.launch, which resolves and 
 : "${SAVE_STEPS:=500}"                # resumable checkpoint every N optimizer steps (and at the end)
 : "${MAX_CKPT_NUM:=3}"                # resumable checkpoints kept
 : "${RESUME:=auto}"                   # auto: continue from the newest checkpoint; false: start over; or a step_N dir
+: "${RESUME_CHANGED_INPUTS:=false}"   # true: resume even though DATASET or the base model changed (exit 2 otherwise)
 : "${USE_TENSORBOARD:=false}"
 : "${USE_WANDB:=false}"
 : "${WANDB_PROJECT:=clara}"

@@ -27,7 +27,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from clara.config import TINY_MODEL_NAME, hub_id_parts
 from clara.errors import CheckpointError
-from clara.files import atomic_path, write_json_atomic
+from clara.files import atomic_path, publish_files, write_json_atomic
+from clara.locks import reading_export
 from clara.model import ClaraModel, ModelSettings, attach_adapters
 from clara.prompts import add_special_tokens, added_token_strings
 from clara.tiny import clara_home, tiny_model_dir, tiny_version
@@ -210,8 +211,11 @@ def _save_safetensors(path: str, tensors: dict[str, torch.Tensor], metadata: dic
 
 
 def save_model(model: ClaraModel, out_dir: str, stage: str) -> None:
-    """Export in the native layout. Each file is replaced atomically."""
-    os.makedirs(out_dir, exist_ok=True)
+    """Export in the native layout: written aside, then published in one step (clara.files.publish_files)."""
+    publish_files(out_dir, lambda aside: _write_native(model, aside, stage))
+
+
+def _write_native(model: ClaraModel, out_dir: str, stage: str) -> None:
     adapters = {}
     for name in model.adapter_names:
         state = get_peft_model_state_dict(model.peft_model, adapter_name=name, save_embedding_layers=False)
@@ -262,7 +266,14 @@ def read_config(path: str) -> dict:
 
 def load_model(path: str, dtype: torch.dtype = torch.float32, attn_implementation: str = "sdpa",
                base_model: str | None = None) -> ClaraModel:
-    """Load a native or official-release checkpoint directory. base_model overrides the recorded base."""
+    """Load a native or official-release checkpoint directory. base_model overrides the recorded base.
+
+    An export published meanwhile waits for the read to finish: the files read belong to one export."""
+    with reading_export(path):
+        return _load_model(path, dtype, attn_implementation, base_model)
+
+
+def _load_model(path: str, dtype: torch.dtype, attn_implementation: str, base_model: str | None) -> ClaraModel:
     config = read_config(path)
     if "decoder_model_name" in config:
         return _load_official(path, config, dtype, attn_implementation, base_model)

@@ -107,6 +107,9 @@ class TrainConfig:
     max_ckpt_num: int = setting(3, "resumable checkpoints kept")
     resume: str = setting("auto", "auto: continue from the newest checkpoint in save_path; false: start over; "
                                   "or a checkpoint directory")
+    resume_changed_inputs: bool = setting(False, "resume even though the data or the base model changed since the "
+                                                 "checkpoint (the epoch order is recomputed for the new data from the "
+                                                 "saved step on); false: such a resume stops with exit 2")
     use_tensorboard: bool = setting(False, "log to save_path/tensorboard")
     use_wandb: bool = setting(False, "log to Weights & Biases")
     wandb_project: str = setting("clara", "W&B project")

@@ -29,7 +29,11 @@ class ResumeError(ValueError):
     """A resumable checkpoint the user pointed at (or that SAVE_PATH holds) must not or cannot be loaded."""
 
 
-USER_ERRORS = (ConfigError, DataError, CheckpointError, CorpusIndexError, ResumeError)
+class FolderBusy(RuntimeError):
+    """Another run (or export, or index build) holds the folder; the message names the holder."""
+
+
+USER_ERRORS = (ConfigError, DataError, CheckpointError, CorpusIndexError, ResumeError, FolderBusy)
 
 
 class RunFailure(RuntimeError):

@@ -24,6 +24,9 @@ from peft import get_peft_model_state_dict
 
 from clara.checkpoint import PEFT_PREFIX, CheckpointError, load_model, read_config, resolve_checkpoint, save_model
 from clara.config import STAGES, ConfigError
+from clara.errors import FolderBusy
+from clara.files import publish_files
+from clara.locks import holding
 from clara.model import ClaraModel
 
 OFFICIAL_MODEL_TYPE = "CLaRa"
@@ -88,7 +91,11 @@ def official_first_last_layers(model: ClaraModel) -> dict[str, torch.Tensor]:
 
 
 def write_official(model: ClaraModel, out_dir: str, stage: str) -> None:
-    os.makedirs(out_dir, exist_ok=True)
+    """The release layout, written aside and published in one step (clara.files.publish_files)."""
+    publish_files(out_dir, lambda aside: _write_official_files(model, aside, stage))
+
+
+def _write_official_files(model: ClaraModel, out_dir: str, stage: str) -> None:
     torch.save(official_adapters(model), os.path.join(out_dir, "adapters.pth"))
     torch.save(official_first_last_layers(model), os.path.join(out_dir, "decoder_first_last_layers.pth"))
     model.tokenizer.save_pretrained(out_dir)
@@ -115,7 +122,8 @@ def push_to_hub(out_dir: str, repo_id: str, path_in_repo: str) -> str:
     try:
         api.create_repo(repo_id, exist_ok=True)
         api.upload_folder(folder_path=out_dir, repo_id=repo_id, path_in_repo=path_in_repo or None,
-                          commit_message=f"CLaRa checkpoint {path_in_repo or ''}".strip())
+                          commit_message=f"CLaRa checkpoint {path_in_repo or ''}".strip(),
+                          ignore_patterns=[".lock*", ".export*"])  # this machine's locks (clara.locks)
     except HfHubHTTPError as error:
         raise ConfigError("push_to_hub", repo_id, f"a repository HF_TOKEN may write to; the Hub refused the upload "
                                                   f"({str(error).splitlines()[0]})") from error
@@ -143,28 +151,34 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        checkpoint = resolve_checkpoint(args.checkpoint)
-        stage = checkpoint_stage_of(checkpoint, args.stage)
-        if os.path.realpath(args.out) == os.path.realpath(checkpoint):
-            raise ConfigError("out", args.out, "a directory other than the checkpoint itself")
-        model = load_model(checkpoint, base_model=args.model_path)
-        if args.format == "official":
-            write_official(model, args.out, stage)
-        else:
-            save_model(model, args.out, stage)
-        read_config(args.out)  # what was written reads back as a checkpoint
-        print(f"Wrote {args.checkpoint} ({stage}) in the {args.format} layout to {args.out}")
-        if args.push_to_hub:
-            path_in_repo = args.path_in_repo
-            if path_in_repo is None:
-                path_in_repo = f"compression-{model.settings.compress_rate}"
-            loaded_as = push_to_hub(args.out, args.push_to_hub, path_in_repo)
-            print(f"Uploaded to https://huggingface.co/{args.push_to_hub}; load it with "
-                  f"CLaRa.from_pretrained({loaded_as!r})")
-    except (ConfigError, CheckpointError) as error:
+        with holding(args.out, "python -m clara.export"):
+            export(args)
+    except (ConfigError, CheckpointError, FolderBusy) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     return 0
+
+
+def export(args: argparse.Namespace) -> None:
+    """Write the export into --out (which this process holds) and upload it when asked."""
+    checkpoint = resolve_checkpoint(args.checkpoint)
+    stage = checkpoint_stage_of(checkpoint, args.stage)
+    if os.path.realpath(args.out) == os.path.realpath(checkpoint):
+        raise ConfigError("out", args.out, "a directory other than the checkpoint itself")
+    model = load_model(checkpoint, base_model=args.model_path)
+    if args.format == "official":
+        write_official(model, args.out, stage)
+    else:
+        save_model(model, args.out, stage)
+    read_config(args.out)  # what was written reads back as a checkpoint
+    print(f"Wrote {args.checkpoint} ({stage}) in the {args.format} layout to {args.out}")
+    if args.push_to_hub:
+        path_in_repo = args.path_in_repo
+        if path_in_repo is None:
+            path_in_repo = f"compression-{model.settings.compress_rate}"
+        loaded_as = push_to_hub(args.out, args.push_to_hub, path_in_repo)
+        print(f"Uploaded to https://huggingface.co/{args.push_to_hub}; load it with "
+              f"CLaRa.from_pretrained({loaded_as!r})")
 
 
 if __name__ == "__main__":

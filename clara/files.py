@@ -6,7 +6,11 @@ import contextlib
 import json
 import math
 import os
-from collections.abc import Iterator
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+
+from clara.locks import publishing_export
 
 
 def fsync_path(path: str) -> None:
@@ -51,3 +55,21 @@ def write_text_atomic(path: str, text: str) -> None:
 def write_json_atomic(path: str, obj) -> None:
     """`obj` as indented JSON; non-finite floats are refused rather than written as NaN (not JSON)."""
     write_text_atomic(path, json.dumps(obj, indent=2, allow_nan=False) + "\n")
+
+
+def publish_files(out_dir: str, write: Callable[[str], None]) -> None:
+    """`write(folder)` writes a set of files (an export) into a folder aside; they are then moved into `out_dir`
+    in one step: a reader holding clara.locks.reading_export sees the previous set or this one, never a mix."""
+    os.makedirs(out_dir, exist_ok=True)
+    aside = tempfile.mkdtemp(prefix=".export-", dir=out_dir)
+    try:
+        write(aside)
+        names = sorted(os.listdir(aside))
+        for name in names:
+            fsync_path(os.path.join(aside, name))
+        with publishing_export(out_dir):
+            for name in names:
+                os.replace(os.path.join(aside, name), os.path.join(out_dir, name))
+            fsync_path(out_dir)
+    finally:
+        shutil.rmtree(aside)

@@ -25,6 +25,8 @@ from dataclasses import dataclass
 
 from clara.cli import build_parser, parse_value, value_type
 from clara.config import TINY_MODEL_NAME, ConfigError, TrainConfig, resolve, validate
+from clara.errors import FolderBusy
+from clara.locks import take
 from clara.stages import get_stage
 
 # torchrun kills workers that have not exited this long after it passed a signal on; saving a large
@@ -212,6 +214,8 @@ def summary(script: str, cfg: TrainConfig, given: TrainConfig, procs: Processes,
          else auto.format(f"{cfg.mse_weight:g}", "model")),
         ("SEED", str(cfg.seed)),
         ("RESUME / MAX_CKPT_NUM", f"{cfg.resume} / {cfg.max_ckpt_num}"),
+        ("RESUME_CHANGED_INPUTS", str(cfg.resume_changed_inputs).lower()
+         + ("" if cfg.resume_changed_inputs else " (a resume onto changed data or base model stops)")),
         ("BAD_SAMPLES", cfg.bad_samples),
         ("USE_TENSORBOARD/WANDB", f"{str(cfg.use_tensorboard).lower()} / {str(cfg.use_wandb).lower()} "
                                   f"(project {cfg.wandb_project})"),
@@ -238,6 +242,16 @@ def log_file(cfg: TrainConfig, procs: Processes, dry_run: bool) -> str:
     return path
 
 
+def check_not_in_use(save_path: str) -> None:
+    """A SAVE_PATH another run holds is refused here, before torch loads; the script then takes the lock."""
+    if not os.path.isdir(save_path):
+        return
+    try:
+        take(save_path, "a check").release()
+    except FolderBusy as error:
+        raise LaunchError(str(error)) from None
+
+
 def checked(given: TrainConfig, texts: dict[str, str], has_cuda: bool, world: int,
             batch_defaults: tuple[int, int], check_batch: bool = True) -> TrainConfig:
     """The resolved settings, or LaunchError naming the variable as the user wrote it."""
@@ -259,7 +273,9 @@ def plan(script: str, extra: list[str], batch_defaults: tuple[int, int],
     # Everything that does not depend on the device is checked before torch is imported; the default
     # batch sizes do (the tiny model without CUDA, the script's with it).
     both_batch_sizes = given.batch_size is not None and given.micro_batch_size is not None
-    checked(given, texts, False, procs.world_size, batch_defaults, check_batch=both_batch_sizes)
+    early = checked(given, texts, False, procs.world_size, batch_defaults, check_batch=both_batch_sizes)
+    if not dry_run and procs.node_rank == 0:
+        check_not_in_use(early.save_path)
     devices = cuda_devices()
     check_devices(procs, devices, given.dtype)
     cfg = checked(given, texts, devices > 0, procs.world_size, batch_defaults)

@@ -36,10 +36,13 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from clara.checkpoint import resolve_base_path
 from clara.config import CHECKPOINT_MANIFEST, CHECKPOINT_STATE, TrainConfig
 from clara.distributed import broadcast
 from clara.errors import ResumeError, RunFailure
 from clara.files import fsync_path, write_json_atomic
+from clara.fingerprint import input_changes, train_inputs
+from clara.locks import record_run_id
 
 CHECKPOINT_DIR = "checkpoints"
 PREVIOUS_RUNS_DIR = "previous_runs"
@@ -186,6 +189,8 @@ class ResumePlan:
     state: TrainState | None = None
     settings: dict | None = None
     finished: bool = False  # the checkpoint is the run's last step and its model was exported
+    inputs: dict | None = None  # this run's data and model keys (clara.fingerprint.train_inputs), saved with it
+    data_changed: bool = False  # resumed onto other data (RESUME_CHANGED_INPUTS): its position is recomputed
 
 
 def _new_run_id() -> str:
@@ -238,21 +243,30 @@ def _explicit(cfg: TrainConfig) -> tuple[str, dict]:
     return directory, _read_state(directory)
 
 
-def _decide(cfg: TrainConfig, total_steps: int, log) -> ResumePlan:
+def _decide(cfg: TrainConfig, total_steps: int, inputs: dict, log) -> ResumePlan:
     root = checkpoint_root(cfg)
     run = _read_run(root)
     if cfg.resume == "false":
-        return ResumePlan(run_id=_new_run_id())
+        return ResumePlan(run_id=_new_run_id(), inputs=inputs)
     chosen = _explicit(cfg) if cfg.resume != "auto" else _choose(root, run.get("run_id"), log)
     if chosen is None:
-        return ResumePlan(run_id=_new_run_id())
+        return ResumePlan(run_id=_new_run_id(), inputs=inputs)
     directory, saved = chosen
     check_loadable(directory)
     state = TrainState(**saved["train_state"])
     finished = (cfg.resume == "auto" and state.global_step >= total_steps
                 and run.get("finished_step") == state.global_step)
+    changes = [] if finished else input_changes(saved.get("inputs"), inputs)
+    if changes and not cfg.resume_changed_inputs:
+        raise ResumeError(f"{directory} was saved by a run on other inputs ({'; '.join(changes)}): its data position "
+                          "and weights belong to those. RESUME=false starts over; RESUME_CHANGED_INPUTS=true "
+                          f"continues this run on the new inputs (the epoch order recomputed for the new data from "
+                          f"step {state.global_step} on)")
+    if changes:
+        log(f"Warning: resuming onto changed inputs (RESUME_CHANGED_INPUTS=true): {'; '.join(changes)}")
+    data_changed = bool(saved.get("inputs")) and saved["inputs"]["data"] != inputs["data"]
     return ResumePlan(run_id=saved["run_id"], directory=directory, state=state, settings=saved.get("settings", {}),
-                      finished=finished)
+                      finished=finished, inputs=inputs, data_changed=data_changed)
 
 
 def _move_aside(cfg: TrainConfig, old_run: str | None, keep: str | None, why: str, log) -> None:
@@ -291,13 +305,16 @@ def plan_run(cfg: TrainConfig, total_steps: int, rank: int, world: int, log) -> 
     decision = None
     if rank == 0:
         try:
-            decision = dataclasses.asdict(_decide(cfg, total_steps, log))
+            inputs = train_inputs(cfg, resolve_base_path(cfg.model_path))
+            decision = dataclasses.asdict(_decide(cfg, total_steps, inputs, log))
         except ResumeError as error:
             decision = {"error": str(error)}
     decision = broadcast(decision, rank, world)
     if "error" in decision:
         raise ResumeError(decision["error"])
     plan = ResumePlan(**{**decision, "state": TrainState(**decision["state"]) if decision["state"] else None})
+    if rank == 0:
+        record_run_id(plan.run_id)  # a launch refused while this run holds SAVE_PATH names it
     # Rank 0 first; then each other node's local rank 0, whose checkpoints/ may be its own (not shared).
     for turn in (True, False):
         if (rank == 0) == turn and int(os.environ.get("LOCAL_RANK", "0")) == 0:
@@ -400,7 +417,8 @@ def wait_for_saves() -> None:
         raise _publish_failures.pop(0)
 
 
-def save_resumable(engine, state: TrainState, cfg: TrainConfig, rank: int, run_id: str, wait: bool = False) -> str:
+def save_resumable(engine, state: TrainState, cfg: TrainConfig, rank: int, run_id: str, wait: bool = False,
+                   inputs: dict | None = None) -> str:
     """Save model, optimizer, scheduler and TrainState; the directory appears under its final name only when whole.
 
     Refuses non-finite weights and a disk without room for the checkpoint; a failed write leaves no
@@ -427,7 +445,8 @@ def save_resumable(engine, state: TrainState, cfg: TrainConfig, rank: int, run_i
     if rank == 0 and os.path.isdir(tmp_dir):
         shutil.rmtree(tmp_dir)
     dist.barrier()
-    trainer_state = {"run_id": run_id, "train_state": dataclasses.asdict(state), "settings": cfg.to_dict()}
+    trainer_state = {"run_id": run_id, "train_state": dataclasses.asdict(state), "settings": cfg.to_dict(),
+                     "inputs": inputs}
     try:
         engine.save_checkpoint(root, tag=tmp_tag, client_state={}, save_latest=False, exclude_frozen_parameters=True)
         if rank == 0:
@@ -497,7 +516,7 @@ def _publish(root: str, tmp_tag: str, tag: str, keep: int) -> None:
 RESUME_FREE_SETTINGS = frozenset({
     "max_steps", "max_epochs", "resume", "save_path", "save_steps", "max_ckpt_num", "logging_steps",
     "eval_dataset", "eval_steps", "eval_max_samples", "max_new_tokens", "debug_mode", "debug_every_steps",
-    "debug_max_print_tokens", "use_tensorboard", "use_wandb", "wandb_project"})
+    "debug_max_print_tokens", "use_tensorboard", "use_wandb", "wandb_project", "resume_changed_inputs"})
 
 
 def changed_settings(saved: dict, current: dict) -> list[str]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 
@@ -10,6 +11,14 @@ from torch.distributed.elastic.multiprocessing.errors import record
 from clara.cli import parse_config
 from clara.config import resolve, validate
 from clara.errors import USER_ERRORS, RunFailure
+from clara.locks import INFO_ENV, holding
+
+
+def own_lock(save_path: str) -> contextlib.AbstractContextManager:
+    """Rank 0 of a run started without a launcher holds SAVE_PATH itself (a launcher holds it for its run)."""
+    if os.environ.get(INFO_ENV) or int(os.environ.get("RANK", "0")) != 0:
+        return contextlib.nullcontext()
+    return holding(save_path, "python -m clara.train")
 
 
 @record
@@ -18,13 +27,14 @@ def main(argv: list[str] | None = None) -> int:
     cfg = resolve(parse_config(argv), world_size=world_size)
     try:
         validate(cfg, world_size=world_size)
-        # Deferred: a bad flag is reported before deepspeed, peft and the model code load.
-        from clara.trainer import Stop, train
+        with own_lock(cfg.save_path):
+            # Deferred: a bad flag (or a SAVE_PATH in use) is reported before deepspeed, peft and the model load.
+            from clara.trainer import Stop, train
 
-        try:
-            train(cfg)
-        except Stop as stop:
-            return 128 + stop.signum
+            try:
+                train(cfg)
+            except Stop as stop:
+                return 128 + stop.signum
     except USER_ERRORS as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -367,9 +367,14 @@ class Trainer:
         load_resumable(self.components.engine, plan)
         self._restart_schedule_at(self.cfg.learning_rate)
         self.state = plan.state
+        if plan.data_changed:
+            # The saved position counts steps of other data: go on from the same step of the new data's order.
+            self.state.epoch, self.state.step_in_epoch = divmod(self.state.global_step, self.steps_per_epoch)
         if self.rank == 0:
             rewind_metrics(self.cfg.save_path, self.state.global_step)
-        self.log.print(f"Resumed from {plan.directory} at step {self.state.global_step}.")
+        self.log.print(f"Resumed from {plan.directory} at step {self.state.global_step}"
+                       + (f" (epoch {self.state.epoch}, step {self.state.step_in_epoch} of the new data's order)."
+                          if plan.data_changed else "."))
         changed = changed_settings(plan.settings, self.cfg.to_dict())
         if changed:
             self.log.print(f"Warning: the run that saved this checkpoint had other settings ({'; '.join(changed)}); "
@@ -525,7 +530,8 @@ class Trainer:
     # -- saving -------------------------------------------------------------------------------------------
     def save_checkpoint(self, wait: bool = False) -> None:
         """A resumable checkpoint of this step; it is published in the background unless `wait`."""
-        save_resumable(self.components.engine, self.state, self.cfg, self.rank, self.plan.run_id, wait=wait)
+        save_resumable(self.components.engine, self.state, self.cfg, self.rank, self.plan.run_id, wait=wait,
+                       inputs=self.plan.inputs)
 
     def export(self, last: dict) -> None:
         """The trained model in the checkpoint format, into SAVE_PATH (rank 0 writes, every rank waits)."""

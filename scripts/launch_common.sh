@@ -110,6 +110,16 @@ clara_launch() {
         printf '%s\n' "$CLARA_COMMAND_LINE"
         return 0
     fi
+    # One run per SAVE_PATH: the lock is taken on a descriptor this script keeps open (torchrun inherits
+    # it), so it ends with the run's processes, kill -9 included. Node 0 holds it for every node.
+    local lock_fd CLARA_LOCK_INFO="" CLARA_LOCK_LINE=""
+    if ((CLARA_NODE_RANK == 0)); then
+        exec {lock_fd}<>"$CLARA_SAVE_PATH/.lock"
+        plan=$("${PYTHON:-python}" -m clara.locks --folder "$CLARA_SAVE_PATH" --fd "$lock_fd" --pid $$ \
+            --what "$script") || return $?
+        eval "$plan"
+        export CLARA_LOCK_INFO
+    fi
     local pair
     for pair in "${CLARA_ENV[@]}"; do
         export "${pair?}"
@@ -127,6 +137,7 @@ clara_launch() {
     printf '\n[launcher] %s  %s on %s (log: %s)\n' "$(date '+%Y-%m-%d %H:%M:%S')" "$script" \
         "$(hostname 2>/dev/null || echo localhost)" "$log"
     printf '%s\n' "$CLARA_SUMMARY"
+    [[ -z $CLARA_LOCK_LINE ]] || printf '%s\n' "$CLARA_LOCK_LINE"
     echo "Command: $CLARA_COMMAND_LINE"
 
     trap '_clara_on_signal TERM' TERM

@@ -4,7 +4,17 @@ from __future__ import annotations
 
 import os
 
-from clara.fingerprint import data_key, file_identity, key_digest, model_key, what_changed
+from clara.config import TrainConfig, resolve
+from clara.fingerprint import (
+    data_key,
+    file_identity,
+    input_changes,
+    key_digest,
+    model_key,
+    train_data_key,
+    train_inputs,
+    what_changed,
+)
 
 
 def test_a_changed_file_or_setting_changes_the_data_key(tmp_path):
@@ -31,3 +41,39 @@ def test_a_changed_weight_file_changes_the_model_key(tmp_path):
     after = model_key(str(tmp_path))
     assert what_changed(before, after)[0].startswith("weights.model.safetensors: ")
     assert model_key("Qwen/Qwen3-0.6B") == {"model": "Qwen/Qwen3-0.6B"}
+
+
+def test_the_training_data_key_reads_files_hub_revisions_and_the_settings_that_pick_records(tmp_path, monkeypatch):
+    data = tmp_path / "train.jsonl"
+    data.write_text('{"a": 1}\n')
+    cfg = resolve(TrainConfig(dataset=str(data), model_path="tiny"), has_cuda=False)
+    key = train_data_key(cfg)
+    assert key["sources"] == [file_identity(str(data))] and key["stage"] == "stage1" and key["tokenizer"] == "tiny"
+    assert key["settings"]["max_len"] == 2048 and "learning_rate" not in key["settings"]
+    assert train_data_key(resolve(TrainConfig(dataset=str(data), model_path="tiny", max_samples=5), has_cuda=False)) \
+        != key
+
+    # A Hub data set is keyed by the revision in the Hugging Face cache: a new download is a new key.
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    hub = resolve(TrainConfig(dataset="hf:someone/data:config", model_path="tiny"), has_cuda=False)
+    assert train_data_key(hub)["sources"] == [{"hf": "hf:someone/data:config", "revision": None}]
+    ref = tmp_path / "hub" / "datasets--someone--data" / "refs" / "main"
+    ref.parent.mkdir(parents=True)
+    ref.write_text("abc123\n")
+    assert train_data_key(hub)["sources"][0]["revision"] == "abc123"
+
+
+def test_input_changes_name_the_file_and_the_weight_file_that_changed(tmp_path):
+    data = tmp_path / "train.jsonl"
+    data.write_text('{"a": 1}\n')
+    (tmp_path / "base").mkdir()
+    (tmp_path / "base" / "config.json").write_text("{}")
+    (tmp_path / "base" / "model.safetensors").write_bytes(b"1234")
+    cfg = resolve(TrainConfig(dataset=str(data), model_path=str(tmp_path / "base")), has_cuda=False)
+    before = train_inputs(cfg, cfg.model_path)
+    assert input_changes(None, before) == []  # a checkpoint written before the keys existed
+    data.write_text('{"a": 1}\n{"a": 2}\n')
+    (tmp_path / "base" / "model.safetensors").write_bytes(b"5678")
+    changes = input_changes(before, train_inputs(cfg, cfg.model_path))
+    assert [line.split(":")[0] for line in changes] == [f"DATASET.{data}", "MODEL_PATH.model.safetensors"]
+    assert '"9 bytes, modified ' in changes[0] and '-> "18 bytes, modified ' in changes[0]

@@ -46,6 +46,7 @@ from clara.corpus import content_id, corpus_hash, read_corpus  # noqa: F401 (cla
 from clara.data import DataError, iter_lines
 from clara.distributed import broadcast
 from clara.errors import CorpusIndexError
+from clara.locks import LOCK_FILES
 from clara.metrics import cover_exact_match, exact_match, f1_score, retrieval_summary
 from clara.model import ClaraModel
 from clara.stages import QUERY_REASONER, stage2
@@ -163,7 +164,7 @@ def _check_resumable(out_dir: str, plan: dict) -> str | None:
     """None when out_dir may hold this build, else the one-line reason it may not."""
     previous = _read_json(os.path.join(out_dir, BUILD_FILE))
     if previous is None:
-        if os.path.isdir(out_dir) and os.listdir(out_dir):
+        if os.path.isdir(out_dir) and set(os.listdir(out_dir)) - set(LOCK_FILES):
             return f"--out {out_dir}: folder exists and is not a corpus index; choose a new folder"
         return None
     differ = [key for key in BUILD_KEYS if previous.get(key) != plan[key]]

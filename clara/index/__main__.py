@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 
 import torch
 
 from clara.checkpoint import load_model
-from clara.distributed import resolve_dtype, run_command
+from clara.distributed import broadcast, resolve_dtype, run_command
+from clara.errors import FolderBusy
 from clara.evaluate import positive_int
 from clara.index import SEARCH_KINDS, STORAGE_DTYPES, SearchSettings, build_index, read_corpus
+from clara.locks import holding
 from clara.model import attention_implementation
 
 
@@ -48,6 +51,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace, rank: int, world: int, device: torch.device) -> dict:
+    """Rank 0 holds --out for the whole build (another build or export there is refused); then every rank builds."""
+    with contextlib.ExitStack() as held:
+        busy = None
+        if rank == 0:
+            try:
+                held.enter_context(holding(args.out, "python -m clara.index"))
+            except FolderBusy as error:
+                busy = str(error)
+        busy = broadcast(busy, rank, world)
+        if busy:
+            raise FolderBusy(busy)
+        return build(args, rank, world, device)
+
+
+def build(args: argparse.Namespace, rank: int, world: int, device: torch.device) -> dict:
     say = print if rank == 0 else (lambda *a, **k: None)
     ids, texts = read_corpus(args.corpus)
     dtype = resolve_dtype(args.model_dtype, device)
