@@ -12,6 +12,8 @@ import json
 import os
 from pathlib import Path
 
+from clara.config import HUB_PREFIX, parse_hub_source, split_paths
+
 # Bytes read from each end of a weight file for the model key: enough to tell a retrained or replaced
 # file, cheap for a 60 GB base. The file's size is part of the key as well.
 SAMPLE_BYTES = 1 << 20
@@ -81,3 +83,52 @@ def what_changed(saved: dict, current: dict, prefix: str = "") -> list[str]:
         else:
             changes.append(f"{prefix}{name}: {json.dumps(old)} -> {json.dumps(new)}")
     return changes
+
+
+# -- the data key of a run -----------------------------------------------------------------------------------
+# The settings that decide which records a stage trains on, and how each is checked (the MAX_LEN check
+# renders a record's decoder input with the memory tokens, documents and seed-picked instruction).
+DATA_SETTINGS = ("max_len", "doc_max_length", "compress_rate", "generation_top_k", "seed", "bad_samples",
+                 "max_samples")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "tokenizer.model",
+                   "special_tokens_map.json", "added_tokens.json", "chat_template.jinja", "chat_template.json")
+TINY_MODEL_DIR = Path(__file__).resolve().parent / "tiny_model"
+
+
+def _hub_file_identity(path: str) -> dict:
+    """A Hub data file: a copy in the Hugging Face cache is a link to a blob named by its content's hash,
+    which is its identity; a file elsewhere (a local folder in the Hub layout) is keyed as a local file."""
+    real = os.path.realpath(path)
+    if os.path.basename(os.path.dirname(real)) == "blobs":
+        return {"name": os.path.basename(path), "blob": os.path.basename(real)}
+    return file_identity(path) if os.path.isfile(path) else {"url": path}
+
+
+def source_identities(dataset: str, streaming: bool = False) -> list[dict]:
+    """The sources of a data setting (JSONL files joined by commas, or hf:NAME:CONFIG[:SPLIT]) as key rows."""
+    if not dataset.startswith(HUB_PREFIX):
+        return [file_identity(path) for path in split_paths(dataset)]
+    from clara.data.hub import hub_files  # deferred: resolving a Hub configuration loads `datasets`
+
+    label, files = hub_files(parse_hub_source(dataset, "dataset"), streaming=streaming)
+    return [{"hub": label, "files": [_hub_file_identity(f) for f in files]}]
+
+
+def tokenizer_identity(source: str) -> dict:
+    """A tokenizer as the data key sees it: a folder's tokenizer files by content, a Hub id by name."""
+    folder = TINY_MODEL_DIR if source == "tiny" else Path(source)
+    if not folder.is_dir():
+        return {"tokenizer": source}
+    files = {name: content_digest(str(folder / name)) for name in TOKENIZER_FILES if (folder / name).is_file()}
+    return {"tokenizer": os.path.abspath(folder), "files": files}
+
+
+def train_data_key(cfg) -> dict:
+    """The key of a run's training data (a TrainConfig): the files, the stage, the tokenizer that counts
+    the tokens and the settings that decide which records train. The prepared-data cache is keyed by it,
+    and a resumable checkpoint records it."""
+    tokenizer = cfg.pretrain_checkpoint if cfg.pretrain_checkpoint and any(
+        (Path(cfg.pretrain_checkpoint) / name).is_file() for name in TOKENIZER_FILES) else cfg.model_path
+    hub_prefix = cfg.dataset.startswith(HUB_PREFIX) and cfg.max_samples is not None
+    return data_key(source_identities(cfg.dataset, streaming=hub_prefix), cfg.stage, tokenizer_identity(tokenizer),
+                    {name: getattr(cfg, name) for name in DATA_SETTINGS})

@@ -213,6 +213,8 @@ def summary(script: str, cfg: TrainConfig, given: TrainConfig, procs: Processes,
         ("SEED", str(cfg.seed)),
         ("RESUME / MAX_CKPT_NUM", f"{cfg.resume} / {cfg.max_ckpt_num}"),
         ("BAD_SAMPLES", cfg.bad_samples),
+        ("DATA_WORKERS", f"{cfg.data_workers}" + ("" if given.data_workers is not None else
+                                                  " (auto: the CPUs this process may use, at most 16)")),
         ("USE_TENSORBOARD/WANDB", f"{str(cfg.use_tensorboard).lower()} / {str(cfg.use_wandb).lower()} "
                                   f"(project {cfg.wandb_project})"),
         ("OMP_NUM_THREADS", threads),
