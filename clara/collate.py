@@ -115,18 +115,19 @@ class Collator:
     top_k: int = 5
     seed: int = 0
     with_targets: bool = True
-    byte_bound: bool = False  # the tokenizer never makes more tokens than a text has UTF-8 bytes
+    # Set when the tokenizer never makes more tokens than a text has UTF-8 bytes: the bytes the chat template
+    # adds around the three texts (see template_overhead).
+    byte_overhead: int | None = None
 
     def length_problem(self, record: dict) -> str | None:
         """Why a normalised record cannot be trained on whole: its decoder input exceeds max_len (else None).
 
-        With byte_bound, a record whose rendered prompt and answer have at most max_len UTF-8 bytes fits
-        without being tokenized (about 9x faster); only longer ones are counted exactly.
+        With byte_overhead, a record whose texts and template have at most max_len UTF-8 bytes fits without
+        being rendered or tokenized (tens of times faster); only longer ones are counted exactly.
         """
         system, user, target = self.stage.example(record, self.tokens.n_mem, self.top_k, self.seed)
-        if self.byte_bound and target is not None:
-            prompt, turn = prompts.render_supervised(self.tokenizer, system, user, target)
-            if utf8_length(prompt + turn) <= self.max_len:
+        if self.byte_overhead is not None and target is not None:
+            if self.byte_overhead + utf8_length(system) + utf8_length(user) + utf8_length(target) <= self.max_len:
                 return None
         length = len(encode_supervised(self.tokenizer, system, user, target, max_len=sys.maxsize)[0])
         if length <= self.max_len:
@@ -183,6 +184,20 @@ def counts_at_most_bytes(tokenizer) -> bool:
             and normalizer in (None, {"type": "NFC"}))
 
 
+# Texts that a template which escapes, repeats or rewrites its messages would render at another length.
+TEMPLATE_PROBES = (("s", "u", "a"), ('System "quoted"\n\\ <b>', "User\n\n  é ü 中文 {{ x }} </think>", "Answer \t<|x|>\n"))
+
+
+def template_overhead(tokenizer) -> int | None:
+    """The UTF-8 bytes the chat template adds around (system, user, answer) when it copies each of them
+    verbatim, as checked on probe texts; None when it does not (the records are then rendered)."""
+    found = set()
+    for system, user, answer in TEMPLATE_PROBES:
+        prompt, turn = prompts.render_supervised(tokenizer, system, user, answer)
+        found.add(utf8_length(prompt + turn) - sum(utf8_length(t) for t in (system, user, answer)))
+    return found.pop() if len(found) == 1 else None
+
+
 @dataclass(frozen=True)
 class LengthCheck:
     """The MAX_LEN check as a recipe that pickles: each process that prepares data calls it once (loading
@@ -206,5 +221,6 @@ class LengthCheck:
 
         tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_source)
         tokens = add_special_tokens(tokenizer, self.n_mem)
+        overhead = template_overhead(tokenizer) if counts_at_most_bytes(tokenizer) else None
         return Collator(self.stage, tokenizer, tokens, self.doc_max_length, self.max_len, self.top_k, self.seed,
-                        byte_bound=counts_at_most_bytes(tokenizer)).length_problem
+                        byte_overhead=overhead).length_problem

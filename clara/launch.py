@@ -18,7 +18,6 @@ import argparse
 import dataclasses
 import os
 import shlex
-import shutil
 import socket
 import sys
 from dataclasses import dataclass
@@ -276,7 +275,8 @@ def plan(script: str, extra: list[str], batch_defaults: tuple[int, int],
     env = [f"OMP_NUM_THREADS={threads}"] if threads else []
     if not os.environ.get("TORCH_ELASTIC_SHUTDOWN_TIMEOUT"):
         env.append(f"TORCH_ELASTIC_SHUTDOWN_TIMEOUT={SHUTDOWN_TIMEOUT_S}")
-    runner = ["torchrun"] if shutil.which("torchrun") else [sys.executable, "-m", "torch.distributed.run"]
+    # torchrun through clara.run_workers: a worker's own exit status (2: bad data or settings) reaches the script.
+    runner = [sys.executable, "-m", "clara.run_workers"]
     command = [*runner, "--nproc_per_node", str(procs.num_gpus), "--nnodes", str(procs.num_nodes),
                "--node_rank", str(procs.node_rank), "--master_addr", procs.master_addr,
                "--master_port", str(procs.master_port), "-m", "clara.train", *trainer_flags(cfg, given), *extra]

@@ -101,17 +101,14 @@ def prepare_task(task: Task, stage: Stage, min_docs: int, make_check: Callable[[
 
 
 @contextlib.contextmanager
-def _results(run: Callable[[Task], TaskResult], tasks: list[Task], workers: int,
-             preload: str | None) -> Iterator[Iterator[TaskResult]]:
+def _results(run: Callable[[Task], TaskResult], tasks: list[Task], workers: int) -> Iterator[Iterator[TaskResult]]:
     """Each task's result, in task order: from a pool of `workers` processes, or here for one task."""
     if workers <= 1 or len(tasks) == 1:
         yield map(run, tasks)
         return
-    # forkserver: the parent may hold threads (a process group, tokenizers), which fork would copy mid-lock;
-    # the check's module is imported once in the server, not in every worker.
-    context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload([name for name in (__name__, preload) if name])
-    with context.Pool(workers) as pool:
+    # Forked, as PyTorch's DataLoader workers are: they start at once with the parent's modules imported
+    # (a fresh interpreter spends seconds importing transformers and datasets), sharing its memory.
+    with multiprocessing.get_context("fork").Pool(workers) as pool:
         yield pool.imap(run, tasks)
 
 
@@ -126,8 +123,7 @@ def prepare(tasks: list[Task], stage: Stage, min_docs: int, make_check: Callable
     bar = tqdm(total=sum(task.size for task in tasks), unit="B", unit_scale=True, unit_divisor=1024, delay=3,
                desc=f"Preparing {tasks[0].label if tasks else ''}", disable=not progress, file=sys.stderr,
                mininterval=1)
-    preload = getattr(type(make_check), "__module__", None) if make_check is not None else None
-    with bar, _results(run, tasks, workers, preload) as results:
+    with bar, _results(run, tasks, workers) as results:
         for task, result in zip(tasks, results):
             before = counted.get(task.label, 0)
             counted[task.label] = before + result.positions
@@ -138,7 +134,8 @@ def prepare(tasks: list[Task], stage: Stage, min_docs: int, make_check: Callable
             prepared.check_error = prepared.check_error or result.check_error
             bar.update(task.size)
             bar.set_postfix_str(f"{prepared.records:,} records, "
-                                f"{prepared.records / max(time.monotonic() - started, 1e-9):,.0f} records/s")
+                                f"{prepared.records / max(time.monotonic() - started, 1e-9):,.0f} records/s",
+                                refresh=False)
             if task.limit is not None and prepared.records >= task.limit:
                 break
     prepared.seconds = time.monotonic() - started
