@@ -49,6 +49,8 @@ def _publish_report(folder: str, key: dict, dataset: str, prepared: Prepared) ->
 def _prepare_into(folder: str, key: dict, stage: Stage, dataset: str, bad_samples: str, min_docs: int,
                   max_samples: int | None, make_check: Callable[[], Check] | None, workers: int, log) -> None:
     tasks = plan_tasks(dataset, max_samples if dataset.startswith(HUB_PREFIX) else None, workers)
+    if dataset.startswith(HUB_PREFIX):
+        dataset = tasks[0].label  # with its split: hf:NAME:CONFIG:SPLIT
     prepared = prepare(tasks, stage, min_docs, make_check, workers, folder)
     if prepared.check_error:
         if prepared.rejected and bad_samples != "skip":
@@ -72,6 +74,7 @@ def _open_entry(entry: str, stage: Stage, dataset: str, bad_samples: str, reject
                 max_samples: int | None, log, reported: bool, in_memory: bool = False) -> datasets.Dataset:
     """The entry's records; DataError for its rejected records unless bad_samples == "skip"."""
     report = cache.read_report(entry)
+    dataset = report["dataset"]  # a Hub data set with its split
     if report["rejected"]:
         if bad_samples != "skip":
             raise DataError(_problem(report["rejected"], report["first_rejected"], dataset, stage), reported=reported)
