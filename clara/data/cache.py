@@ -65,14 +65,14 @@ def entry_lock(entry: str, log: Callable[[str], None]) -> Iterator[None]:
             log(f"Waiting for another process that prepares the same data ({handle.read().strip() or 'unknown'}) "
                 f"to finish: {entry}")
             fcntl.flock(handle, fcntl.LOCK_EX)
+        except OSError as error:  # a filesystem without locks (some NFS mounts): the rename still publishes whole
+            log(f"Cannot lock {entry}.lock ({error.strerror}); preparing without the lock: set CLARA_DATA_CACHE "
+                "to a local folder if several jobs may prepare the same data at once")
         handle.seek(0)
         handle.truncate()
         handle.write(f"host {socket.gethostname()}, pid {os.getpid()}\n")
         handle.flush()
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+        yield  # closing the file releases the lock
 
 
 @contextlib.contextmanager
@@ -88,7 +88,11 @@ def building(entry: str) -> Iterator[str]:
         yield folder
         for file in os.listdir(folder):
             fsync_path(os.path.join(folder, file))
-        os.rename(folder, entry)
+        try:
+            os.rename(folder, entry)
+        except OSError:
+            if not is_published(entry):  # published meanwhile by a process that could not take the lock either
+                raise
         fsync_path(parent)
     finally:
         shutil.rmtree(folder, ignore_errors=True)

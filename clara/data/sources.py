@@ -110,7 +110,7 @@ def line_starts(path: str, size: int, chunk: int) -> list[int]:
 def _line_tasks(path: str, label: str, count_blank: bool, workers: int, first_index: int,
                 chunk_bytes: int | None) -> list[Task]:
     size = os.path.getsize(path)
-    chunk = chunk_bytes or min(MAX_CHUNK_BYTES, max(CHUNK_BYTES, size // (4 * workers) + 1))
+    chunk = chunk_bytes or min(MAX_CHUNK_BYTES, max(CHUNK_BYTES, size // (16 * workers) + 1))
     cuts = line_starts(path, size, chunk)
     return [Task(first_index + i, "lines", label, (path,), start, end, end - start, count_blank)
             for i, (start, end) in enumerate(zip(cuts, cuts[1:]))]
