@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from clara.checkpoint import load_model, official_base_name, read_config, resolve_checkpoint
+from clara.checkpoint import load_model, official_base_name, read_config, resolve_base_path, resolve_checkpoint
 from clara.collate import Collator, LengthCheck
 from clara.config import TrainConfig, check_data_sources
 from clara.data import load_records
@@ -277,7 +277,7 @@ def eval_length_check(checkpoint: str, stage: Stage, max_len: int | None, seed: 
     """The MAX_LEN check of the records with the checkpoint's tokenizer and memory-token settings."""
     config = read_config(checkpoint)
     if "decoder_model_name" in config:  # the official layout: the tokenizer is the base model's
-        source = model_path or official_base_name(config["decoder_model_name"], checkpoint)
+        source = resolve_base_path(model_path or official_base_name(config["decoder_model_name"], checkpoint))
         doc_len = int(config["doc_max_length"])
         n_mem = doc_len // int(config["compr_rate"])
     else:
