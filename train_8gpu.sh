@@ -28,6 +28,7 @@ set -a # every setting below reaches python -m clara.launch, which resolves and 
 : "${EVAL_MAX_SAMPLES:=100}"          # samples generated from per evaluation (stage1_2, stage2)
 : "${SAVE_PATH:=}"                    # unset: ./checkpoints/clara_${STAGE}
 : "${BAD_SAMPLES:=error}"             # error: stop on bad records; skip: train on the good ones
+: "${DATA_WORKERS:=}"                  # processes preparing the data on first use; unset: the CPUs we may use (<= 16)
 # Model
 : "${DOC_MAX_LENGTH:=256}"            # max document tokens
 : "${COMPRESS_RATE:=32}"              # document tokens per memory vector (DOC_MAX_LENGTH / COMPRESS_RATE memory tokens)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
 import json
 import os
 import platform
@@ -146,6 +147,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--serve", action="store_true",
                      help="measure python -m clara.serve instead (throughput and p50/p99 latency at 1, 8 and 32 "
                           "concurrent clients, batched and one at a time); its options: python -m bench --serve --help")
+    run.add_argument("--data", action="store_true",
+                     help="measure preparing the training data instead (records/s, launch to step 1 and to the end "
+                          "of step 2, empty and warm cache, one and two processes, peak memory); its options: "
+                          "python -m bench --data --help")
     run.add_argument("--timeout", type=float, default=1800, help="seconds allowed per configuration")
     run.add_argument("--max_load", type=float, default=None,
                      help="on a shared machine: before each configuration, wait (at most --timeout seconds) until "
@@ -329,16 +334,15 @@ def wait_for_load(max_load: float | None, timeout: float) -> float | None:
         time.sleep(5)
 
 
+# Modes other than the step measurement: the flag, and the module with its own rows and options.
+MODES = {"--retrieval": "bench.retrieval", "--serve": "bench.serve", "--data": "bench.data_prep"}
+
+
 def main(argv: list[str] | None = None) -> int:
     given = list(argv) if argv is not None else sys.argv[1:]
-    if "--retrieval" in given:  # its own rows and options (bench/retrieval.py)
-        from bench import retrieval
-
-        return retrieval.main([a for a in given if a != "--retrieval"])
-    if "--serve" in given:  # its own rows and options (bench/serve.py)
-        from bench import serve
-
-        return serve.main([a for a in given if a != "--serve"])
+    mode = next((flag for flag in MODES if flag in given), None)
+    if mode is not None:
+        return importlib.import_module(MODES[mode]).main([a for a in given if a != mode])
     args = parse_args(argv)
     base = config_from_args(args)
     try:

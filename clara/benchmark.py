@@ -31,6 +31,7 @@ from clara.distributed import broadcast, run_command
 from clara.evaluate import (
     RETRIEVAL_KS,
     eval_config,
+    eval_length_check,
     evaluate_model,
     load_eval_model,
     load_eval_records,
@@ -159,9 +160,10 @@ def run(args: argparse.Namespace, rank: int, world: int, device: torch.device) -
         f"sets already done in {output_dir}" + (f", {len(todo)} to evaluate" if todo else ""), flush=True)
     if todo:
         model = load_eval_model(args.checkpoint, evaluated, dtype, attn, args.model_path, device, say)
+    check = eval_length_check(args.checkpoint, evaluated, args.max_len, args.seed, args.model_path)
     for config in todo:
         records = load_eval_records(evaluated, metas[config]["dataset"], model.settings.generation_top_k,
-                                    args.max_samples, rank, world, say)
+                                    args.max_samples, check, say)
         cfg = eval_config(model, evaluated, len(records), args.batch_size, None, args.max_new_tokens, args.max_len,
                           args.seed)
         say(f"{config}: {len(records)} samples from {metas[config]['dataset']}", flush=True)

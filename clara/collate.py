@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import sys
+import unicodedata
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
 from clara import prompts
-from clara.prompts import SpecialTokens
+from clara.fingerprint import tokenizer_identity
+from clara.prompts import SpecialTokens, add_special_tokens
 from clara.stages import Stage
 
 IGNORE_INDEX = -100
@@ -111,10 +115,20 @@ class Collator:
     top_k: int = 5
     seed: int = 0
     with_targets: bool = True
+    # Set when the tokenizer never makes more tokens than a text has UTF-8 bytes: the bytes the chat template
+    # adds around the three texts (see template_overhead).
+    byte_overhead: int | None = None
 
     def length_problem(self, record: dict) -> str | None:
-        """Why a normalised record cannot be trained on whole: its decoder input exceeds max_len (else None)."""
+        """Why a normalised record cannot be trained on whole: its decoder input exceeds max_len (else None).
+
+        With byte_overhead, a record whose texts and template have at most max_len UTF-8 bytes fits without
+        being rendered or tokenized (tens of times faster); only longer ones are counted exactly.
+        """
         system, user, target = self.stage.example(record, self.tokens.n_mem, self.top_k, self.seed)
+        if self.byte_overhead is not None and target is not None:
+            if self.byte_overhead + utf8_length(system) + utf8_length(user) + utf8_length(target) <= self.max_len:
+                return None
         length = len(encode_supervised(self.tokenizer, system, user, target, max_len=sys.maxsize)[0])
         if length <= self.max_len:
             return None
@@ -145,3 +159,68 @@ class Collator:
         batch.num_tokens = int(batch.dec_mask.sum() + batch.enc_mask.sum()
                                + (batch.query_mask.sum() if batch.query_mask is not None else 0))
         return batch
+
+
+def utf8_length(text: str) -> int:
+    """UTF-8 bytes of the text as an NFC-normalising tokenizer sees it."""
+    if not unicodedata.is_normalized("NFC", text):
+        text = unicodedata.normalize("NFC", text)
+    return len(text.encode("utf-8"))
+
+
+def counts_at_most_bytes(tokenizer) -> bool:
+    """True for a byte-level BPE (GPT-2, Qwen, Llama 3, the tiny model): each token stands for at least one
+    byte of the text (an added token for its own text), so a text never has more tokens than UTF-8 bytes.
+    Not for SentencePiece tokenizers (Llama 2, Mistral, T5), whose word-start marker is a token that stands
+    for no byte of the text, nor for slow tokenizers: their records are all tokenized."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None or backend.pre_tokenizer is None:
+        return False
+    pre = json.loads(backend.pre_tokenizer.__getstate__())
+    parts = pre.get("pretokenizers", [pre])
+    byte_level = [p for p in parts if p.get("type") == "ByteLevel"]
+    normalizer = json.loads(backend.normalizer.__getstate__()) if backend.normalizer is not None else None
+    return (bool(byte_level) and not any(p.get("add_prefix_space") for p in byte_level)
+            and normalizer in (None, {"type": "NFC"}))
+
+
+# Texts that a template which escapes, repeats or rewrites its messages would render at another length.
+TEMPLATE_PROBES = (("s", "u", "a"), ('System "quoted"\n\\ <b>', "User\n\n  é ü 中文 {{ x }} </think>", "Answer \t<|x|>\n"))
+
+
+def template_overhead(tokenizer) -> int | None:
+    """The UTF-8 bytes the chat template adds around (system, user, answer) when it copies each of them
+    verbatim, as checked on probe texts; None when it does not (the records are then rendered)."""
+    found = set()
+    for system, user, answer in TEMPLATE_PROBES:
+        prompt, turn = prompts.render_supervised(tokenizer, system, user, answer)
+        found.add(utf8_length(prompt + turn) - sum(utf8_length(t) for t in (system, user, answer)))
+    return found.pop() if len(found) == 1 else None
+
+
+@dataclass(frozen=True)
+class LengthCheck:
+    """The MAX_LEN check as a recipe that pickles: each process that prepares data calls it once (loading
+    the tokenizer) and gets the check it runs on every record; key() is what the check depends on."""
+
+    stage: Stage
+    tokenizer_source: str  # a local folder or Hub id with the tokenizer the stage's model uses
+    n_mem: int
+    doc_max_length: int
+    max_len: int
+    top_k: int
+    seed: int
+
+    def key(self) -> dict:
+        return {**tokenizer_identity(self.tokenizer_source), "n_mem": self.n_mem,
+                "doc_max_length": self.doc_max_length, "max_len": self.max_len, "top_k": self.top_k,
+                "seed": self.seed}
+
+    def __call__(self) -> Callable[[dict], str | None]:
+        from transformers import AutoTokenizer  # deferred: only the processes that prepare data load it
+
+        tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_source)
+        tokens = add_special_tokens(tokenizer, self.n_mem)
+        overhead = template_overhead(tokenizer) if counts_at_most_bytes(tokenizer) else None
+        return Collator(self.stage, tokenizer, tokens, self.doc_max_length, self.max_len, self.top_k, self.seed,
+                        byte_overhead=overhead).length_problem

@@ -42,6 +42,16 @@ def hub_id_parts(path: str) -> tuple[str, str | None] | None:
     return "/".join(parts[:2]), "/".join(parts[2:]) or None
 
 
+# Past this many, preparing the data is bound by the disk more than by the CPUs.
+MAX_DATA_WORKERS = 16
+
+
+def default_data_workers() -> int:
+    """The CPUs this process may use (its affinity, not OMP_NUM_THREADS), at most MAX_DATA_WORKERS."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(cores, MAX_DATA_WORKERS))
+
+
 def setting(default, help: str):
     return field(default=default, metadata={"help": help})
 
@@ -62,6 +72,8 @@ class TrainConfig:
     save_path: str | None = setting(None, "output directory (default: checkpoints/clara_<stage>)")
     bad_samples: str = setting("error", "error: stop on bad records; skip: train on the good ones, write the rest "
                                         "to rejected.jsonl")
+    data_workers: int | None = setting(None, "processes that prepare the data on its first use (default: the CPUs "
+                                             f"this process may use, at most {MAX_DATA_WORKERS})")
     # Model
     doc_max_length: int = setting(256, "max document tokens")
     compress_rate: int = setting(32, "document tokens per memory vector; memory tokens = doc_max_length / "
@@ -165,13 +177,15 @@ def resolve(cfg: TrainConfig, has_cuda: bool | None = None, world_size: int = 1,
         cfg.mse_weight = 0.0 if tiny else 0.1
     if cfg.gradient_checkpointing is None:
         cfg.gradient_checkpointing = has_cuda
+    if cfg.data_workers is None:
+        cfg.data_workers = default_data_workers()
     return cfg
 
 
 POSITIVE_INTS = ("doc_max_length", "compress_rate", "generation_top_k", "batch_size", "micro_batch_size",
                  "max_epochs", "max_len", "debug_every_steps", "debug_max_print_tokens", "logging_steps",
                  "eval_steps", "save_steps", "max_ckpt_num", "lora_r", "lora_alpha", "candidate_chunk_size",
-                 "eval_max_samples", "max_new_tokens", "max_steps", "max_samples")
+                 "eval_max_samples", "max_new_tokens", "max_steps", "max_samples", "data_workers")
 # float() also reads "nan", "inf" and "1e999" (inf): a non-finite setting would poison the weights.
 FLOAT_RANGES = {
     "learning_rate": (lambda v: v > 0, "a finite number > 0 (e.g. 1e-4)"),

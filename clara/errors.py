@@ -14,7 +14,12 @@ class ConfigError(ValueError):
 
 
 class DataError(ValueError):
-    """Bad records; the message names every bad FILE:LINE (the first 20 and a count)."""
+    """Bad records; the message names every bad FILE:LINE (the first 20 and a count). `reported`: another
+    process of the job (the one that prepared the data) prints this message; this one need not repeat it."""
+
+    def __init__(self, message: str, reported: bool = False):
+        super().__init__(message)
+        self.reported = reported
 
 
 class CheckpointError(ValueError):

@@ -28,8 +28,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from clara.checkpoint import load_model, read_config, resolve_checkpoint
-from clara.collate import Collator
+from clara.checkpoint import load_model, official_base_name, read_config, resolve_base_path, resolve_checkpoint
+from clara.collate import Collator, LengthCheck
 from clara.config import TrainConfig, check_data_sources
 from clara.data import load_records
 from clara.distributed import broadcast, gather_rows, rank_zero_first, resolve_dtype, run_command
@@ -262,12 +262,28 @@ def resolve_runtime(dtype_name: str, flash_attn: str, device: torch.device) -> t
     return resolve_dtype(dtype_name, device), attention_implementation(flash_attn, device.type == "cuda")
 
 
-def load_eval_records(stage: Stage, dataset: str, top_k: int, limit: int | None, rank: int, world: int, log):
-    """Validated records of `dataset` (JSONL files or hf:NAME:CONFIG[:SPLIT]); the first `limit` when given."""
+def load_eval_records(stage: Stage, dataset: str, top_k: int, limit: int | None, check: LengthCheck | None, log):
+    """Validated records of `dataset` (JSONL files or hf:NAME:CONFIG[:SPLIT]); the first `limit` when given.
+
+    Local rank 0 prepares them (once: cached, with the MAX_LEN check); the node's other ranks wait for it."""
     datasets.disable_progress_bars()
-    # Rank 0 builds the Arrow cache first; the other ranks then read it (and meet the same errors).
-    return rank_zero_first(lambda: load_records(stage, dataset, min_docs=stage.min_docs(top_k), max_samples=limit,
-                                                log=log), rank, world)
+    preparer = int(os.environ.get("LOCAL_RANK", "0")) == 0
+    return load_records(stage, dataset, min_docs=stage.min_docs(top_k), max_samples=limit, make_check=check,
+                        log=log if preparer else (lambda *_: None), preparer=preparer)
+
+
+def eval_length_check(checkpoint: str, stage: Stage, max_len: int | None, seed: int,
+                      model_path: str | None) -> LengthCheck:
+    """The MAX_LEN check of the records with the checkpoint's tokenizer and memory-token settings."""
+    config = read_config(checkpoint)
+    if "decoder_model_name" in config:  # the official layout: the tokenizer is the base model's
+        source = resolve_base_path(model_path or official_base_name(config["decoder_model_name"], checkpoint))
+        doc_len = int(config["doc_max_length"])
+        n_mem = doc_len // int(config["compr_rate"])
+    else:
+        source, doc_len, n_mem = checkpoint, int(config["doc_max_length"]), int(config["n_mem_tokens"])
+    return LengthCheck(stage, source, n_mem, doc_len, max_len or stage.max_len, int(config.get("generation_top_k", 5)),
+                       seed)
 
 
 def load_eval_model(checkpoint: str, stage: Stage, dtype: torch.dtype, attn: str, model_path: str | None,
@@ -300,7 +316,8 @@ def run(args: argparse.Namespace, rank: int, world: int, device: torch.device) -
     check_data_sources("dataset", args.dataset)
     dtype, attn = resolve_runtime(args.dtype, args.flash_attn, device)
     top_k = int(read_config(checkpoint).get("generation_top_k", 5))
-    records = load_eval_records(stage, args.dataset, top_k, args.limit, rank, world, say)
+    check = eval_length_check(checkpoint, stage, args.max_len, args.seed, args.model_path)
+    records = load_eval_records(stage, args.dataset, top_k, args.limit, check, say)
     model = load_eval_model(checkpoint, stage, dtype, attn, args.model_path, device, say)
     cfg = eval_config(model, stage, len(records), args.batch_size, args.max_samples, args.max_new_tokens,
                       args.max_len, args.seed)
@@ -324,12 +341,11 @@ def run(args: argparse.Namespace, rank: int, world: int, device: torch.device) -
 
 def open_corpus(args: argparse.Namespace, model, records, cfg, device: torch.device, say) -> dict:
     """The open-corpus table (answers from the index's stored vectors); its numbers prefixed open_."""
-    from clara.data import split_paths
-    from clara.index import check_index_matches, load_index, open_corpus_summary, read_gold_ids
+    from clara.index import check_index_matches, load_index, open_corpus_summary
 
     index = load_index(args.index)
     check_index_matches(index, model, args.checkpoint)
-    gold = read_gold_ids(split_paths(args.dataset), args.limit)
+    gold = [list(r["gold_ids"]) if r["has_gold_ids"] else None for r in records]
     summary, _ = open_corpus_summary(model, index, [r["question"] for r in records], [r["answer"] for r in records],
                                      gold, min(cfg.eval_max_samples, len(records)), RETRIEVAL_KS,
                                      batch_size=cfg.micro_batch_size, max_new_tokens=cfg.max_new_tokens,

@@ -13,7 +13,7 @@ import os
 import time
 from pathlib import Path
 
-from clara.config import HUB_PREFIX, split_paths
+from clara.config import HUB_PREFIX, parse_hub_source, split_paths
 
 # Bytes read from each end of a weight file for the model key: enough to tell a retrained or replaced
 # file, cheap for a 60 GB base. The file's size is part of the key as well.
@@ -86,38 +86,53 @@ def what_changed(saved: dict, current: dict, prefix: str = "") -> list[str]:
     return changes
 
 
-# -- the keys of a training run ------------------------------------------------------------------------------
-# The settings that decide which records train, and how each is cut: a change prepares the data again, and
-# makes a saved data position (epoch order, step in epoch) belong to other data.
-DATA_SETTINGS = ("max_len", "doc_max_length", "compress_rate", "generation_top_k", "bad_samples", "max_samples")
+# -- the data key of a run -----------------------------------------------------------------------------------
+# The settings that decide which records a stage trains on, and how each is checked (the MAX_LEN check
+# renders a record's decoder input with the memory tokens, documents and seed-picked instruction).
+DATA_SETTINGS = ("max_len", "doc_max_length", "compress_rate", "generation_top_k", "seed", "bad_samples",
+                 "max_samples")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "tokenizer.model",
+                   "special_tokens_map.json", "added_tokens.json", "chat_template.jinja", "chat_template.json")
+TINY_MODEL_DIR = Path(__file__).resolve().parent / "tiny_model"
 
 
-def _hub_cache() -> Path:
-    """huggingface_hub's cache folder, found as it finds it (without importing it)."""
-    if os.environ.get("HF_HUB_CACHE"):
-        return Path(os.environ["HF_HUB_CACHE"])
-    home = os.environ.get("HF_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "huggingface")
-    return Path(home).expanduser() / "hub"
+def _hub_file_identity(path: str) -> dict:
+    """A Hub data file: a copy in the Hugging Face cache is a link to a blob named by its content's hash,
+    which is its identity; a file elsewhere (a local folder in the Hub layout) is keyed as a local file."""
+    real = os.path.realpath(path)
+    if os.path.basename(os.path.dirname(real)) == "blobs":
+        return {"name": os.path.basename(path), "blob": os.path.basename(real)}
+    return file_identity(path) if os.path.isfile(path) else {"url": path}
 
 
-def _hub_source(spec: str) -> dict:
-    """A Hub data set by its cached revision (a commit pins every file), a local Hub-layout folder by its files."""
-    name = spec[len(HUB_PREFIX):].split(":")[0]
-    if os.path.isdir(name):
-        files = sorted(str(p) for p in Path(name).rglob("*") if p.is_file() and ".cache" not in p.parts)
-        return {"hf": spec, "files": [file_identity(f) for f in files]}
-    ref = _hub_cache() / f"datasets--{name.replace('/', '--')}" / "refs" / "main"
-    return {"hf": spec, "revision": ref.read_text().strip() if ref.is_file() else None}
+def source_identities(dataset: str, streaming: bool = False) -> list[dict]:
+    """The sources of a data setting (JSONL files joined by commas, or hf:NAME:CONFIG[:SPLIT]) as key rows."""
+    if not dataset.startswith(HUB_PREFIX):
+        return [file_identity(path) for path in split_paths(dataset)]
+    from clara.data.hub import hub_files  # deferred: resolving a Hub configuration loads `datasets`
+
+    label, files = hub_files(parse_hub_source(dataset, "dataset"), streaming=streaming)
+    return [{"hub": label, "files": [_hub_file_identity(f) for f in files]}]
+
+
+def tokenizer_identity(source: str) -> dict:
+    """A tokenizer as the data key sees it: a folder's tokenizer files by content, a Hub id by name."""
+    folder = TINY_MODEL_DIR if source == "tiny" else Path(source)
+    if not folder.is_dir():
+        return {"tokenizer": source}
+    files = {name: content_digest(str(folder / name)) for name in TOKENIZER_FILES if (folder / name).is_file()}
+    return {"tokenizer": os.path.abspath(folder), "files": files}
 
 
 def train_data_key(cfg) -> dict:
-    """`data_key` of a TrainConfig's DATASET: the files (or the Hub data set's revision), the stage, the model
-    whose tokenizer measures the records, and DATA_SETTINGS. Shared by the prepared-data cache and resuming."""
-    if cfg.dataset.strip().startswith(HUB_PREFIX):
-        sources = [_hub_source(cfg.dataset.strip())]
-    else:
-        sources = [file_identity(path) for path in split_paths(cfg.dataset)]
-    return data_key(sources, cfg.stage, cfg.model_path, {name: getattr(cfg, name) for name in DATA_SETTINGS})
+    """The key of a run's training data (a TrainConfig): the files, the stage, the tokenizer that counts
+    the tokens and the settings that decide which records train. The prepared-data cache is keyed by it,
+    and a resumable checkpoint records it."""
+    tokenizer = cfg.pretrain_checkpoint if cfg.pretrain_checkpoint and any(
+        (Path(cfg.pretrain_checkpoint) / name).is_file() for name in TOKENIZER_FILES) else cfg.model_path
+    hub_prefix = cfg.dataset.startswith(HUB_PREFIX) and cfg.max_samples is not None
+    return data_key(source_identities(cfg.dataset, streaming=hub_prefix), cfg.stage, tokenizer_identity(tokenizer),
+                    {name: getattr(cfg, name) for name in DATA_SETTINGS})
 
 
 def train_inputs(cfg, base_dir: str) -> dict:
@@ -128,18 +143,30 @@ def train_inputs(cfg, base_dir: str) -> dict:
                       "pretrain_checkpoint": model_key(cfg.pretrain_checkpoint) if cfg.pretrain_checkpoint else None}}
 
 
+def _readable_file(row: dict) -> str:
+    """A data file's key row, short: a Hub blob by its hash, a local file by size and modification time."""
+    if "blob" in row:
+        return f"blob {row['blob'][:12]}"
+    if "mtime_ns" in row:
+        changed = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(row["mtime_ns"] / 1e9))
+        return f"{row['size']} bytes, modified {changed}"
+    return row.get("url", "")
+
+
 def _readable(inputs: dict) -> dict:
     """The inputs under the names a user knows (DATASET, MAX_LEN, MODEL_PATH ...), values short."""
     data = inputs["data"]
     files = {}
     for source in data["sources"]:
-        if "hf" in source:
-            files[source["hf"]] = source.get("revision") or [f"{f['path']}: {f['size']} bytes"
-                                                             for f in source.get("files", [])]
+        if "hub" in source:
+            files[source["hub"]] = {row.get("name") or row.get("path") or row.get("url"): _readable_file(row)
+                                    for row in source["files"]}
         else:
-            changed = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(source["mtime_ns"] / 1e9))
-            files[source["path"]] = f"{source['size']} bytes, modified {changed}"
-    readable = {"DATASET": files, "STAGE": data["stage"], "tokenizer of": data["tokenizer"]}
+            files[source["path"]] = _readable_file(source)
+    tokenizer = data["tokenizer"]
+    readable = {"DATASET": files, "STAGE": data["stage"],
+                "tokenizer": {"from": tokenizer["tokenizer"],
+                              **{name: digest[:12] for name, digest in tokenizer.get("files", {}).items()}}}
     readable.update({name.upper(): value for name, value in data["settings"].items()})
     for name, key in (("MODEL_PATH", inputs["model"]["base"]),
                       ("PRETRAIN_CHECKPOINT", inputs["model"]["pretrain_checkpoint"])):

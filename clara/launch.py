@@ -18,7 +18,6 @@ import argparse
 import dataclasses
 import os
 import shlex
-import shutil
 import socket
 import sys
 from dataclasses import dataclass
@@ -217,6 +216,8 @@ def summary(script: str, cfg: TrainConfig, given: TrainConfig, procs: Processes,
         ("RESUME_CHANGED_INPUTS", str(cfg.resume_changed_inputs).lower()
          + ("" if cfg.resume_changed_inputs else " (a resume onto changed data or base model stops)")),
         ("BAD_SAMPLES", cfg.bad_samples),
+        ("DATA_WORKERS", f"{cfg.data_workers}" + ("" if given.data_workers is not None else
+                                                  " (auto: the CPUs this process may use, at most 16)")),
         ("USE_TENSORBOARD/WANDB", f"{str(cfg.use_tensorboard).lower()} / {str(cfg.use_wandb).lower()} "
                                   f"(project {cfg.wandb_project})"),
         ("OMP_NUM_THREADS", threads),
@@ -290,7 +291,8 @@ def plan(script: str, extra: list[str], batch_defaults: tuple[int, int],
     env = [f"OMP_NUM_THREADS={threads}"] if threads else []
     if not os.environ.get("TORCH_ELASTIC_SHUTDOWN_TIMEOUT"):
         env.append(f"TORCH_ELASTIC_SHUTDOWN_TIMEOUT={SHUTDOWN_TIMEOUT_S}")
-    runner = ["torchrun"] if shutil.which("torchrun") else [sys.executable, "-m", "torch.distributed.run"]
+    # torchrun through clara.run_workers: a worker's own exit status (2: bad data or settings) reaches the script.
+    runner = [sys.executable, "-m", "clara.run_workers"]
     command = [*runner, "--nproc_per_node", str(procs.num_gpus), "--nnodes", str(procs.num_nodes),
                "--node_rank", str(procs.node_rank), "--master_addr", procs.master_addr,
                "--master_port", str(procs.master_port), "-m", "clara.train", *trainer_flags(cfg, given), *extra]

@@ -516,7 +516,8 @@ def _publish(root: str, tmp_tag: str, tag: str, keep: int) -> None:
 RESUME_FREE_SETTINGS = frozenset({
     "max_steps", "max_epochs", "resume", "save_path", "save_steps", "max_ckpt_num", "logging_steps",
     "eval_dataset", "eval_steps", "eval_max_samples", "max_new_tokens", "debug_mode", "debug_every_steps",
-    "debug_max_print_tokens", "use_tensorboard", "use_wandb", "wandb_project", "resume_changed_inputs"})
+    "debug_max_print_tokens", "use_tensorboard", "use_wandb", "wandb_project", "resume_changed_inputs",
+    "data_workers"})
 
 
 def changed_settings(saved: dict, current: dict) -> list[str]:

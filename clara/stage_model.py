@@ -19,23 +19,34 @@ from clara.checkpoint import (
     resolve_base_path,
     resolve_checkpoint,
 )
+from clara.collate import LengthCheck
 from clara.config import TrainConfig
 from clara.model import ClaraModel, ModelSettings
 from clara.prompts import SpecialTokens, add_special_tokens
-from clara.stages import ENCODER, get_stage
+from clara.stages import ENCODER, Stage, get_stage
 
 
-def stage_tokenizer(cfg: TrainConfig) -> tuple[PreTrainedTokenizerBase, SpecialTokens]:
-    """The tokenizer (with CLaRa's tokens added) that the stage's model will use, without loading the model:
-    the data check measures every record's decoder input with it before the model loads."""
+def tokenizer_source(cfg: TrainConfig) -> str:
+    """Where the tokenizer of the stage's model is: the base model, or a native previous-stage checkpoint."""
     source = resolve_base_path(cfg.model_path)
     if cfg.pretrain_checkpoint:
         checkpoint = resolve_checkpoint(cfg.pretrain_checkpoint)
         # A native checkpoint carries its tokenizer (build_model loads it from there); the official layout does not.
         if "decoder_model_name" not in read_config(checkpoint):
             source = checkpoint
-    tokenizer = AutoTokenizer.from_pretrained(source)
+    return source
+
+
+def stage_tokenizer(cfg: TrainConfig) -> tuple[PreTrainedTokenizerBase, SpecialTokens]:
+    """The tokenizer (with CLaRa's tokens added) that the stage's model will use, without loading the model."""
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_source(cfg))
     return tokenizer, add_special_tokens(tokenizer, cfg.n_mem_tokens)
+
+
+def length_check(cfg: TrainConfig, stage: Stage) -> LengthCheck:
+    """The data check of every record's decoder input against MAX_LEN, with the stage's tokenizer."""
+    return LengthCheck(stage, tokenizer_source(cfg), cfg.n_mem_tokens, cfg.doc_max_length, cfg.max_len,
+                       cfg.generation_top_k, cfg.seed)
 
 
 def model_settings(cfg: TrainConfig) -> ModelSettings:

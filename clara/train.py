@@ -36,7 +36,8 @@ def main(argv: list[str] | None = None) -> int:
             except Stop as stop:
                 return 128 + stop.signum
     except USER_ERRORS as error:
-        print(f"error: {error}", file=sys.stderr)
+        if not getattr(error, "reported", False):  # a rank that waited for the one that prints it
+            print(f"error: {error}", file=sys.stderr)
         return 2
     except RunFailure as failure:
         print(f"error: {failure}", file=sys.stderr)

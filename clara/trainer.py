@@ -7,6 +7,7 @@ boundary is a resumable point.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import json
 import math
@@ -29,10 +30,11 @@ from clara.collate import Batch, Collator
 from clara.config import ConfigError, TrainConfig
 from clara.data import load_records
 from clara.debug import DebugPrinter
-from clara.distributed import init_distributed, rank_zero_first, resolve_dtype
+from clara.distributed import init_distributed, resolve_dtype
 from clara.errors import RunFailure
 from clara.evaluate import evaluate_model
 from clara.files import json_safe, write_json_atomic
+from clara.fingerprint import train_data_key
 from clara.metrics import retrieval_summary
 from clara.model import StepOutput, attention_implementation
 from clara.resumable import (
@@ -46,7 +48,7 @@ from clara.resumable import (
     save_resumable,
 )
 from clara.schedule import cosine_with_warmup
-from clara.stage_model import build_stage_model, stage_tokenizer
+from clara.stage_model import build_stage_model, length_check
 from clara.stages import get_stage
 
 MAX_NONFINITE_IN_A_ROW = 10
@@ -310,7 +312,7 @@ class Trainer:
     # -- set-up -------------------------------------------------------------------------------------------
     def setup(self) -> None:
         cfg = self.cfg
-        self.rank, self.world, _, self.device = init_distributed()
+        self.rank, self.world, self.local_rank, self.device = init_distributed()
         self.log = RunLog(cfg, self.rank)
         on_cuda = self.device.type == "cuda"
         self.dtype = resolve_dtype(cfg.dtype, self.device)
@@ -339,26 +341,19 @@ class Trainer:
         cfg, stage = self.cfg, self.stage
         datasets.disable_progress_bars()
         min_docs = stage.min_docs(cfg.generation_top_k)
-        length_check = functools.cache(self._length_check)
+        check = length_check(cfg, stage)
         rejected = os.path.join(cfg.save_path, "rejected.jsonl") if self.rank == 0 else None
-        # Rank 0 builds the Arrow cache first; the other ranks then read it.
-        self.records = rank_zero_first(lambda: load_records(stage, cfg.dataset, cfg.bad_samples, min_docs, rejected,
-                                                            cfg.max_samples, log=self.log.print,
-                                                            make_check=length_check),
-                                       self.rank, self.world)
+        # Local rank 0 prepares (once: cached); the node's other ranks wait for it and never read the input.
+        preparer = self.local_rank == 0
+        say = self.log.print if preparer else (print if self.local_rank == 1 else lambda *_: None)
+        load = functools.partial(load_records, stage, bad_samples=cfg.bad_samples, min_docs=min_docs, log=say,
+                                 make_check=check, preparer=preparer, workers=cfg.data_workers)
+        self.records = load(cfg.dataset, rejected_path=rejected, max_samples=cfg.max_samples,
+                            key=train_data_key(cfg) if preparer else None)
         self.eval_records = None
         if cfg.eval_dataset:
-            self.eval_records = rank_zero_first(lambda: load_records(stage, cfg.eval_dataset, cfg.bad_samples,
-                                                                     min_docs, None, None, log=self.log.print,
-                                                                     make_check=length_check),
-                                                self.rank, self.world)
-
-    def _length_check(self) -> Callable[[dict], str | None]:
-        """Why a record's decoder input exceeds MAX_LEN (None when it fits), with the stage's tokenizer."""
-        cfg = self.cfg
-        tokenizer, tokens = stage_tokenizer(cfg)
-        return Collator(self.stage, tokenizer, tokens, cfg.doc_max_length, cfg.max_len, cfg.generation_top_k,
-                        cfg.seed).length_problem
+            eval_cfg = dataclasses.replace(cfg, dataset=cfg.eval_dataset, max_samples=None)
+            self.eval_records = load(cfg.eval_dataset, key=train_data_key(eval_cfg) if preparer else None)
 
     def _resume(self) -> None:
         plan = self.plan

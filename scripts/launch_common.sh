@@ -63,21 +63,6 @@ _clara_on_signal() {
     printf '\n[launcher] received SIG%s: the trainer finishes its step, saves a resumable checkpoint and stops.\n' "$sig"
 }
 
-# torchrun exits 1 whatever its workers returned; the trainer's own status (2: bad settings or data) is
-# read from the first failure torchrun reports in the log ("Root Cause ... exitcode : N").
-_clara_worker_status() {
-    local log=$1 offset=$2 status=$3 code
-    code=$(tail -c "+$((offset + 1))" "$log" |
-        sed -n '/Root Cause/,$ s/^ *exitcode *: *\(-\{0,1\}[0-9][0-9]*\).*/\1/p' || true)
-    code=${code%%$'\n'*}
-    if [[ $code =~ ^[0-9]+$ ]] && ((code > 0 && code < 256)); then
-        status=$code
-    elif [[ $code =~ ^-[0-9]+$ ]]; then
-        status=$((128 - code))
-    fi
-    echo "$status"
-}
-
 # ---------------------------------------------------------------------------------------------------
 clara_usage() {
     local script=$1
@@ -127,8 +112,7 @@ clara_launch() {
 
     # From here on, everything this script and the trainer print goes through tee into the log. tee
     # ignores INT and TERM so that the trainer's last words after a Ctrl-C still reach the terminal and the log.
-    local log=$CLARA_LOG out_fd err_fd tee_fd tee_pid log_offset i
-    log_offset=$(wc -c <"$log")
+    local log=$CLARA_LOG out_fd err_fd tee_fd tee_pid i
     exec {out_fd}>&1 {err_fd}>&2
     exec {tee_fd}> >(trap '' INT TERM; exec tee -a "$log")
     tee_pid=$!
@@ -174,8 +158,8 @@ clara_launch() {
         status=$((128 + $(kill -l "$_clara_signal")))
         verdict="[launcher] stopped by SIG$_clara_signal (exit $status). Run the same command again to resume from the newest checkpoint in $CLARA_SAVE_PATH/checkpoints."
     else
-        status=$(_clara_worker_status "$log" "$log_offset" "$status")
-        verdict="[launcher] error: training failed (exit $status); the failing rank and its error are named above (torchrun's \"Root Cause\"). Log: $log"
+        # clara.run_workers exits with the failing worker's own status (2: bad data or settings, named above).
+        verdict="[launcher] error: training failed (exit $status); the error is named above. Log: $log"
     fi
     printf '%s\n' "$verdict"
     printf '%s\n' "$verdict" >>"$log"

@@ -585,9 +585,10 @@ def test_dry_run_prints_the_exact_command_and_runs_nothing(tmp_path):
     threads = max(1, len(os.sched_getaffinity(0)) // 2)
     assert f"OMP_NUM_THREADS={threads} " in result.output.strip().splitlines()[-1]
     words = command_words(result.output)
-    assert words[0] == "torchrun" or words[:3][1:] == ["-m", "torch.distributed.run"]
+    # torchrun, through clara.run_workers (which returns the failed worker's own exit status)
+    assert words[1:3] == ["-m", "clara.run_workers"] and words[words.index("clara.train") - 1] == "-m"
     for flag, value in [("--nproc_per_node", "2"), ("--nnodes", "1"), ("--node_rank", "0"),
-                        ("--master_addr", "127.0.0.1"), ("--master_port", port), ("-m", "clara.train"),
+                        ("--master_addr", "127.0.0.1"), ("--master_port", port),
                         ("--stage", "stage1"), ("--model_path", "tiny"), ("--batch_size", "8"),
                         ("--micro_batch_size", "2"), ("--zero_stage", "2"),
                         ("--save_path", str(save)), ("--dataset", "example/pretrain_data.jsonl"),

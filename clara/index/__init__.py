@@ -408,22 +408,6 @@ def answer_from_index(model: ClaraModel, index: CorpusIndex, questions: list[str
 
 
 # -- open-corpus evaluation ------------------------------------------------------------------------------------
-def read_gold_ids(paths: list[str], limit: int | None = None) -> list[list[str] | None]:
-    """Each record's `gold_ids` (None where it names none), in the order clara.data loads the records."""
-    gold = []
-    for file, number, raw in iter_lines(paths):
-        value = json.loads(raw).get("gold_ids")
-        if isinstance(value, (str, int)) and not isinstance(value, bool):
-            value = [value]
-        if value is not None and not (isinstance(value, list) and all(
-                isinstance(v, (str, int)) and not isinstance(v, bool) for v in value)):
-            raise DataError(f"{file}:{number}: field 'gold_ids': expected a list of document ids, got {value!r}")
-        gold.append([str(v) for v in value] if value is not None else None)
-        if limit is not None and len(gold) == limit:
-            break
-    return gold
-
-
 def open_corpus_summary(model: ClaraModel, index: CorpusIndex, questions: list[str], answers: list[str],
                         gold_ids: list[list[str] | None], generate_limit: int, ks: tuple[int, ...] = (1, 3, 5),
                         **answer_kwargs) -> tuple[dict, list[dict]]:
