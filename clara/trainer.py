@@ -30,7 +30,7 @@ from clara.collate import Batch, Collator
 from clara.config import ConfigError, TrainConfig
 from clara.data import load_records
 from clara.debug import DebugPrinter
-from clara.distributed import gathered, init_distributed, rank_zero_first, resolve_dtype
+from clara.distributed import gathered, init_distributed, local_shard, rank_zero_first, resolve_dtype
 from clara.errors import RunFailure
 from clara.evaluate import evaluate_model
 from clara.files import json_safe, write_json_atomic
@@ -436,6 +436,12 @@ class Trainer:
             write_json_atomic(os.path.join(self.cfg.save_path, "training_args.json"), settings)
         self.log.print("Settings: " + json.dumps(settings))
         trainable = sum(getattr(p, "ds_numel", p.numel()) for p in self.components.trainable)
+        if self.cfg.zero_stage == 3:
+            params = list(self.components.engine.module.parameters())
+            held = sum(local_shard(p).numel() for p in params)
+            total = sum(getattr(p, "ds_numel", p.numel()) for p in params)
+            self.log.print(f"ZeRO-3: rank 0 holds {held:,} of the model's {total:,} parameters "
+                           f"({held / total:.1%}; each rank about 1/{self.world})")
         self.log.print(f"Trainable parameters: {trainable:,} | world size {self.world} | device {self.device.type} | "
                        f"attention {self.attn} | dtype {str(self.dtype).replace('torch.', '')} | "
                        f"{len(self.records)} samples, {self.steps_per_epoch} steps/epoch, {self.total_steps} steps, "
