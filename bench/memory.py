@@ -5,9 +5,10 @@ memory per GPU (what torch.cuda.max_memory_allocated reports) at the launchers' 
 part, and what to change when it does not fit. The accounting, per GPU, in bf16 on CUDA:
 
 - frozen base: 2 bytes per parameter, on every GPU (ZeRO 1 and 2 shard optimizer states and
-  gradients, not parameters); with ZeRO 3 a 1/GPUs share of it (and of LoRA), plus what a forward
-  gathers at a time: the largest of one layer and the embedding matrix, and DeepSpeed's prefetch
-  bucket; with OFFLOAD=all the shares live in CPU memory and only the gathered part is on the GPU;
+  gradients, not parameters); with ZeRO 3 a 1/GPUs share of it (and of LoRA), plus what may be
+  gathered at once: twice the largest of one layer and the embedding matrix, at most 1e9 parameters
+  (clara.trainer.gathering_limits); with OFFLOAD=all the shares live in CPU memory and only the
+  gathered part is on the GPU;
 - OFFLOAD=optimizer (or all) keeps the fp32 master weights, Adam's moments and the fp32 gradient
   partition in CPU memory instead;
 - LoRA: every adapter of the stage in bf16 (2 bytes per parameter); the trained ones (two roles) and
@@ -43,8 +44,8 @@ from clara.config import STAGES
 GiB = 2**30
 # DeepSpeed's default ZeRO reduce_bucket_size, in elements: allocated in full at the first backward.
 REDUCE_BUCKET_ELEMENTS = int(5e8)
-# DeepSpeed's default stage3_prefetch_bucket_size, in elements: parameters gathered ahead of their use.
-PREFETCH_BUCKET_ELEMENTS = int(5e7)
+# DeepSpeed's default stage3_max_live_parameters: the most parameters it keeps gathered at once.
+MAX_LIVE_ELEMENTS = int(1e9)
 OFFLOADS = ("none", "optimizer", "all")
 # Adapters held by each stage's model, and how many of them train.
 ADAPTERS_HELD = {"stage1": 2, "stage1_2": 2, "stage2": 3}
@@ -174,11 +175,11 @@ def nograd_layer_bytes(dims: Dims) -> int:
 
 
 def gathered_elements(dims: Dims, lora_r: int = 16) -> int:
-    """ZeRO-3: the most parameters a forward holds gathered at once (one layer, or the embedding matrix,
-    plus the prefetch bucket)."""
+    """ZeRO-3: the most parameters held gathered at once, as clara.trainer.gathering_limits allows: two of
+    the largest unit (a layer with its adapters, or the embedding matrix), at most DeepSpeed's 1e9."""
     counts = parameter_counts(dims, lora_r)
-    layer = counts["layers"] // dims.num_layers + counts["lora_per_adapter"] // dims.num_layers
-    return max(layer, counts["embedding"]) + PREFETCH_BUCKET_ELEMENTS
+    layer = (counts["layers"] + ADAPTERS_HELD["stage2"] * counts["lora_per_adapter"]) // dims.num_layers
+    return min(2 * max(layer, counts["embedding"]), MAX_LIVE_ELEMENTS)
 
 
 def weight_parts(dims: Dims, work: Workload, gpus: int, zero_stage: int, offload: str,
