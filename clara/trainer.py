@@ -228,7 +228,6 @@ def setup_training(cfg: TrainConfig, total_steps: int, world: int, device: torch
                          zero3_config)
 
 
-
 def gathering_limits(model, on_cuda: bool) -> dict:
     """ZeRO-3: how many parameters may stay gathered. DeepSpeed's defaults keep up to 1e9 gathered, and
     keep any that the backward uses again within 1e9 others: a model of fewer parameters stays whole on

@@ -131,7 +131,8 @@ def test_stage1_zero3_matches_zero2(stage1):
 def test_each_rank_holds_half_of_the_parameters_as_the_memory_plan_counts(stage1):
     """bench.memory's parameter count of the tiny model (its embedding grown by CLaRa's 11 tokens), plus
     the two adapters and the memory embeddings, against what rank 0 holds under ZeRO-3 on 2 ranks."""
-    line = next(l for l in (stage1["zero3"] / "train.log").read_text().splitlines() if l.startswith("ZeRO-3: rank 0"))
+    line = next(text for text in (stage1["zero3"] / "train.log").read_text().splitlines()
+                if text.startswith("ZeRO-3: rank 0"))
     held, total = (int(n.replace(",", "")) for n in re.findall(r"[\d,]{4,}", line)[:2])
     config = json.loads((REPO / "clara/tiny_model/config.json").read_text())
     dims = Dims(hidden_size=config["hidden_size"], num_layers=config["num_hidden_layers"],
