@@ -117,9 +117,14 @@ def test_plain_and_streamed_completions_through_the_openai_client(server, refere
         model="ck", messages=[{"role": "user", "content": questions[0]}], max_tokens=NEW_TOKENS, stream=True,
         stream_options={"include_usage": True}))
     pieces = [c.choices[0].delta.content or "" for c in chunks if c.choices]
-    assert "".join(pieces) == expected[0] and len([p for p in pieces if p]) > 1
+    assert "".join(pieces) == expected[0]
     assert [d["id"] for d in chunks[0].model_extra["clara"]["documents"]] == ids[0]
     assert chunks[-1].usage.completion_tokens == plain.usage.completion_tokens
+    # The tiny model may end an answer after one token: an answer of several arrives in as many pieces.
+    longer = list(client(server).chat.completions.create(
+        model="ck", messages=[{"role": "user", "content": questions[0]}], max_tokens=NEW_TOKENS, stream=True,
+        extra_body={"min_tokens": NEW_TOKENS}))
+    assert len([c for c in longer if c.choices and c.choices[0].delta.content]) > 1
     assert [m.id for m in client(server).models.list()] == ["ck"]
 
 
@@ -169,8 +174,9 @@ def test_32_concurrent_requests_are_answered_in_batches_as_one_at_a_time(server,
 
 @pytest.fixture(scope="module")
 def long_answer() -> dict:
-    """The tiny model soon writes its end token; min_tokens (the server's extension, as vLLM's) keeps it out."""
-    return {"extra_body": {"min_tokens": 300}}
+    """The tiny model soon writes its end token; min_tokens (the server's extension, as vLLM's) keeps it out.
+    Long enough to outlast the short request's start on a loaded machine."""
+    return {"extra_body": {"min_tokens": 1000}}
 
 
 def test_a_long_answer_is_decoded_in_windows_and_does_not_hold_up_new_requests(server, reference, questions,
@@ -186,7 +192,7 @@ def test_a_long_answer_is_decoded_in_windows_and_does_not_hold_up_new_requests(s
         time.sleep(1.0)
         short = pool.submit(lambda: (ask(server, questions[0]), time.monotonic()))
         (slow, slow_end), (short_answer, short_end) = long.result(), short.result()
-    assert slow.usage.completion_tokens >= 300
+    assert slow.usage.completion_tokens >= 1000
     assert short_answer.choices[0].message.content and short_end < slow_end
 
 
