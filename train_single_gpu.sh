@@ -43,7 +43,8 @@ set -a # every setting below reaches python -m clara.launch, which resolves and 
 : "${MAX_STEPS:=}"                    # unset: the epochs decide
 : "${MAX_SAMPLES:=}"                  # unset: all training samples
 : "${SEED:=42}"
-: "${ZERO_STAGE:=2}"                  # DeepSpeed ZeRO stage: 0, 1 or 2
+: "${ZERO_STAGE:=2}"                  # DeepSpeed ZeRO stage: 0, 1, 2, or 3 (3: the base model is partitioned too)
+: "${OFFLOAD:=none}"                  # ZeRO-Offload to CPU memory: none | optimizer (ZERO_STAGE 1-3) | all (ZERO_STAGE=3)
 # Output
 : "${DEBUG_MODE:=true}"               # colour-coded per-token confidence print
 : "${DEBUG_EVERY_STEPS:=5}"

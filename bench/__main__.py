@@ -8,6 +8,7 @@ import importlib
 import json
 import os
 import platform
+import socket
 import subprocess
 import sys
 import tempfile
@@ -39,6 +40,8 @@ SWEEPS = {
     "docs": [{"docs": d} for d in (1, 2, 4, 8)],
     "doc_length": [{"doc_max_length": length} for length in (128, 256, 512)],
     "checkpointing": [{"gradient_checkpointing": on} for on in (False, True)],
+    # ZeRO-3 partitions the base over the ranks: per-rank memory against ZeRO-2 (with --processes 2 or more).
+    "zero": [{"zero_stage": z} for z in (2, 3)],
 }
 
 
@@ -118,7 +121,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="stage-2 candidates compressed per no-grad chunk (bounds the compression's memory)")
     train.add_argument("--gradient_checkpointing", type=_auto_bool, default=None, metavar="{auto,true,false}",
                        help="gradient checkpointing; auto: on with CUDA, off on CPU, as the trainer")
-    train.add_argument("--zero_stage", type=int, choices=(0, 1, 2), default=d.zero_stage, help="DeepSpeed ZeRO stage")
+    train.add_argument("--zero_stage", type=int, choices=(0, 1, 2, 3), default=d.zero_stage,
+                       help="DeepSpeed ZeRO stage (3 partitions the base model over --processes ranks)")
+    train.add_argument("--processes", type=int, default=d.processes,
+                       help="data-parallel ranks, started by torchrun (gloo on the CPU, one GPU each with CUDA); "
+                            "memory and step time are per rank, peak MB the largest rank's (all in the JSON)")
     train.add_argument("--lora_r", type=int, default=d.lora_r, help="LoRA rank (alpha = 2 r)")
     train.add_argument("--mse_weight", type=float, default=d.mse_weight, help="MSE loss weight (stage1, stage1_2)")
     train.add_argument("--question_tokens", type=int, default=d.question_tokens,
@@ -204,11 +211,20 @@ def child_env(exact_memory: bool) -> dict:
     return env
 
 
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def run_config(cfg: BenchConfig, timeout: float, exact_memory: bool) -> dict:
     """Measure one configuration in a fresh process; returns its result, or a row with the error."""
     with tempfile.TemporaryDirectory(prefix="clara-bench-run-") as tmp:
         out = os.path.join(tmp, "result.json")
-        command = [sys.executable, "-m", "bench.child", "--config", json.dumps(cfg.to_dict()), "--out", out]
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(cfg.processes),
+                    "--master_port", str(free_port())] if cfg.processes > 1 else [sys.executable]
+        command = [*launcher, "-m", "bench.child", "--config", json.dumps(cfg.to_dict()), "--out", out,
+                   "--work_dir", tmp]
         started = time.perf_counter()
         try:
             proc = subprocess.run(command, cwd=REPO, env=child_env(exact_memory), capture_output=True, text=True,
@@ -262,6 +278,8 @@ COLUMNS = (  # header, width, how to read it from a result
     ("mem", 3, lambda r: str(r["config"]["doc_max_length"] // r["config"]["compress_rate"])),
     ("chunk", 5, lambda r: str(r["config"]["candidate_chunk_size"]) if r["stage"] == "stage2" else "-"),
     ("gc", 3, lambda r: "on" if r.get("gradient_checkpointing") else "off"),
+    ("zero", 4, lambda r: str(r["config"].get("zero_stage", 2))),
+    ("ranks", 5, lambda r: str(r["config"].get("processes", 1))),
     ("step s", 7, lambda r: _fmt(r.get("step_time_s"), ".3f")),
     ("samples/s", 9, lambda r: _fmt(r.get("samples_per_s"), ".2f")),
     ("tokens/s", 8, lambda r: _fmt(r.get("tokens_per_s"), ".0f")),

@@ -173,20 +173,38 @@ def write_random_base(cfg: BenchConfig, out_dir: str, tokenizer, dtype, device) 
         torch.cuda.empty_cache()
 
 
+def full_numel(param) -> int:
+    """A parameter's size, also when ZeRO-3 has partitioned it."""
+    return getattr(param, "ds_numel", param.numel())
+
+
+def gather_numbers(value: int, world: int) -> list[int]:
+    """Every rank's value, in rank order, on every rank."""
+    if world == 1:
+        return [value]
+    import torch.distributed as dist
+
+    values = [None] * world
+    dist.all_gather_object(values, value)
+    return values
+
+
 def model_shape(model) -> ModelShape:
     """N (base linear parameters) and R (one adapter's LoRA parameters) counted on the built model."""
     from torch import nn
+
+    from clara.checkpoint import full_shape
 
     config = model.causal_lm.config
     linear = 0
     for name, module in model.backbone.named_modules():
         if isinstance(module, nn.Linear) and ".lora_" not in name:
             linear += module.in_features * module.out_features
-    lora = sum(p.numel() for name, p in model.peft_model.named_parameters()
+    lora = sum(full_numel(p) for name, p in model.peft_model.named_parameters()
                if ".lora_A.decoder_adapter." in name or ".lora_B.decoder_adapter." in name)
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     return ModelShape(layers=config.num_hidden_layers, hidden=config.hidden_size,
-                      vocab=model.causal_lm.get_output_embeddings().weight.shape[0],
+                      vocab=full_shape(model.causal_lm.get_output_embeddings().weight)[0],
                       attention_width=config.num_attention_heads * head_dim, linear_params=linear, lora_params=lora)
 
 
@@ -315,20 +333,23 @@ def measure(cfg: BenchConfig, work_dir: str) -> dict:
     quiet_libraries()
     started = time.perf_counter()
     rank, world, _, device = init_distributed()
-    if world != 1:
-        raise SystemExit("bench: run it as one process (python -m bench), not under torchrun")
+    if world != cfg.processes:
+        raise SystemExit(f"bench: {world} processes for --processes {cfg.processes}; run it through python -m bench")
     on_cuda = device.type == "cuda"
     dtype = resolve_dtype("auto", device)
     gradient_checkpointing = on_cuda if cfg.gradient_checkpointing is None else cfg.gradient_checkpointing
 
     base_dir = os.path.join(work_dir, "base")
-    tokenizer = write_tokenizer(base_dir, cfg.vocab_size, len(added_token_strings(cfg.n_mem_tokens)))
-    write_random_base(cfg, base_dir, tokenizer, dtype, device)
+    if rank == 0:  # the ranks share work_dir
+        tokenizer = write_tokenizer(base_dir, cfg.vocab_size, len(added_token_strings(cfg.n_mem_tokens)))
+        write_random_base(cfg, base_dir, tokenizer, dtype, device)
+    if world > 1:
+        torch.distributed.barrier()
 
     train_cfg = TrainConfig(
         stage=cfg.stage, model_path=base_dir, allow_no_checkpoint=True, save_path=os.path.join(work_dir, "out"),
         doc_max_length=cfg.doc_max_length, compress_rate=cfg.compress_rate, generation_top_k=cfg.top_k,
-        learning_rate=1e-4, batch_size=cfg.micro_batch_size, micro_batch_size=cfg.micro_batch_size,
+        learning_rate=1e-4, batch_size=cfg.micro_batch_size * world, micro_batch_size=cfg.micro_batch_size,
         max_steps=cfg.warmup_steps + cfg.steps + int(cfg.profile), max_len=1 << 20, debug_mode=False, seed=cfg.seed,
         zero_stage=cfg.zero_stage, gradient_checkpointing=gradient_checkpointing, flash_attn=cfg.flash_attn,
         mse_weight=cfg.mse_weight, lora_r=cfg.lora_r, lora_alpha=2 * cfg.lora_r,
@@ -394,6 +415,8 @@ def measure(cfg: BenchConfig, work_dir: str) -> dict:
     sync()
     peak = memory.peak()
     memory.stop()
+    peaks = gather_numbers(peak, world)
+    bases = gather_numbers(base_memory, world)
     shapes = {"enc": list(batch.enc_ids.shape), "dec": list(batch.dec_ids.shape),
               "query": list(batch.query_ids.shape) if batch.query_ids is not None else None, "supervised": supervised}
     profiled = None
@@ -426,8 +449,8 @@ def measure(cfg: BenchConfig, work_dir: str) -> dict:
         "threads": torch.get_num_threads(),
         "n_mem_tokens": cfg.n_mem_tokens,
         "docs_per_sample": cfg.docs_per_sample,
-        "params_total": sum(p.numel() for p in model.parameters()),
-        "params_trainable": sum(p.numel() for p in setup.trainable),
+        "params_total": sum(full_numel(p) for p in model.parameters()),
+        "params_trainable": sum(full_numel(p) for p in setup.trainable),
         "vocab_size": shape.vocab,
         "steps_timed": len(step_times),
         "step_time_s": step_time,
@@ -439,9 +462,11 @@ def measure(cfg: BenchConfig, work_dir: str) -> dict:
         "tokens_per_step": step_tokens,
         "tokens_per_s": step_tokens / step_time,
         "memory_kind": memory.kind,
-        "peak_memory_mb": peak / MB,
-        "base_memory_mb": base_memory / MB,
-        "step_memory_mb": (peak - base_memory) / MB,
+        "peak_memory_mb": max(peaks) / MB,
+        "base_memory_mb": bases[peaks.index(max(peaks))] / MB,
+        "step_memory_mb": (max(peaks) - bases[peaks.index(max(peaks))]) / MB,
+        "peak_memory_mb_per_rank": [p / MB for p in peaks],
+        "base_memory_mb_per_rank": [b / MB for b in bases],
         "candidate_compression_memory_mb": compression["peak_over_start"] / MB if uses_query else None,
         "model_flops_per_step": model_flops,
         "model_flops_parts": {k: statistics.median(f[k] for f in flops) for k in flops[0]},
@@ -473,13 +498,19 @@ def cpu_model() -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.child", description=__doc__.splitlines()[0])
     parser.add_argument("--config", required=True, help="the BenchConfig as JSON")
-    parser.add_argument("--out", required=True, help="where to write the result JSON")
+    parser.add_argument("--out", required=True, help="where to write the result JSON (rank 0)")
+    parser.add_argument("--work_dir", default=None,
+                        help="directory for the random base, shared by the ranks (default: a temporary one)")
     args = parser.parse_args(argv)
     cfg = BenchConfig.from_dict(json.loads(args.config))
-    with tempfile.TemporaryDirectory(prefix="clara-bench-") as work_dir:
-        result = measure(cfg, work_dir)
-    with open(args.out, "w", encoding="utf-8") as out:
-        json.dump(result, out, indent=2)
+    if args.work_dir:
+        result = measure(cfg, args.work_dir)
+    else:
+        with tempfile.TemporaryDirectory(prefix="clara-bench-") as work_dir:
+            result = measure(cfg, work_dir)
+    if int(os.environ.get("RANK", "0")) == 0:
+        with open(args.out, "w", encoding="utf-8") as out:
+            json.dump(result, out, indent=2)
     sys.stdout.flush()
 
 

@@ -16,6 +16,11 @@ SHAPES = {
                        intermediate_size=6144, vocab_size=151936, tie_word_embeddings=True),
     "qwen3-14b": dict(hidden_size=5120, num_layers=40, num_heads=40, num_kv_heads=8, head_dim=128,
                       intermediate_size=17408, vocab_size=151936, tie_word_embeddings=False),
+    "qwen3-32b": dict(hidden_size=5120, num_layers=64, num_heads=64, num_kv_heads=8, head_dim=128,
+                      intermediate_size=25600, vocab_size=151936, tie_word_embeddings=False),
+    # Llama-3.1-70B (a Llama, built here as a Qwen3 of its shape, as Mistral below).
+    "llama-3-70b": dict(hidden_size=8192, num_layers=80, num_heads=64, num_kv_heads=8, head_dim=128,
+                        intermediate_size=28672, vocab_size=128256, tie_word_embeddings=False),
     # Mistral-7B-Instruct-v0.2, the official CLaRa release's base (a Mistral, built here as a Qwen3 of its
     # shape: the two differ only in Qwen3's per-head q/k norms, a few thousand parameters).
     "mistral-7b": dict(hidden_size=4096, num_layers=32, num_heads=32, num_kv_heads=8, head_dim=128,
@@ -45,6 +50,7 @@ class BenchConfig:
     candidate_chunk_size: int = 64
     gradient_checkpointing: bool | None = None  # None: on with CUDA, off on CPU (as the trainer)
     zero_stage: int = 2
+    processes: int = 1  # data-parallel ranks (torchrun); memory and time are per rank
     lora_r: int = 16
     mse_weight: float = 0.1
     question_tokens: int = 24
@@ -103,8 +109,10 @@ class BenchConfig:
             bad("doc_max_length", f"a multiple of --compress_rate ({self.compress_rate})")
         if self.stage in STAGES and get_stage(self.stage).uses_query and self.candidates < self.top_k:
             bad("candidates", f"at least --top_k ({self.top_k})")
-        if self.zero_stage not in (0, 1, 2):
-            bad("zero_stage", "0, 1 or 2")
+        if self.zero_stage not in (0, 1, 2, 3):
+            bad("zero_stage", "0, 1, 2 or 3")
+        if self.processes <= 0:
+            bad("processes", "a positive integer")
         if self.flash_attn not in ("auto", "true", "false"):
             bad("flash_attn", "auto, true or false")
         if self.mse_weight < 0:

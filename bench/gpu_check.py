@@ -66,6 +66,11 @@ def bench_rows(flash_attn_installed: bool) -> list[BenchConfig]:
             add("qwen3-1.7b", stage, checkpointing, "false")
     for checkpointing in (True, False):
         add("qwen3-0.6b", "stage1", checkpointing, "false")
+    # ZeRO-3 on one GPU: the 1.7B stage1 row again with the base partitioned over one rank. It shows what
+    # gathering the parameters costs per step; its memory saving needs several GPUs.
+    zero3 = BenchConfig.from_dict({**rows[1].to_dict(), "zero_stage": 3})
+    zero3.label = rows[1].label + " ZeRO-3"
+    rows.append(zero3)
     return rows
 
 

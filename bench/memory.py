@@ -5,7 +5,12 @@ memory per GPU (what torch.cuda.max_memory_allocated reports) at the launchers' 
 part, and what to change when it does not fit. The accounting, per GPU, in bf16 on CUDA:
 
 - frozen base: 2 bytes per parameter, on every GPU (ZeRO 1 and 2 shard optimizer states and
-  gradients, not parameters);
+  gradients, not parameters); with ZeRO 3 a 1/GPUs share of it (and of LoRA), plus what may be
+  gathered at once: twice the largest of one layer and the embedding matrix, at most 1e9 parameters
+  (clara.trainer.gathering_limits); with OFFLOAD=all the shares live in CPU memory and only the
+  gathered part is on the GPU;
+- OFFLOAD=optimizer (or all) keeps the fp32 master weights, Adam's moments and the fp32 gradient
+  partition in CPU memory instead;
 - LoRA: every adapter of the stage in bf16 (2 bytes per parameter); the trained ones (two roles) and
   the memory embeddings also have an fp32 master copy and Adam's two moments (12 bytes), sharded over
   the GPUs with ZeRO >= 1, and gradients (bf16 on every GPU, plus an fp32 partition);
@@ -39,6 +44,9 @@ from clara.config import STAGES
 GiB = 2**30
 # DeepSpeed's default ZeRO reduce_bucket_size, in elements: allocated in full at the first backward.
 REDUCE_BUCKET_ELEMENTS = int(5e8)
+# DeepSpeed's default stage3_max_live_parameters: the most parameters it keeps gathered at once.
+MAX_LIVE_ELEMENTS = int(1e9)
+OFFLOADS = ("none", "optimizer", "all")
 # Adapters held by each stage's model, and how many of them train.
 ADAPTERS_HELD = {"stage1": 2, "stage1_2": 2, "stage2": 3}
 TRAINED_ADAPTERS = 2
@@ -76,7 +84,7 @@ class Dims:
 
 
 def dims_of(model: str) -> Dims:
-    return Dims(**SHAPES[model], qk_norm=not model.startswith("mistral"))
+    return Dims(**SHAPES[model], qk_norm=not model.startswith(("mistral", "llama")))
 
 
 @dataclass
@@ -166,26 +174,53 @@ def nograd_layer_bytes(dims: Dims) -> int:
     return 2 * (3 * h + 2 * q + 2 * kv + 3 * i)
 
 
-def step_memory(dims: Dims, work: Workload, gpus: int = 1, zero_stage: int = 2,
-                gradient_checkpointing: bool = True, lora_r: int = 16) -> dict[str, float]:
-    """Expected peak allocated bytes per GPU of one training micro-step, by part, with `peak` their sum."""
+def gathered_elements(dims: Dims, lora_r: int = 16) -> int:
+    """ZeRO-3: the most parameters held gathered at once, as clara.trainer.gathering_limits allows: two of
+    the largest unit (a layer with its adapters, or the embedding matrix), at most DeepSpeed's 1e9."""
     counts = parameter_counts(dims, lora_r)
-    h, layers = dims.hidden_size, dims.num_layers
+    layer = (counts["layers"] + ADAPTERS_HELD["stage2"] * counts["lora_per_adapter"]) // dims.num_layers
+    return min(2 * max(layer, counts["embedding"]), MAX_LIVE_ELEMENTS)
+
+
+def weight_parts(dims: Dims, work: Workload, gpus: int, zero_stage: int, offload: str,
+                 lora_r: int = 16) -> dict[str, float]:
+    """Bytes per GPU of the weights, the optimizer states, the gradients and the reduction bucket."""
+    counts = parameter_counts(dims, lora_r)
+    h = dims.hidden_size
     trained = TRAINED_ADAPTERS * counts["lora_per_adapter"] + work.n_mem * h
+    lora = 2.0 * ADAPTERS_HELD[work.stage] * counts["lora_per_adapter"] + 2.0 * work.n_mem * h
     shard = gpus if zero_stage >= 1 else 1
+    on_gpu = offload == "none"  # the fp32 masters, moments and gradient partition; else in CPU memory
     parts = {
         "base_weights": 2.0 * counts["total"],
-        "lora_weights": 2.0 * ADAPTERS_HELD[work.stage] * counts["lora_per_adapter"] + 2.0 * work.n_mem * h,
-        "optimizer": 12.0 * trained / shard,
-        "gradients": 2.0 * trained + 4.0 * trained / (gpus if zero_stage == 2 else 1),
-        "reduce_bucket": {0: 0.0, 1: 4.0, 2: 2.0}[zero_stage] * REDUCE_BUCKET_ELEMENTS,
+        "lora_weights": lora,
+        "optimizer": 12.0 * trained / shard if on_gpu else 0.0,
+        "gradients": 2.0 * trained + (4.0 * trained / (gpus if zero_stage >= 2 else 1) if on_gpu else 0.0),
+        "reduce_bucket": {0: 0.0, 1: 4.0, 2: 2.0, 3: 2.0}[zero_stage] * REDUCE_BUCKET_ELEMENTS,
     }
+    if zero_stage == 3:
+        gathered = 2.0 * gathered_elements(dims, lora_r)
+        share = 0.0 if offload == "all" else 1.0 / gpus
+        parts["base_weights"] = 2.0 * counts["total"] * share + gathered
+        parts["lora_weights"] = lora * share
+        parts["gradients"] = 2.0 * trained / gpus + (4.0 * trained / gpus if on_gpu else 0.0)
+    return parts
+
+
+def step_memory(dims: Dims, work: Workload, gpus: int = 1, zero_stage: int = 2,
+                gradient_checkpointing: bool = True, lora_r: int = 16, offload: str = "none") -> dict[str, float]:
+    """Expected peak allocated bytes per GPU of one training micro-step, by part, with `peak` their sum."""
+    h, layers = dims.hidden_size, dims.num_layers
+    parts = weight_parts(dims, work, gpus, zero_stage, offload, lora_r)
     b = work.micro_batch_size
     if work.stage == "stage2":
         grad_passes = [b * (work.question_tokens + work.n_mem), b * work.decoder_tokens]
     else:
         grad_passes = [b * work.docs_per_sample * work.doc_tokens, b * work.decoder_tokens]
     per_layer = layer_activation_bytes(dims)
+    if zero_stage == 3:
+        # deepspeed.zero.Init's linear saves each linear layer's input (bf16), also behind a frozen weight.
+        per_layer += 2 * lora_input_elements(dims)
     # Each pass also keeps its embeddings, final norm and hidden states (about 10 bytes per hidden unit).
     edges = 10 * h * sum(grad_passes)
     if gradient_checkpointing:
@@ -213,63 +248,69 @@ def default_workload(stage: str, gpus: int, **overrides) -> Workload:
 
 
 def fitting_change(dims: Dims, work: Workload, gpus: int, zero_stage: int, gradient_checkpointing: bool,
-                   budget: float) -> str:
+                   budget: float, offload: str = "none") -> str:
     """The first of the usual changes (in the order to try them) that brings the peak under `budget` bytes."""
-    tries = []
+    tries = []  # (what to set, workload, ZeRO stage, gradient checkpointing, offload)
     if not gradient_checkpointing:
-        tries.append(("GRADIENT_CHECKPOINTING=true", work, zero_stage, True))
-    if work.micro_batch_size > 1:
-        tries.append(("MICRO_BATCH_SIZE=1 (more gradient accumulation)",
-                      dataclasses.replace(work, micro_batch_size=1), zero_stage, True))
+        tries.append(("GRADIENT_CHECKPOINTING=true", work, zero_stage, True, offload))
     small = dataclasses.replace(work, micro_batch_size=1)
+    if work.micro_batch_size > 1:
+        tries.append(("MICRO_BATCH_SIZE=1 (more gradient accumulation)", small, zero_stage, True, offload))
     if work.stage == "stage2":
         for chunk in (16, 4):
             if chunk < work.candidate_chunk_size:
                 tries.append((f"candidate_chunk_size={chunk}", dataclasses.replace(small, candidate_chunk_size=chunk),
-                              zero_stage, True))
+                              zero_stage, True, offload))
     if zero_stage < 2 and gpus > 1:
-        tries.append(("ZERO_STAGE=2", small, 2, True))
-    for label, w, z, gc in tries:
-        if step_memory(dims, w, gpus, z, gc)["peak"] <= budget:
+        tries.append(("ZERO_STAGE=2", small, 2, True, offload))
+    # Partitioning the base, then moving what is left to CPU memory: each costs step time.
+    if zero_stage < 3 and gpus > 1:
+        tries.append(("ZERO_STAGE=3", work, 3, gradient_checkpointing, offload))
+    tries.append(("ZERO_STAGE=3 OFFLOAD=optimizer", work, 3, gradient_checkpointing, "optimizer"))
+    tries.append(("ZERO_STAGE=3 OFFLOAD=all", work, 3, gradient_checkpointing, "all"))
+    tries.append(("ZERO_STAGE=3 OFFLOAD=all MICRO_BATCH_SIZE=1", small, 3, True, "all"))
+    for label, w, z, gc, off in tries:
+        if step_memory(dims, w, gpus, z, gc, offload=off)["peak"] <= budget:
             return label
-    return ("does not fit even with every change: the frozen bf16 weights alone take "
-            f"{2 * parameter_counts(dims)['total'] / GiB:.1f} GiB on each GPU (ZeRO 1/2 do not shard them); "
-            "use a larger GPU or a smaller model")
+    return ("does not fit even with every change: with ZERO_STAGE=3 OFFLOAD=all a forward still gathers "
+            f"{2 * gathered_elements(dims) / GiB:.1f} GiB of weights at a time on each GPU, besides the "
+            "activations; use a larger GPU or a smaller model")
 
 
 MICRO_BATCH_SEARCH_LIMIT = 256
 
 
 def largest_micro_batch(dims: Dims, work: Workload, gpus: int, zero_stage: int, gradient_checkpointing: bool,
-                        budget: float, limit: int = MICRO_BATCH_SEARCH_LIMIT) -> int:
+                        budget: float, limit: int = MICRO_BATCH_SEARCH_LIMIT, offload: str = "none") -> int:
     """The largest micro-batch (up to `limit`) whose peak stays under `budget` bytes; 0 if none does."""
     fitting = 0
     for size in range(1, limit + 1):
         if step_memory(dims, dataclasses.replace(work, micro_batch_size=size), gpus, zero_stage,
-                       gradient_checkpointing)["peak"] > budget:
+                       gradient_checkpointing, offload=offload)["peak"] > budget:
             break
         fitting = size
     return fitting
 
 
 def plan_rows(model: str, gpus: int, gpu_gib: float = 80.0, zero_stage: int = 2,
-              gradient_checkpointing: bool = True, **overrides) -> list[dict]:
+              gradient_checkpointing: bool = True, offload: str = "none", **overrides) -> list[dict]:
     """One row per stage: the expected peak and whether it fits in 90% of the GPU (the rest: context, fragments)."""
     dims = dims_of(model)
     budget = 0.9 * gpu_gib * GiB
     rows = []
     for stage in STAGES:
         work = default_workload(stage, gpus, **overrides)
-        parts = step_memory(dims, work, gpus, zero_stage, gradient_checkpointing)
+        parts = step_memory(dims, work, gpus, zero_stage, gradient_checkpointing, offload=offload)
         fits = parts["peak"] <= budget
-        rows.append({"model": model, "gpus": gpus, "stage": stage, "micro_batch_size": work.micro_batch_size,
-                     "zero_stage": zero_stage, "gradient_checkpointing": gradient_checkpointing,
+        largest = {name: largest_micro_batch(dims, work, gpus, zero_stage, gc, budget, offload=offload)
+                   for name, gc in (("checkpointing", True), ("no_checkpointing", False))}
+        rows.append({"model": model, "gpus": gpus, "gpu_gib": gpu_gib, "stage": stage,
+                     "micro_batch_size": work.micro_batch_size, "zero_stage": zero_stage, "offload": offload,
+                     "gradient_checkpointing": gradient_checkpointing,
                      "parts_gib": {k: v / GiB for k, v in parts.items()}, "peak_gib": parts["peak"] / GiB,
                      "fits": fits, "change": None if fits else fitting_change(
-                         dims, work, gpus, zero_stage, gradient_checkpointing, budget),
-                     "largest_micro_batch": {
-                         "checkpointing": largest_micro_batch(dims, work, gpus, zero_stage, True, budget),
-                         "no_checkpointing": largest_micro_batch(dims, work, gpus, zero_stage, False, budget)}})
+                         dims, work, gpus, zero_stage, gradient_checkpointing, budget, offload),
+                     "largest_micro_batch": largest})
     return rows
 
 
@@ -283,14 +324,16 @@ def _searched(size: int) -> str:
 
 def format_rows(rows: list[dict], gpu_gib: float = 80.0) -> str:
     lines = ["| model | GPUs | stage | micro-batch | " + " | ".join(name for name, _ in PART_COLUMNS)
-             + f" | peak GiB/GPU | fits {gpu_gib:g} GiB | change if not | largest micro-batch (checkpointing on / off) |",
-             "|---" * (len(PART_COLUMNS) + 8) + "|"]
+             + f" | peak GiB/GPU | fits {gpu_gib:g} GiB | change if not | largest micro-batch (checkpointing on / off) "
+             "| ZeRO, offload |",
+             "|---" * (len(PART_COLUMNS) + 9) + "|"]
     for row in rows:
         cells = [f"{sum(row['parts_gib'][k] for k in keys):.1f}" for _, keys in PART_COLUMNS]
         lines.append(f"| {row['model']} | {row['gpus']} | {row['stage']} | {row['micro_batch_size']} | "
                      + " | ".join(cells) + f" | {row['peak_gib']:.1f} | {'yes' if row['fits'] else 'no'} | "
                      f"{row['change'] or '-'} | {_searched(row['largest_micro_batch']['checkpointing'])} / "
-                     f"{_searched(row['largest_micro_batch']['no_checkpointing'])} |")
+                     f"{_searched(row['largest_micro_batch']['no_checkpointing'])} | "
+                     f"{row['zero_stage']}, {row['offload']} |")
     return "\n".join(lines)
 
 
@@ -303,7 +346,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="data-parallel GPUs, with the launcher's MICRO_BATCH_SIZE: 1 for one GPU, 2 for more "
                              "(repeatable; default: 1 and 8)")
     parser.add_argument("--gpu_gib", type=float, default=80.0, help="memory of one GPU")
-    parser.add_argument("--zero_stage", type=int, choices=(0, 1, 2), default=2, help="DeepSpeed ZeRO stage")
+    parser.add_argument("--zero_stage", type=int, choices=(0, 1, 2, 3), default=2, help="DeepSpeed ZeRO stage")
+    parser.add_argument("--offload", choices=OFFLOADS, default="none",
+                        help="OFFLOAD: optimizer states (optimizer) and also the parameters (all, ZeRO 3) in CPU memory")
     parser.add_argument("--gradient_checkpointing", choices=("true", "false"), default="true",
                         help="gradient checkpointing")
     parser.add_argument("--micro_batch_size", type=int, help="samples per GPU per forward (default: the launcher's)")
@@ -323,7 +368,7 @@ def main(argv: list[str] | None = None) -> int:
             overrides[name] = getattr(args, name)
     rows = [row for model in args.model or ["mistral-7b", "qwen3-14b"] for gpus in args.gpus or [1, 8]
             for row in plan_rows(model, gpus, args.gpu_gib, args.zero_stage, args.gradient_checkpointing == "true",
-                                 **overrides)]
+                                 args.offload, **overrides)]
     print(format_rows(rows, args.gpu_gib))
     if args.json:
         with open(args.json, "w", encoding="utf-8") as out:

@@ -26,6 +26,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from clara.config import TINY_MODEL_NAME, hub_id_parts
+from clara.distributed import gathered
 from clara.errors import CheckpointError
 from clara.files import atomic_path, publish_files, write_json_atomic
 from clara.locks import reading_export
@@ -146,23 +147,40 @@ def build_model(settings: ModelSettings, adapters: list[str], dtype: torch.dtype
 
     vocab_rows: rows of the embedding matrix (the official code shrinks it to the tokenizer's length,
     Qwen's has spare rows); None keeps the base's, grown where the added tokens need it.
+    Under transformers' ZeRO-3 integration (a live HfDeepSpeedConfig of stage 3) the base is loaded
+    partitioned over the ranks, and every rank must call this.
     """
     base_path = resolve_base_path(settings.base_model)
-    with hub_errors(f"base model {base_path}", base_path):
+    # Loading (partitioned or not) leaves the random state as it found it, so that the added rows and the
+    # adapters start from the same draws under every ZeRO stage.
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+    with hub_errors(f"base model {base_path}", base_path), torch.random.fork_rng(devices):
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir or base_path)
         base = AutoModelForCausalLM.from_pretrained(base_path, dtype=dtype, attn_implementation=attn_implementation)
-    tokens = add_special_tokens(tokenizer, settings.n_mem_tokens)
-    rows = vocab_rows or max(base.get_input_embeddings().weight.shape[0], len(tokenizer))
-    if rows < len(tokenizer):
-        raise CheckpointError(f"an embedding matrix of {rows} rows cannot hold the {len(tokenizer)} tokens of "
-                              f"{base_path}'s tokenizer with the CLaRa tokens: another base model or number of "
-                              "memory tokens?")
-    if rows != base.get_input_embeddings().weight.shape[0]:
-        base.resize_token_embeddings(rows, mean_resizing=False)
+        tokens = add_special_tokens(tokenizer, settings.n_mem_tokens)
+        base_rows = full_shape(base.get_input_embeddings().weight)[0]
+        rows = vocab_rows or max(base_rows, len(tokenizer))
+        if rows < len(tokenizer):
+            raise CheckpointError(f"an embedding matrix of {rows} rows cannot hold the {len(tokenizer)} tokens of "
+                                  f"{base_path}'s tokenizer with the CLaRa tokens: another base model or number of "
+                                  "memory tokens?")
+        if rows != base_rows:
+            base.resize_token_embeddings(rows, mean_resizing=False)
     init_added_rows(base, tokenizer.convert_tokens_to_ids(added_token_strings(settings.n_mem_tokens)))
     base.config.use_cache = False
     peft_model = attach_adapters(base, adapters, settings)
     return ClaraModel(peft_model, tokenizer, tokens, settings)
+
+
+def full_shape(param: torch.Tensor) -> torch.Size:
+    """A parameter's shape, also when ZeRO-3 has partitioned it (its local tensor is then empty)."""
+    return getattr(param, "ds_shape", param.shape)
+
+
+def embedding_matrices(model) -> list[torch.Tensor]:
+    """The input embedding matrix, and the LM head's when it is not tied to it."""
+    embedding, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
+    return [embedding] if head is embedding else [embedding, head]
 
 
 @torch.no_grad()
@@ -170,20 +188,21 @@ def init_added_rows(base, ids: list[int]) -> None:
     """Start the added tokens' rows at the scale of the real ones: the per-dimension mean and spread.
 
     Rows drawn at the initializer's small scale (std 0.02) leave the memory tokens nearly silent
-    next to real tokens, and the compressed states of every document then look alike.
+    next to real tokens, and the compressed states of every document then look alike. Rank 0's
+    draw is kept on every rank (the same draw everywhere without ZeRO-3, where each rank makes it).
     """
-    matrices = [base.get_input_embeddings().weight]
-    head = base.get_output_embeddings().weight
-    if head.data_ptr() != matrices[0].data_ptr():
-        matrices.append(head)
-    for matrix in matrices:
-        old = matrix[: min(ids)].float()
-        rows = old.mean(0) + old.std(0) * torch.randn(len(ids), matrix.shape[1], device=matrix.device)
-        matrix[ids] = rows.to(matrix.dtype)
+    matrices = embedding_matrices(base)
+    with gathered(matrices, modifier_rank=0):
+        for matrix in matrices:
+            old = matrix[: min(ids)].float()
+            rows = old.mean(0) + old.std(0) * torch.randn(len(ids), matrix.shape[1], device=matrix.device)
+            matrix[ids] = rows.to(matrix.dtype)
 
 
 def added_token_rows(model: ClaraModel) -> dict[str, torch.Tensor]:
-    """Embedding (and untied LM-head) rows of every added token, memory rows from their own parameter."""
+    """Embedding (and untied LM-head) rows of every added token, memory rows from their own parameter.
+
+    Reads whole parameters: under ZeRO-3, inside `gathered(export_parameters(model))`."""
     ids = model.tokenizer.convert_tokens_to_ids(added_token_strings(model.tokens.n_mem))
     embed = model.causal_lm.get_input_embeddings().weight[ids].detach().clone().float()
     embed[: model.tokens.n_mem] = model.mem_embeddings.detach().float()
@@ -197,12 +216,20 @@ def added_token_rows(model: ClaraModel) -> dict[str, torch.Tensor]:
 @torch.no_grad()
 def set_added_token_rows(model: ClaraModel, rows: dict[str, torch.Tensor]) -> None:
     ids = torch.tensor(model.tokenizer.convert_tokens_to_ids(added_token_strings(model.tokens.n_mem)))
-    embedding = model.causal_lm.get_input_embeddings().weight
-    embedding[ids] = rows["embed_tokens"].to(embedding)
-    if "lm_head" in rows:
-        head = model.causal_lm.get_output_embeddings().weight
-        head[ids] = rows["lm_head"].to(head)
+    matrices = embedding_matrices(model.causal_lm)
+    with gathered(matrices, modifier_rank=0):
+        embedding = model.causal_lm.get_input_embeddings().weight
+        embedding[ids] = rows["embed_tokens"].to(embedding)
+        if "lm_head" in rows:
+            head = model.causal_lm.get_output_embeddings().weight
+            head[ids] = rows["lm_head"].to(head)
     model.mem_embeddings.copy_(rows["embed_tokens"][: model.tokens.n_mem])
+
+
+def export_parameters(model: ClaraModel) -> list[torch.Tensor]:
+    """Every parameter the export reads: all adapters, the memory embeddings, the embedding matrices."""
+    lora = [p for name, p in model.peft_model.named_parameters() if any(f".{a}." in name for a in model.adapter_names)]
+    return lora + [model.mem_embeddings] + embedding_matrices(model.causal_lm)
 
 
 def _save_safetensors(path: str, tensors: dict[str, torch.Tensor], metadata: dict | None = None) -> None:
@@ -211,7 +238,9 @@ def _save_safetensors(path: str, tensors: dict[str, torch.Tensor], metadata: dic
 
 
 def save_model(model: ClaraModel, out_dir: str, stage: str) -> None:
-    """Export in the native layout: written aside, then published in one step (clara.files.publish_files)."""
+    """Export in the native layout: written aside, then published in one step (clara.files.publish_files).
+
+    Under ZeRO-3 every rank enters `gathered(export_parameters(model))` and one rank calls this inside it."""
     publish_files(out_dir, lambda aside: _write_native(model, aside, stage))
 
 
@@ -333,13 +362,14 @@ def _load_official(path: str, config: dict, dtype: torch.dtype, attn_implementat
     model = build_model(settings, list(adapters), dtype, attn_implementation, vocab_rows=embed.shape[0])
     for name, state in adapters.items():
         load_adapter_state(model, name, state, os.path.join(path, "adapters.pth"))
-    _copy_full_matrix(embed, model.causal_lm.get_input_embeddings().weight, "embed_tokens.weight", path)
-    head = model.causal_lm.get_output_embeddings().weight
-    # With tied embeddings the release's save (named_parameters) holds no separate lm_head entry.
-    if head is not model.causal_lm.get_input_embeddings().weight or any(k.endswith("lm_head.weight") for k in layers):
-        _copy_full_matrix(_full_matrix(layers, "lm_head.weight", path), head, "lm_head.weight", path)
-    with torch.no_grad():
-        model.mem_embeddings.copy_(model.causal_lm.get_input_embeddings().weight[list(model.tokens.mem_ids)])
+    matrices = embedding_matrices(model.causal_lm)
+    with gathered(matrices, modifier_rank=0):
+        _copy_full_matrix(embed, matrices[0], "embed_tokens.weight", path)
+        # With tied embeddings the release's save (named_parameters) holds no separate lm_head entry.
+        if len(matrices) > 1 or any(k.endswith("lm_head.weight") for k in layers):
+            _copy_full_matrix(_full_matrix(layers, "lm_head.weight", path), matrices[-1], "lm_head.weight", path)
+        with torch.no_grad():
+            model.mem_embeddings.copy_(matrices[0][list(model.tokens.mem_ids)])
     return model
 
 

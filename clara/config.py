@@ -106,7 +106,10 @@ class TrainConfig:
     warmup_ratio: float = setting(0.03, "share of steps warming the learning rate up")
     min_lr_ratio: float = setting(0.1, "floor of the cosine schedule, as a share of the peak")
     seed: int = setting(42, "random seed: same seed, data and world size give the same run")
-    zero_stage: int = setting(2, "DeepSpeed ZeRO stage: 0, 1 or 2")
+    zero_stage: int = setting(2, "DeepSpeed ZeRO stage: 0, 1, 2, or 3 (3 also partitions the frozen base model "
+                                 "over the processes)")
+    offload: str = setting("none", "ZeRO-Offload to CPU memory: none; optimizer (the optimizer states, ZERO_STAGE "
+                                   "1 to 3); all (also the parameters, ZERO_STAGE=3)")
     # Output
     debug_mode: bool = setting(True, "colour-coded per-token confidence print")
     debug_every_steps: int = setting(5, "debug print every N optimizer steps")
@@ -196,7 +199,8 @@ FLOAT_RANGES = {
     "warmup_ratio": (lambda v: 0 <= v <= 1, "a number in [0, 1]"),
     "min_lr_ratio": (lambda v: 0 <= v <= 1, "a number in [0, 1]"),
 }
-CHOICES = {"dtype": ("auto", "bf16", "fp16", "fp32"), "flash_attn": ("auto", "true", "false"), "bad_samples": ("error", "skip"), "zero_stage": (0, 1, 2)}
+CHOICES = {"dtype": ("auto", "bf16", "fp16", "fp32"), "flash_attn": ("auto", "true", "false"), "bad_samples": ("error", "skip"), "zero_stage": (0, 1, 2, 3),
+           "offload": ("none", "optimizer", "all")}
 
 
 def validate(cfg: TrainConfig, world_size: int = 1, check_batch: bool = True) -> None:
@@ -217,8 +221,13 @@ def validate(cfg: TrainConfig, world_size: int = 1, check_batch: bool = True) ->
             raise ConfigError(name, value, expected)
     for name, choices in CHOICES.items():
         if getattr(cfg, name) not in choices:
-            # ZeRO-3 would shard the frozen base that LoRA keeps replicated, and need gathered exports.
             raise ConfigError(name, getattr(cfg, name), "one of " + ", ".join(map(str, choices)))
+    if cfg.offload == "all" and cfg.zero_stage != 3:
+        raise ConfigError("offload", cfg.offload, f"none or optimizer with ZERO_STAGE={cfg.zero_stage} (all also "
+                                                  "offloads the parameters, which only ZERO_STAGE=3 partitions)")
+    if cfg.offload == "optimizer" and cfg.zero_stage == 0:
+        raise ConfigError("offload", cfg.offload, "none with ZERO_STAGE=0 (offloading the optimizer states needs "
+                                                  "ZERO_STAGE 1, 2 or 3)")
     if cfg.doc_max_length % cfg.compress_rate:
         raise ConfigError("doc_max_length", cfg.doc_max_length,
                           f"a multiple of COMPRESS_RATE={cfg.compress_rate} (memory tokens per document = "

@@ -3,6 +3,7 @@ the trainer and the evaluation share (rank-0-first loading, gathering rows, broa
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -147,3 +148,42 @@ def broadcast(obj: T, rank: int, world: int) -> T:
     box = [obj if rank == 0 else None]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+# -- ZeRO-3: parameters partitioned over the ranks ----------------------------------------------------------
+def partitioned(params) -> bool:
+    """Whether any of these parameters is partitioned by DeepSpeed ZeRO-3 (deepspeed.zero.Init or a stage-3
+    engine): each rank then holds a shard, and reading the whole tensor needs every rank (see gathered)."""
+    return any(hasattr(p, "ds_id") for p in params)
+
+
+def gathered(params, modifier_rank: int | None = None):
+    """A context in which ZeRO-3 partitioned `params` are whole on every rank; a no-op for plain parameters.
+
+    Collective: every rank must enter it with the same parameters. With `modifier_rank`, what that rank
+    writes into them is kept (and spread to the others) when the context ends.
+    """
+    params = list(params)
+    if not partitioned(params):
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=modifier_rank)
+
+
+def local_shard(param: torch.Tensor) -> torch.Tensor:
+    """What this rank holds of a parameter: its ZeRO-3 partition, or the whole tensor."""
+    return param.ds_tensor if hasattr(param, "ds_tensor") and param.ds_tensor is not None else param
+
+
+def in_lockstep(module: torch.nn.Module) -> bool:
+    """Whether the ranks must run the same forwards of `module`: under ZeRO-3 each forward gathers its
+    parameters from every rank, so a rank that runs one forward more than the others waits forever."""
+    return dist.is_initialized() and dist.get_world_size() > 1 and partitioned(module.parameters())
+
+
+def most_over_ranks(count: int, device: torch.device) -> int:
+    """The largest `count` of any rank (collective)."""
+    total = torch.tensor([count], dtype=torch.int64, device=device)
+    dist.all_reduce(total, op=dist.ReduceOp.MAX)
+    return int(total.item())

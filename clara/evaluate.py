@@ -9,7 +9,9 @@ also reports recall@k and precision@k against `pos_index`.
 Several processes (torchrun, accelerate launch) split the work by micro-batches: the data is cut
 into micro-batches in dataset order first and rank r takes micro-batches r, r + world, ..., so
 each micro-batch holds the same samples whatever the world size. Rank 0 gathers the per-sample
-results, restores dataset order and computes the summary, which every rank receives.
+results, restores dataset order and computes the summary, which every rank receives. On a model that
+ZeRO-3 partitions (evaluation during a ZERO_STAGE=3 run) every forward is collective, so the ranks run
+the same number of forwards and generations, on stand-in micro-batches where they have none of their own.
 
     python -m clara.evaluate --checkpoint DIR --dataset FILE|hf:NAME:CONFIG[:SPLIT] [--stage S] [--max_samples N]
         [--batch_size B] [--max_new_tokens T] [--output FILE]
@@ -32,7 +34,7 @@ from clara.checkpoint import load_model, official_base_name, read_config, resolv
 from clara.collate import Collator, LengthCheck
 from clara.config import TrainConfig, check_data_sources
 from clara.data import load_records
-from clara.distributed import broadcast, gather_rows, rank_zero_first, resolve_dtype, run_command
+from clara.distributed import broadcast, gather_rows, in_lockstep, rank_zero_first, resolve_dtype, run_command
 from clara.errors import CheckpointError, ConfigError
 from clara.files import json_safe, write_json_atomic, write_text_atomic
 from clara.inference import ensure_query_reasoner, infer_stage
@@ -60,6 +62,32 @@ def micro_batches(num_samples: int, batch_size: int) -> list[range]:
     return [range(start, min(start + batch_size, num_samples)) for start in range(0, num_samples, batch_size)]
 
 
+def sample_row(stage: Stage, index: int, record: dict, loss, hits: int, count: int, chosen) -> dict:
+    """One sample's result before generation."""
+    question, answer = stage.header(record)
+    row = {"index": index, "question": question, "answer": answer, "loss": loss,
+           "correct_tokens": hits, "answer_tokens": count, "token_accuracy": hits / count if count else None}
+    if "data_type" in record:
+        row["data_type"] = record["data_type"]
+    if stage.generates:
+        row.update(answers=list(record["answers"]), prediction=None, **dict.fromkeys(ANSWER_SCORE_NAMES))
+    if chosen is not None:
+        row["chosen"] = chosen
+        row["pos_index"] = list(record["pos_index"]) if record["has_pos_index"] else None
+    return row
+
+
+def lockstep_rounds(num_batches: int, rank: int, world: int, lockstep: bool) -> list[int | None]:
+    """The micro-batches this rank evaluates (rank r: r, r + world, ...), one per round.
+
+    In lockstep (ZeRO-3: every forward is collective) every rank runs the same number of rounds; a
+    rank without a micro-batch of its own in the last round gets None there and runs a stand-in.
+    """
+    mine = list(range(rank, num_batches, world))
+    rounds = -(-num_batches // world) if lockstep else len(mine)
+    return mine + [None] * (rounds - len(mine))
+
+
 @torch.no_grad()
 def evaluate_shard(model, records, stage: Stage, batch_size: int, generate_limit: int, max_new_tokens: int,
                    max_len: int, seed: int, rank: int = 0, world: int = 1, device=None,
@@ -70,41 +98,35 @@ def evaluate_shard(model, records, stage: Stage, batch_size: int, generate_limit
     collate = {targets: Collator(stage, model.tokenizer, model.tokens, settings.doc_max_length, max_len,
                                  settings.generation_top_k, seed, with_targets=targets)
                for targets in (True, False)}
-    mine = micro_batches(len(records), batch_size)[rank::world]
+    batches = micro_batches(len(records), batch_size)
+    lockstep = world > 1 and in_lockstep(model)
+    rounds = lockstep_rounds(len(batches), rank, world, lockstep)
     progress = None
     if show_progress and rank == 0:
-        progress = tqdm(total=sum(len(b) for b in mine), desc=f"eval {stage.name}" + (" (rank 0)" if world > 1 else ""),
-                        unit="sample", dynamic_ncols=True, file=sys.stderr, leave=leave_progress)
+        progress = tqdm(total=sum(len(batches[b]) for b in rounds if b is not None), unit="sample",
+                        desc=f"eval {stage.name}" + (" (rank 0)" if world > 1 else ""), dynamic_ncols=True,
+                        file=sys.stderr, leave=leave_progress)
     results = []
-    for indices in mine:
+    for number, own in enumerate(rounds):
+        indices = list(batches[own if own is not None else 0])
         run = [records[i] for i in indices]
-        run_indices = list(indices)
-        batch = collate[True](run).to(device)
-        out = model(batch, mse_weight=0.0)
+        out = model(collate[True](run).to(device), mse_weight=0.0)
         losses, hits, counts = per_sample_lm(out.lm, len(run))
-        chosen = out.chosen.tolist() if out.chosen is not None else None
-        for j, (index, record) in enumerate(zip(run_indices, run)):
-            question, answer = stage.header(record)
-            row = {"index": index, "question": question, "answer": answer, "loss": losses[j],
-                   "correct_tokens": hits[j], "answer_tokens": counts[j],
-                   "token_accuracy": hits[j] / counts[j] if counts[j] else None}
-            if "data_type" in record:
-                row["data_type"] = record["data_type"]
-            if stage.generates:
-                row.update(answers=list(record["answers"]), prediction=None, **dict.fromkeys(ANSWER_SCORE_NAMES))
-            if chosen is not None:
-                row["chosen"] = chosen[j]
-                row["pos_index"] = list(record["pos_index"]) if record["has_pos_index"] else None
-            results.append(row)
-        wanted = [j for j, index in enumerate(run_indices) if index < generate_limit]
-        if stage.generates and wanted:
-            prompt = collate[False]([run[j] for j in wanted]).to(device)
+        chosen = out.chosen.tolist() if out.chosen is not None else [None] * len(run)
+        rows = [sample_row(stage, index, record, losses[j], hits[j], counts[j], chosen[j])
+                for j, (index, record) in enumerate(zip(indices, run))]
+        wanted = [j for j, index in enumerate(indices) if index < generate_limit] if own is not None else []
+        # In lockstep a round generates on every rank when one of its micro-batches asks for answers.
+        this_round = batches[number * world:(number + 1) * world] if lockstep else [indices]
+        if stage.generates and any(b[0] < generate_limit for b in this_round):
+            prompt = collate[False]([run[j] for j in wanted or [0]]).to(device)
             texts, _ = model.generate(prompt, max_new_tokens=max_new_tokens)
-            rows = results[len(results) - len(run):]
             for j, text in zip(wanted, texts):
                 rows[j].update(prediction=text, **answer_scores(text, rows[j]["answers"]))
-        if progress is not None:
-            progress.update(len(indices))
+        if own is not None:
+            results += rows
+            if progress is not None:
+                progress.update(len(indices))
     if progress is not None:
         progress.close()
     return results

@@ -206,7 +206,7 @@ def summary(script: str, cfg: TrainConfig, given: TrainConfig, procs: Processes,
         ("LOGGING/EVAL/SAVE_STEPS", f"{cfg.logging_steps} / {cfg.eval_steps} / {cfg.save_steps}"),
         ("processes", f"NUM_NODES {procs.num_nodes} x NUM_GPUS {procs.num_gpus} = world size {procs.world_size}; "
                       f"NODE_RANK {procs.node_rank}; rendezvous {procs.master_addr}:{procs.master_port}"),
-        ("ZERO_STAGE", str(cfg.zero_stage)),
+        ("ZERO_STAGE / OFFLOAD", f"{cfg.zero_stage} / {cfg.offload}"),
         ("GRADIENT_CHECKPOINTING", str(cfg.gradient_checkpointing).lower()),
         ("DTYPE / FLASH_ATTN", f"{cfg.dtype} / {cfg.flash_attn}"),
         ("MSE_WEIGHT", f"{cfg.mse_weight:g}" if given.mse_weight is not None

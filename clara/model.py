@@ -19,6 +19,7 @@ from transformers import LogitsProcessorList, StoppingCriteriaList
 
 from clara.collate import IGNORE_INDEX, Batch
 from clara.decoding import RowDecoding, RowSampler, RowWatch, finish
+from clara.distributed import gathered, in_lockstep, most_over_ranks
 from clara.errors import ConfigError
 from clara.prompts import SpecialTokens, end_of_turn
 from clara.topk import cosine_scores, differentiable_topk, retrieval_loss
@@ -104,7 +105,8 @@ class ClaraModel(nn.Module):
         self.settings = settings
         embedding = self.causal_lm.get_input_embeddings().weight
         # The memory embeddings train as their own small parameter, merged into the matrix on export.
-        self.mem_embeddings = nn.Parameter(embedding[list(tokens.mem_ids)].detach().clone().float())
+        with gathered([embedding]):
+            self.mem_embeddings = nn.Parameter(embedding[list(tokens.mem_ids)].detach().clone().float())
         self._active = None
         self.refresh_lora_layers()
         # With tied input and output embeddings, the export (which merges the memory embeddings into
@@ -116,7 +118,8 @@ class ClaraModel(nn.Module):
 
     def _tied_memory_logits(self, module: nn.Module, args: tuple, logits: torch.Tensor) -> torch.Tensor:
         first, n = self.tokens.first_mem_id, self.tokens.n_mem
-        memory = (args[0] @ self.mem_embeddings.to(args[0].dtype).T).to(logits.dtype)
+        # A copy, for the same reason as in embed(): the backward must not read the parameter's data.
+        memory = (args[0] @ self.mem_embeddings.to(args[0].dtype, copy=True).T).to(logits.dtype)
         return torch.cat([logits[..., :first], memory, logits[..., first + n:]], dim=-1)
 
     # -- the pieces of the base model -------------------------------------------------------------
@@ -202,7 +205,9 @@ class ClaraModel(nn.Module):
         """Token embeddings, with the trained memory embeddings at memory-token positions."""
         embeds = self.causal_lm.get_input_embeddings()(ids)
         offset = (ids - self.tokens.first_mem_id).clamp(0, self.tokens.n_mem - 1)
-        mem = self.mem_embeddings.to(embeds.dtype)[offset]
+        # F.embedding's backward needs only the row count, not the parameter's data, which ZeRO-3 may
+        # have released by then (it cannot see into StepOutput to gather it again before backward).
+        mem = F.embedding(offset, self.mem_embeddings.to(embeds.dtype))
         return torch.where(self._mem_mask(ids).unsqueeze(-1), mem, embeds)
 
     def compress(self, ids: torch.Tensor, mask: torch.Tensor, adapter: str = "encoder_adapter",
@@ -243,10 +248,18 @@ class ClaraModel(nn.Module):
                         positions=where[:, 1] + 1)
 
     def compress_candidates(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Stage-2 candidates through the frozen compressor, without gradient, in bounded chunks."""
+        """Stage-2 candidates through the frozen compressor, without gradient, in bounded chunks.
+
+        Under ZeRO-3 a rank with fewer chunks than another compresses its first candidate again until
+        both have run as many forwards (the extra results are dropped).
+        """
         chunk = self.settings.candidate_chunk_size
+        starts = range(0, ids.shape[0], chunk)
+        extra = most_over_ranks(len(starts), ids.device) - len(starts) if in_lockstep(self) else 0
         with eval_mode(self), torch.no_grad():
-            parts = [self.compress(ids[i:i + chunk], mask[i:i + chunk])[0] for i in range(0, ids.shape[0], chunk)]
+            parts = [self.compress(ids[i:i + chunk], mask[i:i + chunk])[0] for i in starts]
+            for _ in range(extra):
+                self.compress(ids[:1], mask[:1])
         return torch.cat(parts)
 
     def select(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -296,8 +309,11 @@ class ClaraModel(nn.Module):
         with its own sampling, token limit and stop strings, streamed and cancellable, for at most
         max_new_tokens more tokens in this call; greedy rows get the same answers as without rows.
         """
-        # Greedy decoding must not depend on the mode the caller left the model in (LoRA dropout).
-        with eval_mode(self):
+        # Greedy decoding must not depend on the mode the caller left the model in (LoRA dropout). Under
+        # ZeRO-3 (collective: every rank calls this) the memory embeddings, read outside forward(), are
+        # gathered, and ranks that finished keep stepping until all have (synced_gpus).
+        lockstep = in_lockstep(self)
+        with eval_mode(self), gathered([self.mem_embeddings]):
             if vectors is None:
                 embeds, extras = self.decoder_inputs(batch)
             else:
@@ -318,7 +334,7 @@ class ClaraModel(nn.Module):
                 out = self.causal_lm.generate(inputs_embeds=embeds, attention_mask=batch.dec_mask,
                                               max_new_tokens=max_new_tokens, do_sample=False,
                                               pad_token_id=self.tokens.pad_id, eos_token_id=sorted(stop_ids),
-                                              suppress_tokens=added, **hooks)
+                                              suppress_tokens=added, synced_gpus=lockstep, **hooks)
         if rows is None:
             return [t.strip() for t in self.tokenizer.batch_decode(out, skip_special_tokens=True)], extras.chosen
         for row in rows:

@@ -38,7 +38,7 @@ import torch.distributed as dist
 
 from clara.checkpoint import resolve_base_path
 from clara.config import CHECKPOINT_MANIFEST, CHECKPOINT_STATE, TrainConfig
-from clara.distributed import broadcast
+from clara.distributed import broadcast, local_shard
 from clara.errors import ResumeError, RunFailure
 from clara.files import fsync_path, write_json_atomic
 from clara.fingerprint import input_changes, train_inputs
@@ -375,7 +375,8 @@ def rewind_metrics(save_path: str, step: int) -> None:
 # -- saving -------------------------------------------------------------------------------------------------
 def nonfinite_parameters(module: torch.nn.Module) -> list[str]:
     """Names of trained parameters holding inf or NaN."""
-    return [name for name, p in module.named_parameters() if p.requires_grad and not torch.isfinite(p).all()]
+    return [name for name, p in module.named_parameters()
+            if p.requires_grad and not torch.isfinite(local_shard(p)).all()]
 
 
 def _expected_bytes(root: str, module: torch.nn.Module) -> int:
@@ -387,7 +388,7 @@ def _expected_bytes(root: str, module: torch.nn.Module) -> int:
     except (OSError, ValueError, KeyError, TypeError):
         pass  # an older layout, or rotated away by rank 0 meanwhile: estimate instead
     trained = [p for p in module.parameters() if p.requires_grad]
-    return sum(p.numel() * (p.element_size() + 12) for p in trained) + 2**20
+    return sum(getattr(p, "ds_numel", p.numel()) * (p.element_size() + 12) for p in trained) + 2**20
 
 
 def _gb(n: int) -> str:

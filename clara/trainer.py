@@ -24,13 +24,14 @@ import deepspeed
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
+from transformers.integrations import HfDeepSpeedConfig
 
-from clara.checkpoint import save_model
+from clara.checkpoint import export_parameters, save_model
 from clara.collate import Batch, Collator
 from clara.config import ConfigError, TrainConfig
 from clara.data import load_records
 from clara.debug import DebugPrinter
-from clara.distributed import init_distributed, resolve_dtype
+from clara.distributed import gathered, init_distributed, local_shard, rank_zero_first, resolve_dtype
 from clara.errors import RunFailure
 from clara.evaluate import evaluate_model
 from clara.files import json_safe, write_json_atomic
@@ -89,19 +90,37 @@ def lr_lambda(cfg: TrainConfig, total_steps: int) -> Callable[[int], float]:
     return functools.partial(cosine_with_warmup, total_steps=total_steps, warmup_steps=warmup, floor=cfg.min_lr_ratio)
 
 
+def zero_config(cfg: TrainConfig) -> dict:
+    """DeepSpeed's zero_optimization section for ZERO_STAGE and OFFLOAD."""
+    zero: dict = {"stage": cfg.zero_stage}
+    pinned = torch.cuda.is_available()  # page-locked CPU memory speeds up copies to and from a GPU
+    if cfg.offload in ("optimizer", "all"):
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": pinned}
+    if cfg.offload == "all":
+        zero["offload_param"] = {"device": "cpu", "pin_memory": pinned}
+    if cfg.zero_stage == 3:
+        # Every parameter is partitioned, the small ones too (LoRA matrices, norms): each rank holds
+        # 1/world of the model, at the cost of a few small gathers per layer.
+        zero["stage3_param_persistence_threshold"] = 0
+    return zero
+
+
 def deepspeed_config(cfg: TrainConfig, world: int, dtype: torch.dtype) -> dict:
     return {
         "train_batch_size": cfg.batch_size,
         "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
         "gradient_accumulation_steps": cfg.batch_size // (cfg.micro_batch_size * world),
         "gradient_clipping": 1.0,
-        "zero_optimization": {"stage": cfg.zero_stage},
+        "zero_optimization": zero_config(cfg),
         "bf16": {"enabled": dtype == torch.bfloat16},
         # Dynamic loss scaling (loss_scale 0): overflowing fp16 steps are skipped by DeepSpeed's scaler.
         "fp16": {"enabled": dtype == torch.float16, "loss_scale": 0, "initial_scale_power": 16},
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
         "zero_allow_untested_optimizer": True,
+        # With OFFLOAD, torch's AdamW steps the fp32 master weights in CPU memory (README: "Models larger
+        # than one GPU") instead of DeepSpeedCPUAdam, which needs a C++ build at start-up.
+        "zero_force_ds_cpu_optimizer": False,
     }
 
 
@@ -173,13 +192,23 @@ class TrainingSetup:
     scheduler: object
     mse_weight: float  # the configured weight, or 0 for a stage without the MSE loss
     retrieval_weight: float  # the configured weight, or 0 for a stage without retrieval
+    # ZeRO-3: transformers' HfDeepSpeedConfig, kept alive for as long as the partitioned model is used.
+    zero3_config: object = None
 
 
 def setup_training(cfg: TrainConfig, total_steps: int, world: int, device: torch.device, dtype: torch.dtype,
                    attn: str, log=print) -> TrainingSetup:
-    """Seeded model, collator, AdamW, the learning-rate schedule and deepspeed.initialize (also used by bench/)."""
+    """Seeded model, collator, AdamW, the learning-rate schedule and deepspeed.initialize (also used by bench/).
+
+    With ZERO_STAGE=3 the base model is created partitioned (each rank loads only its share), through
+    transformers' DeepSpeed integration: from_pretrained sees a live HfDeepSpeedConfig of stage 3.
+    """
+    config = deepspeed_config(cfg, world, dtype)
+    zero3_config = HfDeepSpeedConfig(config) if cfg.zero_stage == 3 else None
     torch.manual_seed(cfg.seed)
     model = build_stage_model(cfg, dtype, attn, log=log)
+    if zero3_config is not None:
+        config["zero_optimization"].update(gathering_limits(model, device.type == "cuda"))
     if cfg.gradient_checkpointing:
         model.enable_gradient_checkpointing()
     model.to(device)
@@ -192,11 +221,41 @@ def setup_training(cfg: TrainConfig, total_steps: int, world: int, device: torch
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps))
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler,
-        config=deepspeed_config(cfg, world, dtype))
+        config=config)
+    if zero3_config is not None:
+        keep_gathered_until_step(model, model.mem_embeddings)
     mse_weight = cfg.mse_weight if stage.uses_mse else 0.0
     retrieval_weight = cfg.retrieval_weight if stage.uses_query else 0.0
-    return TrainingSetup(model, collator, trainable, engine, optimizer, scheduler, mse_weight, retrieval_weight)
+    return TrainingSetup(model, collator, trainable, engine, optimizer, scheduler, mse_weight, retrieval_weight,
+                         zero3_config)
 
+
+def gathering_limits(model, on_cuda: bool) -> dict:
+    """ZeRO-3: how many parameters may stay gathered. DeepSpeed's defaults keep up to 1e9 gathered, and
+    keep any that the backward uses again within 1e9 others: a model of fewer parameters stays whole on
+    every rank, and ZeRO-3 saves nothing. Here: at most two of the largest unit a forward gathers (a
+    transformer layer with its adapters, or the embedding matrix), gathered again for the backward.
+    Prefetching overlaps the gathers with compute on CUDA; with gloo on the CPU it measured slower.
+    """
+    def size(module) -> int:
+        return sum(getattr(p, "ds_numel", p.numel()) for p in module.parameters())
+
+    unit = max(max(size(layer) for layer in model.backbone.layers), size(model.causal_lm.get_input_embeddings()))
+    return {"stage3_max_live_parameters": min(2 * unit, 10**9), "stage3_max_reuse_distance": 0,
+            "stage3_prefetch_bucket_size": min(unit, 5 * 10**7) if on_cuda else 0}
+
+
+def keep_gathered_until_step(module: torch.nn.Module, param: torch.nn.Parameter) -> None:
+    """ZeRO-3: gather `param` with `module`'s forward and keep it whole until the optimizer step.
+
+    ZeRO-3 gathers a module's parameters before its forward, frees them after it and gathers them again
+    before the module's backward, which it finds through the tensors the forward returns. The memory
+    embeddings belong to ClaraModel itself, whose forward returns a StepOutput that DeepSpeed cannot
+    look into: freed after the forward, they would be missing in the backward. As an "external
+    parameter" they are gathered with the forward and freed only by the step, which repartitions all.
+    """
+    deepspeed.zero.register_external_parameter(module, param)
+    param.is_external_param = True  # what DeepSpeed's own detection of such parameters sets
 
 
 # -- one optimizer step -----------------------------------------------------------------------------------
@@ -229,9 +288,12 @@ class StepResult:
     positives: list[list[int] | None] = field(default_factory=list)
 
 
-def _nonfinite_safe_loss(model) -> torch.Tensor:
-    """A zero loss touching every trained parameter, so that ZeRO's gradient hooks still fire."""
-    return sum(p.sum() for p in model.parameters() if p.requires_grad) * 0.0
+def _zero_backward(engine) -> None:
+    """Backward of a zero loss touching every trained parameter, so that ZeRO's gradient hooks still fire
+    (under ZeRO-3 with the parameters gathered: outside a forward each rank holds only its shard)."""
+    trained = [p for p in engine.module.parameters() if p.requires_grad]
+    with gathered(trained):
+        engine.backward(sum(p.sum() for p in trained) * 0.0)
 
 
 def optimizer_step(engine, optimizer, batches: list[Batch], seeds: list[int], mse_weight: float,
@@ -265,7 +327,7 @@ def optimizer_step(engine, optimizer, batches: list[Batch], seeds: list[int], ms
                                          torch.tensor(out.lm.targets.numel(), device=device).double()])
             else:
                 result.skipped = True
-                engine.backward(_nonfinite_safe_loss(engine.module))
+                _zero_backward(engine)
             if result.skipped and engine.is_gradient_accumulation_boundary():
                 for group in optimizer.param_groups:
                     group["lr"] = 0.0  # the schedule sets the next step's rate again
@@ -389,7 +451,13 @@ class Trainer:
         if self.rank == 0:
             write_json_atomic(os.path.join(self.cfg.save_path, "training_args.json"), settings)
         self.log.print("Settings: " + json.dumps(settings))
-        trainable = sum(p.numel() for p in self.components.trainable)
+        trainable = sum(getattr(p, "ds_numel", p.numel()) for p in self.components.trainable)
+        if self.cfg.zero_stage == 3:
+            params = list(self.components.engine.module.parameters())
+            held = sum(local_shard(p).numel() for p in params)
+            total = sum(getattr(p, "ds_numel", p.numel()) for p in params)
+            self.log.print(f"ZeRO-3: rank 0 holds {held:,} of the model's {total:,} parameters "
+                           f"({held / total:.1%}; each rank about 1/{self.world})")
         self.log.print(f"Trainable parameters: {trainable:,} | world size {self.world} | device {self.device.type} | "
                        f"attention {self.attn} | dtype {str(self.dtype).replace('torch.', '')} | "
                        f"{len(self.records)} samples, {self.steps_per_epoch} steps/epoch, {self.total_steps} steps, "
@@ -534,8 +602,12 @@ class Trainer:
         if self.truncated_docs:
             self.log.print(f"{self.truncated_docs} documents were longer than DOC_MAX_LENGTH={cfg.doc_max_length} "
                            "tokens and were truncated.")
+        module = self.components.engine.module
+        # Under ZeRO-3 the ranks gather the exported parameters together; rank 0 writes them.
+        with gathered(export_parameters(module)):
+            if self.rank == 0:
+                save_model(module, cfg.save_path, cfg.stage)
         if self.rank == 0:
-            save_model(self.components.engine.module, cfg.save_path, cfg.stage)
             write_json_atomic(os.path.join(cfg.save_path, "training_args.json"), cfg.to_dict())
             mark_finished(cfg, self.plan.run_id, self.state.global_step)
             self.log.print(f"Saved the {cfg.stage} model to {cfg.save_path} "

@@ -186,6 +186,7 @@ def test_sweep_rows_cover_the_scaling_settings():
     assert [(c.candidates, c.candidate_chunk_size) for c in by_group["chunk"]] == [(20, 8), (40, 8), (40, 40)]
     assert [c.micro_batch_size for c in by_group["micro_batch"]] == [1, 2, 4]
     assert [c.compress_rate for c in by_group["compress_rate"]] == [4, 16, 32, 128]
+    assert [c.zero_stage for c in by_group["zero"]] == [2, 3]
     only = sweep_configs(BenchConfig(stage="stage1_2"), "micro_batch")
     assert {c.stage for c in only} == {"stage1_2"}
     with pytest.raises(ValueError):

@@ -19,6 +19,7 @@ from bench.memory import (
     GiB,
     Workload,
     dims_of,
+    gathered_elements,
     layer_activation_bytes,
     lora_input_elements,
     parameter_counts,
@@ -120,9 +121,29 @@ def test_plan_names_a_change_when_it_does_not_fit():
     by_stage = {row["stage"]: row for row in rows}
     assert not by_stage["stage1_2"]["fits"]
     assert by_stage["stage1_2"]["change"] == "GRADIENT_CHECKPOINTING=true"
-    hopeless = plan_rows("qwen3-14b", gpus=1, gpu_gib=24.0)
+    # One 24 GB card holds Qwen3-14B's frozen weights only partitioned and offloaded.
+    small = plan_rows("qwen3-14b", gpus=1, gpu_gib=24.0)
+    assert all(row["change"].startswith("ZERO_STAGE=3 OFFLOAD=") for row in small)
+    assert all(row["peak_gib"] > 2 * parameter_counts(dims_of("qwen3-14b"))["total"] / GiB for row in small)
+    assert all("ZERO_STAGE=3" == row["change"] for row in plan_rows("qwen3-14b", gpus=8, gpu_gib=24.0))
+    hopeless = plan_rows("qwen3-14b", gpus=1, gpu_gib=2.0)
     assert all("does not fit" in row["change"] for row in hopeless)
-    assert all(row["peak_gib"] > 2 * parameter_counts(dims_of("qwen3-14b"))["total"] / GiB for row in hopeless)
+
+
+def test_zero3_partitions_the_base_and_offload_moves_it_to_the_cpu():
+    dims = dims_of("qwen3-14b")
+    work = Workload(stage="stage1", micro_batch_size=2)
+    zero2, zero3 = step_memory(dims, work, gpus=8), step_memory(dims, work, gpus=8, zero_stage=3)
+    gathered = 2 * gathered_elements(dims)
+    assert zero3["base_weights"] == pytest.approx(zero2["base_weights"] / 8 + gathered)
+    # With checkpointing only the recomputed layer keeps its linear layers' inputs (ZeRO-3's linear).
+    assert zero3["activations"] - zero2["activations"] == pytest.approx(
+        2 * lora_input_elements(dims) * max(work.micro_batch_size * work.doc_tokens, work.micro_batch_size
+                                            * work.decoder_tokens))
+    optimizer = step_memory(dims, work, gpus=8, zero_stage=3, offload="optimizer")
+    assert optimizer["optimizer"] == 0 and optimizer["gradients"] < zero3["gradients"]
+    everything = step_memory(dims, work, gpus=8, zero_stage=3, offload="all")
+    assert everything["base_weights"] == pytest.approx(gathered) and everything["lora_weights"] == 0
 
 
 def test_command_line_prints_the_table(tmp_path):
