@@ -26,7 +26,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from clara.config import TINY_MODEL_NAME, hub_id_parts
-from clara.distributed import gathered
+from clara.distributed import gathered, partitioned
 from clara.errors import CheckpointError
 from clara.files import atomic_path, publish_files, write_json_atomic
 from clara.locks import reading_export
@@ -151,25 +151,44 @@ def build_model(settings: ModelSettings, adapters: list[str], dtype: torch.dtype
     partitioned over the ranks, and every rank must call this.
     """
     base_path = resolve_base_path(settings.base_model)
-    # Loading (partitioned or not) leaves the random state as it found it, so that the added rows and the
-    # adapters start from the same draws under every ZeRO stage.
-    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
-    with hub_errors(f"base model {base_path}", base_path), torch.random.fork_rng(devices):
+    with hub_errors(f"base model {base_path}", base_path):
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir or base_path)
         base = AutoModelForCausalLM.from_pretrained(base_path, dtype=dtype, attn_implementation=attn_implementation)
-        tokens = add_special_tokens(tokenizer, settings.n_mem_tokens)
-        base_rows = full_shape(base.get_input_embeddings().weight)[0]
-        rows = vocab_rows or max(base_rows, len(tokenizer))
-        if rows < len(tokenizer):
-            raise CheckpointError(f"an embedding matrix of {rows} rows cannot hold the {len(tokenizer)} tokens of "
-                                  f"{base_path}'s tokenizer with the CLaRa tokens: another base model or number of "
-                                  "memory tokens?")
-        if rows != base_rows:
-            base.resize_token_embeddings(rows, mean_resizing=False)
+    tokens = add_special_tokens(tokenizer, settings.n_mem_tokens)
+    base_rows = full_shape(base.get_input_embeddings().weight)[0]
+    rows = vocab_rows or max(base_rows, len(tokenizer))
+    if rows < len(tokenizer):
+        raise CheckpointError(f"an embedding matrix of {rows} rows cannot hold the {len(tokenizer)} tokens of "
+                              f"{base_path}'s tokenizer with the CLaRa tokens: another base model or number of "
+                              "memory tokens?")
+    if rows != base_rows:
+        resize_embeddings(base, rows)
     init_added_rows(base, tokenizer.convert_tokens_to_ids(added_token_strings(settings.n_mem_tokens)))
     base.config.use_cache = False
     peft_model = attach_adapters(base, adapters, settings)
     return ClaraModel(peft_model, tokenizer, tokens, settings)
+
+
+def resize_embeddings(base, rows: int) -> None:
+    """Grow (or shrink) the embedding matrices to `rows`, leaving the random state as ZeRO-2 leaves it.
+
+    The draws after loading (added rows, adapters) must be the same under every ZeRO stage. Unpartitioned,
+    transformers draws a new input matrix (and a new LM head only when untied); partitioned (ZeRO-3) it
+    also draws a new head for a tied model, and may draw on the GPU. So a partitioned resize runs on a
+    forked random state, and the unpartitioned draws are then made on throwaway CPU copies.
+    """
+    embedding, head = base.get_input_embeddings(), base.get_output_embeddings()
+    if not partitioned(embedding.parameters()):
+        base.resize_token_embeddings(rows, mean_resizing=False)
+        return
+    tied = head is None or head.weight is embedding.weight
+    dtype, width = embedding.weight.dtype, full_shape(embedding.weight)[1]
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices):
+        base.resize_token_embeddings(rows, mean_resizing=False)
+    base._init_weights(torch.nn.Embedding(rows, width, dtype=dtype))
+    if not tied:
+        base._init_weights(torch.nn.Linear(width, rows, bias=head.bias is not None, dtype=dtype))
 
 
 def full_shape(param: torch.Tensor) -> torch.Size:

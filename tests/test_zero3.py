@@ -191,7 +191,7 @@ def test_kill_9_and_rerun_resumes_bit_identically(stage1):
 
 def test_the_zero3_export_loads_in_one_process_and_evaluates_like_the_zero2_export(stage1):
     stage = get_stage("stage1")
-    records = load_eval_records(stage, str(REPO / "example/pretrain_data_eval.jsonl"), 5, 8, 0, 1, lambda *a: None)
+    records = load_eval_records(stage, str(REPO / "example/pretrain_data_eval.jsonl"), 5, 8, None, lambda *a: None)
     found = {}
     for name in ("zero2", "zero3"):
         model = load_model(str(stage1[name]))
