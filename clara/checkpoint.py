@@ -29,6 +29,7 @@ from clara.config import TINY_MODEL_NAME, hub_id_parts
 from clara.distributed import gathered, partitioned
 from clara.errors import CheckpointError
 from clara.files import atomic_path, publish_files, write_json_atomic
+from clara.frozen_linear import use_frozen_weight_linear
 from clara.locks import reading_export
 from clara.model import ClaraModel, ModelSettings, attach_adapters
 from clara.prompts import add_special_tokens, added_token_strings
@@ -154,6 +155,8 @@ def build_model(settings: ModelSettings, adapters: list[str], dtype: torch.dtype
     with hub_errors(f"base model {base_path}", base_path):
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir or base_path)
         base = AutoModelForCausalLM.from_pretrained(base_path, dtype=dtype, attn_implementation=attn_implementation)
+    if partitioned(base.parameters()):
+        use_frozen_weight_linear()
     tokens = add_special_tokens(tokenizer, settings.n_mem_tokens)
     base_rows = full_shape(base.get_input_embeddings().weight)[0]
     rows = vocab_rows or max(base_rows, len(tokenizer))
