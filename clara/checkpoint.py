@@ -29,11 +29,11 @@ from clara.config import TINY_MODEL_NAME, hub_id_parts
 from clara.distributed import gathered, partitioned
 from clara.errors import CheckpointError
 from clara.files import atomic_path, publish_files, write_json_atomic
-from clara.frozen_linear import use_frozen_weight_linear
 from clara.locks import reading_export
 from clara.model import ClaraModel, ModelSettings, attach_adapters
 from clara.prompts import add_special_tokens, added_token_strings
 from clara.tiny import clara_home, tiny_model_dir, tiny_version
+from clara.zero3 import use_frozen_weight_linear
 
 FORMAT_NAME = "clara"
 FORMAT_VERSION = 1

@@ -51,6 +51,7 @@ from clara.resumable import (
 from clara.schedule import cosine_with_warmup
 from clara.stage_model import build_stage_model, length_check
 from clara.stages import get_stage
+from clara.zero3 import release_after_each_use
 
 MAX_NONFINITE_IN_A_ROW = 10
 
@@ -224,6 +225,7 @@ def setup_training(cfg: TrainConfig, total_steps: int, world: int, device: torch
         config=config)
     if zero3_config is not None:
         keep_gathered_until_step(model, model.mem_embeddings)
+        release_after_each_use(model, optimizer)
     mse_weight = cfg.mse_weight if stage.uses_mse else 0.0
     retrieval_weight = cfg.retrieval_weight if stage.uses_query else 0.0
     return TrainingSetup(model, collator, trainable, engine, optimizer, scheduler, mse_weight, retrieval_weight,

@@ -1,6 +1,7 @@
-"""The linear layer under ZeRO-3, keeping for the backward only what the backward needs.
+"""What ZeRO-3 keeps gathered during a step: two corrections to DeepSpeed for a LoRA model whose frozen
+base runs twice in each forward (once as the compressor, once as the generator).
 
-`deepspeed.zero.Init` (which transformers uses to load a base partitioned) replaces
+The linear layer. `deepspeed.zero.Init` (which transformers uses to load a base partitioned) replaces
 `torch.nn.functional.linear` with a function that saves each layer's input for the backward, so that
 the weight's gradient can be computed. Under LoRA almost every weight is frozen: that gradient is never
 computed, and the saved inputs (one per linear layer of the base, all layers at once) are the largest
@@ -61,3 +62,47 @@ def use_frozen_weight_linear() -> None:
 
     if torch.nn.functional.linear is zero3_linear_wrap:
         torch.nn.functional.linear = frozen_weight_linear
+
+
+def release_after_each_use(model: torch.nn.Module, zero3_optimizer) -> None:
+    """Free each module's gathered parameters after the backward of each of its uses, not only the last.
+
+    DeepSpeed counts, per module, the inputs whose gradients are still to come, and frees the module's
+    gathered parameters when that count reaches zero. Every forward resets the count, so for a module
+    that runs twice (compressor, then generator) the generator's backward brings it to zero and the
+    compressor's takes it below zero: the compressor pass's gathered layers then stay whole until the
+    backward ends (measured: every layer at once, a third of a 0.3B model's weights per rank). Here each
+    forward's inputs get a count of their own, and each use's backward frees what it gathered.
+    """
+    offload = zero3_optimizer.parameter_offload
+    for module in model.modules():
+        if "post_bwd_fn" in module.__dict__:
+            module.post_bwd_fn = _per_use_release(module, offload.post_sub_module_backward_function)
+
+
+def _per_use_release(module: torch.nn.Module, release) -> type[torch.autograd.Function]:
+    """The autograd function DeepSpeed applies to each input of `module`'s forward, counting per forward."""
+
+    class ReleaseAfterThisUse(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:
+            ctx.pending = None
+            if ctx.needs_input_grad[0]:
+                # DeepSpeed sets the count to zero before each forward: the first input of a forward.
+                if module.ds_grads_remaining == 0:
+                    module.clara_pending_inputs = [0]
+                module.ds_grads_remaining += 1
+                module.clara_pending_inputs[0] += 1
+                ctx.pending = module.clara_pending_inputs
+            return tensor.detach()
+
+        @staticmethod
+        def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+            if ctx.pending is not None:
+                module.ds_grads_remaining -= 1
+                ctx.pending[0] -= 1
+                if ctx.pending[0] == 0:
+                    release(module)
+            return grad
+
+    return ReleaseAfterThisUse
