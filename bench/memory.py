@@ -217,10 +217,8 @@ def step_memory(dims: Dims, work: Workload, gpus: int = 1, zero_stage: int = 2,
         grad_passes = [b * (work.question_tokens + work.n_mem), b * work.decoder_tokens]
     else:
         grad_passes = [b * work.docs_per_sample * work.doc_tokens, b * work.decoder_tokens]
+    # Under ZeRO-3 too: clara.zero3's linear keeps nothing behind a frozen weight, as PyTorch's does.
     per_layer = layer_activation_bytes(dims)
-    if zero_stage == 3:
-        # deepspeed.zero.Init's linear saves each linear layer's input (bf16), also behind a frozen weight.
-        per_layer += 2 * lora_input_elements(dims)
     # Each pass also keeps its embeddings, final norm and hidden states (about 10 bytes per hidden unit).
     edges = 10 * h * sum(grad_passes)
     if gradient_checkpointing:

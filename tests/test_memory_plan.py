@@ -136,10 +136,8 @@ def test_zero3_partitions_the_base_and_offload_moves_it_to_the_cpu():
     zero2, zero3 = step_memory(dims, work, gpus=8), step_memory(dims, work, gpus=8, zero_stage=3)
     gathered = 2 * gathered_elements(dims)
     assert zero3["base_weights"] == pytest.approx(zero2["base_weights"] / 8 + gathered)
-    # With checkpointing only the recomputed layer keeps its linear layers' inputs (ZeRO-3's linear).
-    assert zero3["activations"] - zero2["activations"] == pytest.approx(
-        2 * lora_input_elements(dims) * max(work.micro_batch_size * work.doc_tokens, work.micro_batch_size
-                                            * work.decoder_tokens))
+    # clara.zero3's linear keeps no input behind a frozen weight: the activations are ZeRO-2's.
+    assert zero3["activations"] == zero2["activations"]
     optimizer = step_memory(dims, work, gpus=8, zero_stage=3, offload="optimizer")
     assert optimizer["optimizer"] == 0 and optimizer["gradients"] < zero3["gradients"]
     everything = step_memory(dims, work, gpus=8, zero_stage=3, offload="all")
