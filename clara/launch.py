@@ -18,7 +18,6 @@ import argparse
 import dataclasses
 import os
 import shlex
-import socket
 import sys
 from dataclasses import dataclass
 
@@ -26,6 +25,7 @@ from clara.cli import build_parser, parse_value, value_type
 from clara.config import TINY_MODEL_NAME, ConfigError, TrainConfig, resolve, validate
 from clara.errors import FolderBusy
 from clara.locks import take
+from clara.ports import free_port, port_is_free
 from clara.stages import get_stage
 
 # torchrun kills workers that have not exited this long after it passed a signal on; saving a large
@@ -109,24 +109,6 @@ def processes_from_env(default_port: int) -> Processes:
         raise LaunchError(f"MASTER_PORT={port}: already in use on this machine (another run?); expected a "
                           f"free port, or leave MASTER_PORT unset on one node to pick one")
     return Processes(env_int("NUM_GPUS", 1) or 1, num_nodes, node_rank, master_addr, port)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def port_is_free(port: int) -> bool:
-    """Nothing listens on the port. SO_REUSEADDR, as torchrun's store sets it: a closed run's connections
-    lingering in TIME_WAIT do not keep the port from being used again."""
-    with socket.socket() as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
 
 
 def cuda_devices() -> int:
