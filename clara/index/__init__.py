@@ -21,6 +21,13 @@ stored once however often they occur. An index folder holds:
 Shards are planned by document count, so they do not depend on the number of processes: under
 torchrun process r compresses shards r, r + world, ... and rank 0 merges them; a build that was
 interrupted resumes with the shards that are missing.
+
+    store        the folder's files, the compressor fingerprint that ties it to a checkpoint, reading it back
+    search       FAISS indexes (exact or approximate) and their recall against exact search
+    build        compressing the corpus in resumable shards; rank 0 merges them
+    answer       questions -> query vectors -> the nearest stored documents -> the generator's answers
+    open_corpus  the open-corpus evaluation: recall over the whole index, answers from its vectors
+    __main__     python -m clara.index
 """
 
 from clara.corpus import content_id, corpus_hash, read_corpus
