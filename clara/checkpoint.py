@@ -32,7 +32,7 @@ from clara.files import atomic_path, publish_files, write_json_atomic
 from clara.locks import reading_export
 from clara.model import ClaraModel, ModelSettings, attach_adapters
 from clara.prompts import add_special_tokens, added_token_strings
-from clara.tiny import clara_home, tiny_model_dir, tiny_version
+from clara.tiny_base import clara_home, tiny_model_dir, tiny_version
 from clara.zero3 import use_frozen_weight_linear
 
 FORMAT_NAME = "clara"

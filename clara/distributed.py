@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import sys
 from collections.abc import Callable
 from typing import TypeVar
@@ -15,14 +14,9 @@ import torch
 import torch.distributed as dist
 
 from clara.errors import USER_ERRORS, ConfigError
+from clara.ports import free_port
 
 T = TypeVar("T")
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _die_with_parent() -> None:
@@ -71,7 +65,7 @@ def init_distributed() -> tuple[int, int, int, torch.device]:
 
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(_free_port()))
+                          MASTER_PORT=str(free_port()))
     else:
         _die_with_parent()
     local_rank, device = local_device()

@@ -17,15 +17,17 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import re
 import shlex
-import socket
 import sys
+import textwrap
 from dataclasses import dataclass
 
 from clara.cli import build_parser, parse_value, value_type
-from clara.config import TINY_MODEL_NAME, ConfigError, TrainConfig, resolve, validate
+from clara.config import REPO_ROOT, TINY_MODEL_NAME, ConfigError, TrainConfig, resolve, validate
 from clara.errors import FolderBusy
 from clara.locks import take
+from clara.ports import free_port, port_is_free
 from clara.stages import get_stage
 
 # torchrun kills workers that have not exited this long after it passed a signal on; saving a large
@@ -34,6 +36,19 @@ SHUTDOWN_TIMEOUT_S = 300
 # Left out of the command when unset, so that the trainer stays the one place that decides them.
 TRAINER_DECIDES = ("learning_rate", "mse_weight", "max_len")
 KINDS = {int: "an integer", float: "a number (e.g. 1e-4)", bool: "true or false"}
+DEFAULT_MASTER_ADDR = "127.0.0.1"
+# The launchers' own settings besides the trainer's flags: (variable, default, meaning); a script may set
+# its own default in its defaults block (train_8gpu.sh: NUM_GPUS=8).
+PROCESS_SETTINGS = (
+    ("NUM_GPUS", "1", "processes per node (CPU processes without CUDA)"),
+    ("NUM_NODES", "1", "nodes: run the script on each, with the same MASTER_ADDR, MASTER_PORT and NUM_NODES"),
+    ("NODE_RANK", "0", "this node's rank; the node at MASTER_ADDR has 0"),
+    ("MASTER_ADDR", DEFAULT_MASTER_ADDR, "address of the node with NODE_RANK=0"),
+    ("MASTER_PORT", "unset", "unset: a free port on one node, the script's port with several nodes"),
+    ("DRY_RUN", "false", "true: print the command and exit"),
+)
+# A line of a script's defaults block: `: "${NAME:=value}"  # meaning`.
+SCRIPT_DEFAULT = re.compile(r'^: "\$\{(\w+):=([^}]*)\}"[ \t]*(?:#[ \t]*(.*))?$', re.MULTILINE)
 
 
 class LaunchError(Exception):
@@ -96,10 +111,7 @@ def processes_from_env(default_port: int) -> Processes:
     if node_rank >= num_nodes:
         raise LaunchError(f"NODE_RANK={node_rank}: expected a node rank below NUM_NODES={num_nodes} "
                           f"(0 to {num_nodes - 1})")
-    master_addr = os.environ.get("MASTER_ADDR", "").strip()
-    if not master_addr:
-        raise LaunchError("MASTER_ADDR is empty: expected the address of the node with NODE_RANK=0 "
-                          "(127.0.0.1 on one node)")
+    master_addr = os.environ.get("MASTER_ADDR", "").strip() or DEFAULT_MASTER_ADDR
     port = env_int("MASTER_PORT", 1, 65535)
     if port is None:
         # One node: a free port of our own, so that a rerun right after kill -9 (whose dying workers
@@ -109,24 +121,6 @@ def processes_from_env(default_port: int) -> Processes:
         raise LaunchError(f"MASTER_PORT={port}: already in use on this machine (another run?); expected a "
                           f"free port, or leave MASTER_PORT unset on one node to pick one")
     return Processes(env_int("NUM_GPUS", 1) or 1, num_nodes, node_rank, master_addr, port)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def port_is_free(port: int) -> bool:
-    """Nothing listens on the port. SO_REUSEADDR, as torchrun's store sets it: a closed run's connections
-    lingering in TIME_WAIT do not keep the port from being used again."""
-    with socket.socket() as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
 
 
 def cuda_devices() -> int:
@@ -309,6 +303,26 @@ def plan(script: str, extra: list[str], batch_defaults: tuple[int, int],
     }
 
 
+def usage(script: str) -> str:
+    """Every variable the launcher reads, with its default and meaning: the script's own defaults block first,
+    then the trainer's settings and the process settings (what `SCRIPT --help` prints)."""
+    text = (REPO_ROOT / script).read_text(encoding="utf-8")
+    own = {name: (value or "unset", meaning) for name, value, meaning in SCRIPT_DEFAULT.findall(text)}
+    rows = [(name, default, meaning) for name, (default, meaning) in own.items()]
+    for field in dataclasses.fields(TrainConfig):
+        if field.name.upper() not in own:
+            default = "unset" if field.default is None else str(field.default)
+            rows.append((field.name.upper(), default.lower() if isinstance(field.default, bool) else default,
+                         field.metadata["help"]))
+    rows += [row for row in PROCESS_SETTINGS if row[0] not in own]
+    width = max(len(name) for name, _, _ in rows) + 2
+    lines = [f"{'Variable':<{width}}{'Default':<10}Meaning (empty means unset)"]
+    for name, default, meaning in rows:
+        lines += textwrap.wrap(meaning, 118, initial_indent=f"{name:<{width}}{default:<10}",
+                               subsequent_indent=" " * (width + 10)) or [f"{name:<{width}}{default}"]
+    return "\n".join(lines)
+
+
 def as_bash(variables: dict[str, str | list[str]]) -> str:
     lines = []
     for name, value in variables.items():
@@ -325,8 +339,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch_size", type=int, required=True, help="the script's default BATCH_SIZE")
     parser.add_argument("--micro_batch_size", type=int, required=True, help="the script's default MICRO_BATCH_SIZE")
     parser.add_argument("--master_port", type=int, required=True, help="the rendezvous port of several nodes")
+    parser.add_argument("--usage", action="store_true", help="print the settings the script reads, and exit")
     parser.add_argument("extra", nargs=argparse.REMAINDER, help="trainer arguments, after --")
     args = parser.parse_args(argv)
+    if args.usage:
+        print(usage(args.script))
+        return 0
     extra = args.extra[1:] if args.extra[:1] == ["--"] else args.extra
     try:
         variables = plan(args.script, extra, (args.batch_size, args.micro_batch_size), args.master_port)

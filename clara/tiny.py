@@ -9,8 +9,9 @@ invents new places, so the model learns to read rather than to memorise. Its tok
 trained on the example files.
 
 The built model ships in clara/tiny_model with the hash of the recipe it was built from
-(recipe.json), so no run waits for a build. `python -m clara.tiny --out DIR` rebuilds it from
-the recipe; `python -m clara.tiny` checks the shipped model against the recipe.
+(recipe.json), so no run waits for a build; clara.tiny_base finds it without loading this builder.
+`python -m clara.tiny --out DIR` rebuilds it from the recipe; `python -m clara.tiny` checks the
+shipped model against the recipe.
 """
 
 import argparse
@@ -18,7 +19,6 @@ import functools
 import hashlib
 import inspect
 import json
-import os
 import random
 import time
 from pathlib import Path
@@ -34,14 +34,12 @@ from transformers import (
     Qwen3ForCausalLM,
 )
 
+from clara.example_data import invent_names, make_entity, pick_fact, pretrain_records, question_answer
 from clara.metrics import normalize_answer
 from clara.prompts import SYSTEM_ANSWER, SYSTEM_PARAPHRASE, SYSTEM_QA, answer_user_message, qa_target
 from clara.schedule import cosine_with_warmup
-from clara.example_data import invent_names, make_entity, pick_fact, pretrain_records, question_answer
+from clara.tiny_base import RECIPE_FILE, SHIPPED_DIR, read_recipe, tiny_model_dir, tiny_version
 
-TINY_MODEL_NAME = "tiny"
-SHIPPED_DIR = Path(__file__).resolve().parent / "tiny_model"
-RECIPE_FILE = "recipe.json"
 EXAMPLE_DIR = Path(__file__).resolve().parent.parent / "example"
 TRAIN_FILES = ("pretrain_data.jsonl", "instruction_tuning_data.jsonl", "end_to_end_data.jsonl")
 EVAL_FILE = "instruction_tuning_data_eval.jsonl"
@@ -83,31 +81,6 @@ TWO_DOC_SHARE = 0.5
 DOCS_PER_TEXT = 3
 ANSWER_WEIGHT = 30.0
 LR_FLOOR = 0.1
-
-
-def clara_home() -> Path:
-    """Where builds of other recipes are kept, for checkpoints trained on them (see tiny_base_for)."""
-    return Path(os.environ.get("CLARA_HOME") or Path.home() / ".cache" / "clara")
-
-
-def tiny_model_dir() -> str:
-    """Directory of the shipped tiny model."""
-    if not (SHIPPED_DIR / RECIPE_FILE).is_file():
-        raise FileNotFoundError(f"{SHIPPED_DIR / RECIPE_FILE}: the built-in tiny model is missing; "
-                                f"rebuild it with `python -m clara.tiny --out {SHIPPED_DIR}`")
-    return str(SHIPPED_DIR)
-
-
-def read_recipe(model_dir: str) -> dict:
-    """What a build recorded about itself: its version (the recipe hash), seed and steps."""
-    with open(Path(model_dir) / RECIPE_FILE, encoding="utf-8") as handle:
-        return json.load(handle)
-
-
-@functools.cache
-def tiny_version() -> str:
-    """The recipe hash the shipped model was built from (checkpoints record it)."""
-    return read_recipe(tiny_model_dir())["version"]
 
 
 def _require_example_files() -> None:

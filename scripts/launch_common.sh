@@ -1,5 +1,6 @@
 # shellcheck shell=bash
-# Shared by train_single_gpu.sh and train_8gpu.sh, which set their defaults and then call
+# Shared by train_single_gpu.sh and train_8gpu.sh, which set their own defaults (the trainer's are
+# TrainConfig's, filled in by Python) and then call
 #
 #     clara_launch SCRIPT_NAME DEFAULT_BATCH_SIZE DEFAULT_MICRO_BATCH_SIZE MULTI_NODE_PORT "$@"
 #
@@ -66,8 +67,11 @@ _clara_on_signal() {
 # ---------------------------------------------------------------------------------------------------
 clara_usage() {
     local script=$1
-    # The script's header comment and its block of defaults.
-    sed -n '2,/^source /p' "$script" | sed -e '/^source /d' -e '/^set -euo pipefail/d'
+    shift
+    # The script's header comment, then every setting with its default (the script's, else the trainer's).
+    sed -n '2,/^set -euo pipefail/p' "$CLARA_ROOT/$script" | sed '$d'
+    echo
+    "${PYTHON:-python}" -m clara.launch --script "$script" "$@" --usage
     echo
     echo "Trainer flags (appended unchanged after the script name): python -m clara.train --help"
 }
@@ -76,8 +80,9 @@ clara_launch() {
     local script=$1 batch_size=$2 micro_batch_size=$3 multi_node_port=$4
     shift 4
     if [[ ${1:-} == -h || ${1:-} == --help ]]; then
-        clara_usage "$CLARA_ROOT/$script"
-        return 0
+        clara_usage "$script" --batch_size "$batch_size" --micro_batch_size "$micro_batch_size" \
+            --master_port "$multi_node_port"
+        return $?
     fi
     if ((BASH_VERSINFO[0] < 4 || (BASH_VERSINFO[0] == 4 && BASH_VERSINFO[1] < 4))); then
         clara_fail "bash $BASH_VERSION: expected bash 4.4 or newer"

@@ -21,7 +21,6 @@ from clara.data import prepare as data_prepare
 from clara.data.prepare import prepare
 from clara.data.records import BadRecord
 from clara.data.sources import plan_tasks
-from clara.errors import ConfigError
 from clara.run_workers import worker_status
 from clara.stages import get_stage
 
@@ -214,15 +213,6 @@ def test_the_runner_returns_the_failed_workers_own_status():
         return ChildFailedError("clara.train", {0: failure})
 
     assert [worker_status(failed(c)) for c in (2, 1, -9, -15)] == [2, 1, 137, 143]
-
-
-def test_data_workers_is_a_validated_setting():
-    from clara.config import TrainConfig, resolve, validate
-
-    cfg = resolve(TrainConfig(), has_cuda=False)
-    assert 1 <= cfg.data_workers <= 16
-    with pytest.raises(ConfigError, match="data_workers"):
-        validate(resolve(TrainConfig(data_workers=0), has_cuda=False))
 
 
 SPY = """import os, sys

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -23,7 +22,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from clara.config import ConfigError, TrainConfig, validate
 from clara.data import DataError, load_records
 from clara.stages import get_stage
 
@@ -235,18 +233,6 @@ def test_a_hub_id_is_read_from_the_hugging_face_cache_offline(hub, workdir):
                        cwd=workdir)
     assert proc.returncode == 1
     assert "hf:clara-test/not-cached:inst_eval_hotpotqa_with_pos: not in the Hugging Face cache" in proc.stderr
-
-
-def test_settings_accept_hub_data_sets():
-    good = TrainConfig(dataset="hf:apple/CLaRa_multi_stage:pretraining", eval_dataset="hf:some/dir:cfg:validation",
-                       batch_size=1, micro_batch_size=1, max_len=64)
-    validate(good)
-    for dataset, message in (("hf:apple/CLaRa_multi_stage", "expected hf:NAME:CONFIG or hf:NAME:CONFIG:SPLIT"),
-                             ("hf:a:b:c:d", "expected hf:NAME:CONFIG or hf:NAME:CONFIG:SPLIT"),
-                             ("hf:a:b,example/pretrain_data.jsonl", "expected one hf: data set on its own"),
-                             ("missing.jsonl", "'missing.jsonl' does not exist")):
-        with pytest.raises(ConfigError, match=re.escape(message)):
-            validate(TrainConfig(dataset=dataset, batch_size=1, micro_batch_size=1, max_len=64))
 
 
 # -- training and the paper's table --------------------------------------------------------------------------

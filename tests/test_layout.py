@@ -1,4 +1,5 @@
-"""The package is layered: no module imports, directly or through others, a module that imports it back.
+"""The package is layered: no module imports, directly or through others, a module that imports it back, and
+none imports a module of a layer above its own in the README's "How the code is laid out" table.
 
 The check parses clara/ (no import is executed) and follows every `import clara...` / `from clara... import`
 statement, at module level or inside functions alike, since an import deferred into a function is still
@@ -8,9 +9,11 @@ a dependency.
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "clara"
+README = PACKAGE.parent / "README.md"
 
 
 def module_name(path: Path) -> str:
@@ -57,6 +60,68 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
         if node not in state and (cycle := visit(node)):
             return cycle
     return None
+
+
+def readme_layers() -> list[tuple[str, list[str]]]:
+    """(layer, entries) of the README's layer table, bottom first; an entry is `x.py`, `package/` or
+    `package/x.py`, relative to clara/."""
+    section = README.read_text(encoding="utf-8").split("### How the code is laid out", 1)[1].split("\n###", 1)[0]
+    rows = [line.split("|")[1:3] for line in section.splitlines() if line.startswith("|")]
+    return [(layer.strip(), re.findall(r"`([^`]+)`", entries)) for layer, entries in rows[2:]]
+
+
+def entry_module(entry: str) -> str:
+    """`index/` -> clara.index (and what is below it), `index/__main__.py` -> clara.index.__main__."""
+    parts = entry.rstrip("/").removesuffix(".py").split("/")
+    return ".".join(["clara", *(parts[:-1] if parts[-1] == "__init__" else parts)])
+
+
+def assign_layers(modules: set[str], table: list[tuple[str, list[str]]]) -> dict[str, int]:
+    """Each module's layer (its index in the table): that of the most specific entry naming it or a package above it."""
+    found: dict[str, tuple[int, int]] = {}
+    for number, (_, entries) in enumerate(table):
+        for entry in entries:
+            named = entry_module(entry)
+            for module in modules:
+                if module == named or (entry.endswith("/") and module.startswith(named + ".")):
+                    depth = named.count(".") + (0 if entry.endswith("/") else 1)
+                    if module not in found or depth > found[module][1]:
+                        found[module] = (number, depth)
+    return {module: number for module, (number, _) in found.items()}
+
+
+def upward_imports(graph: dict[str, set[str]], layers: dict[str, int]) -> list[str]:
+    """'a imports b' for every import of a module in a layer above the importer's."""
+    return [f"{name} imports {dep}" for name, deps in sorted(graph.items()) for dep in sorted(deps)
+            if name in layers and dep in layers and layers[dep] > layers[name]]
+
+
+def test_every_module_has_a_layer_in_the_readme():
+    graph = import_graph()
+    layers = assign_layers(set(graph), readme_layers())
+    missing = sorted(set(graph) - set(layers))
+    assert not missing, f"modules missing from the README's layer table (How the code is laid out): {missing}"
+
+
+def test_no_module_imports_a_layer_above_its_own():
+    graph = import_graph()
+    table = readme_layers()
+    layers = assign_layers(set(graph), table)
+    upward = [f"{line} ({table[layers[line.split()[0]]][0]} -> {table[layers[line.split()[-1]]][0]})"
+              for line in upward_imports(graph, layers)]
+    assert not upward, "imports of a higher layer: " + "; ".join(upward)
+
+
+def test_the_layer_check_finds_an_upward_import():
+    table = [("bottom", ["errors.py", "data/"]), ("middle", ["model.py", "data/cli.py"]), ("top", ["train.py"])]
+    graph = {"clara.errors": set(), "clara.data": {"clara.errors"}, "clara.data.load": {"clara.data"},
+             "clara.data.cli": {"clara.model"}, "clara.model": {"clara.data.load"}, "clara.train": {"clara.model"}}
+    layers = assign_layers(set(graph) | {"clara.stray"}, table)
+    assert layers == {"clara.errors": 0, "clara.data": 0, "clara.data.load": 0, "clara.data.cli": 1,
+                      "clara.model": 1, "clara.train": 2}
+    assert upward_imports(graph, layers) == []
+    graph["clara.data.load"] = {"clara.train"}
+    assert upward_imports(graph, layers) == ["clara.data.load imports clara.train"]
 
 
 def test_the_package_has_no_import_cycle():

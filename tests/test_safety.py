@@ -8,7 +8,6 @@ restarted runs must end with.
 
 from __future__ import annotations
 
-import builtins
 import hashlib
 import json
 import math
@@ -16,7 +15,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-import torch
 from test_launchers import (
     QUICK,
     REPO,
@@ -28,10 +26,10 @@ from test_launchers import (
     metrics,
     run,
 )
+from test_resumable import plant_payload
 
-from clara.config import ConfigError, TrainConfig, resolve, validate
-from clara.errors import ResumeError
-from clara.resumable import MANIFEST, manifest_problem, safe_torch_load, use_safe_loading
+from clara.config import TrainConfig, resolve
+from clara.resumable import MANIFEST, manifest_problem
 
 # The reference run: 4 optimizer steps, every one saved and kept.
 REFERENCE = {**QUICK, "MAX_STEPS": "4", "SAVE_STEPS": "1", "MAX_CKPT_NUM": "4"}
@@ -71,37 +69,7 @@ def rewrite_manifest_entry(directory: Path, name: str) -> None:
     (directory / MANIFEST).write_text(json.dumps(manifest))
 
 
-class Payload:
-    """Unpickled with full pickle, this creates the marker file: what a planted checkpoint could run."""
-
-    def __init__(self, marker: Path):
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return builtins.exec, (f"open({self.marker!r}, 'w').close()",)
-
-
-def plant_payload(path: Path, marker: Path) -> None:
-    torch.save({"module": {}, "note": Payload(marker)}, path)
-
-
 # -- 1. nothing read back runs code ------------------------------------------------------------------------
-def test_the_payload_is_real_and_the_safe_load_refuses_it(tmp_path):
-    marker = tmp_path / "pwned"
-    plant_payload(tmp_path / "model_states.pt", marker)
-    torch.load(tmp_path / "model_states.pt", weights_only=False)  # what DeepSpeed's own loader would do
-    assert marker.exists()
-    marker.unlink()
-    with pytest.raises(ResumeError, match="model_states.pt: refused to load"):
-        safe_torch_load(str(tmp_path / "model_states.pt"))
-    # DeepSpeed's reads go through engine.checkpoint_engine.load, replaced by the safe one.
-    engine = type("Engine", (), {"checkpoint_engine": type("TorchCheckpointEngine", (), {})()})()
-    use_safe_loading(engine)
-    with pytest.raises(ResumeError):
-        engine.checkpoint_engine.load(str(tmp_path / "model_states.pt"), map_location="cpu")
-    assert not marker.exists()
-
-
 @pytest.mark.parametrize("how", ["auto", "RESUME=dir"])
 def test_a_planted_checkpoint_is_refused_and_never_runs(reference, tmp_path, how):
     save = copy_run(reference, tmp_path / "out")
@@ -166,16 +134,6 @@ def test_a_truncated_newest_checkpoint_is_skipped_and_the_run_ends_as_if_uninter
 
 
 # -- 4. non-finite settings and weights ------------------------------------------------------------------
-@pytest.mark.parametrize("name,value", [("learning_rate", math.inf), ("learning_rate", math.nan),
-                                        ("learning_rate", -1e-4), ("mse_weight", math.inf),
-                                        ("topk_temperature", 0.0), ("lora_dropout", 1.0), ("warmup_ratio", math.nan)])
-def test_non_finite_or_out_of_range_numbers_are_refused(name, value):
-    cfg = resolve(TrainConfig(dataset="example/pretrain_data.jsonl", save_path="unused"), has_cuda=False)
-    setattr(cfg, name, value)
-    with pytest.raises(ConfigError, match=f"--{name}="):
-        validate(cfg)
-
-
 def test_an_infinite_learning_rate_exits_2_before_the_model_loads(tmp_path):
     result = run(SINGLE, launcher_env(**QUICK, LEARNING_RATE="1e999", SAVE_PATH=tmp_path / "out"))
     assert result.returncode == 2, result

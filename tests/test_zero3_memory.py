@@ -10,7 +10,7 @@ import textwrap
 import pytest
 import torch
 
-from clara.launch import free_port
+from clara.ports import free_port
 from clara.zero3 import frozen_weight_linear
 from test_launchers import REPO
 

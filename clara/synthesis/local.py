@@ -13,8 +13,9 @@ import asyncio
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from clara.config import TINY_MODEL_NAME
 from clara.synthesis.llm import ChatRequest, GenerationSettings, Reply
-from clara.tiny import TINY_MODEL_NAME, tiny_model_dir
+from clara.tiny_base import tiny_model_dir
 
 
 class LocalChat:
