@@ -193,7 +193,7 @@ def model_shape(model) -> ModelShape:
     """N (base linear parameters) and R (one adapter's LoRA parameters) counted on the built model."""
     from torch import nn
 
-    from clara.checkpoint import full_shape
+    from clara.zero3 import full_shape
 
     config = model.causal_lm.config
     linear = 0

@@ -33,7 +33,7 @@ from clara.locks import reading_export
 from clara.model import ClaraModel, ModelSettings, attach_adapters
 from clara.prompts import add_special_tokens, added_token_strings
 from clara.tiny_base import clara_home, tiny_model_dir, tiny_version
-from clara.zero3 import use_frozen_weight_linear
+from clara.zero3 import full_shape, resize_embeddings, use_frozen_weight_linear
 
 FORMAT_NAME = "clara"
 FORMAT_VERSION = 1
@@ -170,33 +170,6 @@ def build_model(settings: ModelSettings, adapters: list[str], dtype: torch.dtype
     base.config.use_cache = False
     peft_model = attach_adapters(base, adapters, settings)
     return ClaraModel(peft_model, tokenizer, tokens, settings)
-
-
-def resize_embeddings(base, rows: int) -> None:
-    """Grow (or shrink) the embedding matrices to `rows`, leaving the random state as ZeRO-2 leaves it.
-
-    The draws after loading (added rows, adapters) must be the same under every ZeRO stage. Unpartitioned,
-    transformers draws a new input matrix (and a new LM head only when untied); partitioned (ZeRO-3) it
-    also draws a new head for a tied model, and may draw on the GPU. So a partitioned resize runs on a
-    forked random state, and the unpartitioned draws are then made on throwaway CPU copies.
-    """
-    embedding, head = base.get_input_embeddings(), base.get_output_embeddings()
-    if not partitioned(embedding.parameters()):
-        base.resize_token_embeddings(rows, mean_resizing=False)
-        return
-    tied = head is None or head.weight is embedding.weight
-    dtype, width = embedding.weight.dtype, full_shape(embedding.weight)[1]
-    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
-    with torch.random.fork_rng(devices):
-        base.resize_token_embeddings(rows, mean_resizing=False)
-    base._init_weights(torch.nn.Embedding(rows, width, dtype=dtype))
-    if not tied:
-        base._init_weights(torch.nn.Linear(width, rows, bias=head.bias is not None, dtype=dtype))
-
-
-def full_shape(param: torch.Tensor) -> torch.Size:
-    """A parameter's shape, also when ZeRO-3 has partitioned it (its local tensor is then empty)."""
-    return getattr(param, "ds_shape", param.shape)
 
 
 def embedding_matrices(model) -> list[torch.Tensor]:

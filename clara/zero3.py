@@ -1,4 +1,5 @@
-"""What ZeRO-3 keeps gathered during a step: two corrections to DeepSpeed for a LoRA model whose frozen
+"""ZeRO-3 (parameters partitioned over the ranks) where it differs from ZeRO-2: loading the same random
+draws, and what a step keeps gathered, with two corrections to DeepSpeed for a LoRA model whose frozen
 base runs twice in each forward (once as the compressor, once as the generator).
 
 The linear layer. `deepspeed.zero.Init` (which transformers uses to load a base partitioned) replaces
@@ -13,6 +14,8 @@ the forward and gathered again for the backward.
 from __future__ import annotations
 
 import torch
+
+from clara.distributed import partitioned
 
 
 def _partitioned_away(weight: torch.Tensor) -> bool:
@@ -106,3 +109,30 @@ def _per_use_release(module: torch.nn.Module, release) -> type[torch.autograd.Fu
             return grad
 
     return ReleaseAfterThisUse
+
+
+def resize_embeddings(base, rows: int) -> None:
+    """Grow (or shrink) the embedding matrices to `rows`, leaving the random state as ZeRO-2 leaves it.
+
+    The draws after loading (added rows, adapters) must be the same under every ZeRO stage. Unpartitioned,
+    transformers draws a new input matrix (and a new LM head only when untied); partitioned (ZeRO-3) it
+    also draws a new head for a tied model, and may draw on the GPU. So a partitioned resize runs on a
+    forked random state, and the unpartitioned draws are then made on throwaway CPU copies.
+    """
+    embedding, head = base.get_input_embeddings(), base.get_output_embeddings()
+    if not partitioned(embedding.parameters()):
+        base.resize_token_embeddings(rows, mean_resizing=False)
+        return
+    tied = head is None or head.weight is embedding.weight
+    dtype, width = embedding.weight.dtype, full_shape(embedding.weight)[1]
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices):
+        base.resize_token_embeddings(rows, mean_resizing=False)
+    base._init_weights(torch.nn.Embedding(rows, width, dtype=dtype))
+    if not tied:
+        base._init_weights(torch.nn.Linear(width, rows, bias=head.bias is not None, dtype=dtype))
+
+
+def full_shape(param: torch.Tensor) -> torch.Size:
+    """A parameter's shape, also when ZeRO-3 has partitioned it (its local tensor is then empty)."""
+    return getattr(param, "ds_shape", param.shape)
