@@ -285,20 +285,6 @@ def test_the_trainer_hands_the_hook_its_own_training_forward(monkeypatch):
     assert float(fields["ce"]) == pytest.approx(ref["ce"], abs=2e-6)
 
 
-def test_optimizer_step_adds_up_the_retrieval_loss_over_the_micro_batches_with_positives():
-    stage = "stage2"
-    model = stage_model(stage)
-    with_positives = records(stage, raw_records(stage)[:4])
-    without = [{**r, "has_pos_index": False} for r in with_positives[2:]]
-    batches = [make_batch(model, stage, with_positives[:2]), make_batch(model, stage, without)]
-    model.eval()  # the expected loss below is computed without dropout
-    expected = model(batches[0], retrieval_weight=1.0).retrieval.item()
-    with single_process_group():
-        result = optimizer_step(CountingEngine(model, 2), None, batches, [1, 2], 0.0, retrieval_weight=1.0)
-    assert result.sums.retrieval_batches == 1  # the micro-batch without pos_index has no retrieval loss
-    assert result.sums.retrieval == pytest.approx(expected, rel=1e-5)
-
-
 class CountingEngine:
     """What optimizer_step needs of a DeepSpeed engine (plain AdamW, no ZeRO), counting the forwards."""
 
