@@ -650,6 +650,7 @@ def check_printed_at_their_steps(text: str, steps: list[int]) -> None:
         assert after and max(after) > step
 
 
+@pytest.mark.slow
 def test_one_print_per_qualifying_optimizer_step_with_accumulation(runs):
     folder, started = runs
     text = started["debug"].output()
@@ -669,6 +670,7 @@ def test_one_print_per_qualifying_optimizer_step_with_accumulation(runs):
     check_printed_at_their_steps(text, ACCUM["steps"])
 
 
+@pytest.mark.slow
 def test_the_print_does_not_change_the_training_result(runs):
     folder, started = runs
     started["debug"].output()
@@ -686,6 +688,7 @@ def test_the_print_does_not_change_the_training_result(runs):
     assert losses("debug") == losses("quiet")
 
 
+@pytest.mark.slow
 def test_nothing_prints_on_rank_1(runs):
     folder, started = runs
     text = started["two_ranks"].output()
@@ -707,6 +710,7 @@ def test_nothing_prints_on_rank_1(runs):
         check_headers(fields, raw)
 
 
+@pytest.mark.slow
 def test_launcher_defaults_print_in_colour_every_5_steps(runs):
     folder, started = runs
     text = started["launcher"].output()
