@@ -2,9 +2,9 @@
 
 `python -m bench` starts one such process per configuration, so that peak memory belongs to that
 configuration alone. The steps run through the trainer's own code: a random-weight Qwen3 base saved
-with the tiny model's tokenizer, set up by clara.trainer.setup_training (the stage model, its
+with the tiny model's tokenizer, set up by clara.training_setup.setup_training (the stage model, its
 Collator, AdamW and deepspeed.initialize, as a training run has them) and stepped by
-clara.trainer.optimizer_step.
+clara.step.optimizer_step.
 """
 
 from __future__ import annotations
@@ -214,8 +214,10 @@ class SyntheticRecords:
 
     def __init__(self, cfg: BenchConfig, tokenizer):
         from clara.tiny import EXAMPLE_DIR
+        from clara.stages import get_stage
 
         self.cfg = cfg
+        self.stage = get_stage(cfg.stage)
         self.tokenizer = tokenizer
         self.rng = random.Random(cfg.seed)
         words = set()
@@ -247,10 +249,8 @@ class SyntheticRecords:
 
     def record(self) -> dict:
         from clara.data import normalise
-        from clara.stages import get_stage
 
-        cfg = self.cfg
-        stage = get_stage(cfg.stage)
+        cfg, stage = self.cfg, self.stage
         docs = [self.text(cfg.doc_max_length + 3) for _ in range(cfg.docs_per_sample)]
         question, answer = self.short_text(cfg.question_tokens) + "?", self.short_text(cfg.answer_tokens)
         if stage.schema == "stage1":
@@ -328,7 +328,8 @@ def measure(cfg: BenchConfig, work_dir: str) -> dict:
     from clara.model import attention_implementation
     from clara.prompts import added_token_strings
     from clara.stages import get_stage
-    from clara.trainer import optimizer_step, setup_training, step_seed
+    from clara.step import optimizer_step, step_seed
+    from clara.training_setup import setup_training
 
     quiet_libraries()
     started = time.perf_counter()
@@ -357,13 +358,14 @@ def measure(cfg: BenchConfig, work_dir: str) -> dict:
     attn = attention_implementation(train_cfg.flash_attn, on_cuda)
 
     total_steps = cfg.warmup_steps + cfg.steps
-    setup = setup_training(train_cfg, total_steps, world, device, dtype, attn, log=lambda *args: None)
+    stage = get_stage(cfg.stage)
+    setup = setup_training(train_cfg, total_steps, world, device, dtype, attn, log=lambda *args: None, stage=stage)
     model, collator, engine, optimizer = setup.model, setup.collator, setup.engine, setup.optimizer
 
     shape = model_shape(model)
     memory = PeakMemory(device)
     compression = {"peak_over_start": 0}
-    uses_query = get_stage(cfg.stage).uses_query
+    uses_query = stage.uses_query
     if uses_query:
         original = model.compress_candidates
 
@@ -399,7 +401,7 @@ def measure(cfg: BenchConfig, work_dir: str) -> dict:
         sync()
         t1 = time.perf_counter()
         result = optimizer_step(engine, optimizer, [batch], [step_seed(train_cfg.seed, step, 0, rank)],
-                                setup.mse_weight)
+                                **setup.weights)
         sync()
         t2 = time.perf_counter()
         if step < cfg.warmup_steps:
@@ -425,7 +427,7 @@ def measure(cfg: BenchConfig, work_dir: str) -> dict:
 
         def run_step() -> None:
             optimizer_step(engine, optimizer, [extra], [step_seed(train_cfg.seed, total_steps, 0, rank)],
-                           setup.mse_weight)
+                           **setup.weights)
             sync()
 
         profiled = profile_step(run_step, on_cuda)

@@ -10,9 +10,10 @@ import argparse
 import sys
 
 from clara.errors import USER_ERRORS
-from clara.evaluate import positive_int
+from clara.cli import positive_int
 from clara.index import answer_from_index, check_index_matches, load_index
-from clara.inference import CLaRa, ensure_query_reasoner
+from clara.inference import CLaRa
+from clara.stage_model import ensure_query_reasoner
 
 FIRST_WORDS = 12
 

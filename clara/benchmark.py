@@ -1,16 +1,17 @@
-"""The paper's evaluation in one command: a checkpoint on four QA sets, in the normal and the oracle setting.
+"""Answer quality on the paper's QA sets (EM, F1, recall@k; `python -m bench` measures step cost instead):
+the paper's evaluation in one command, a checkpoint on four QA sets, in the normal and the oracle setting.
 
     python -m clara.benchmark --checkpoint CK [--data NAME] [--max_samples N] [--output_dir DIR]
 
-A stage1_2 checkpoint is evaluated on the `inst_eval_{nq,hotpotqa,musique,2wiki}_*` configurations of the
+A stage1_2 checkpoint is stage on the `inst_eval_{nq,hotpotqa,musique,2wiki}_*` configurations of the
 official data set (apple/CLaRa_multi_stage), a stage2 checkpoint on the `e2e_eval_ours_*` ones. `no_pos`
 is the paper's normal setting (retrieved documents), `with_pos` the oracle one (the positive document is
 among them). NAME is a Hub id or a local directory: in the Hub layout (a README with `configs:`), or
 holding one CONFIG.jsonl per set.
 
-Each set is evaluated by clara.evaluate's own functions and written as `clara.evaluate --output` writes it:
+Each set is stage by clara.evaluate's own functions and written as `clara.evaluate --output` writes it:
 DIR/CONFIG.jsonl (per sample) and DIR/CONFIG.summary.json. A set whose summary is already there, made with
-the same checkpoint, data and settings, is not evaluated again, so an interrupted run resumes. The table
+the same checkpoint, data and settings, is not stage again, so an interrupted run resumes. The table
 (rows: data sets; columns: normal and oracle; cells: EM, F1, cover-EM, and recall@k for stage2) is printed
 and written to DIR/table.md. Runs on several processes under torchrun or accelerate launch, as
 clara.evaluate does.
@@ -28,20 +29,19 @@ import torch
 
 from clara.config import ConfigError
 from clara.distributed import broadcast, run_command
+from clara.cli import positive_int
 from clara.evaluate import (
-    RETRIEVAL_KS,
     eval_config,
     eval_length_check,
-    evaluate_model,
     load_eval_model,
     load_eval_records,
-    positive_int,
     resolve_runtime,
-    resolve_stage,
     summary_path,
     write_outputs,
 )
-from clara.stages import get_stage
+from clara.evaluation import RETRIEVAL_KS, evaluate_stage
+from clara.stage_model import checkpoint_stage
+from clara.stages import Stage
 
 DEFAULT_DATA = "apple/CLaRa_multi_stage"
 # (configuration name part, row label), in the paper's order.
@@ -54,8 +54,8 @@ ANSWER_METRICS = (("exact_match", "EM"), ("f1", "F1"), ("cover_exact_match", "CE
 RESUME_KEYS = ("checkpoint", "dataset", "stage", "max_samples", "max_new_tokens", "max_len", "seed")
 
 
-def config_name(stage: str, dataset: str, setting: str) -> str:
-    return f"{CONFIG_PREFIX[stage]}{dataset}_{setting}"
+def config_name(stage: Stage, dataset: str, setting: str) -> str:
+    return f"{CONFIG_PREFIX[stage.name]}{dataset}_{setting}"
 
 
 def data_source(data: str, config: str) -> str:
@@ -64,9 +64,9 @@ def data_source(data: str, config: str) -> str:
     return local if os.path.isfile(local) else f"hf:{data}:{config}"
 
 
-def metric_columns(stage: str) -> list[tuple[str, str]]:
+def metric_columns(stage: Stage) -> list[tuple[str, str]]:
     columns = list(ANSWER_METRICS)
-    if get_stage(stage).uses_query:
+    if stage.uses_query:
         columns += [(f"recall@{k}", f"R@{k}") for k in RETRIEVAL_KS]
     return columns
 
@@ -75,7 +75,7 @@ def _cell(value) -> str:
     return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{100 * value:.2f}"
 
 
-def format_benchmark(stage: str, metrics: dict[str, dict]) -> str:
+def format_benchmark(stage: Stage, metrics: dict[str, dict]) -> str:
     """The paper's table as Markdown: metrics[config] is a set's summary; percentages; an average row."""
     columns = metric_columns(stage)
     header = ["Data set"] + [f"{setting} {label}" for _, setting in SETTINGS for _, label in columns]
@@ -107,7 +107,8 @@ def finished_summary(output: str, meta: dict) -> dict | None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m clara.benchmark",
-        description="Evaluate a stage1_2 checkpoint on the four inst_eval_* sets, or a stage2 checkpoint on the "
+        description="Answer quality on the paper's QA sets (python -m bench measures step cost instead). "
+                    "Evaluate a stage1_2 checkpoint on the four inst_eval_* sets, or a stage2 checkpoint on the "
                     "four e2e_eval_ours_* sets, in the normal (no_pos) and oracle (with_pos) settings, and print "
                     "the paper's table. Runs on several processes under torchrun or accelerate launch.")
     parser.add_argument("--checkpoint", required=True, help="stage1_2 or stage2 checkpoint directory")
@@ -137,17 +138,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace, rank: int, world: int, device: torch.device) -> str:
     """Evaluate the sets not finished yet and return the table (on every rank)."""
-    say = print if rank == 0 else (lambda *a, **k: None)
-    stage = resolve_stage(args.checkpoint, args.stage)
-    if stage not in CONFIG_PREFIX:
-        raise ConfigError("checkpoint", args.checkpoint, f"a stage1_2 checkpoint (evaluated on the inst_eval_* sets) "
-                                                         f"or a stage2 one (the e2e_eval_ours_* sets), not {stage}")
-    evaluated = get_stage(stage)
+    log = print if rank == 0 else (lambda *a, **k: None)
+    stage = checkpoint_stage(args.checkpoint, args.stage)
+    if stage.name not in CONFIG_PREFIX:
+        raise ConfigError("checkpoint", args.checkpoint, "a stage1_2 checkpoint (evaluated on the inst_eval_* sets) "
+                                                         "or a stage2 one (the e2e_eval_ours_* sets), "
+                                                         f"not {stage.name}")
     dtype, attn = resolve_runtime(args.dtype, args.flash_attn, device)
     output_dir = args.output_dir or os.path.join(args.checkpoint, "benchmark")
     configs = [config_name(stage, dataset, setting) for dataset, _ in DATASETS for setting, _ in SETTINGS]
     metas = {config: {"checkpoint": os.path.abspath(args.checkpoint), "dataset": data_source(args.data, config),
-                      "stage": stage, "max_samples": args.max_samples, "max_new_tokens": args.max_new_tokens,
+                      "stage": stage.name, "max_samples": args.max_samples, "max_new_tokens": args.max_new_tokens,
                       "max_len": args.max_len, "seed": args.seed, "world_size": world,
                       "batch_size": args.batch_size}
              for config in configs}
@@ -156,18 +157,18 @@ def run(args: argparse.Namespace, rank: int, world: int, device: torch.device) -
     done = broadcast({config: finished_summary(outputs[config], metas[config]) for config in configs}
                      if rank == 0 else None, rank, world)
     todo = [config for config in configs if done[config] is None]
-    say(f"Benchmark of {args.checkpoint} ({stage}) on {args.data}: {len(configs) - len(todo)} of {len(configs)} "
+    log(f"Benchmark of {args.checkpoint} ({stage.name}) on {args.data}: {len(configs) - len(todo)} of {len(configs)} "
         f"sets already done in {output_dir}" + (f", {len(todo)} to evaluate" if todo else ""), flush=True)
     if todo:
-        model = load_eval_model(args.checkpoint, evaluated, dtype, attn, args.model_path, device, say)
-    check = eval_length_check(args.checkpoint, evaluated, args.max_len, args.seed, args.model_path)
+        model = load_eval_model(args.checkpoint, stage, dtype, attn, args.model_path, device, log)
+    check = eval_length_check(args.checkpoint, stage, args.max_len, args.seed, args.model_path)
     for config in todo:
-        records = load_eval_records(evaluated, metas[config]["dataset"], model.settings.generation_top_k,
-                                    args.max_samples, check, say)
-        cfg = eval_config(model, evaluated, len(records), args.batch_size, None, args.max_new_tokens, args.max_len,
+        records = load_eval_records(stage, metas[config]["dataset"], model.settings.generation_top_k,
+                                    args.max_samples, check, log)
+        cfg = eval_config(model, stage, len(records), args.batch_size, None, args.max_new_tokens, args.max_len,
                           args.seed)
-        say(f"{config}: {len(records)} samples from {metas[config]['dataset']}", flush=True)
-        results = evaluate_model(model, records, cfg, rank, world, device, show_progress=not args.no_progress)
+        log(f"{config}: {len(records)} samples from {metas[config]['dataset']}", flush=True)
+        results = evaluate_stage(model, records, stage, cfg, rank, world, device, show_progress=not args.no_progress)
         if rank == 0:
             write_outputs(outputs[config], results["samples"], results["summary"], metas[config])
         done[config] = results["summary"]
@@ -175,7 +176,7 @@ def run(args: argparse.Namespace, rank: int, world: int, device: torch.device) -
     if rank == 0:
         with open(os.path.join(output_dir, "table.md"), "w", encoding="utf-8") as out:
             out.write(table + "\n")
-        say(f"\n{stage} checkpoint {args.checkpoint}, data {args.data}"
+        log(f"\n{stage.name} checkpoint {args.checkpoint}, data {args.data}"
             + (f", first {args.max_samples} samples per set" if args.max_samples else "")
             + f" (percent):\n{table}\nPer-set results and table.md in {output_dir}")
     return table

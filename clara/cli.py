@@ -45,3 +45,14 @@ def build_parser(prog: str = "python -m clara.train") -> argparse.ArgumentParser
 def parse_config(argv: list[str] | None = None) -> TrainConfig:
     args = build_parser().parse_args(argv)
     return TrainConfig(**vars(args))
+
+
+def positive_int(text: str) -> int:
+    """argparse type of the command lines' counts (--batch_size, --max_new_tokens, ...)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value

@@ -28,6 +28,7 @@ from clara.errors import FolderBusy
 from clara.files import publish_files
 from clara.locks import holding
 from clara.model import ClaraModel
+from clara.stage_model import infer_stage
 
 OFFICIAL_MODEL_TYPE = "CLaRa"
 
@@ -104,8 +105,6 @@ def _write_official_files(model: ClaraModel, out_dir: str, stage: str) -> None:
 
 
 def checkpoint_stage_of(checkpoint: str, stage: str | None) -> str:
-    from clara.inference import infer_stage
-
     found = stage or infer_stage(checkpoint)
     if found is None:
         raise ConfigError("checkpoint", checkpoint, "--stage stage1 or stage1_2 as well: the official layout records "

@@ -20,68 +20,32 @@ form `clara.data` produces) and runs them through the training Collator and
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 
 import torch
 
-from clara.checkpoint import CheckpointError, load_model, read_config, resolve_checkpoint
+from clara.checkpoint import load_model, resolve_checkpoint
 from clara.collate import Collator, encode_documents
+from clara.data.records import normalise_answer_record, normalise_stage1
 from clara.distributed import default_device, resolve_dtype
 from clara.model import ClaraModel, attention_implementation
-from clara.stages import ENCODER, QUERY_REASONER, STAGES, Stage
-
-
-# -- checkpoints ------------------------------------------------------------------------------------------
-def official_adapter_names(path: str) -> list[str]:
-    """Adapter names of an official-layout checkpoint, read without loading the whole file where possible."""
-    file = os.path.join(path, "adapters.pth")
-    if not os.path.isfile(file):
-        raise CheckpointError(f"{path}: official-layout checkpoint without adapters.pth")
-    try:
-        state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError:  # files in the legacy (non-zip) format cannot be memory-mapped
-        state = torch.load(file, map_location="cpu", weights_only=True)
-    return list(state)
-
-
-def infer_stage(path: str) -> str | None:
-    """The stage of a checkpoint: recorded in native checkpoints.
-
-    The official release layout records none. There, a query_reasoner_adapter means stage2;
-    without one, stage1 and stage1_2 checkpoints look alike and None is returned (the caller asks).
-    """
-    config = read_config(path)
-    if config.get("stage"):
-        return config["stage"]
-    if "decoder_model_name" in config and QUERY_REASONER in official_adapter_names(path):
-        return "stage2"
-    return None
-
-
-def ensure_query_reasoner(model: ClaraModel, log=print) -> bool:
-    """Give a model without a query reasoner one copied from the compressor, as stage 2 starts.
-
-    Returns True when one was added.
-    """
-    if QUERY_REASONER in model.adapter_names:
-        return False
-    model.copy_adapter(ENCODER, QUERY_REASONER)
-    log(f"{QUERY_REASONER} not in the checkpoint: initialised as a copy of {ENCODER} (as stage2 starts)")
-    return True
+from clara.stage_model import ensure_query_reasoner, infer_stage
+from clara.stages import Stage, stage1, stage1_2, stage2
 
 
 # -- records in the normalised form of clara.data ----------------------------------------------------
 def answer_record(question: str, docs: Sequence[str], answer: str = "",
                   pos_index: Sequence[int] | None = None) -> dict:
-    """A stage1_2 / stage2 record."""
-    return {"question": question, "answer": answer, "answers": [answer], "docs": list(docs),
-            "pos_index": list(pos_index or []), "has_pos_index": pos_index is not None}
+    """A stage1_2 / stage2 record, through the data's own normaliser."""
+    raw = {"question": question, "answer": answer, "docs": list(docs)}
+    if pos_index is not None:
+        raw["pos_index"] = list(pos_index)
+    return normalise_answer_record(raw)
 
 
 def paraphrase_record(docs: Sequence[str], paraphrase: str = "") -> dict:
-    """A stage1 paraphrase record."""
-    return {"data_type": "paraphrase", "questions": [], "answers": [paraphrase], "docs": list(docs)}
+    """A stage1 paraphrase record, through the data's own normaliser."""
+    return normalise_stage1({"data_type": "paraphrase", "answer": paraphrase, "docs": list(docs)})
 
 
 def _as_list(items, name: str) -> list:
@@ -95,7 +59,10 @@ def answer_records(questions: Sequence[str], documents: Sequence[Sequence[str]])
     questions, documents = _as_list(questions, "questions"), _as_list(documents, "documents")
     if len(questions) != len(documents):
         raise ValueError(f"{len(questions)} questions but {len(documents)} document lists")
-    return [answer_record(q, _as_list(d, f"documents[{i}]")) for i, (q, d) in enumerate(zip(questions, documents))]
+    documents = [_as_list(d, f"documents[{i}]") for i, d in enumerate(documents)]
+    if any(not docs for docs in documents):
+        raise ValueError("every question needs at least one document")
+    return [answer_record(q, d) for q, d in zip(questions, documents)]
 
 
 class CLaRa:
@@ -194,9 +161,7 @@ class CLaRa:
                            max_new_tokens: int = 128) -> list[str]:
         """Answer each question from its own documents (all of them compressed), as in stage 1_2."""
         records = answer_records(questions, documents)
-        if any(not r["docs"] for r in records):
-            raise ValueError("every question needs at least one document")
-        return self._generate(STAGES["stage1_2"], records, max_new_tokens)[0]
+        return self._generate(stage1_2.STAGE, records, max_new_tokens)[0]
 
     def generate_from_compressed_documents_and_questions(self, questions: Sequence[str],
                                                          compressed_documents: torch.Tensor,
@@ -220,7 +185,7 @@ class CLaRa:
         # The documents are compressed already: the prompt needs only how many there are.
         records = [answer_record(q, [""] * k) for q in questions]
         vectors = list(compressed_documents.split(k))
-        return self._generate(STAGES["stage1_2"], records, max_new_tokens, vectors=vectors)[0]
+        return self._generate(stage1_2.STAGE, records, max_new_tokens, vectors=vectors)[0]
 
     def generate_from_questions(self, questions: Sequence[str], documents: Sequence[Sequence[str]] | None = None,
                                 max_new_tokens: int = 128, index: str | None = None,
@@ -244,7 +209,7 @@ class CLaRa:
             raise ValueError(f"questions {short[:10]} have fewer candidate documents than the checkpoint's "
                              f"generation_top_k={k}")
         ensure_query_reasoner(self.model)
-        answers, chosen = self._generate(STAGES["stage2"], records, max_new_tokens)
+        answers, chosen = self._generate(stage2.STAGE, records, max_new_tokens)
         return answers, torch.tensor(chosen, dtype=torch.long).reshape(len(records), k)
 
     def _generate_from_index(self, questions: list[str], path: str, max_new_tokens: int) -> tuple[list, list]:
@@ -256,7 +221,7 @@ class CLaRa:
         ensure_query_reasoner(self.model)
         check_index_matches(self._index, self.model)
         found = answer_from_index(self.model, self._index, questions, batch_size=self.batch_size,
-                                  max_new_tokens=max_new_tokens, max_len=self.max_len or STAGES["stage2"].max_len,
+                                  max_new_tokens=max_new_tokens, max_len=self.max_len or stage2.STAGE.max_len,
                                   seed=self.seed, device=self.device)
         return found.answers, found.ids
 
@@ -270,8 +235,8 @@ class CLaRa:
         questions, documents = _as_list(questions, "questions"), _as_list(documents, "documents")
         if len(questions) != len(documents):
             raise ValueError(f"{len(questions)} questions but {len(documents)} document lists")
-        records = [paraphrase_record([d] if isinstance(d, str) else _as_list(d, f"documents[{i}]"))
-                   for i, d in enumerate(documents)]
-        if any(not r["docs"] for r in records):
+        documents = [[d] if isinstance(d, str) else _as_list(d, f"documents[{i}]") for i, d in enumerate(documents)]
+        if any(not docs for docs in documents):
             raise ValueError("every item needs at least one document")
-        return self._generate(STAGES["stage1"], records, max_new_tokens)[0]
+        records = [paraphrase_record(docs) for docs in documents]
+        return self._generate(stage1.STAGE, records, max_new_tokens)[0]

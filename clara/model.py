@@ -8,7 +8,7 @@
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -21,10 +21,12 @@ from clara.collate import IGNORE_INDEX, Batch
 from clara.decoding import RowDecoding, RowSampler, RowWatch, finish
 from clara.distributed import gathered, in_lockstep, most_over_ranks
 from clara.errors import ConfigError
+from clara.losses import LOSS_TERMS, WEIGHT_SETTINGS
 from clara.prompts import SpecialTokens, end_of_turn
-from clara.topk import cosine_scores, differentiable_topk, retrieval_loss
+from clara.stages import COMPRESSOR, GENERATOR, QUERY_REASONER
+from clara.topk import cosine_scores, differentiable_topk
 
-ADAPTERS = ("encoder_adapter", "decoder_adapter", "query_reasoner_adapter")
+ADAPTERS = (COMPRESSOR, GENERATOR, QUERY_REASONER)
 
 
 @dataclass
@@ -58,10 +60,18 @@ class LMOutput:
 class StepOutput:
     loss: torch.Tensor
     lm: LMOutput
-    mse: torch.Tensor | None = None
     chosen: torch.Tensor | None = None  # stage 2: [B, k] candidate indices
     scores: torch.Tensor | None = None  # stage 2: [B, N] retrieval scores, -inf at padding
-    retrieval: torch.Tensor | None = None  # stage 2 with RETRIEVAL_WEIGHT: the loss towards pos_index
+    # The loss terms of clara.losses this step computed, by name (out.mse, out.retrieval read them).
+    terms: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def __getattr__(self, name: str):
+        if name in TERM_NAMES:
+            return self.terms.get(name)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+
+TERM_NAMES = frozenset(term.name for term in LOSS_TERMS)
 
 
 @contextlib.contextmanager
@@ -210,7 +220,7 @@ class ClaraModel(nn.Module):
         mem = F.embedding(offset, self.mem_embeddings.to(embeds.dtype))
         return torch.where(self._mem_mask(ids).unsqueeze(-1), mem, embeds)
 
-    def compress(self, ids: torch.Tensor, mask: torch.Tensor, adapter: str = "encoder_adapter",
+    def compress(self, ids: torch.Tensor, mask: torch.Tensor, adapter: str = COMPRESSOR,
                  with_mse: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Documents (memory tokens appended) -> memory states [D, n, H] and optionally the MSE loss.
 
@@ -236,7 +246,7 @@ class ClaraModel(nn.Module):
 
     def lm_loss(self, embeds: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor) -> LMOutput:
         """Generator forward; the LM head projects only the supervised positions."""
-        with self.adapter("decoder_adapter"):
+        with self.adapter(GENERATOR):
             hidden = self.backbone(inputs_embeds=embeds, attention_mask=mask, use_cache=False).last_hidden_state
         targets = labels[:, 1:]
         supervised = targets != IGNORE_INDEX
@@ -268,7 +278,7 @@ class ClaraModel(nn.Module):
         Returns the selected memory vectors [B * k * n, H], the chosen indices [B, k] and the scores
         [B, N] (-inf at padding, with their gradient).
         """
-        query, _ = self.compress(batch.query_ids, batch.query_mask, "query_reasoner_adapter")
+        query, _ = self.compress(batch.query_ids, batch.query_mask, QUERY_REASONER)
         candidates = self.compress_candidates(batch.enc_ids, batch.enc_mask).flatten(1)
         counts = torch.tensor(batch.docs_per_sample, device=candidates.device)
         padded = nn.utils.rnn.pad_sequence(list(candidates.split(batch.docs_per_sample)), batch_first=True)
@@ -283,20 +293,30 @@ class ClaraModel(nn.Module):
         """Decoder input embeddings, plus the MSE / retrieval results of producing them."""
         extras = StepOutput(loss=None, lm=None)
         if batch.query_ids is None:
-            states, extras.mse = self.compress(batch.enc_ids, batch.enc_mask, with_mse=with_mse)
+            states, mse = self.compress(batch.enc_ids, batch.enc_mask, with_mse=with_mse)
+            if mse is not None:
+                extras.terms["mse"] = mse
             vectors = states.reshape(-1, self.hidden_size)
         else:
             vectors, extras.chosen, extras.scores = self.select(batch)
         return self.inject(batch.dec_ids, vectors), extras
 
-    def forward(self, batch: Batch, mse_weight: float = 0.0, retrieval_weight: float = 0.0) -> StepOutput:
-        embeds, out = self.decoder_inputs(batch, with_mse=mse_weight > 0)
+    def forward(self, batch: Batch, **weights: float) -> StepOutput:
+        """The LM loss plus each loss term of clara.losses times its weight (`mse_weight=`, ...; default 0)."""
+        unknown = sorted(set(weights) - set(WEIGHT_SETTINGS))
+        if unknown:
+            raise TypeError(f"unknown loss weights {unknown}: expected some of {', '.join(WEIGHT_SETTINGS)}")
+        embeds, out = self.decoder_inputs(batch, with_mse=weights.get("mse_weight", 0.0) > 0)
         out.lm = self.lm_loss(embeds, batch.dec_mask, batch.labels)
-        out.loss = out.lm.loss if out.mse is None else out.lm.loss + mse_weight * out.mse
-        if retrieval_weight > 0 and out.scores is not None:
-            out.retrieval = retrieval_loss(out.scores, batch.pos_index, self.settings.topk_temperature)
-            if out.retrieval is not None:
-                out.loss = out.loss + retrieval_weight * out.retrieval
+        out.loss = out.lm.loss
+        for term in LOSS_TERMS:
+            weight = weights.get(term.weight_setting, 0.0)
+            value = term.compute(self, batch, out) if weight > 0 else None
+            if value is None:
+                out.terms.pop(term.name, None)
+            else:
+                out.terms[term.name] = value
+                out.loss = out.loss + weight * value
         return out
 
     @torch.no_grad()
@@ -330,7 +350,7 @@ class ClaraModel(nn.Module):
                 max_new_tokens = min(max_new_tokens, max(r.sampling.max_new_tokens - len(r.tokens) for r in rows))
                 hooks = {"logits_processor": LogitsProcessorList([RowSampler(rows, stop_ids)]),
                          "stopping_criteria": StoppingCriteriaList([RowWatch(rows, self.tokenizer, stop_ids)])}
-            with self.adapter("decoder_adapter"):
+            with self.adapter(GENERATOR):
                 out = self.causal_lm.generate(inputs_embeds=embeds, attention_mask=batch.dec_mask,
                                               max_new_tokens=max_new_tokens, do_sample=False,
                                               pad_token_id=self.tokens.pad_id, eos_token_id=sorted(stop_ids),

@@ -13,7 +13,7 @@ import os
 import sys
 
 from clara.errors import USER_ERRORS, ConfigError
-from clara.evaluate import positive_int
+from clara.cli import positive_int
 
 LOOPBACK_NAMES = ("localhost",)
 
@@ -83,10 +83,11 @@ def build_app(args: argparse.Namespace, api_key: str | None):
     # Deferred: --help and the settings checks answer without loading torch.
     from clara.distributed import default_device
     from clara.index import check_index_matches, load_index
-    from clara.inference import CLaRa, ensure_query_reasoner
+    from clara.inference import CLaRa
     from clara.model import attention_implementation
     from clara.serving.app import Limits, create_app
     from clara.serving.engine import Engine
+    from clara.stage_model import ensure_query_reasoner
 
     attn = attention_implementation(args.flash_attn, default_device().type == "cuda")
     clara = CLaRa.from_pretrained(args.checkpoint, dtype=args.dtype, attn_implementation=attn,

@@ -1,4 +1,5 @@
-"""The model a stage starts from: the previous stage's checkpoint, with new adapters where the stage says.
+"""The model a stage starts from: the previous stage's checkpoint, with new adapters where the stage says;
+and the stage a saved checkpoint was trained for.
 
 stage1: new compressor and generator. stage1_2: compressor from stage1, new generator. stage2: compressor
 and generator from stage1_2; the query reasoner from it when present, else a copy of the compressor.
@@ -6,6 +7,7 @@ and generator from stage1_2; the query reasoner from it when present, else a cop
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 
 import torch
@@ -23,7 +25,7 @@ from clara.collate import LengthCheck
 from clara.config import TrainConfig
 from clara.model import ClaraModel, ModelSettings
 from clara.prompts import SpecialTokens, add_special_tokens
-from clara.stages import ENCODER, Stage, get_stage
+from clara.stages import COMPRESSOR, QUERY_REASONER, STAGES, Stage, get_stage
 
 
 def tokenizer_source(cfg: TrainConfig) -> str:
@@ -57,22 +59,24 @@ def model_settings(cfg: TrainConfig) -> ModelSettings:
 
 
 def build_stage_model(cfg: TrainConfig, dtype: torch.dtype = torch.float32, attn_implementation: str = "sdpa",
-                      log: Callable[[str], None] = print) -> ClaraModel:
-    """The model `cfg.stage` trains, with exactly the stage's adapters and trainable parameters."""
-    stage = get_stage(cfg.stage)
+                      log: Callable[[str], None] = print, stage: Stage | None = None) -> ClaraModel:
+    """The model `stage` trains, with exactly the stage's adapters and trainable parameters.
+
+    stage None: the one `cfg.stage` names, for callers that hold only the settings (tests, bench/).
+    """
+    stage = stage or get_stage(cfg.stage)
     settings = model_settings(cfg)
     if not cfg.pretrain_checkpoint:
         log(f"{stage.name}: starting every adapter fresh from the base model {cfg.model_path}")
         model = build_model(settings, list(stage.adapters), dtype, attn_implementation)
     else:
-        model = _continue_from(cfg, settings, dtype, attn_implementation, log)
+        model = _continue_from(cfg, stage, settings, dtype, attn_implementation, log)
     model.set_trainable(stage.trained_adapters, memory_embeddings=stage.trains_memory_embeddings)
     return model
 
 
-def _continue_from(cfg: TrainConfig, settings: ModelSettings, dtype: torch.dtype, attn_implementation: str,
-                   log: Callable[[str], None]) -> ClaraModel:
-    stage = get_stage(cfg.stage)
+def _continue_from(cfg: TrainConfig, stage: Stage, settings: ModelSettings, dtype: torch.dtype,
+                   attn_implementation: str, log: Callable[[str], None]) -> ClaraModel:
     source = resolve_checkpoint(cfg.pretrain_checkpoint)
     config = read_config(source)
     saved_n = config.get("n_mem_tokens") or config["doc_max_length"] // config["compr_rate"]
@@ -94,6 +98,57 @@ def _continue_from(cfg: TrainConfig, settings: ModelSettings, dtype: torch.dtype
         elif name in model.adapter_names:
             log(f"{stage.name}: {name} loaded from {source}")
         else:
-            model.copy_adapter(ENCODER, name)
-            log(f"{stage.name}: {name} initialised as a copy of {ENCODER}")
+            model.copy_adapter(COMPRESSOR, name)
+            log(f"{stage.name}: {name} initialised as a copy of {COMPRESSOR}")
     return model
+
+
+# -- the stage of a saved checkpoint ------------------------------------------------------------------------
+def official_adapter_names(path: str) -> list[str]:
+    """Adapter names of an official-layout checkpoint, read without loading the whole file where possible."""
+    file = os.path.join(path, "adapters.pth")
+    if not os.path.isfile(file):
+        raise CheckpointError(f"{path}: official-layout checkpoint without adapters.pth")
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError:  # files in the legacy (non-zip) format cannot be memory-mapped
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    return list(state)
+
+
+def infer_stage(path: str) -> str | None:
+    """The stage of a checkpoint: recorded in native checkpoints.
+
+    The official release layout records none. There, a query_reasoner_adapter means stage2;
+    without one, stage1 and stage1_2 checkpoints look alike and None is returned (the caller asks).
+    """
+    config = read_config(path)
+    if config.get("stage"):
+        return config["stage"]
+    if "decoder_model_name" in config and QUERY_REASONER in official_adapter_names(path):
+        return "stage2"
+    return None
+
+
+def checkpoint_stage(checkpoint: str, given: str | None) -> Stage:
+    """The stage a command line evaluates: `given` (--stage) or the one the checkpoint records."""
+    found = infer_stage(checkpoint)
+    if not given and found is None:
+        raise CheckpointError(f"{checkpoint}: the official release layout records no stage and it has no "
+                              "query_reasoner_adapter (which would mean stage2); "
+                              "pass --stage stage1 or --stage stage1_2")
+    if not given and found not in STAGES:
+        raise CheckpointError(f"{checkpoint}/config.json: unknown stage {found!r}; pass --stage")
+    return get_stage(given or found)
+
+
+def ensure_query_reasoner(model: ClaraModel, log: Callable[[str], None] = print) -> bool:
+    """Give a model without a query reasoner one copied from the compressor, as stage 2 starts.
+
+    Returns True when one was added.
+    """
+    if QUERY_REASONER in model.adapter_names:
+        return False
+    model.copy_adapter(COMPRESSOR, QUERY_REASONER)
+    log(f"{QUERY_REASONER} not in the checkpoint: initialised as a copy of {COMPRESSOR} (as stage2 starts)")
+    return True

@@ -23,7 +23,7 @@ from clara.synthesis.llm import LLM, GenerationSettings, OpenAIChat, parse_llm_s
 from clara.synthesis.pipeline import (
     MANIFEST,
     pending_shards,
-    plan_shards,
+    shard_ranges,
     read_manifest,
     read_shards,
     start_or_resume,
@@ -139,18 +139,18 @@ def make_llm(args: argparse.Namespace, kind: str, target: str, device: torch.dev
 
 
 def run(args: argparse.Namespace, rank: int, world: int, device: torch.device | None) -> dict | None:
-    say = print if rank == 0 else (lambda *a, **k: None)
+    log = print if rank == 0 else (lambda *a, **k: None)
     started = time.monotonic()
     kind, target = parse_llm_spec(args.llm)
     check_settings(args, kind)
     recipe = load_recipe(args.prompts)
     ids, texts = read_corpus(args.corpus)
-    shards = plan_shards(len(ids), args.shard_size)
+    shards = shard_ranges(len(ids), args.shard_size)
     start_or_resume(args.out, run_settings(args, kind, target, ids, texts, recipe.text), shards, rank)
     todo = pending_shards(args.out, len(shards), rank, world)
     todo_everywhere = pending_shards(args.out, len(shards))
     done_before = len(shards) - len(todo_everywhere)
-    say(f"Synthesizing {len(ids)} documents of {args.corpus} with {args.llm}"
+    log(f"Synthesizing {len(ids)} documents of {args.corpus} with {args.llm}"
         f"{f' ({args.model})' if args.model else ''} into {args.out}: {len(shards)} shard(s), {done_before} done "
         f"before | {world} process(es)", flush=True)
     if todo:
@@ -159,13 +159,13 @@ def run(args: argparse.Namespace, rank: int, world: int, device: torch.device | 
         asyncio.run(synthesize_shards(asking, ids, texts, args.out, shards, todo, not args.no_progress))
     if rank != 0:
         return None
-    wait_for_shards(args.out, len(shards), say)
+    wait_for_shards(args.out, len(shards), log)
     worked = sum(shards[i][1] - shards[i][0] for i in todo_everywhere)
-    return write_outputs(args, ids, texts, len(shards), worked, time.monotonic() - started, say)
+    return write_outputs(args, ids, texts, len(shards), worked, time.monotonic() - started, log)
 
 
 def write_outputs(args: argparse.Namespace, ids: list[str], texts: list[str], shards: int, worked: int,
-                  seconds: float, say) -> dict:
+                  seconds: float, log) -> dict:
     """Rank 0, every shard done: the stages' files, summary.json and the manifest's list of outputs."""
     results = read_shards(args.out, shards)
     records, duplicates = build_records(ids, texts, results, Layout(args.eval_fraction, args.stage1_2_docs,
@@ -176,13 +176,13 @@ def write_outputs(args: argparse.Namespace, ids: list[str], texts: list[str], sh
                            "documents_per_second": round(worked / seconds, 3)}
     write_json_atomic(os.path.join(args.out, "summary.json"), summary)
     write_json_atomic(os.path.join(args.out, MANIFEST), {**read_manifest(args.out), "outputs": written})
-    say(f"{summary['documents_with_pairs']} of {summary['documents']} documents gave {summary['pairs']} pairs "
+    log(f"{summary['documents_with_pairs']} of {summary['documents']} documents gave {summary['pairs']} pairs "
         f"(rejected documents: {summary['documents_rejected'] or 'none'}; rejected outputs: "
         f"{summary['rejected'] or 'none'}); {summary['requests']['answered']} requests, "
         f"{summary['tokens']['prompt'] + summary['tokens']['completion']} tokens; this run: {worked} documents "
         f"in {seconds:.1f}s")
     listed = ", ".join(f"{name} ({count} records)" for name, count in written.items()) or "no training file"
-    say(f"Wrote {listed} and summary.json to {args.out}")
+    log(f"Wrote {listed} and summary.json to {args.out}")
     return summary
 
 

@@ -74,6 +74,7 @@ def qa_records() -> list[dict]:
     return read_jsonl(EXAMPLE / "instruction_tuning_data_eval.jsonl")[:QUESTIONS]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("device", DEVICES)
 def test_official_stage1_2_calls(device, checkpoints, qa_records):
     model = CLaRa.from_pretrained(str(checkpoints["stage1_2"]), device=device, batch_size=BATCH)
@@ -135,6 +136,7 @@ def test_official_stage1_2_calls(device, checkpoints, qa_records):
         model.generate_from_paraphrase(questions=[""], documents=paraphrase_docs)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("device", DEVICES)
 def test_official_stage2_call_and_agreement_with_evaluate(device, checkpoints, tmp_path):
     records = read_jsonl(EXAMPLE / "end_to_end_data_eval.jsonl")[:QUESTIONS]
@@ -165,6 +167,7 @@ def test_official_stage2_call_and_agreement_with_evaluate(device, checkpoints, t
     assert [r["chosen"] for r in rows] == topk_indices.tolist()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("device", DEVICES)
 def test_readme_loading_pattern_moves_to_the_device(device, checkpoints, qa_records):
     """`model = ...from_pretrained(path).to(device)`, as the official README writes it."""
@@ -178,6 +181,7 @@ def test_readme_loading_pattern_moves_to_the_device(device, checkpoints, qa_reco
                                                documents=[qa_records[0]["docs"]], max_new_tokens=NEW_TOKENS)
 
 
+@pytest.mark.slow
 def test_summary_scores_the_first_gold_and_the_best_of_all(checkpoints, qa_records, tmp_path):
     """A dataset whose second gold answer is the model's own prediction: the first-gold scores miss,
     the *_any scores hit. Runs clara.evaluate's evaluate_model, which the trainer's evaluation uses."""

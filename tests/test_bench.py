@@ -89,6 +89,7 @@ def test_bad_settings_stop_before_measuring(args, expected):
     assert expected in proc.stderr and "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow
 def test_stage2_run_reports_sane_numbers(small_args, tmp_path):
     out = tmp_path / "bench.json"
     vocab = int(small_args[small_args.index("--vocab_size") + 1])
@@ -105,6 +106,7 @@ def test_stage2_run_reports_sane_numbers(small_args, tmp_path):
     assert result["config"]["candidate_chunk_size"] == 4
 
 
+@pytest.mark.slow
 def test_stage1_run_with_gradient_checkpointing(small_args, tmp_path):
     out = tmp_path / "bench.json"
     vocab = int(small_args[small_args.index("--vocab_size") + 1])

@@ -211,6 +211,7 @@ def bad_stage1_file(tmp_path) -> str:
                        [good[0], with_("stage1", question=["q1", "q2"]), good[1], "{oops", good[2]])
 
 
+@pytest.mark.slow
 def test_cli_bad_data_exits_2_before_any_model_loads(tmp_path, bad_stage1_file):
     # A base model directory with nothing in it: loading it would fail with a traceback, so exit 2
     # with the data errors shows that the data was checked before any model was loaded.
@@ -229,6 +230,7 @@ def test_cli_bad_data_exits_2_before_any_model_loads(tmp_path, bad_stage1_file):
     assert not (tmp_path / "run" / "rejected.jsonl").exists()
 
 
+@pytest.mark.slow
 def test_cli_skip_trains_one_step_and_writes_rejected(tmp_path, bad_stage1_file):
     save = tmp_path / "run"
     result = subprocess.run(train_command("--dataset", bad_stage1_file, "--save_path", str(save), "--max_steps", "1",

@@ -285,20 +285,6 @@ def test_the_trainer_hands_the_hook_its_own_training_forward(monkeypatch):
     assert float(fields["ce"]) == pytest.approx(ref["ce"], abs=2e-6)
 
 
-def test_optimizer_step_adds_up_the_retrieval_loss_over_the_micro_batches_with_positives():
-    stage = "stage2"
-    model = stage_model(stage)
-    with_positives = records(stage, raw_records(stage)[:4])
-    without = [{**r, "has_pos_index": False} for r in with_positives[2:]]
-    batches = [make_batch(model, stage, with_positives[:2]), make_batch(model, stage, without)]
-    model.eval()  # the expected loss below is computed without dropout
-    expected = model(batches[0], retrieval_weight=1.0).retrieval.item()
-    with single_process_group():
-        result = optimizer_step(CountingEngine(model, 2), None, batches, [1, 2], 0.0, retrieval_weight=1.0)
-    assert result.sums.retrieval_batches == 1  # the micro-batch without pos_index has no retrieval loss
-    assert result.sums.retrieval == pytest.approx(expected, rel=1e-5)
-
-
 class CountingEngine:
     """What optimizer_step needs of a DeepSpeed engine (plain AdamW, no ZeRO), counting the forwards."""
 
@@ -664,6 +650,7 @@ def check_printed_at_their_steps(text: str, steps: list[int]) -> None:
         assert after and max(after) > step
 
 
+@pytest.mark.slow
 def test_one_print_per_qualifying_optimizer_step_with_accumulation(runs):
     folder, started = runs
     text = started["debug"].output()
@@ -683,6 +670,7 @@ def test_one_print_per_qualifying_optimizer_step_with_accumulation(runs):
     check_printed_at_their_steps(text, ACCUM["steps"])
 
 
+@pytest.mark.slow
 def test_the_print_does_not_change_the_training_result(runs):
     folder, started = runs
     started["debug"].output()
@@ -700,6 +688,7 @@ def test_the_print_does_not_change_the_training_result(runs):
     assert losses("debug") == losses("quiet")
 
 
+@pytest.mark.slow
 def test_nothing_prints_on_rank_1(runs):
     folder, started = runs
     text = started["two_ranks"].output()
@@ -721,6 +710,7 @@ def test_nothing_prints_on_rank_1(runs):
         check_headers(fields, raw)
 
 
+@pytest.mark.slow
 def test_launcher_defaults_print_in_colour_every_5_steps(runs):
     folder, started = runs
     text = started["launcher"].output()

@@ -122,6 +122,7 @@ def cli_runs(workdir, checkpoints, eval_files) -> dict[str, tuple[subprocess.Com
 
 
 # -- the command line --------------------------------------------------------------------------------------
+@pytest.mark.slow
 @pytest.mark.parametrize("stage", STAGES)
 def test_cli_prints_table_and_writes_per_sample_file(stage, cli_runs, checkpoints):
     proc, output = cli_runs[stage]
@@ -169,6 +170,7 @@ def test_cli_prints_table_and_writes_per_sample_file(stage, cli_runs, checkpoint
         assert {"recall@1", "recall@3", "recall@5", "precision@1"} <= metrics.keys()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stage", STAGES)
 def test_per_sample_loss_is_the_training_loss_of_that_sample(stage, cli_runs, checkpoints, eval_files):
     """A one-sample training forward (eval mode, LM loss only) gives the loss the batched evaluation wrote."""
@@ -198,6 +200,7 @@ def trainer_and_cli_metrics(stage, cli_runs, checkpoints) -> tuple[dict, dict]:
     return logged[-1], metrics
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stage", STAGES)
 def test_evaluation_during_training_logs_the_same_metrics(stage, cli_runs, checkpoints):
     """The trainer's final evaluation (of the model in training) equals the CLI's (of its export)."""
@@ -213,6 +216,7 @@ def test_evaluation_during_training_logs_the_same_metrics(stage, cli_runs, check
     assert ("eval_recall@1" in logged) == (stage == "stage2")
 
 
+@pytest.mark.slow
 def test_generation_is_greedy_and_repeatable(workdir, cli_runs, checkpoints, eval_files, capsys):
     from clara.checkpoint import load_model
     from clara.collate import Collator
@@ -258,6 +262,7 @@ def test_generation_is_greedy_and_repeatable(workdir, cli_runs, checkpoints, eva
             assert text == cli[i]["prediction"], i
 
 
+@pytest.mark.slow
 def test_two_processes_give_the_same_results_as_one(workdir, cli_runs, checkpoints, eval_files):
     """Stage 2 on 5 samples in micro-batches of 2: rank 0 takes micro-batches 0 and 2, rank 1 micro-batch 1."""
     stage = "stage2"
@@ -279,6 +284,7 @@ def test_two_processes_give_the_same_results_as_one(workdir, cli_runs, checkpoin
     assert_rows_match([two_summary["metrics"]], [one_summary["metrics"]])
 
 
+@pytest.mark.slow
 def test_recall_at_k_on_forced_scores(workdir, checkpoints, monkeypatch):
     """Scores forced to one known ranking: candidates in order 1, 4, 2, 3, 5, 0; top-5 = [1, 4, 2, 3, 5]."""
     import clara.model
@@ -319,6 +325,7 @@ def test_recall_at_k_on_forced_scores(workdir, checkpoints, monkeypatch):
 
 
 # -- the CLaRa API -----------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_clara_api_on_a_stage1_2_checkpoint(cli_runs, checkpoints, eval_files):
     from clara import CLaRa as exported
 
@@ -346,6 +353,7 @@ def test_clara_api_on_a_stage1_2_checkpoint(cli_runs, checkpoints, eval_files):
         model.generate_from_text(questions, documents[:1])
 
 
+@pytest.mark.slow
 def test_clara_api_on_a_stage2_checkpoint(cli_runs, checkpoints, eval_files):
     model = CLaRa.from_pretrained(str(checkpoints["stage2"]), device="cpu", dtype="float32", batch_size=BATCH)
     assert model.stage == "stage2"
@@ -387,6 +395,7 @@ def export_official(native: Path, out: Path, with_reasoner: bool = True) -> Path
     return out
 
 
+@pytest.mark.slow
 def test_official_layout_checkpoints(workdir, cli_runs, checkpoints, eval_files, capsys):
     official = export_official(checkpoints["stage2"], workdir / "official_stage2")
     output = workdir / "official_stage2.jsonl"
@@ -411,6 +420,7 @@ def test_official_layout_checkpoints(workdir, cli_runs, checkpoints, eval_files,
 
 
 # -- user errors -------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_user_errors_exit_2_with_one_clear_message(workdir, checkpoints, eval_files, capsys):
     checkpoint = str(checkpoints["stage1_2"])
 

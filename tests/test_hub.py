@@ -267,6 +267,7 @@ def test_a_hub_that_cannot_serve_a_cached_repository_falls_back_to_the_cache(hub
 
 
 # -- the command lines --------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_evaluate_and_training_take_a_hub_id(hub, tmp_path):
     data = tmp_path / "e2e.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in stage2_records()))

@@ -257,6 +257,7 @@ def checkpoints(workdir, hub) -> dict[str, Path]:
     return paths
 
 
+@pytest.mark.slow
 def test_training_on_hub_configurations(checkpoints, hub):
     root, _ = hub
     for stage, path in checkpoints.items():
@@ -277,6 +278,7 @@ def parse_table(stdout: str) -> tuple[list[str], dict[str, list[str]]]:
     return header, rows
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stage", ["stage1_2", "stage2"])
 def test_benchmark_prints_the_full_table_and_resumes(stage, checkpoints, hub, workdir):
     root, configs = hub
@@ -321,6 +323,7 @@ def test_benchmark_prints_the_full_table_and_resumes(stage, checkpoints, hub, wo
     assert parse_table(again.stdout) == (header, rows)
 
 
+@pytest.mark.slow
 def test_benchmark_on_jsonl_copies_in_two_processes_with_max_samples(checkpoints, hub, workdir):
     """A directory of CONFIG.jsonl files, --max_samples 2, under torchrun: the same cells as one process on
     the Hub layout with --max_samples 2."""

@@ -142,6 +142,7 @@ def test_index_stores_every_document_compressed_as_one_at_a_time(built, checkpoi
     assert found[:, 0].tolist() == list(range(5)) and np.allclose(scores[:, 0], 1.0, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_two_processes_under_torchrun_build_the_same_index(workdir, built, checkpoints, data):
     out = workdir / "index_torchrun"
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
@@ -155,6 +156,7 @@ def test_two_processes_under_torchrun_build_the_same_index(workdir, built, check
     assert (out / "documents.jsonl").read_text() == (built[1] / "documents.jsonl").read_text()
 
 
+@pytest.mark.slow
 def test_interrupted_build_resumes_with_the_missing_shards(workdir, built, checkpoints, data):
     out = workdir / "index_resume"
     proc = run_module(index_args(checkpoints["a"], data["corpus"], out))

@@ -245,6 +245,7 @@ def two_rank_run(tmp_path_factory):
 
 
 # -- 1. the defaults -------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_default_single_gpu_run_trains_stage1_on_the_tiny_model(default_run):
     from clara.checkpoint import load_model
 
@@ -269,6 +270,7 @@ def test_default_single_gpu_run_trains_stage1_on_the_tiny_model(default_run):
 
 
 # -- 2. the three stages chained ---------------------------------------------------------------------------
+@pytest.mark.slow
 def test_three_stages_chain_through_pretrain_checkpoint(default_run, tmp_path):
     work, first = default_run
     assert first.returncode == 0, first
@@ -299,6 +301,7 @@ def test_three_stages_chain_through_pretrain_checkpoint(default_run, tmp_path):
     assert torch.equal(before, after)
 
 
+@pytest.mark.slow
 def test_stage1_to_stage1_2_with_two_processes(two_rank_run, tmp_path):
     tmp, first = two_rank_run
     assert first.returncode == 0, first
@@ -324,6 +327,7 @@ def test_ranks_read_disjoint_parts_of_each_batch():
         assert sorted(seen[0] + seen[1]) == order[step * batch:(step + 1) * batch]
 
 
+@pytest.mark.slow
 def test_two_processes_train_with_zero2_on_different_data(two_rank_run):
     tmp, result = two_rank_run
     assert result.returncode == 0, result
@@ -342,6 +346,7 @@ def test_two_processes_train_with_zero2_on_different_data(two_rank_run):
         assert left["indices"] and right["indices"] and not set(left["indices"]) & set(right["indices"])
 
 
+@pytest.mark.slow
 def test_two_nodes_on_loopback_match_two_processes(two_rank_run, tmp_path):
     tmp, reference = two_rank_run
     assert reference.returncode == 0, reference
@@ -378,6 +383,7 @@ def wait_for(condition, proc: subprocess.Popen, timeout: float = RUN_TIMEOUT, wh
         time.sleep(0.05)
 
 
+@pytest.mark.slow
 def test_kill_9_then_rerun_resumes_to_the_same_weights(tmp_path):
     """The same command right after kill -9 resumes, as a scheduler's automatic restart would: with
     MASTER_PORT unset, each run picks a free port, so the dying workers' port does not block it."""
@@ -407,6 +413,7 @@ def test_kill_9_then_rerun_resumes_to_the_same_weights(tmp_path):
     assert max_weight_difference(save, reference) < 1e-6
 
 
+@pytest.mark.slow
 def test_resuming_with_other_settings_names_them(tmp_path):
     save = tmp_path / "out"
     first = run(SINGLE, launcher_env(**QUICK, SAVE_PATH=save, SAVE_STEPS=2))
@@ -422,6 +429,7 @@ def test_resuming_with_other_settings_names_them(tmp_path):
     assert metrics(save)[-1]["lr"] == pytest.approx(0.1 * 0.001)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("target", ["process_group", "launcher_only"])
 def test_sigterm_saves_a_checkpoint_and_exits_nonzero(tmp_path, target):
     """SIGTERM to the run's process group (Ctrl-C, a scheduler), or to the launcher alone (a container's PID 1)."""
@@ -488,6 +496,7 @@ INVALID = [
 
 @pytest.mark.parametrize("script,settings,variable", INVALID,
                          ids=[f"{v}={s[v] if v in s else 'unset'}" for _, s, v in INVALID])
+@pytest.mark.slow
 def test_invalid_setting_exits_2_with_one_line(tmp_path, script, settings, variable):
     env = launcher_env(**settings, SAVE_PATH=tmp_path / "out")
     started = time.monotonic()
@@ -508,6 +517,7 @@ def test_invalid_setting_exits_2_with_one_line(tmp_path, script, settings, varia
     ({"DTYPE": "fp16"}, "DTYPE"),  # fp16 loss scaling needs CUDA
     ({"NUM_GPUS": "4294967296", "MICRO_BATCH_SIZE": "4294967296"}, "NUM_GPUS"),  # more processes than cores
 ])
+@pytest.mark.slow
 def test_settings_known_bad_once_the_devices_are_known_are_one_line(tmp_path, settings, variable):
     """Checked once the launcher has looked for CUDA (after importing torch), so not timed as above."""
     env = launcher_env(**settings, SAVE_PATH=tmp_path / "out")
@@ -517,6 +527,7 @@ def test_settings_known_bad_once_the_devices_are_known_are_one_line(tmp_path, se
     assert len(proc.stderr.splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_an_unwritable_save_path_is_one_line(tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("not a directory")
@@ -528,6 +539,7 @@ def test_an_unwritable_save_path_is_one_line(tmp_path):
     assert proc.stderr.startswith(f"error: SAVE_PATH={blocker / 'out'}: cannot write") and "expected" in proc.stderr
 
 
+@pytest.mark.slow
 def test_bad_data_keeps_the_trainers_exit_status_2(tmp_path):
     """Records are checked by the trainer (through torchrun, which itself exits 1): the launcher keeps its 2."""
     data = tmp_path / "bad.jsonl"
@@ -538,6 +550,7 @@ def test_bad_data_keeps_the_trainers_exit_status_2(tmp_path):
     assert "training failed (exit 2)" in (tmp_path / "out" / "train.log").read_text()
 
 
+@pytest.mark.slow
 def test_allow_no_checkpoint_lets_stage2_start_from_the_base_model(tmp_path):
     env = launcher_env(STAGE="stage2", ALLOW_NO_CHECKPOINT="true", DRY_RUN="true", SAVE_PATH=tmp_path / "out")
     result = run(SINGLE, env, timeout=60)
@@ -547,6 +560,7 @@ def test_allow_no_checkpoint_lets_stage2_start_from_the_base_model(tmp_path):
 
 
 # -- 6. a failing rank ----------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_a_crash_in_one_rank_ends_the_job_and_names_the_rank(tmp_path):
     mark = tmp_path / "crashed_at"
     env = with_hooks(launcher_env(**QUICK_2RANK, SAVE_PATH=tmp_path / "out"), tmp_path / "hooks",
@@ -575,6 +589,7 @@ def flag_value(words: list[str], flag: str) -> str:
     return words[words.index(flag) + 1]
 
 
+@pytest.mark.slow
 def test_dry_run_prints_the_exact_command_and_runs_nothing(tmp_path):
     save = tmp_path / "out"
     port = str(free_port())
@@ -603,6 +618,7 @@ def test_dry_run_prints_the_exact_command_and_runs_nothing(tmp_path):
     assert not save.exists()  # nothing ran: no log, no output directory
 
 
+@pytest.mark.slow
 def test_dry_run_with_cuda_defaults_to_the_large_model(tmp_path):
     # A stand-in torch that reports 8 CUDA devices; only the launcher's device probe imports it.
     fake = tmp_path / "fake_torch" / "torch"

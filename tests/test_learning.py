@@ -44,6 +44,7 @@ def stage1_2(tmp_path_factory) -> Path:
     return save
 
 
+@pytest.mark.slow
 def test_stage1_2_learns_to_answer_from_compressed_documents(stage1_2, tmp_path):
     save = stage1_2
 
@@ -57,6 +58,7 @@ def test_stage1_2_learns_to_answer_from_compressed_documents(stage1_2, tmp_path)
     assert without < 0.1, f"held-out exact match {without:.0%} from blank documents"
 
 
+@pytest.mark.slow
 def test_stage2_with_the_retrieval_loss_finds_held_out_documents_in_the_whole_corpus(stage1_2, tmp_path):
     save, index = tmp_path / "stage2", tmp_path / "index"
     run(["-m", "clara.train", "--stage", "stage2", "--pretrain_checkpoint", str(stage1_2), "--retrieval_weight", "1",

@@ -70,6 +70,7 @@ def rewrite_manifest_entry(directory: Path, name: str) -> None:
 
 
 # -- 1. nothing read back runs code ------------------------------------------------------------------------
+@pytest.mark.slow
 @pytest.mark.parametrize("how", ["auto", "RESUME=dir"])
 def test_a_planted_checkpoint_is_refused_and_never_runs(reference, tmp_path, how):
     save = copy_run(reference, tmp_path / "out")
@@ -89,6 +90,7 @@ def test_a_planted_checkpoint_is_refused_and_never_runs(reference, tmp_path, how
 
 
 # -- 2. a fresh start never mixes with an old run ----------------------------------------------------------
+@pytest.mark.slow
 def test_resume_false_moves_the_old_run_aside_and_a_plain_rerun_leaves_the_result_alone(reference, tmp_path):
     save = tmp_path / "out"
     # An older, longer run (other seed) in the same SAVE_PATH: higher-numbered checkpoints.
@@ -115,6 +117,7 @@ def test_resume_false_moves_the_old_run_aside_and_a_plain_rerun_leaves_the_resul
 
 
 # -- 3. a damaged checkpoint is skipped ---------------------------------------------------------------------
+@pytest.mark.slow
 def test_a_truncated_newest_checkpoint_is_skipped_and_the_run_ends_as_if_uninterrupted(reference, tmp_path):
     save = copy_run(reference, tmp_path / "out")
     shutil.rmtree(save / "checkpoints" / "step_4")  # killed after step 3's checkpoint ...
@@ -134,6 +137,7 @@ def test_a_truncated_newest_checkpoint_is_skipped_and_the_run_ends_as_if_uninter
 
 
 # -- 4. non-finite settings and weights ------------------------------------------------------------------
+@pytest.mark.slow
 def test_an_infinite_learning_rate_exits_2_before_the_model_loads(tmp_path):
     result = run(SINGLE, launcher_env(**QUICK, LEARNING_RATE="1e999", SAVE_PATH=tmp_path / "out"))
     assert result.returncode == 2, result
@@ -197,6 +201,7 @@ def with_safety_hooks(env: dict, hook_dir: Path, **settings) -> dict:
     return {**env, "PYTHONPATH": str(hook_dir), **{k: str(v) for k, v in settings.items()}}
 
 
+@pytest.mark.slow
 def test_a_diverged_run_stops_and_keeps_the_last_good_checkpoint(reference, tmp_path):
     save = copy_run(reference, tmp_path / "out", keep_export=True)
     exported = (save / "adapters.safetensors").read_bytes()
@@ -214,6 +219,7 @@ def test_a_diverged_run_stops_and_keeps_the_last_good_checkpoint(reference, tmp_
 
 
 # -- 5. records that cannot be trained are found up front --------------------------------------------------
+@pytest.mark.slow
 def test_stage2_samples_with_different_candidate_counts_train(tmp_path):
     rows = [json.loads(line) for line in (REPO / "example" / "end_to_end_data.jsonl").read_text().splitlines()[:4]]
     rows[1]["docs"] = rows[1]["docs"][:19]
@@ -233,6 +239,7 @@ def long_record(docs: int) -> dict:
             "docs": [f"Place {i} is a village. Its chief metal is tin." for i in range(docs)]}
 
 
+@pytest.mark.slow
 def test_a_record_over_max_len_is_named_before_the_model_loads(tmp_path):
     data = tmp_path / "long.jsonl"
     good = (REPO / "example" / "instruction_tuning_data.jsonl").read_text().splitlines()[:8]
@@ -266,6 +273,7 @@ def test_bad_samples_skip_drops_a_record_over_max_len(tmp_path):
 
 
 # -- 6. a full disk ---------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_a_full_disk_names_save_path_and_keeps_the_previous_checkpoint(tmp_path):
     save = tmp_path / "out"
     # The second checkpoint's optimizer file (the 4th torch.save) meets a full disk.
@@ -284,6 +292,7 @@ def test_a_full_disk_names_save_path_and_keeps_the_previous_checkpoint(tmp_path)
 
 
 # -- 8. RESUME= only a checkpoint; metrics.jsonl is JSON ---------------------------------------------------
+@pytest.mark.slow
 def test_resume_from_a_directory_that_is_not_a_checkpoint_exits_2(tmp_path):
     result = run(SINGLE, launcher_env(**QUICK, RESUME="/etc", SAVE_PATH=tmp_path / "out"))
     assert result.returncode == 2, result

@@ -25,9 +25,9 @@ from clara.decoding import RowDecoding
 from clara.index import CorpusIndex, encode_questions, generator_inputs
 from clara.inference import CLaRa
 from clara.openai_protocol import OpenAIError
-from clara.stages import STAGES
+from clara.stages import stage2
 
-ANSWERING = STAGES["stage2"]  # the stage whose prompt answers from retrieved documents
+ANSWERING = stage2.STAGE  # the stage whose prompt answers from retrieved documents
 
 
 @dataclass

@@ -5,8 +5,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-ENCODER = "encoder_adapter"
-DECODER = "decoder_adapter"
+# The README's compressor and generator; the adapter names are part of the checkpoint formats.
+COMPRESSOR = "encoder_adapter"
+GENERATOR = "decoder_adapter"
 QUERY_REASONER = "query_reasoner_adapter"
 
 # (system, user, assistant target) for one normalised record: (record, n_mem, top_k, seed) -> texts.

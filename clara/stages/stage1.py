@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from clara import prompts
-from clara.stages.stage import DECODER, ENCODER, Stage
+from clara.stages.stage import COMPRESSOR, GENERATOR, Stage
 
 
 def example(record: dict, n_mem: int, top_k: int, seed: int) -> tuple[str, str, str]:
@@ -26,9 +26,9 @@ def header(record: dict) -> tuple[str, str]:
 STAGE = Stage(
     name="stage1",
     description="compression pretraining",
-    new_adapters=(ENCODER, DECODER),
+    new_adapters=(COMPRESSOR, GENERATOR),
     loaded_adapters=(),
-    trained_adapters=(ENCODER, DECODER),
+    trained_adapters=(COMPRESSOR, GENERATOR),
     trains_memory_embeddings=True,
     uses_mse=True,
     uses_query=False,

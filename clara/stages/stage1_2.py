@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from clara import prompts
-from clara.stages.stage import DECODER, ENCODER, Stage
+from clara.stages.stage import COMPRESSOR, GENERATOR, Stage
 
 
 def example(record: dict, n_mem: int, top_k: int, seed: int) -> tuple[str, str, str]:
@@ -19,9 +19,9 @@ def header(record: dict) -> tuple[str, str]:
 STAGE = Stage(
     name="stage1_2",
     description="compression instruction tuning",
-    new_adapters=(DECODER,),
-    loaded_adapters=(ENCODER,),
-    trained_adapters=(ENCODER, DECODER),
+    new_adapters=(GENERATOR,),
+    loaded_adapters=(COMPRESSOR,),
+    trained_adapters=(COMPRESSOR, GENERATOR),
     trains_memory_embeddings=True,
     uses_mse=True,
     uses_query=False,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from clara import prompts
-from clara.stages.stage import DECODER, ENCODER, QUERY_REASONER, Stage
+from clara.stages.stage import COMPRESSOR, GENERATOR, QUERY_REASONER, Stage
 from clara.stages.stage1_2 import header
 
 
@@ -19,8 +19,8 @@ STAGE = Stage(
     name="stage2",
     description="end-to-end retrieval and generation",
     new_adapters=(),
-    loaded_adapters=(ENCODER, DECODER),
-    trained_adapters=(QUERY_REASONER, DECODER),
+    loaded_adapters=(COMPRESSOR, GENERATOR),
+    trained_adapters=(QUERY_REASONER, GENERATOR),
     trains_memory_embeddings=False,
     uses_mse=False,
     uses_query=True,

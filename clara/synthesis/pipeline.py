@@ -33,7 +33,7 @@ def shard_path(out: str, shard: int) -> str:
     return os.path.join(out, SHARD_DIR, f"shard-{shard:05d}.jsonl")
 
 
-def plan_shards(documents: int, shard_size: int) -> list[tuple[int, int]]:
+def shard_ranges(documents: int, shard_size: int) -> list[tuple[int, int]]:
     return [(start, min(start + shard_size, documents)) for start in range(0, documents, shard_size)]
 
 
