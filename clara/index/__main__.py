@@ -9,9 +9,9 @@ import sys
 import torch
 
 from clara.checkpoint import load_model
+from clara.cli import positive_int
 from clara.distributed import broadcast, resolve_dtype, run_command
 from clara.errors import FolderBusy
-from clara.evaluate import positive_int
 from clara.index import SEARCH_KINDS, STORAGE_DTYPES, SearchSettings, build_index, read_corpus
 from clara.locks import holding
 from clara.model import attention_implementation
@@ -31,8 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch_size", type=positive_int, default=32, help="documents per forward (default 32)")
     parser.add_argument("--shard_size", type=positive_int, default=4096,
                         help="documents per stored shard, the unit of work and of resuming (default 4096)")
-    parser.add_argument("--dtype", default="float32", choices=tuple(STORAGE_DTYPES),
-                        help="storage dtype of the memory vectors (default float32)")
+    parser.add_argument("--storage_dtype", "--dtype", dest="storage_dtype", default="float32",
+                        choices=tuple(STORAGE_DTYPES),
+                        help="dtype the memory vectors are stored in (default float32); --dtype is its older spelling")
     parser.add_argument("--faiss", default="flat", choices=SEARCH_KINDS,
                         help="flat (default): exact search; ivf or hnsw: approximate, for large corpora "
                              "(recall@5 against exact search is measured at build time)")
@@ -66,20 +67,20 @@ def run(args: argparse.Namespace, rank: int, world: int, device: torch.device) -
 
 
 def build(args: argparse.Namespace, rank: int, world: int, device: torch.device) -> dict:
-    say = print if rank == 0 else (lambda *a, **k: None)
+    log = print if rank == 0 else (lambda *a, **k: None)
     ids, texts = read_corpus(args.corpus)
     dtype = resolve_dtype(args.model_dtype, device)
     attn = attention_implementation(args.flash_attn, device.type == "cuda")
     model = load_model(args.checkpoint, dtype, attn, base_model=args.model_path).to(device).eval()
     model.requires_grad_(False)
-    say(f"Indexing {len(ids)} documents of {args.corpus} with the compressor of {args.checkpoint} "
+    log(f"Indexing {len(ids)} documents of {args.corpus} with the compressor of {args.checkpoint} "
         f"| {world} process(es) | device {device.type}", flush=True)
     search = SearchSettings(args.faiss, args.nlist, args.nprobe, args.hnsw_m, args.ef_search)
     meta = build_index(model, ids, texts, args.out, batch_size=args.batch_size, shard_size=args.shard_size,
-                       storage_dtype=args.dtype, search=search, checkpoint=args.checkpoint, corpus=args.corpus,
-                       rank=rank, world=world, device=device, show_progress=not args.no_progress, log=say)
-    say(f"Index written to {args.out}: {meta['documents']} documents, {meta['bytes_per_document']} bytes of vectors "
-        f"each ({meta['n_mem']} x {meta['hidden']} x {args.dtype}), {meta['search']['kind']} search")
+                       storage_dtype=args.storage_dtype, search=search, checkpoint=args.checkpoint, corpus=args.corpus,
+                       rank=rank, world=world, device=device, show_progress=not args.no_progress, log=log)
+    log(f"Index written to {args.out}: {meta['documents']} documents, {meta['bytes_per_document']} bytes of vectors "
+        f"each ({meta['n_mem']} x {meta['hidden']} x {args.storage_dtype}), {meta['search']['kind']} search")
     return meta
 
 

@@ -59,7 +59,7 @@ def answer_from_index(model: ClaraModel, index: CorpusIndex, questions: list[str
     """
     if QUERY_REASONER not in model.adapter_names:
         raise CheckpointError(f"the model has no {QUERY_REASONER}: answering from an index needs a stage2 "
-                              "checkpoint (or clara.inference.ensure_query_reasoner)")
+                              "checkpoint (or clara.stage_model.ensure_query_reasoner)")
     device = device if device is not None else model.mem_embeddings.device
     top_k = model.settings.generation_top_k
     if len(index.ids) < top_k:

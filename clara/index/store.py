@@ -15,7 +15,7 @@ from safetensors import safe_open
 from clara.checkpoint import added_token_rows
 from clara.errors import CorpusIndexError
 from clara.model import ClaraModel
-from clara.stages import ENCODER
+from clara.stages import COMPRESSOR
 
 INDEX_FORMAT = "clara-index"
 INDEX_FORMAT_VERSION = 1
@@ -43,7 +43,7 @@ def compressor_fingerprint(model: ClaraModel) -> str:
         digest.update(tensor.detach().to("cpu", torch.bfloat16).contiguous().view(torch.int16).numpy().tobytes())
 
     for name, param in sorted(model.peft_model.named_parameters()):
-        if f".{ENCODER}." in name:
+        if f".{COMPRESSOR}." in name:
             add(name, param)
     add("mem_embeddings", model.mem_embeddings)
     for name, rows in sorted(added_token_rows(model).items()):
