@@ -97,9 +97,15 @@ def run_command(body: Callable[[int, int, torch.device], object]) -> int:
             print(f"error: {error}", file=sys.stderr)
         return 2
     finally:
-        if world > 1 and dist.is_initialized():
-            dist.destroy_process_group()
+        leave_process_group()
     return 0
+
+
+def leave_process_group() -> None:
+    """Destroy the process group, if any, while the process is still whole: left to the interpreter's
+    teardown, its threads are stopped in no set order (a two-rank ZeRO-3 run once aborted after its export)."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def rank_zero_first(load: Callable[[], T], rank: int, world: int) -> T:

@@ -26,7 +26,7 @@ from clara.collate import Batch
 from clara.config import ConfigError, TrainConfig
 from clara.data import load_records
 from clara.debug import DebugPrinter
-from clara.distributed import gathered, init_distributed, local_shard, resolve_dtype
+from clara.distributed import gathered, init_distributed, leave_process_group, local_shard, resolve_dtype
 from clara.errors import RunFailure
 from clara.evaluation import evaluate_stage
 from clara.files import write_json_atomic
@@ -342,9 +342,11 @@ def train(cfg: TrainConfig) -> dict:
     trainer = Trainer(cfg)
     try:
         trainer.setup()
-        return trainer.train()
+        last = trainer.train()
     finally:
         trainer.close()
+    leave_process_group()  # every rank has passed the export's barrier
+    return last
 
 
 def grad_norm(engine) -> float | None:
