@@ -9,10 +9,10 @@ import textwrap
 
 import pytest
 import torch
+from test_launchers import REPO
 
 from clara.ports import free_port
 from clara.zero3 import frozen_weight_linear
-from test_launchers import REPO
 
 
 def saved_elements(run) -> int:
