@@ -8,7 +8,6 @@ import importlib
 import json
 import os
 import platform
-import socket
 import subprocess
 import sys
 import tempfile
@@ -18,6 +17,7 @@ from pathlib import Path
 
 from bench.config import SHAPES, STAGES, BenchConfig
 from clara.cli import parse_bool
+from clara.ports import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -209,12 +209,6 @@ def child_env(exact_memory: bool) -> dict:
     if exact_memory:
         env.update(MALLOC_ENV)
     return env
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def run_config(cfg: BenchConfig, timeout: float, exact_memory: bool) -> dict:

@@ -173,11 +173,6 @@ def write_random_base(cfg: BenchConfig, out_dir: str, tokenizer, dtype, device) 
         torch.cuda.empty_cache()
 
 
-def full_numel(param) -> int:
-    """A parameter's size, also when ZeRO-3 has partitioned it."""
-    return getattr(param, "ds_numel", param.numel())
-
-
 def gather_numbers(value: int, world: int) -> list[int]:
     """Every rank's value, in rank order, on every rank."""
     if world == 1:
@@ -193,7 +188,7 @@ def model_shape(model) -> ModelShape:
     """N (base linear parameters) and R (one adapter's LoRA parameters) counted on the built model."""
     from torch import nn
 
-    from clara.zero3 import full_shape
+    from clara.zero3 import full_numel, full_shape
 
     config = model.causal_lm.config
     linear = 0
@@ -213,8 +208,8 @@ class SyntheticRecords:
     """Records of the stage's input format with texts of the asked token lengths, from the example words."""
 
     def __init__(self, cfg: BenchConfig, tokenizer):
-        from clara.tiny import EXAMPLE_DIR
         from clara.stages import get_stage
+        from clara.tiny import EXAMPLE_DIR
 
         self.cfg = cfg
         self.stage = get_stage(cfg.stage)
@@ -330,6 +325,7 @@ def measure(cfg: BenchConfig, work_dir: str) -> dict:
     from clara.stages import get_stage
     from clara.step import optimizer_step, step_seed
     from clara.training_setup import setup_training
+    from clara.zero3 import full_numel
 
     quiet_libraries()
     started = time.perf_counter()

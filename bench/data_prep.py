@@ -5,8 +5,9 @@ three questions, half paraphrases of about 180 words; about 2 KB a line), then r
 user would (tiny model, MAX_STEPS=2) and reports, for an empty and a warm prepared-data cache and for
 NUM_GPUS 1 and 2: launch to step 1, to the end of step 2 and to exit, the first preparation's records/s,
 and the peak resident memory of the largest process (preparation workers included), against a run on
-the first 2,000 records of the same file. Each run has its own empty Hugging Face and prepared-data cache
-folders; DeepSpeed's compiled ops stay built.
+the first 2,000 records of the same file. Each file and NUM_GPUS pair has its own Hugging Face and
+prepared-data cache folders: empty for the first run, warm for the second; DeepSpeed's compiled ops stay
+built.
 """
 
 from __future__ import annotations
@@ -151,7 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--num_gpus", type=int, nargs="+", choices=(1, 2), default=[1, 2],
                         help="processes of the launcher (CPU processes without CUDA)")
     parser.add_argument("--data_workers", type=int, default=None, help="DATA_WORKERS (default: the launcher's)")
-    parser.add_argument("--dir", default=None, help="working folder (default: a temporary one, removed after)")
+    parser.add_argument("--dir", default=None, help="where the temporary working folder is made (removed after; default: the system's)")
     parser.add_argument("--json", metavar="FILE", help="also write the rows as JSON to FILE")
     return parser
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from clara.errors import USER_ERRORS
 from clara.cli import positive_int
+from clara.errors import USER_ERRORS
 from clara.index import answer_from_index, check_index_matches, load_index
 from clara.inference import CLaRa
 from clara.stage_model import ensure_query_reasoner

@@ -3,15 +3,15 @@ the paper's evaluation in one command, a checkpoint on four QA sets, in the norm
 
     python -m clara.benchmark --checkpoint CK [--data NAME] [--max_samples N] [--output_dir DIR]
 
-A stage1_2 checkpoint is stage on the `inst_eval_{nq,hotpotqa,musique,2wiki}_*` configurations of the
+A stage1_2 checkpoint is evaluated on the `inst_eval_{nq,hotpotqa,musique,2wiki}_*` configurations of the
 official data set (apple/CLaRa_multi_stage), a stage2 checkpoint on the `e2e_eval_ours_*` ones. `no_pos`
 is the paper's normal setting (retrieved documents), `with_pos` the oracle one (the positive document is
 among them). NAME is a Hub id or a local directory: in the Hub layout (a README with `configs:`), or
 holding one CONFIG.jsonl per set.
 
-Each set is stage by clara.evaluate's own functions and written as `clara.evaluate --output` writes it:
+Each set is evaluated by clara.evaluation.evaluate_stage (clara.evaluate's helpers load it) and written as `clara.evaluate --output` writes it:
 DIR/CONFIG.jsonl (per sample) and DIR/CONFIG.summary.json. A set whose summary is already there, made with
-the same checkpoint, data and settings, is not stage again, so an interrupted run resumes. The table
+the same checkpoint, data and settings, is not evaluated again, so an interrupted run resumes. The table
 (rows: data sets; columns: normal and oracle; cells: EM, F1, cover-EM, and recall@k for stage2) is printed
 and written to DIR/table.md. Runs on several processes under torchrun or accelerate launch, as
 clara.evaluate does.
@@ -27,9 +27,9 @@ import sys
 
 import torch
 
+from clara.cli import positive_int
 from clara.config import ConfigError
 from clara.distributed import broadcast, run_command
-from clara.cli import positive_int
 from clara.evaluate import (
     eval_config,
     eval_length_check,

@@ -213,11 +213,9 @@ def set_added_token_rows(model: ClaraModel, rows: dict[str, torch.Tensor]) -> No
     ids = torch.tensor(model.tokenizer.convert_tokens_to_ids(added_token_strings(model.tokens.n_mem)))
     matrices = embedding_matrices(model.causal_lm)
     with gathered(matrices, modifier_rank=0):
-        embedding = model.causal_lm.get_input_embeddings().weight
-        embedding[ids] = rows["embed_tokens"].to(embedding)
-        if "lm_head" in rows:
-            head = model.causal_lm.get_output_embeddings().weight
-            head[ids] = rows["lm_head"].to(head)
+        matrices[0][ids] = rows["embed_tokens"].to(matrices[0])
+        if "lm_head" in rows:  # an untied head: the second matrix
+            matrices[-1][ids] = rows["lm_head"].to(matrices[-1])
     model.mem_embeddings.copy_(rows["embed_tokens"][: model.tokens.n_mem])
 
 

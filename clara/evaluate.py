@@ -25,6 +25,7 @@ from clara.config import TrainConfig, check_data_sources
 from clara.data import load_records
 from clara.distributed import rank_zero_first, resolve_dtype, run_command
 from clara.errors import ConfigError
+
 # evaluate_model: the library call that tests and users import from here since before the split.
 from clara.evaluation import RETRIEVAL_KS, evaluate_model, evaluate_stage  # noqa: F401
 from clara.files import json_safe, write_json_atomic, write_text_atomic

@@ -28,11 +28,8 @@ def file_identity(path: str) -> dict:
 
 def content_digest(path: str) -> str:
     """sha256 of a whole file (Hub files, whose cache copies may be rewritten with a new time)."""
-    digest = hashlib.sha256()
     with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 def data_key(sources: list[dict], stage_name: str, tokenizer: str, settings: dict) -> dict:

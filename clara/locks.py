@@ -37,7 +37,8 @@ FALLBACK_NAME = ".lock.held"
 HEARTBEAT_S = 10
 STALE_AFTER_S = 60
 # What this module writes into a folder; anything that lists a folder's contents leaves them out.
-LOCK_FILES = (LOCK_NAME, FALLBACK_NAME, ".export.lock")
+EXPORT_LOCK_NAME = ".export.lock"
+LOCK_FILES = (LOCK_NAME, FALLBACK_NAME, EXPORT_LOCK_NAME)
 # CLARA_LOCK=file: the lock file even where OS locks work; auto (default): the OS lock where it works.
 MODE_ENV = "CLARA_LOCK"
 # Set for the processes of a launched run: where the holder's JSON is (the trainer adds its run id).
@@ -248,7 +249,6 @@ def holding(folder: str, what: str) -> Iterator[FolderLock]:
 
 # -- exports: readers never see half of one -----------------------------------------------------------------
 # Held exclusively while an export's files are moved into place (milliseconds), shared while a model is read.
-EXPORT_LOCK_NAME = LOCK_FILES[2]
 
 
 @contextlib.contextmanager

@@ -62,7 +62,7 @@ class StepOutput:
     lm: LMOutput
     chosen: torch.Tensor | None = None  # stage 2: [B, k] candidate indices
     scores: torch.Tensor | None = None  # stage 2: [B, N] retrieval scores, -inf at padding
-    # The loss terms of clara.losses this step computed, by name (out.mse, out.retrieval read them).
+    # The loss terms of clara.losses this step computed, by name (out.mse, out.retrieval read them in the tests).
     terms: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def __getattr__(self, name: str):

@@ -12,8 +12,8 @@ import ipaddress
 import os
 import sys
 
-from clara.errors import USER_ERRORS, ConfigError
 from clara.cli import positive_int
+from clara.errors import USER_ERRORS, ConfigError
 
 LOOPBACK_NAMES = ("localhost",)
 

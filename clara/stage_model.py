@@ -132,14 +132,16 @@ def infer_stage(path: str) -> str | None:
 
 def checkpoint_stage(checkpoint: str, given: str | None) -> Stage:
     """The stage a command line evaluates: `given` (--stage) or the one the checkpoint records."""
+    if given:
+        return get_stage(given)
     found = infer_stage(checkpoint)
-    if not given and found is None:
+    if found is None:
         raise CheckpointError(f"{checkpoint}: the official release layout records no stage and it has no "
                               "query_reasoner_adapter (which would mean stage2); "
                               "pass --stage stage1 or --stage stage1_2")
-    if not given and found not in STAGES:
+    if found not in STAGES:
         raise CheckpointError(f"{checkpoint}/config.json: unknown stage {found!r}; pass --stage")
-    return get_stage(given or found)
+    return get_stage(found)
 
 
 def ensure_query_reasoner(model: ClaraModel, log: Callable[[str], None] = print) -> bool:

@@ -69,7 +69,7 @@ class StepSums:
 
 
 class DeviceSums:
-    """StepSums added up on the device, so that the step never waits for an .item()."""
+    """StepSums added up on the device, with no .item() per summed value."""
 
     def __init__(self, device: torch.device):
         self.zero = torch.zeros((), dtype=torch.float64, device=device)

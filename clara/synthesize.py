@@ -23,9 +23,9 @@ from clara.synthesis.llm import LLM, GenerationSettings, OpenAIChat, parse_llm_s
 from clara.synthesis.pipeline import (
     MANIFEST,
     pending_shards,
-    shard_ranges,
     read_manifest,
     read_shards,
+    shard_ranges,
     start_or_resume,
     synthesize_shards,
     wait_for_shards,

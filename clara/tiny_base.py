@@ -13,7 +13,7 @@ RECIPE_FILE = "recipe.json"
 
 
 def clara_home() -> Path:
-    """Where builds of other recipes are kept, for checkpoints trained on them (see tiny_base_for)."""
+    """Where builds of other recipes are kept, for checkpoints trained on them (see clara.checkpoint.tiny_base_for)."""
     return Path(os.environ.get("CLARA_HOME") or Path.home() / ".cache" / "clara")
 
 

@@ -49,9 +49,11 @@ from clara.run_log import RunLog, peak_memory_mb
 from clara.stage_model import length_check
 from clara.stages import get_stage
 
-# Looked up here when the trainer calls them, so that the tests' hooks can replace them on this module.
+# Looked up here when the trainer calls them: the tests' hooks replace optimizer_step and
+# micro_batch_indices on this module.
 from clara.step import StepResult, StepSums, epoch_order, micro_batch_indices, optimizer_step, step_seed, term_means
 from clara.training_setup import setup_training
+from clara.zero3 import full_numel
 
 MAX_NONFINITE_IN_A_ROW = 10
 
@@ -172,11 +174,11 @@ class Trainer:
         if self.rank == 0:
             write_json_atomic(os.path.join(self.cfg.save_path, "training_args.json"), settings)
         log("Settings: " + json.dumps(settings))
-        trainable = sum(getattr(p, "ds_numel", p.numel()) for p in self.components.trainable)
+        trainable = sum(full_numel(p) for p in self.components.trainable)
         if self.cfg.zero_stage == 3:
             params = list(self.components.engine.module.parameters())
             held = sum(local_shard(p).numel() for p in params)
-            total = sum(getattr(p, "ds_numel", p.numel()) for p in params)
+            total = sum(full_numel(p) for p in params)
             log(f"ZeRO-3: rank 0 holds {held:,} of the model's {total:,} parameters "
                 f"({held / total:.1%}; each rank about 1/{self.world})")
         log(f"Trainable parameters: {trainable:,} | world size {self.world} | device {self.device.type} | "

@@ -20,7 +20,7 @@ from clara.losses import stage_weights
 from clara.schedule import cosine_with_warmup
 from clara.stage_model import build_stage_model
 from clara.stages import Stage, get_stage
-from clara.zero3 import release_after_each_use
+from clara.zero3 import gathering_limits, keep_gathered_until_step, release_after_each_use
 
 
 # -- schedule ---------------------------------------------------------------------------------------------
@@ -83,7 +83,7 @@ class TrainingSetup:
     zero3_config: object = None
 
     def __getattr__(self, name: str) -> float:
-        # setup.mse_weight, ...: how bench/ and the tests read a weight.
+        # setup.mse_weight, ...: how tests/test_gpu.py reads a weight (bench/ passes **setup.weights).
         weights = self.__dict__.get("weights", {})
         if name in weights:
             return weights[name]
@@ -122,31 +122,3 @@ def setup_training(cfg: TrainConfig, total_steps: int, world: int, device: torch
         release_after_each_use(model, optimizer)
     return TrainingSetup(model, collator, trainable, engine, optimizer, scheduler, stage_weights(cfg, stage),
                          zero3_config)
-
-
-def gathering_limits(model, on_cuda: bool) -> dict:
-    """ZeRO-3: how many parameters may stay gathered. DeepSpeed's defaults keep up to 1e9 gathered, and
-    keep any that the backward uses again within 1e9 others: a model of fewer parameters stays whole on
-    every rank, and ZeRO-3 saves nothing. Here: at most two of the largest unit a forward gathers (a
-    transformer layer with its adapters, or the embedding matrix), gathered again for the backward.
-    Prefetching overlaps the gathers with compute on CUDA; with gloo on the CPU it measured slower.
-    """
-    def size(module) -> int:
-        return sum(getattr(p, "ds_numel", p.numel()) for p in module.parameters())
-
-    unit = max(max(size(layer) for layer in model.backbone.layers), size(model.causal_lm.get_input_embeddings()))
-    return {"stage3_max_live_parameters": min(2 * unit, 10**9), "stage3_max_reuse_distance": 0,
-            "stage3_prefetch_bucket_size": min(unit, 5 * 10**7) if on_cuda else 0}
-
-
-def keep_gathered_until_step(module: torch.nn.Module, param: torch.nn.Parameter) -> None:
-    """ZeRO-3: gather `param` with `module`'s forward and keep it whole until the optimizer step.
-
-    ZeRO-3 gathers a module's parameters before its forward, frees them after it and gathers them again
-    before the module's backward, which it finds through the tensors the forward returns. The memory
-    embeddings belong to ClaraModel itself, whose forward returns a StepOutput that DeepSpeed cannot
-    look into: freed after the forward, they would be missing in the backward. As an "external
-    parameter" they are gathered with the forward and freed only by the step, which repartitions all.
-    """
-    deepspeed.zero.register_external_parameter(module, param)
-    param.is_external_param = True  # what DeepSpeed's own detection of such parameters sets

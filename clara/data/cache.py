@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import json
 import os
 import shutil
@@ -103,7 +102,7 @@ def job_pointer(dataset: str, stage_name: str, settings: dict) -> str:
     entry it makes. Named by the node, the torchrun agent (the parent of every local rank) and the job's
     rendezvous port, so that no other job, nor an earlier one, shares it."""
     job = f"{socket.gethostname()}-{os.getppid()}-{os.environ.get('MASTER_PORT', '')}"
-    what = hashlib.sha256(json.dumps([dataset, stage_name, settings], sort_keys=True).encode()).hexdigest()[:16]
+    what = key_digest({"dataset": dataset, "stage": stage_name, "settings": settings})
     return os.path.join(cache_root(), "jobs", f"{job}-{what}.json")
 
 

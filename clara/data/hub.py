@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+
 import datasets
 import huggingface_hub
 

@@ -26,6 +26,7 @@ from clara.files import write_json_atomic
 from clara.fingerprint import data_key, source_identities
 from clara.stages import Stage
 
+
 def _messages(rejected: list) -> list[str]:
     return [f"{source} row {line}: {reason}" if source.startswith(HUB_PREFIX) else f"{source}:{line}: {reason}"
             for source, line, reason, *_ in rejected]

@@ -8,10 +8,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from clara.checkpoint import CheckpointError
 from clara.collate import Batch, Collator, encode_documents
 from clara.data import normalise
-from clara.errors import CorpusIndexError
+from clara.errors import CheckpointError, CorpusIndexError
 from clara.index.search import normalised_rows
 from clara.index.store import CorpusIndex
 from clara.model import ClaraModel, eval_mode

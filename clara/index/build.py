@@ -81,7 +81,7 @@ def build_index(model: ClaraModel, ids: list[str], texts: list[str], out_dir: st
     search = search or SearchSettings()
     device = device if device is not None else model.mem_embeddings.device
     if storage_dtype not in STORAGE_DTYPES:
-        raise CorpusIndexError(f"--dtype {storage_dtype!r}: expected one of {', '.join(STORAGE_DTYPES)}")
+        raise CorpusIndexError(f"--storage_dtype {storage_dtype!r}: expected one of {', '.join(STORAGE_DTYPES)}")
     if len(set(ids)) != len(ids):
         raise CorpusIndexError("document ids must be unique")
     n_shards = math.ceil(len(ids) / shard_size)

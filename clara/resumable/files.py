@@ -3,7 +3,6 @@ DeepSpeed's .pt files without running code."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import pickle
@@ -16,6 +15,7 @@ import torch
 from clara.config import CHECKPOINT_MANIFEST, CHECKPOINT_STATE, TrainConfig
 from clara.errors import ResumeError
 from clara.files import fsync_path, write_json_atomic
+from clara.fingerprint import content_digest
 
 CHECKPOINT_DIR = "checkpoints"
 PREVIOUS_RUNS_DIR = "previous_runs"
@@ -53,11 +53,6 @@ def read_json(path: str) -> dict:
         return json.load(handle)
 
 
-def _sha256(path: str) -> str:
-    with open(path, "rb") as handle:
-        return hashlib.file_digest(handle, "sha256").hexdigest()
-
-
 def _files_below(directory: str) -> list[str]:
     found = []
     for parent, _, names in os.walk(directory):
@@ -71,7 +66,7 @@ def write_manifest(directory: str) -> int:
     for name in _files_below(directory):
         path = os.path.join(directory, name)
         fsync_path(path)
-        files[name] = {"size": os.path.getsize(path), "sha256": _sha256(path)}
+        files[name] = {"size": os.path.getsize(path), "sha256": content_digest(path)}
     write_json_atomic(os.path.join(directory, MANIFEST), {"files": files})
     return sum(entry["size"] for entry in files.values())
 
@@ -90,7 +85,7 @@ def manifest_problem(directory: str) -> str | None:
             return f"{name} is missing"
         if os.path.getsize(path) != entry["size"]:
             return f"{name} has {os.path.getsize(path)} bytes, the manifest says {entry['size']}"
-        if _sha256(path) != entry["sha256"]:
+        if content_digest(path) != entry["sha256"]:
             return f"{name} does not match its SHA-256 in the manifest"
     if STATE_FILE not in files:
         return f"the manifest does not list {STATE_FILE}"

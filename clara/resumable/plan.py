@@ -17,7 +17,7 @@ from clara.checkpoint import resolve_base_path
 from clara.config import TrainConfig
 from clara.distributed import broadcast
 from clara.errors import ResumeError
-from clara.files import fsync_path, write_json_atomic
+from clara.files import fsync_path, write_json_atomic, write_text_atomic
 from clara.fingerprint import input_changes, train_inputs
 from clara.locks import record_run_id
 from clara.resumable.files import (
@@ -56,10 +56,8 @@ def _read_run(root: str) -> dict:
     path = os.path.join(root, RUN_FILE)
     try:
         return read_json(path)
-    except FileNotFoundError:
+    except (FileNotFoundError, ValueError):  # none yet, or torn: the checkpoints' own run ids decide
         return {}
-    except ValueError:
-        return {}  # a torn run.json: the checkpoints' own run ids decide
 
 
 def _read_state(directory: str) -> dict:
@@ -220,11 +218,7 @@ def rewind_metrics(save_path: str, step: int) -> None:
                     kept.append(line)
             except (ValueError, KeyError, TypeError):
                 continue  # a line torn by the kill
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as out:
-        out.writelines(kept)
-    fsync_path(tmp)
-    os.replace(tmp, path)
+    write_text_atomic(path, "".join(kept))
 
 
 # -- resuming with other settings ---------------------------------------------------------------------------

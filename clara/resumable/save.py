@@ -27,6 +27,7 @@ from clara.resumable.files import (
     complete_checkpoints,
     write_manifest,
 )
+from clara.zero3 import full_numel
 
 
 def nonfinite_parameters(module: torch.nn.Module) -> list[str]:
@@ -44,7 +45,7 @@ def _expected_bytes(root: str, module: torch.nn.Module) -> int:
     except (OSError, ValueError, KeyError, TypeError):
         pass  # an older layout, or rotated away by rank 0 meanwhile: estimate instead
     trained = [p for p in module.parameters() if p.requires_grad]
-    return sum(getattr(p, "ds_numel", p.numel()) * (p.element_size() + 12) for p in trained) + 2**20
+    return sum(full_numel(p) * (p.element_size() + 12) for p in trained) + 2**20
 
 
 def _gb(n: int) -> str:

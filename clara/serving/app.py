@@ -29,9 +29,21 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException
 
 from clara.decoding import RowDecoding, Sampling
-from clara.openai_protocol import (SSE_DONE, ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, ChatMessage,
-                                   Choice, ChunkChoice, Delta, OpenAIError, Usage, error_body, error_type_for,
-                                   sse_event)
+from clara.openai_protocol import (
+    SSE_DONE,
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatMessage,
+    Choice,
+    ChunkChoice,
+    Delta,
+    OpenAIError,
+    Usage,
+    error_body,
+    error_type_for,
+    sse_event,
+)
 from clara.serving.engine import Engine, Job
 
 SNIPPET_CHARS = 300  # of each document's text in a chat completion's `clara.documents`
