@@ -15,11 +15,14 @@ shipped model against the recipe.
 """
 
 import argparse
+import ast
 import functools
 import hashlib
 import inspect
 import json
 import random
+import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -34,13 +37,13 @@ from transformers import (
     Qwen3ForCausalLM,
 )
 
+from clara import example_data
 from clara.example_data import invent_names, make_entity, pick_fact, pretrain_records, question_answer
 from clara.metrics import normalize_answer
 from clara.prompts import SYSTEM_ANSWER, SYSTEM_PARAPHRASE, SYSTEM_QA, answer_user_message, qa_target
 from clara.schedule import cosine_with_warmup
-from clara.tiny_base import RECIPE_FILE, SHIPPED_DIR, read_recipe, tiny_model_dir, tiny_version
+from clara.tiny_base import EXAMPLE_DIR, RECIPE_FILE, SHIPPED_DIR, read_recipe, tiny_model_dir, tiny_version
 
-EXAMPLE_DIR = Path(__file__).resolve().parent.parent / "example"
 TRAIN_FILES = ("pretrain_data.jsonl", "instruction_tuning_data.jsonl", "end_to_end_data.jsonl")
 EVAL_FILE = "instruction_tuning_data_eval.jsonl"
 
@@ -91,28 +94,62 @@ def _require_example_files() -> None:
             f"{EXAMPLE_DIR}; run `python example/make_data.py`")
 
 
-def _without_comment_lines(path: Path) -> bytes:
-    # Rewording a whole-line comment changes no weight, so it should not call for a rebuild.
-    lines = path.read_text(encoding="utf-8").splitlines()
-    return "\n".join(line for line in lines if not line.lstrip().startswith("#")).encode()
+class _Meaning(ast.NodeTransformer):
+    """Drops what changes no behaviour: imports (a moved module is imported from elsewhere) and docstrings."""
+
+    def generic_visit(self, node: ast.AST) -> ast.AST:
+        super().generic_visit(node)
+        body = getattr(node, "body", None)
+        if isinstance(body, list):
+            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and body \
+                    and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant) \
+                    and isinstance(body[0].value.value, str):
+                body = body[1:]
+            node.body = [statement for statement in body if not isinstance(statement, (ast.Import, ast.ImportFrom))]
+        return node
+
+    def visit_JoinedStr(self, node: ast.JoinedStr) -> ast.JoinedStr:
+        # Python 3.12.1 ends some f-string format specs with an empty string that 3.11 and 3.13 leave out.
+        self.generic_visit(node)
+        node.values = [v for v in node.values if not (isinstance(v, ast.Constant) and v.value == "")]
+        return node
+
+
+def _canonical(node) -> str:
+    # ast.dump's text differs between Python versions (3.12 adds empty type_params, 3.13 leaves empty
+    # fields out), so the tree is written here, every empty or absent field left out.
+    if isinstance(node, ast.AST):
+        fields = ((name, getattr(node, name, None)) for name in node._fields)
+        return f"{type(node).__name__}(" + ", ".join(
+            f"{name}={_canonical(value)}" for name, value in fields if value is not None and value != []) + ")"
+    if isinstance(node, list):
+        return "[" + ", ".join(_canonical(item) for item in node) + "]"
+    return repr(node)
+
+
+def code_meaning(source: str) -> bytes:
+    """What the code does, as bytes: its syntax tree without comments, docstrings, imports, layout or
+    line numbers, so moving or reformatting a module leaves it unchanged and changing a value does not."""
+    return _canonical(_Meaning().visit(ast.parse(textwrap.dedent(source)))).encode()
 
 
 @functools.cache
 def recipe_version(seed: int = 0, steps: int = TRAIN_STEPS) -> str:
     """The name of the model this recipe builds: a hash of everything that shapes its weights.
 
-    That is this file and the generator (whole-line comments aside), the schedule and the prompt
-    pieces taken from other modules, the example training files, the seed and the step count.
+    That is the code of this module and of the generator, the schedule and the prompt pieces taken
+    from other modules (their meaning, see code_meaning: where they live and how they are laid out do
+    not count), the example training files, the seed and the step count.
     Computed on demand rather than at import: it reads about 2 MB of example data, which an
     installation without example/ does not have.
     """
     _require_example_files()
     digest = hashlib.sha256()
-    for path in (Path(__file__), Path(__file__).parent / "example_data.py"):
-        digest.update(_without_comment_lines(path))
+    for module in (sys.modules[__name__], example_data):
+        digest.update(code_meaning(inspect.getsource(module)))
     # Whatever the build takes from other modules must be listed here.
     for function in (cosine_with_warmup, qa_target, answer_user_message):
-        digest.update(inspect.getsource(function).encode())
+        digest.update(code_meaning(inspect.getsource(function)))
     for prompt in (SYSTEM_ANSWER, SYSTEM_QA, SYSTEM_PARAPHRASE):
         digest.update(prompt.encode())
     for name in TRAIN_FILES:

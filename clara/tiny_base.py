@@ -1,5 +1,6 @@
 """The built-in tiny base model as checkpoints see it: where the shipped build is, which recipe built it, and
-where builds of other recipes are kept (standard library only; the builder is clara.tiny)."""
+where builds of other recipes are kept (standard library only; the builder is clara.tiny). The example files
+its recipe reads are found here too, so the recipe's code does not name its own place."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ from pathlib import Path
 
 SHIPPED_DIR = Path(__file__).resolve().parent / "tiny_model"
 RECIPE_FILE = "recipe.json"
+# A checkout's example/ (an installed package has none; only building the tiny model needs it).
+EXAMPLE_DIR = Path(__file__).resolve().parent.parent / "example"
 
 
 def clara_home() -> Path:
