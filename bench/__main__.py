@@ -78,8 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "memory and, on a GPU, model FLOPs utilisation (MFU). The base model is a Qwen3 of the given "
                     "shape with random weights and the built-in tiny model's tokenizer, loaded through clara's "
                     "own build path; the steps run through the trainer's code (deepspeed.initialize with "
-                    "clara.training_setup.deepspeed_config, clara.step.optimizer_step on Batches from "
-                    "clara.collate.Collator) on synthetic records whose documents fill DOC_MAX_LENGTH tokens. "
+                    "clara.training.setup.deepspeed_config, clara.training.step.optimizer_step on Batches from "
+                    "clara.model.collate.Collator) on synthetic records whose documents fill DOC_MAX_LENGTH tokens. "
                     "Each configuration runs in its own process, so its peak memory is its own.",
         epilog="Peak memory: on CPU the process's peak resident set size over the timed steps (step MB: that "
                "peak minus the RSS before them, i.e. activations and other per-step memory; compr MB: the "

@@ -2,9 +2,9 @@
 
 `python -m bench` starts one such process per configuration, so that peak memory belongs to that
 configuration alone. The steps run through the trainer's own code: a random-weight Qwen3 base saved
-with the tiny model's tokenizer, set up by clara.training_setup.setup_training (the stage model, its
+with the tiny model's tokenizer, set up by clara.training.setup.setup_training (the stage model, its
 Collator, AdamW and deepspeed.initialize, as a training run has them) and stepped by
-clara.step.optimizer_step.
+clara.training.step.optimizer_step.
 """
 
 from __future__ import annotations
@@ -132,7 +132,7 @@ def write_tokenizer(out_dir: str, vocab_size: int, n_added: int):
     to the tokenizer's length; without the fillers the vocabulary asked for would shrink)."""
     from transformers import AutoTokenizer
 
-    from clara.tiny import build_tokenizer
+    from clara.training.tiny import build_tokenizer
 
     tokenizer = build_tokenizer()
     own = len(tokenizer)
@@ -188,7 +188,7 @@ def model_shape(model) -> ModelShape:
     """N (base linear parameters) and R (one adapter's LoRA parameters) counted on the built model."""
     from torch import nn
 
-    from clara.zero3 import full_numel, full_shape
+    from clara.parallel.zero3 import full_numel, full_shape
 
     config = model.causal_lm.config
     linear = 0
@@ -209,7 +209,7 @@ class SyntheticRecords:
 
     def __init__(self, cfg: BenchConfig, tokenizer):
         from clara.stages import get_stage
-        from clara.tiny import EXAMPLE_DIR
+        from clara.training.tiny import EXAMPLE_DIR
 
         self.cfg = cfg
         self.stage = get_stage(cfg.stage)
@@ -319,13 +319,13 @@ def measure(cfg: BenchConfig, work_dir: str) -> dict:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     from clara.config import TrainConfig
-    from clara.distributed import init_distributed, resolve_dtype
-    from clara.model import attention_implementation
-    from clara.prompts import added_token_strings
+    from clara.parallel.distributed import init_distributed, resolve_dtype
+    from clara.model.model import attention_implementation
+    from clara.stages.prompts import added_token_strings
     from clara.stages import get_stage
-    from clara.step import optimizer_step, step_seed
-    from clara.training_setup import setup_training
-    from clara.zero3 import full_numel
+    from clara.training.step import optimizer_step, step_seed
+    from clara.training.setup import setup_training
+    from clara.parallel.zero3 import full_numel
 
     quiet_libraries()
     started = time.perf_counter()

@@ -7,7 +7,7 @@ part, and what to change when it does not fit. The accounting, per GPU, in bf16 
 - frozen base: 2 bytes per parameter, on every GPU (ZeRO 1 and 2 shard optimizer states and
   gradients, not parameters); with ZeRO 3 a 1/GPUs share of it (and of LoRA), plus what may be
   gathered at once: twice the largest of one layer and the embedding matrix, at most 1e9 parameters
-  (clara.zero3.gathering_limits); with OFFLOAD=all the shares live in CPU memory and only the
+  (clara.parallel.zero3.gathering_limits); with OFFLOAD=all the shares live in CPU memory and only the
   gathered part is on the GPU;
 - OFFLOAD=optimizer (or all) keeps the fp32 master weights, Adam's moments and the fp32 gradient
   partition in CPU memory instead;
@@ -175,7 +175,7 @@ def nograd_layer_bytes(dims: Dims) -> int:
 
 
 def gathered_elements(dims: Dims, lora_r: int = 16) -> int:
-    """ZeRO-3: the most parameters held gathered at once, as clara.zero3.gathering_limits allows: two of
+    """ZeRO-3: the most parameters held gathered at once, as clara.parallel.zero3.gathering_limits allows: two of
     the largest unit (a layer with its adapters, or the embedding matrix), at most DeepSpeed's 1e9."""
     counts = parameter_counts(dims, lora_r)
     layer = (counts["layers"] + ADAPTERS_HELD["stage2"] * counts["lora_per_adapter"]) // dims.num_layers
@@ -217,7 +217,7 @@ def step_memory(dims: Dims, work: Workload, gpus: int = 1, zero_stage: int = 2,
         grad_passes = [b * (work.question_tokens + work.n_mem), b * work.decoder_tokens]
     else:
         grad_passes = [b * work.docs_per_sample * work.doc_tokens, b * work.decoder_tokens]
-    # Under ZeRO-3 too: clara.zero3's linear keeps nothing behind a frozen weight, as PyTorch's does.
+    # Under ZeRO-3 too: clara.parallel.zero3's linear keeps nothing behind a frozen weight, as PyTorch's does.
     per_layer = layer_activation_bytes(dims)
     # Each pass also keeps its embeddings, final norm and hidden states (about 10 bytes per hidden unit).
     edges = 10 * h * sum(grad_passes)

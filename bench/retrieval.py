@@ -29,19 +29,13 @@ import faiss
 import numpy as np
 import torch
 
-from clara.checkpoint import build_model, load_model
-from clara.index import (
-    STORAGE_DTYPES,
-    SearchSettings,
-    answer_from_index,
-    build_index,
-    compress_texts,
-    load_index,
-    make_search_index,
-    recall_against_exact,
-)
-from clara.inference import CLaRa
-from clara.model import ModelSettings
+from clara.model.checkpoint import build_model, load_model
+from clara.index.answer import answer_from_index
+from clara.index.build import build_index, compress_texts
+from clara.index.search import SearchSettings, make_search_index, recall_against_exact
+from clara.index.store import STORAGE_DTYPES, load_index
+from clara.evaluation.inference import CLaRa
+from clara.model.model import ModelSettings
 
 REPO = Path(__file__).resolve().parent.parent
 TINY_SHAPE = (8, 64)  # memory vectors x hidden size of the tiny model at DOC_MAX_LENGTH 256, COMPRESS_RATE 32

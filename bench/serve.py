@@ -1,4 +1,4 @@
-"""Serving many users at once (clara.serve): the rows of `python -m bench --serve`.
+"""Serving many users at once (clara.serving.__main__): the rows of `python -m bench --serve`.
 
 The same server, started as a user starts it (`python -m clara.serve`, its own process), answers closed-loop
 clients (each sends its next request when the previous one is answered) for a fixed time at each number of
@@ -50,9 +50,9 @@ def make_model(folder: Path, documents: int) -> tuple[str, str]:
     """A tiny stage2 checkpoint and its index of the first example documents."""
     import torch
 
-    from clara.checkpoint import build_model, save_model
-    from clara.index import build_index
-    from clara.model import ADAPTERS, ModelSettings
+    from clara.model.checkpoint import build_model, save_model
+    from clara.index.build import build_index
+    from clara.model.model import ADAPTERS, ModelSettings
 
     settings = ModelSettings(base_model="tiny", n_mem_tokens=4, compress_rate=32, doc_max_length=128,
                              generation_top_k=3)
@@ -68,7 +68,7 @@ def make_model(folder: Path, documents: int) -> tuple[str, str]:
 
 def start_server(checkpoint: str, index: str, port: int, max_batch: int, max_wait_ms: float,
                  max_tokens: int) -> tuple[subprocess.Popen, str]:
-    from clara.launch import free_port
+    from clara.training.launch import free_port
 
     port = port or free_port()
     proc = subprocess.Popen([sys.executable, "-m", "clara.serve", "--checkpoint", checkpoint, "--index", index,

@@ -1,6 +1,6 @@
 """`python -m clara.train` arguments -> TrainConfig. Every TrainConfig field is a flag of the same name,
 with the help text written beside the field; the launchers' environment variables are the same names in
-upper case (clara.launch)."""
+upper case (clara.training.launch)."""
 
 from __future__ import annotations
 

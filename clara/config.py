@@ -18,7 +18,7 @@ from clara.errors import ConfigError
 from clara.stages import STAGES, get_stage
 
 TINY_MODEL_NAME = "tiny"
-# Files every resumable checkpoint directory holds (clara.resumable writes them).
+# Files every resumable checkpoint directory holds (clara.training.resumable writes them).
 CHECKPOINT_MANIFEST = "manifest.json"
 CHECKPOINT_STATE = "trainer_state.json"
 GPU_DEFAULT_MODEL = "Qwen/Qwen3-14B"

@@ -1,5 +1,5 @@
 """One writer per folder (README: "Runs you cannot lose"): a training run holds its SAVE_PATH, and
-`clara.export` / `clara.index` hold the folder they write, for their whole life.
+`clara.model.export` / `clara.index` hold the folder they write, for their whole life.
 
 The lock is an OS lock (flock) on `FOLDER/.lock`: it dies with the processes that hold it, so a `kill -9`
 never leaves a stale lock. The launchers open that file, take the lock here (`python -m clara.locks`) on

@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
         validate(cfg, world_size=world_size)
         with own_lock(cfg.save_path):
             # Deferred: a bad flag (or a SAVE_PATH in use) is reported before deepspeed, peft and the model load.
-            from clara.trainer import Stop, train
+            from clara.training.trainer import Stop, train
 
             try:
                 train(cfg)

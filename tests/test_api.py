@@ -4,7 +4,7 @@ Every call of the official README (and its generate_from_compressed_documents_an
 made with the official argument names, and its return types are checked, on tiny checkpoints
 trained here for two optimizer steps (stage1_2 from scratch, then stage2 from it). The models are
 untrained for practical purposes: the tests check shapes, types and agreement between code paths
-(vectors computed earlier vs. text, the API vs. clara.evaluate), not answer quality. Each test runs
+(vectors computed earlier vs. text, the API vs. clara.evaluation.command), not answer quality. Each test runs
 on the CPU and, where there is one, on a CUDA device.
 """
 
@@ -20,11 +20,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from clara import CLaRa, evaluate
-from clara.collate import encode_documents
+from clara import CLaRa
+
+from clara.evaluation import command as evaluate
+from clara.model.collate import encode_documents
 from clara.config import TrainConfig
 from clara.data import load_records
-from clara.metrics import ANSWER_SCORE_NAMES, f1_score
+from clara.evaluation.metrics import ANSWER_SCORE_NAMES, f1_score
 from clara.stages import get_stage
 
 REPO = Path(__file__).resolve().parent.parent
@@ -157,7 +159,7 @@ def test_official_stage2_call_and_agreement_with_evaluate(device, checkpoints, t
     again, indices_again = model.generate_from_questions(questions, documents, NEW_TOKENS)
     assert again == answers and torch.equal(indices_again, topk_indices)
 
-    # clara.evaluate (the trainer's evaluation too) picks the same documents and gives the same answers.
+    # clara.evaluation.command (the trainer's evaluation too) picks the same documents and gives the same answers.
     path = write_jsonl(tmp_path / "stage2.jsonl", records)
     cfg = TrainConfig(stage="stage2", micro_batch_size=BATCH, eval_max_samples=QUESTIONS, max_new_tokens=NEW_TOKENS,
                       max_len=1024)
@@ -184,7 +186,7 @@ def test_readme_loading_pattern_moves_to_the_device(device, checkpoints, qa_reco
 @pytest.mark.slow
 def test_summary_scores_the_first_gold_and_the_best_of_all(checkpoints, qa_records, tmp_path):
     """A dataset whose second gold answer is the model's own prediction: the first-gold scores miss,
-    the *_any scores hit. Runs clara.evaluate's evaluate_model, which the trainer's evaluation uses."""
+    the *_any scores hit. Runs clara.evaluation.command's evaluate_model, which the trainer's evaluation uses."""
     model = CLaRa.from_pretrained(str(checkpoints["stage1_2"]), device="cpu", batch_size=BATCH)
     questions = [r["question"] for r in qa_records]
     documents = [r["docs"] for r in qa_records]

@@ -31,7 +31,7 @@ def bench(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def small_args() -> list[str]:
     """The smallest model: one layer of width 32, the vocabulary just large enough for the tokenizer."""
-    from clara.tiny import build_tokenizer
+    from clara.training.tiny import build_tokenizer
 
     vocab = len(build_tokenizer()) + N_MEM + 3
     return ["--hidden_size", "32", "--num_layers", "1", "--num_heads", "2", "--num_kv_heads", "1",

@@ -9,11 +9,11 @@ import torch
 from peft import get_peft_model_state_dict
 from safetensors.torch import load_file
 
-from clara.checkpoint import CheckpointError, load_model, read_config, save_model
-from clara.collate import Collator
+from clara.model.checkpoint import CheckpointError, load_model, read_config, save_model
+from clara.model.collate import Collator
 from clara.config import TrainConfig
 from clara.data import normalise
-from clara.stage_model import build_stage_model
+from clara.model.stage_model import build_stage_model
 from clara.stages import get_stage
 
 DOC_MAX_LENGTH = 32
@@ -261,7 +261,7 @@ def test_chaining_with_another_number_of_memory_tokens_is_refused(tmp_path):
 
 
 def test_a_tiny_model_checkpoint_keeps_the_tiny_build_it_was_trained_on(tmp_path, monkeypatch):
-    from clara import tiny
+    from clara.training import tiny
 
     current_build = tiny.tiny_model_dir()
     model = stage_model("stage1")

@@ -14,14 +14,14 @@ from pathlib import Path
 
 import pytest
 
-from clara.collate import Collator, LengthCheck
+from clara.model.collate import Collator, LengthCheck
 from clara.data import DataError, load_records, normalise
 from clara.data import cache as data_cache
 from clara.data import prepare as data_prepare
 from clara.data.prepare import prepare
 from clara.data.records import BadRecord
 from clara.data.sources import plan_tasks
-from clara.run_workers import worker_status
+from clara.training.run_workers import worker_status
 from clara.stages import get_stage
 
 REPO = Path(__file__).resolve().parent.parent
@@ -80,8 +80,8 @@ def test_the_byte_bound_agrees_with_tokenizing_every_record():
     same records with the same message."""
     from transformers import AutoTokenizer
 
-    from clara.collate import encode_supervised
-    from clara.prompts import add_special_tokens
+    from clara.model.collate import encode_supervised
+    from clara.stages.prompts import add_special_tokens
 
     tokenizer = AutoTokenizer.from_pretrained(TINY)
     tokens = add_special_tokens(tokenizer, 8)

@@ -24,14 +24,14 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file
 
-from clara import debug
-from clara.collate import IGNORE_INDEX, Collator
+from clara.evaluation import debug
+from clara.model.collate import IGNORE_INDEX, Collator
 from clara.config import TrainConfig
 from clara.data import normalise
-from clara.debug import DebugPrinter
-from clara.stage_model import build_stage_model
+from clara.evaluation.debug import DebugPrinter
+from clara.model.stage_model import build_stage_model
 from clara.stages import get_stage
-from clara.trainer import epoch_order, micro_batch_indices, optimizer_step
+from clara.training.trainer import epoch_order, micro_batch_indices, optimizer_step
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLES = REPO / "example"

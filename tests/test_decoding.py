@@ -3,7 +3,7 @@ greedy rows unchanged, seeded sampling reproducible, stop strings, token limits,
 
 import pytest
 
-from clara.decoding import RowDecoding, Sampling, cut_at_stop
+from clara.model.decoding import RowDecoding, Sampling, cut_at_stop
 from test_model import make_batch, read_records, stage_model
 
 NEW_TOKENS = 12

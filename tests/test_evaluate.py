@@ -20,9 +20,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from clara import evaluate
-from clara.inference import CLaRa
-from clara.metrics import ANSWER_SCORE_NAMES
+from clara.evaluation import command as evaluate
+from clara.evaluation.inference import CLaRa
+from clara.evaluation.metrics import ANSWER_SCORE_NAMES
 from clara.stages import get_stage
 
 REPO = Path(__file__).resolve().parent.parent
@@ -174,8 +174,8 @@ def test_cli_prints_table_and_writes_per_sample_file(stage, cli_runs, checkpoint
 @pytest.mark.parametrize("stage", STAGES)
 def test_per_sample_loss_is_the_training_loss_of_that_sample(stage, cli_runs, checkpoints, eval_files):
     """A one-sample training forward (eval mode, LM loss only) gives the loss the batched evaluation wrote."""
-    from clara.checkpoint import load_model
-    from clara.collate import Collator
+    from clara.model.checkpoint import load_model
+    from clara.model.collate import Collator
     from clara.data import load_records
 
     rows = read_jsonl(cli_runs[stage][1])
@@ -218,10 +218,10 @@ def test_evaluation_during_training_logs_the_same_metrics(stage, cli_runs, check
 
 @pytest.mark.slow
 def test_generation_is_greedy_and_repeatable(workdir, cli_runs, checkpoints, eval_files, capsys):
-    from clara.checkpoint import load_model
-    from clara.collate import Collator
+    from clara.model.checkpoint import load_model
+    from clara.model.collate import Collator
     from clara.data import load_records
-    from clara.prompts import end_of_turn
+    from clara.stages.prompts import end_of_turn
 
     stage = "stage1_2"
     outputs = []
@@ -287,8 +287,8 @@ def test_two_processes_give_the_same_results_as_one(workdir, cli_runs, checkpoin
 @pytest.mark.slow
 def test_recall_at_k_on_forced_scores(workdir, checkpoints, monkeypatch):
     """Scores forced to one known ranking: candidates in order 1, 4, 2, 3, 5, 0; top-5 = [1, 4, 2, 3, 5]."""
-    import clara.model
-    from clara.checkpoint import load_model
+    import clara.model.model
+    from clara.model.checkpoint import load_model
     from clara.config import TrainConfig
     from clara.data import load_records
 
@@ -297,7 +297,7 @@ def test_recall_at_k_on_forced_scores(workdir, checkpoints, monkeypatch):
     def forced_scores(queries, candidates):
         return forced[: candidates.shape[1]].to(candidates).expand(candidates.shape[0], -1)
 
-    monkeypatch.setattr(clara.model, "cosine_scores", forced_scores)
+    monkeypatch.setattr(clara.model.model, "cosine_scores", forced_scores)
     numbers = "one two three four five six".split()
     docs = [f"Place{i} is a village. Its lucky number is {n}." for i, n in enumerate(numbers)]
     positives = [[1], [2, 0], [3], None, [0]]
@@ -372,7 +372,7 @@ def export_official(native: Path, out: Path, with_reasoner: bool = True) -> Path
     """Write a native checkpoint in the layout of Apple's release (what its loader reads)."""
     from peft import get_peft_model_state_dict
 
-    from clara.checkpoint import load_model
+    from clara.model.checkpoint import load_model
 
     model = load_model(str(native))
     out.mkdir()

@@ -10,10 +10,10 @@ import pytest
 import torch
 from test_hub import DOC_MAX_LENGTH, MAX_LEN, TOP_K, per_sample_losses, stage2_records, trained_like
 
-from clara import export
-from clara.checkpoint import load_model, save_model
+from clara.model import export
+from clara.model.checkpoint import load_model, save_model
 from clara.config import TrainConfig
-from clara.stage_model import build_stage_model
+from clara.model.stage_model import build_stage_model
 
 REPO = Path(__file__).resolve().parent.parent
 RATE = 8

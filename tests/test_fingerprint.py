@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 
 from clara.config import TrainConfig, resolve
-from clara.fingerprint import (
+from clara.data.fingerprint import (
     data_key,
     file_identity,
     input_changes,

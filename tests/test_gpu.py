@@ -23,14 +23,14 @@ from test_launchers import SINGLE, kill_tree, launcher_env, max_weight_differenc
 from bench.child import SyntheticRecords, write_random_base, write_tokenizer
 from bench.config import SHAPES, BenchConfig
 from bench.memory import dims_of, nograd_layer_bytes, parameter_counts
-from clara.collate import Collator
+from clara.model.collate import Collator
 from clara.config import STAGES, TrainConfig
-from clara.distributed import init_distributed
-from clara.model import attention_implementation
-from clara.prompts import added_token_strings
-from clara.stage_model import build_stage_model
+from clara.parallel.distributed import init_distributed
+from clara.model.model import attention_implementation
+from clara.stages.prompts import added_token_strings
+from clara.model.stage_model import build_stage_model
 from clara.stages import get_stage
-from clara.trainer import optimizer_step, setup_training, step_seed
+from clara.training.trainer import optimizer_step, setup_training, step_seed
 
 pytestmark = pytest.mark.gpu
 

@@ -21,12 +21,12 @@ import torch
 from peft import get_peft_model_state_dict
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from clara.checkpoint import PEFT_PREFIX, build_model
-from clara.collate import Collator
+from clara.model.checkpoint import PEFT_PREFIX, build_model
+from clara.model.collate import Collator
 from clara.data import normalise
-from clara.model import ModelSettings
+from clara.model.model import ModelSettings
 from clara.stages import get_stage
-from clara.tiny import tiny_model_dir
+from clara.training.tiny import tiny_model_dir
 
 REPO = Path(__file__).resolve().parent.parent
 BASE_ID = "clara-test/tiny-qwen-base"
@@ -131,7 +131,7 @@ PROBE = """
 import json, sys
 sys.path.insert(0, {tests!r})
 from clara import CLaRa
-from clara.checkpoint import CheckpointError
+from clara.model.checkpoint import CheckpointError
 from test_hub import per_sample_losses, stage2_records
 
 results = []
@@ -285,7 +285,7 @@ def test_evaluate_and_training_take_a_hub_id(hub, tmp_path):
     script = (
         "import json, sys; sys.path.insert(0, 'tests')\n"
         "from clara.config import TrainConfig, resolve, validate\n"
-        "from clara.stage_model import build_stage_model\n"
+        "from clara.model.stage_model import build_stage_model\n"
         "from test_hub import per_sample_losses, stage2_records\n"
         f"cfg = resolve(TrainConfig(stage='stage2', model_path={BASE_ID!r}, pretrain_checkpoint={RELEASE_ID + '/compression-8'!r},"
         f" doc_max_length={DOC_MAX_LENGTH}, compress_rate=8, generation_top_k={TOP_K}, max_len={MAX_LEN},"
@@ -311,7 +311,7 @@ def test_what_reads_as_a_hub_id(monkeypatch):
 
 
 def test_the_release_path_to_its_base_reads_as_the_hub_id():
-    from clara.checkpoint import CheckpointError, official_base_name
+    from clara.model.checkpoint import CheckpointError, official_base_name
 
     assert official_base_name("/mnt/ceph_rbd/model/Mistral-7B-Instruct-v0.2", "ckpt") == GATED_BASE
     assert official_base_name("/models/Qwen3-4B-Instruct-2507/", "ckpt") == "Qwen/Qwen3-4B-Instruct-2507"

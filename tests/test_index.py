@@ -20,21 +20,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from clara.checkpoint import build_model, save_model
-from clara.index import (
-    SHARD_FILE,
-    CorpusIndexError,
-    SearchSettings,
-    answer_from_index,
-    load_index,
-    make_search_index,
-    pair_queries,
-    read_corpus,
-    recall_against_exact,
-)
-from clara.inference import CLaRa
-from clara.metrics import exact_match
-from clara.model import ModelSettings
+from clara.model.checkpoint import build_model, save_model
+from clara.errors import CorpusIndexError
+from clara.index.answer import answer_from_index
+from clara.index.corpus import read_corpus
+from clara.index.search import SearchSettings, make_search_index, pair_queries, recall_against_exact
+from clara.index.store import SHARD_FILE, load_index
+from clara.evaluation.inference import CLaRa
+from clara.evaluation.metrics import exact_match
+from clara.model.model import ModelSettings
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLE = REPO / "example"

@@ -23,7 +23,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from clara.trainer import micro_batch_indices
+from clara.training.trainer import micro_batch_indices
 
 REPO = Path(__file__).resolve().parent.parent
 SINGLE = "train_single_gpu.sh"
@@ -151,7 +151,7 @@ def max_weight_difference(a: Path, b: Path) -> float:
 
 
 # A sitecustomize module, put first on PYTHONPATH, reaches into the trainer processes without test hooks in
-# clara/: when clara.trainer is imported it wraps micro_batch_indices (to record each rank's samples) and/or
+# clara/: when clara.training.trainer is imported it wraps micro_batch_indices (to record each rank's samples) and/or
 # optimizer_step (to fail in one rank), as the environment asks.
 SITECUSTOMIZE = textwrap.dedent('''
     import json
@@ -184,7 +184,7 @@ SITECUSTOMIZE = textwrap.dedent('''
 
     class _AfterTrainerImport:
         def find_spec(self, name, path=None, target=None):
-            if name != "clara.trainer":
+            if name != "clara.training.trainer":
                 return None
             for finder in sys.meta_path:
                 if finder is self or not hasattr(finder, "find_spec"):
@@ -247,7 +247,7 @@ def two_rank_run(tmp_path_factory):
 # -- 1. the defaults -------------------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_default_single_gpu_run_trains_stage1_on_the_tiny_model(default_run):
-    from clara.checkpoint import load_model
+    from clara.model.checkpoint import load_model
 
     work, result = default_run
     assert result.returncode == 0, result
@@ -603,7 +603,7 @@ def test_dry_run_prints_the_exact_command_and_runs_nothing(tmp_path):
     threads = max(1, len(os.sched_getaffinity(0)) // 2)
     assert f"OMP_NUM_THREADS={threads} " in result.output.strip().splitlines()[-1]
     words = command_words(result.output)
-    # torchrun, through clara.run_workers (which returns the failed worker's own exit status)
+    # torchrun, through clara.training.run_workers (which returns the failed worker's own exit status)
     assert words[1:3] == ["-m", "clara.run_workers"] and words[words.index("clara.train") - 1] == "-m"
     for flag, value in [("--nproc_per_node", "2"), ("--nnodes", "1"), ("--node_rank", "0"),
                         ("--master_addr", "127.0.0.1"), ("--master_port", port),

@@ -26,7 +26,7 @@ from bench.memory import (
     plan_rows,
     step_memory,
 )
-from clara.model import ModelSettings, attach_adapters
+from clara.model.model import ModelSettings, attach_adapters
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -136,7 +136,7 @@ def test_zero3_partitions_the_base_and_offload_moves_it_to_the_cpu():
     zero2, zero3 = step_memory(dims, work, gpus=8), step_memory(dims, work, gpus=8, zero_stage=3)
     gathered = 2 * gathered_elements(dims)
     assert zero3["base_weights"] == pytest.approx(zero2["base_weights"] / 8 + gathered)
-    # clara.zero3's linear keeps no input behind a frozen weight: the activations are ZeRO-2's.
+    # clara.parallel.zero3's linear keeps no input behind a frozen weight: the activations are ZeRO-2's.
     assert zero3["activations"] == zero2["activations"]
     optimizer = step_memory(dims, work, gpus=8, zero_stage=3, offload="optimizer")
     assert optimizer["optimizer"] == 0 and optimizer["gradients"] < zero3["gradients"]

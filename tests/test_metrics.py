@@ -1,10 +1,10 @@
-"""Hand-made cases for clara.metrics."""
+"""Hand-made cases for clara.evaluation.metrics."""
 
 from __future__ import annotations
 
 import pytest
 
-from clara.metrics import (
+from clara.evaluation.metrics import (
     ANSWER_SCORE_NAMES,
     answer_scores,
     cover_exact_match,

@@ -9,12 +9,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from clara.collate import IGNORE_INDEX, Collator
+from clara.model.collate import IGNORE_INDEX, Collator
 from clara.config import TrainConfig
 from clara.data import normalise
-from clara.stage_model import build_stage_model
+from clara.model.stage_model import build_stage_model
 from clara.stages import get_stage
-from clara.topk import cosine_scores, differentiable_topk, retrieval_loss
+from clara.model.topk import cosine_scores, differentiable_topk, retrieval_loss
 
 DOC_MAX_LENGTH = 32
 COMPRESS_RATE = 8

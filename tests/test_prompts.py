@@ -11,12 +11,12 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from clara import prompts
-from clara.collate import IGNORE_INDEX, Collator, encode_documents
+from clara.stages import prompts
+from clara.model.collate import IGNORE_INDEX, Collator, encode_documents
 from clara.data import normalise
-from clara.prompts import add_special_tokens, memory_slots
+from clara.stages.prompts import add_special_tokens, memory_slots
 from clara.stages import get_stage
-from clara.tiny import tiny_model_dir
+from clara.training.tiny import tiny_model_dir
 
 N_MEM = 4
 DOC_MAX_LENGTH = 32

@@ -1,4 +1,4 @@
-"""clara.resumable's units on files made here: the safe load, the manifest, the background publisher, where a
+"""clara.training.resumable's units on files made here: the safe load, the manifest, the background publisher, where a
 run resumes, and the metrics rewound to it. No trainer runs (tests/test_safety.py runs the trainer)."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import torch
 
 from clara.config import TrainConfig, resolve
 from clara.errors import ResumeError
-from clara.resumable import (
+from clara.training.resumable import (
     MANIFEST,
     RESUME_FREE_SETTINGS,
     STATE_FILE,

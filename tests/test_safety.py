@@ -29,7 +29,7 @@ from test_launchers import (
 from test_resumable import plant_payload
 
 from clara.config import TrainConfig, resolve
-from clara.resumable import MANIFEST, manifest_problem
+from clara.training.resumable import MANIFEST, manifest_problem
 
 # The reference run: 4 optimizer steps, every one saved and kept.
 REFERENCE = {**QUICK, "MAX_STEPS": "4", "SAVE_STEPS": "1", "MAX_CKPT_NUM": "4"}
@@ -146,7 +146,7 @@ def test_an_infinite_learning_rate_exits_2_before_the_model_loads(tmp_path):
     assert not loaded_the_model(result.output)
 
 
-# Appended to test_launchers' hook: its finder calls _patch (looked up when clara.trainer is imported).
+# Appended to test_launchers' hook: its finder calls _patch (looked up when clara.training.trainer is imported).
 HOOKS = SITECUSTOMIZE + '''
 
 _launcher_patch = _patch
@@ -254,9 +254,9 @@ def test_a_record_over_max_len_is_named_before_the_model_loads(tmp_path):
 
 
 def test_bad_samples_skip_drops_a_record_over_max_len(tmp_path):
-    from clara.collate import Collator
+    from clara.model.collate import Collator
     from clara.data import load_records
-    from clara.stage_model import stage_tokenizer
+    from clara.model.stage_model import stage_tokenizer
     from clara.stages import get_stage
 
     cfg = resolve(TrainConfig(stage="stage1_2", max_len=600), has_cuda=False)
@@ -303,7 +303,7 @@ def test_resume_from_a_directory_that_is_not_a_checkpoint_exits_2(tmp_path):
 
 
 def test_metrics_write_null_for_nan_and_infinity(tmp_path):
-    from clara.trainer import RunLog
+    from clara.training.trainer import RunLog
 
     cfg = resolve(TrainConfig(save_path=str(tmp_path)), has_cuda=False)
     log = RunLog(cfg, rank=0)

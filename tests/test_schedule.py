@@ -2,7 +2,7 @@
 
 import pytest
 
-from clara.schedule import cosine_with_warmup
+from clara.training.schedule import cosine_with_warmup
 
 
 def test_warmup_rises_linearly_to_the_peak():

@@ -1,5 +1,5 @@
 """`python -m clara.serve`: the OpenAI-compatible server, driven as its users drive it (the `openai` client,
-plain HTTP, a browser), against the reference paths (`CLaRa.generate_from_questions(index=...)`, clara.ask).
+plain HTTP, a browser), against the reference paths (`CLaRa.generate_from_questions(index=...)`, clara.index.ask).
 
 One server runs for the whole module: the tiny model with seeded-noise adapters (tests/test_index.py's
 checkpoint: plumbing and agreement, not quality) over a 40-document index, with an API key.
@@ -22,10 +22,12 @@ import openai
 import pytest
 import torch
 
-from clara.decoding import RowDecoding, Sampling
-from clara.index import build_index, encode_questions, generator_inputs, load_index
-from clara.inference import CLaRa
-from clara.launch import free_port
+from clara.model.decoding import RowDecoding, Sampling
+from clara.index.answer import encode_questions, generator_inputs
+from clara.index.build import build_index
+from clara.index.store import load_index
+from clara.evaluation.inference import CLaRa
+from clara.training.launch import free_port
 from clara.serving.engine import ANSWERING, Engine, Job
 from test_index import EXAMPLE, ROLES, TOP_K, noisy_checkpoint, read_jsonl, run_module, subprocess_env
 

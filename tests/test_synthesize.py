@@ -19,7 +19,7 @@ from test_launchers import QUICK, SINGLE, assert_exported, launcher_env, run
 from clara.data import iter_lines, load_records
 from clara.stages import get_stage
 from clara.synthesis.recipe import Filters, QAPair, load_recipe, pair_problem, parse_answer, words
-from clara.synthesize import main as synthesize_main
+from clara.synthesis.__main__ import main as synthesize_main
 
 REPO = Path(__file__).resolve().parent.parent
 CORPUS_LINES = (REPO / "example" / "corpus.jsonl").read_text(encoding="utf-8").splitlines()
@@ -59,7 +59,7 @@ def assert_every_file_loads(out: Path, stage2_docs: int) -> dict[str, int]:
 
 
 def test_with_a_server_nothing_loads_torch():
-    script = ("import sys\nfrom clara.synthesize import build_parser\nbuild_parser().format_help()\n"
+    script = ("import sys\nfrom clara.synthesis.__main__ import build_parser\nbuild_parser().format_help()\n"
               "print(sorted(m for m in ('torch', 'transformers', 'datasets') if m in sys.modules))")
     result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120,
                             env={**os.environ, "PYTHONPATH": str(REPO)})

@@ -14,7 +14,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from clara import tiny
+from clara.training import tiny
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -30,7 +30,7 @@ def test_the_shipped_model_is_built_from_the_current_recipe(model_dir):
     recorded = tiny.read_recipe(model_dir)
     assert recorded == {"version": tiny.recipe_version(), "seed": 0, "steps": tiny.TRAIN_STEPS}, (
         f"the recipe changed since {model_dir} was built; rebuild it: python -m clara.tiny --out {model_dir}")
-    assert Path(model_dir).parent == Path(tiny.__file__).parent
+    assert Path(model_dir).parent == Path(tiny.__file__).parent.parent  # clara/tiny_model, the builder in clara/training
     assert sum(p.stat().st_size for p in Path(model_dir).iterdir()) < 2_000_000
 
 
@@ -112,7 +112,7 @@ def test_an_interrupted_build_leaves_no_recipe_record(tmp_path, monkeypatch):
 def test_importing_clara_needs_neither_the_example_data_nor_a_build(tmp_path):
     # An installed package: clara/ (with the shipped model) and no example/ beside it.
     shutil.copytree(REPO / "clara", tmp_path / "clara", ignore=shutil.ignore_patterns("__pycache__"))
-    script = ("import clara.checkpoint\nfrom clara import CLaRa\nfrom clara import tiny\n"
+    script = ("import clara.model.checkpoint\nfrom clara import CLaRa\nfrom clara.training import tiny\n"
               "print(tiny.tiny_model_dir(), tiny.tiny_version())")
     env = {**os.environ, "PYTHONPATH": str(tmp_path), "CLARA_HOME": str(tmp_path / "home")}
     result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True,

@@ -9,11 +9,11 @@ import torch
 from test_debug import CountingEngine, make_batch, raw_records, records, single_process_group, stage_model
 
 from clara.config import TrainConfig
-from clara.losses import LOSS_TERMS, WEIGHT_SETTINGS, stage_weights
-from clara.model import StepOutput
+from clara.model.losses import LOSS_TERMS, WEIGHT_SETTINGS, stage_weights
+from clara.model.model import StepOutput
 from clara.stages import STAGES, get_stage
-from clara.step import SUM_NAMES, DeviceSums, StepSums, micro_batch_sums, optimizer_step, term_means
-from clara.training_setup import deepspeed_config, lr_lambda
+from clara.training.step import SUM_NAMES, DeviceSums, StepSums, micro_batch_sums, optimizer_step, term_means
+from clara.training.setup import deepspeed_config, lr_lambda
 
 
 # -- the step sums, by name -------------------------------------------------------------------------------

@@ -22,8 +22,8 @@ from safetensors.torch import load_file
 from test_launchers import EIGHT, REPO, kill_tree, launcher_env, metrics, run, start, wait_for
 
 from bench.memory import Dims, parameter_counts
-from clara.checkpoint import load_model
-from clara.evaluate import eval_config, evaluate_model, load_eval_records
+from clara.model.checkpoint import load_model
+from clara.evaluation.command import eval_config, evaluate_model, load_eval_records
 from clara.stages import get_stage
 
 pytestmark = pytest.mark.slow

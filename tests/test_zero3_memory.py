@@ -1,4 +1,4 @@
-"""clara.zero3: the two corrections that keep a ZeRO-3 step's gathered memory to one layer at a time."""
+"""clara.parallel.zero3: the two corrections that keep a ZeRO-3 step's gathered memory to one layer at a time."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import torch
 from test_launchers import REPO
 
 from clara.ports import free_port
-from clara.zero3 import frozen_weight_linear
+from clara.parallel.zero3 import frozen_weight_linear
 
 
 def saved_elements(run) -> int:
@@ -54,7 +54,7 @@ def test_a_frozen_weight_keeps_no_input_for_the_backward():
 
 TWICE = textwrap.dedent("""
     import deepspeed, torch
-    from clara.zero3 import release_after_each_use
+    from clara.parallel.zero3 import release_after_each_use
 
     deepspeed.init_distributed(dist_backend="gloo")
     config = {"train_batch_size": 1, "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0,

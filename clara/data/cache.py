@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterator
 import datasets
 
 from clara.files import fsync_path, write_json_atomic
-from clara.fingerprint import key_digest
+from clara.data.fingerprint import key_digest
 
 REPORT = "report.json"
 REJECTED = "rejected.jsonl"

@@ -23,7 +23,7 @@ from clara.data.records import MAX_REPORTED_ERRORS
 from clara.data.sources import plan_tasks
 from clara.errors import DataError
 from clara.files import write_json_atomic
-from clara.fingerprint import data_key, source_identities
+from clara.data.fingerprint import data_key, source_identities
 from clara.stages import Stage
 
 
@@ -101,7 +101,7 @@ def load_records(stage: Stage, dataset: str, bad_samples: str = "error", min_doc
 
     make_check() returns a check for what the schema cannot see (a decoder input over MAX_LEN); it is
     built once in each preparing process, and its `key()` (tokenizer and settings) joins the cache key.
-    `key` replaces the computed cache key (the trainer passes clara.fingerprint.train_data_key).
+    `key` replaces the computed cache key (the trainer passes clara.data.fingerprint.train_data_key).
     preparer False: wait for the process of this node that prepares the data (never read the input).
     Raises DataError naming the bad lines (the first 20 and a count), unless bad_samples == "skip", in which
     case the bad lines are written to rejected_path and the good ones are loaded.

@@ -8,13 +8,16 @@ import sys
 
 import torch
 
-from clara.checkpoint import load_model
+from clara.model.checkpoint import load_model
 from clara.cli import positive_int
-from clara.distributed import broadcast, resolve_dtype, run_command
+from clara.parallel.distributed import broadcast, resolve_dtype, run_command
 from clara.errors import FolderBusy
-from clara.index import SEARCH_KINDS, STORAGE_DTYPES, SearchSettings, build_index, read_corpus
+from clara.index.build import build_index
+from clara.index.corpus import read_corpus
+from clara.index.search import SEARCH_KINDS, SearchSettings
+from clara.index.store import STORAGE_DTYPES
 from clara.locks import holding
-from clara.model import attention_implementation
+from clara.model.model import attention_implementation
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -8,12 +8,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from clara.collate import Batch, Collator, encode_documents
+from clara.model.collate import Batch, Collator, encode_documents
 from clara.data import normalise
 from clara.errors import CheckpointError, CorpusIndexError
 from clara.index.search import normalised_rows
 from clara.index.store import CorpusIndex
-from clara.model import ClaraModel, eval_mode
+from clara.model.model import ClaraModel, eval_mode
 from clara.stages import QUERY_REASONER, stage2
 
 
@@ -58,7 +58,7 @@ def answer_from_index(model: ClaraModel, index: CorpusIndex, questions: list[str
     """
     if QUERY_REASONER not in model.adapter_names:
         raise CheckpointError(f"the model has no {QUERY_REASONER}: answering from an index needs a stage2 "
-                              "checkpoint (or clara.stage_model.ensure_query_reasoner)")
+                              "checkpoint (or clara.model.stage_model.ensure_query_reasoner)")
     device = device if device is not None else model.mem_embeddings.device
     top_k = model.settings.generation_top_k
     if len(index.ids) < top_k:

@@ -14,9 +14,9 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from clara.collate import encode_documents
-from clara.corpus import corpus_hash
-from clara.distributed import broadcast
+from clara.model.collate import encode_documents
+from clara.index.corpus import corpus_hash
+from clara.parallel.distributed import broadcast
 from clara.errors import CorpusIndexError
 from clara.files import write_json_atomic
 from clara.index.search import SearchSettings, make_search_index, normalised_rows, pair_queries, recall_against_exact
@@ -34,7 +34,7 @@ from clara.index.store import (
     read_shard,
 )
 from clara.locks import LOCK_FILES
-from clara.model import ClaraModel, eval_mode
+from clara.model.model import ClaraModel, eval_mode
 
 RECALL_QUERIES = 1000
 RECALL_K = 5

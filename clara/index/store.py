@@ -12,9 +12,9 @@ import numpy as np
 import torch
 from safetensors import safe_open
 
-from clara.checkpoint import added_token_rows
+from clara.model.checkpoint import added_token_rows
 from clara.errors import CorpusIndexError
-from clara.model import ClaraModel
+from clara.model.model import ClaraModel
 from clara.stages import COMPRESSOR
 
 INDEX_FORMAT = "clara-index"

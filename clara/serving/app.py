@@ -28,7 +28,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException
 
-from clara.decoding import RowDecoding, Sampling
+from clara.model.decoding import RowDecoding, Sampling
 from clara.openai_protocol import (
     SSE_DONE,
     ChatCompletion,

@@ -2,7 +2,7 @@
 
 Requests that arrive together (up to `max_batch`, waiting at most `max_wait_ms` after the first) share
 one query-reasoner forward, one search and one generate call; each answer is decoded its own way
-(clara.decoding) and ends on its own, so its response completes while longer ones in the batch go on.
+(clara.model.decoding) and ends on its own, so its response completes while longer ones in the batch go on.
 Answers are decoded `window_tokens` at a time: between windows, requests that arrived meanwhile join the
 batch (each continuing answer is fed back after its prompt), so a long answer never holds new ones up
 for more than one window.
@@ -20,10 +20,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from clara.collate import encode_supervised, pad_left
-from clara.decoding import RowDecoding
-from clara.index import CorpusIndex, encode_questions, generator_inputs
-from clara.inference import CLaRa
+from clara.model.collate import encode_supervised, pad_left
+from clara.model.decoding import RowDecoding
+from clara.index.answer import encode_questions, generator_inputs
+from clara.index.store import CorpusIndex
+from clara.evaluation.inference import CLaRa
 from clara.openai_protocol import OpenAIError
 from clara.stages import stage2
 

@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from clara.config import TINY_MODEL_NAME
 from clara.synthesis.llm import ChatRequest, GenerationSettings, Reply
-from clara.tiny_base import tiny_model_dir
+from clara.model.tiny_base import tiny_model_dir
 
 
 class LocalChat:
