@@ -1,5 +1,5 @@
 """clara.config's units: TrainConfig resolved (defaults that depend on the stage, the model and the device) and
-validated (one ConfigError naming the setting). The launchers' own check runs these too (tests/test_launchers.py)."""
+validated (one ConfigError naming the setting). The launchers' own check runs these too (tests/end_to_end/test_launchers.py)."""
 
 from __future__ import annotations
 

@@ -18,7 +18,7 @@ import signal
 
 import pytest
 import torch
-from test_launchers import SINGLE, kill_tree, launcher_env, max_weight_difference, metrics, start, wait_for
+from tests.end_to_end.test_launchers import SINGLE, kill_tree, launcher_env, max_weight_difference, metrics, start, wait_for
 
 from bench.child import SyntheticRecords, write_random_base, write_tokenizer
 from bench.config import SHAPES, BenchConfig

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file, save_file
-from test_launchers import (
+from tests.end_to_end.test_launchers import (
     QUICK,
     REPO,
     RUN_TIMEOUT,
@@ -79,7 +79,7 @@ def test_a_second_launch_into_a_running_save_path_exits_2_and_the_first_ends_as_
 @pytest.mark.slow
 def test_the_lock_file_refuses_a_second_launch_and_after_kill_9_the_same_command_starts_at_once(tmp_path):
     """CLARA_LOCK=file, as on a filesystem without OS locks. (With the OS lock, kill -9 and the rerun at once
-    are tests/test_launchers.py::test_kill_9_then_rerun_resumes_to_the_same_weights.)"""
+    are tests/end_to_end/test_launchers.py::test_kill_9_then_rerun_resumes_to_the_same_weights.)"""
     save = tmp_path / "out"
     env = launcher_env(**{**QUICK, "MAX_STEPS": "6", "SAVE_STEPS": "2"}, SAVE_PATH=save, CLARA_LOCK="file")
     first = start(SINGLE, env, output=tmp_path / "first.out")
