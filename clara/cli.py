@@ -32,13 +32,21 @@ def parse_value(field: dataclasses.Field, text: str):
 
 
 def build_parser(prog: str = "python -m clara.train") -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=prog, description="Train a CLaRa model (one stage).",
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description="Train a CLaRa model (one stage).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     for field in dataclasses.fields(TrainConfig):
         kind = value_type(field)
-        parser.add_argument(f"--{field.name}", type=parse_bool if kind is bool else kind, default=field.default,
-                            metavar=kind.__name__.upper(), help=field.metadata["help"],
-                            choices=STAGES if field.name == "stage" else None)
+        parser.add_argument(
+            f"--{field.name}",
+            type=parse_bool if kind is bool else kind,
+            default=field.default,
+            metavar=kind.__name__.upper(),
+            help=field.metadata["help"],
+            choices=STAGES if field.name == "stage" else None,
+        )
     return parser
 
 

@@ -24,8 +24,15 @@ def subprocess_env(**overrides) -> dict:
 
 def run_module(args: list[str], env: dict | None = None, timeout: int = 900) -> subprocess.CompletedProcess:
     """`python -m ARGS...` from the repository's root, its output captured as text."""
-    return subprocess.run([sys.executable, "-m", *args], cwd=REPO, env=subprocess_env() if env is None else env,
-                          capture_output=True, text=True, check=False, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", *args],
+        cwd=REPO,
+        env=subprocess_env() if env is None else env,
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=timeout,
+    )
 
 
 def read_jsonl(path) -> list[dict]:

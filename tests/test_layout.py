@@ -74,7 +74,7 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
         stack.append(node)
         for dep in sorted(graph[node]):
             if state.get(dep) == "open":
-                return stack[stack.index(dep):] + [dep]
+                return stack[stack.index(dep) :] + [dep]
             if dep not in state and (cycle := visit(dep)):
                 return cycle
         stack.pop()
@@ -96,7 +96,8 @@ def readme_layers() -> list[tuple[str, list[str]]]:
 
 
 def entry_module(entry: str) -> str:
-    """`index/` -> clara.index (and what is below it), `index/__main__.py` -> clara.index.__main__, `bench/` -> bench."""
+    """`index/` -> clara.index (and what is below it), `index/__main__.py` -> clara.index.__main__,
+    `bench/` -> bench."""
     parts = entry.rstrip("/").removesuffix(".py").split("/")
     top = [] if parts[0] == "bench" else ["clara"]
     return ".".join([*top, *(parts[:-1] if parts[-1] == "__init__" else parts)])
@@ -118,8 +119,12 @@ def assign_layers(modules: set[str], table: list[tuple[str, list[str]]]) -> dict
 
 def upward_imports(graph: dict[str, set[str]], layers: dict[str, int]) -> list[str]:
     """'a imports b' for every import of a module in a layer above the importer's."""
-    return [f"{name} imports {dep}" for name, deps in sorted(graph.items()) for dep in sorted(deps)
-            if name in layers and dep in layers and layers[dep] > layers[name]]
+    return [
+        f"{name} imports {dep}"
+        for name, deps in sorted(graph.items())
+        for dep in sorted(deps)
+        if name in layers and dep in layers and layers[dep] > layers[name]
+    ]
 
 
 def test_every_module_has_a_layer_in_the_readme():
@@ -133,18 +138,32 @@ def test_no_module_imports_a_layer_above_its_own():
     graph = import_graph()
     table = readme_layers()
     layers = assign_layers(set(graph), table)
-    upward = [f"{line} ({table[layers[line.split()[0]]][0]} -> {table[layers[line.split()[-1]]][0]})"
-              for line in upward_imports(graph, layers)]
+    upward = [
+        f"{line} ({table[layers[line.split()[0]]][0]} -> {table[layers[line.split()[-1]]][0]})"
+        for line in upward_imports(graph, layers)
+    ]
     assert not upward, "imports of a higher layer: " + "; ".join(upward)
 
 
 def test_the_layer_check_finds_an_upward_import():
     table = [("bottom", ["errors.py", "data/"]), ("middle", ["model.py", "data/cli.py"]), ("top", ["train.py"])]
-    graph = {"clara.errors": set(), "clara.data": {"clara.errors"}, "clara.data.load": {"clara.data"},
-             "clara.data.cli": {"clara.model"}, "clara.model": {"clara.data.load"}, "clara.train": {"clara.model"}}
+    graph = {
+        "clara.errors": set(),
+        "clara.data": {"clara.errors"},
+        "clara.data.load": {"clara.data"},
+        "clara.data.cli": {"clara.model"},
+        "clara.model": {"clara.data.load"},
+        "clara.train": {"clara.model"},
+    }
     layers = assign_layers(set(graph) | {"clara.stray"}, table)
-    assert layers == {"clara.errors": 0, "clara.data": 0, "clara.data.load": 0, "clara.data.cli": 1,
-                      "clara.model": 1, "clara.train": 2}
+    assert layers == {
+        "clara.errors": 0,
+        "clara.data": 0,
+        "clara.data.load": 0,
+        "clara.data.cli": 1,
+        "clara.model": 1,
+        "clara.train": 2,
+    }
     assert upward_imports(graph, layers) == []
     graph["clara.data.load"] = {"clara.train"}
     assert upward_imports(graph, layers) == ["clara.data.load imports clara.train"]
@@ -164,9 +183,14 @@ def test_no_package_imports_a_package_that_imports_it_back():
 
 
 def test_the_package_cycle_check_finds_a_loop_through_different_modules():
-    graph = {"clara.model.collate": {"clara.stages.stage1"}, "clara.stages.stage1": {"clara.stages.prompts"},
-             "clara.stages.prompts": {"clara.model.topk"}, "clara.model.topk": set(), "bench.child": {"clara.config"},
-             "clara.config": set()}
+    graph = {
+        "clara.model.collate": {"clara.stages.stage1"},
+        "clara.stages.stage1": {"clara.stages.prompts"},
+        "clara.stages.prompts": {"clara.model.topk"},
+        "clara.model.topk": set(),
+        "bench.child": {"clara.config"},
+        "clara.config": set(),
+    }
     assert find_cycle(graph) is None
     assert find_cycle(package_graph(graph)) == ["clara.model", "clara.stages", "clara.model"]
 
@@ -198,7 +222,9 @@ def test_each_sub_package_names_its_modules_and_what_it_may_import():
         doc = ast.get_docstring(ast.parse(init.read_text(encoding="utf-8"))) or ""
         assert doc, f"{init.relative_to(REPO)} has no docstring"
         for module in sorted(p.stem for p in init.parent.glob("*.py") if p.name != "__init__.py"):
-            assert re.search(rf"\b{re.escape(module)}\b", doc), f"{init.relative_to(REPO)}'s docstring does not name {module}"
+            assert re.search(rf"\b{re.escape(module)}\b", doc), (
+                f"{init.relative_to(REPO)}'s docstring does not name {module}"
+            )
         assert "import" in doc, f"{init.relative_to(REPO)}'s docstring does not say what the package may import"
 
 
@@ -209,8 +235,11 @@ def test_the_cycle_check_finds_a_cycle():
 
 def test_only_its_command_line_imports_the_synthesis_package():
     graph = import_graph()
-    importers = {name for name, deps in graph.items() if not name.startswith("clara.synthesis")
-                 and any(dep.startswith("clara.synthesis") for dep in deps)}
+    importers = {
+        name
+        for name, deps in graph.items()
+        if not name.startswith("clara.synthesis") and any(dep.startswith("clara.synthesis") for dep in deps)
+    }
     assert importers == {"clara.synthesize"}
 
 
@@ -225,15 +254,17 @@ def test_the_bottom_layer_does_not_load_torch():
             below_config.add(name)
             todo.extend(graph[name])
     for name in below_config:
-        source = (PACKAGE.parent / (name.replace(".", "/") + ".py"))
+        source = PACKAGE.parent / (name.replace(".", "/") + ".py")
         if not source.exists():
             source = PACKAGE.parent / name.replace(".", "/") / "__init__.py"
         tree = ast.parse(source.read_text(encoding="utf-8"))
         top_level = [n for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))]
-        heavy = [alias.name for n in top_level if isinstance(n, ast.Import) for alias in n.names] + \
-                [n.module for n in top_level if isinstance(n, ast.ImportFrom) and n.module]
-        assert not any(h.split(".")[0] in ("torch", "transformers", "datasets", "deepspeed", "peft") for h in heavy), \
+        heavy = [alias.name for n in top_level if isinstance(n, ast.Import) for alias in n.names] + [
+            n.module for n in top_level if isinstance(n, ast.ImportFrom) and n.module
+        ]
+        assert not any(h.split(".")[0] in ("torch", "transformers", "datasets", "deepspeed", "peft") for h in heavy), (
             f"{name} imports {heavy} at module level"
+        )
 
 
 def test_the_installed_package_runs_from_any_directory(tmp_path):
@@ -242,8 +273,11 @@ def test_the_installed_package_runs_from_any_directory(tmp_path):
     import subprocess
     import sys
 
-    for command in (["clara-train", "--help"], ["clara-evaluate", "--help"],
-                    [sys.executable, "-m", "clara.train", "--help"]):
+    for command in (
+        ["clara-train", "--help"],
+        ["clara-evaluate", "--help"],
+        [sys.executable, "-m", "clara.train", "--help"],
+    ):
         if shutil.which(command[0]) is None and command[0] != sys.executable:
             raise AssertionError(f"{command[0]} is not on PATH: pip install -r requirements.txt installs it")
         proc = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=120)

@@ -29,6 +29,17 @@ from clara.data.records import (
 from clara.data.sources import iter_lines
 from clara.errors import DataError
 
-__all__ = ["FEATURES", "MAX_REPORTED_ERRORS", "BadRecord", "DataError", "iter_lines",
-           "load_records", "normalise", "normalise_answer_record", "normalise_stage1", "parse_line", "parse_row",
-           "split_paths"]
+__all__ = [
+    "FEATURES",
+    "MAX_REPORTED_ERRORS",
+    "BadRecord",
+    "DataError",
+    "iter_lines",
+    "load_records",
+    "normalise",
+    "normalise_answer_record",
+    "normalise_stage1",
+    "parse_line",
+    "parse_row",
+    "split_paths",
+]

@@ -9,8 +9,30 @@ asked fact at all.
 
 import random
 
-ONSETS = ["b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z",
-          "br", "dr", "gr", "kr", "th", "sh", "st", "tr"]
+ONSETS = [
+    "b",
+    "d",
+    "f",
+    "g",
+    "k",
+    "l",
+    "m",
+    "n",
+    "p",
+    "r",
+    "s",
+    "t",
+    "v",
+    "z",
+    "br",
+    "dr",
+    "gr",
+    "kr",
+    "th",
+    "sh",
+    "st",
+    "tr",
+]
 VOWELS = ["a", "e", "i", "o", "u", "ai", "ei", "ou"]
 CODAS = ["", "", "", "n", "r", "l", "s", "m", "th", "nd"]
 
@@ -20,18 +42,114 @@ KINDS = ["kingdom", "village", "island", "city", "valley", "republic", "harbor",
 # Sixteen values per attribute: a model that guesses without reading the document (e.g. from a
 # blank one) is right about 6% of the time, so exact match from documents shows real reading.
 ATTRIBUTES = {
-    "banner color": ["red", "blue", "green", "yellow", "purple", "orange", "white", "grey",
-                     "black", "pink", "brown", "teal", "crimson", "amber", "indigo", "scarlet"],
-    "sacred animal": ["owl", "fox", "wolf", "bear", "horse", "eagle", "otter", "deer",
-                      "swan", "hawk", "lion", "tiger", "raven", "crane", "seal", "goat"],
-    "main food": ["rice", "bread", "cheese", "honey", "plums", "beans", "fish", "soup",
-                  "apples", "corn", "dates", "figs", "lamb", "nuts", "pears", "eggs"],
-    "chief metal": ["gold", "silver", "copper", "iron", "tin", "bronze", "lead", "zinc",
-                    "nickel", "steel", "brass", "cobalt", "platinum", "chrome", "titanium", "pewter"],
-    "national flower": ["rose", "lily", "tulip", "daisy", "iris", "lotus", "poppy", "violet",
-                        "orchid", "aster", "lilac", "peony", "dahlia", "jasmine", "clover", "heather"],
-    "lucky number": ["three", "five", "seven", "nine", "twelve", "twenty", "forty", "sixty",
-                     "two", "four", "six", "eight", "ten", "eleven", "thirty", "fifty"],
+    "banner color": [
+        "red",
+        "blue",
+        "green",
+        "yellow",
+        "purple",
+        "orange",
+        "white",
+        "grey",
+        "black",
+        "pink",
+        "brown",
+        "teal",
+        "crimson",
+        "amber",
+        "indigo",
+        "scarlet",
+    ],
+    "sacred animal": [
+        "owl",
+        "fox",
+        "wolf",
+        "bear",
+        "horse",
+        "eagle",
+        "otter",
+        "deer",
+        "swan",
+        "hawk",
+        "lion",
+        "tiger",
+        "raven",
+        "crane",
+        "seal",
+        "goat",
+    ],
+    "main food": [
+        "rice",
+        "bread",
+        "cheese",
+        "honey",
+        "plums",
+        "beans",
+        "fish",
+        "soup",
+        "apples",
+        "corn",
+        "dates",
+        "figs",
+        "lamb",
+        "nuts",
+        "pears",
+        "eggs",
+    ],
+    "chief metal": [
+        "gold",
+        "silver",
+        "copper",
+        "iron",
+        "tin",
+        "bronze",
+        "lead",
+        "zinc",
+        "nickel",
+        "steel",
+        "brass",
+        "cobalt",
+        "platinum",
+        "chrome",
+        "titanium",
+        "pewter",
+    ],
+    "national flower": [
+        "rose",
+        "lily",
+        "tulip",
+        "daisy",
+        "iris",
+        "lotus",
+        "poppy",
+        "violet",
+        "orchid",
+        "aster",
+        "lilac",
+        "peony",
+        "dahlia",
+        "jasmine",
+        "clover",
+        "heather",
+    ],
+    "lucky number": [
+        "three",
+        "five",
+        "seven",
+        "nine",
+        "twelve",
+        "twenty",
+        "forty",
+        "sixty",
+        "two",
+        "four",
+        "six",
+        "eight",
+        "ten",
+        "eleven",
+        "thirty",
+        "fifty",
+    ],
 }
 
 KIND_QUESTION = "kind"
@@ -61,8 +179,7 @@ def invent_names(rng: random.Random, count: int) -> list[str]:
     ordered: list[str] = []
     while len(ordered) < count:
         syllables = rng.choice([2, 2, 3])
-        name = "".join(rng.choice(ONSETS) + rng.choice(VOWELS) + rng.choice(CODAS)
-                       for _ in range(syllables))
+        name = "".join(rng.choice(ONSETS) + rng.choice(VOWELS) + rng.choice(CODAS) for _ in range(syllables))
         # Long names make documents needlessly long for a tiny tokenizer.
         if len(name) > 10 or name in names:
             continue
@@ -90,8 +207,7 @@ def pick_fact(rng: random.Random, entity: dict) -> str:
     return rng.choice(list(entity["facts"]))
 
 
-def distractors(rng: random.Random, entities: list[dict], entity: dict, attr: str,
-                count: int) -> list[dict]:
+def distractors(rng: random.Random, entities: list[dict], entity: dict, attr: str, count: int) -> list[dict]:
     """Other places whose documents lack `attr`, so that only `entity`'s document answers.
 
     A distractor stating the same attribute would make the question hinge on matching the
@@ -103,11 +219,11 @@ def distractors(rng: random.Random, entities: list[dict], entity: dict, attr: st
 
 def paraphrase(rng: random.Random, entity: dict) -> str:
     name = entity["name"]
-    facts = [rng.choice(PARAPHRASE_FACT).format(attr=attr, name=name, value=value)
-             for attr, value in entity["facts"].items()]
+    facts = [
+        rng.choice(PARAPHRASE_FACT).format(attr=attr, name=name, value=value) for attr, value in entity["facts"].items()
+    ]
     rng.shuffle(facts)
-    intro = rng.choice(PARAPHRASE_INTRO).format(
-        name=name, article=article(entity["kind"]), kind=entity["kind"])
+    intro = rng.choice(PARAPHRASE_INTRO).format(name=name, article=article(entity["kind"]), kind=entity["kind"])
     sentences = [intro] + facts if rng.random() < 0.6 else facts + [intro]
     return " ".join(sentences)
 
@@ -119,18 +235,22 @@ def pretrain_records(rng: random.Random, entities: list[dict], count: int) -> li
             candidates = list(entity["facts"]) + [KIND_QUESTION]
             attrs = rng.sample(candidates, rng.choice([2, 3]))
             pairs = [question_answer(entity, attr) for attr in attrs]
-            records.append({
-                "data_type": "qa",
-                "question": [q for q, _ in pairs],
-                "answers": [a for _, a in pairs],
-                "docs": [entity["doc"]],
-            })
+            records.append(
+                {
+                    "data_type": "qa",
+                    "question": [q for q, _ in pairs],
+                    "answers": [a for _, a in pairs],
+                    "docs": [entity["doc"]],
+                }
+            )
         else:
-            records.append({
-                "data_type": "paraphrase",
-                "docs": [entity["doc"]],
-                "answers": [paraphrase(rng, entity)],
-            })
+            records.append(
+                {
+                    "data_type": "paraphrase",
+                    "docs": [entity["doc"]],
+                    "answers": [paraphrase(rng, entity)],
+                }
+            )
     return records
 
 
@@ -154,6 +274,5 @@ def end_to_end_records(rng: random.Random, entities: list[dict], count: int) -> 
         position = rng.randrange(N_STAGE2_CANDIDATES)
         docs = [e["doc"] for e in others]
         docs.insert(position, entity["doc"])
-        records.append({"question": question, "gold_answer": answer, "docs": docs,
-                        "pos_index": [position]})
+        records.append({"question": question, "gold_answer": answer, "docs": docs, "pos_index": [position]})
     return records

@@ -59,9 +59,11 @@ def model_key(model_path: str) -> dict:
         return {"model": model_path}
     config = folder / "config.json"
     weights = sorted(p for p in folder.iterdir() if p.suffix in (".safetensors", ".bin") and p.is_file())
-    return {"model": os.path.abspath(model_path),
-            "config_sha256": content_digest(str(config)) if config.is_file() else None,
-            "weights": {p.name: _sample_digest(p) for p in weights}}
+    return {
+        "model": os.path.abspath(model_path),
+        "config_sha256": content_digest(str(config)) if config.is_file() else None,
+        "weights": {p.name: _sample_digest(p) for p in weights},
+    }
 
 
 def key_digest(key: dict) -> str:
@@ -86,10 +88,18 @@ def what_changed(saved: dict, current: dict, prefix: str = "") -> list[str]:
 # -- the data key of a run -----------------------------------------------------------------------------------
 # The settings that decide which records a stage trains on, and how each is checked (the MAX_LEN check
 # renders a record's decoder input with the memory tokens, documents and seed-picked instruction).
-DATA_SETTINGS = ("max_len", "doc_max_length", "compress_rate", "generation_top_k", "seed", "bad_samples",
-                 "max_samples")
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "tokenizer.model",
-                   "special_tokens_map.json", "added_tokens.json", "chat_template.jinja", "chat_template.json")
+DATA_SETTINGS = ("max_len", "doc_max_length", "compress_rate", "generation_top_k", "seed", "bad_samples", "max_samples")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+)
 TINY_MODEL_DIR = Path(__file__).resolve().parent.parent / "tiny_model"
 
 
@@ -125,19 +135,30 @@ def train_data_key(cfg) -> dict:
     """The key of a run's training data (a TrainConfig): the files, the stage, the tokenizer that counts
     the tokens and the settings that decide which records train. The prepared-data cache is keyed by it,
     and a resumable checkpoint records it."""
-    tokenizer = cfg.pretrain_checkpoint if cfg.pretrain_checkpoint and any(
-        (Path(cfg.pretrain_checkpoint) / name).is_file() for name in TOKENIZER_FILES) else cfg.model_path
+    tokenizer = (
+        cfg.pretrain_checkpoint
+        if cfg.pretrain_checkpoint and any((Path(cfg.pretrain_checkpoint) / name).is_file() for name in TOKENIZER_FILES)
+        else cfg.model_path
+    )
     hub_prefix = cfg.dataset.startswith(HUB_PREFIX) and cfg.max_samples is not None
-    return data_key(source_identities(cfg.dataset, streaming=hub_prefix), cfg.stage, tokenizer_identity(tokenizer),
-                    {name: getattr(cfg, name) for name in DATA_SETTINGS})
+    return data_key(
+        source_identities(cfg.dataset, streaming=hub_prefix),
+        cfg.stage,
+        tokenizer_identity(tokenizer),
+        {name: getattr(cfg, name) for name in DATA_SETTINGS},
+    )
 
 
 def train_inputs(cfg, base_dir: str) -> dict:
     """What a resumable checkpoint records of its inputs: the data key, and the keys of the base model (at
     `base_dir`, the local folder of MODEL_PATH) and of PRETRAIN_CHECKPOINT."""
-    return {"data": train_data_key(cfg),
-            "model": {"base": model_key(base_dir),
-                      "pretrain_checkpoint": model_key(cfg.pretrain_checkpoint) if cfg.pretrain_checkpoint else None}}
+    return {
+        "data": train_data_key(cfg),
+        "model": {
+            "base": model_key(base_dir),
+            "pretrain_checkpoint": model_key(cfg.pretrain_checkpoint) if cfg.pretrain_checkpoint else None,
+        },
+    }
 
 
 def _readable_file(row: dict) -> str:
@@ -156,20 +177,30 @@ def _readable(inputs: dict) -> dict:
     files = {}
     for source in data["sources"]:
         if "hub" in source:
-            files[source["hub"]] = {row.get("name") or row.get("path") or row.get("url"): _readable_file(row)
-                                    for row in source["files"]}
+            files[source["hub"]] = {
+                row.get("name") or row.get("path") or row.get("url"): _readable_file(row) for row in source["files"]
+            }
         else:
             files[source["path"]] = _readable_file(source)
     tokenizer = data["tokenizer"]
-    readable = {"DATASET": files, "STAGE": data["stage"],
-                "tokenizer": {"from": tokenizer["tokenizer"],
-                              **{name: digest[:12] for name, digest in tokenizer.get("files", {}).items()}}}
+    readable = {
+        "DATASET": files,
+        "STAGE": data["stage"],
+        "tokenizer": {
+            "from": tokenizer["tokenizer"],
+            **{name: digest[:12] for name, digest in tokenizer.get("files", {}).items()},
+        },
+    }
     readable.update({name.upper(): value for name, value in data["settings"].items()})
-    for name, key in (("MODEL_PATH", inputs["model"]["base"]),
-                      ("PRETRAIN_CHECKPOINT", inputs["model"]["pretrain_checkpoint"])):
+    for name, key in (
+        ("MODEL_PATH", inputs["model"]["base"]),
+        ("PRETRAIN_CHECKPOINT", inputs["model"]["pretrain_checkpoint"]),
+    ):
         if key and "weights" in key:
-            key = {"config.json": (key["config_sha256"] or "")[:12],
-                   **{file: digest[:12] for file, digest in key["weights"].items()}}
+            key = {
+                "config.json": (key["config_sha256"] or "")[:12],
+                **{file: digest[:12] for file, digest in key["weights"].items()},
+            }
         readable[name] = key
     return readable
 

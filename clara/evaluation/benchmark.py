@@ -30,7 +30,6 @@ import torch
 
 from clara.cli import positive_int
 from clara.config import ConfigError
-from clara.parallel.distributed import broadcast, run_command
 from clara.evaluation.command import (
     eval_config,
     eval_length_check,
@@ -42,6 +41,7 @@ from clara.evaluation.command import (
 )
 from clara.evaluation.evaluate import RETRIEVAL_KS, evaluate_stage
 from clara.model.stage_model import checkpoint_stage
+from clara.parallel.distributed import broadcast, run_command
 from clara.stages import Stage
 
 DEFAULT_DATA = "apple/CLaRa_multi_stage"
@@ -83,8 +83,9 @@ def format_benchmark(stage: Stage, metrics: dict[str, dict]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
     rows = []
     for dataset, label in DATASETS:
-        values = [metrics[config_name(stage, dataset, setting)].get(key)
-                  for setting, _ in SETTINGS for key, _ in columns]
+        values = [
+            metrics[config_name(stage, dataset, setting)].get(key) for setting, _ in SETTINGS for key, _ in columns
+        ]
         rows.append(values)
         lines.append("| " + " | ".join([label] + [_cell(v) for v in values]) + " |")
     averages = []
@@ -109,29 +110,51 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m clara.benchmark",
         description="Answer quality on the paper's QA sets (python -m bench measures step cost instead). "
-                    "Evaluate a stage1_2 checkpoint on the four inst_eval_* sets, or a stage2 checkpoint on the "
-                    "four e2e_eval_ours_* sets, in the normal (no_pos) and oracle (with_pos) settings, and print "
-                    "the paper's table. Runs on several processes under torchrun or accelerate launch.")
+        "Evaluate a stage1_2 checkpoint on the four inst_eval_* sets, or a stage2 checkpoint on the "
+        "four e2e_eval_ours_* sets, in the normal (no_pos) and oracle (with_pos) settings, and print "
+        "the paper's table. Runs on several processes under torchrun or accelerate launch.",
+    )
     parser.add_argument("--checkpoint", required=True, help="stage1_2 or stage2 checkpoint directory")
-    parser.add_argument("--data", default=DEFAULT_DATA,
-                        help=f"Hub id (default {DEFAULT_DATA}) or a local directory in the Hub layout, "
-                             "or one holding CONFIG.jsonl per set")
-    parser.add_argument("--stage", choices=tuple(CONFIG_PREFIX), default=None,
-                        help="default: the stage recorded in the checkpoint (official checkpoints: stage2 "
-                             "when they hold a query_reasoner_adapter)")
-    parser.add_argument("--max_samples", type=positive_int, default=None,
-                        help="evaluate only the first N samples of each set, read without the rest (default: all)")
-    parser.add_argument("--output_dir", default=None,
-                        help="where the per-set files and table.md go (default: CHECKPOINT/benchmark)")
+    parser.add_argument(
+        "--data",
+        default=DEFAULT_DATA,
+        help=f"Hub id (default {DEFAULT_DATA}) or a local directory in the Hub layout, "
+        "or one holding CONFIG.jsonl per set",
+    )
+    parser.add_argument(
+        "--stage",
+        choices=tuple(CONFIG_PREFIX),
+        default=None,
+        help="default: the stage recorded in the checkpoint (official checkpoints: stage2 "
+        "when they hold a query_reasoner_adapter)",
+    )
+    parser.add_argument(
+        "--max_samples",
+        type=positive_int,
+        default=None,
+        help="evaluate only the first N samples of each set, read without the rest (default: all)",
+    )
+    parser.add_argument(
+        "--output_dir", default=None, help="where the per-set files and table.md go (default: CHECKPOINT/benchmark)"
+    )
     parser.add_argument("--batch_size", type=positive_int, default=4, help="samples per forward, per process")
     parser.add_argument("--max_new_tokens", type=positive_int, default=64, help="max generated tokens per answer")
-    parser.add_argument("--max_len", type=positive_int, default=None,
-                        help="max decoder tokens (default 2048, stage2 1024, as in training)")
+    parser.add_argument(
+        "--max_len",
+        type=positive_int,
+        default=None,
+        help="max decoder tokens (default 2048, stage2 1024, as in training)",
+    )
     parser.add_argument("--seed", type=int, default=42, help="the training seed (default 42)")
-    parser.add_argument("--dtype", default="auto",
-                        help="auto (default: bfloat16 on CUDA, float32 on CPU), float32, bfloat16, float16")
-    parser.add_argument("--flash_attn", default="auto", choices=("auto", "true", "false"),
-                        help="auto (default): FlashAttention-2 when installed and on CUDA, else SDPA")
+    parser.add_argument(
+        "--dtype", default="auto", help="auto (default: bfloat16 on CUDA, float32 on CPU), float32, bfloat16, float16"
+    )
+    parser.add_argument(
+        "--flash_attn",
+        default="auto",
+        choices=("auto", "true", "false"),
+        help="auto (default): FlashAttention-2 when installed and on CUDA, else SDPA",
+    )
     parser.add_argument("--model_path", default=None, help="base model to use instead of the one the checkpoint names")
     parser.add_argument("--no_progress", action="store_true", help="no progress bars")
     return parser
@@ -142,32 +165,53 @@ def run(args: argparse.Namespace, rank: int, world: int, device: torch.device) -
     log = print if rank == 0 else (lambda *a, **k: None)
     stage = checkpoint_stage(args.checkpoint, args.stage)
     if stage.name not in CONFIG_PREFIX:
-        raise ConfigError("checkpoint", args.checkpoint, "a stage1_2 checkpoint (evaluated on the inst_eval_* sets) "
-                                                         "or a stage2 one (the e2e_eval_ours_* sets), "
-                                                         f"not {stage.name}")
+        raise ConfigError(
+            "checkpoint",
+            args.checkpoint,
+            "a stage1_2 checkpoint (evaluated on the inst_eval_* sets) "
+            "or a stage2 one (the e2e_eval_ours_* sets), "
+            f"not {stage.name}",
+        )
     dtype, attn = resolve_runtime(args.dtype, args.flash_attn, device)
     output_dir = args.output_dir or os.path.join(args.checkpoint, "benchmark")
     configs = [config_name(stage, dataset, setting) for dataset, _ in DATASETS for setting, _ in SETTINGS]
-    metas = {config: {"checkpoint": os.path.abspath(args.checkpoint), "dataset": data_source(args.data, config),
-                      "stage": stage.name, "max_samples": args.max_samples, "max_new_tokens": args.max_new_tokens,
-                      "max_len": args.max_len, "seed": args.seed, "world_size": world,
-                      "batch_size": args.batch_size}
-             for config in configs}
+    metas = {
+        config: {
+            "checkpoint": os.path.abspath(args.checkpoint),
+            "dataset": data_source(args.data, config),
+            "stage": stage.name,
+            "max_samples": args.max_samples,
+            "max_new_tokens": args.max_new_tokens,
+            "max_len": args.max_len,
+            "seed": args.seed,
+            "world_size": world,
+            "batch_size": args.batch_size,
+        }
+        for config in configs
+    }
     outputs = {config: os.path.join(output_dir, config + ".jsonl") for config in configs}
     # Rank 0 decides what is left, so that every rank runs the same sets whatever its file system shows.
-    done = broadcast({config: finished_summary(outputs[config], metas[config]) for config in configs}
-                     if rank == 0 else None, rank, world)
+    done = broadcast(
+        {config: finished_summary(outputs[config], metas[config]) for config in configs} if rank == 0 else None,
+        rank,
+        world,
+    )
     todo = [config for config in configs if done[config] is None]
-    log(f"Benchmark of {args.checkpoint} ({stage.name}) on {args.data}: {len(configs) - len(todo)} of {len(configs)} "
-        f"sets already done in {output_dir}" + (f", {len(todo)} to evaluate" if todo else ""), flush=True)
+    log(
+        f"Benchmark of {args.checkpoint} ({stage.name}) on {args.data}: {len(configs) - len(todo)} of {len(configs)} "
+        f"sets already done in {output_dir}" + (f", {len(todo)} to evaluate" if todo else ""),
+        flush=True,
+    )
     if todo:
         model = load_eval_model(args.checkpoint, stage, dtype, attn, args.model_path, device, log)
     check = eval_length_check(args.checkpoint, stage, args.max_len, args.seed, args.model_path)
     for config in todo:
-        records = load_eval_records(stage, metas[config]["dataset"], model.settings.generation_top_k,
-                                    args.max_samples, check, log)
-        cfg = eval_config(model, stage, len(records), args.batch_size, None, args.max_new_tokens, args.max_len,
-                          args.seed)
+        records = load_eval_records(
+            stage, metas[config]["dataset"], model.settings.generation_top_k, args.max_samples, check, log
+        )
+        cfg = eval_config(
+            model, stage, len(records), args.batch_size, None, args.max_new_tokens, args.max_len, args.seed
+        )
         log(f"{config}: {len(records)} samples from {metas[config]['dataset']}", flush=True)
         results = evaluate_stage(model, records, stage, cfg, rank, world, device, show_progress=not args.no_progress)
         if rank == 0:
@@ -177,9 +221,11 @@ def run(args: argparse.Namespace, rank: int, world: int, device: torch.device) -
     if rank == 0:
         with open(os.path.join(output_dir, "table.md"), "w", encoding="utf-8") as out:
             out.write(table + "\n")
-        log(f"\n{stage.name} checkpoint {args.checkpoint}, data {args.data}"
+        log(
+            f"\n{stage.name} checkpoint {args.checkpoint}, data {args.data}"
             + (f", first {args.max_samples} samples per set" if args.max_samples else "")
-            + f" (percent):\n{table}\nPer-set results and table.md in {output_dir}")
+            + f" (percent):\n{table}\nPer-set results and table.md in {output_dir}"
+        )
     return table
 
 

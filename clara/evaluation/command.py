@@ -18,20 +18,20 @@ import sys
 import datasets
 import torch
 
-from clara.model.checkpoint import load_model, official_base_name, read_config, resolve_base_path, resolve_checkpoint
 from clara.cli import positive_int
-from clara.model.collate import LengthCheck
 from clara.config import TrainConfig, check_data_sources
 from clara.data import load_records
-from clara.parallel.distributed import rank_zero_first, resolve_dtype, run_command
 from clara.errors import ConfigError
 
 # evaluate_model: the library call that tests and users import from here since before the split.
 from clara.evaluation.evaluate import RETRIEVAL_KS, evaluate_model, evaluate_stage  # noqa: F401
-from clara.files import json_safe, write_json_atomic, write_text_atomic
 from clara.evaluation.metrics import ANSWER_SCORE_NAMES
+from clara.files import json_safe, write_json_atomic, write_text_atomic
+from clara.model.checkpoint import load_model, official_base_name, read_config, resolve_base_path, resolve_checkpoint
+from clara.model.collate import LengthCheck
 from clara.model.model import attention_implementation
 from clara.model.stage_model import checkpoint_stage, ensure_query_reasoner
+from clara.parallel.distributed import rank_zero_first, resolve_dtype, run_command
 from clara.stages import STAGES, Stage
 
 # -- presentation -----------------------------------------------------------------------------------------
@@ -77,43 +77,77 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m clara.evaluate",
         description="Evaluate a CLaRa checkpoint on a JSONL file of its stage: eval loss and token accuracy; "
-                    "stage1_2/stage2 also EM, F1 and cover-EM of greedy answers; stage2 also recall@k. "
-                    "Runs on several processes under torchrun or accelerate launch.")
-    parser.add_argument("--checkpoint", required=True,
-                        help="checkpoint directory (native or official release layout) or Hugging Face Hub id "
-                             "(e.g. apple/CLaRa-7B-E2E/compression-16)")
-    parser.add_argument("--dataset", required=True,
-                        help="JSONL file(s) of the stage, joined by commas, or a Hub data set hf:NAME:CONFIG[:SPLIT] "
-                             "(NAME: a Hub id or a local directory in the Hub layout)")
-    parser.add_argument("--stage", choices=list(STAGES), default=None,
-                        help="data format and metrics (default: the stage recorded in the checkpoint; official "
-                             "checkpoints: stage2 when they hold a query_reasoner_adapter, else required)")
-    parser.add_argument("--max_samples", type=positive_int, default=None,
-                        help="answer only the first N samples by generation "
-                             "(default: all; the eval loss covers every sample)")
-    parser.add_argument("--limit", type=positive_int, default=None,
-                        help="use only the first N samples of the dataset for everything")
-    parser.add_argument("--batch_size", type=positive_int, default=4,
-                        help="samples per forward, per process (default 4)")
-    parser.add_argument("--max_new_tokens", type=positive_int, default=64,
-                        help="max generated tokens per answer (default 64)")
-    parser.add_argument("--output", default=None,
-                        help="write per-sample JSON lines here, and the summary to the same name with .summary.json "
-                             "(out.jsonl -> out.summary.json); default: print the table only")
-    parser.add_argument("--max_len", type=positive_int, default=None,
-                        help="max decoder tokens (default 2048, stage2 1024, as in training)")
-    parser.add_argument("--seed", type=int, default=42,
-                        help="the training seed, which picks the stage1 paraphrase prompts (default 42)")
-    parser.add_argument("--dtype", default="auto",
-                        help="auto (default): bf16 on a GPU that supports it, fp16 on older GPUs, fp32 on the CPU; bf16; fp16; fp32")
-    parser.add_argument("--flash_attn", default="auto", choices=("auto", "true", "false"),
-                        help="auto (default): FlashAttention-2 when installed and on CUDA, else SDPA")
-    parser.add_argument("--model_path", default=None,
-                        help="base model to use instead of the one the checkpoint names")
+        "stage1_2/stage2 also EM, F1 and cover-EM of greedy answers; stage2 also recall@k. "
+        "Runs on several processes under torchrun or accelerate launch.",
+    )
+    parser.add_argument(
+        "--checkpoint",
+        required=True,
+        help="checkpoint directory (native or official release layout) or Hugging Face Hub id "
+        "(e.g. apple/CLaRa-7B-E2E/compression-16)",
+    )
+    parser.add_argument(
+        "--dataset",
+        required=True,
+        help="JSONL file(s) of the stage, joined by commas, or a Hub data set hf:NAME:CONFIG[:SPLIT] "
+        "(NAME: a Hub id or a local directory in the Hub layout)",
+    )
+    parser.add_argument(
+        "--stage",
+        choices=list(STAGES),
+        default=None,
+        help="data format and metrics (default: the stage recorded in the checkpoint; official "
+        "checkpoints: stage2 when they hold a query_reasoner_adapter, else required)",
+    )
+    parser.add_argument(
+        "--max_samples",
+        type=positive_int,
+        default=None,
+        help="answer only the first N samples by generation (default: all; the eval loss covers every sample)",
+    )
+    parser.add_argument(
+        "--limit", type=positive_int, default=None, help="use only the first N samples of the dataset for everything"
+    )
+    parser.add_argument(
+        "--batch_size", type=positive_int, default=4, help="samples per forward, per process (default 4)"
+    )
+    parser.add_argument(
+        "--max_new_tokens", type=positive_int, default=64, help="max generated tokens per answer (default 64)"
+    )
+    parser.add_argument(
+        "--output",
+        default=None,
+        help="write per-sample JSON lines here, and the summary to the same name with .summary.json "
+        "(out.jsonl -> out.summary.json); default: print the table only",
+    )
+    parser.add_argument(
+        "--max_len",
+        type=positive_int,
+        default=None,
+        help="max decoder tokens (default 2048, stage2 1024, as in training)",
+    )
+    parser.add_argument(
+        "--seed", type=int, default=42, help="the training seed, which picks the stage1 paraphrase prompts (default 42)"
+    )
+    parser.add_argument(
+        "--dtype",
+        default="auto",
+        help="auto (default): bf16 on a GPU that supports it, fp16 on older GPUs, fp32 on the CPU; bf16; fp16; fp32",
+    )
+    parser.add_argument(
+        "--flash_attn",
+        default="auto",
+        choices=("auto", "true", "false"),
+        help="auto (default): FlashAttention-2 when installed and on CUDA, else SDPA",
+    )
+    parser.add_argument("--model_path", default=None, help="base model to use instead of the one the checkpoint names")
     parser.add_argument("--no_progress", action="store_true", help="no progress bar")
-    parser.add_argument("--index", default=None,
-                        help="stage2: also answer from this corpus index (python -m clara.index): recall@1/3/5 of "
-                             "the records' gold_ids over the whole corpus, and EM / F1 / cover-EM (on rank 0)")
+    parser.add_argument(
+        "--index",
+        default=None,
+        help="stage2: also answer from this corpus index (python -m clara.index): recall@1/3/5 of "
+        "the records' gold_ids over the whole corpus, and EM / F1 / cover-EM (on rank 0)",
+    )
     return parser
 
 
@@ -128,12 +162,20 @@ def load_eval_records(stage: Stage, dataset: str, top_k: int, limit: int | None,
     Local rank 0 prepares them (once: cached, with the MAX_LEN check); the node's other ranks wait for it."""
     datasets.disable_progress_bars()
     preparer = int(os.environ.get("LOCAL_RANK", "0")) == 0
-    return load_records(stage, dataset, min_docs=stage.min_docs(top_k), max_samples=limit, make_check=check,
-                        log=log if preparer else (lambda *_: None), preparer=preparer)
+    return load_records(
+        stage,
+        dataset,
+        min_docs=stage.min_docs(top_k),
+        max_samples=limit,
+        make_check=check,
+        log=log if preparer else (lambda *_: None),
+        preparer=preparer,
+    )
 
 
-def eval_length_check(checkpoint: str, stage: Stage, max_len: int | None, seed: int,
-                      model_path: str | None) -> LengthCheck:
+def eval_length_check(
+    checkpoint: str, stage: Stage, max_len: int | None, seed: int, model_path: str | None
+) -> LengthCheck:
     """The MAX_LEN check of the records with the checkpoint's tokenizer and memory-token settings."""
     config = read_config(checkpoint)
     if "decoder_model_name" in config:  # the official layout: the tokenizer is the base model's
@@ -142,12 +184,14 @@ def eval_length_check(checkpoint: str, stage: Stage, max_len: int | None, seed: 
         n_mem = doc_len // int(config["compr_rate"])
     else:
         source, doc_len, n_mem = checkpoint, int(config["doc_max_length"]), int(config["n_mem_tokens"])
-    return LengthCheck(stage, source, n_mem, doc_len, max_len or stage.max_len, int(config.get("generation_top_k", 5)),
-                       seed)
+    return LengthCheck(
+        stage, source, n_mem, doc_len, max_len or stage.max_len, int(config.get("generation_top_k", 5)), seed
+    )
 
 
-def load_eval_model(checkpoint: str, stage: Stage, dtype: torch.dtype, attn: str, model_path: str | None,
-                    device: torch.device, log):
+def load_eval_model(
+    checkpoint: str, stage: Stage, dtype: torch.dtype, attn: str, model_path: str | None, device: torch.device, log
+):
     """The checkpoint's ClaraModel on `device`, with a query reasoner where the stage uses one."""
     model = load_model(checkpoint, dtype, attn, base_model=model_path)
     if stage.uses_query:
@@ -155,13 +199,27 @@ def load_eval_model(checkpoint: str, stage: Stage, dtype: torch.dtype, attn: str
     return model.to(device)
 
 
-def eval_config(model, stage: Stage, num_records: int, batch_size: int, max_samples: int | None,
-                max_new_tokens: int, max_len: int | None, seed: int) -> TrainConfig:
+def eval_config(
+    model,
+    stage: Stage,
+    num_records: int,
+    batch_size: int,
+    max_samples: int | None,
+    max_new_tokens: int,
+    max_len: int | None,
+    seed: int,
+) -> TrainConfig:
     """The TrainConfig that evaluate_model needs; memory and retrieval settings come from the model."""
-    return TrainConfig(stage=stage.name, micro_batch_size=batch_size, eval_max_samples=max_samples or num_records,
-                       max_new_tokens=max_new_tokens, doc_max_length=model.settings.doc_max_length,
-                       max_len=max_len or stage.max_len, generation_top_k=model.settings.generation_top_k,
-                       seed=seed)
+    return TrainConfig(
+        stage=stage.name,
+        micro_batch_size=batch_size,
+        eval_max_samples=max_samples or num_records,
+        max_new_tokens=max_new_tokens,
+        doc_max_length=model.settings.doc_max_length,
+        max_len=max_len or stage.max_len,
+        generation_top_k=model.settings.generation_top_k,
+        seed=seed,
+    )
 
 
 def run(args: argparse.Namespace, rank: int, world: int, device: torch.device) -> dict:
@@ -171,29 +229,43 @@ def run(args: argparse.Namespace, rank: int, world: int, device: torch.device) -
     stage = checkpoint_stage(checkpoint, args.stage)
     stage_source = "--stage" if args.stage else "from the checkpoint"
     if args.index and not stage.uses_query:
-        raise ConfigError("index", args.index, f"a stage2 checkpoint and records (open-corpus retrieval uses the "
-                                               f"query reasoner), not {stage.name}")
+        raise ConfigError(
+            "index",
+            args.index,
+            f"a stage2 checkpoint and records (open-corpus retrieval uses the query reasoner), not {stage.name}",
+        )
     check_data_sources("dataset", args.dataset)
     dtype, attn = resolve_runtime(args.dtype, args.flash_attn, device)
     top_k = int(read_config(checkpoint).get("generation_top_k", 5))
     check = eval_length_check(checkpoint, stage, args.max_len, args.seed, args.model_path)
     records = load_eval_records(stage, args.dataset, top_k, args.limit, check, log)
     model = load_eval_model(checkpoint, stage, dtype, attn, args.model_path, device, log)
-    cfg = eval_config(model, stage, len(records), args.batch_size, args.max_samples, args.max_new_tokens,
-                      args.max_len, args.seed)
-    log(f"Evaluating {args.checkpoint} ({stage.name}, {stage_source}) on {args.dataset}: {len(records)} samples"
+    cfg = eval_config(
+        model, stage, len(records), args.batch_size, args.max_samples, args.max_new_tokens, args.max_len, args.seed
+    )
+    log(
+        f"Evaluating {args.checkpoint} ({stage.name}, {stage_source}) on {args.dataset}: {len(records)} samples"
         + (f", generation on {min(cfg.eval_max_samples, len(records))}" if stage.generates else "")
         + f" | {world} process(es) | device {device.type} | dtype {str(dtype).replace('torch.', '')}",
-        flush=True)
-    results = evaluate_stage(model, records, stage, cfg, rank, world, device, show_progress=not args.no_progress,
-                             leave_progress=True)
+        flush=True,
+    )
+    results = evaluate_stage(
+        model, records, stage, cfg, rank, world, device, show_progress=not args.no_progress, leave_progress=True
+    )
     if rank == 0:
         log(format_table(results["summary"], title=f"{stage.name} evaluation of {args.checkpoint}"))
         if args.index:
             results["summary"].update(open_corpus(args, model, records, cfg, device, log))
         if args.output:
-            meta = {"checkpoint": args.checkpoint, "dataset": args.dataset, "stage": stage.name, "world_size": world,
-                    "batch_size": args.batch_size, "max_new_tokens": args.max_new_tokens, "index": args.index}
+            meta = {
+                "checkpoint": args.checkpoint,
+                "dataset": args.dataset,
+                "stage": stage.name,
+                "world_size": world,
+                "batch_size": args.batch_size,
+                "max_new_tokens": args.max_new_tokens,
+                "index": args.index,
+            }
             written = write_outputs(args.output, results["samples"], results["summary"], meta)
             log(f"Per-sample results: {args.output}\nSummary: {written}")
     return results
@@ -207,12 +279,27 @@ def open_corpus(args: argparse.Namespace, model, records, cfg, device: torch.dev
     index = load_index(args.index)
     check_index_matches(index, model, args.checkpoint)
     gold = [list(r["gold_ids"]) if r["has_gold_ids"] else None for r in records]
-    summary, _ = open_corpus_summary(model, index, [r["question"] for r in records], [r["answer"] for r in records],
-                                     gold, min(cfg.eval_max_samples, len(records)), RETRIEVAL_KS,
-                                     batch_size=cfg.micro_batch_size, max_new_tokens=cfg.max_new_tokens,
-                                     max_len=cfg.max_len, seed=cfg.seed, device=device)
-    log(format_table(summary, title=f"open-corpus evaluation: retrieval over all {len(index.ids)} documents of "
-                                    f"{args.index}, answers from their stored vectors"))
+    summary, _ = open_corpus_summary(
+        model,
+        index,
+        [r["question"] for r in records],
+        [r["answer"] for r in records],
+        gold,
+        min(cfg.eval_max_samples, len(records)),
+        RETRIEVAL_KS,
+        batch_size=cfg.micro_batch_size,
+        max_new_tokens=cfg.max_new_tokens,
+        max_len=cfg.max_len,
+        seed=cfg.seed,
+        device=device,
+    )
+    log(
+        format_table(
+            summary,
+            title=f"open-corpus evaluation: retrieval over all {len(index.ids)} documents of "
+            f"{args.index}, answers from their stored vectors",
+        )
+    )
     return {f"open_{key}": value for key, value in summary.items()}
 
 

@@ -48,9 +48,12 @@ def sample_stats(out: StepOutput, sample: int = 0) -> SampleStats:
     logits, gold = out.lm.logits[rows].float(), out.lm.targets[rows]
     log_probs = torch.log_softmax(logits, dim=-1)
     gold_log_probs = log_probs.gather(1, gold.unsqueeze(1)).squeeze(1)
-    return SampleStats(token_ids=gold.tolist(), probs=gold_log_probs.exp().tolist(),
-                       correct=int((logits.argmax(-1) == gold).sum()),
-                       ce_loss=float(-gold_log_probs.mean()) if gold.numel() else float("nan"))
+    return SampleStats(
+        token_ids=gold.tolist(),
+        probs=gold_log_probs.exp().tolist(),
+        correct=int((logits.argmax(-1) == gold).sum()),
+        ce_loss=float(-gold_log_probs.mean()) if gold.numel() else float("nan"),
+    )
 
 
 class DebugPrinter:

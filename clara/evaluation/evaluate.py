@@ -23,10 +23,10 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from clara.model.collate import Collator
-from clara.parallel.distributed import broadcast, gather_rows, in_lockstep
 from clara.evaluation.metrics import ANSWER_SCORE_NAMES, answer_scores, retrieval_summary
+from clara.model.collate import Collator
 from clara.model.model import eval_mode
+from clara.parallel.distributed import broadcast, gather_rows, in_lockstep
 from clara.stages import Stage, get_stage
 
 RETRIEVAL_KS = (1, 3, 5)
@@ -52,8 +52,15 @@ def micro_batches(num_samples: int, batch_size: int) -> list[range]:
 def sample_row(stage: Stage, index: int, record: dict, loss, hits: int, count: int, chosen) -> dict:
     """One sample's result before generation."""
     question, answer = stage.header(record)
-    row = {"index": index, "question": question, "answer": answer, "loss": loss,
-           "correct_tokens": hits, "answer_tokens": count, "token_accuracy": hits / count if count else None}
+    row = {
+        "index": index,
+        "question": question,
+        "answer": answer,
+        "loss": loss,
+        "correct_tokens": hits,
+        "answer_tokens": count,
+        "token_accuracy": hits / count if count else None,
+    }
     if "data_type" in record:
         row["data_type"] = record["data_type"]
     if stage.generates:
@@ -76,23 +83,50 @@ def lockstep_rounds(num_batches: int, rank: int, world: int, lockstep: bool) -> 
 
 
 @torch.no_grad()
-def evaluate_shard(model, records, stage: Stage, batch_size: int, generate_limit: int, max_new_tokens: int,
-                   max_len: int, seed: int, rank: int = 0, world: int = 1, device=None,
-                   show_progress: bool = True, leave_progress: bool = False) -> list[dict]:
+def evaluate_shard(
+    model,
+    records,
+    stage: Stage,
+    batch_size: int,
+    generate_limit: int,
+    max_new_tokens: int,
+    max_len: int,
+    seed: int,
+    rank: int = 0,
+    world: int = 1,
+    device=None,
+    show_progress: bool = True,
+    leave_progress: bool = False,
+) -> list[dict]:
     """This rank's per-sample results (each with its dataset index under "index")."""
     settings = model.settings
     device = device if device is not None else model.mem_embeddings.device
-    collate = {targets: Collator(stage, model.tokenizer, model.tokens, settings.doc_max_length, max_len,
-                                 settings.generation_top_k, seed, with_targets=targets)
-               for targets in (True, False)}
+    collate = {
+        targets: Collator(
+            stage,
+            model.tokenizer,
+            model.tokens,
+            settings.doc_max_length,
+            max_len,
+            settings.generation_top_k,
+            seed,
+            with_targets=targets,
+        )
+        for targets in (True, False)
+    }
     batches = micro_batches(len(records), batch_size)
     lockstep = world > 1 and in_lockstep(model)
     rounds = lockstep_rounds(len(batches), rank, world, lockstep)
     progress = None
     if show_progress and rank == 0:
-        progress = tqdm(total=sum(len(batches[b]) for b in rounds if b is not None), unit="sample",
-                        desc=f"eval {stage.name}" + (" (rank 0)" if world > 1 else ""), dynamic_ncols=True,
-                        file=sys.stderr, leave=leave_progress)
+        progress = tqdm(
+            total=sum(len(batches[b]) for b in rounds if b is not None),
+            unit="sample",
+            desc=f"eval {stage.name}" + (" (rank 0)" if world > 1 else ""),
+            dynamic_ncols=True,
+            file=sys.stderr,
+            leave=leave_progress,
+        )
     results = []
     for number, own in enumerate(rounds):
         indices = list(batches[own if own is not None else 0])
@@ -100,11 +134,13 @@ def evaluate_shard(model, records, stage: Stage, batch_size: int, generate_limit
         out = model(collate[True](run).to(device), mse_weight=0.0)
         losses, hits, counts = per_sample_lm(out.lm, len(run))
         chosen = out.chosen.tolist() if out.chosen is not None else [None] * len(run)
-        rows = [sample_row(stage, index, record, losses[j], hits[j], counts[j], chosen[j])
-                for j, (index, record) in enumerate(zip(indices, run))]
+        rows = [
+            sample_row(stage, index, record, losses[j], hits[j], counts[j], chosen[j])
+            for j, (index, record) in enumerate(zip(indices, run))
+        ]
         wanted = [j for j, index in enumerate(indices) if index < generate_limit] if own is not None else []
         # In lockstep a round generates on every rank when one of its micro-batches asks for answers.
-        this_round = batches[number * world:(number + 1) * world] if lockstep else [indices]
+        this_round = batches[number * world : (number + 1) * world] if lockstep else [indices]
         if stage.generates and any(b[0] < generate_limit for b in this_round):
             prompt = collate[False]([run[j] for j in wanted or [0]]).to(device)
             texts, _ = model.generate(prompt, max_new_tokens=max_new_tokens)
@@ -136,13 +172,25 @@ def summarise(stage: Stage, rows: list[dict]) -> dict:
     if stage.uses_query:
         retrieval = retrieval_summary([r["chosen"] for r in rows], [r["pos_index"] for r in rows], RETRIEVAL_KS)
         # Recall first, then precision, then the counts: the order the table shows.
-        summary.update(sorted(retrieval.items(), key=lambda kv: (not kv[0].startswith("recall@"),
-                                                                 not kv[0].startswith("precision@"))))
+        summary.update(
+            sorted(
+                retrieval.items(), key=lambda kv: (not kv[0].startswith("recall@"), not kv[0].startswith("precision@"))
+            )
+        )
     return summary
 
 
-def evaluate_stage(model, records, stage: Stage, cfg, rank: int = 0, world: int = 1, device=None,
-                   show_progress: bool = True, leave_progress: bool = False) -> dict:
+def evaluate_stage(
+    model,
+    records,
+    stage: Stage,
+    cfg,
+    rank: int = 0,
+    world: int = 1,
+    device=None,
+    show_progress: bool = True,
+    leave_progress: bool = False,
+) -> dict:
     """Evaluate a ClaraModel on normalised records of `stage` (a datasets.Dataset or a list).
 
     cfg needs micro_batch_size, eval_max_samples, max_new_tokens, max_len and seed (a TrainConfig
@@ -152,16 +200,35 @@ def evaluate_stage(model, records, stage: Stage, cfg, rank: int = 0, world: int 
     order (rank 0; None elsewhere)}.
     """
     with eval_mode(model):
-        rows = evaluate_shard(model, records, stage, cfg.micro_batch_size, cfg.eval_max_samples,
-                              cfg.max_new_tokens, cfg.max_len, cfg.seed, rank, world, device,
-                              show_progress, leave_progress)
+        rows = evaluate_shard(
+            model,
+            records,
+            stage,
+            cfg.micro_batch_size,
+            cfg.eval_max_samples,
+            cfg.max_new_tokens,
+            cfg.max_len,
+            cfg.seed,
+            rank,
+            world,
+            device,
+            show_progress,
+            leave_progress,
+        )
     rows = gather_rows(rows, rank, world)
     summary = broadcast(summarise(stage, rows) if rank == 0 else None, rank, world)
     return {"summary": summary, "samples": rows}
 
 
-def evaluate_model(model, records, cfg, rank: int = 0, world: int = 1, device=None,
-                   show_progress: bool = True, leave_progress: bool = False) -> dict:
+def evaluate_model(
+    model,
+    records,
+    cfg,
+    rank: int = 0,
+    world: int = 1,
+    device=None,
+    show_progress: bool = True,
+    leave_progress: bool = False,
+) -> dict:
     """evaluate_stage for callers that hold only the settings: the stage is the one `cfg.stage` names."""
-    return evaluate_stage(model, records, get_stage(cfg.stage), cfg, rank, world, device, show_progress,
-                          leave_progress)
+    return evaluate_stage(model, records, get_stage(cfg.stage), cfg, rank, world, device, show_progress, leave_progress)

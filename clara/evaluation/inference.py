@@ -24,18 +24,17 @@ from collections.abc import Sequence
 
 import torch
 
-from clara.model.collate import Collator, encode_documents
 from clara.data.records import normalise_answer_record, normalise_stage1
-from clara.parallel.distributed import default_device
+from clara.model.collate import Collator, encode_documents
 from clara.model.load import load_for_use
 from clara.model.model import ClaraModel
 from clara.model.stage_model import ensure_query_reasoner, infer_stage
+from clara.parallel.distributed import default_device
 from clara.stages import Stage, stage1, stage1_2, stage2
 
 
 # -- records in the normalised form of clara.data ----------------------------------------------------
-def answer_record(question: str, docs: Sequence[str], answer: str = "",
-                  pos_index: Sequence[int] | None = None) -> dict:
+def answer_record(question: str, docs: Sequence[str], answer: str = "", pos_index: Sequence[int] | None = None) -> dict:
     """A stage1_2 / stage2 record, through the data's own normaliser."""
     raw = {"question": question, "answer": answer, "docs": list(docs)}
     if pos_index is not None:
@@ -68,9 +67,16 @@ def answer_records(questions: Sequence[str], documents: Sequence[Sequence[str]])
 class CLaRa:
     """A trained CLaRa model ready for inference; see the module docstring."""
 
-    def __init__(self, model: ClaraModel, stage: str | None = None, device: str | torch.device | None = None,
-                 batch_size: int = 8, max_len: int | None = None, seed: int = 42):
-        self.device = (torch.device(device) if device is not None else default_device())
+    def __init__(
+        self,
+        model: ClaraModel,
+        stage: str | None = None,
+        device: str | torch.device | None = None,
+        batch_size: int = 8,
+        max_len: int | None = None,
+        seed: int = 42,
+    ):
+        self.device = torch.device(device) if device is not None else default_device()
         self.model = model.to(self.device).eval()
         self.model.requires_grad_(False)
         self.stage = stage
@@ -80,10 +86,17 @@ class CLaRa:
         self._index = None  # the corpus index last answered from, kept loaded
 
     @classmethod
-    def from_pretrained(cls, path: str, device: str | torch.device | None = None,
-                        dtype: str | torch.dtype | None = None, stage: str | None = None,
-                        attn_implementation: str | None = None, base_model: str | None = None,
-                        subfolder: str | None = None, **kwargs) -> "CLaRa":
+    def from_pretrained(
+        cls,
+        path: str,
+        device: str | torch.device | None = None,
+        dtype: str | torch.dtype | None = None,
+        stage: str | None = None,
+        attn_implementation: str | None = None,
+        base_model: str | None = None,
+        subfolder: str | None = None,
+        **kwargs,
+    ) -> "CLaRa":
         """Load a checkpoint in the native or the official release layout: a directory or a Hub id.
 
         Hub ids: from_pretrained("apple/CLaRa-7B-Instruct", subfolder="compression-16") or the path form
@@ -106,12 +119,20 @@ class CLaRa:
     # -- helpers -----------------------------------------------------------------------------------------
     def _collator(self, stage: Stage) -> Collator:
         settings = self.model.settings
-        return Collator(stage, self.model.tokenizer, self.model.tokens, settings.doc_max_length,
-                        self.max_len or stage.max_len, settings.generation_top_k, self.seed,
-                        with_targets=False)
+        return Collator(
+            stage,
+            self.model.tokenizer,
+            self.model.tokens,
+            settings.doc_max_length,
+            self.max_len or stage.max_len,
+            settings.generation_top_k,
+            self.seed,
+            with_targets=False,
+        )
 
-    def _generate(self, stage: Stage, records: list[dict], max_new_tokens: int,
-                  vectors: list[torch.Tensor] | None = None) -> tuple[list[str], list]:
+    def _generate(
+        self, stage: Stage, records: list[dict], max_new_tokens: int, vectors: list[torch.Tensor] | None = None
+    ) -> tuple[list[str], list]:
         """Greedy answers and (stage 2) chosen indices, in record order.
 
         vectors: per record, the memory vectors [docs, n, H] of its documents, computed earlier; they
@@ -120,11 +141,11 @@ class CLaRa:
         collator = self._collator(stage)
         texts, chosen = [], []
         for start in range(0, len(records), self.batch_size):
-            run = records[start:start + self.batch_size]
+            run = records[start : start + self.batch_size]
             batch = collator(run).to(self.device)
             given = None
             if vectors is not None:
-                given = torch.cat(vectors[start:start + len(run)]).flatten(0, 1).to(self.device)
+                given = torch.cat(vectors[start : start + len(run)]).flatten(0, 1).to(self.device)
             out, picked = self.model.generate(batch, max_new_tokens=max_new_tokens, vectors=given)
             texts += out
             chosen += picked.tolist() if picked is not None else [None] * len(run)
@@ -145,24 +166,26 @@ class CLaRa:
             raise ValueError("documents: expected at least one document, got an empty list")
         parts, weighted_mse = [], 0.0
         for start in range(0, len(documents), self.batch_size):
-            chunk = documents[start:start + self.batch_size]
-            ids, mask, _ = encode_documents(self.model.tokenizer, self.model.tokens, chunk,
-                                            self.model.settings.doc_max_length)
+            chunk = documents[start : start + self.batch_size]
+            ids, mask, _ = encode_documents(
+                self.model.tokenizer, self.model.tokens, chunk, self.model.settings.doc_max_length
+            )
             states, mse = self.model.compress(ids.to(self.device), mask.to(self.device), with_mse=True)
             parts.append(states)
             # Each chunk's MSE is a mean over its documents: weighting by their count gives the mean over all.
             weighted_mse = weighted_mse + mse * len(chunk)
         return torch.cat(parts), weighted_mse / len(documents)
 
-    def generate_from_text(self, questions: Sequence[str], documents: Sequence[Sequence[str]],
-                           max_new_tokens: int = 128) -> list[str]:
+    def generate_from_text(
+        self, questions: Sequence[str], documents: Sequence[Sequence[str]], max_new_tokens: int = 128
+    ) -> list[str]:
         """Answer each question from its own documents (all of them compressed), as in stage 1_2."""
         records = answer_records(questions, documents)
         return self._generate(stage1_2.STAGE, records, max_new_tokens)[0]
 
-    def generate_from_compressed_documents_and_questions(self, questions: Sequence[str],
-                                                         compressed_documents: torch.Tensor,
-                                                         max_new_tokens: int = 128) -> list[str]:
+    def generate_from_compressed_documents_and_questions(
+        self, questions: Sequence[str], compressed_documents: torch.Tensor, max_new_tokens: int = 128
+    ) -> list[str]:
         """Answer each question from document vectors computed earlier by compress_documents, as in stage 1_2.
 
         compressed_documents [B * k, n, H] holds k documents per question, question by question.
@@ -171,22 +194,31 @@ class CLaRa:
         if not questions:
             raise ValueError("questions: expected at least one question, got an empty list")
         if not isinstance(compressed_documents, torch.Tensor):
-            raise TypeError(f"compressed_documents: expected a tensor (the embeddings of `embeddings, mse = "
-                            f"compress_documents(...)`), got {type(compressed_documents).__name__}")
+            raise TypeError(
+                f"compressed_documents: expected a tensor (the embeddings of `embeddings, mse = "
+                f"compress_documents(...)`), got {type(compressed_documents).__name__}"
+            )
         n, hidden = self.model.tokens.n_mem, self.model.hidden_size
         shape = tuple(compressed_documents.shape)
         if len(shape) != 3 or shape[1:] != (n, hidden) or shape[0] == 0 or shape[0] % len(questions):
-            raise ValueError(f"compressed_documents: expected a tensor [k * {len(questions)} questions, {n}, {hidden}] "
-                             f"(the embeddings compress_documents returns), got shape {list(shape)}")
+            raise ValueError(
+                f"compressed_documents: expected a tensor [k * {len(questions)} questions, {n}, {hidden}] "
+                f"(the embeddings compress_documents returns), got shape {list(shape)}"
+            )
         k = shape[0] // len(questions)
         # The documents are compressed already: the prompt needs only how many there are.
         records = [answer_record(q, [""] * k) for q in questions]
         vectors = list(compressed_documents.split(k))
         return self._generate(stage1_2.STAGE, records, max_new_tokens, vectors=vectors)[0]
 
-    def generate_from_questions(self, questions: Sequence[str], documents: Sequence[Sequence[str]] | None = None,
-                                max_new_tokens: int = 128, index: str | None = None,
-                                stage2_mips: bool = False) -> tuple[list[str], torch.Tensor | list[list[str]]]:
+    def generate_from_questions(
+        self,
+        questions: Sequence[str],
+        documents: Sequence[Sequence[str]] | None = None,
+        max_new_tokens: int = 128,
+        index: str | None = None,
+        stage2_mips: bool = False,
+    ) -> tuple[list[str], torch.Tensor | list[list[str]]]:
         """Stage 2: the query reasoner picks the top-k of each question's candidates, the generator answers.
 
         Returns the answers and topk_indices: per question, the chosen candidate indices in rank order,
@@ -203,8 +235,9 @@ class CLaRa:
         records = answer_records(questions, documents)
         short = [i for i, r in enumerate(records) if len(r["docs"]) < k]
         if short:
-            raise ValueError(f"questions {short[:10]} have fewer candidate documents than the checkpoint's "
-                             f"generation_top_k={k}")
+            raise ValueError(
+                f"questions {short[:10]} have fewer candidate documents than the checkpoint's generation_top_k={k}"
+            )
         ensure_query_reasoner(self.model)
         answers, chosen = self._generate(stage2.STAGE, records, max_new_tokens)
         return answers, torch.tensor(chosen, dtype=torch.long).reshape(len(records), k)
@@ -218,13 +251,21 @@ class CLaRa:
             self._index = load_index(path)
         ensure_query_reasoner(self.model)
         check_index_matches(self._index, self.model)
-        found = answer_from_index(self.model, self._index, questions, batch_size=self.batch_size,
-                                  max_new_tokens=max_new_tokens, max_len=self.max_len or stage2.STAGE.max_len,
-                                  seed=self.seed, device=self.device)
+        found = answer_from_index(
+            self.model,
+            self._index,
+            questions,
+            batch_size=self.batch_size,
+            max_new_tokens=max_new_tokens,
+            max_len=self.max_len or stage2.STAGE.max_len,
+            seed=self.seed,
+            device=self.device,
+        )
         return found.answers, found.ids
 
-    def generate_from_paraphrase(self, questions: Sequence[str], documents: Sequence[Sequence[str] | str],
-                                 max_new_tokens: int = 128) -> list[str]:
+    def generate_from_paraphrase(
+        self, questions: Sequence[str], documents: Sequence[Sequence[str] | str], max_new_tokens: int = 128
+    ) -> list[str]:
         """Paraphrase each item of documents (a list of documents read together, or one document), as in stage 1.
 
         questions: one per item, as in the official API; the paraphrase prompt has no question, so their

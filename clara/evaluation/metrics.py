@@ -112,9 +112,7 @@ def recall_at_k(chosen: Sequence[int], positives: Sequence[int] | None, k: int) 
     return len(wanted.intersection(chosen[:k])) / len(wanted)
 
 
-def precision_at_k(
-    chosen: Sequence[int], positives: Sequence[int] | None, k: int
-) -> float | None:
+def precision_at_k(chosen: Sequence[int], positives: Sequence[int] | None, k: int) -> float | None:
     """Share of the first k chosen indices that are positives; None without positives."""
     _check_k(k)
     if not positives:
@@ -139,9 +137,7 @@ def retrieval_summary(
     those without (no or empty pos_index).
     """
     if len(chosen_lists) != len(positives_lists):
-        raise ValueError(
-            f"chosen_lists has {len(chosen_lists)} samples, positives_lists {len(positives_lists)}"
-        )
+        raise ValueError(f"chosen_lists has {len(chosen_lists)} samples, positives_lists {len(positives_lists)}")
     for k in ks:
         _check_k(k)
     sums: dict[str, float] = {}

@@ -25,10 +25,13 @@ def first_words(text: str, count: int = FIRST_WORDS) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m clara.ask",
-                                     description="Answer questions from a corpus index built by python -m clara.index.")
+    parser = argparse.ArgumentParser(
+        prog="python -m clara.ask", description="Answer questions from a corpus index built by python -m clara.index."
+    )
     parser.add_argument("questions", nargs="+", help="one or more questions")
-    parser.add_argument("--checkpoint", required=True, help="stage2 checkpoint (or stage1_2: its compressor as reasoner)")
+    parser.add_argument(
+        "--checkpoint", required=True, help="stage2 checkpoint (or stage1_2: its compressor as reasoner)"
+    )
     parser.add_argument("--index", required=True, help="index folder of python -m clara.index")
     parser.add_argument("--max_new_tokens", type=positive_int, default=64, help="max generated tokens (default 64)")
     parser.add_argument("--dtype", default=None, help="model dtype (default: bfloat16 on CUDA, float32 on CPU)")

@@ -47,7 +47,7 @@ def _corpus_line(obj) -> list[tuple[str | None, str]]:
         if not isinstance(docs, list) or not docs or not all(isinstance(d, str) and d.strip() for d in docs):
             raise ValueError("field 'docs': expected a non-empty list of non-empty strings")
         return [(None, d) for d in docs]
-    raise ValueError("expected {\"id\": ..., \"text\": ...} or a record with a 'docs' list")
+    raise ValueError('expected {"id": ..., "text": ...} or a record with a \'docs\' list')
 
 
 def read_corpus(path: str) -> tuple[list[str], list[str]]:
@@ -76,16 +76,20 @@ def read_corpus(path: str) -> tuple[list[str], list[str]]:
                 if doc_id in first_line:  # the same document in several records: stored once
                     continue
             elif doc_id in first_line:
-                errors.append(f"{file}:{number}: field 'id': duplicate id {doc_id!r} (first on line "
-                              f"{first_line[doc_id]})")
+                errors.append(
+                    f"{file}:{number}: field 'id': duplicate id {doc_id!r} (first on line {first_line[doc_id]})"
+                )
                 continue
             first_line[doc_id] = number
             ids.append(doc_id)
             texts.append(text)
     if errors:
         more = len(errors) - MAX_REPORTED_ERRORS
-        raise DataError(f"{len(errors)} bad corpus record(s) in {path}:\n" + "\n".join(errors[:MAX_REPORTED_ERRORS])
-                        + (f"\n... and {more} more bad lines" if more > 0 else ""))
+        raise DataError(
+            f"{len(errors)} bad corpus record(s) in {path}:\n"
+            + "\n".join(errors[:MAX_REPORTED_ERRORS])
+            + (f"\n... and {more} more bad lines" if more > 0 else "")
+        )
     if not ids:
         raise DataError(f"{path}: no documents")
     return ids, texts

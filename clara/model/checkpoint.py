@@ -1,4 +1,5 @@
-"""Build models, save them, and load both the native and the official release layouts (README: "Outputs, checkpoints and resuming").
+"""Build models, save them, and load both the native and the official release layouts (README: "Outputs,
+checkpoints and resuming").
 
 A checkpoint is a local directory or a Hugging Face Hub id (resolve_checkpoint); the official
 release is published as `apple/CLaRa-7B-{Base,Instruct,E2E}` with one subfolder per compression rate.
@@ -26,14 +27,14 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from clara.config import TINY_MODEL_NAME, hub_id_parts
-from clara.parallel.distributed import gathered, partitioned
 from clara.errors import CheckpointError
 from clara.files import atomic_path, publish_files, write_json_atomic
 from clara.locks import reading_export
 from clara.model.model import ClaraModel, ModelSettings, attach_adapters
-from clara.stages.prompts import add_special_tokens, added_token_strings
 from clara.model.tiny_base import clara_home, tiny_model_dir, tiny_version
+from clara.parallel.distributed import gathered, partitioned
 from clara.parallel.zero3 import full_shape, resize_embeddings, use_frozen_weight_linear
+from clara.stages.prompts import add_special_tokens, added_token_strings
 
 FORMAT_NAME = "clara"
 FORMAT_VERSION = 1
@@ -63,20 +64,28 @@ def _hub_advice(error: BaseException, what: str, repo_id: str) -> str | None:
     while error is not None and id(error) not in seen:
         seen.add(id(error))
         if isinstance(error, GatedRepoError):
-            return (f"{what}: {repo_id} is gated on the Hugging Face Hub; accept its licence at "
-                    f"https://huggingface.co/{repo_id} while logged in, then set HF_TOKEN to a token of that "
-                    "account (or run `hf auth login`)")
+            return (
+                f"{what}: {repo_id} is gated on the Hugging Face Hub; accept its licence at "
+                f"https://huggingface.co/{repo_id} while logged in, then set HF_TOKEN to a token of that "
+                "account (or run `hf auth login`)"
+            )
         if isinstance(error, RepositoryNotFoundError):
-            return (f"{what}: the Hugging Face Hub has no repository {repo_id} that you can read "
-                    "(check the name; a private repository needs HF_TOKEN)")
+            return (
+                f"{what}: the Hugging Face Hub has no repository {repo_id} that you can read "
+                "(check the name; a private repository needs HF_TOKEN)"
+            )
         if isinstance(error, LocalEntryNotFoundError):
             if constants.HF_HUB_OFFLINE:
-                return (f"{what}: {repo_id} is not in the Hub cache {constants.HF_HUB_CACHE} and HF_HUB_OFFLINE=1 "
-                        "forbids downloading it; download it once with network access (same HF_HOME), "
-                        "then HF_HUB_OFFLINE=1 works")
-            return (f"{what}: cannot reach the Hugging Face Hub ({constants.ENDPOINT}) and {repo_id} is not in "
-                    f"the Hub cache {constants.HF_HUB_CACHE}; connect to the network, or fill that cache on a "
-                    "machine that can (same HF_HOME) and set HF_HUB_OFFLINE=1 here")
+                return (
+                    f"{what}: {repo_id} is not in the Hub cache {constants.HF_HUB_CACHE} and HF_HUB_OFFLINE=1 "
+                    "forbids downloading it; download it once with network access (same HF_HOME), "
+                    "then HF_HUB_OFFLINE=1 works"
+                )
+            return (
+                f"{what}: cannot reach the Hugging Face Hub ({constants.ENDPOINT}) and {repo_id} is not in "
+                f"the Hub cache {constants.HF_HUB_CACHE}; connect to the network, or fill that cache on a "
+                "machine that can (same HF_HOME) and set HF_HUB_OFFLINE=1 here"
+            )
         error = error.__cause__ or error.__context__
     return None
 
@@ -97,8 +106,11 @@ def resolve_checkpoint(path_or_id: str, subfolder: str | None = None) -> str:
     repo_id, in_id = parts
     folder = "/".join(p.strip("/") for p in (in_id, subfolder) if p) or None
     # A mistyped local path also reads as a Hub id: the message starts with what the user gave.
-    what = (f"checkpoint {path_or_id}" + (f" subfolder {subfolder}" if subfolder else "")
-            + " (no such local directory, so read as a Hugging Face Hub id)")
+    what = (
+        f"checkpoint {path_or_id}"
+        + (f" subfolder {subfolder}" if subfolder else "")
+        + " (no such local directory, so read as a Hugging Face Hub id)"
+    )
     # fnmatch's "*" also matches "/": "*/*" leaves out every subfolder, so the root alone is fetched.
     patterns = {"allow_patterns": [f"{folder}/*"]} if folder else {"ignore_patterns": ["*/*"]}
     with hub_errors(what, repo_id):
@@ -109,16 +121,24 @@ def resolve_checkpoint(path_or_id: str, subfolder: str | None = None) -> str:
         where = "in the Hub cache" if constants.HF_HUB_OFFLINE else "on the Hub"
         raise CheckpointError(
             f"{what}: no checkpoint there (no config.json); {repo_id} has "
-            + (f"these {where}: {', '.join(found)} (pass one as subfolder=, or append it to the id: "
-               f"{repo_id}/{found[0]})" if found else f"no checkpoint subfolder {where}"))
+            + (
+                f"these {where}: {', '.join(found)} (pass one as subfolder=, or append it to the id: "
+                f"{repo_id}/{found[0]})"
+                if found
+                else f"no checkpoint subfolder {where}"
+            )
+        )
     return directory
 
 
 def hub_checkpoint_folders(repo_id: str, snapshot: str) -> list[str]:
     """Subfolders holding a config.json: listed by the Hub, or found in the cached snapshot when offline."""
     if constants.HF_HUB_OFFLINE:
-        files = [os.path.relpath(os.path.join(root, name), snapshot)
-                 for root, _, names in os.walk(snapshot) for name in names]
+        files = [
+            os.path.relpath(os.path.join(root, name), snapshot)
+            for root, _, names in os.walk(snapshot)
+            for name in names
+        ]
     else:
         with hub_errors(f"checkpoint {repo_id}", repo_id):
             files = HfApi().list_repo_files(repo_id)
@@ -137,13 +157,20 @@ def official_base_name(name: str, path: str) -> str:
     for prefix, owner in (("Mistral-", "mistralai"), ("Qwen", "Qwen"), ("Llama-", "meta-llama")):
         if base.startswith(prefix):
             return f"{owner}/{base}"
-    raise CheckpointError(f"{path}/config.json: decoder_model_name {name!r} does not exist here; pass the base "
-                          "model (base_model= / --model_path)")
+    raise CheckpointError(
+        f"{path}/config.json: decoder_model_name {name!r} does not exist here; pass the base "
+        "model (base_model= / --model_path)"
+    )
 
 
-def build_model(settings: ModelSettings, adapters: list[str], dtype: torch.dtype = torch.float32,
-                attn_implementation: str = "sdpa", tokenizer_dir: str | None = None,
-                vocab_rows: int | None = None) -> ClaraModel:
+def build_model(
+    settings: ModelSettings,
+    adapters: list[str],
+    dtype: torch.dtype = torch.float32,
+    attn_implementation: str = "sdpa",
+    tokenizer_dir: str | None = None,
+    vocab_rows: int | None = None,
+) -> ClaraModel:
     """The base model with the CLaRa tokens added and fresh LoRA adapters of the given names.
 
     vocab_rows: rows of the embedding matrix (the official code shrinks it to the tokenizer's length,
@@ -161,9 +188,11 @@ def build_model(settings: ModelSettings, adapters: list[str], dtype: torch.dtype
     base_rows = full_shape(base.get_input_embeddings().weight)[0]
     rows = vocab_rows or max(base_rows, len(tokenizer))
     if rows < len(tokenizer):
-        raise CheckpointError(f"an embedding matrix of {rows} rows cannot hold the {len(tokenizer)} tokens of "
-                              f"{base_path}'s tokenizer with the CLaRa tokens: another base model or number of "
-                              "memory tokens?")
+        raise CheckpointError(
+            f"an embedding matrix of {rows} rows cannot hold the {len(tokenizer)} tokens of "
+            f"{base_path}'s tokenizer with the CLaRa tokens: another base model or number of "
+            "memory tokens?"
+        )
     if rows != base_rows:
         resize_embeddings(base, rows)
     init_added_rows(base, tokenizer.convert_tokens_to_ids(added_token_strings(settings.n_mem_tokens)))
@@ -271,7 +300,8 @@ def tiny_base_for(version: str | None, path: str) -> str:
         f"{path}: trained on the built-in tiny model {version}, but this version of clara ships "
         f"{tiny_version()} (a different recipe, so different weights) and {kept} does not exist; "
         "retrain the checkpoint, or build the old model there with the clara version it was trained "
-        f"with (`python -m clara.tiny --out {kept}`)")
+        f"with (`python -m clara.tiny --out {kept}`)"
+    )
 
 
 def read_config(path: str) -> dict:
@@ -281,13 +311,16 @@ def read_config(path: str) -> dict:
     with open(config_path, encoding="utf-8") as handle:
         config = json.load(handle)
     if config.get("format") != FORMAT_NAME and "decoder_model_name" not in config:
-        raise CheckpointError(f"{config_path}: neither a native CLaRa checkpoint (format: clara) nor the "
-                              "official release layout (decoder_model_name)")
+        raise CheckpointError(
+            f"{config_path}: neither a native CLaRa checkpoint (format: clara) nor the "
+            "official release layout (decoder_model_name)"
+        )
     return config
 
 
-def load_model(path: str, dtype: torch.dtype = torch.float32, attn_implementation: str = "sdpa",
-               base_model: str | None = None) -> ClaraModel:
+def load_model(
+    path: str, dtype: torch.dtype = torch.float32, attn_implementation: str = "sdpa", base_model: str | None = None
+) -> ClaraModel:
     """Load a native or official-release checkpoint directory. base_model overrides the recorded base.
 
     An export published meanwhile waits for the read to finish: the files read belong to one export."""
@@ -300,8 +333,10 @@ def _load_model(path: str, dtype: torch.dtype, attn_implementation: str, base_mo
     if "decoder_model_name" in config:
         return _load_official(path, config, dtype, attn_implementation, base_model)
     if config.get("format_version", 0) > FORMAT_VERSION:
-        raise CheckpointError(f"{path}: format_version {config['format_version']} is newer than this "
-                              f"toolkit reads ({FORMAT_VERSION}); update clara")
+        raise CheckpointError(
+            f"{path}: format_version {config['format_version']} is newer than this "
+            f"toolkit reads ({FORMAT_VERSION}); update clara"
+        )
     fields = {f.name for f in dataclasses.fields(ModelSettings)}
     settings = ModelSettings(**{k: v for k, v in config.items() if k in fields})
     if base_model:
@@ -312,7 +347,7 @@ def _load_model(path: str, dtype: torch.dtype, attn_implementation: str, base_mo
     adapters = load_file(os.path.join(path, "adapters.safetensors"))
     for name in config["adapters"]:
         prefix = name + "."
-        state = {k[len(prefix):]: v for k, v in adapters.items() if k.startswith(prefix)}
+        state = {k[len(prefix) :]: v for k, v in adapters.items() if k.startswith(prefix)}
         load_adapter_state(model, name, state, os.path.join(path, "adapters.safetensors"))
     set_added_token_rows(model, load_file(os.path.join(path, "special_tokens.safetensors")))
     return model
@@ -331,24 +366,36 @@ def load_adapter_state(model: ClaraModel, name: str, state: dict[str, torch.Tens
     result = set_peft_model_state_dict(model.peft_model, state, adapter_name=name)
     missing = [key for key in result.missing_keys if f".{name}." in key]
     if result.unexpected_keys or missing or not state:
-        problem = (f"unexpected keys such as {result.unexpected_keys[0]!r}" if result.unexpected_keys
-                   else f"no weights for {missing[0]!r}" if missing else "no weights at all")
-        raise CheckpointError(f"{source}: adapter '{name}' does not fit the model ({problem}); "
-                              "was it trained with another base model or LoRA setting?")
+        problem = (
+            f"unexpected keys such as {result.unexpected_keys[0]!r}"
+            if result.unexpected_keys
+            else f"no weights for {missing[0]!r}"
+            if missing
+            else "no weights at all"
+        )
+        raise CheckpointError(
+            f"{source}: adapter '{name}' does not fit the model ({problem}); "
+            "was it trained with another base model or LoRA setting?"
+        )
 
 
-def _load_official(path: str, config: dict, dtype: torch.dtype, attn_implementation: str,
-                   base_model: str | None) -> ClaraModel:
+def _load_official(
+    path: str, config: dict, dtype: torch.dtype, attn_implementation: str, base_model: str | None
+) -> ClaraModel:
     for name in OFFICIAL_FILES:
         if not os.path.isfile(os.path.join(path, name)):
             raise CheckpointError(f"{path}: official-layout checkpoint without {name}")
     rate, doc_len = int(config["compr_rate"]), int(config["doc_max_length"])
-    settings = ModelSettings(base_model=base_model or official_base_name(config["decoder_model_name"], path),
-                             n_mem_tokens=doc_len // rate, compress_rate=rate, doc_max_length=doc_len,
-                             generation_top_k=int(config.get("generation_top_k", 5)),
-                             lora_r=int(config.get("lora_r", 16)),
-                             # The release trained with alpha = 2 r and does not record alpha.
-                             lora_alpha=int(config.get("lora_alpha", 2 * int(config.get("lora_r", 16)))))
+    settings = ModelSettings(
+        base_model=base_model or official_base_name(config["decoder_model_name"], path),
+        n_mem_tokens=doc_len // rate,
+        compress_rate=rate,
+        doc_max_length=doc_len,
+        generation_top_k=int(config.get("generation_top_k", 5)),
+        lora_r=int(config.get("lora_r", 16)),
+        # The release trained with alpha = 2 r and does not record alpha.
+        lora_alpha=int(config.get("lora_alpha", 2 * int(config.get("lora_r", 16)))),
+    )
     adapters = torch.load(os.path.join(path, "adapters.pth"), map_location="cpu", weights_only=True)
     layers = torch.load(os.path.join(path, "decoder_first_last_layers.pth"), map_location="cpu", weights_only=True)
     embed = _full_matrix(layers, "embed_tokens.weight", path)
@@ -376,6 +423,8 @@ def _full_matrix(layers: dict, suffix: str, path: str) -> torch.Tensor:
 @torch.no_grad()
 def _copy_full_matrix(source: torch.Tensor, target: torch.Tensor, name: str, path: str) -> None:
     if source.shape != target.shape:
-        raise CheckpointError(f"{path}/decoder_first_last_layers.pth: '{name}' has shape "
-                              f"{tuple(source.shape)}, the model expects {tuple(target.shape)}")
+        raise CheckpointError(
+            f"{path}/decoder_first_last_layers.pth: '{name}' has shape "
+            f"{tuple(source.shape)}, the model expects {tuple(target.shape)}"
+        )
     target.copy_(source.to(target))

@@ -10,10 +10,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from clara.stages import prompts
 from clara.data.fingerprint import tokenizer_identity
+from clara.stages import Stage, prompts
 from clara.stages.prompts import SpecialTokens, add_special_tokens
-from clara.stages import Stage
 
 IGNORE_INDEX = -100
 
@@ -48,8 +47,9 @@ def pad_left(rows: list[list[int]], pad_value: int) -> torch.Tensor:
     return torch.tensor([[pad_value] * (width - len(r)) + r for r in rows], dtype=torch.long)
 
 
-def encode_documents(tokenizer, tokens: SpecialTokens, docs: list[str],
-                     doc_max_length: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+def encode_documents(
+    tokenizer, tokens: SpecialTokens, docs: list[str], doc_max_length: int
+) -> tuple[torch.Tensor, torch.Tensor, int]:
     """`<ENC>` BOS doc EOS, cut to doc_max_length + 3 tokens, left-padded to the longest, then the memory tokens.
 
     Returns ids, attention mask and how many documents were truncated.
@@ -66,8 +66,9 @@ def encode_documents(tokenizer, tokens: SpecialTokens, docs: list[str],
     return ids, mask, truncated
 
 
-def encode_supervised(tokenizer, system: str, user: str, target: str | None,
-                      max_len: int) -> tuple[list[int], list[int]]:
+def encode_supervised(
+    tokenizer, system: str, user: str, target: str | None, max_len: int
+) -> tuple[list[int], list[int]]:
     """Prompt ids followed by the assistant turn as the chat template renders it; labels only on the turn.
 
     The prompt is rendered exactly as at inference (generation prompt included); the turn is the
@@ -79,22 +80,25 @@ def encode_supervised(tokenizer, system: str, user: str, target: str | None,
     prompt, turn = prompts.render_supervised(tokenizer, system, user, target)
     prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
     if len(prompt_ids) >= max_len:
-        raise ValueError(f"a prompt of {len(prompt_ids)} tokens leaves no room for the answer within "
-                         f"MAX_LEN={max_len}; raise MAX_LEN or lower the number of documents")
+        raise ValueError(
+            f"a prompt of {len(prompt_ids)} tokens leaves no room for the answer within "
+            f"MAX_LEN={max_len}; raise MAX_LEN or lower the number of documents"
+        )
     # The turn is tokenised together with the prompt, as the official code does (a sentencepiece
     # tokenizer would start a separately tokenised answer with a word-start marker), unless joining
     # would change the prompt's own tokens, which must stay what generation sees.
     joint = tokenizer(prompt + turn, add_special_tokens=False)["input_ids"]
-    if joint[:len(prompt_ids)] == prompt_ids:
-        turn_ids = joint[len(prompt_ids):]
+    if joint[: len(prompt_ids)] == prompt_ids:
+        turn_ids = joint[len(prompt_ids) :]
     else:
         turn_ids = tokenizer(turn, add_special_tokens=False)["input_ids"]
-    turn_ids = turn_ids[:max_len - len(prompt_ids)]
+    turn_ids = turn_ids[: max_len - len(prompt_ids)]
     return prompt_ids + turn_ids, [IGNORE_INDEX] * len(prompt_ids) + turn_ids
 
 
-def build_decoder(tokenizer, tokens: SpecialTokens, examples: list[tuple[str, str, str | None]],
-                  max_len: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def build_decoder(
+    tokenizer, tokens: SpecialTokens, examples: list[tuple[str, str, str | None]], max_len: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(system, user, target) triples -> left-padded ids, mask and labels."""
     rows, label_rows = zip(*(encode_supervised(tokenizer, s, u, t, max_len) for s, u, t in examples))
     ids = pad_left(list(rows), tokens.pad_id)
@@ -133,9 +137,11 @@ class Collator:
         if length <= self.max_len:
             return None
         docs = self.top_k if self.stage.uses_query else len(record["docs"])
-        return (f"decoder input of {length} tokens ({docs} documents x {self.tokens.n_mem} memory tokens, plus "
-                f"the prompt and answer) exceeds MAX_LEN={self.max_len}; raise MAX_LEN or give the record "
-                "fewer documents")
+        return (
+            f"decoder input of {length} tokens ({docs} documents x {self.tokens.n_mem} memory tokens, plus "
+            f"the prompt and answer) exceeds MAX_LEN={self.max_len}; raise MAX_LEN or give the record "
+            "fewer documents"
+        )
 
     def __call__(self, records: list[dict]) -> Batch:
         examples = []
@@ -146,18 +152,28 @@ class Collator:
         docs = [d for record in records for d in record["docs"]]
         enc_ids, enc_mask, truncated = encode_documents(self.tokenizer, self.tokens, docs, self.doc_max_length)
         headers = [self.stage.header(record) for record in records]
-        batch = Batch(enc_ids=enc_ids, enc_mask=enc_mask, dec_ids=dec_ids, dec_mask=dec_mask,
-                      labels=labels if self.with_targets else None,
-                      docs_per_sample=[len(record["docs"]) for record in records],
-                      questions=[q for q, _ in headers], answers=[a for _, a in headers],
-                      truncated_docs=truncated)
+        batch = Batch(
+            enc_ids=enc_ids,
+            enc_mask=enc_mask,
+            dec_ids=dec_ids,
+            dec_mask=dec_mask,
+            labels=labels if self.with_targets else None,
+            docs_per_sample=[len(record["docs"]) for record in records],
+            questions=[q for q, _ in headers],
+            answers=[a for _, a in headers],
+            truncated_docs=truncated,
+        )
         if self.stage.uses_query:
             # Samples may have different numbers of candidates: ClaraModel.select pads them and masks the padding.
             batch.query_ids, batch.query_mask, _ = encode_documents(
-                self.tokenizer, self.tokens, [record["question"] for record in records], self.doc_max_length)
+                self.tokenizer, self.tokens, [record["question"] for record in records], self.doc_max_length
+            )
             batch.pos_index = [list(record["pos_index"]) if record["has_pos_index"] else None for record in records]
-        batch.num_tokens = int(batch.dec_mask.sum() + batch.enc_mask.sum()
-                               + (batch.query_mask.sum() if batch.query_mask is not None else 0))
+        batch.num_tokens = int(
+            batch.dec_mask.sum()
+            + batch.enc_mask.sum()
+            + (batch.query_mask.sum() if batch.query_mask is not None else 0)
+        )
         return batch
 
 
@@ -180,12 +196,18 @@ def counts_at_most_bytes(tokenizer) -> bool:
     parts = pre.get("pretokenizers", [pre])
     byte_level = [p for p in parts if p.get("type") == "ByteLevel"]
     normalizer = json.loads(backend.normalizer.__getstate__()) if backend.normalizer is not None else None
-    return (bool(byte_level) and not any(p.get("add_prefix_space") for p in byte_level)
-            and normalizer in (None, {"type": "NFC"}))
+    return (
+        bool(byte_level)
+        and not any(p.get("add_prefix_space") for p in byte_level)
+        and normalizer in (None, {"type": "NFC"})
+    )
 
 
 # Texts that a template which escapes, repeats or rewrites its messages would render at another length.
-TEMPLATE_PROBES = (("s", "u", "a"), ('System "quoted"\n\\ <b>', "User\n\n  é ü 中文 {{ x }} </think>", "Answer \t<|x|>\n"))
+TEMPLATE_PROBES = (
+    ("s", "u", "a"),
+    ('System "quoted"\n\\ <b>', "User\n\n  é ü 中文 {{ x }} </think>", "Answer \t<|x|>\n"),
+)
 
 
 def template_overhead(tokenizer) -> int | None:
@@ -212,9 +234,14 @@ class LengthCheck:
     seed: int
 
     def key(self) -> dict:
-        return {**tokenizer_identity(self.tokenizer_source), "n_mem": self.n_mem,
-                "doc_max_length": self.doc_max_length, "max_len": self.max_len, "top_k": self.top_k,
-                "seed": self.seed}
+        return {
+            **tokenizer_identity(self.tokenizer_source),
+            "n_mem": self.n_mem,
+            "doc_max_length": self.doc_max_length,
+            "max_len": self.max_len,
+            "top_k": self.top_k,
+            "seed": self.seed,
+        }
 
     def __call__(self) -> Callable[[dict], str | None]:
         from transformers import AutoTokenizer  # deferred: only the processes that prepare data load it
@@ -222,5 +249,13 @@ class LengthCheck:
         tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_source)
         tokens = add_special_tokens(tokenizer, self.n_mem)
         overhead = template_overhead(tokenizer) if counts_at_most_bytes(tokenizer) else None
-        return Collator(self.stage, tokenizer, tokens, self.doc_max_length, self.max_len, self.top_k, self.seed,
-                        byte_overhead=overhead).length_problem
+        return Collator(
+            self.stage,
+            tokenizer,
+            tokens,
+            self.doc_max_length,
+            self.max_len,
+            self.top_k,
+            self.seed,
+            byte_overhead=overhead,
+        ).length_problem

@@ -118,13 +118,13 @@ class RowWatch(StoppingCriteria):
             row.finish_reason = "length"
             return
         safe = text.rstrip().rstrip("\ufffd")  # a partial UTF-8 character decodes as U+FFFD
-        emit(row, safe[:len(safe) - self.hold[i]] if self.hold[i] else safe)
+        emit(row, safe[: len(safe) - self.hold[i]] if self.hold[i] else safe)
 
 
 def emit(row: RowDecoding, text: str) -> None:
     """Pass on what text adds to what was emitted (nothing where it does not extend it)."""
     if row.on_text is not None and len(text) > len(row.emitted) and text.startswith(row.emitted):
-        piece, row.emitted = text[len(row.emitted):], text
+        piece, row.emitted = text[len(row.emitted) :], text
         row.on_text(piece)
 
 

@@ -22,11 +22,11 @@ import sys
 import torch
 from peft import get_peft_model_state_dict
 
-from clara.model.checkpoint import PEFT_PREFIX, CheckpointError, load_model, read_config, resolve_checkpoint, save_model
 from clara.config import STAGES, ConfigError
 from clara.errors import FolderBusy
 from clara.files import publish_files
 from clara.locks import holding
+from clara.model.checkpoint import PEFT_PREFIX, CheckpointError, load_model, read_config, resolve_checkpoint, save_model
 from clara.model.model import ClaraModel
 from clara.model.stage_model import infer_stage
 
@@ -71,8 +71,9 @@ def official_adapters(model: ClaraModel) -> dict[str, dict[str, torch.Tensor]]:
     adapters = {}
     for name in model.adapter_names:
         state = get_peft_model_state_dict(model.peft_model, adapter_name=name, save_embedding_layers=False)
-        adapters[name] = {key.removeprefix(PEFT_PREFIX): value.detach().cpu().contiguous()
-                          for key, value in state.items()}
+        adapters[name] = {
+            key.removeprefix(PEFT_PREFIX): value.detach().cpu().contiguous() for key, value in state.items()
+        }
     return adapters
 
 
@@ -107,8 +108,12 @@ def _write_official_files(model: ClaraModel, out_dir: str, stage: str) -> None:
 def checkpoint_stage_of(checkpoint: str, stage: str | None) -> str:
     found = stage or infer_stage(checkpoint)
     if found is None:
-        raise ConfigError("checkpoint", checkpoint, "--stage stage1 or stage1_2 as well: the official layout records "
-                                                    "no stage and this one has no query_reasoner_adapter (stage2)")
+        raise ConfigError(
+            "checkpoint",
+            checkpoint,
+            "--stage stage1 or stage1_2 as well: the official layout records "
+            "no stage and this one has no query_reasoner_adapter (stage2)",
+        )
     return found
 
 
@@ -120,30 +125,54 @@ def push_to_hub(out_dir: str, repo_id: str, path_in_repo: str) -> str:
     api = HfApi()
     try:
         api.create_repo(repo_id, exist_ok=True)
-        api.upload_folder(folder_path=out_dir, repo_id=repo_id, path_in_repo=path_in_repo or None,
-                          commit_message=f"CLaRa checkpoint {path_in_repo or ''}".strip(),
-                          ignore_patterns=[".lock*", ".export*"])  # this machine's locks (clara.locks)
+        api.upload_folder(
+            folder_path=out_dir,
+            repo_id=repo_id,
+            path_in_repo=path_in_repo or None,
+            commit_message=f"CLaRa checkpoint {path_in_repo or ''}".strip(),
+            ignore_patterns=[".lock*", ".export*"],
+        )  # this machine's locks (clara.locks)
     except HfHubHTTPError as error:
-        raise ConfigError("push_to_hub", repo_id, f"a repository HF_TOKEN may write to; the Hub refused the upload "
-                                                  f"({str(error).splitlines()[0]})") from error
+        raise ConfigError(
+            "push_to_hub",
+            repo_id,
+            f"a repository HF_TOKEN may write to; the Hub refused the upload ({str(error).splitlines()[0]})",
+        ) from error
     return f"{repo_id}/{path_in_repo}" if path_in_repo else repo_id
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m clara.export", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", required=True,
-                        help="checkpoint directory (native or official layout) or Hugging Face Hub id")
-    parser.add_argument("--format", required=True, choices=("official", "native"),
-                        help="official: the release layout (.pth files, its config.json); native: this toolkit's")
+    parser = argparse.ArgumentParser(
+        prog="python -m clara.export", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--checkpoint", required=True, help="checkpoint directory (native or official layout) or Hugging Face Hub id"
+    )
+    parser.add_argument(
+        "--format",
+        required=True,
+        choices=("official", "native"),
+        help="official: the release layout (.pth files, its config.json); native: this toolkit's",
+    )
     parser.add_argument("--out", required=True, help="output directory")
-    parser.add_argument("--stage", choices=STAGES, default=None,
-                        help="stage to record (default: the checkpoint's; official stage1/stage1_2 record none)")
+    parser.add_argument(
+        "--stage",
+        choices=STAGES,
+        default=None,
+        help="stage to record (default: the checkpoint's; official stage1/stage1_2 record none)",
+    )
     parser.add_argument("--model_path", default=None, help="base model to use instead of the one the checkpoint names")
-    parser.add_argument("--push_to_hub", metavar="REPO", default=None,
-                        help="upload the export to this Hub repository (needs HF_TOKEN with write access)")
-    parser.add_argument("--path_in_repo", default=None,
-                        help="folder in that repository (default: compression-<rate>, as in the release)")
+    parser.add_argument(
+        "--push_to_hub",
+        metavar="REPO",
+        default=None,
+        help="upload the export to this Hub repository (needs HF_TOKEN with write access)",
+    )
+    parser.add_argument(
+        "--path_in_repo",
+        default=None,
+        help="folder in that repository (default: compression-<rate>, as in the release)",
+    )
     return parser
 
 
@@ -176,8 +205,9 @@ def export(args: argparse.Namespace) -> None:
         if path_in_repo is None:
             path_in_repo = f"compression-{model.settings.compress_rate}"
         loaded_as = push_to_hub(args.out, args.push_to_hub, path_in_repo)
-        print(f"Uploaded to https://huggingface.co/{args.push_to_hub}; load it with "
-              f"CLaRa.from_pretrained({loaded_as!r})")
+        print(
+            f"Uploaded to https://huggingface.co/{args.push_to_hub}; load it with CLaRa.from_pretrained({loaded_as!r})"
+        )
 
 
 if __name__ == "__main__":

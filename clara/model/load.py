@@ -11,9 +11,14 @@ from clara.model.model import ClaraModel, attention_implementation
 from clara.parallel.distributed import default_device, resolve_dtype
 
 
-def load_for_use(path: str, device: str | torch.device | None = None, dtype: str | torch.dtype | None = None,
-                 attn_implementation: str | None = None, base_model: str | None = None,
-                 subfolder: str | None = None) -> tuple[ClaraModel, torch.device, str]:
+def load_for_use(
+    path: str,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
+    attn_implementation: str | None = None,
+    base_model: str | None = None,
+    subfolder: str | None = None,
+) -> tuple[ClaraModel, torch.device, str]:
     """The model of checkpoint `path`, the device it is on and the checkpoint's local directory.
 
     device None: CUDA when available, else CPU. dtype None: bfloat16 on CUDA, float32 on CPU.

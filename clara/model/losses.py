@@ -14,8 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
-from clara.stages import Stage
 from clara.model.topk import retrieval_loss
+from clara.stages import Stage
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,5 @@
-"""The shared CLaRa model: one frozen base LLM, three LoRA roles, memory tokens (README: "How CLaRa reads a document" and "What a step costs").
+"""The shared CLaRa model: one frozen base LLM, three LoRA roles, memory tokens (README: "How CLaRa reads a
+document" and "What a step costs").
 
 - compressor (`encoder_adapter`): document + memory tokens -> final hidden states at the memory positions;
 - generator (`decoder_adapter`): chat prompt whose memory slots take the compressed vectors;
@@ -17,14 +18,14 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 from transformers import LogitsProcessorList, StoppingCriteriaList
 
+from clara.errors import ConfigError
 from clara.model.collate import IGNORE_INDEX, Batch
 from clara.model.decoding import RowDecoding, RowSampler, RowWatch, finish
-from clara.parallel.distributed import gathered, in_lockstep, most_over_ranks
-from clara.errors import ConfigError
 from clara.model.losses import LOSS_TERMS, WEIGHT_SETTINGS
-from clara.stages.prompts import SpecialTokens, end_of_turn
-from clara.stages import COMPRESSOR, GENERATOR, QUERY_REASONER
 from clara.model.topk import cosine_scores, differentiable_topk
+from clara.parallel.distributed import gathered, in_lockstep, most_over_ranks
+from clara.stages import COMPRESSOR, GENERATOR, QUERY_REASONER
+from clara.stages.prompts import SpecialTokens, end_of_turn
 
 ADAPTERS = (COMPRESSOR, GENERATOR, QUERY_REASONER)
 
@@ -86,8 +87,13 @@ def eval_mode(module: nn.Module):
 
 
 def lora_config(settings: ModelSettings) -> LoraConfig:
-    return LoraConfig(r=settings.lora_r, lora_alpha=settings.lora_alpha, lora_dropout=settings.lora_dropout,
-                      target_modules="all-linear", bias="none")
+    return LoraConfig(
+        r=settings.lora_r,
+        lora_alpha=settings.lora_alpha,
+        lora_dropout=settings.lora_dropout,
+        target_modules="all-linear",
+        bias="none",
+    )
 
 
 def attention_implementation(flash_attn: str, on_cuda: bool) -> str:
@@ -100,8 +106,11 @@ def attention_implementation(flash_attn: str, on_cuda: bool) -> str:
         import flash_attn  # noqa: F401
     except ImportError:
         if flash_attn == "true":
-            raise ConfigError("flash_attn", flash_attn, "auto or false, or flash-attn installed: "
-                              "pip install --no-build-isolation -r requirements-gpu.txt") from None
+            raise ConfigError(
+                "flash_attn",
+                flash_attn,
+                "auto or false, or flash-attn installed: pip install --no-build-isolation -r requirements-gpu.txt",
+            ) from None
         return "sdpa"
     return "flash_attention_2"
 
@@ -130,7 +139,7 @@ class ClaraModel(nn.Module):
         first, n = self.tokens.first_mem_id, self.tokens.n_mem
         # A copy, for the same reason as in embed(): the backward must not read the parameter's data.
         memory = (args[0] @ self.mem_embeddings.to(args[0].dtype, copy=True).T).to(logits.dtype)
-        return torch.cat([logits[..., :first], memory, logits[..., first + n:]], dim=-1)
+        return torch.cat([logits[..., :first], memory, logits[..., first + n :]], dim=-1)
 
     # -- the pieces of the base model -------------------------------------------------------------
     @property
@@ -178,7 +187,8 @@ class ClaraModel(nn.Module):
 
     def enable_gradient_checkpointing(self) -> None:
         self.causal_lm.activation_checkpointing_enable(
-            activation_checkpointing_kwargs={"use_reentrant": False, "context_fn": self._checkpoint_contexts})
+            activation_checkpointing_kwargs={"use_reentrant": False, "context_fn": self._checkpoint_contexts}
+        )
 
     def set_trainable(self, adapters: tuple[str, ...] | list[str], memory_embeddings: bool) -> None:
         """Train exactly these adapters (and the memory embeddings if asked); freeze everything else."""
@@ -220,15 +230,18 @@ class ClaraModel(nn.Module):
         mem = F.embedding(offset, self.mem_embeddings.to(embeds.dtype))
         return torch.where(self._mem_mask(ids).unsqueeze(-1), mem, embeds)
 
-    def compress(self, ids: torch.Tensor, mask: torch.Tensor, adapter: str = COMPRESSOR,
-                 with_mse: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def compress(
+        self, ids: torch.Tensor, mask: torch.Tensor, adapter: str = COMPRESSOR, with_mse: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Documents (memory tokens appended) -> memory states [D, n, H] and optionally the MSE loss.
 
         Runs the transformer body only: no vocabulary projection, no per-layer hidden states.
         """
         n = self.tokens.n_mem
         with self.adapter(adapter):
-            hidden = self.backbone(inputs_embeds=self.embed(ids), attention_mask=mask, use_cache=False).last_hidden_state
+            hidden = self.backbone(
+                inputs_embeds=self.embed(ids), attention_mask=mask, use_cache=False
+            ).last_hidden_state
         states = hidden[:, -n:]
         if not with_mse:
             return states, None
@@ -254,8 +267,9 @@ class ClaraModel(nn.Module):
         gold = targets[supervised]
         loss = F.cross_entropy(logits, gold)
         where = supervised.nonzero()
-        return LMOutput(loss=loss, logits=logits.detach(), targets=gold, sample_index=where[:, 0],
-                        positions=where[:, 1] + 1)
+        return LMOutput(
+            loss=loss, logits=logits.detach(), targets=gold, sample_index=where[:, 0], positions=where[:, 1] + 1
+        )
 
     def compress_candidates(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Stage-2 candidates through the frozen compressor, without gradient, in bounded chunks.
@@ -267,7 +281,7 @@ class ClaraModel(nn.Module):
         starts = range(0, ids.shape[0], chunk)
         extra = most_over_ranks(len(starts), ids.device) - len(starts) if in_lockstep(self) else 0
         with eval_mode(self), torch.no_grad():
-            parts = [self.compress(ids[i:i + chunk], mask[i:i + chunk])[0] for i in starts]
+            parts = [self.compress(ids[i : i + chunk], mask[i : i + chunk])[0] for i in starts]
             for _ in range(extra):
                 self.compress(ids[:1], mask[:1])
         return torch.cat(parts)
@@ -284,8 +298,9 @@ class ClaraModel(nn.Module):
         padded = nn.utils.rnn.pad_sequence(list(candidates.split(batch.docs_per_sample)), batch_first=True)
         valid = torch.arange(padded.shape[1], device=padded.device).unsqueeze(0) < counts.unsqueeze(1)
         scores = cosine_scores(query.flatten(1).float(), padded.float())
-        chosen, weights = differentiable_topk(scores, self.settings.generation_top_k,
-                                              self.settings.topk_temperature, valid)
+        chosen, weights = differentiable_topk(
+            scores, self.settings.generation_top_k, self.settings.topk_temperature, valid
+        )
         selected = torch.einsum("bkn,bnd->bkd", weights.to(padded.dtype), padded)
         return selected.reshape(-1, self.hidden_size), chosen, scores.masked_fill(~valid, float("-inf"))
 
@@ -320,8 +335,13 @@ class ClaraModel(nn.Module):
         return out
 
     @torch.no_grad()
-    def generate(self, batch: Batch, max_new_tokens: int = 64, vectors: torch.Tensor | None = None,
-                 rows: list[RowDecoding] | None = None) -> tuple[list[str], torch.Tensor | None]:
+    def generate(
+        self,
+        batch: Batch,
+        max_new_tokens: int = 64,
+        vectors: torch.Tensor | None = None,
+        rows: list[RowDecoding] | None = None,
+    ) -> tuple[list[str], torch.Tensor | None]:
         """Greedy answers for a batch built without targets; stage 2 also returns the chosen indices.
 
         vectors: memory vectors computed earlier ([slots * n, H], in slot order) to use instead of
@@ -348,13 +368,22 @@ class ClaraModel(nn.Module):
             hooks = {}
             if rows is not None:
                 max_new_tokens = min(max_new_tokens, max(r.sampling.max_new_tokens - len(r.tokens) for r in rows))
-                hooks = {"logits_processor": LogitsProcessorList([RowSampler(rows, stop_ids)]),
-                         "stopping_criteria": StoppingCriteriaList([RowWatch(rows, self.tokenizer, stop_ids)])}
+                hooks = {
+                    "logits_processor": LogitsProcessorList([RowSampler(rows, stop_ids)]),
+                    "stopping_criteria": StoppingCriteriaList([RowWatch(rows, self.tokenizer, stop_ids)]),
+                }
             with self.adapter(GENERATOR):
-                out = self.causal_lm.generate(inputs_embeds=embeds, attention_mask=batch.dec_mask,
-                                              max_new_tokens=max_new_tokens, do_sample=False,
-                                              pad_token_id=self.tokens.pad_id, eos_token_id=sorted(stop_ids),
-                                              suppress_tokens=added, synced_gpus=lockstep, **hooks)
+                out = self.causal_lm.generate(
+                    inputs_embeds=embeds,
+                    attention_mask=batch.dec_mask,
+                    max_new_tokens=max_new_tokens,
+                    do_sample=False,
+                    pad_token_id=self.tokens.pad_id,
+                    eos_token_id=sorted(stop_ids),
+                    suppress_tokens=added,
+                    synced_gpus=lockstep,
+                    **hooks,
+                )
         if rows is None:
             return [t.strip() for t in self.tokenizer.batch_decode(out, skip_special_tokens=True)], extras.chosen
         for row in rows:

@@ -13,6 +13,7 @@ from collections.abc import Callable
 import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+from clara.config import TrainConfig
 from clara.model.checkpoint import (
     CheckpointError,
     build_model,
@@ -22,10 +23,9 @@ from clara.model.checkpoint import (
     resolve_checkpoint,
 )
 from clara.model.collate import LengthCheck
-from clara.config import TrainConfig
 from clara.model.model import ClaraModel, ModelSettings
-from clara.stages.prompts import SpecialTokens, add_special_tokens
 from clara.stages import COMPRESSOR, QUERY_REASONER, STAGES, Stage, get_stage
+from clara.stages.prompts import SpecialTokens, add_special_tokens
 
 
 def tokenizer_source(cfg: TrainConfig) -> str:
@@ -47,19 +47,33 @@ def stage_tokenizer(cfg: TrainConfig) -> tuple[PreTrainedTokenizerBase, SpecialT
 
 def length_check(cfg: TrainConfig, stage: Stage) -> LengthCheck:
     """The data check of every record's decoder input against MAX_LEN, with the stage's tokenizer."""
-    return LengthCheck(stage, tokenizer_source(cfg), cfg.n_mem_tokens, cfg.doc_max_length, cfg.max_len,
-                       cfg.generation_top_k, cfg.seed)
+    return LengthCheck(
+        stage, tokenizer_source(cfg), cfg.n_mem_tokens, cfg.doc_max_length, cfg.max_len, cfg.generation_top_k, cfg.seed
+    )
 
 
 def model_settings(cfg: TrainConfig) -> ModelSettings:
-    return ModelSettings(base_model=cfg.model_path, n_mem_tokens=cfg.n_mem_tokens, compress_rate=cfg.compress_rate,
-                         doc_max_length=cfg.doc_max_length, generation_top_k=cfg.generation_top_k,
-                         lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                         topk_temperature=cfg.topk_temperature, candidate_chunk_size=cfg.candidate_chunk_size)
+    return ModelSettings(
+        base_model=cfg.model_path,
+        n_mem_tokens=cfg.n_mem_tokens,
+        compress_rate=cfg.compress_rate,
+        doc_max_length=cfg.doc_max_length,
+        generation_top_k=cfg.generation_top_k,
+        lora_r=cfg.lora_r,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        topk_temperature=cfg.topk_temperature,
+        candidate_chunk_size=cfg.candidate_chunk_size,
+    )
 
 
-def build_stage_model(cfg: TrainConfig, dtype: torch.dtype = torch.float32, attn_implementation: str = "sdpa",
-                      log: Callable[[str], None] = print, stage: Stage | None = None) -> ClaraModel:
+def build_stage_model(
+    cfg: TrainConfig,
+    dtype: torch.dtype = torch.float32,
+    attn_implementation: str = "sdpa",
+    log: Callable[[str], None] = print,
+    stage: Stage | None = None,
+) -> ClaraModel:
     """The model `stage` trains, with exactly the stage's adapters and trainable parameters.
 
     stage None: the one `cfg.stage` names, for callers that hold only the settings (tests, bench/).
@@ -75,20 +89,28 @@ def build_stage_model(cfg: TrainConfig, dtype: torch.dtype = torch.float32, attn
     return model
 
 
-def _continue_from(cfg: TrainConfig, stage: Stage, settings: ModelSettings, dtype: torch.dtype,
-                   attn_implementation: str, log: Callable[[str], None]) -> ClaraModel:
+def _continue_from(
+    cfg: TrainConfig,
+    stage: Stage,
+    settings: ModelSettings,
+    dtype: torch.dtype,
+    attn_implementation: str,
+    log: Callable[[str], None],
+) -> ClaraModel:
     source = resolve_checkpoint(cfg.pretrain_checkpoint)
     config = read_config(source)
     saved_n = config.get("n_mem_tokens") or config["doc_max_length"] // config["compr_rate"]
     if saved_n != cfg.n_mem_tokens:
         raise CheckpointError(
             f"DOC_MAX_LENGTH / COMPRESS_RATE = {cfg.doc_max_length} / {cfg.compress_rate} gives "
-            f"{cfg.n_mem_tokens} memory tokens, but {source} was trained with {saved_n}")
+            f"{cfg.n_mem_tokens} memory tokens, but {source} was trained with {saved_n}"
+        )
     saved_adapters = config.get("adapters") or list(stage.adapters)
     missing = [name for name in stage.loaded_adapters if name not in saved_adapters]
     if missing:
-        raise CheckpointError(f"{source} has no {', '.join(missing)}, which {stage.name} loads; "
-                              "pass the checkpoint of the previous stage")
+        raise CheckpointError(
+            f"{source} has no {', '.join(missing)}, which {stage.name} loads; pass the checkpoint of the previous stage"
+        )
     model = load_model(source, dtype, attn_implementation, base_model=cfg.model_path)
     model.settings = settings
     for name in stage.adapters:
@@ -136,9 +158,11 @@ def checkpoint_stage(checkpoint: str, given: str | None) -> Stage:
         return get_stage(given)
     found = infer_stage(checkpoint)
     if found is None:
-        raise CheckpointError(f"{checkpoint}: the official release layout records no stage and it has no "
-                              "query_reasoner_adapter (which would mean stage2); "
-                              "pass --stage stage1 or --stage stage1_2")
+        raise CheckpointError(
+            f"{checkpoint}: the official release layout records no stage and it has no "
+            "query_reasoner_adapter (which would mean stage2); "
+            "pass --stage stage1 or --stage stage1_2"
+        )
     if found not in STAGES:
         raise CheckpointError(f"{checkpoint}/config.json: unknown stage {found!r}; pass --stage")
     return get_stage(found)

@@ -16,15 +16,18 @@ EXAMPLE_DIR = Path(__file__).resolve().parent.parent.parent / "example"
 
 
 def clara_home() -> Path:
-    """Where builds of other recipes are kept, for checkpoints trained on them (see clara.model.checkpoint.tiny_base_for)."""
+    """Where builds of other recipes are kept, for checkpoints trained on them (see
+    clara.model.checkpoint.tiny_base_for)."""
     return Path(os.environ.get("CLARA_HOME") or Path.home() / ".cache" / "clara")
 
 
 def tiny_model_dir() -> str:
     """Directory of the shipped tiny model."""
     if not (SHIPPED_DIR / RECIPE_FILE).is_file():
-        raise FileNotFoundError(f"{SHIPPED_DIR / RECIPE_FILE}: the built-in tiny model is missing; "
-                                f"rebuild it with `python -m clara.tiny --out {SHIPPED_DIR}`")
+        raise FileNotFoundError(
+            f"{SHIPPED_DIR / RECIPE_FILE}: the built-in tiny model is missing; "
+            f"rebuild it with `python -m clara.tiny --out {SHIPPED_DIR}`"
+        )
     return str(SHIPPED_DIR)
 
 

@@ -11,8 +11,9 @@ def cosine_scores(queries: torch.Tensor, candidates: torch.Tensor) -> torch.Tens
     return torch.einsum("bd,bnd->bn", F.normalize(queries, dim=-1), F.normalize(candidates, dim=-1))
 
 
-def differentiable_topk(scores: torch.Tensor, k: int, temperature: float,
-                        valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def differentiable_topk(
+    scores: torch.Tensor, k: int, temperature: float, valid: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Straight-through top-k.
 
     scores [B, N] (and an optional boolean mask of valid candidates) -> indices [B, k] of the k

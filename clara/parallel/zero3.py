@@ -1,6 +1,6 @@
 """ZeRO-3 (parameters partitioned over the ranks) where it differs from ZeRO-2: loading the same random
-draws, how much may stay gathered, and what a step keeps gathered, with two corrections to DeepSpeed for a LoRA model whose frozen
-base runs twice in each forward (once as the compressor, once as the generator).
+draws, how much may stay gathered, and what a step keeps gathered, with two corrections to DeepSpeed for a LoRA
+model whose frozen base runs twice in each forward (once as the compressor, once as the generator).
 
 The linear layer. `deepspeed.zero.Init` (which transformers uses to load a base partitioned) replaces
 `torch.nn.functional.linear` with a function that saves each layer's input for the backward, so that
@@ -44,8 +44,9 @@ class FrozenWeightLinear(torch.autograd.Function):
             if ctx.needs_input_grad[0]:
                 grad_inputs = grad_output.matmul(weight)
             if ctx.needs_input_grad[1]:
-                grad_weight = grad_output.reshape(-1, grad_output.shape[-1]).t().matmul(
-                    inputs.reshape(-1, inputs.shape[-1]))
+                grad_weight = (
+                    grad_output.reshape(-1, grad_output.shape[-1]).t().matmul(inputs.reshape(-1, inputs.shape[-1]))
+                )
             if bias is not None and ctx.needs_input_grad[2]:
                 grad_bias = grad_output.reshape(-1, grad_output.shape[-1]).sum(0)
         finally:
@@ -74,12 +75,16 @@ def gathering_limits(model, on_cuda: bool) -> dict:
     transformer layer with its adapters, or the embedding matrix), gathered again for the backward.
     Prefetching overlaps the gathers with compute on CUDA; with gloo on the CPU it measured slower.
     """
+
     def size(module) -> int:
         return sum(full_numel(p) for p in module.parameters())
 
     unit = max(max(size(layer) for layer in model.backbone.layers), size(model.causal_lm.get_input_embeddings()))
-    return {"stage3_max_live_parameters": min(2 * unit, 10**9), "stage3_max_reuse_distance": 0,
-            "stage3_prefetch_bucket_size": min(unit, 5 * 10**7) if on_cuda else 0}
+    return {
+        "stage3_max_live_parameters": min(2 * unit, 10**9),
+        "stage3_max_reuse_distance": 0,
+        "stage3_prefetch_bucket_size": min(unit, 5 * 10**7) if on_cuda else 0,
+    }
 
 
 def keep_gathered_until_step(module: torch.nn.Module, param: torch.nn.Parameter) -> None:

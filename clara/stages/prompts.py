@@ -10,12 +10,17 @@ import functools
 import zlib
 from dataclasses import dataclass
 
-SYSTEM_QA = ("You are a helpful assistant. Given a document, your task is to generate some single questions "
-             "to cover all key information of the document and answer them sequentially.")
-SYSTEM_PARAPHRASE = ("You are a helpful assistant. Your task is follow the instructions to paraphrase the "
-                     "background information.")
-SYSTEM_ANSWER = ("You are a helpful assistant. Your task is to extract relevant information from provided "
-                 "documents and to answer to questions as briefly as possible.")
+SYSTEM_QA = (
+    "You are a helpful assistant. Given a document, your task is to generate some single questions "
+    "to cover all key information of the document and answer them sequentially."
+)
+SYSTEM_PARAPHRASE = (
+    "You are a helpful assistant. Your task is follow the instructions to paraphrase the background information."
+)
+SYSTEM_ANSWER = (
+    "You are a helpful assistant. Your task is to extract relevant information from provided "
+    "documents and to answer to questions as briefly as possible."
+)
 
 PARAPHRASE_INSTRUCTIONS = (
     "Background: {slots} means the same as",
@@ -86,8 +91,15 @@ def special_tokens_of(tokenizer, n_mem: int, own_extra: list[str] | None = None)
     mem_ids = tuple(ids[:n_mem])
     if list(mem_ids) != list(range(mem_ids[0], mem_ids[0] + n_mem)):
         raise ValueError("the memory tokens <MEM0>.. must have consecutive ids")
-    return SpecialTokens(mem_ids=mem_ids, ae_id=ids[n_mem], enc_id=ids[n_mem + 1], sep_id=ids[n_mem + 2],
-                         bos_token=bos, eos_token=tokenizer.eos_token, pad_id=tokenizer.pad_token_id)
+    return SpecialTokens(
+        mem_ids=mem_ids,
+        ae_id=ids[n_mem],
+        enc_id=ids[n_mem + 1],
+        sep_id=ids[n_mem + 2],
+        bos_token=bos,
+        eos_token=tokenizer.eos_token,
+        pad_id=tokenizer.pad_token_id,
+    )
 
 
 def memory_slots(n_mem: int, n_docs: int) -> str:
@@ -115,8 +127,9 @@ def answer_user_message(slots: str, question: str) -> str:
 
 
 def _chat(tokenizer, messages: list[dict], add_generation_prompt: bool) -> str:
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
-                                         enable_thinking=False)
+    return tokenizer.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=add_generation_prompt, enable_thinking=False
+    )
 
 
 def _prompt(tokenizer, system: str, user: str) -> tuple[list[dict], str]:
@@ -156,7 +169,7 @@ def render_supervised(tokenizer, system: str, user: str, answer: str) -> tuple[s
     messages, prompt = _prompt(tokenizer, system, user)
     full = _chat(tokenizer, messages + [{"role": "assistant", "content": answer}], False)
     if full.startswith(prompt):
-        return prompt, full[len(prompt):]
+        return prompt, full[len(prompt) :]
     return prompt, answer + _after_assistant_text(tokenizer)
 
 
@@ -169,7 +182,7 @@ def _after_assistant_cached(template: str, tokenizer) -> str:
     marker = "ZQXJ answer ZQXJ"
     chat = _chat(tokenizer, [{"role": "user", "content": "q"}, {"role": "assistant", "content": marker}], False)
     at = chat.rfind(marker)
-    tail = chat[at + len(marker):] if at >= 0 else ""
+    tail = chat[at + len(marker) :] if at >= 0 else ""
     return tail if tail.strip() else tokenizer.eos_token
 
 

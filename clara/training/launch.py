@@ -73,8 +73,13 @@ def env_int(name: str, minimum: int, maximum: int | None = None) -> int | None:
     text = os.environ.get(name, "").strip()
     if not text:
         return None
-    expected = (f"an integer from {minimum} to {maximum}" if maximum is not None
-                else "a positive integer" if minimum == 1 else f"an integer >= {minimum}")
+    expected = (
+        f"an integer from {minimum} to {maximum}"
+        if maximum is not None
+        else "a positive integer"
+        if minimum == 1
+        else f"an integer >= {minimum}"
+    )
     if not text.isdigit() or int(text) < minimum or (maximum is not None and int(text) > maximum):
         raise LaunchError(f"{name}={text}: expected {expected}")
     return int(text)
@@ -99,7 +104,7 @@ def settings_from_env(extra: list[str]) -> tuple[TrainConfig, dict[str, str]]:
         try:
             values[field.name] = parse_value(field, text)
         except (ValueError, argparse.ArgumentTypeError):
-            raise LaunchError(f"{field.name.upper()}={text}: expected {KINDS.get(value_type(field), 'text')}")
+            raise LaunchError(f"{field.name.upper()}={text}: expected {KINDS.get(value_type(field), 'text')}") from None
     parser = build_parser()
     parser.set_defaults(**values)
     return TrainConfig(**vars(parser.parse_args(extra))), texts
@@ -109,8 +114,9 @@ def processes_from_env(default_port: int) -> Processes:
     num_nodes = env_int("NUM_NODES", 1) or 1
     node_rank = env_int("NODE_RANK", 0) or 0
     if node_rank >= num_nodes:
-        raise LaunchError(f"NODE_RANK={node_rank}: expected a node rank below NUM_NODES={num_nodes} "
-                          f"(0 to {num_nodes - 1})")
+        raise LaunchError(
+            f"NODE_RANK={node_rank}: expected a node rank below NUM_NODES={num_nodes} (0 to {num_nodes - 1})"
+        )
     master_addr = os.environ.get("MASTER_ADDR", "").strip() or DEFAULT_MASTER_ADDR
     port = env_int("MASTER_PORT", 1, 65535)
     if port is None:
@@ -118,8 +124,10 @@ def processes_from_env(default_port: int) -> Processes:
         # still hold the old port) starts at once. Several nodes must agree on the script's port.
         port = free_port() if num_nodes == 1 else default_port
     elif node_rank == 0 and not port_is_free(port):
-        raise LaunchError(f"MASTER_PORT={port}: already in use on this machine (another run?); expected a "
-                          f"free port, or leave MASTER_PORT unset on one node to pick one")
+        raise LaunchError(
+            f"MASTER_PORT={port}: already in use on this machine (another run?); expected a "
+            f"free port, or leave MASTER_PORT unset on one node to pick one"
+        )
     return Processes(env_int("NUM_GPUS", 1) or 1, num_nodes, node_rank, master_addr, port)
 
 
@@ -133,15 +141,19 @@ def cuda_devices() -> int:
 
 def check_devices(procs: Processes, devices: int, dtype: str) -> None:
     if devices and procs.num_gpus > devices:
-        raise LaunchError(f"NUM_GPUS={procs.num_gpus}: expected at most {devices} (the CUDA devices visible on "
-                          "this node)")
+        raise LaunchError(
+            f"NUM_GPUS={procs.num_gpus}: expected at most {devices} (the CUDA devices visible on this node)"
+        )
     if not devices and dtype == "fp16":
-        raise LaunchError("DTYPE=fp16: expected auto, bf16 or fp32 without a CUDA device (fp16 loss scaling "
-                          "needs CUDA)")
+        raise LaunchError(
+            "DTYPE=fp16: expected auto, bf16 or fp32 without a CUDA device (fp16 loss scaling needs CUDA)"
+        )
     cores = os.cpu_count() or 1
     if not devices and procs.num_gpus > cores:
-        raise LaunchError(f"NUM_GPUS={procs.num_gpus}: expected at most {cores} (no CUDA device: one CPU "
-                          "process per core of this node)")
+        raise LaunchError(
+            f"NUM_GPUS={procs.num_gpus}: expected at most {cores} (no CUDA device: one CPU "
+            "process per core of this node)"
+        )
 
 
 def thread_setting(cfg: TrainConfig, procs: Processes) -> tuple[str | None, str]:
@@ -170,8 +182,16 @@ def short_rate(rate: float) -> str:
     return f"{float(mantissa):g}e{int(exponent)}"
 
 
-def summary(script: str, cfg: TrainConfig, given: TrainConfig, procs: Processes, device: str, model_note: str,
-            threads: str, extra: list[str]) -> str:
+def summary(
+    script: str,
+    cfg: TrainConfig,
+    given: TrainConfig,
+    procs: Processes,
+    device: str,
+    model_note: str,
+    threads: str,
+    extra: list[str],
+) -> str:
     stage = get_stage(cfg.stage)
     auto = "auto: {} (the trainer's default for this {})"
     rows = [
@@ -181,39 +201,72 @@ def summary(script: str, cfg: TrainConfig, given: TrainConfig, procs: Processes,
         ("DATASET", cfg.dataset),
         ("EVAL_DATASET", cfg.eval_dataset or "(none)"),
         ("SAVE_PATH", cfg.save_path),
-        ("DOC_MAX_LENGTH / COMPRESS_RATE", f"{cfg.doc_max_length} / {cfg.compress_rate} = {cfg.n_mem_tokens} memory "
-                                           "tokens per document"),
-        *([("GENERATION_TOP_K", str(cfg.generation_top_k)),
-           ("RETRIEVAL_WEIGHT", f"{cfg.retrieval_weight:g}" + ("" if cfg.retrieval_weight else
-                                                               " (the official objective: the generator's loss only)"))]
-          if stage.uses_query else []),
-        ("LEARNING_RATE", short_rate(cfg.learning_rate) if given.learning_rate is not None
-         else auto.format(short_rate(cfg.learning_rate), "model and stage")),
-        ("BATCH_SIZE", f"{cfg.batch_size} = MICRO_BATCH_SIZE {cfg.micro_batch_size} x {procs.world_size} process(es) "
-                       f"x gradient accumulation {cfg.batch_size // (cfg.micro_batch_size * procs.world_size)}"),
+        (
+            "DOC_MAX_LENGTH / COMPRESS_RATE",
+            f"{cfg.doc_max_length} / {cfg.compress_rate} = {cfg.n_mem_tokens} memory tokens per document",
+        ),
+        *(
+            [
+                ("GENERATION_TOP_K", str(cfg.generation_top_k)),
+                (
+                    "RETRIEVAL_WEIGHT",
+                    f"{cfg.retrieval_weight:g}"
+                    + ("" if cfg.retrieval_weight else " (the official objective: the generator's loss only)"),
+                ),
+            ]
+            if stage.uses_query
+            else []
+        ),
+        (
+            "LEARNING_RATE",
+            short_rate(cfg.learning_rate)
+            if given.learning_rate is not None
+            else auto.format(short_rate(cfg.learning_rate), "model and stage"),
+        ),
+        (
+            "BATCH_SIZE",
+            f"{cfg.batch_size} = MICRO_BATCH_SIZE {cfg.micro_batch_size} x {procs.world_size} process(es) "
+            f"x gradient accumulation {cfg.batch_size // (cfg.micro_batch_size * procs.world_size)}",
+        ),
         ("MAX_EPOCHS", str(cfg.max_epochs)),
         ("MAX_STEPS", str(cfg.max_steps) if cfg.max_steps else "(unset: the epochs decide)"),
         ("MAX_SAMPLES", str(cfg.max_samples) if cfg.max_samples else "(unset: all)"),
         ("MAX_LEN", str(cfg.max_len) if given.max_len is not None else auto.format(cfg.max_len, "stage")),
-        ("DEBUG_MODE", f"{str(cfg.debug_mode).lower()} (every {cfg.debug_every_steps} steps, up to "
-                       f"{cfg.debug_max_print_tokens} tokens)"),
+        (
+            "DEBUG_MODE",
+            f"{str(cfg.debug_mode).lower()} (every {cfg.debug_every_steps} steps, up to "
+            f"{cfg.debug_max_print_tokens} tokens)",
+        ),
         ("LOGGING/EVAL/SAVE_STEPS", f"{cfg.logging_steps} / {cfg.eval_steps} / {cfg.save_steps}"),
-        ("processes", f"NUM_NODES {procs.num_nodes} x NUM_GPUS {procs.num_gpus} = world size {procs.world_size}; "
-                      f"NODE_RANK {procs.node_rank}; rendezvous {procs.master_addr}:{procs.master_port}"),
+        (
+            "processes",
+            f"NUM_NODES {procs.num_nodes} x NUM_GPUS {procs.num_gpus} = world size {procs.world_size}; "
+            f"NODE_RANK {procs.node_rank}; rendezvous {procs.master_addr}:{procs.master_port}",
+        ),
         ("ZERO_STAGE / OFFLOAD", f"{cfg.zero_stage} / {cfg.offload}"),
         ("GRADIENT_CHECKPOINTING", str(cfg.gradient_checkpointing).lower()),
         ("DTYPE / FLASH_ATTN", f"{cfg.dtype} / {cfg.flash_attn}"),
-        ("MSE_WEIGHT", f"{cfg.mse_weight:g}" if given.mse_weight is not None
-         else auto.format(f"{cfg.mse_weight:g}", "model")),
+        (
+            "MSE_WEIGHT",
+            f"{cfg.mse_weight:g}" if given.mse_weight is not None else auto.format(f"{cfg.mse_weight:g}", "model"),
+        ),
         ("SEED", str(cfg.seed)),
         ("RESUME / MAX_CKPT_NUM", f"{cfg.resume} / {cfg.max_ckpt_num}"),
-        ("RESUME_CHANGED_INPUTS", str(cfg.resume_changed_inputs).lower()
-         + ("" if cfg.resume_changed_inputs else " (a resume onto changed data or base model stops)")),
+        (
+            "RESUME_CHANGED_INPUTS",
+            str(cfg.resume_changed_inputs).lower()
+            + ("" if cfg.resume_changed_inputs else " (a resume onto changed data or base model stops)"),
+        ),
         ("BAD_SAMPLES", cfg.bad_samples),
-        ("DATA_WORKERS", f"{cfg.data_workers}" + ("" if given.data_workers is not None else
-                                                  " (auto: the CPUs this process may use, at most 16)")),
-        ("USE_TENSORBOARD/WANDB", f"{str(cfg.use_tensorboard).lower()} / {str(cfg.use_wandb).lower()} "
-                                  f"(project {cfg.wandb_project})"),
+        (
+            "DATA_WORKERS",
+            f"{cfg.data_workers}"
+            + ("" if given.data_workers is not None else " (auto: the CPUs this process may use, at most 16)"),
+        ),
+        (
+            "USE_TENSORBOARD/WANDB",
+            f"{str(cfg.use_tensorboard).lower()} / {str(cfg.use_wandb).lower()} (project {cfg.wandb_project})",
+        ),
         ("OMP_NUM_THREADS", threads),
         *([("extra trainer arguments", shlex.join(extra))] if extra else []),
     ]
@@ -232,8 +285,9 @@ def log_file(cfg: TrainConfig, procs: Processes, dry_run: bool) -> str:
             with open(path, "a", encoding="utf-8"):
                 pass
         except OSError as error:
-            raise LaunchError(f"SAVE_PATH={cfg.save_path}: cannot write {path} ({error.strerror}); "
-                              "expected a writable directory")
+            raise LaunchError(
+                f"SAVE_PATH={cfg.save_path}: cannot write {path} ({error.strerror}); expected a writable directory"
+            ) from error
     return path
 
 
@@ -247,8 +301,14 @@ def check_not_in_use(save_path: str) -> None:
         raise LaunchError(str(error)) from None
 
 
-def checked(given: TrainConfig, texts: dict[str, str], has_cuda: bool, world: int,
-            batch_defaults: tuple[int, int], check_batch: bool = True) -> TrainConfig:
+def checked(
+    given: TrainConfig,
+    texts: dict[str, str],
+    has_cuda: bool,
+    world: int,
+    batch_defaults: tuple[int, int],
+    check_batch: bool = True,
+) -> TrainConfig:
     """The resolved settings, or LaunchError naming the variable as the user wrote it."""
     cfg = resolve(dataclasses.replace(given), has_cuda=has_cuda, world_size=world, batch_defaults=batch_defaults)
     try:
@@ -259,8 +319,9 @@ def checked(given: TrainConfig, texts: dict[str, str], has_cuda: bool, world: in
     return cfg
 
 
-def plan(script: str, extra: list[str], batch_defaults: tuple[int, int],
-         default_port: int) -> dict[str, str | list[str]]:
+def plan(
+    script: str, extra: list[str], batch_defaults: tuple[int, int], default_port: int
+) -> dict[str, str | list[str]]:
     """Everything the script needs, as bash variables; raises LaunchError on a bad setting."""
     dry_run = env_bool("DRY_RUN") if os.environ.get("DRY_RUN", "").strip() else False
     given, texts = settings_from_env(extra)
@@ -285,11 +346,26 @@ def plan(script: str, extra: list[str], batch_defaults: tuple[int, int],
     env = [f"OMP_NUM_THREADS={threads}"] if threads else []
     if not os.environ.get("TORCH_ELASTIC_SHUTDOWN_TIMEOUT"):
         env.append(f"TORCH_ELASTIC_SHUTDOWN_TIMEOUT={SHUTDOWN_TIMEOUT_S}")
-    # torchrun through clara.run_workers (clara/training/run_workers.py): a worker's own exit status (2: bad data or settings) reaches the script.
+    # torchrun through clara.run_workers (clara/training/run_workers.py): a worker's own exit status (2: bad data
+    # or settings) reaches the script.
     runner = [sys.executable, "-m", "clara.run_workers"]
-    command = [*runner, "--nproc_per_node", str(procs.num_gpus), "--nnodes", str(procs.num_nodes),
-               "--node_rank", str(procs.node_rank), "--master_addr", procs.master_addr,
-               "--master_port", str(procs.master_port), "-m", "clara.train", *trainer_flags(cfg, given), *extra]
+    command = [
+        *runner,
+        "--nproc_per_node",
+        str(procs.num_gpus),
+        "--nnodes",
+        str(procs.num_nodes),
+        "--node_rank",
+        str(procs.node_rank),
+        "--master_addr",
+        procs.master_addr,
+        "--master_port",
+        str(procs.master_port),
+        "-m",
+        "clara.train",
+        *trainer_flags(cfg, given),
+        *extra,
+    ]
     return {
         "CLARA_ENV": env,
         "CLARA_CMD": command,
@@ -312,14 +388,20 @@ def usage(script: str) -> str:
     for field in dataclasses.fields(TrainConfig):
         if field.name.upper() not in own:
             default = "unset" if field.default is None else str(field.default)
-            rows.append((field.name.upper(), default.lower() if isinstance(field.default, bool) else default,
-                         field.metadata["help"]))
+            rows.append(
+                (
+                    field.name.upper(),
+                    default.lower() if isinstance(field.default, bool) else default,
+                    field.metadata["help"],
+                )
+            )
     rows += [row for row in PROCESS_SETTINGS if row[0] not in own]
     width = max(len(name) for name, _, _ in rows) + 2
     lines = [f"{'Variable':<{width}}{'Default':<10}Meaning (empty means unset)"]
     for name, default, meaning in rows:
-        lines += textwrap.wrap(meaning, 118, initial_indent=f"{name:<{width}}{default:<10}",
-                               subsequent_indent=" " * (width + 10)) or [f"{name:<{width}}{default}"]
+        lines += textwrap.wrap(
+            meaning, 118, initial_indent=f"{name:<{width}}{default:<10}", subsequent_indent=" " * (width + 10)
+        ) or [f"{name:<{width}}{default}"]
     return "\n".join(lines)
 
 

@@ -30,7 +30,9 @@ class RunLog:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:
-                raise ConfigError("use_tensorboard", True, "the tensorboard package installed: pip install tensorboard") from None
+                raise ConfigError(
+                    "use_tensorboard", True, "the tensorboard package installed: pip install tensorboard"
+                ) from None
             self.tensorboard = SummaryWriter(os.path.join(cfg.save_path, "tensorboard"))
         if cfg.use_wandb:
             try:

@@ -14,13 +14,13 @@ import deepspeed
 import torch
 from transformers.integrations import HfDeepSpeedConfig
 
-from clara.model.collate import Collator
 from clara.config import TrainConfig
+from clara.model.collate import Collator
 from clara.model.losses import stage_weights
-from clara.training.schedule import cosine_with_warmup
 from clara.model.stage_model import build_stage_model
-from clara.stages import Stage, get_stage
 from clara.parallel.zero3 import gathering_limits, keep_gathered_until_step, release_after_each_use
+from clara.stages import Stage, get_stage
+from clara.training.schedule import cosine_with_warmup
 
 
 # -- schedule ---------------------------------------------------------------------------------------------
@@ -90,8 +90,16 @@ class TrainingSetup:
         raise AttributeError(f"TrainingSetup has no {name!r}")
 
 
-def setup_training(cfg: TrainConfig, total_steps: int, world: int, device: torch.device, dtype: torch.dtype,
-                   attn: str, log=print, stage: Stage | None = None) -> TrainingSetup:
+def setup_training(
+    cfg: TrainConfig,
+    total_steps: int,
+    world: int,
+    device: torch.device,
+    dtype: torch.dtype,
+    attn: str,
+    log=print,
+    stage: Stage | None = None,
+) -> TrainingSetup:
     """Seeded model, collator, AdamW, the learning-rate schedule and deepspeed.initialize (also used by bench/).
 
     stage None: the one `cfg.stage` names, for callers that hold only the settings (bench/, tests).
@@ -109,16 +117,18 @@ def setup_training(cfg: TrainConfig, total_steps: int, world: int, device: torch
         model.enable_gradient_checkpointing()
     model.to(device)
     model.train()
-    collator = Collator(stage, model.tokenizer, model.tokens, cfg.doc_max_length, cfg.max_len,
-                        cfg.generation_top_k, cfg.seed)
+    collator = Collator(
+        stage, model.tokenizer, model.tokens, cfg.doc_max_length, cfg.max_len, cfg.generation_top_k, cfg.seed
+    )
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=cfg.learning_rate, betas=(0.9, 0.95), weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, stage, total_steps))
     engine, optimizer, _, scheduler = deepspeed.initialize(
-        model=model, optimizer=optimizer, lr_scheduler=scheduler,
-        config=config)
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config
+    )
     if zero3_config is not None:
         keep_gathered_until_step(model, model.mem_embeddings)
         release_after_each_use(model, optimizer)
-    return TrainingSetup(model, collator, trainable, engine, optimizer, scheduler, stage_weights(cfg, stage),
-                         zero3_config)
+    return TrainingSetup(
+        model, collator, trainable, engine, optimizer, scheduler, stage_weights(cfg, stage), zero3_config
+    )

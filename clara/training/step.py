@@ -11,9 +11,9 @@ import torch
 import torch.distributed as dist
 
 from clara.model.collate import Batch
-from clara.parallel.distributed import gathered
 from clara.model.losses import LOSS_TERMS
 from clara.model.model import StepOutput
+from clara.parallel.distributed import gathered
 
 
 # -- data order -------------------------------------------------------------------------------------------
@@ -22,11 +22,12 @@ def epoch_order(num_samples: int, seed: int, epoch: int) -> list[int]:
     return torch.randperm(num_samples, generator=generator).tolist()
 
 
-def micro_batch_indices(order: list[int], step_in_epoch: int, micro: int, rank: int, world: int,
-                        batch_size: int, micro_batch_size: int) -> list[int]:
+def micro_batch_indices(
+    order: list[int], step_in_epoch: int, micro: int, rank: int, world: int, batch_size: int, micro_batch_size: int
+) -> list[int]:
     """The samples of one rank's micro-batch: each optimizer step takes the next batch_size of the order."""
     start = step_in_epoch * batch_size + (micro * world + rank) * micro_batch_size
-    return order[start:start + micro_batch_size]
+    return order[start : start + micro_batch_size]
 
 
 def step_seed(seed: int, step: int, micro: int, rank: int) -> int:
@@ -89,10 +90,13 @@ def micro_batch_sums(batch: Batch, out: StepOutput) -> dict[str, torch.Tensor]:
     """What one finite micro-batch adds to the step's sums."""
     device = out.lm.loss.device
     one = torch.ones((), device=device)
-    values = {"lm_loss": out.lm.loss.detach(), "finite_batches": one,
-              "tokens": torch.tensor(batch.num_tokens, device=device),
-              "correct_tokens": (out.lm.logits.argmax(-1) == out.lm.targets).sum(),
-              "answer_tokens": torch.tensor(out.lm.targets.numel(), device=device)}
+    values = {
+        "lm_loss": out.lm.loss.detach(),
+        "finite_batches": one,
+        "tokens": torch.tensor(batch.num_tokens, device=device),
+        "correct_tokens": (out.lm.logits.argmax(-1) == out.lm.targets).sum(),
+        "answer_tokens": torch.tensor(out.lm.targets.numel(), device=device),
+    }
     for name, value in out.terms.items():
         values[name] = value.detach()
         values[f"{name}_batches"] = one
@@ -125,9 +129,16 @@ def _zero_backward(engine) -> None:
         engine.backward(sum(p.sum() for p in trained) * 0.0)
 
 
-def optimizer_step(engine, optimizer, batches: list[Batch], seeds: list[int], mse_weight: float = 0.0,
-                   on_first: Callable[[Batch, StepOutput], None] | None = None,
-                   loss_scaled: bool = False, **weights: float) -> StepResult:
+def optimizer_step(
+    engine,
+    optimizer,
+    batches: list[Batch],
+    seeds: list[int],
+    mse_weight: float = 0.0,
+    on_first: Callable[[Batch, StepOutput], None] | None = None,
+    loss_scaled: bool = False,
+    **weights: float,
+) -> StepResult:
     """Forward and backward every micro-batch of one optimizer step, then step.
 
     The loss weights (`mse_weight`, `retrieval_weight`: clara.model.losses) go to the model's forward.
@@ -156,7 +167,8 @@ def optimizer_step(engine, optimizer, batches: list[Batch], seeds: list[int], ms
         except torch.OutOfMemoryError as error:
             raise RuntimeError(
                 "Out of memory. Lower MICRO_BATCH_SIZE (raise the gradient accumulation instead), set "
-                "GRADIENT_CHECKPOINTING=true, or lower MAX_LEN / DOC_MAX_LENGTH.") from error
+                "GRADIENT_CHECKPOINTING=true, or lower MAX_LEN / DOC_MAX_LENGTH."
+            ) from error
         if out.chosen is not None:
             result.chosen += out.chosen.tolist()
             result.positives += batch.pos_index

@@ -40,9 +40,9 @@ from transformers import (
 from clara.data import example_data
 from clara.data.example_data import invent_names, make_entity, pick_fact, pretrain_records, question_answer
 from clara.evaluation.metrics import normalize_answer
+from clara.model.tiny_base import EXAMPLE_DIR, RECIPE_FILE, SHIPPED_DIR, read_recipe, tiny_model_dir, tiny_version
 from clara.stages.prompts import SYSTEM_ANSWER, SYSTEM_PARAPHRASE, SYSTEM_QA, answer_user_message, qa_target
 from clara.training.schedule import cosine_with_warmup
-from clara.model.tiny_base import EXAMPLE_DIR, RECIPE_FILE, SHIPPED_DIR, read_recipe, tiny_model_dir, tiny_version
 
 TRAIN_FILES = ("pretrain_data.jsonl", "instruction_tuning_data.jsonl", "end_to_end_data.jsonl")
 EVAL_FILE = "instruction_tuning_data_eval.jsonl"
@@ -91,7 +91,8 @@ def _require_example_files() -> None:
     if missing:
         raise FileNotFoundError(
             f"the tiny model is built from the example data, but {missing} is missing in "
-            f"{EXAMPLE_DIR}; run `python example/make_data.py`")
+            f"{EXAMPLE_DIR}; run `python example/make_data.py`"
+        )
 
 
 class _Meaning(ast.NodeTransformer):
@@ -101,9 +102,13 @@ class _Meaning(ast.NodeTransformer):
         super().generic_visit(node)
         body = getattr(node, "body", None)
         if isinstance(body, list):
-            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and body \
-                    and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant) \
-                    and isinstance(body[0].value.value, str):
+            if (
+                isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+                and body
+                and isinstance(body[0], ast.Expr)
+                and isinstance(body[0].value, ast.Constant)
+                and isinstance(body[0].value.value, str)
+            ):
                 body = body[1:]
             node.body = [statement for statement in body if not isinstance(statement, (ast.Import, ast.ImportFrom))]
         return node
@@ -120,8 +125,11 @@ def _canonical(node) -> str:
     # fields out), so the tree is written here, every empty or absent field left out.
     if isinstance(node, ast.AST):
         fields = ((name, getattr(node, name, None)) for name in node._fields)
-        return f"{type(node).__name__}(" + ", ".join(
-            f"{name}={_canonical(value)}" for name, value in fields if value is not None and value != []) + ")"
+        return (
+            f"{type(node).__name__}("
+            + ", ".join(f"{name}={_canonical(value)}" for name, value in fields if value is not None and value != [])
+            + ")"
+        )
     if isinstance(node, list):
         return "[" + ", ".join(_canonical(item) for item in node) + "]"
     return repr(node)
@@ -183,8 +191,11 @@ def _stage1_messages(record: dict) -> list[dict]:
     else:
         system = SYSTEM_PARAPHRASE
         answer = record["answers"][0]
-    return [{"role": "system", "content": system}, {"role": "user", "content": user},
-            {"role": "assistant", "content": answer}]
+    return [
+        {"role": "system", "content": system},
+        {"role": "user", "content": user},
+        {"role": "assistant", "content": answer},
+    ]
 
 
 def _tokenizer_texts() -> list[str]:
@@ -205,10 +216,12 @@ def _train_tokenizer(texts: list[str]) -> PreTrainedTokenizerFast:
     # Spaces are tokens of their own, so "owl" is the same token in " is owl." and in the
     # answer "owl", and a name is the same tokens in a document and in a question: copying is
     # then one generic skill instead of a mapping learned per word.
-    backend.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(r"[A-Za-z]+ ?|[0-9]+ ?|[^A-Za-z0-9\s]+ ?|\s+"), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
+    backend.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(r"[A-Za-z]+ ?|[0-9]+ ?|[^A-Za-z0-9\s]+ ?|\s+"), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
     backend.decoder = decoders.ByteLevel()
     specials = [AddedToken(t, special=True, normalized=False) for t in (PAD_TOKEN, IM_START, IM_END)]
     trainer = trainers.BpeTrainer(
@@ -246,8 +259,7 @@ def _sample_text(rng: random.Random, tokenizer: PreTrainedTokenizerFast) -> tupl
     if draw < DOC_TEXT_SHARE:
         # Several documents per text, as in packed pretraining, so that the batch's chat turns
         # set the padded length rather than one short document.
-        text = "".join(make_entity(rng, name)["doc"] + PAD_TOKEN
-                       for name in invent_names(rng, DOCS_PER_TEXT))
+        text = "".join(make_entity(rng, name)["doc"] + PAD_TOKEN for name in invent_names(rng, DOCS_PER_TEXT))
         return text, len(text)
     if draw < DOC_TEXT_SHARE + STAGE1_SHARE:
         place = make_entity(rng, invent_names(rng, 1)[0])
@@ -307,14 +319,18 @@ def _train_tiny_model(out_dir: str, seed: int, steps: int) -> None:
     )
     model = Qwen3ForCausalLM(config)
     model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=LEARNING_RATE, betas=(0.9, 0.95),
-                                  weight_decay=0.0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=LEARNING_RATE, betas=(0.9, 0.95), weight_decay=0.0)
     tokenizer.padding_side = "right"
     running = 0.0
     for step in range(steps):
         samples = [_sample_text(rng, tokenizer) for _ in range(BATCH_TEXTS)]
-        batch = tokenizer([text for text, _ in samples], return_tensors="pt", padding=True,
-                          add_special_tokens=False, return_offsets_mapping=True)
+        batch = tokenizer(
+            [text for text, _ in samples],
+            return_tensors="pt",
+            padding=True,
+            add_special_tokens=False,
+            return_offsets_mapping=True,
+        )
         # Every real token is trained (the model must also learn the documents' language), but
         # answer tokens weigh much more: copying the answer is the skill CLaRa relies on (README:
         # "The built-in tiny model" gives the measured effect of the weight).
@@ -327,8 +343,8 @@ def _train_tiny_model(out_dir: str, seed: int, steps: int) -> None:
         # and attention takes its faster unmasked path.
         logits = model(input_ids=batch["input_ids"]).logits[:, :-1]
         token_loss = torch.nn.functional.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]), batch["input_ids"][:, 1:].reshape(-1),
-            reduction="none")
+            logits.reshape(-1, logits.shape[-1]), batch["input_ids"][:, 1:].reshape(-1), reduction="none"
+        )
         target_weights = weights[:, 1:].reshape(-1)
         loss = (token_loss * target_weights).sum() / target_weights.sum()
         optimizer.zero_grad(set_to_none=True)
@@ -338,13 +354,16 @@ def _train_tiny_model(out_dir: str, seed: int, steps: int) -> None:
         running += loss.item()
         if (step + 1) % 100 == 0 or step + 1 == steps:
             window = (step % 100) + 1
-            print(f"[clara.tiny] step {step + 1}/{steps} loss {running / window:.4f} "
-                  f"({time.time() - start:.0f}s)", flush=True)
+            print(
+                f"[clara.tiny] step {step + 1}/{steps} loss {running / window:.4f} ({time.time() - start:.0f}s)",
+                flush=True,
+            )
             running = 0.0
 
     model.eval()
     model.generation_config = GenerationConfig(
-        do_sample=False, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+        do_sample=False, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
+    )
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
 
@@ -359,25 +378,32 @@ def reading_exact_match(model_dir: str, data_path: str | None = None, batch_size
     model.eval()
     correct = 0
     for i in range(0, len(records), batch_size):
-        chunk = records[i:i + batch_size]
+        chunk = records[i : i + batch_size]
         prompts = [
-            tokenizer.apply_chat_template(reading_messages(r["docs"], r["question"]), tokenize=False,
-                                          add_generation_prompt=True, enable_thinking=False)
+            tokenizer.apply_chat_template(
+                reading_messages(r["docs"], r["question"]),
+                tokenize=False,
+                add_generation_prompt=True,
+                enable_thinking=False,
+            )
             for r in chunk
         ]
         batch = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
         out = model.generate(**batch, max_new_tokens=12, do_sample=False)
-        answers = tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
-        correct += sum(normalize_answer(p) == normalize_answer(r["answers"])
-                       for p, r in zip(answers, chunk))
+        answers = tokenizer.batch_decode(out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
+        correct += sum(normalize_answer(p) == normalize_answer(r["answers"]) for p, r in zip(answers, chunk))
     return correct / len(records)
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
-        description="Build the built-in tiny CLaRa base model from its recipe, or check the shipped one.")
-    parser.add_argument("--out", help=f"build into this directory ({SHIPPED_DIR} replaces the shipped "
-                                      "model); without it, check the shipped model against the recipe")
+        description="Build the built-in tiny CLaRa base model from its recipe, or check the shipped one."
+    )
+    parser.add_argument(
+        "--out",
+        help=f"build into this directory ({SHIPPED_DIR} replaces the shipped "
+        "model); without it, check the shipped model against the recipe",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the build (with --out)")
     args = parser.parse_args(argv)
     if args.out:
@@ -390,8 +416,11 @@ def main(argv: list[str] | None = None) -> None:
             parser.error("--seed: expected only with --out (the shipped model is built with seed 0)")
         out = tiny_model_dir()
         shipped, current = tiny_version(), recipe_version()
-        verdict = ("matches the recipe" if shipped == current else
-                   f"is outdated: the recipe now builds {current}; run `python -m clara.tiny --out {out}`")
+        verdict = (
+            "matches the recipe"
+            if shipped == current
+            else f"is outdated: the recipe now builds {current}; run `python -m clara.tiny --out {out}`"
+        )
         print(f"[clara.tiny] the shipped model {shipped} in {out} {verdict}")
     score = reading_exact_match(out)
     print(f"[clara.tiny] held-out exact match with the documents in the prompt: {score:.1%}")

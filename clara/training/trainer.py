@@ -21,19 +21,22 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from clara.model.checkpoint import export_parameters, save_model
-from clara.model.collate import Batch
 from clara.config import ConfigError, TrainConfig
 from clara.data import load_records
-from clara.evaluation.debug import DebugPrinter
-from clara.parallel.distributed import gathered, init_distributed, leave_process_group, local_shard, resolve_dtype
-from clara.errors import RunFailure
-from clara.evaluation.evaluate import evaluate_stage
-from clara.files import write_json_atomic
 from clara.data.fingerprint import train_data_key
-from clara.model.losses import LOSS_TERMS
+from clara.errors import RunFailure
+from clara.evaluation.debug import DebugPrinter
+from clara.evaluation.evaluate import evaluate_stage
 from clara.evaluation.metrics import retrieval_summary
+from clara.files import write_json_atomic
+from clara.model.checkpoint import export_parameters, save_model
+from clara.model.collate import Batch
+from clara.model.losses import LOSS_TERMS
 from clara.model.model import attention_implementation
+from clara.model.stage_model import length_check
+from clara.parallel.distributed import gathered, init_distributed, leave_process_group, local_shard, resolve_dtype
+from clara.parallel.zero3 import full_numel
+from clara.stages import get_stage
 from clara.training.resumable import (
     BackgroundPublisher,
     TrainState,
@@ -46,14 +49,19 @@ from clara.training.resumable import (
     save_resumable,
 )
 from clara.training.run_log import RunLog, peak_memory_mb
-from clara.model.stage_model import length_check
-from clara.stages import get_stage
+from clara.training.setup import setup_training
 
 # Looked up here when the trainer calls them: the tests' hooks replace optimizer_step and
 # micro_batch_indices on this module.
-from clara.training.step import StepResult, StepSums, epoch_order, micro_batch_indices, optimizer_step, step_seed, term_means
-from clara.training.setup import setup_training
-from clara.parallel.zero3 import full_numel
+from clara.training.step import (
+    StepResult,
+    StepSums,
+    epoch_order,
+    micro_batch_indices,
+    optimizer_step,
+    step_seed,
+    term_means,
+)
 
 MAX_NONFINITE_IN_A_ROW = 10
 
@@ -71,8 +79,9 @@ class Stop(Exception):
 def stop_requests() -> Iterator[list[int]]:
     """SIGTERM and SIGINT are recorded, not acted on: the loop finishes its step, saves and stops."""
     received: list[int] = []
-    previous = {s: signal.signal(s, lambda signum, frame: received.append(signum))
-                for s in (signal.SIGTERM, signal.SIGINT)}
+    previous = {
+        s: signal.signal(s, lambda signum, frame: received.append(signum)) for s in (signal.SIGTERM, signal.SIGINT)
+    }
     try:
         yield received
     finally:
@@ -113,13 +122,24 @@ class Trainer:
         self.resume_plan = plan_run(cfg, self.total_steps, self.rank, self.world, self.run_log.print)
         if self.resume_plan.finished:
             return
-        self.components = setup_training(cfg, self.total_steps, self.world, self.device, self.dtype, self.attn,
-                                         log=self.run_log.print, stage=self.stage)
+        self.components = setup_training(
+            cfg,
+            self.total_steps,
+            self.world,
+            self.device,
+            self.dtype,
+            self.attn,
+            log=self.run_log.print,
+            stage=self.stage,
+        )
         self._resume()
         self._announce()
         show = cfg.debug_mode and self.rank == 0
-        self.debug = DebugPrinter(self.components.model.tokenizer, self.components.model.tokens,
-                                  cfg.debug_max_print_tokens) if show else None
+        self.debug = (
+            DebugPrinter(self.components.model.tokenizer, self.components.model.tokens, cfg.debug_max_print_tokens)
+            if show
+            else None
+        )
 
     def _setup_data(self) -> None:
         cfg, stage = self.cfg, self.stage
@@ -130,10 +150,22 @@ class Trainer:
         # Local rank 0 prepares (once: cached); the node's other ranks wait for it and never read the input.
         preparer = self.local_rank == 0
         log = self.run_log.print if preparer else (print if self.local_rank == 1 else lambda *_: None)
-        load = functools.partial(load_records, stage, bad_samples=cfg.bad_samples, min_docs=min_docs, log=log,
-                                 make_check=check, preparer=preparer, workers=cfg.data_workers)
-        self.records = load(cfg.dataset, rejected_path=rejected, max_samples=cfg.max_samples,
-                            key=train_data_key(cfg) if preparer else None)
+        load = functools.partial(
+            load_records,
+            stage,
+            bad_samples=cfg.bad_samples,
+            min_docs=min_docs,
+            log=log,
+            make_check=check,
+            preparer=preparer,
+            workers=cfg.data_workers,
+        )
+        self.records = load(
+            cfg.dataset,
+            rejected_path=rejected,
+            max_samples=cfg.max_samples,
+            key=train_data_key(cfg) if preparer else None,
+        )
         self.eval_records = None
         if cfg.eval_dataset:
             eval_cfg = dataclasses.replace(cfg, dataset=cfg.eval_dataset, max_samples=None)
@@ -152,14 +184,21 @@ class Trainer:
         if self.rank == 0:
             rewind_metrics(self.cfg.save_path, self.state.global_step)
         log = self.run_log.print
-        log(f"Resumed from {plan.directory} at step {self.state.global_step}"
-            + (f" (epoch {self.state.epoch}, step {self.state.step_in_epoch} of the new data's order)."
-               if plan.data_changed else "."))
+        log(
+            f"Resumed from {plan.directory} at step {self.state.global_step}"
+            + (
+                f" (epoch {self.state.epoch}, step {self.state.step_in_epoch} of the new data's order)."
+                if plan.data_changed
+                else "."
+            )
+        )
         changed = changed_settings(plan.settings, self.cfg.to_dict())
         if changed:
-            log(f"Warning: the run that saved this checkpoint had other settings ({'; '.join(changed)}); "
+            log(
+                f"Warning: the run that saved this checkpoint had other settings ({'; '.join(changed)}); "
                 "training goes on with the new ones. RESUME=false (--resume false) or another SAVE_PATH "
-                "starts over instead.")
+                "starts over instead."
+            )
 
     def _restart_schedule_at(self, peak: float) -> None:
         """The restored scheduler brings back the saved run's peak rate; a resumed run goes on with this one."""
@@ -179,32 +218,49 @@ class Trainer:
             params = list(self.components.engine.module.parameters())
             held = sum(local_shard(p).numel() for p in params)
             total = sum(full_numel(p) for p in params)
-            log(f"ZeRO-3: rank 0 holds {held:,} of the model's {total:,} parameters "
-                f"({held / total:.1%}; each rank about 1/{self.world})")
-        log(f"Trainable parameters: {trainable:,} | world size {self.world} | device {self.device.type} | "
+            log(
+                f"ZeRO-3: rank 0 holds {held:,} of the model's {total:,} parameters "
+                f"({held / total:.1%}; each rank about 1/{self.world})"
+            )
+        log(
+            f"Trainable parameters: {trainable:,} | world size {self.world} | device {self.device.type} | "
             f"attention {self.attn} | dtype {str(self.dtype).replace('torch.', '')} | "
             f"{len(self.records)} samples, {self.steps_per_epoch} steps/epoch, {self.total_steps} steps, "
-            f"gradient accumulation {self.accumulation}")
+            f"gradient accumulation {self.accumulation}"
+        )
 
     # -- training -----------------------------------------------------------------------------------------
     def train(self) -> dict:
         """Step until total_steps; save every save_steps, on a stop request and at the end; then export."""
         if self.resume_plan.finished:
             plan = self.resume_plan
-            self.run_log.print(f"Nothing to do: run {plan.run_id} finished at step {plan.state.global_step} "
-                               f"and its model is in {self.cfg.save_path}. A larger MAX_STEPS continues it; "
-                               "RESUME=false starts over.")
+            self.run_log.print(
+                f"Nothing to do: run {plan.run_id} finished at step {plan.state.global_step} "
+                f"and its model is in {self.cfg.save_path}. A larger MAX_STEPS continues it; "
+                "RESUME=false starts over."
+            )
             return {}
         last: dict = {}
-        progress = (tqdm(total=self.total_steps, initial=self.state.global_step, desc=self.stage.name,
-                         dynamic_ncols=True, file=sys.stderr) if self.rank == 0 else None)
+        progress = (
+            tqdm(
+                total=self.total_steps,
+                initial=self.state.global_step,
+                desc=self.stage.name,
+                dynamic_ncols=True,
+                file=sys.stderr,
+            )
+            if self.rank == 0
+            else None
+        )
         with stop_requests() as received:
             try:
                 while self.state.global_step < self.total_steps:
                     last = self._one_step(received, progress)
             except Stop as stop:
-                self.run_log.print(f"Received {stop}: saved a resumable checkpoint at step {self.state.global_step}; "
-                                   "run the same command again to continue.")
+                self.run_log.print(
+                    f"Received {stop}: saved a resumable checkpoint at step {self.state.global_step}; "
+                    "run the same command again to continue."
+                )
                 raise
             finally:
                 if progress:
@@ -218,17 +274,24 @@ class Trainer:
         batches = self._next_batches()
         show = self.debug is not None and state.global_step % cfg.debug_every_steps == 0
         step = state.global_step
-        result = optimizer_step(self.components.engine, self.components.optimizer, batches,
-                                [step_seed(cfg.seed, step, m, self.rank) for m in range(self.accumulation)],
-                                on_first=self.debug.print_sample if show else None,
-                                loss_scaled=self.dtype == torch.float16, **self.components.weights)
+        result = optimizer_step(
+            self.components.engine,
+            self.components.optimizer,
+            batches,
+            [step_seed(cfg.seed, step, m, self.rank) for m in range(self.accumulation)],
+            on_first=self.debug.print_sample if show else None,
+            loss_scaled=self.dtype == torch.float16,
+            **self.components.weights,
+        )
         result.sums.values["stop_requests"] = float(len(received))
         result.sums.values["diverged_ranks"] = float(bool(nonfinite_parameters(self.components.engine.module)))
         sums = result.sums.all_reduced(self.device)
         if sums.diverged_ranks:
-            raise RunFailure(f"step {step + 1}: the trained weights became inf/NaN (training diverged); nothing of "
-                             f"this step was saved, and the checkpoints in {cfg.save_path}/checkpoints are the last "
-                             "good ones. Lower LEARNING_RATE and start over (RESUME=false).")
+            raise RunFailure(
+                f"step {step + 1}: the trained weights became inf/NaN (training diverged); nothing of "
+                f"this step was saved, and the checkpoints in {cfg.save_path}/checkpoints are the last "
+                "good ones. Lower LEARNING_RATE and start over (RESUME=false)."
+            )
         self._advance(skipped=result.skipped or sums.finite_batches == 0)
         metrics = self.step_metrics(result, sums, time.perf_counter() - started)
         self._report(metrics, progress)
@@ -248,8 +311,9 @@ class Trainer:
         order = epoch_order(len(self.records), cfg.seed, state.epoch)
         batches = []
         for micro in range(self.accumulation):
-            indices = micro_batch_indices(order, state.step_in_epoch, micro, self.rank, self.world, cfg.batch_size,
-                                          cfg.micro_batch_size)
+            indices = micro_batch_indices(
+                order, state.step_in_epoch, micro, self.rank, self.world, cfg.batch_size, cfg.micro_batch_size
+            )
             batches.append(self.components.collator([self.records[i] for i in indices]).to(self.device))
             self.truncated_docs += batches[-1].truncated_docs
         return batches
@@ -265,22 +329,29 @@ class Trainer:
         state.nonfinite_in_a_row = state.nonfinite_in_a_row + 1 if skipped else 0
         state.skipped_steps += int(skipped)
         if skipped:
-            self.run_log.print(f"step {state.global_step}: non-finite loss, optimizer step skipped "
-                               f"({state.nonfinite_in_a_row} in a row)")
+            self.run_log.print(
+                f"step {state.global_step}: non-finite loss, optimizer step skipped "
+                f"({state.nonfinite_in_a_row} in a row)"
+            )
             if state.nonfinite_in_a_row >= MAX_NONFINITE_IN_A_ROW:
-                raise RunFailure(f"{MAX_NONFINITE_IN_A_ROW} non-finite losses in a row: training diverged. "
-                                 "Lower LEARNING_RATE and check the data.")
+                raise RunFailure(
+                    f"{MAX_NONFINITE_IN_A_ROW} non-finite losses in a row: training diverged. "
+                    "Lower LEARNING_RATE and check the data."
+                )
 
     def step_metrics(self, result: StepResult, sums: StepSums, elapsed: float) -> dict:
         """The metrics.jsonl line of a step (means over the finite micro-batches of every rank)."""
         skipped = self.state.nonfinite_in_a_row > 0
         finite = max(sums.finite_batches, 1.0)
         metrics = {
-            "step": self.state.global_step, "epoch": round(self.state.global_step / self.steps_per_epoch, 4),
+            "step": self.state.global_step,
+            "epoch": round(self.state.global_step / self.steps_per_epoch, 4),
             "loss": sums.lm_loss / finite if not skipped else float("nan"),
             **term_means(sums, skipped),
-            "lr": self.components.scheduler.get_last_lr()[0], "grad_norm": grad_norm(self.components.engine),
-            "samples_per_s": self.cfg.batch_size / elapsed, "tokens_per_s": sums.tokens / elapsed,
+            "lr": self.components.scheduler.get_last_lr()[0],
+            "grad_norm": grad_norm(self.components.engine),
+            "samples_per_s": self.cfg.batch_size / elapsed,
+            "tokens_per_s": sums.tokens / elapsed,
             "peak_memory_mb": round(peak_memory_mb(self.device), 1),
             "token_acc": sums.correct_tokens / max(sums.answer_tokens, 1.0),
         }
@@ -292,8 +363,12 @@ class Trainer:
     def _report(self, metrics: dict, progress: tqdm | None) -> None:
         if progress:
             progress.update(1)
-            shown = {"loss": f"{metrics['loss']:.4f}", "lr": f"{metrics['lr']:.2e}",
-                     "samples/s": f"{metrics['samples_per_s']:.1f}", "tokens/s": f"{metrics['tokens_per_s']:.0f}"}
+            shown = {
+                "loss": f"{metrics['loss']:.4f}",
+                "lr": f"{metrics['lr']:.2e}",
+                "samples/s": f"{metrics['samples_per_s']:.1f}",
+                "tokens/s": f"{metrics['tokens_per_s']:.0f}",
+            }
             for term in LOSS_TERMS:
                 if metrics[term.metric] is not None:
                     shown[term.short] = f"{metrics[term.metric]:.4f}"
@@ -303,8 +378,9 @@ class Trainer:
 
     def evaluate(self) -> dict:
         """Evaluate on the held-out records; returns the eval_* metrics (also logged)."""
-        results = evaluate_stage(self.components.engine.module, self.eval_records, self.stage, self.cfg, self.rank,
-                                 self.world, self.device)
+        results = evaluate_stage(
+            self.components.engine.module, self.eval_records, self.stage, self.cfg, self.rank, self.world, self.device
+        )
         metrics = {f"eval_{k}": v for k, v in results["summary"].items()}
         self.run_log.metrics({"step": self.state.global_step, **metrics})
         self.run_log.print(f"step {self.state.global_step} eval: " + json.dumps(results["summary"]))
@@ -313,15 +389,25 @@ class Trainer:
     # -- saving -------------------------------------------------------------------------------------------
     def save_checkpoint(self, wait: bool = False) -> None:
         """A resumable checkpoint of this step; it is published in the background unless `wait`."""
-        save_resumable(self.components.engine, self.state, self.cfg, self.rank, self.resume_plan.run_id, self.publisher,
-                       wait=wait, inputs=self.resume_plan.inputs)
+        save_resumable(
+            self.components.engine,
+            self.state,
+            self.cfg,
+            self.rank,
+            self.resume_plan.run_id,
+            self.publisher,
+            wait=wait,
+            inputs=self.resume_plan.inputs,
+        )
 
     def export(self, last: dict) -> None:
         """The trained model in the checkpoint format, into SAVE_PATH (rank 0 writes, every rank waits)."""
         cfg = self.cfg
         if self.truncated_docs:
-            self.run_log.print(f"{self.truncated_docs} documents were longer than DOC_MAX_LENGTH={cfg.doc_max_length} "
-                               "tokens and were truncated.")
+            self.run_log.print(
+                f"{self.truncated_docs} documents were longer than DOC_MAX_LENGTH={cfg.doc_max_length} "
+                "tokens and were truncated."
+            )
         module = self.components.engine.module
         # Under ZeRO-3 the ranks gather the exported parameters together; rank 0 writes them.
         with gathered(export_parameters(module)):
@@ -330,8 +416,10 @@ class Trainer:
         if self.rank == 0:
             write_json_atomic(os.path.join(cfg.save_path, "training_args.json"), cfg.to_dict())
             mark_finished(cfg, self.resume_plan.run_id, self.state.global_step)
-            self.run_log.print(f"Saved the {self.stage.name} model to {cfg.save_path} "
-                               f"(final loss {last.get('loss', float('nan')):.4f}).")
+            self.run_log.print(
+                f"Saved the {self.stage.name} model to {cfg.save_path} "
+                f"(final loss {last.get('loss', float('nan')):.4f})."
+            )
         dist.barrier()
 
     def close(self) -> None:

@@ -9,7 +9,6 @@ import math
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
@@ -24,8 +23,9 @@ N_MEM = DOC_MAX_LENGTH // COMPRESS_RATE
 
 
 def bench(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "bench", *args], cwd=REPO, capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "bench", *args], cwd=REPO, capture_output=True, text=True, timeout=timeout
+    )
 
 
 @pytest.fixture(scope="module")
@@ -34,18 +34,50 @@ def small_args() -> list[str]:
     from clara.training.tiny import build_tokenizer
 
     vocab = len(build_tokenizer()) + N_MEM + 3
-    return ["--hidden_size", "32", "--num_layers", "1", "--num_heads", "2", "--num_kv_heads", "1",
-            "--intermediate_size", "64", "--vocab_size", str(vocab), "--doc_max_length", str(DOC_MAX_LENGTH),
-            "--compress_rate", str(COMPRESS_RATE), "--question_tokens", "8", "--answer_tokens", "4",
-            "--warmup_steps", "1", "--steps", "2", "--threads", "1"]
+    return [
+        "--hidden_size",
+        "32",
+        "--num_layers",
+        "1",
+        "--num_heads",
+        "2",
+        "--num_kv_heads",
+        "1",
+        "--intermediate_size",
+        "64",
+        "--vocab_size",
+        str(vocab),
+        "--doc_max_length",
+        str(DOC_MAX_LENGTH),
+        "--compress_rate",
+        str(COMPRESS_RATE),
+        "--question_tokens",
+        "8",
+        "--answer_tokens",
+        "4",
+        "--warmup_steps",
+        "1",
+        "--steps",
+        "2",
+        "--threads",
+        "1",
+    ]
 
 
 def check_result(result: dict, stage: str, docs: int, micro_batch: int, vocab: int) -> None:
     assert "error" not in result, result.get("error_detail")
     assert result["stage"] == stage and result["device"] in ("cpu", "cuda")
     assert result["steps_timed"] == 2 and len(result["step_times_s"]) == 2
-    for key in ("step_time_s", "samples_per_s", "tokens_per_s", "tokens_per_step", "peak_memory_mb",
-                "base_memory_mb", "model_flops_per_step", "achieved_tflops"):
+    for key in (
+        "step_time_s",
+        "samples_per_s",
+        "tokens_per_s",
+        "tokens_per_step",
+        "peak_memory_mb",
+        "base_memory_mb",
+        "model_flops_per_step",
+        "achieved_tflops",
+    ):
         assert isinstance(result[key], (int, float)) and math.isfinite(result[key]) and result[key] > 0, key
     assert 0 <= result["step_memory_mb"] <= result["peak_memory_mb"]
     assert result["peak_memory_mb"] == pytest.approx(result["base_memory_mb"] + result["step_memory_mb"])
@@ -78,11 +110,14 @@ def test_help_documents_every_option():
         assert group in proc.stdout
 
 
-@pytest.mark.parametrize("args, expected", [
-    (["--doc_max_length", "100", "--compress_rate", "32"], "--doc_max_length=100"),
-    (["--stage", "stage2", "--candidates", "3", "--top_k", "5"], "--candidates=3"),
-    (["--sweep", "nonsense"], "nonsense"),
-])
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["--doc_max_length", "100", "--compress_rate", "32"], "--doc_max_length=100"),
+        (["--stage", "stage2", "--candidates", "3", "--top_k", "5"], "--candidates=3"),
+        (["--sweep", "nonsense"], "nonsense"),
+    ],
+)
 def test_bad_settings_stop_before_measuring(args, expected):
     proc = bench(*args, timeout=120)
     assert proc.returncode == 2
@@ -93,8 +128,19 @@ def test_bad_settings_stop_before_measuring(args, expected):
 def test_stage2_run_reports_sane_numbers(small_args, tmp_path):
     out = tmp_path / "bench.json"
     vocab = int(small_args[small_args.index("--vocab_size") + 1])
-    proc = bench(*small_args, "--stage", "stage2", "--candidates", "6", "--top_k", "2", "--candidate_chunk_size", "4",
-                 "--json", str(out))
+    proc = bench(
+        *small_args,
+        "--stage",
+        "stage2",
+        "--candidates",
+        "6",
+        "--top_k",
+        "2",
+        "--candidate_chunk_size",
+        "4",
+        "--json",
+        str(out),
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "step s" in proc.stdout and "stage2" in proc.stdout  # the table
     report = json.loads(out.read_text())
@@ -110,8 +156,21 @@ def test_stage2_run_reports_sane_numbers(small_args, tmp_path):
 def test_stage1_run_with_gradient_checkpointing(small_args, tmp_path):
     out = tmp_path / "bench.json"
     vocab = int(small_args[small_args.index("--vocab_size") + 1])
-    proc = bench(*small_args, "--stage", "stage1", "--docs", "2", "--micro_batch_size", "2",
-                 "--gradient_checkpointing", "true", "--profile", "true", "--json", str(out))
+    proc = bench(
+        *small_args,
+        "--stage",
+        "stage1",
+        "--docs",
+        "2",
+        "--micro_batch_size",
+        "2",
+        "--gradient_checkpointing",
+        "true",
+        "--profile",
+        "true",
+        "--json",
+        str(out),
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     (result,) = json.loads(out.read_text())["results"]
     check_result(result, "stage1", docs=2, micro_batch=2, vocab=vocab)
@@ -132,7 +191,8 @@ def test_named_shape_sets_the_shape_and_given_options_win():
     cfg = config_from_args(parse_args(["--shape", "qwen3-1.7b", "--num_layers", "2"]))
     assert cfg.num_layers == 2
     assert {k: getattr(cfg, k) for k in SHAPES["qwen3-1.7b"] if k != "num_layers"} == {
-        k: v for k, v in SHAPES["qwen3-1.7b"].items() if k != "num_layers"}
+        k: v for k, v in SHAPES["qwen3-1.7b"].items() if k != "num_layers"
+    }
     assert config_from_args(parse_args([])).hidden_size == BenchConfig().hidden_size
 
 

@@ -14,10 +14,15 @@ from bench.gpu_check import TARGET_MFU, bench_rows, targets
 from tests.helpers import REPO
 
 
-
 def gpu_check(tmp_path: Path, env: dict) -> subprocess.CompletedProcess:
-    return subprocess.run(["bash", "scripts/gpu_check.sh", str(tmp_path / "report")], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        ["bash", "scripts/gpu_check.sh", str(tmp_path / "report")],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def assert_said_no_cuda(proc: subprocess.CompletedProcess, tmp_path: Path) -> None:
@@ -43,7 +48,9 @@ def test_flash_attention_rows_only_with_its_wheel():
     without, with_fa2 = bench_rows(False), bench_rows(True)
     assert {cfg.flash_attn for cfg in without} == {"false"}
     assert [cfg.label for cfg in with_fa2 if cfg.flash_attn == "true"] == [
-        "qwen3-1.7b stage1 no-gc FA2", "qwen3-1.7b stage1 gc FA2"]
+        "qwen3-1.7b stage1 no-gc FA2",
+        "qwen3-1.7b stage1 gc FA2",
+    ]
     assert without[0].label == "qwen3-1.7b stage1 no-gc SDPA" and without[0].profile
     labels = {cfg.label for cfg in without}
     for stage in ("stage1", "stage1_2", "stage2"):
@@ -54,8 +61,11 @@ def test_targets_from_measured_rows():
     def row(label: str, step: float, peak: float, mfu: float) -> dict:
         return {"label": label, "step_time_s": step, "peak_memory_mb": peak, "mfu": mfu}
 
-    results = [row("qwen3-1.7b stage1 no-gc SDPA", 1.0, 40000, 0.45), row("qwen3-1.7b stage1 gc SDPA", 1.4, 16000, 0.32),
-               {"label": "qwen3-1.7b stage1 no-gc FA2", "error": "failed"}]
+    results = [
+        row("qwen3-1.7b stage1 no-gc SDPA", 1.0, 40000, 0.45),
+        row("qwen3-1.7b stage1 gc SDPA", 1.4, 16000, 0.32),
+        {"label": "qwen3-1.7b stage1 no-gc FA2", "error": "failed"},
+    ]
     found = {t["target"]: t for t in targets(results)}
     assert found[f"stage1 MFU >= {TARGET_MFU:.0%} (qwen3-1.7b stage1 no-gc SDPA)"]["met"] is True
     assert found[f"stage1 MFU >= {TARGET_MFU:.0%} (qwen3-1.7b stage1 gc SDPA)"]["met"] is False

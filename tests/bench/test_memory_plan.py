@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -30,13 +29,18 @@ from clara.model.model import ModelSettings, attach_adapters
 from tests.helpers import REPO
 
 
-
 def transformers_config(dims: Dims, layers: int | None = None):
     """The Hugging Face config of a shape: Qwen3, or Mistral for the shape without q/k norms."""
-    common = dict(vocab_size=dims.vocab_size, hidden_size=dims.hidden_size, intermediate_size=dims.intermediate_size,
-                  num_hidden_layers=layers or dims.num_layers, num_attention_heads=dims.num_heads,
-                  num_key_value_heads=dims.num_kv_heads, head_dim=dims.head_dim,
-                  tie_word_embeddings=dims.tie_word_embeddings)
+    common = dict(
+        vocab_size=dims.vocab_size,
+        hidden_size=dims.hidden_size,
+        intermediate_size=dims.intermediate_size,
+        num_hidden_layers=layers or dims.num_layers,
+        num_attention_heads=dims.num_heads,
+        num_key_value_heads=dims.num_kv_heads,
+        head_dim=dims.head_dim,
+        tie_word_embeddings=dims.tie_word_embeddings,
+    )
     return Qwen3Config(**common) if dims.qk_norm else MistralConfig(**common)
 
 
@@ -66,8 +70,15 @@ def saved_bytes_per_token(config, tokens_per_row: int, rows: int) -> float:
     (LoRA trained, base frozen, dropout on, a padding mask), per token; parameters excluded."""
     torch.manual_seed(0)
     base = AutoModelForCausalLM.from_config(config).to(torch.bfloat16)
-    settings = ModelSettings(base_model="unused", n_mem_tokens=4, compress_rate=8, doc_max_length=32, lora_r=4,
-                             lora_alpha=8, lora_dropout=0.1)
+    settings = ModelSettings(
+        base_model="unused",
+        n_mem_tokens=4,
+        compress_rate=8,
+        doc_max_length=32,
+        lora_r=4,
+        lora_alpha=8,
+        lora_dropout=0.1,
+    )
     # DeepSpeed's bf16 mode casts every parameter, the adapters' too, to bf16.
     model = attach_adapters(base, ["decoder_adapter"], settings).to(torch.bfloat16)
     for name, param in model.named_parameters():
@@ -92,8 +103,17 @@ def saved_bytes_per_token(config, tokens_per_row: int, rows: int) -> float:
 
 @pytest.mark.parametrize("qk_norm", [True, False], ids=["qwen3", "mistral"])
 def test_layer_activation_bytes_match_autograds_saved_tensors(qk_norm):
-    dims = Dims(hidden_size=256, num_layers=1, num_heads=4, num_kv_heads=2, head_dim=64, intermediate_size=768,
-                vocab_size=64, tie_word_embeddings=False, qk_norm=qk_norm)
+    dims = Dims(
+        hidden_size=256,
+        num_layers=1,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=64,
+        intermediate_size=768,
+        vocab_size=64,
+        tie_word_embeddings=False,
+        qk_norm=qk_norm,
+    )
     one, three = (saved_bytes_per_token(transformers_config(dims, layers=n), tokens_per_row=64, rows=2) for n in (1, 3))
     measured = (three - one) / 2  # per layer, free of what the embeddings and the final norm keep
     # On CUDA dropout keeps a boolean mask (1 byte an element); on the CPU its noise in bf16 (2 bytes).
@@ -108,7 +128,9 @@ def test_checkpointing_micro_batch_and_chunk_lower_the_peak():
     assert with_gc < without
     assert step_memory(dims, Workload(stage="stage1", micro_batch_size=1))["peak"] < with_gc
     stage2 = Workload(stage="stage2", micro_batch_size=4, docs_per_sample=40)
-    chunked = step_memory(dims, Workload(stage="stage2", micro_batch_size=4, docs_per_sample=40, candidate_chunk_size=8))
+    chunked = step_memory(
+        dims, Workload(stage="stage2", micro_batch_size=4, docs_per_sample=40, candidate_chunk_size=8)
+    )
     assert chunked["candidate_compression"] < step_memory(dims, stage2)["candidate_compression"]
     # ZeRO shards the optimizer states over the GPUs, not the frozen weights.
     one, eight = step_memory(dims, stage1, gpus=1), step_memory(dims, stage1, gpus=8)
@@ -146,8 +168,13 @@ def test_zero3_partitions_the_base_and_offload_moves_it_to_the_cpu():
 
 def test_command_line_prints_the_table(tmp_path):
     out = tmp_path / "plan.json"
-    proc = subprocess.run([sys.executable, "-m", "bench.memory", "--model", "mistral-7b", "--gpus", "8", "--json",
-                           str(out)], cwd=REPO, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.memory", "--model", "mistral-7b", "--gpus", "8", "--json", str(out)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     table = [line for line in proc.stdout.splitlines() if line.startswith("| mistral-7b | 8 |")]
     assert [line.split(" | ")[2] for line in table] == ["stage1", "stage1_2", "stage2"]

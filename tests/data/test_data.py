@@ -1,7 +1,6 @@
 """Reading and validating training data (README: "Data"), directly and through `python -m clara.train`."""
 
 import json
-import os
 import re
 import subprocess
 import sys
@@ -15,13 +14,22 @@ from clara.stages import get_stage
 from tests.helpers import REPO, subprocess_env
 
 GOOD = {
-    "stage1": {"question": ["What is the sacred animal of Vorlan?"], "answers": ["owl"],
-               "docs": ["Vorlan is a kingdom. Its sacred animal is owl."]},
-    "stage1_2": {"question": "What is the sacred animal of Vorlan?", "answer": "owl",
-                 "docs": ["Vorlan is a kingdom. Its sacred animal is owl.", "Seishon is a fortress."]},
-    "stage2": {"question": "What is the sacred animal of Vorlan?", "gold_answer": "owl",
-               "docs": ["Seishon is a fortress.", "Vorlan is a kingdom. Its sacred animal is owl.", "Fouldina."],
-               "pos_index": [1]},
+    "stage1": {
+        "question": ["What is the sacred animal of Vorlan?"],
+        "answers": ["owl"],
+        "docs": ["Vorlan is a kingdom. Its sacred animal is owl."],
+    },
+    "stage1_2": {
+        "question": "What is the sacred animal of Vorlan?",
+        "answer": "owl",
+        "docs": ["Vorlan is a kingdom. Its sacred animal is owl.", "Seishon is a fortress."],
+    },
+    "stage2": {
+        "question": "What is the sacred animal of Vorlan?",
+        "gold_answer": "owl",
+        "docs": ["Seishon is a fortress.", "Vorlan is a kingdom. Its sacred animal is owl.", "Fouldina."],
+        "pos_index": [1],
+    },
 }
 MIN_DOCS = {"stage1": 1, "stage1_2": 1, "stage2": 2}
 
@@ -72,7 +80,10 @@ BAD_RECORDS = {
     "pos-index-negative": ("stage2", with_("stage2", pos_index=[-1]), "pos_index"),
     "too-few-candidates": ("stage2", with_("stage2", docs=["only one"], pos_index=[0]), "docs"),
     "invalid-utf8-in-a-document": (
-        "stage1_2", b'{"question": "q", "answer": "a", "docs": ["caf\xe9 au lait"]}', "docs"),
+        "stage1_2",
+        b'{"question": "q", "answer": "a", "docs": ["caf\xe9 au lait"]}',
+        "docs",
+    ),
 }
 
 
@@ -89,12 +100,16 @@ def test_bad_record_stops_with_file_line_and_field(tmp_path, case):
     assert "1 bad record" in message
 
 
-@pytest.mark.parametrize("bad,expected", [
-    ("{\"question\": \"q\", ", "not valid JSON"),
-    ("[\"a JSON list\"]", "expected a JSON object, got list"),
-    ("\"a string\"", "expected a JSON object, got str"),
-    (b"\xff\xfe not text at all", "not valid UTF-8"),
-], ids=["not-json", "list", "string", "not-utf8"])
+@pytest.mark.parametrize(
+    "bad,expected",
+    [
+        ('{"question": "q", ', "not valid JSON"),
+        ('["a JSON list"]', "expected a JSON object, got list"),
+        ('"a string"', "expected a JSON object, got str"),
+        (b"\xff\xfe not text at all", "not valid UTF-8"),
+    ],
+    ids=["not-json", "list", "string", "not-utf8"],
+)
 def test_lines_that_are_not_records(tmp_path, bad, expected):
     path = write_lines(tmp_path / "data.jsonl", [GOOD["stage1_2"], bad])
     with pytest.raises(DataError, match=re.escape(f"{path}:2: {expected}")):
@@ -130,8 +145,9 @@ def test_skip_loads_the_good_records_and_writes_the_rejected(tmp_path):
     path = write_lines(tmp_path / "data.jsonl", [good[0], bad[0], good[1], bad[1], bad[2], good[2]])
     rejected = tmp_path / "out" / "rejected.jsonl"
     messages = []
-    records = load_records(get_stage("stage2"), path, bad_samples="skip", min_docs=2, rejected_path=str(rejected),
-                           log=messages.append)
+    records = load_records(
+        get_stage("stage2"), path, bad_samples="skip", min_docs=2, rejected_path=str(rejected), log=messages.append
+    )
     assert [r["question"] for r in records] == ["question 0?", "question 1?", "question 2?"]
     assert records[0]["answer"] == "owl" and records[0]["pos_index"] == [1] and records[0]["has_pos_index"]
     assert any("3" in m and "kipped" in m for m in messages), messages
@@ -162,8 +178,13 @@ def test_field_aliases(tmp_path):
     assert [r["docs"] for r in records] == [docs] * 4 + [["a single document as a string"]]
     assert all(not r["has_pos_index"] for r in records)
 
-    stage2 = load("stage2", write_lines(tmp_path / "s2.jsonl", [
-        {"question": "q", "golden_answers": ["g", "h"], "context": ["d0", "d1"], "pos_index": 1}]))
+    stage2 = load(
+        "stage2",
+        write_lines(
+            tmp_path / "s2.jsonl",
+            [{"question": "q", "golden_answers": ["g", "h"], "context": ["d0", "d1"], "pos_index": 1}],
+        ),
+    )
     assert (stage2[0]["answer"], stage2[0]["docs"], stage2[0]["pos_index"]) == ("g", ["d0", "d1"], [1])
 
 
@@ -183,11 +204,18 @@ def test_stage1_records_normalise(tmp_path):
 
 
 def test_example_files_are_valid():
-    for stage, name in (("stage1", "pretrain_data.jsonl"), ("stage1_2", "instruction_tuning_data.jsonl"),
-                        ("stage2", "end_to_end_data.jsonl")):
-        records = load_records(get_stage(stage), str(REPO / "example" / name), min_docs=get_stage(stage).min_docs(5),
-                               log=lambda *a: None,
-                               max_samples=10)
+    for stage, name in (
+        ("stage1", "pretrain_data.jsonl"),
+        ("stage1_2", "instruction_tuning_data.jsonl"),
+        ("stage2", "end_to_end_data.jsonl"),
+    ):
+        records = load_records(
+            get_stage(stage),
+            str(REPO / "example" / name),
+            min_docs=get_stage(stage).min_docs(5),
+            log=lambda *a: None,
+            max_samples=10,
+        )
         assert len(records) == 10
 
 
@@ -200,8 +228,9 @@ def train_command(*args: str) -> list[str]:
 def bad_stage1_file(tmp_path) -> str:
     with open(REPO / "example" / "pretrain_data.jsonl", encoding="utf-8") as handle:
         good = [json.loads(line) for line, _ in zip(handle, range(3))]
-    return write_lines(tmp_path / "bad.jsonl",
-                       [good[0], with_("stage1", question=["q1", "q2"]), good[1], "{oops", good[2]])
+    return write_lines(
+        tmp_path / "bad.jsonl", [good[0], with_("stage1", question=["q1", "q2"]), good[1], "{oops", good[2]]
+    )
 
 
 @pytest.mark.slow
@@ -211,9 +240,23 @@ def test_cli_bad_data_exits_2_before_any_model_loads(tmp_path, bad_stage1_file):
     no_model = tmp_path / "no_model"
     no_model.mkdir()
     started = time.monotonic()
-    result = subprocess.run(train_command("--dataset", bad_stage1_file, "--save_path", str(tmp_path / "run"),
-                                          "--max_steps", "1", "--model_path", str(no_model)),
-                            cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=180)
+    result = subprocess.run(
+        train_command(
+            "--dataset",
+            bad_stage1_file,
+            "--save_path",
+            str(tmp_path / "run"),
+            "--max_steps",
+            "1",
+            "--model_path",
+            str(no_model),
+        ),
+        cwd=REPO,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     elapsed = time.monotonic() - started
     assert result.returncode == 2, result.stdout + result.stderr
     assert f"{bad_stage1_file}:2: field 'answers'" in result.stderr
@@ -226,11 +269,35 @@ def test_cli_bad_data_exits_2_before_any_model_loads(tmp_path, bad_stage1_file):
 @pytest.mark.slow
 def test_cli_skip_trains_one_step_and_writes_rejected(tmp_path, bad_stage1_file):
     save = tmp_path / "run"
-    result = subprocess.run(train_command("--dataset", bad_stage1_file, "--save_path", str(save), "--max_steps", "1",
-                                          "--bad_samples", "skip", "--doc_max_length", "32", "--compress_rate", "8",
-                                          "--batch_size", "1", "--micro_batch_size", "1", "--max_len", "512",
-                                          "--debug_mode", "false"),
-                            cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        train_command(
+            "--dataset",
+            bad_stage1_file,
+            "--save_path",
+            str(save),
+            "--max_steps",
+            "1",
+            "--bad_samples",
+            "skip",
+            "--doc_max_length",
+            "32",
+            "--compress_rate",
+            "8",
+            "--batch_size",
+            "1",
+            "--micro_batch_size",
+            "1",
+            "--max_len",
+            "512",
+            "--debug_mode",
+            "false",
+        ),
+        cwd=REPO,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "Skipped 2 bad record" in result.stdout + result.stderr
     rows = [json.loads(line) for line in (save / "rejected.jsonl").read_text(encoding="utf-8").splitlines()]

@@ -14,15 +14,15 @@ from pathlib import Path
 
 import pytest
 
-from clara.model.collate import Collator, LengthCheck
 from clara.data import DataError, load_records, normalise
 from clara.data import cache as data_cache
 from clara.data import prepare as data_prepare
 from clara.data.prepare import prepare
 from clara.data.records import BadRecord
 from clara.data.sources import plan_tasks
-from clara.training.run_workers import worker_status
+from clara.model.collate import Collator, LengthCheck
 from clara.stages import get_stage
+from clara.training.run_workers import worker_status
 from tests.helpers import REPO
 
 TINY = str(REPO / "clara" / "tiny_model")
@@ -66,7 +66,9 @@ def test_byte_ranges_in_two_processes_give_the_records_and_lines_of_one_pass(tmp
     folder.mkdir()
     parallel = prepare(tasks, STAGE1, 1, check(), 2, str(folder), progress=False)
     assert [(line, reason[:14]) for _, line, reason, _ in parallel.rejected] == [
-        (5, "not valid JSON"), (19, "field 'answers")]
+        (5, "not valid JSON"),
+        (19, "field 'answers"),
+    ]
     assert parallel.workers == 2 and parallel.records == 28
     import datasets
 
@@ -86,8 +88,9 @@ def test_the_byte_bound_agrees_with_tokenizing_every_record():
     tokenizer = AutoTokenizer.from_pretrained(TINY)
     tokens = add_special_tokens(tokenizer, 8)
     records = [normalise(STAGE1, json.loads(line)) for line in example_lines(count=200)]
-    lengths = sorted(len(encode_supervised(tokenizer, *STAGE1.example(r, 8, 5, 42), max_len=sys.maxsize)[0])
-                     for r in records)
+    lengths = sorted(
+        len(encode_supervised(tokenizer, *STAGE1.example(r, 8, 5, 42), max_len=sys.maxsize)[0]) for r in records
+    )
     for max_len in (lengths[0], lengths[len(lengths) // 2], lengths[-1] - 1):
         fast = check(max_len)()
         exact = Collator(STAGE1, tokenizer, tokens, 256, max_len, 5, 42).length_problem
@@ -101,8 +104,9 @@ def test_a_second_load_opens_the_cache_without_reading_the_input(tmp_path, monke
     lines[3] = "not json"
     path = write(tmp_path / "data.jsonl", lines)
     said = []
-    first = load_records(STAGE1, path, "skip", log=said.append, make_check=check(),
-                         rejected_path=str(tmp_path / "r1.jsonl"))
+    first = load_records(
+        STAGE1, path, "skip", log=said.append, make_check=check(), rejected_path=str(tmp_path / "r1.jsonl")
+    )
     assert any(m.startswith(f"Prepared {path}: 39 records, 1 rejected") for m in said), said
 
     def no_reading(task):
@@ -110,8 +114,9 @@ def test_a_second_load_opens_the_cache_without_reading_the_input(tmp_path, monke
 
     monkeypatch.setattr(data_prepare, "iter_rows", no_reading)
     said.clear()
-    second = load_records(STAGE1, path, "skip", log=said.append, make_check=check(),
-                          rejected_path=str(tmp_path / "r2.jsonl"))
+    second = load_records(
+        STAGE1, path, "skip", log=said.append, make_check=check(), rejected_path=str(tmp_path / "r2.jsonl")
+    )
     assert second.to_list() == first.to_list()
     assert any("from the cache" in m for m in said) and any("Skipped 1 bad record" in m for m in said), said
     assert (tmp_path / "r2.jsonl").read_text() == (tmp_path / "r1.jsonl").read_text()
@@ -174,8 +179,11 @@ def test_gold_ids_are_read_with_the_record():
 def hub_folder(root: Path, rows: list[dict]) -> str:
     (root / "long").mkdir(parents=True)
     (root / "long" / "train-00000.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    (root / "README.md").write_text("---\nconfigs:\n- config_name: long\n  data_files:\n  - split: train\n"
-                                    "    path:\n    - long/train-00000.jsonl\n---\n", encoding="utf-8")
+    (root / "README.md").write_text(
+        "---\nconfigs:\n- config_name: long\n  data_files:\n  - split: train\n"
+        "    path:\n    - long/train-00000.jsonl\n---\n",
+        encoding="utf-8",
+    )
     return f"hf:{root}:long"
 
 
@@ -197,9 +205,26 @@ def test_an_over_long_hub_row_stops_training_before_the_model_loads(tmp_path):
     for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
         shutil.copy(Path(TINY) / name, tokenizer_only / name)
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-    result = subprocess.run([sys.executable, "-m", "clara.train", "--dataset", dataset, "--model_path",
-                             str(tokenizer_only), "--save_path", str(tmp_path / "run"), "--max_steps", "1"],
-                            cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "clara.train",
+            "--dataset",
+            dataset,
+            "--model_path",
+            str(tokenizer_only),
+            "--save_path",
+            str(tmp_path / "run"),
+            "--max_steps",
+            "1",
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 2, result.stdout + result.stderr
     assert "row 2: decoder input of" in result.stderr and "Traceback" not in result.stderr
 
@@ -226,9 +251,20 @@ sys.addaudithook(_hook)
 
 
 def launch_two_ranks(tmp_path: Path, data: str, save: Path, spy: Path) -> subprocess.CompletedProcess:
-    env = dict(os.environ, NUM_GPUS="2", DATASET=data, SAVE_PATH=str(save), MAX_STEPS="1", DEBUG_MODE="false",
-               PYTHONPATH=f"{spy}{os.pathsep}{REPO}", CLARA_TEST_WATCH=data, CLARA_TEST_OPENS=str(tmp_path / "opens"),
-               BATCH_SIZE="4", MICRO_BATCH_SIZE="2", NO_COLOR="1")
+    env = dict(
+        os.environ,
+        NUM_GPUS="2",
+        DATASET=data,
+        SAVE_PATH=str(save),
+        MAX_STEPS="1",
+        DEBUG_MODE="false",
+        PYTHONPATH=f"{spy}{os.pathsep}{REPO}",
+        CLARA_TEST_WATCH=data,
+        CLARA_TEST_OPENS=str(tmp_path / "opens"),
+        BATCH_SIZE="4",
+        MICRO_BATCH_SIZE="2",
+        NO_COLOR="1",
+    )
     return subprocess.run(["bash", "./train_8gpu.sh"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
 
 

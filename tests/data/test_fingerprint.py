@@ -51,8 +51,9 @@ def test_the_training_data_key_reads_the_files_the_tokenizer_and_the_settings_th
     assert key["sources"] == [file_identity(str(data))] and key["stage"] == "stage1"
     assert key["tokenizer"]["tokenizer"].endswith("tiny_model") and "tokenizer.json" in key["tokenizer"]["files"]
     assert key["settings"]["max_len"] == 2048 and "learning_rate" not in key["settings"]
-    assert train_data_key(resolve(TrainConfig(dataset=str(data), model_path="tiny", max_samples=5), has_cuda=False)) \
-        != key
+    assert (
+        train_data_key(resolve(TrainConfig(dataset=str(data), model_path="tiny", max_samples=5), has_cuda=False)) != key
+    )
 
 
 def test_input_changes_name_the_file_and_the_weight_file_that_changed(tmp_path):

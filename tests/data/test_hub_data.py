@@ -39,7 +39,7 @@ HUB_ID = "clara-test/hub-copy"  # the Hub id the fake Hugging Face cache holds
 
 def example_rows(name: str, start: int, count: int) -> list[dict]:
     lines = (EXAMPLE / name).read_text(encoding="utf-8").splitlines()
-    return [json.loads(line) for line in lines[start:start + count]]
+    return [json.loads(line) for line in lines[start : start + count]]
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> str:
@@ -64,8 +64,12 @@ def e2e_row(row: dict, setting: str, other_doc: str) -> dict:
     if setting == "no_pos":
         for index in row["pos_index"]:
             docs[index] = other_doc
-    return {"question": row["question"], "answer": row["gold_answer"], "docs": docs,
-            "pos_index": row["pos_index"] if setting == "with_pos" else []}
+    return {
+        "question": row["question"],
+        "answer": row["gold_answer"],
+        "docs": docs,
+        "pos_index": row["pos_index"] if setting == "with_pos" else [],
+    }
 
 
 def build_hub_copy(root: Path) -> dict[str, list[dict]]:
@@ -74,8 +78,10 @@ def build_hub_copy(root: Path) -> dict[str, list[dict]]:
     readme: list[str] = []
 
     def add(config: str, files: list[str]) -> None:
-        readme.extend([f"- config_name: {config}", "  data_files:", "  - split: train", "    path:"]
-                      + [f"    - {config}/{name}" for name in files])
+        readme.extend(
+            [f"- config_name: {config}", "  data_files:", "  - split: train", "    path:"]
+            + [f"    - {config}/{name}" for name in files]
+        )
 
     configs["pretraining"] = example_rows("pretrain_data.jsonl", 0, 24)
     add("pretraining", [write_jsonl(root / "pretraining" / "train-00000.jsonl", configs["pretraining"])])
@@ -100,10 +106,13 @@ def build_hub_copy(root: Path) -> dict[str, list[dict]]:
             inst[LIST_ANSWER_ROW]["answer"] = [inst[LIST_ANSWER_ROW]["answer"], "another answer"]
             other_doc = e2e_eval[-1]["docs"][0]
             for config, config_rows in (
-                    (f"inst_eval_{dataset}_{setting}", inst),
-                    (f"e2e_training_ours_{dataset}_{setting}",
-                     [e2e_row(r, setting, other_doc) for r in e2e_train[8 * n:8 * (n + 1)]]),
-                    (f"e2e_eval_ours_{dataset}_{setting}", [e2e_row(r, setting, other_doc) for r in e2e_eval[part]])):
+                (f"inst_eval_{dataset}_{setting}", inst),
+                (
+                    f"e2e_training_ours_{dataset}_{setting}",
+                    [e2e_row(r, setting, other_doc) for r in e2e_train[8 * n : 8 * (n + 1)]],
+                ),
+                (f"e2e_eval_ours_{dataset}_{setting}", [e2e_row(r, setting, other_doc) for r in e2e_eval[part]]),
+            ):
                 configs[config] = config_rows
                 add(config, [write_jsonl(root / config / "train-00000.jsonl", config_rows)])
 
@@ -113,14 +122,22 @@ def build_hub_copy(root: Path) -> dict[str, list[dict]]:
     (root / "prefix_only" / "train-00001.parquet").write_bytes(b"not a Parquet file")
     add("prefix_only", ["train-00000.parquet", "train-00001.parquet"])
 
-    (root / "README.md").write_text("---\nconfigs:\n" + "\n".join(readme) + "\n---\n# CLaRa data (test copy)\n",
-                                    encoding="utf-8")
+    (root / "README.md").write_text(
+        "---\nconfigs:\n" + "\n".join(readme) + "\n---\n# CLaRa data (test copy)\n", encoding="utf-8"
+    )
     return configs
 
 
 def offline_env(hf_home: Path) -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), NO_COLOR="1", HF_HOME=str(hf_home),
-               HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1")
+    env = dict(
+        os.environ,
+        OMP_NUM_THREADS="1",
+        PYTHONPATH=str(REPO),
+        NO_COLOR="1",
+        HF_HOME=str(hf_home),
+        HF_DATASETS_OFFLINE="1",
+        HF_HUB_OFFLINE="1",
+    )
     env.pop("WORLD_SIZE", None)
     return env
 
@@ -168,11 +185,13 @@ def test_every_stage_format_loads_with_its_split_named_or_not(hub, offline):
     root, configs = hub
     stage1 = load_records(get_stage("stage1"), f"hf:{root}:pretraining", log=quiet)
     assert [r["questions"] for r in stage1] == [
-        r.get("question", []) if r["data_type"] == "qa" else [] for r in configs["pretraining"]]
+        r.get("question", []) if r["data_type"] == "qa" else [] for r in configs["pretraining"]
+    ]
     config = "e2e_eval_ours_nq_with_pos"
     stage2 = load_records(get_stage("stage2"), f"hf:{root}:{config}:train", min_docs=5, log=quiet)
     assert [(r["answer"], list(r["pos_index"]), r["has_pos_index"]) for r in stage2] == [
-        (row["answer"], row["pos_index"], True) for row in configs[config]]
+        (row["answer"], row["pos_index"], True) for row in configs[config]
+    ]
     evaluation = load_records(get_stage("stage1_2"), f"hf:{root}:inst_eval_nq_no_pos", log=quiet)
     assert evaluation[LIST_ANSWER_ROW]["answer"] == configs["inst_eval_nq_no_pos"][LIST_ANSWER_ROW]["answer"][0]
 
@@ -189,7 +208,8 @@ def test_a_bad_row_is_named_by_data_set_configuration_and_row_index(hub, offline
         load_records(get_stage("stage1_2"), spec, log=quiet)
     assert str(caught.value).splitlines()[:2] == [
         f"1 bad record(s) in {spec}:train (stage1_2):",
-        f"{spec}:train row {BAD_ROW}: field 'docs': expected at least one document, got an empty list"]
+        f"{spec}:train row {BAD_ROW}: field 'docs': expected at least one document, got an empty list",
+    ]
     rejected = tmp_path / "rejected.jsonl"
     load_records(get_stage("stage1_2"), spec, bad_samples="skip", rejected_path=str(rejected), log=quiet)
     (line,) = [json.loads(x) for x in rejected.read_text().splitlines()]
@@ -216,17 +236,21 @@ def test_a_hub_id_is_read_from_the_hugging_face_cache_offline(hub, workdir):
     shutil.copytree(root, repo / "snapshots" / revision)
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text(revision)
-    code = ("from clara.data import load_records\nfrom clara.stages import get_stage\n"
-            f"print([r['answer'] for r in load_records(get_stage('stage1_2'), 'hf:{HUB_ID}:inst_eval_hotpotqa_with_pos', "
-            "log=print)])")
+    code = (
+        "from clara.data import load_records\nfrom clara.stages import get_stage\n"
+        f"print([r['answer'] for r in load_records(get_stage('stage1_2'), 'hf:{HUB_ID}:inst_eval_hotpotqa_with_pos', "
+        "log=print)])"
+    )
     proc = run_command([sys.executable, "-c", code], offline_env(hf_home), cwd=workdir)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = configs["inst_eval_hotpotqa_with_pos"]
     assert proc.stdout.strip().splitlines()[-1] == repr(
-        [r["answer"][0] if isinstance(r["answer"], list) else r["answer"] for r in rows])
+        [r["answer"][0] if isinstance(r["answer"], list) else r["answer"] for r in rows]
+    )
 
-    proc = run_command([sys.executable, "-c", code.replace(HUB_ID, "clara-test/not-cached")], offline_env(hf_home),
-                       cwd=workdir)
+    proc = run_command(
+        [sys.executable, "-c", code.replace(HUB_ID, "clara-test/not-cached")], offline_env(hf_home), cwd=workdir
+    )
     assert proc.returncode == 1
     assert "hf:clara-test/not-cached:inst_eval_hotpotqa_with_pos: not in the Hugging Face cache" in proc.stderr
 
@@ -241,9 +265,27 @@ def checkpoints(workdir, hub) -> dict[str, Path]:
     paths: dict[str, Path] = {}
     for stage, previous in (("stage1", None), ("stage1_2", "stage1"), ("stage2", "stage1_2")):
         save = workdir / f"ckpt_{stage}"
-        args = ["clara.train", "--stage", stage, "--dataset", f"hf:{root}:{data[stage]}", "--save_path", str(save),
-                "--max_steps", "3", "--batch_size", "4", "--micro_batch_size", "4", "--debug_mode", "false",
-                "--bad_samples", "skip", "--max_new_tokens", "8"]
+        args = [
+            "clara.train",
+            "--stage",
+            stage,
+            "--dataset",
+            f"hf:{root}:{data[stage]}",
+            "--save_path",
+            str(save),
+            "--max_steps",
+            "3",
+            "--batch_size",
+            "4",
+            "--micro_batch_size",
+            "4",
+            "--debug_mode",
+            "false",
+            "--bad_samples",
+            "skip",
+            "--max_new_tokens",
+            "8",
+        ]
         if previous:
             args += ["--pretrain_checkpoint", str(paths[previous])]
         proc = run_module(args, env)
@@ -280,8 +322,18 @@ def test_benchmark_prints_the_full_table_and_resumes(stage, checkpoints, hub, wo
     root, configs = hub
     env = offline_env(workdir / "hf_home")
     output = workdir / f"benchmark_{stage}"
-    args = ["clara.benchmark", "--checkpoint", str(checkpoints[stage]), "--data", str(root), "--output_dir",
-            str(output), "--max_new_tokens", "8", "--no_progress"]
+    args = [
+        "clara.benchmark",
+        "--checkpoint",
+        str(checkpoints[stage]),
+        "--data",
+        str(root),
+        "--output_dir",
+        str(output),
+        "--max_new_tokens",
+        "8",
+        "--no_progress",
+    ]
     proc = run_module(args, env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     print(proc.stdout)
@@ -300,12 +352,13 @@ def test_benchmark_prints_the_full_table_and_resumes(stage, checkpoints, hub, wo
             assert all(s["prediction"] is not None for s in samples)
             summary = json.loads((output / f"{config}.summary.json").read_text())
             assert summary["dataset"] == f"hf:{root}:{config}"
-            cells = rows[label][column * len(keys):(column + 1) * len(keys)]
+            cells = rows[label][column * len(keys) : (column + 1) * len(keys)]
             for key, cell in zip(keys, cells):
                 value = summary["metrics"].get(key)
                 assert cell == ("n/a" if value is None else f"{100 * value:.2f}"), (config, key)
     assert (output / "table.md").read_text().strip() == "\n".join(
-        line for line in proc.stdout.splitlines() if line.startswith("|"))
+        line for line in proc.stdout.splitlines() if line.startswith("|")
+    )
 
     # A finished table is not evaluated again; a set whose results are gone is.
     again = run_module(args, env)
@@ -329,13 +382,35 @@ def test_benchmark_on_jsonl_copies_in_two_processes_with_max_samples(checkpoints
     for config, rows in configs.items():
         if config.startswith("e2e_eval_ours_"):
             write_jsonl(copies / f"{config}.jsonl", rows)
-    common = ["--checkpoint", str(checkpoints["stage2"]), "--max_samples", "2", "--max_new_tokens", "8",
-              "--batch_size", "1", "--no_progress"]
-    two = run_module(["torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "clara.benchmark",
-                      *common, "--data", str(copies), "--output_dir", str(workdir / "bench_two")], env)
+    common = [
+        "--checkpoint",
+        str(checkpoints["stage2"]),
+        "--max_samples",
+        "2",
+        "--max_new_tokens",
+        "8",
+        "--batch_size",
+        "1",
+        "--no_progress",
+    ]
+    two = run_module(
+        [
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "clara.benchmark",
+            *common,
+            "--data",
+            str(copies),
+            "--output_dir",
+            str(workdir / "bench_two"),
+        ],
+        env,
+    )
     assert two.returncode == 0, two.stdout[-3000:] + two.stderr[-3000:]
-    one = run_module(["clara.benchmark", *common, "--data", str(root), "--output_dir", str(workdir / "bench_one")],
-                     env)
+    one = run_module(["clara.benchmark", *common, "--data", str(root), "--output_dir", str(workdir / "bench_one")], env)
     assert one.returncode == 0, one.stdout[-3000:] + one.stderr[-3000:]
     assert parse_table(two.stdout) == parse_table(one.stdout)
     summary = json.loads((workdir / "bench_two" / "e2e_eval_ours_nq_with_pos.summary.json").read_text())

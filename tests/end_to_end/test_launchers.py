@@ -76,8 +76,14 @@ def start(script: str, env: dict, args=(), cwd: Path = REPO, output: Path | None
     """Start a launcher in a session of its own (so that its process group can be signalled)."""
     out = open(output, "wb") if output else subprocess.PIPE
     try:
-        return subprocess.Popen(["bash", f"./{script}", *args], cwd=cwd, env=env, stdout=out,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+        return subprocess.Popen(
+            ["bash", f"./{script}", *args],
+            cwd=cwd,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     finally:
         if output:
             out.close()
@@ -153,7 +159,7 @@ def max_weight_difference(a: Path, b: Path) -> float:
 # A sitecustomize module, put first on PYTHONPATH, reaches into the trainer processes without test hooks in
 # clara/: when clara.training.trainer is imported it wraps micro_batch_indices (to record each rank's samples) and/or
 # optimizer_step (to fail in one rank), as the environment asks.
-SITECUSTOMIZE = textwrap.dedent('''
+SITECUSTOMIZE = textwrap.dedent("""
     import json
     import os
     import sys
@@ -205,7 +211,7 @@ SITECUSTOMIZE = textwrap.dedent('''
 
 
     sys.meta_path.insert(0, _AfterTrainerImport())
-''')
+""")
 
 
 def with_hooks(env: dict, hook_dir: Path, **settings) -> dict:
@@ -237,8 +243,7 @@ def default_run(tmp_path_factory):
 def two_rank_run(tmp_path_factory):
     """train_8gpu.sh with NUM_GPUS=2 (stage1), recording the samples each rank reads."""
     tmp = tmp_path_factory.mktemp("two_rank")
-    env = with_hooks(launcher_env(**QUICK_2RANK, SAVE_PATH=tmp / "out"), tmp / "hooks",
-                     CLARA_TEST_RECORD_DIR=tmp)
+    env = with_hooks(launcher_env(**QUICK_2RANK, SAVE_PATH=tmp / "out"), tmp / "hooks", CLARA_TEST_RECORD_DIR=tmp)
     result = run(EIGHT, env)
     print(f"two-rank run (train_8gpu.sh NUM_GPUS=2, 3 steps): {result.seconds:.1f}s wall")
     return tmp, result
@@ -306,8 +311,9 @@ def test_stage1_to_stage1_2_with_two_processes(two_rank_run, tmp_path):
     tmp, first = two_rank_run
     assert first.returncode == 0, first
     save = tmp_path / "stage1_2"
-    env = launcher_env(**{**QUICK_2RANK, "MAX_STEPS": 2}, STAGE="stage1_2", PRETRAIN_CHECKPOINT=tmp / "out",
-                       SAVE_PATH=save)
+    env = launcher_env(
+        **{**QUICK_2RANK, "MAX_STEPS": 2}, STAGE="stage1_2", PRETRAIN_CHECKPOINT=tmp / "out", SAVE_PATH=save
+    )
     result = run(EIGHT, env)
     assert result.returncode == 0, result
     assert "world size 2" in result.output
@@ -320,11 +326,16 @@ def test_ranks_read_disjoint_parts_of_each_batch():
     order = list(range(100, 140))
     batch, micro_size, world = 8, 2, 2
     for step in range(3):
-        seen = {rank: [i for micro in range(batch // (micro_size * world))
-                       for i in micro_batch_indices(order, step, micro, rank, world, batch, micro_size)]
-                for rank in range(world)}
+        seen = {
+            rank: [
+                i
+                for micro in range(batch // (micro_size * world))
+                for i in micro_batch_indices(order, step, micro, rank, world, batch, micro_size)
+            ]
+            for rank in range(world)
+        }
         assert not set(seen[0]) & set(seen[1])
-        assert sorted(seen[0] + seen[1]) == order[step * batch:(step + 1) * batch]
+        assert sorted(seen[0] + seen[1]) == order[step * batch : (step + 1) * batch]
 
 
 @pytest.mark.slow
@@ -338,8 +349,9 @@ def test_two_processes_train_with_zero2_on_different_data(two_rank_run):
     assert len(metrics(tmp / "out")) == 3
     assert_exported(tmp / "out")
     # What each rank read, recorded inside the trainer processes: disjoint, and together the whole batch.
-    reads = {rank: [json.loads(line) for line in (tmp / f"rank{rank}.jsonl").read_text().splitlines()]
-             for rank in (0, 1)}
+    reads = {
+        rank: [json.loads(line) for line in (tmp / f"rank{rank}.jsonl").read_text().splitlines()] for rank in (0, 1)
+    }
     assert len(reads[0]) == len(reads[1]) == 3  # 3 steps x 1 micro-batch
     for left, right in zip(reads[0], reads[1]):
         assert left["step"] == right["step"]
@@ -352,10 +364,21 @@ def test_two_nodes_on_loopback_match_two_processes(two_rank_run, tmp_path):
     assert reference.returncode == 0, reference
     save = tmp_path / "out"  # one directory for both nodes, like a shared file system
     port = free_port()
-    nodes = [start(EIGHT, launcher_env(**{**QUICK_2RANK, "NUM_GPUS": 1}, NUM_NODES=2, NODE_RANK=rank,
-                                       MASTER_ADDR="127.0.0.1", MASTER_PORT=port, SAVE_PATH=save),
-                   output=tmp_path / f"node{rank}.out")
-             for rank in (0, 1)]
+    nodes = [
+        start(
+            EIGHT,
+            launcher_env(
+                **{**QUICK_2RANK, "NUM_GPUS": 1},
+                NUM_NODES=2,
+                NODE_RANK=rank,
+                MASTER_ADDR="127.0.0.1",
+                MASTER_PORT=port,
+                SAVE_PATH=save,
+            ),
+            output=tmp_path / f"node{rank}.out",
+        )
+        for rank in (0, 1)
+    ]
     try:
         codes = [node.wait(timeout=RUN_TIMEOUT) for node in nodes]
     finally:
@@ -437,8 +460,11 @@ def test_sigterm_saves_a_checkpoint_and_exits_nonzero(tmp_path, target):
     env = launcher_env(**{**QUICK, "MAX_STEPS": 500, "MAX_SAMPLES": 1000}, SAVE_PATH=save, SAVE_STEPS=400)
     proc = start(SINGLE, env, output=tmp_path / "run.out")
     try:
-        wait_for(lambda: (save / "metrics.jsonl").is_file() and (save / "metrics.jsonl").stat().st_size > 0,
-                 proc, what="the first optimizer step")
+        wait_for(
+            lambda: (save / "metrics.jsonl").is_file() and (save / "metrics.jsonl").stat().st_size > 0,
+            proc,
+            what="the first optimizer step",
+        )
         if target == "process_group":
             os.killpg(proc.pid, signal.SIGTERM)
         else:
@@ -494,8 +520,9 @@ INVALID = [
 ]
 
 
-@pytest.mark.parametrize("script,settings,variable", INVALID,
-                         ids=[f"{v}={s[v] if v in s else 'unset'}" for _, s, v in INVALID])
+@pytest.mark.parametrize(
+    "script,settings,variable", INVALID, ids=[f"{v}={s[v] if v in s else 'unset'}" for _, s, v in INVALID]
+)
 @pytest.mark.slow
 def test_invalid_setting_exits_2_with_one_line(tmp_path, script, settings, variable):
     env = launcher_env(**settings, SAVE_PATH=tmp_path / "out")
@@ -513,10 +540,13 @@ def test_invalid_setting_exits_2_with_one_line(tmp_path, script, settings, varia
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("settings,variable", [
-    ({"DTYPE": "fp16"}, "DTYPE"),  # fp16 loss scaling needs CUDA
-    ({"NUM_GPUS": "4294967296", "MICRO_BATCH_SIZE": "4294967296"}, "NUM_GPUS"),  # more processes than cores
-])
+@pytest.mark.parametrize(
+    "settings,variable",
+    [
+        ({"DTYPE": "fp16"}, "DTYPE"),  # fp16 loss scaling needs CUDA
+        ({"NUM_GPUS": "4294967296", "MICRO_BATCH_SIZE": "4294967296"}, "NUM_GPUS"),  # more processes than cores
+    ],
+)
 @pytest.mark.slow
 def test_settings_known_bad_once_the_devices_are_known_are_one_line(tmp_path, settings, variable):
     """Checked once the launcher has looked for CUDA (after importing torch), so not timed as above."""
@@ -563,8 +593,12 @@ def test_allow_no_checkpoint_lets_stage2_start_from_the_base_model(tmp_path):
 @pytest.mark.slow
 def test_a_crash_in_one_rank_ends_the_job_and_names_the_rank(tmp_path):
     mark = tmp_path / "crashed_at"
-    env = with_hooks(launcher_env(**QUICK_2RANK, SAVE_PATH=tmp_path / "out"), tmp_path / "hooks",
-                     CLARA_TEST_CRASH_RANK=1, CLARA_TEST_CRASH_MARK=mark)
+    env = with_hooks(
+        launcher_env(**QUICK_2RANK, SAVE_PATH=tmp_path / "out"),
+        tmp_path / "hooks",
+        CLARA_TEST_CRASH_RANK=1,
+        CLARA_TEST_CRASH_MARK=mark,
+    )
     result = run(EIGHT, env)
     ended = time.time()
     assert result.returncode != 0, result
@@ -593,8 +627,15 @@ def flag_value(words: list[str], flag: str) -> str:
 def test_dry_run_prints_the_exact_command_and_runs_nothing(tmp_path):
     save = tmp_path / "out"
     port = str(free_port())
-    env = launcher_env(NUM_GPUS=2, BATCH_SIZE=8, MICRO_BATCH_SIZE=2, DRY_RUN="true", SAVE_PATH=save,
-                       MASTER_PORT=port, LEARNING_RATE="3e-4")
+    env = launcher_env(
+        NUM_GPUS=2,
+        BATCH_SIZE=8,
+        MICRO_BATCH_SIZE=2,
+        DRY_RUN="true",
+        SAVE_PATH=save,
+        MASTER_PORT=port,
+        LEARNING_RATE="3e-4",
+    )
     env.pop("OMP_NUM_THREADS", None)  # the launcher shares the cores among the processes
     extra = ("--max_new_tokens", "16", "--wandb_project", "two words")
     result = run(EIGHT, env, args=extra, timeout=60)
@@ -605,16 +646,26 @@ def test_dry_run_prints_the_exact_command_and_runs_nothing(tmp_path):
     words = command_words(result.output)
     # torchrun, through clara.training.run_workers (which returns the failed worker's own exit status)
     assert words[1:3] == ["-m", "clara.run_workers"] and words[words.index("clara.train") - 1] == "-m"
-    for flag, value in [("--nproc_per_node", "2"), ("--nnodes", "1"), ("--node_rank", "0"),
-                        ("--master_addr", "127.0.0.1"), ("--master_port", port),
-                        ("--stage", "stage1"), ("--model_path", "tiny"), ("--batch_size", "8"),
-                        ("--micro_batch_size", "2"), ("--zero_stage", "2"),
-                        ("--save_path", str(save)), ("--dataset", "example/pretrain_data.jsonl"),
-                        ("--debug_every_steps", "10"), ("--save_steps", "500")]:
+    for flag, value in [
+        ("--nproc_per_node", "2"),
+        ("--nnodes", "1"),
+        ("--node_rank", "0"),
+        ("--master_addr", "127.0.0.1"),
+        ("--master_port", port),
+        ("--stage", "stage1"),
+        ("--model_path", "tiny"),
+        ("--batch_size", "8"),
+        ("--micro_batch_size", "2"),
+        ("--zero_stage", "2"),
+        ("--save_path", str(save)),
+        ("--dataset", "example/pretrain_data.jsonl"),
+        ("--debug_every_steps", "10"),
+        ("--save_steps", "500"),
+    ]:
         assert flag_value(words, flag) == value, flag
     assert float(flag_value(words, "--learning_rate")) == 3e-4
     assert "--max_len" not in words  # unset: the trainer's own per-stage default applies
-    assert tuple(words[-len(extra):]) == extra  # passed on unchanged, last so that they win
+    assert tuple(words[-len(extra) :]) == extra  # passed on unchanged, last so that they win
     assert not save.exists()  # nothing ran: no log, no output directory
 
 

@@ -15,6 +15,9 @@ import shutil
 from pathlib import Path
 
 import pytest
+
+from clara.config import TrainConfig, resolve
+from clara.training.resumable import MANIFEST, manifest_problem
 from tests.end_to_end.test_launchers import (
     QUICK,
     REPO,
@@ -27,9 +30,6 @@ from tests.end_to_end.test_launchers import (
     run,
 )
 from tests.training.test_resumable import plant_payload
-
-from clara.config import TrainConfig, resolve
-from clara.training.resumable import MANIFEST, manifest_problem
 
 # The reference run: 4 optimizer steps, every one saved and kept.
 REFERENCE = {**QUICK, "MAX_STEPS": "4", "SAVE_STEPS": "1", "MAX_CKPT_NUM": "4"}
@@ -147,7 +147,9 @@ def test_an_infinite_learning_rate_exits_2_before_the_model_loads(tmp_path):
 
 
 # Appended to test_launchers' hook: its finder calls _patch (looked up when clara.training.trainer is imported).
-HOOKS = SITECUSTOMIZE + '''
+HOOKS = (
+    SITECUSTOMIZE
+    + """
 
 _launcher_patch = _patch
 
@@ -192,7 +194,8 @@ def _patch(trainer):
                                "basic_ios::clear: iostream error")
 
         torch.save = filling
-'''
+"""
+)
 
 
 def with_safety_hooks(env: dict, hook_dir: Path, **settings) -> dict:
@@ -205,15 +208,22 @@ def with_safety_hooks(env: dict, hook_dir: Path, **settings) -> dict:
 def test_a_diverged_run_stops_and_keeps_the_last_good_checkpoint(reference, tmp_path):
     save = copy_run(reference, tmp_path / "out", keep_export=True)
     exported = (save / "adapters.safetensors").read_bytes()
-    env = with_safety_hooks(launcher_env(**{**REFERENCE, "MAX_STEPS": "6", "MAX_CKPT_NUM": "1"}, SAVE_PATH=save),
-                            tmp_path / "hooks", CLARA_TEST_INF_AFTER_STEPS=1)
+    env = with_safety_hooks(
+        launcher_env(**{**REFERENCE, "MAX_STEPS": "6", "MAX_CKPT_NUM": "1"}, SAVE_PATH=save),
+        tmp_path / "hooks",
+        CLARA_TEST_INF_AFTER_STEPS=1,
+    )
     result = run(SINGLE, env)
     assert result.returncode == 1, result
     lines = error_lines(result.output)
     assert len(lines) == 1 and "step 5: the trained weights became inf/NaN" in lines[0], result
     checkpoints = save / "checkpoints"
-    assert sorted(p.name for p in checkpoints.iterdir() if p.name.startswith(("step_", "tmp_"))) == \
-        ["step_1", "step_2", "step_3", "step_4"]
+    assert sorted(p.name for p in checkpoints.iterdir() if p.name.startswith(("step_", "tmp_"))) == [
+        "step_1",
+        "step_2",
+        "step_3",
+        "step_4",
+    ]
     assert manifest_problem(str(checkpoints / "step_4")) is None
     assert (save / "adapters.safetensors").read_bytes() == exported
 
@@ -227,16 +237,24 @@ def test_stage2_samples_with_different_candidate_counts_train(tmp_path):
     data = tmp_path / "mixed.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     # One micro-batch of all four samples: 20, 19, 20 and 20 candidates side by side.
-    env = launcher_env(**{**QUICK, "BATCH_SIZE": "4", "MICRO_BATCH_SIZE": "4", "MAX_STEPS": "1"}, STAGE="stage2",
-                       ALLOW_NO_CHECKPOINT="true", DATASET=data, SAVE_PATH=tmp_path / "out")
+    env = launcher_env(
+        **{**QUICK, "BATCH_SIZE": "4", "MICRO_BATCH_SIZE": "4", "MAX_STEPS": "1"},
+        STAGE="stage2",
+        ALLOW_NO_CHECKPOINT="true",
+        DATASET=data,
+        SAVE_PATH=tmp_path / "out",
+    )
     result = run(SINGLE, env)
     assert result.returncode == 0, result
     assert_exported(tmp_path / "out")
 
 
 def long_record(docs: int) -> dict:
-    return {"question": "What is the chief metal of Shunster?", "answers": "silver",
-            "docs": [f"Place {i} is a village. Its chief metal is tin." for i in range(docs)]}
+    return {
+        "question": "What is the chief metal of Shunster?",
+        "answers": "silver",
+        "docs": [f"Place {i} is a village. Its chief metal is tin." for i in range(docs)],
+    }
 
 
 @pytest.mark.slow
@@ -254,8 +272,8 @@ def test_a_record_over_max_len_is_named_before_the_model_loads(tmp_path):
 
 
 def test_bad_samples_skip_drops_a_record_over_max_len(tmp_path):
-    from clara.model.collate import Collator
     from clara.data import load_records
+    from clara.model.collate import Collator
     from clara.model.stage_model import stage_tokenizer
     from clara.stages import get_stage
 
@@ -266,8 +284,14 @@ def test_bad_samples_skip_drops_a_record_over_max_len(tmp_path):
     good = (REPO / "example" / "instruction_tuning_data.jsonl").read_text().splitlines()[:3]
     data.write_text("\n".join([good[0], json.dumps(long_record(70)), *good[1:]]) + "\n")
     rejected = tmp_path / "rejected.jsonl"
-    records = load_records(get_stage("stage1_2"), str(data), "skip", rejected_path=str(rejected), log=lambda *_: None,
-                           make_check=lambda: check)
+    records = load_records(
+        get_stage("stage1_2"),
+        str(data),
+        "skip",
+        rejected_path=str(rejected),
+        log=lambda *_: None,
+        make_check=lambda: check,
+    )
     assert [r["question"] for r in records] == [json.loads(line)["question"] for line in good]
     assert [json.loads(line)["line"] for line in rejected.read_text().splitlines()] == [2]
 
@@ -277,8 +301,11 @@ def test_bad_samples_skip_drops_a_record_over_max_len(tmp_path):
 def test_a_full_disk_names_save_path_and_keeps_the_previous_checkpoint(tmp_path):
     save = tmp_path / "out"
     # The second checkpoint's optimizer file (the 4th torch.save) meets a full disk.
-    env = with_safety_hooks(launcher_env(**{**QUICK, "MAX_STEPS": "3", "SAVE_STEPS": "1"}, SAVE_PATH=save),
-                            tmp_path / "hooks", CLARA_TEST_DISK_FULL_AT_SAVE=4)
+    env = with_safety_hooks(
+        launcher_env(**{**QUICK, "MAX_STEPS": "3", "SAVE_STEPS": "1"}, SAVE_PATH=save),
+        tmp_path / "hooks",
+        CLARA_TEST_DISK_FULL_AT_SAVE=4,
+    )
     result = run(SINGLE, env)
     assert result.returncode != 0, result
     lines = error_lines(result.output)
@@ -297,8 +324,9 @@ def test_resume_from_a_directory_that_is_not_a_checkpoint_exits_2(tmp_path):
     result = run(SINGLE, launcher_env(**QUICK, RESUME="/etc", SAVE_PATH=tmp_path / "out"))
     assert result.returncode == 2, result
     lines = error_lines(result.output)
-    assert len(lines) == 1 and lines[0].startswith("error: RESUME=/etc: expected auto, false, or a resumable "
-                                                   "checkpoint directory"), result
+    assert len(lines) == 1 and lines[0].startswith(
+        "error: RESUME=/etc: expected auto, false, or a resumable checkpoint directory"
+    ), result
     assert not loaded_the_model(result.output)
 
 
@@ -311,4 +339,3 @@ def test_metrics_write_null_for_nan_and_infinity(tmp_path):
     line = (tmp_path / "metrics.jsonl").read_text()
     assert json.loads(line) == {"step": 1, "loss": None, "grad_norm": None, "lr": 1e-3}
     assert "NaN" not in line and "Infinity" not in line
-

@@ -22,13 +22,13 @@ import openai
 import pytest
 import torch
 
-from clara.model.decoding import RowDecoding, Sampling
+from clara.evaluation.inference import CLaRa
 from clara.index.answer import encode_questions, generator_inputs
 from clara.index.build import build_index
 from clara.index.store import load_index
-from clara.evaluation.inference import CLaRa
-from clara.training.launch import free_port
+from clara.model.decoding import RowDecoding, Sampling
 from clara.serving.engine import ANSWERING, Engine, Job
+from clara.training.launch import free_port
 from tests.helpers import read_jsonl, run_module, subprocess_env
 from tests.index.test_index import EXAMPLE, ROLES, TOP_K, noisy_checkpoint
 
@@ -57,8 +57,16 @@ def reference(workdir) -> tuple[CLaRa, str, Path]:
     clara = CLaRa.from_pretrained(str(checkpoint), batch_size=1)
     docs = read_jsonl(EXAMPLE / "corpus.jsonl")[:N_DOCS]
     out = workdir / "index"
-    build_index(clara.model, [d["id"] for d in docs], [d["text"] for d in docs], str(out), batch_size=8,
-                checkpoint=str(checkpoint), show_progress=False, log=lambda *args: None)
+    build_index(
+        clara.model,
+        [d["id"] for d in docs],
+        [d["text"] for d in docs],
+        str(out),
+        batch_size=8,
+        checkpoint=str(checkpoint),
+        show_progress=False,
+        log=lambda *args: None,
+    )
     return clara, str(out), checkpoint
 
 
@@ -66,10 +74,33 @@ def reference(workdir) -> tuple[CLaRa, str, Path]:
 def server(reference) -> str:
     _, index, checkpoint = reference
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "clara.serve", "--checkpoint", str(checkpoint), "--index", index,
-                             "--port", str(port), "--api_key", KEY, "--max_batch", "32", "--max_wait_ms", "100",
-                             "--max_tokens", str(NEW_TOKENS), "--max_body_bytes", str(MAX_BODY)],
-                            env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "clara.serve",
+            "--checkpoint",
+            str(checkpoint),
+            "--index",
+            index,
+            "--port",
+            str(port),
+            "--api_key",
+            KEY,
+            "--max_batch",
+            "32",
+            "--max_wait_ms",
+            "100",
+            "--max_tokens",
+            str(NEW_TOKENS),
+            "--max_body_bytes",
+            str(MAX_BODY),
+        ],
+        env=subprocess_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 120
@@ -101,8 +132,9 @@ def health(server: str) -> dict:
 
 def ask(server: str, question: str, **fields):
     fields = {"max_tokens": NEW_TOKENS, **fields}
-    return client(server).chat.completions.create(model="ck", messages=[{"role": "user", "content": question}],
-                                                  **fields)
+    return client(server).chat.completions.create(
+        model="ck", messages=[{"role": "user", "content": question}], **fields
+    )
 
 
 # -- answers ------------------------------------------------------------------------------------------------
@@ -116,17 +148,29 @@ def test_plain_and_streamed_completions_through_the_openai_client(server, refere
     documents = plain.model_extra["clara"]["documents"]
     assert [d["id"] for d in documents] == ids[0] and all(isinstance(d["score"], float) for d in documents)
 
-    chunks = list(client(server).chat.completions.create(
-        model="ck", messages=[{"role": "user", "content": questions[0]}], max_tokens=NEW_TOKENS, stream=True,
-        stream_options={"include_usage": True}))
+    chunks = list(
+        client(server).chat.completions.create(
+            model="ck",
+            messages=[{"role": "user", "content": questions[0]}],
+            max_tokens=NEW_TOKENS,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
     pieces = [c.choices[0].delta.content or "" for c in chunks if c.choices]
     assert "".join(pieces) == expected[0]
     assert [d["id"] for d in chunks[0].model_extra["clara"]["documents"]] == ids[0]
     assert chunks[-1].usage.completion_tokens == plain.usage.completion_tokens
     # The tiny model may end an answer after one token: an answer of several arrives in as many pieces.
-    longer = list(client(server).chat.completions.create(
-        model="ck", messages=[{"role": "user", "content": questions[0]}], max_tokens=NEW_TOKENS, stream=True,
-        extra_body={"min_tokens": NEW_TOKENS}))
+    longer = list(
+        client(server).chat.completions.create(
+            model="ck",
+            messages=[{"role": "user", "content": questions[0]}],
+            max_tokens=NEW_TOKENS,
+            stream=True,
+            extra_body={"min_tokens": NEW_TOKENS},
+        )
+    )
     assert len([c for c in longer if c.choices and c.choices[0].delta.content]) > 1
     assert [m.id for m in client(server).models.list()] == ["ck"]
 
@@ -139,8 +183,9 @@ def test_answers_equal_generate_from_questions_with_the_index(server, reference,
 
 def test_retrieve_returns_the_documents_clara_ask_prints(server, reference, questions):
     _, index, checkpoint = reference
-    proc = run_module(["clara.ask", "--checkpoint", str(checkpoint), "--index", index, questions[1],
-                       "--max_new_tokens", "2"])
+    proc = run_module(
+        ["clara.ask", "--checkpoint", str(checkpoint), "--index", index, questions[1], "--max_new_tokens", "2"]
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     printed = re.findall(r"^  \d+\. \[(-?[\d.]+)\] (\S+):", proc.stdout, re.M)
     found = httpx.post(f"{server}/v1/retrieve", headers=auth(), json={"question": questions[1], "k": TOP_K}).json()
@@ -152,15 +197,16 @@ def test_retrieve_returns_the_documents_clara_ask_prints(server, reference, ques
 
 
 def test_sampling_with_a_seed_is_reproducible_and_stop_cuts_the_answer(server, questions):
-    sampled = [ask(server, questions[2], temperature=1.0, top_p=0.9, seed=7).choices[0].message.content
-               for _ in range(2)]
+    sampled = [
+        ask(server, questions[2], temperature=1.0, top_p=0.9, seed=7).choices[0].message.content for _ in range(2)
+    ]
     assert sampled[0] == sampled[1]
     others = {ask(server, questions[2], temperature=1.0, seed=seed).choices[0].message.content for seed in range(4)}
     assert len(others) > 1
     greedy = ask(server, questions[2]).choices[0].message.content
-    stop = greedy[len(greedy) // 2:][:2]
+    stop = greedy[len(greedy) // 2 :][:2]
     cut = ask(server, questions[2], stop=[stop]).choices[0]
-    assert cut.message.content == greedy[:greedy.index(stop)].rstrip() and cut.finish_reason == "stop"
+    assert cut.message.content == greedy[: greedy.index(stop)].rstrip() and cut.finish_reason == "stop"
 
 
 # -- many users at once -----------------------------------------------------------------------------------------
@@ -182,8 +228,9 @@ def long_answer() -> dict:
     return {"extra_body": {"min_tokens": 1000}}
 
 
-def test_a_long_answer_is_decoded_in_windows_and_does_not_hold_up_new_requests(server, reference, questions,
-                                                                                long_answer):
+def test_a_long_answer_is_decoded_in_windows_and_does_not_hold_up_new_requests(
+    server, reference, questions, long_answer
+):
     """A 40-token answer takes three windows of 16 tokens (the server's default) and equals the reference; a
     short request sent while a long one decodes joins at the next window and is answered first."""
     clara, index, _ = reference
@@ -221,8 +268,13 @@ def test_a_mixed_batch_differs_from_one_at_a_time_only_at_near_ties(reference, q
         # The first differing token: the one-at-a-time logits there must be a near tie.
         at = next(t for t, (a, b) in enumerate(zip(tokens[0] + [-1], batch_tokens[i] + [-1])) if a != b)
         batch, vectors = generator_inputs(model, index, [question], rows, ANSWERING.max_len, 42)
-        embeds = torch.cat([model.inject(batch.dec_ids, vectors),
-                            model.causal_lm.get_input_embeddings()(torch.tensor([tokens[0][:at]]))], dim=1)
+        embeds = torch.cat(
+            [
+                model.inject(batch.dec_ids, vectors),
+                model.causal_lm.get_input_embeddings()(torch.tensor([tokens[0][:at]])),
+            ],
+            dim=1,
+        )
         with model.adapter("decoder_adapter"):
             logits = model.causal_lm(inputs_embeds=embeds, attention_mask=torch.ones(embeds.shape[:2])).logits
         allowed = logits[0, -1].clone()
@@ -247,8 +299,10 @@ def test_a_failing_request_fails_alone(reference, questions, monkeypatch):
 
     async def ask_all() -> list[tuple]:
         loop = asyncio.get_running_loop()
-        jobs = [engine.submit(Job(q, TOP_K, RowDecoding(Sampling(NEW_TOKENS)), loop))
-                for q in [questions[0], "FAIL", questions[1]]]
+        jobs = [
+            engine.submit(Job(q, TOP_K, RowDecoding(Sampling(NEW_TOKENS)), loop))
+            for q in [questions[0], "FAIL", questions[1]]
+        ]
         finals = []
         for job in jobs:
             while (event := await job.events.get())[0] in ("retrieved", "text"):
@@ -261,8 +315,9 @@ def test_a_failing_request_fails_alone(reference, questions, monkeypatch):
         finals = asyncio.run(ask_all())
     finally:
         engine.stop()
-    expected, _ = clara.generate_from_questions([questions[0], questions[1]], index=index_path,
-                                                max_new_tokens=NEW_TOKENS)
+    expected, _ = clara.generate_from_questions(
+        [questions[0], questions[1]], index=index_path, max_new_tokens=NEW_TOKENS
+    )
     assert [kind for kind, _ in finals] == ["done", "error", "done"]
     assert [finals[0][1]["text"], finals[2][1]["text"]] == expected
     assert finals[1][1].status == 500 and "injected" in finals[1][1].message
@@ -278,34 +333,83 @@ BAD_REQUESTS = [
     ("malformed JSON", "/v1/chat/completions", b'{"model": "ck", "messages": [', auth(), 400, "invalid_json", None),
     ("not an object", "/v1/chat/completions", b"[1, 2]", auth(), 400, "invalid_json", None),
     ("missing messages", "/v1/chat/completions", {"model": "ck"}, auth(), 400, "missing", "messages"),
-    ("empty question", "/v1/chat/completions", chat_body(messages=[{"role": "user", "content": "  "}]), auth(), 400,
-     "invalid_value", "messages"),
-    ("no user message", "/v1/chat/completions", chat_body(messages=[{"role": "system", "content": "hi"}]), auth(),
-     400, "invalid_value", "messages"),
-    ("over-long question", "/v1/chat/completions",
-     chat_body(messages=[{"role": "user", "content": "where " * 600}]), auth(), 400, "context_length_exceeded",
-     "messages"),
+    (
+        "empty question",
+        "/v1/chat/completions",
+        chat_body(messages=[{"role": "user", "content": "  "}]),
+        auth(),
+        400,
+        "invalid_value",
+        "messages",
+    ),
+    (
+        "no user message",
+        "/v1/chat/completions",
+        chat_body(messages=[{"role": "system", "content": "hi"}]),
+        auth(),
+        400,
+        "invalid_value",
+        "messages",
+    ),
+    (
+        "over-long question",
+        "/v1/chat/completions",
+        chat_body(messages=[{"role": "user", "content": "where " * 600}]),
+        auth(),
+        400,
+        "context_length_exceeded",
+        "messages",
+    ),
     ("unknown field", "/v1/chat/completions", chat_body(frobnicate=1), auth(), 400, "extra_forbidden", "frobnicate"),
     ("k too small", "/v1/chat/completions", chat_body(k=TOP_K - 1), auth(), 400, "invalid_value", "k"),
     ("k too large", "/v1/chat/completions", chat_body(k=N_DOCS + 1), auth(), 400, "invalid_value", "k"),
     ("k not a number", "/v1/retrieve", {"question": "x", "k": "five"}, auth(), 400, "int_parsing", "k"),
     ("retrieve k of 0", "/v1/retrieve", {"question": "x", "k": 0}, auth(), 400, "invalid_value", "k"),
-    ("max_tokens over the limit", "/v1/chat/completions", chat_body(max_tokens=5000), auth(), 400, "invalid_value",
-     "max_tokens"),
-    ("bad temperature", "/v1/chat/completions", chat_body(temperature=-1), auth(), 400, "greater_than_equal",
-     "temperature"),
-    ("body over the size limit", "/v1/chat/completions", chat_body(pad="x" * (MAX_BODY + 1)), auth(), 413,
-     "request_too_large", None),
-    ("unknown model", "/v1/chat/completions", chat_body(model="../../etc/passwd"), auth(), 404, "model_not_found",
-     "model"),
+    (
+        "max_tokens over the limit",
+        "/v1/chat/completions",
+        chat_body(max_tokens=5000),
+        auth(),
+        400,
+        "invalid_value",
+        "max_tokens",
+    ),
+    (
+        "bad temperature",
+        "/v1/chat/completions",
+        chat_body(temperature=-1),
+        auth(),
+        400,
+        "greater_than_equal",
+        "temperature",
+    ),
+    (
+        "body over the size limit",
+        "/v1/chat/completions",
+        chat_body(pad="x" * (MAX_BODY + 1)),
+        auth(),
+        413,
+        "request_too_large",
+        None,
+    ),
+    (
+        "unknown model",
+        "/v1/chat/completions",
+        chat_body(model="../../etc/passwd"),
+        auth(),
+        404,
+        "model_not_found",
+        "model",
+    ),
     ("no API key", "/v1/chat/completions", chat_body(), {}, 401, "invalid_api_key", None),
     ("wrong API key", "/v1/retrieve", {"question": "x"}, auth("test-key-124"), 401, "invalid_api_key", None),
     ("unknown path", "/v1/files/etc/passwd", {}, auth(), 404, None, None),
 ]
 
 
-@pytest.mark.parametrize("what, path, body, headers, status, code, param", BAD_REQUESTS,
-                         ids=[b[0] for b in BAD_REQUESTS])
+@pytest.mark.parametrize(
+    "what, path, body, headers, status, code, param", BAD_REQUESTS, ids=[b[0] for b in BAD_REQUESTS]
+)
 def test_a_bad_request_gets_its_status_and_an_openai_error(server, what, path, body, headers, status, code, param):
     content = body if isinstance(body, bytes) else json.dumps(body).encode()
     response = httpx.post(f"{server}{path}", content=content, headers={**headers, "Content-Type": "application/json"})
@@ -332,8 +436,9 @@ def test_the_server_still_answers_after_bad_requests_and_with_the_wrong_method(s
 
 def test_a_client_that_disconnects_mid_stream_frees_its_slot(server, questions, long_answer):
     before = health(server)
-    body = chat_body(stream=True, max_tokens=1000, messages=[{"role": "user", "content": questions[4]}],
-                     **long_answer["extra_body"])
+    body = chat_body(
+        stream=True, max_tokens=1000, messages=[{"role": "user", "content": questions[4]}], **long_answer["extra_body"]
+    )
     with httpx.stream("POST", f"{server}/v1/chat/completions", json=body, headers=auth(), timeout=60) as response:
         events = (line for line in response.iter_lines() if line.startswith("data: "))
         assert '"clara"' in next(events)  # the first chunk: the role and the documents
@@ -348,17 +453,20 @@ def test_a_client_that_disconnects_mid_stream_frees_its_slot(server, questions, 
 
 def test_without_a_key_only_loopback_addresses_are_served(reference):
     _, index, checkpoint = reference
-    proc = run_module(["clara.serve", "--checkpoint", str(checkpoint), "--index", index, "--host", "0.0.0.0"],
-                      timeout=60)
+    proc = run_module(
+        ["clara.serve", "--checkpoint", str(checkpoint), "--index", index, "--host", "0.0.0.0"], timeout=60
+    )
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
         "error: --host='0.0.0.0': expected a loopback address without an API key (set --api_key or CLARA_API_KEY, "
-        "or pass --allow_remote_without_key on a trusted network)"]
+        "or pass --allow_remote_without_key on a trusted network)"
+    ]
 
 
 # -- the page ---------------------------------------------------------------------------------------------------
-def test_the_page_asks_in_a_real_browser_and_shows_the_streamed_answer_and_documents(server, reference, questions,
-                                                                                      tmp_path):
+def test_the_page_asks_in_a_real_browser_and_shows_the_streamed_answer_and_documents(
+    server, reference, questions, tmp_path
+):
     if shutil.which("chromedriver") is None or shutil.which("chromium") is None:
         pytest.skip("needs Debian's chromium and chromium-driver (.ci/run installs them)")
     from selenium import webdriver

@@ -13,13 +13,13 @@ import time
 from pathlib import Path
 
 import pytest
-from tests.fake_openai_server import FakeOpenAI
-from tests.end_to_end.test_launchers import QUICK, SINGLE, assert_exported, launcher_env, run
 
 from clara.data import iter_lines, load_records
 from clara.stages import get_stage
-from clara.synthesis.recipe import Filters, QAPair, load_recipe, pair_problem, parse_answer, words
 from clara.synthesis.__main__ import main as synthesize_main
+from clara.synthesis.recipe import Filters, QAPair, load_recipe, pair_problem, parse_answer, words
+from tests.end_to_end.test_launchers import QUICK, SINGLE, assert_exported, launcher_env, run
+from tests.fake_openai_server import FakeOpenAI
 from tests.helpers import REPO
 
 CORPUS_LINES = (REPO / "example" / "corpus.jsonl").read_text(encoding="utf-8").splitlines()
@@ -33,10 +33,29 @@ def write_corpus(path: Path, count: int) -> dict[str, str]:
 
 
 def synthesize(corpus: Path, out: Path, url: str, *extra: str) -> subprocess.Popen:
-    command = [sys.executable, "-m", "clara.synthesize", "--corpus", str(corpus), "--out", str(out),
-               "--llm", f"openai:{url}", "--model", "fake-llm", *FAST, *extra]
-    return subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    command = [
+        sys.executable,
+        "-m",
+        "clara.synthesize",
+        "--corpus",
+        str(corpus),
+        "--out",
+        str(out),
+        "--llm",
+        f"openai:{url}",
+        "--model",
+        "fake-llm",
+        *FAST,
+        *extra,
+    ]
+    return subprocess.Popen(
+        command,
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
 
 
 def finished(proc: subprocess.Popen, timeout: float = 300) -> str:
@@ -59,10 +78,18 @@ def assert_every_file_loads(out: Path, stage2_docs: int) -> dict[str, int]:
 
 
 def test_with_a_server_nothing_loads_torch():
-    script = ("import sys\nfrom clara.synthesis.__main__ import build_parser\nbuild_parser().format_help()\n"
-              "print(sorted(m for m in ('torch', 'transformers', 'datasets') if m in sys.modules))")
-    result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120,
-                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    script = (
+        "import sys\nfrom clara.synthesis.__main__ import build_parser\nbuild_parser().format_help()\n"
+        "print(sorted(m for m in ('torch', 'transformers', 'datasets') if m in sys.modules))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
 
@@ -76,9 +103,17 @@ def test_answers_are_parsed_strictly_and_filtered():
     filters = Filters(max_question_chars=50, max_answer_chars=20, min_answer_support=0.5, max_paraphrase_ratio=3)
     document = set(words("Vorlan is a kingdom. Its sacred animal is owl."))
     seen: set[str] = set()
-    problems = [pair_problem(QAPair(question=q, answer=a), document, filters, seen) for q, a in [
-        ("What is the sacred animal of Vorlan?", "owl"), ("what is the sacred animal of Vorlan", "the owl"),
-        ("What is Vorlan's main food?", "rice"), ("Q?", " "), ("x" * 51, "owl"), ("Is Vorlan a kingdom?", "yes")]]
+    problems = [
+        pair_problem(QAPair(question=q, answer=a), document, filters, seen)
+        for q, a in [
+            ("What is the sacred animal of Vorlan?", "owl"),
+            ("what is the sacred animal of Vorlan", "the owl"),
+            ("What is Vorlan's main food?", "rice"),
+            ("Q?", " "),
+            ("x" * 51, "owl"),
+            ("Is Vorlan a kingdom?", "yes"),
+        ]
+    ]
     assert problems == [None, "duplicate", "unsupported", "empty", "too_long", None]
 
 
@@ -89,18 +124,21 @@ def test_a_prompts_file_without_a_placeholder_is_one_line(tmp_path, capsys):
     with pytest.raises(ValueError, match=r"tasks\.coverage\.user containing \{pairs\}"):
         load_recipe(str(tmp_path / "p.json"))
     write_corpus(tmp_path / "c.jsonl", 3)
-    code = synthesize_main(["--corpus", str(tmp_path / "c.jsonl"), "--out", str(tmp_path / "o"), "--llm",
-                            "openai:http://127.0.0.1:9/v1"])
+    code = synthesize_main(
+        ["--corpus", str(tmp_path / "c.jsonl"), "--out", str(tmp_path / "o"), "--llm", "openai:http://127.0.0.1:9/v1"]
+    )
     assert code == 2
     assert capsys.readouterr().err.strip().splitlines() == [
-        "error: --model=None: expected the model name the server serves (required with --llm openai:)"]
+        "error: --model=None: expected the model name the server serves (required with --llm openai:)"
+    ]
 
 
 # Faults by (document, task, attempt); --parse_retries 2 gives every task three answers to be well-formed.
 FAULTS = {
     **{("place-0003", task, attempt): "malformed" for task in ("simple_qa", "complex_qa") for attempt in range(3)},
     ("place-0005", "simple_qa", 0): "malformed",
-    ("place-0007", "paraphrase", 0): "429", ("place-0007", "paraphrase", 1): "500",
+    ("place-0007", "paraphrase", 0): "429",
+    ("place-0007", "paraphrase", 1): "500",
     ("place-0011", "complex_qa", 0): "slow",
     ("place-0013", "coverage", 0): "drop",
 }
@@ -110,8 +148,19 @@ def test_faults_are_retried_counted_and_skipped(tmp_path):
     corpus = write_corpus(tmp_path / "corpus.jsonl", 30)
     out = tmp_path / "out"
     with FakeOpenAI(corpus, FAULTS, slow_seconds=2.5) as fake:
-        output = finished(synthesize(tmp_path / "corpus.jsonl", out, fake.url, "--shard_size", "8",
-                                     "--concurrency", "8", "--eval_fraction", "0.1"))
+        output = finished(
+            synthesize(
+                tmp_path / "corpus.jsonl",
+                out,
+                fake.url,
+                "--shard_size",
+                "8",
+                "--concurrency",
+                "8",
+                "--eval_fraction",
+                "0.1",
+            )
+        )
     summary = json.loads((out / "summary.json").read_text())
     assert summary["documents"] == 30
     # place-0003 answered nothing well-formed to the pair tasks: it gives no pairs, and is counted.
@@ -122,8 +171,9 @@ def test_faults_are_retried_counted_and_skipped(tmp_path):
     assert summary["requests"]["retried"] == {"429": 1, "500": 1, "connection": 1, "timeout": 1}
     assert summary["requests"]["answered"] == fake.served["ok"] + fake.served["malformed"]
     # Every other document: one pair per fact (its kind and 3-4 attributes) and one complex pair.
-    assert summary["pairs"] == sum(text.count(". Its ") + 2 for doc_id, text in corpus.items()
-                                   if doc_id != "place-0003")
+    assert summary["pairs"] == sum(
+        text.count(". Its ") + 2 for doc_id, text in corpus.items() if doc_id != "place-0003"
+    )
     assert summary["coverage_rounds"] == 2 * 29  # the last fact in round 1, nothing left in round 2
     assert summary["tokens"]["prompt"] > 0 and summary["tokens"]["completion"] > 0
     assert "29 of 30 documents gave" in output
@@ -142,8 +192,11 @@ def test_faults_are_retried_counted_and_skipped(tmp_path):
         assert [by_text[record["docs"][pos]]] == record["gold_ids"]
         assert record["doc_ids"] == [by_text[d] for d in record["docs"]]
         assert record["gold_answer"].split(" and ")[0] in record["docs"][pos]
-    golds = [json.loads(line)["gold_ids"][0] for name in ("stage2.jsonl", "stage2_eval.jsonl")
-             for line in (out / name).read_text().splitlines()]
+    golds = [
+        json.loads(line)["gold_ids"][0]
+        for name in ("stage2.jsonl", "stage2_eval.jsonl")
+        for line in (out / name).read_text().splitlines()
+    ]
     assert set(golds) == set(corpus) - {"place-0003"}  # still a distractor for others
 
 
@@ -224,12 +277,30 @@ def test_the_llm_as_judge_drops_the_pairs_it_rejects(tmp_path):
 
 def test_pairs_the_document_does_not_support_are_dropped_and_counted(tmp_path, capsys):
     corpus = write_corpus(tmp_path / "corpus.jsonl", 5)
-    invented = {"pairs": [{"question": "Who founded it?", "answer": "Queen Marella"},
-                          {"question": "Who founded it?", "answer": "Queen Marella"}]}
+    invented = {
+        "pairs": [
+            {"question": "Who founded it?", "answer": "Queen Marella"},
+            {"question": "Who founded it?", "answer": "Queen Marella"},
+        ]
+    }
     fixed = {"simple_qa": invented, "complex_qa": {"pairs": []}, "coverage": {"uncovered_facts": [], "pairs": []}}
     with FakeOpenAI(corpus, fixed=fixed) as fake:
-        assert synthesize_main(["--corpus", str(tmp_path / "corpus.jsonl"), "--out", str(tmp_path / "out"),
-                                "--llm", f"openai:{fake.url}", "--model", "fake-llm", *FAST]) == 0
+        assert (
+            synthesize_main(
+                [
+                    "--corpus",
+                    str(tmp_path / "corpus.jsonl"),
+                    "--out",
+                    str(tmp_path / "out"),
+                    "--llm",
+                    f"openai:{fake.url}",
+                    "--model",
+                    "fake-llm",
+                    *FAST,
+                ]
+            )
+            == 0
+        )
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["documents_with_pairs"] == 0
     assert summary["documents_rejected"] == {"all_pairs_filtered": 5}
@@ -242,11 +313,31 @@ def test_pairs_the_document_does_not_support_are_dropped_and_counted(tmp_path, c
 def test_the_tiny_model_as_local_llm_adds_up(tmp_path):
     write_corpus(tmp_path / "corpus.jsonl", 6)
     out = tmp_path / "out"
-    command = [sys.executable, "-m", "clara.synthesize", "--corpus", str(tmp_path / "corpus.jsonl"), "--out",
-               str(out), "--llm", "hf:tiny", "--max_tokens", "24", "--rounds", "1", "--batch_size", "8",
-               "--parse_retries", "1", "--no_progress", "--candidates", "5"]
-    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600,
-                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    command = [
+        sys.executable,
+        "-m",
+        "clara.synthesize",
+        "--corpus",
+        str(tmp_path / "corpus.jsonl"),
+        "--out",
+        str(out),
+        "--llm",
+        "hf:tiny",
+        "--max_tokens",
+        "24",
+        "--rounds",
+        "1",
+        "--batch_size",
+        "8",
+        "--parse_retries",
+        "1",
+        "--no_progress",
+        "--candidates",
+        "5",
+    ]
+    result = subprocess.run(
+        command, cwd=REPO, capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONPATH": str(REPO)}
+    )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["documents"] == 6
@@ -265,8 +356,14 @@ def test_each_stage_trains_on_synthesized_files(tmp_path):
     checkpoint = None
     for stage in ("stage1", "stage1_2", "stage2"):
         save = tmp_path / stage
-        settings = {**QUICK, "STAGE": stage, "DATASET": data / f"{stage}.jsonl", "SAVE_PATH": save,
-                    "EVAL_DATASET": data / f"{stage}_eval.jsonl", "EVAL_MAX_SAMPLES": "2"}
+        settings = {
+            **QUICK,
+            "STAGE": stage,
+            "DATASET": data / f"{stage}.jsonl",
+            "SAVE_PATH": save,
+            "EVAL_DATASET": data / f"{stage}_eval.jsonl",
+            "EVAL_MAX_SAMPLES": "2",
+        }
         if checkpoint:
             settings["PRETRAIN_CHECKPOINT"] = checkpoint
         result = run(SINGLE, launcher_env(**settings))

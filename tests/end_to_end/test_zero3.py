@@ -19,12 +19,12 @@ import psutil
 import pytest
 import torch
 from safetensors.torch import load_file
-from tests.end_to_end.test_launchers import EIGHT, REPO, kill_tree, launcher_env, metrics, run, start, wait_for
 
 from bench.memory import Dims, parameter_counts
-from clara.model.checkpoint import load_model
 from clara.evaluation.command import eval_config, evaluate_model, load_eval_records
+from clara.model.checkpoint import load_model
 from clara.stages import get_stage
+from tests.end_to_end.test_launchers import EIGHT, REPO, kill_tree, launcher_env, metrics, run, start, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -33,10 +33,20 @@ pytestmark = pytest.mark.slow
 # The learning rate is a tenth of the tiny model's default: ZeRO-2 and ZeRO-3 sum and step in other orders,
 # and Adam turns those rounding differences of gradients near zero into weight differences of the order of
 # the learning rate times 1e-2 (measured: up to 5e-5 at the default 2e-3 after three steps).
-TWO_RANKS = {"NUM_GPUS": "2", "OMP_NUM_THREADS": "1", "DEBUG_MODE": "false", "BATCH_SIZE": "2",
-             "LEARNING_RATE": "2e-4",
-             "MICRO_BATCH_SIZE": "1", "MAX_SAMPLES": "16", "MAX_STEPS": "3", "SAVE_STEPS": "2", "EVAL_STEPS": "100",
-             "EVAL_MAX_SAMPLES": "3", "MAX_NEW_TOKENS": "8"}
+TWO_RANKS = {
+    "NUM_GPUS": "2",
+    "OMP_NUM_THREADS": "1",
+    "DEBUG_MODE": "false",
+    "BATCH_SIZE": "2",
+    "LEARNING_RATE": "2e-4",
+    "MICRO_BATCH_SIZE": "1",
+    "MAX_SAMPLES": "16",
+    "MAX_STEPS": "3",
+    "SAVE_STEPS": "2",
+    "EVAL_STEPS": "100",
+    "EVAL_MAX_SAMPLES": "3",
+    "MAX_NEW_TOKENS": "8",
+}
 EXPORTED = ("adapters.safetensors", "special_tokens.safetensors")
 
 
@@ -65,8 +75,10 @@ def assert_same_export(zero3: Path, zero2: Path, tolerance: float) -> None:
     for key in left:
         assert left[key].shape == right[key].shape and left[key].dtype == right[key].dtype, key
         assert (left[key] - right[key]).abs().max().item() <= tolerance, key
-    assert json.loads((zero3 / "config.json").read_text())["adapters"] == \
-        json.loads((zero2 / "config.json").read_text())["adapters"]
+    assert (
+        json.loads((zero3 / "config.json").read_text())["adapters"]
+        == json.loads((zero2 / "config.json").read_text())["adapters"]
+    )
 
 
 def write_eval_data(source: str, target: Path) -> Path:
@@ -96,25 +108,38 @@ def stage1(tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="module")
 def stage1_2(stage1) -> dict[str, Path]:
     tmp = stage1["tmp"]
-    common = {"STAGE": "stage1_2", "EVAL_DATASET": write_eval_data("example/instruction_tuning_data_eval.jsonl",
-                                                                   tmp / "eval12.jsonl")}
+    common = {
+        "STAGE": "stage1_2",
+        "EVAL_DATASET": write_eval_data("example/instruction_tuning_data_eval.jsonl", tmp / "eval12.jsonl"),
+    }
     # Both start from the ZeRO-2 export, so that the comparison is this stage's alone (test_the_zero3_export_...
     # shows that the ZeRO-3 export loads as the ZeRO-2 one does).
     zero3 = {**common, "ZERO_STAGE": 3, "OFFLOAD": "optimizer", "PRETRAIN_CHECKPOINT": stage1["zero2"]}
-    return {"zero2": train(tmp / "s12_zero2", **common, ZERO_STAGE=2, PRETRAIN_CHECKPOINT=stage1["zero2"]),
-            "zero3": train(tmp / "s12_zero3", **zero3), "zero3_settings": zero3}
+    return {
+        "zero2": train(tmp / "s12_zero2", **common, ZERO_STAGE=2, PRETRAIN_CHECKPOINT=stage1["zero2"]),
+        "zero3": train(tmp / "s12_zero3", **zero3),
+        "zero3_settings": zero3,
+    }
 
 
 @pytest.fixture(scope="module")
 def stage2(stage1_2) -> dict[str, Path]:
     tmp = stage1_2["zero2"].parent
     # A quarter of the rate again: the top-k's sharp softmax (temperature 0.02) amplifies the differences more.
-    common = {"STAGE": "stage2", "DATASET": varied_candidates(tmp / "e2e.jsonl", 16), "CANDIDATE_CHUNK_SIZE": "2",
-              "EVAL_DATASET": varied_candidates(tmp / "e2e_eval.jsonl", 5), "RETRIEVAL_WEIGHT": "1",
-              "LEARNING_RATE": "5e-5"}
+    common = {
+        "STAGE": "stage2",
+        "DATASET": varied_candidates(tmp / "e2e.jsonl", 16),
+        "CANDIDATE_CHUNK_SIZE": "2",
+        "EVAL_DATASET": varied_candidates(tmp / "e2e_eval.jsonl", 5),
+        "RETRIEVAL_WEIGHT": "1",
+        "LEARNING_RATE": "5e-5",
+    }
     zero3 = {**common, "ZERO_STAGE": 3, "OFFLOAD": "all", "PRETRAIN_CHECKPOINT": stage1_2["zero2"]}
-    return {"zero2": train(tmp / "s2_zero2", **common, ZERO_STAGE=2, PRETRAIN_CHECKPOINT=stage1_2["zero2"]),
-            "zero3": train(tmp / "s2_zero3", **zero3), "zero3_settings": zero3}
+    return {
+        "zero2": train(tmp / "s2_zero2", **common, ZERO_STAGE=2, PRETRAIN_CHECKPOINT=stage1_2["zero2"]),
+        "zero3": train(tmp / "s2_zero3", **zero3),
+        "zero3_settings": zero3,
+    }
 
 
 def assert_matches_zero2(runs: dict[str, Path]) -> None:
@@ -133,14 +158,21 @@ def test_stage1_zero3_matches_zero2(stage1):
 def test_each_rank_holds_half_of_the_parameters_as_the_memory_plan_counts(stage1):
     """bench.memory's parameter count of the tiny model (its embedding grown by CLaRa's 11 tokens), plus
     the two adapters and the memory embeddings, against what rank 0 holds under ZeRO-3 on 2 ranks."""
-    line = next(text for text in (stage1["zero3"] / "train.log").read_text().splitlines()
-                if text.startswith("ZeRO-3: rank 0"))
+    line = next(
+        text for text in (stage1["zero3"] / "train.log").read_text().splitlines() if text.startswith("ZeRO-3: rank 0")
+    )
     held, total = (int(n.replace(",", "")) for n in re.findall(r"[\d,]{4,}", line)[:2])
     config = json.loads((REPO / "clara/tiny_model/config.json").read_text())
-    dims = Dims(hidden_size=config["hidden_size"], num_layers=config["num_hidden_layers"],
-                num_heads=config["num_attention_heads"], num_kv_heads=config["num_key_value_heads"],
-                head_dim=config["head_dim"], intermediate_size=config["intermediate_size"],
-                vocab_size=config["vocab_size"] + 11, tie_word_embeddings=True)
+    dims = Dims(
+        hidden_size=config["hidden_size"],
+        num_layers=config["num_hidden_layers"],
+        num_heads=config["num_attention_heads"],
+        num_kv_heads=config["num_key_value_heads"],
+        head_dim=config["head_dim"],
+        intermediate_size=config["intermediate_size"],
+        vocab_size=config["vocab_size"] + 11,
+        tie_word_embeddings=True,
+    )
     counts = parameter_counts(dims)
     expected = counts["total"] + 2 * counts["lora_per_adapter"] + 8 * dims.hidden_size
     assert total == expected

@@ -21,12 +21,11 @@ import pytest
 import torch
 
 from clara import CLaRa
-
-from clara.evaluation import command as evaluate
-from clara.model.collate import encode_documents
 from clara.config import TrainConfig
 from clara.data import load_records
+from clara.evaluation import command as evaluate
 from clara.evaluation.metrics import ANSWER_SCORE_NAMES, f1_score
+from clara.model.collate import encode_documents
 from clara.stages import get_stage
 from tests.helpers import REPO, read_jsonl
 
@@ -58,8 +57,25 @@ def checkpoints(tmp_path_factory) -> dict[str, Path]:
     paths = {}
     for stage, previous in (("stage1_2", None), ("stage2", "stage1_2")):
         save = workdir / f"ckpt_{stage}"
-        args = [sys.executable, "-m", "clara.train", "--stage", stage, "--save_path", str(save), "--max_steps", "2",
-                "--batch_size", "2", "--micro_batch_size", "2", "--max_samples", "8", "--debug_mode", "false"]
+        args = [
+            sys.executable,
+            "-m",
+            "clara.train",
+            "--stage",
+            stage,
+            "--save_path",
+            str(save),
+            "--max_steps",
+            "2",
+            "--batch_size",
+            "2",
+            "--micro_batch_size",
+            "2",
+            "--max_samples",
+            "8",
+            "--debug_mode",
+            "false",
+        ]
         args += ["--pretrain_checkpoint", str(paths[previous])] if previous else ["--allow_no_checkpoint", "true"]
         proc = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -88,8 +104,9 @@ def test_official_stage1_2_calls(device, checkpoints, qa_records):
     assert math.isfinite(mse.item()) and mse.item() > 0
     # The MSE is the compressor's alignment loss over all the documents: what the model computes
     # for them in one batch, and the mean of the per-document values.
-    ids, mask, _ = encode_documents(model.model.tokenizer, model.model.tokens, flat,
-                                    model.model.settings.doc_max_length)
+    ids, mask, _ = encode_documents(
+        model.model.tokenizer, model.model.tokens, flat, model.model.settings.doc_max_length
+    )
     with torch.no_grad():
         _, expected = model.model.compress(ids.to(model.device), mask.to(model.device), with_mse=True)
     assert mse.item() == pytest.approx(expected.item(), rel=1e-2 if device == "cuda" else 1e-4)
@@ -105,31 +122,41 @@ def test_official_stage1_2_calls(device, checkpoints, qa_records):
 
     # generate_from_compressed_documents_and_questions: vectors computed earlier give the same answers.
     from_vectors = model.generate_from_compressed_documents_and_questions(
-        questions=questions, compressed_documents=embeddings, max_new_tokens=NEW_TOKENS)
+        questions=questions, compressed_documents=embeddings, max_new_tokens=NEW_TOKENS
+    )
     assert from_vectors == answers
     # With the official default of 128 new tokens, and from vectors kept on the CPU.
-    longer = model.generate_from_compressed_documents_and_questions(questions=questions,
-                                                                    compressed_documents=embeddings.cpu())
+    longer = model.generate_from_compressed_documents_and_questions(
+        questions=questions, compressed_documents=embeddings.cpu()
+    )
     assert len(longer) == QUESTIONS and all(long.startswith(short) for long, short in zip(longer, answers))
     with pytest.raises(ValueError, match="compressed_documents: expected a tensor"):
-        model.generate_from_compressed_documents_and_questions(questions=questions,
-                                                               compressed_documents=embeddings[:-1])
+        model.generate_from_compressed_documents_and_questions(
+            questions=questions, compressed_documents=embeddings[:-1]
+        )
     with pytest.raises(ValueError, match="compressed_documents: expected a tensor"):
-        model.generate_from_compressed_documents_and_questions(questions=questions[:1],
-                                                               compressed_documents=embeddings[:, :-1])
+        model.generate_from_compressed_documents_and_questions(
+            questions=questions[:1], compressed_documents=embeddings[:, :-1]
+        )
     with pytest.raises(TypeError, match="the embeddings of `embeddings, mse"):  # the whole pair passed
-        model.generate_from_compressed_documents_and_questions(questions=questions,
-                                                               compressed_documents=(embeddings, mse))
+        model.generate_from_compressed_documents_and_questions(
+            questions=questions, compressed_documents=(embeddings, mse)
+        )
 
     # generate_from_paraphrase(questions=..., documents=..., max_new_tokens=...), as in the README:
     # one (unused) question per list of documents.
     paraphrase_docs = [[flat[0]], flat[1:3]]
-    paraphrases = model.generate_from_paraphrase(questions=["" for _ in paraphrase_docs], documents=paraphrase_docs,
-                                                 max_new_tokens=NEW_TOKENS)
+    paraphrases = model.generate_from_paraphrase(
+        questions=["" for _ in paraphrase_docs], documents=paraphrase_docs, max_new_tokens=NEW_TOKENS
+    )
     assert isinstance(paraphrases, list) and len(paraphrases) == 2 and all(isinstance(p, str) for p in paraphrases)
     # The question text plays no part, and a single document may be given as a string.
-    assert model.generate_from_paraphrase(questions=["q1", "q2"], documents=[flat[0], flat[1:3]],
-                                          max_new_tokens=NEW_TOKENS) == paraphrases
+    assert (
+        model.generate_from_paraphrase(
+            questions=["q1", "q2"], documents=[flat[0], flat[1:3]], max_new_tokens=NEW_TOKENS
+        )
+        == paraphrases
+    )
     with pytest.raises(ValueError, match="1 questions but 2 document lists"):
         model.generate_from_paraphrase(questions=[""], documents=paraphrase_docs)
 
@@ -144,8 +171,9 @@ def test_official_stage2_call_and_agreement_with_evaluate(device, checkpoints, t
     k = model.model.settings.generation_top_k
 
     # generate_from_questions(questions=..., documents=..., max_new_tokens=...) -> (answers, topk_indices)
-    answers, topk_indices = model.generate_from_questions(questions=questions, documents=documents,
-                                                          max_new_tokens=NEW_TOKENS)
+    answers, topk_indices = model.generate_from_questions(
+        questions=questions, documents=documents, max_new_tokens=NEW_TOKENS
+    )
     assert isinstance(answers, list) and len(answers) == QUESTIONS and all(isinstance(a, str) for a in answers)
     assert isinstance(topk_indices, torch.Tensor) and topk_indices.dtype == torch.long
     assert topk_indices.shape == (QUESTIONS, k)
@@ -157,10 +185,16 @@ def test_official_stage2_call_and_agreement_with_evaluate(device, checkpoints, t
 
     # clara.evaluation.command (the trainer's evaluation too) picks the same documents and gives the same answers.
     path = write_jsonl(tmp_path / "stage2.jsonl", records)
-    cfg = TrainConfig(stage="stage2", micro_batch_size=BATCH, eval_max_samples=QUESTIONS, max_new_tokens=NEW_TOKENS,
-                      max_len=1024)
-    rows = evaluate.evaluate_model(model.model, load_records(get_stage("stage2"), str(path), min_docs=k, log=lambda *a: None),
-                                   cfg, device=model.device, show_progress=False)["samples"]
+    cfg = TrainConfig(
+        stage="stage2", micro_batch_size=BATCH, eval_max_samples=QUESTIONS, max_new_tokens=NEW_TOKENS, max_len=1024
+    )
+    rows = evaluate.evaluate_model(
+        model.model,
+        load_records(get_stage("stage2"), str(path), min_docs=k, log=lambda *a: None),
+        cfg,
+        device=model.device,
+        show_progress=False,
+    )["samples"]
     assert [r["prediction"] for r in rows] == answers
     assert [r["chosen"] for r in rows] == topk_indices.tolist()
 
@@ -174,9 +208,11 @@ def test_readme_loading_pattern_moves_to_the_device(device, checkpoints, qa_reco
     embeddings, _ = model.compress_documents(documents=qa_records[0]["docs"])
     assert embeddings.device.type == device
     answers = model.generate_from_compressed_documents_and_questions(
-        questions=[qa_records[0]["question"]], compressed_documents=embeddings, max_new_tokens=NEW_TOKENS)
-    assert answers == model.generate_from_text(questions=[qa_records[0]["question"]],
-                                               documents=[qa_records[0]["docs"]], max_new_tokens=NEW_TOKENS)
+        questions=[qa_records[0]["question"]], compressed_documents=embeddings, max_new_tokens=NEW_TOKENS
+    )
+    assert answers == model.generate_from_text(
+        questions=[qa_records[0]["question"]], documents=[qa_records[0]["docs"]], max_new_tokens=NEW_TOKENS
+    )
 
 
 @pytest.mark.slow
@@ -190,15 +226,21 @@ def test_summary_scores_the_first_gold_and_the_best_of_all(checkpoints, qa_recor
 
     # golden_answers (a list) is one of the accepted answer fields; one more record is not generated.
     extra = read_jsonl(EXAMPLE / "instruction_tuning_data_eval.jsonl")[QUESTIONS]
-    lines = [{"question": q, "golden_answers": [WRONG_GOLD, p], "docs": d}
-             for q, p, d in zip(questions, predictions, documents)]
-    lines.append({"question": extra["question"], "golden_answers": [extra["answers"], WRONG_GOLD],
-                  "docs": extra["docs"]})
-    records = load_records(get_stage("stage1_2"), str(write_jsonl(tmp_path / "golds.jsonl", lines)), log=lambda *a: None)
+    lines = [
+        {"question": q, "golden_answers": [WRONG_GOLD, p], "docs": d}
+        for q, p, d in zip(questions, predictions, documents)
+    ]
+    lines.append(
+        {"question": extra["question"], "golden_answers": [extra["answers"], WRONG_GOLD], "docs": extra["docs"]}
+    )
+    records = load_records(
+        get_stage("stage1_2"), str(write_jsonl(tmp_path / "golds.jsonl", lines)), log=lambda *a: None
+    )
     assert records[0]["answer"] == WRONG_GOLD and records[0]["answers"] == [WRONG_GOLD, predictions[0]]
 
-    cfg = TrainConfig(stage="stage1_2", micro_batch_size=BATCH, eval_max_samples=QUESTIONS,
-                      max_new_tokens=NEW_TOKENS, max_len=2048)
+    cfg = TrainConfig(
+        stage="stage1_2", micro_batch_size=BATCH, eval_max_samples=QUESTIONS, max_new_tokens=NEW_TOKENS, max_len=2048
+    )
     results = evaluate.evaluate_model(model.model, records, cfg, show_progress=False)
     rows, summary = results["samples"], results["summary"]
     assert [r["prediction"] for r in rows[:QUESTIONS]] == predictions

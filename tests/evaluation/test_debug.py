@@ -24,19 +24,22 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file
 
-from clara.evaluation import debug
-from clara.model.collate import IGNORE_INDEX, Collator
 from clara.config import TrainConfig
 from clara.data import normalise
+from clara.evaluation import debug
 from clara.evaluation.debug import DebugPrinter
+from clara.model.collate import IGNORE_INDEX, Collator
 from clara.model.stage_model import build_stage_model
 from clara.stages import get_stage
 from clara.training.trainer import epoch_order, micro_batch_indices, optimizer_step
 from tests.helpers import REPO
 
 EXAMPLES = REPO / "example"
-FILES = {"stage1": "pretrain_data.jsonl", "stage1_2": "instruction_tuning_data.jsonl",
-         "stage2": "end_to_end_data.jsonl"}
+FILES = {
+    "stage1": "pretrain_data.jsonl",
+    "stage1_2": "instruction_tuning_data.jsonl",
+    "stage2": "end_to_end_data.jsonl",
+}
 STAGES = tuple(FILES)
 
 DOC_MAX_LENGTH = 32
@@ -64,7 +67,8 @@ PRINT = re.compile(
     r"\[Debug\] Answer colored by P\(gold token\) - red=low confidence, green=high confidence:\n"
     r"<MEM\.\.\.>\*(?P<slots>\d+) Question: (?P<prompt_question>[^\n]*)\n"
     r"Assistant: (?P<body>[\s\S]*?)\n"
-    r"={80}")
+    r"={80}"
+)
 HEADER = "[Debug] CLaRa Training Debug - Sample"
 TAIL = re.compile(r"\.\.\.\(\+(\d+) tokens\)$")
 PLAIN_TOKEN = re.compile(r"([\s\S]*?)\[(\d\.\d\d|nan)\]")
@@ -75,7 +79,9 @@ COLOUR_TOKEN = re.compile(r"\x1b\[38;2;(\d+);(\d+);(\d+)m([\s\S]*?)\x1b\[0m")
 def parse_prints(text: str) -> list[dict]:
     """Every print in `text`, as a dict of its fields; fails when a header starts a print that does not parse."""
     found = [m.groupdict() for m in PRINT.finditer(text)]
-    assert len(found) == text.count(HEADER), f"a print does not follow the layout of README 'The debug print':\n{text[-3000:]}"
+    assert len(found) == text.count(HEADER), (
+        f"a print does not follow the layout of README 'The debug print':\n{text[-3000:]}"
+    )
     return found
 
 
@@ -89,7 +95,7 @@ def only_print(text: str) -> dict:
 def split_tail(body: str) -> tuple[str, int]:
     """The shown tokens and the N of a `...(+N tokens)` tail (0 without one)."""
     tail = TAIL.search(body)
-    return (body[:tail.start()], int(tail.group(1))) if tail else (body, 0)
+    return (body[: tail.start()], int(tail.group(1))) if tail else (body, 0)
 
 
 def plain_tokens(body: str) -> tuple[list[tuple[str, float]], int]:
@@ -111,8 +117,15 @@ def coloured_tokens(body: str) -> tuple[list[tuple[str, tuple[int, int, int]]], 
 
 # -- the model, batches, and the independent reference ---------------------------------------------------
 def config(stage: str) -> TrainConfig:
-    return TrainConfig(stage=stage, model_path="tiny", doc_max_length=DOC_MAX_LENGTH, compress_rate=COMPRESS_RATE,
-                       generation_top_k=TOP_K, allow_no_checkpoint=True, max_len=MAX_LEN)
+    return TrainConfig(
+        stage=stage,
+        model_path="tiny",
+        doc_max_length=DOC_MAX_LENGTH,
+        compress_rate=COMPRESS_RATE,
+        generation_top_k=TOP_K,
+        allow_no_checkpoint=True,
+        max_len=MAX_LEN,
+    )
 
 
 def stage_model(stage: str):
@@ -198,8 +211,14 @@ def reference(model, batch, stage: str, seed: int, sample: int = 0) -> dict:
     gold = labels[where + 1]
     gold_lp = log_probs[where].gather(1, gold.unsqueeze(1)).squeeze(1)
     correct = int((log_probs[where].argmax(-1) == gold).sum())
-    return {"ids": gold.tolist(), "probs": gold_lp.exp().tolist(), "correct": correct, "total": len(gold),
-            "ce": float(-gold_lp.mean()), "chosen": extras.chosen}
+    return {
+        "ids": gold.tolist(),
+        "probs": gold_lp.exp().tolist(),
+        "correct": correct,
+        "total": len(gold),
+        "ce": float(-gold_lp.mean()),
+        "chosen": extras.chosen,
+    }
 
 
 def token_texts(model, ids: list[int]) -> list[str]:
@@ -276,8 +295,14 @@ def test_the_trainer_hands_the_hook_its_own_training_forward(monkeypatch):
     printer = DebugPrinter(model.tokenizer, model.tokens, 1000)
     model.train()
     with single_process_group():
-        optimizer_step(engine, engine.optimizer, batches, seeds, MSE_WEIGHT,
-                       on_first=lambda b, o: (seen.append((b, o)), texts.append(printer.format_sample(b, o))))
+        optimizer_step(
+            engine,
+            engine.optimizer,
+            batches,
+            seeds,
+            MSE_WEIGHT,
+            on_first=lambda b, o: (seen.append((b, o)), texts.append(printer.format_sample(b, o))),
+        )
     assert len(engine.outputs) == len(batches)  # one forward per micro-batch, none for the print
     assert len(seen) == 1 and seen[0][0] is batches[0] and seen[0][1] is engine.outputs[0]
     fields = only_print(texts[0])
@@ -433,9 +458,12 @@ def test_stage1_qa_shows_the_first_question_and_answer(models, monkeypatch):
     stage = "stage1"
     model = models(stage)
     raw = first_qa_records(1)[0]
-    multi_doc = {"data_type": "qa", "question": ["What is the main food of Zed?", "What is the lucky number of Zed?"],
-                 "answers": ["bread", "nine"],
-                 "docs": ["Zed is a city. Its main food is bread.", "Zed's lucky number is nine."]}
+    multi_doc = {
+        "data_type": "qa",
+        "question": ["What is the main food of Zed?", "What is the lucky number of Zed?"],
+        "answers": ["bread", "nine"],
+        "docs": ["Zed is a city. Its main food is bread.", "Zed's lucky number is nine."],
+    }
     for record in (raw, multi_doc):
         batch = make_batch(model, stage, records(stage, [record, raw]))
         out = training_forward(model, batch, stage, seed=17)
@@ -454,7 +482,8 @@ def test_stage1_qa_shows_the_first_question_and_answer(models, monkeypatch):
 
 
 def test_a_non_finite_forward_still_prints(models, monkeypatch):
-    """A NaN loss skips the optimizer step (README: "Outputs, checkpoints and resuming"); the debug print of that step must not crash it."""
+    """A NaN loss skips the optimizer step (README: "Outputs, checkpoints and resuming"); the debug print of that
+    step must not crash it."""
     monkeypatch.delenv("NO_COLOR", raising=False)
     stage = "stage1"
     model = models(stage)
@@ -483,8 +512,14 @@ def test_a_diverged_step_prints_through_the_trainer(monkeypatch):
     model.train()
     with single_process_group():
         engine = CountingEngine(model, 1)
-        result = optimizer_step(engine, engine.optimizer, [batch], [1], MSE_WEIGHT,
-                                on_first=lambda b, o: texts.append(printer.format_sample(b, o)))
+        result = optimizer_step(
+            engine,
+            engine.optimizer,
+            [batch],
+            [1],
+            MSE_WEIGHT,
+            on_first=lambda b, o: texts.append(printer.format_sample(b, o)),
+        )
     assert result.skipped
     fields = only_print(texts[0])
     assert fields["ce"] == "nan"
@@ -519,9 +554,26 @@ def test_print_sample_flushes_before_the_progress_bar_returns(models, monkeypatc
 # -- real runs: the CLI with gradient accumulation, torchrun with two ranks, the launcher ------------------
 # They start together, in the background, when the first test below needs them.
 STAGE1_RECORDS = 40
-CLI_ARGS = ("--stage", "stage1", "--dataset", str(EXAMPLES / FILES["stage1"]), "--max_samples", str(STAGE1_RECORDS),
-            "--doc_max_length", "32", "--compress_rate", "8", "--seed", str(SEED), "--resume", "false",
-            "--save_steps", "1000", "--debug_max_print_tokens", "5")
+CLI_ARGS = (
+    "--stage",
+    "stage1",
+    "--dataset",
+    str(EXAMPLES / FILES["stage1"]),
+    "--max_samples",
+    str(STAGE1_RECORDS),
+    "--doc_max_length",
+    "32",
+    "--compress_rate",
+    "8",
+    "--seed",
+    str(SEED),
+    "--resume",
+    "false",
+    "--save_steps",
+    "1000",
+    "--debug_max_print_tokens",
+    "5",
+)
 # Accumulation run: 5 optimizer steps of 2 micro-batches; a print every 2 steps -> steps 0, 2, 4.
 ACCUM = {"max_steps": 5, "batch_size": 4, "micro_batch_size": 2, "every": 2, "steps": [0, 2, 4]}
 # Two ranks: 3 steps of 4 samples (1 per micro-batch, 2 micro-batches per rank); a print every step.
@@ -567,8 +619,9 @@ class Background:
     def __init__(self, name: str, args: list[str], env: dict, folder: Path):
         self.name, self.args, self.log = name, args, folder / f"{name}.out"
         with open(self.log, "wb") as out:
-            self.proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                         start_new_session=True)
+            self.proc = subprocess.Popen(
+                args, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+            )
         self.started = time.monotonic()
         self._output = None
 
@@ -591,23 +644,63 @@ def trainer(*args) -> list[str]:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     folder = tmp_path_factory.mktemp("debug_runs")
-    single = ("--max_steps", ACCUM["max_steps"], "--batch_size", ACCUM["batch_size"],
-              "--micro_batch_size", ACCUM["micro_batch_size"], "--debug_every_steps", ACCUM["every"])
-    two = ("--max_steps", TWO["max_steps"], "--batch_size", TWO["batch_size"],
-           "--micro_batch_size", TWO["micro_batch_size"], "--debug_every_steps", TWO["every"])
+    single = (
+        "--max_steps",
+        ACCUM["max_steps"],
+        "--batch_size",
+        ACCUM["batch_size"],
+        "--micro_batch_size",
+        ACCUM["micro_batch_size"],
+        "--debug_every_steps",
+        ACCUM["every"],
+    )
+    two = (
+        "--max_steps",
+        TWO["max_steps"],
+        "--batch_size",
+        TWO["batch_size"],
+        "--micro_batch_size",
+        TWO["micro_batch_size"],
+        "--debug_every_steps",
+        TWO["every"],
+    )
     started = {
         "debug": Background("debug", trainer(*single, "--save_path", folder / "debug"), clean_env(NO_COLOR=1), folder),
-        "quiet": Background("quiet", trainer(*single, "--save_path", folder / "quiet", "--debug_mode", "false"),
-                            clean_env(NO_COLOR=1), folder),
+        "quiet": Background(
+            "quiet",
+            trainer(*single, "--save_path", folder / "quiet", "--debug_mode", "false"),
+            clean_env(NO_COLOR=1),
+            folder,
+        ),
         "two_ranks": Background(
             "two_ranks",
-            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-             "--log_dir", str(folder / "rank_logs"), "--tee", "3", "-m", "clara.train", *CLI_ARGS,
-             *map(str, two), "--save_path", str(folder / "two_ranks")],
-            clean_env(NO_COLOR=1), folder),
-        "launcher": Background("launcher", ["bash", "./train_single_gpu.sh"],
-                               clean_env(MAX_STEPS=LAUNCHER["max_steps"], SAVE_PATH=folder / "launcher",
-                                         MASTER_PORT=free_port()), folder),
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--standalone",
+                "--nproc_per_node",
+                "2",
+                "--log_dir",
+                str(folder / "rank_logs"),
+                "--tee",
+                "3",
+                "-m",
+                "clara.train",
+                *CLI_ARGS,
+                *map(str, two),
+                "--save_path",
+                str(folder / "two_ranks"),
+            ],
+            clean_env(NO_COLOR=1),
+            folder,
+        ),
+        "launcher": Background(
+            "launcher",
+            ["bash", "./train_single_gpu.sh"],
+            clean_env(MAX_STEPS=LAUNCHER["max_steps"], SAVE_PATH=folder / "launcher", MASTER_PORT=free_port()),
+            folder,
+        ),
     }
     yield folder, started
     for run in started.values():
@@ -621,8 +714,9 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def expected_samples(count: int, steps: list[int], batch_size: int, micro_batch_size: int,
-                     world: int = 1) -> list[dict]:
+def expected_samples(
+    count: int, steps: list[int], batch_size: int, micro_batch_size: int, world: int = 1
+) -> list[dict]:
     """The raw stage1 record each print must show: the first sample of the step's first micro-batch on rank 0."""
     raws = raw_records("stage1")[:count]
     order = epoch_order(count, SEED, 0)
@@ -721,8 +815,9 @@ def test_launcher_defaults_print_in_colour_every_5_steps(runs):
     found = parse_prints(text)
     assert len(found) == len(LAUNCHER["steps"]) == 2  # steps 0 and 5 of 6
     world = 1
-    samples = expected_samples(len(raw_records("stage1")), LAUNCHER["steps"], settings["batch_size"],
-                               settings["micro_batch_size"], world)
+    samples = expected_samples(
+        len(raw_records("stage1")), LAUNCHER["steps"], settings["batch_size"], settings["micro_batch_size"], world
+    )
     assert settings["dataset"].endswith(FILES["stage1"])
     limit = settings["debug_max_print_tokens"]
     for fields, raw in zip(found, samples):

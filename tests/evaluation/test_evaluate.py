@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -24,7 +23,7 @@ from clara.evaluation import command as evaluate
 from clara.evaluation.inference import CLaRa
 from clara.evaluation.metrics import ANSWER_SCORE_NAMES
 from clara.stages import get_stage
-from tests.helpers import REPO, subprocess_env, run_module, read_jsonl
+from tests.helpers import REPO, read_jsonl, run_module, subprocess_env
 
 EXAMPLE = REPO / "example"
 EVAL_SOURCES = {
@@ -80,10 +79,29 @@ def checkpoints(workdir, eval_files) -> dict[str, Path]:
     paths = {}
     for stage in STAGES:
         save = workdir / f"ckpt_{stage}"
-        args = ["clara.train", "--stage", stage, "--save_path", str(save), "--max_steps", "2",
-                "--batch_size", str(BATCH), "--micro_batch_size", str(BATCH), "--max_samples", "16",
-                "--debug_mode", "false", "--eval_dataset", str(eval_files[stage]),
-                "--eval_max_samples", str(GENERATED), "--max_new_tokens", str(NEW_TOKENS)]
+        args = [
+            "clara.train",
+            "--stage",
+            stage,
+            "--save_path",
+            str(save),
+            "--max_steps",
+            "2",
+            "--batch_size",
+            str(BATCH),
+            "--micro_batch_size",
+            str(BATCH),
+            "--max_samples",
+            "16",
+            "--debug_mode",
+            "false",
+            "--eval_dataset",
+            str(eval_files[stage]),
+            "--eval_max_samples",
+            str(GENERATED),
+            "--max_new_tokens",
+            str(NEW_TOKENS),
+        ]
         if stage in PREVIOUS:
             args += ["--pretrain_checkpoint", str(paths[PREVIOUS[stage]])]
         proc = run_module(args)
@@ -98,9 +116,23 @@ def cli_runs(workdir, checkpoints, eval_files) -> dict[str, tuple[subprocess.Com
     runs = {}
     for stage in STAGES:
         output = workdir / f"cli_{stage}.jsonl"
-        proc = run_module(["clara.evaluate", "--checkpoint", str(checkpoints[stage]), "--dataset",
-                           str(eval_files[stage]), "--max_samples", str(GENERATED), "--batch_size", str(BATCH),
-                           "--max_new_tokens", str(NEW_TOKENS), "--output", str(output)])
+        proc = run_module(
+            [
+                "clara.evaluate",
+                "--checkpoint",
+                str(checkpoints[stage]),
+                "--dataset",
+                str(eval_files[stage]),
+                "--max_samples",
+                str(GENERATED),
+                "--batch_size",
+                str(BATCH),
+                "--max_new_tokens",
+                str(NEW_TOKENS),
+                "--output",
+                str(output),
+            ]
+        )
         runs[stage] = (proc, output)
     return runs
 
@@ -113,8 +145,11 @@ def test_cli_prints_table_and_writes_per_sample_file(stage, cli_runs, checkpoint
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     print(proc.stdout)
     assert f"{stage} evaluation of {checkpoints[stage]}" in proc.stdout
-    table = {line.split()[0]: line.split()[1] for line in proc.stdout.splitlines()
-             if len(line.split()) == 2 and line.split()[0] in ("loss", "samples", "exact_match", "recall@1")}
+    table = {
+        line.split()[0]: line.split()[1]
+        for line in proc.stdout.splitlines()
+        if len(line.split()) == 2 and line.split()[0] in ("loss", "samples", "exact_match", "recall@1")
+    }
     assert table["samples"] == str(N_EVAL)
     assert float(table["loss"]) > 0
     assert ("exact_match" in table) == (stage != "stage1")
@@ -158,15 +193,22 @@ def test_cli_prints_table_and_writes_per_sample_file(stage, cli_runs, checkpoint
 @pytest.mark.parametrize("stage", STAGES)
 def test_per_sample_loss_is_the_training_loss_of_that_sample(stage, cli_runs, checkpoints, eval_files):
     """A one-sample training forward (eval mode, LM loss only) gives the loss the batched evaluation wrote."""
+    from clara.data import load_records
     from clara.model.checkpoint import load_model
     from clara.model.collate import Collator
-    from clara.data import load_records
 
     rows = read_jsonl(cli_runs[stage][1])
     model = load_model(str(checkpoints[stage])).eval()
     records = load_records(get_stage(stage), str(eval_files[stage]), log=lambda *a: None)
-    collator = Collator(get_stage(stage), model.tokenizer, model.tokens, model.settings.doc_max_length,
-                        1024 if stage == "stage2" else 2048, model.settings.generation_top_k, 42)
+    collator = Collator(
+        get_stage(stage),
+        model.tokenizer,
+        model.tokens,
+        model.settings.doc_max_length,
+        1024 if stage == "stage2" else 2048,
+        model.settings.generation_top_k,
+        42,
+    )
     with torch.no_grad():
         for i, row in enumerate(rows):
             out = model(collator([records[i]]), mse_weight=0.0)
@@ -202,18 +244,32 @@ def test_evaluation_during_training_logs_the_same_metrics(stage, cli_runs, check
 
 @pytest.mark.slow
 def test_generation_is_greedy_and_repeatable(workdir, cli_runs, checkpoints, eval_files, capsys):
+    from clara.data import load_records
     from clara.model.checkpoint import load_model
     from clara.model.collate import Collator
-    from clara.data import load_records
     from clara.stages.prompts import end_of_turn
 
     stage = "stage1_2"
     outputs = []
     for attempt in range(2):
         output = workdir / f"repeat_{attempt}.jsonl"
-        code = evaluate.main(["--checkpoint", str(checkpoints[stage]), "--dataset", str(eval_files[stage]),
-                              "--max_samples", str(GENERATED), "--batch_size", str(BATCH), "--max_new_tokens",
-                              str(NEW_TOKENS), "--output", str(output), "--no_progress"])
+        code = evaluate.main(
+            [
+                "--checkpoint",
+                str(checkpoints[stage]),
+                "--dataset",
+                str(eval_files[stage]),
+                "--max_samples",
+                str(GENERATED),
+                "--batch_size",
+                str(BATCH),
+                "--max_new_tokens",
+                str(NEW_TOKENS),
+                "--output",
+                str(output),
+                "--no_progress",
+            ]
+        )
         assert code == 0
         outputs.append(read_jsonl(output))
     assert outputs[0] == outputs[1]
@@ -223,8 +279,16 @@ def test_generation_is_greedy_and_repeatable(workdir, cli_runs, checkpoints, eva
     # Greedy: the argmax token at every step, recomputed here without generate() or a KV cache.
     model = load_model(str(checkpoints[stage])).eval()
     records = load_records(get_stage(stage), str(eval_files[stage]), log=lambda *a: None)
-    prompt = Collator(get_stage(stage), model.tokenizer, model.tokens, model.settings.doc_max_length, 2048,
-                      model.settings.generation_top_k, 42, with_targets=False)
+    prompt = Collator(
+        get_stage(stage),
+        model.tokenizer,
+        model.tokens,
+        model.settings.doc_max_length,
+        2048,
+        model.settings.generation_top_k,
+        42,
+        with_targets=False,
+    )
     stops = {model.tokenizer.eos_token_id, model.tokenizer.convert_tokens_to_ids(end_of_turn(model.tokenizer))}
     # CLaRa's own tokens (<MEMi>, <AE>, <ENC>, <SEP>) are not text and are never generated.
     added = list(model.tokens.mem_ids) + [model.tokens.ae_id, model.tokens.enc_id, model.tokens.sep_id]
@@ -252,11 +316,34 @@ def test_two_processes_give_the_same_results_as_one(workdir, cli_runs, checkpoin
     stage = "stage2"
     output = workdir / "torchrun_stage2.jsonl"
     proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
-         "clara.evaluate", "--checkpoint", str(checkpoints[stage]), "--dataset", str(eval_files[stage]),
-         "--max_samples", str(GENERATED), "--batch_size", str(BATCH), "--max_new_tokens", str(NEW_TOKENS),
-         "--output", str(output)],
-        cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=600)
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "clara.evaluate",
+            "--checkpoint",
+            str(checkpoints[stage]),
+            "--dataset",
+            str(eval_files[stage]),
+            "--max_samples",
+            str(GENERATED),
+            "--batch_size",
+            str(BATCH),
+            "--max_new_tokens",
+            str(NEW_TOKENS),
+            "--output",
+            str(output),
+        ],
+        cwd=REPO,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert proc.stdout.count("stage2 evaluation of") == 1  # rank 0 prints
     assert "2 process(es)" in proc.stdout
@@ -272,9 +359,9 @@ def test_two_processes_give_the_same_results_as_one(workdir, cli_runs, checkpoin
 def test_recall_at_k_on_forced_scores(workdir, checkpoints, monkeypatch):
     """Scores forced to one known ranking: candidates in order 1, 4, 2, 3, 5, 0; top-5 = [1, 4, 2, 3, 5]."""
     import clara.model.model
-    from clara.model.checkpoint import load_model
     from clara.config import TrainConfig
     from clara.data import load_records
+    from clara.model.checkpoint import load_model
 
     forced = torch.tensor([0.1, 0.9, 0.5, 0.3, 0.7, 0.2])
 
@@ -301,9 +388,16 @@ def test_recall_at_k_on_forced_scores(workdir, checkpoints, monkeypatch):
 
     assert [r["chosen"] for r in results["samples"]] == [[1, 4, 2, 3, 5]] * len(positives)
     summary = results["summary"]
-    expected = {"recall@1": 1 / 4, "recall@3": (1 + 0.5) / 4, "recall@5": (1 + 0.5 + 1) / 4,
-                "precision@1": 1 / 4, "precision@3": (1 / 3 + 1 / 3) / 4, "precision@5": 3 * (1 / 5) / 4,
-                "retrieval_samples": 4, "retrieval_skipped": 1}
+    expected = {
+        "recall@1": 1 / 4,
+        "recall@3": (1 + 0.5) / 4,
+        "recall@5": (1 + 0.5 + 1) / 4,
+        "precision@1": 1 / 4,
+        "precision@3": (1 / 3 + 1 / 3) / 4,
+        "precision@5": 3 * (1 / 5) / 4,
+        "retrieval_samples": 4,
+        "retrieval_skipped": 1,
+    }
     for key, value in expected.items():
         assert summary[key] == pytest.approx(value), key
 
@@ -342,8 +436,9 @@ def test_clara_api_on_a_stage2_checkpoint(cli_runs, checkpoints, eval_files):
     model = CLaRa.from_pretrained(str(checkpoints["stage2"]), device="cpu", dtype="float32", batch_size=BATCH)
     assert model.stage == "stage2"
     records = read_jsonl(eval_files["stage2"])[:GENERATED]
-    answers, chosen = model.generate_from_questions([r["question"] for r in records], [r["docs"] for r in records],
-                                                    max_new_tokens=NEW_TOKENS)
+    answers, chosen = model.generate_from_questions(
+        [r["question"] for r in records], [r["docs"] for r in records], max_new_tokens=NEW_TOKENS
+    )
     cli = read_jsonl(cli_runs["stage2"][1])
     assert answers == [r["prediction"] for r in cli[:GENERATED]]
     assert chosen.tolist() == [r["chosen"] for r in cli[:GENERATED]]  # a [B, k] tensor, as officially
@@ -361,21 +456,35 @@ def export_official(native: Path, out: Path, with_reasoner: bool = True) -> Path
     model = load_model(str(native))
     out.mkdir()
     settings = model.settings
-    (out / "config.json").write_text(json.dumps({
-        "decoder_model_name": settings.base_model, "compr_rate": settings.compress_rate,
-        "doc_max_length": settings.doc_max_length, "generation_top_k": settings.generation_top_k,
-        "lora_r": settings.lora_r, "sep": True}))
-    adapters = {name: get_peft_model_state_dict(model.peft_model, adapter_name=name, save_embedding_layers=False)
-                for name in model.adapter_names if with_reasoner or name != "query_reasoner_adapter"}
+    (out / "config.json").write_text(
+        json.dumps(
+            {
+                "decoder_model_name": settings.base_model,
+                "compr_rate": settings.compress_rate,
+                "doc_max_length": settings.doc_max_length,
+                "generation_top_k": settings.generation_top_k,
+                "lora_r": settings.lora_r,
+                "sep": True,
+            }
+        )
+    )
+    adapters = {
+        name: get_peft_model_state_dict(model.peft_model, adapter_name=name, save_embedding_layers=False)
+        for name in model.adapter_names
+        if with_reasoner or name != "query_reasoner_adapter"
+    }
     torch.save(adapters, out / "adapters.pth")
     embed = model.causal_lm.get_input_embeddings().weight.detach().clone()
     embed[list(model.tokens.mem_ids)] = model.mem_embeddings.detach()
     head = model.causal_lm.get_output_embeddings().weight.detach().clone()
     if head.data_ptr() == model.causal_lm.get_input_embeddings().weight.data_ptr() or torch.equal(
-            head, model.causal_lm.get_input_embeddings().weight):
+        head, model.causal_lm.get_input_embeddings().weight
+    ):
         head = embed.clone()
-    torch.save({"decoder.model.embed_tokens.weight": embed, "decoder.lm_head.weight": head},
-               out / "decoder_first_last_layers.pth")
+    torch.save(
+        {"decoder.model.embed_tokens.weight": embed, "decoder.lm_head.weight": head},
+        out / "decoder_first_last_layers.pth",
+    )
     return out
 
 
@@ -383,11 +492,22 @@ def export_official(native: Path, out: Path, with_reasoner: bool = True) -> Path
 def test_official_layout_checkpoints(workdir, cli_runs, checkpoints, eval_files, capsys):
     official = export_official(checkpoints["stage2"], workdir / "official_stage2")
     output = workdir / "official_stage2.jsonl"
-    args = ["--max_samples", str(GENERATED), "--batch_size", str(BATCH), "--max_new_tokens", str(NEW_TOKENS),
-            "--no_progress"]
+    args = [
+        "--max_samples",
+        str(GENERATED),
+        "--batch_size",
+        str(BATCH),
+        "--max_new_tokens",
+        str(NEW_TOKENS),
+        "--no_progress",
+    ]
     # No stage recorded: a query_reasoner_adapter means stage2.
-    assert evaluate.main(["--checkpoint", str(official), "--dataset", str(eval_files["stage2"]),
-                          "--output", str(output), *args]) == 0
+    assert (
+        evaluate.main(
+            ["--checkpoint", str(official), "--dataset", str(eval_files["stage2"]), "--output", str(output), *args]
+        )
+        == 0
+    )
     assert "stage2 evaluation of" in capsys.readouterr().out
     assert_rows_match(read_jsonl(output), read_jsonl(cli_runs["stage2"][1]))
 
@@ -398,8 +518,22 @@ def test_official_layout_checkpoints(workdir, cli_runs, checkpoints, eval_files,
     err = capsys.readouterr().err
     assert "--stage" in err and len(err.strip().splitlines()) == 1
     output = workdir / "official_stage1_2.jsonl"
-    assert evaluate.main(["--checkpoint", str(no_reasoner), "--stage", "stage1_2", "--dataset",
-                          str(eval_files["stage1_2"]), "--output", str(output), *args]) == 0
+    assert (
+        evaluate.main(
+            [
+                "--checkpoint",
+                str(no_reasoner),
+                "--stage",
+                "stage1_2",
+                "--dataset",
+                str(eval_files["stage1_2"]),
+                "--output",
+                str(output),
+                *args,
+            ]
+        )
+        == 0
+    )
     assert_rows_match(read_jsonl(output), read_jsonl(cli_runs["stage1_2"][1]))
 
 

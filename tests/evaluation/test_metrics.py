@@ -147,8 +147,11 @@ def test_cover_em_empty_gold_and_yes_no() -> None:
 
 def test_answer_scores_first_gold_and_any() -> None:
     scores = answer_scores("born in NYC", ["New York City", "NYC", "born in nyc"])
-    assert list(scores) == list(ANSWER_SCORE_NAMES) == [
-        "exact_match", "f1", "cover_exact_match", "exact_match_any", "f1_any", "cover_exact_match_any"]
+    assert (
+        list(scores)
+        == list(ANSWER_SCORE_NAMES)
+        == ["exact_match", "f1", "cover_exact_match", "exact_match_any", "f1_any", "cover_exact_match_any"]
+    )
     # Against the first gold only: nothing in common.
     assert (scores["exact_match"], scores["f1"], scores["cover_exact_match"]) == (0.0, 0.0, 0.0)
     # Best over all: the third gold matches exactly.

@@ -20,16 +20,16 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from clara.model.checkpoint import build_model, save_model
 from clara.errors import CorpusIndexError
+from clara.evaluation.inference import CLaRa
+from clara.evaluation.metrics import exact_match
 from clara.index.answer import answer_from_index
 from clara.index.corpus import read_corpus
 from clara.index.search import SearchSettings, make_search_index, pair_queries, recall_against_exact
 from clara.index.store import SHARD_FILE, load_index
-from clara.evaluation.inference import CLaRa
-from clara.evaluation.metrics import exact_match
+from clara.model.checkpoint import build_model, save_model
 from clara.model.model import ModelSettings
-from tests.helpers import REPO, subprocess_env, run_module, read_jsonl
+from tests.helpers import REPO, read_jsonl, run_module, subprocess_env
 
 EXAMPLE = REPO / "example"
 N_QUESTIONS = 4
@@ -43,8 +43,9 @@ ROLES = ("encoder_adapter", "decoder_adapter", "query_reasoner_adapter")
 @torch.no_grad()
 def noisy_checkpoint(path: Path, seeds: dict[str, int]) -> Path:
     """A stage2 checkpoint whose adapters hold seeded noise (LoRA B starts at zero: a no-op otherwise)."""
-    settings = ModelSettings(base_model="tiny", n_mem_tokens=4, compress_rate=32, doc_max_length=128,
-                             generation_top_k=TOP_K)
+    settings = ModelSettings(
+        base_model="tiny", n_mem_tokens=4, compress_rate=32, doc_max_length=128, generation_top_k=TOP_K
+    )
     torch.manual_seed(0)
     model = build_model(settings, list(ROLES))
     for number, (name, param) in enumerate(model.peft_model.named_parameters()):
@@ -64,10 +65,13 @@ def workdir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def checkpoints(workdir) -> dict[str, Path]:
     """a and b differ in every role; a_reasoner shares a's compressor and memory embeddings only."""
-    return {"a": noisy_checkpoint(workdir / "ck_a", {r: i + 1 for i, r in enumerate(ROLES)}),
-            "b": noisy_checkpoint(workdir / "ck_b", {r: i + 11 for i, r in enumerate(ROLES)}),
-            "a_reasoner": noisy_checkpoint(workdir / "ck_a2", {"encoder_adapter": 1, "decoder_adapter": 22,
-                                                               "query_reasoner_adapter": 23})}
+    return {
+        "a": noisy_checkpoint(workdir / "ck_a", {r: i + 1 for i, r in enumerate(ROLES)}),
+        "b": noisy_checkpoint(workdir / "ck_b", {r: i + 11 for i, r in enumerate(ROLES)}),
+        "a_reasoner": noisy_checkpoint(
+            workdir / "ck_a2", {"encoder_adapter": 1, "decoder_adapter": 22, "query_reasoner_adapter": 23}
+        ),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +80,7 @@ def data(workdir) -> dict[str, Path]:
     questions = read_jsonl(EXAMPLE / "end_to_end_data_eval.jsonl")[:N_QUESTIONS]
     corpus = {doc["id"]: doc for doc in read_jsonl(EXAMPLE / "corpus.jsonl")}
     chosen = [corpus.pop(i) for q in questions for i in q["gold_ids"]]
-    chosen += list(corpus.values())[:N_DOCS - len(chosen)]
+    chosen += list(corpus.values())[: N_DOCS - len(chosen)]
     corpus_path, questions_path = workdir / "corpus.jsonl", workdir / "questions.jsonl"
     corpus_path.write_text("".join(json.dumps(d) + "\n" for d in chosen), encoding="utf-8")
     questions_path.write_text("".join(json.dumps(q) + "\n" for q in questions), encoding="utf-8")
@@ -84,8 +88,20 @@ def data(workdir) -> dict[str, Path]:
 
 
 def index_args(checkpoint: Path, corpus: Path, out: Path, *extra: str) -> list[str]:
-    return ["clara.index", "--checkpoint", str(checkpoint), "--corpus", str(corpus), "--out", str(out),
-            "--batch_size", "4", "--shard_size", str(SHARD), *extra]
+    return [
+        "clara.index",
+        "--checkpoint",
+        str(checkpoint),
+        "--corpus",
+        str(corpus),
+        "--out",
+        str(out),
+        "--batch_size",
+        "4",
+        "--shard_size",
+        str(SHARD),
+        *extra,
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -124,9 +140,23 @@ def test_index_stores_every_document_compressed_as_one_at_a_time(built, checkpoi
 @pytest.mark.slow
 def test_two_processes_under_torchrun_build_the_same_index(workdir, built, checkpoints, data):
     out = workdir / "index_torchrun"
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           "-m", *index_args(checkpoints["a"], data["corpus"], out)],
-                          cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            "-m",
+            *index_args(checkpoints["a"], data["corpus"], out),
+        ],
+        cwd=REPO,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "2 process(es)" in proc.stdout
     meta = json.loads((out / "index.json").read_text())
@@ -159,20 +189,25 @@ def test_interrupted_build_resumes_with_the_missing_shards(workdir, built, check
 
 def test_bad_records_and_duplicate_ids_are_named_by_file_and_line(workdir, checkpoints):
     corpus = workdir / "bad_corpus.jsonl"
-    corpus.write_text('{"id": "a", "text": "Vorlan is a kingdom."}\n'
-                      '{"id": "b", "text": ""}\n'
-                      'not json\n'
-                      '{"id": "a", "text": "Another text."}\n'
-                      '{"text": "no id"}\n'
-                      '{"docs": ["Some text.", "Some text."]}\n', encoding="utf-8")
+    corpus.write_text(
+        '{"id": "a", "text": "Vorlan is a kingdom."}\n'
+        '{"id": "b", "text": ""}\n'
+        "not json\n"
+        '{"id": "a", "text": "Another text."}\n'
+        '{"text": "no id"}\n'
+        '{"docs": ["Some text.", "Some text."]}\n',
+        encoding="utf-8",
+    )
     proc = run_module(index_args(checkpoints["a"], corpus, workdir / "index_bad"))
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert lines[0] == f"error: 4 bad corpus record(s) in {corpus}:"
-    assert lines[1:] == [f"{corpus}:2: field 'text': expected a non-empty string",
-                         f"{corpus}:3: not valid JSON (Expecting value, column 1)",
-                         f"{corpus}:4: field 'id': duplicate id 'a' (first on line 1)",
-                         f"{corpus}:5: field 'id': expected a string or integer, got nothing"]
+    assert lines[1:] == [
+        f"{corpus}:2: field 'text': expected a non-empty string",
+        f"{corpus}:3: not valid JSON (Expecting value, column 1)",
+        f"{corpus}:4: field 'id': duplicate id 'a' (first on line 1)",
+        f"{corpus}:5: field 'id': expected a string or integer, got nothing",
+    ]
     assert not (workdir / "index_bad").exists()
     # docs lists: content ids, a document repeated anywhere is stored once.
     corpus.write_text('{"docs": ["One.", "Two."]}\n{"docs": ["Two.", "Three."]}\n', encoding="utf-8")
@@ -190,7 +225,7 @@ def test_approximate_index_reports_its_recall_against_exact_search(workdir, chec
     assert load_file(str(out / SHARD_FILE.format(0)))["memory"].dtype == torch.float16
     # IVF on clustered random vectors: probing every cell is exact, probing one is not always.
     rng = np.random.default_rng(0)
-    vectors = (rng.normal(size=(50, 32))[rng.integers(0, 50, 4000)] + 0.3 * rng.normal(size=(4000, 32)))
+    vectors = rng.normal(size=(50, 32))[rng.integers(0, 50, 4000)] + 0.3 * rng.normal(size=(4000, 32))
     vectors = (vectors / np.linalg.norm(vectors, axis=1, keepdims=True)).astype(np.float32)
     queries = pair_queries(vectors, 200)
     _, exact = make_search_index(vectors, SearchSettings("flat")).search(queries, 5)
@@ -207,14 +242,17 @@ def test_answers_from_the_index_equal_answers_from_the_same_documents_as_candida
     model = CLaRa.from_pretrained(str(checkpoints["a"]), batch_size=2)
     answers, ids = model.generate_from_questions(questions, index=str(out), max_new_tokens=NEW_TOKENS)
     index = load_index(str(out))
-    candidates, chosen = model.generate_from_questions(questions, [index.texts] * len(questions),
-                                                       max_new_tokens=NEW_TOKENS)
+    candidates, chosen = model.generate_from_questions(
+        questions, [index.texts] * len(questions), max_new_tokens=NEW_TOKENS
+    )
     assert ids == [[index.ids[i] for i in row] for row in chosen.tolist()]
     assert answers == candidates
     assert all(len(row) == TOP_K for row in ids)
     # The official flag selects the same path.
-    assert model.generate_from_questions(questions, index=str(out), stage2_mips=True,
-                                         max_new_tokens=NEW_TOKENS) == (answers, ids)
+    assert model.generate_from_questions(questions, index=str(out), stage2_mips=True, max_new_tokens=NEW_TOKENS) == (
+        answers,
+        ids,
+    )
     # A checkpoint with the same compressor and memory embeddings answers from the same index.
     other = CLaRa.from_pretrained(str(checkpoints["a_reasoner"]))
     assert len(other.generate_from_questions(questions[:1], index=str(out), max_new_tokens=2)[1][0]) == TOP_K
@@ -233,8 +271,18 @@ def test_an_index_of_another_checkpoint_is_refused(built, checkpoints):
 def test_ask_prints_the_answer_and_the_retrieved_documents(built, checkpoints, data):
     _, out = built
     question = read_jsonl(data["questions"])[0]["question"]
-    proc = run_module(["clara.ask", "--checkpoint", str(checkpoints["a"]), "--index", str(out), question,
-                       "--max_new_tokens", str(NEW_TOKENS)])
+    proc = run_module(
+        [
+            "clara.ask",
+            "--checkpoint",
+            str(checkpoints["a"]),
+            "--index",
+            str(out),
+            question,
+            "--max_new_tokens",
+            str(NEW_TOKENS),
+        ]
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     model = CLaRa.from_pretrained(str(checkpoints["a"]))
     answers, ids = model.generate_from_questions([question], index=str(out), max_new_tokens=NEW_TOKENS)
@@ -251,19 +299,34 @@ def test_ask_prints_the_answer_and_the_retrieved_documents(built, checkpoints, d
 def test_open_corpus_recall_and_answers_next_to_the_closed_candidate_numbers(workdir, built, checkpoints, data):
     _, out = built
     output = workdir / "open_eval.jsonl"
-    proc = run_module(["clara.evaluate", "--checkpoint", str(checkpoints["a"]), "--dataset", str(data["questions"]),
-                       "--index", str(out), "--max_new_tokens", str(NEW_TOKENS), "--output", str(output),
-                       "--no_progress"])
+    proc = run_module(
+        [
+            "clara.evaluate",
+            "--checkpoint",
+            str(checkpoints["a"]),
+            "--dataset",
+            str(data["questions"]),
+            "--index",
+            str(out),
+            "--max_new_tokens",
+            str(NEW_TOKENS),
+            "--output",
+            str(output),
+            "--no_progress",
+        ]
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "stage2 evaluation of" in proc.stdout and "open-corpus evaluation" in proc.stdout
     metrics = json.loads((workdir / "open_eval.summary.json").read_text())["metrics"]
     assert "recall@3" in metrics  # the closed-candidate numbers stay (top-3 chosen: no recall@5)
     model = CLaRa.from_pretrained(str(checkpoints["a"]))
     records = read_jsonl(data["questions"])
-    answers, _ = model.generate_from_questions([r["question"] for r in records], index=str(out),
-                                               max_new_tokens=NEW_TOKENS)
-    ranked = answer_from_index(model.model, load_index(str(out)), [r["question"] for r in records], retrieve=5,
-                               generate=False).ids
+    answers, _ = model.generate_from_questions(
+        [r["question"] for r in records], index=str(out), max_new_tokens=NEW_TOKENS
+    )
+    ranked = answer_from_index(
+        model.model, load_index(str(out)), [r["question"] for r in records], retrieve=5, generate=False
+    ).ids
     for k in (1, 3, 5):
         hits = [len(set(r["gold_ids"]) & set(found[:k])) / len(r["gold_ids"]) for r, found in zip(records, ranked)]
         assert metrics[f"open_recall@{k}"] == pytest.approx(sum(hits) / len(hits))
@@ -275,8 +338,24 @@ def test_open_corpus_recall_and_answers_next_to_the_closed_candidate_numbers(wor
 # -- the bench rows ----------------------------------------------------------------------------------------------
 def test_retrieval_bench_rows(workdir):
     out = workdir / "bench.json"
-    proc = run_module(["bench", "--retrieval", "--sizes", "2000", "--queries", "20", "--index_docs", "64",
-                       "--questions", "2", "--max_new_tokens", "2", "--json", str(out)])
+    proc = run_module(
+        [
+            "bench",
+            "--retrieval",
+            "--sizes",
+            "2000",
+            "--queries",
+            "20",
+            "--index_docs",
+            "64",
+            "--questions",
+            "2",
+            "--max_new_tokens",
+            "2",
+            "--json",
+            str(out),
+        ]
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = {row["row"]: row for row in json.loads(out.read_text())}
     assert rows["memory per document (float32)"]["value"] == "2048 B + 2048 B"

@@ -1,4 +1,5 @@
-"""Checkpoints (README: "How CLaRa reads a document"): native save/load, the official release layout, and stage chaining."""
+"""Checkpoints (README: "How CLaRa reads a document"): native save/load, the official release layout, and stage
+chaining."""
 
 import json
 import os
@@ -9,10 +10,10 @@ import torch
 from peft import get_peft_model_state_dict
 from safetensors.torch import load_file
 
-from clara.model.checkpoint import CheckpointError, load_model, read_config, save_model
-from clara.model.collate import Collator
 from clara.config import TrainConfig
 from clara.data import normalise
+from clara.model.checkpoint import CheckpointError, load_model, read_config, save_model
+from clara.model.collate import Collator
 from clara.model.stage_model import build_stage_model
 from clara.stages import get_stage
 from tests.helpers import REPO
@@ -27,9 +28,16 @@ ADDED = [f"<MEM{i}>" for i in range(N_MEM)] + ["<AE>", "<ENC>", "<SEP>"]
 
 
 def config(stage: str, checkpoint: str | None = None, doc_max_length: int = DOC_MAX_LENGTH) -> TrainConfig:
-    return TrainConfig(stage=stage, model_path="tiny", pretrain_checkpoint=checkpoint, allow_no_checkpoint=True,
-                       doc_max_length=doc_max_length, compress_rate=COMPRESS_RATE, generation_top_k=TOP_K,
-                       max_len=MAX_LEN)
+    return TrainConfig(
+        stage=stage,
+        model_path="tiny",
+        pretrain_checkpoint=checkpoint,
+        allow_no_checkpoint=True,
+        doc_max_length=doc_max_length,
+        compress_rate=COMPRESS_RATE,
+        generation_top_k=TOP_K,
+        max_len=MAX_LEN,
+    )
 
 
 def perturb(model, seed: int, adapters: tuple[str, ...] | None = None) -> None:
@@ -55,8 +63,11 @@ def stage_model(stage: str, seed: int = 0, checkpoint: str | None = None):
 
 
 def read_records(stage: str, count: int) -> list[dict]:
-    name = {"stage1": "pretrain_data.jsonl", "stage1_2": "instruction_tuning_data.jsonl",
-            "stage2": "end_to_end_data.jsonl"}[stage]
+    name = {
+        "stage1": "pretrain_data.jsonl",
+        "stage1_2": "instruction_tuning_data.jsonl",
+        "stage2": "end_to_end_data.jsonl",
+    }[stage]
     with open(EXAMPLES / name, encoding="utf-8") as handle:
         raw = [json.loads(line) for line, _ in zip(handle, range(count))]
     if stage == "stage2":
@@ -68,8 +79,12 @@ def read_records(stage: str, count: int) -> list[dict]:
 
 def batches(model, stage: str):
     records = read_records(stage, 3)
-    make = lambda targets: Collator(get_stage(stage), model.tokenizer, model.tokens, DOC_MAX_LENGTH, MAX_LEN, top_k=TOP_K,
-                                    with_targets=targets)(records)
+
+    def make(targets):
+        return Collator(
+            get_stage(stage), model.tokenizer, model.tokens, DOC_MAX_LENGTH, MAX_LEN, top_k=TOP_K, with_targets=targets
+        )(records)
+
     return make(True), make(False)
 
 
@@ -80,8 +95,10 @@ def eval_loss(model, batch) -> torch.Tensor:
 
 
 def adapter_state(model, name: str) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in
-            get_peft_model_state_dict(model.peft_model, adapter_name=name, save_embedding_layers=False).items()}
+    return {
+        k: v.detach().clone()
+        for k, v in get_peft_model_state_dict(model.peft_model, adapter_name=name, save_embedding_layers=False).items()
+    }
 
 
 def assert_same_state(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
@@ -107,8 +124,14 @@ def test_save_then_load_gives_identical_losses_and_generations(tmp_path, stage):
     save_model(model, str(tmp_path), stage)
     saved = read_config(str(tmp_path))
     assert saved["format"] == "clara" and saved["format_version"] >= 1 and saved["stage"] == stage
-    assert (saved["base_model"], saved["n_mem_tokens"], saved["compress_rate"], saved["generation_top_k"],
-            saved["lora_r"], saved["lora_alpha"]) == ("tiny", N_MEM, COMPRESS_RATE, TOP_K, 16, 32)
+    assert (
+        saved["base_model"],
+        saved["n_mem_tokens"],
+        saved["compress_rate"],
+        saved["generation_top_k"],
+        saved["lora_r"],
+        saved["lora_alpha"],
+    ) == ("tiny", N_MEM, COMPRESS_RATE, TOP_K, 16, 32)
     assert set(saved["adapters"]) == set(model.adapter_names)
     rows = load_file(str(tmp_path / "special_tokens.safetensors"))["embed_tokens"]
     assert rows.shape == (len(ADDED), model.hidden_size)  # every added token, <AE> <ENC> <SEP> included
@@ -146,9 +169,19 @@ def write_official(model, out: Path, key_style: str, with_lm_head: bool) -> None
     its adapter keys have no "base_model.model." prefix; key_style="peft" writes them with it instead.
     """
     out.mkdir()
-    (out / "config.json").write_text(json.dumps({
-        "decoder_model_name": "tiny", "compr_rate": COMPRESS_RATE, "doc_max_length": DOC_MAX_LENGTH,
-        "generation_top_k": TOP_K, "lora_r": 16, "sep": True, "training_stage": "stage2"}))
+    (out / "config.json").write_text(
+        json.dumps(
+            {
+                "decoder_model_name": "tiny",
+                "compr_rate": COMPRESS_RATE,
+                "doc_max_length": DOC_MAX_LENGTH,
+                "generation_top_k": TOP_K,
+                "lora_r": 16,
+                "sep": True,
+                "training_stage": "stage2",
+            }
+        )
+    )
     adapters = {}
     for name in model.adapter_names:
         state = get_peft_model_state_dict(model.peft_model, adapter_name=name, save_embedding_layers=False)
@@ -166,9 +199,11 @@ def write_official(model, out: Path, key_style: str, with_lm_head: bool) -> None
     torch.save(layers, out / "decoder_first_last_layers.pth")
 
 
-@pytest.mark.parametrize("key_style,with_lm_head", [("transformers", True), ("peft", True),
-                                                    ("transformers", False)],
-                         ids=["release-keys", "peft-keys", "tied-without-lm-head"])
+@pytest.mark.parametrize(
+    "key_style,with_lm_head",
+    [("transformers", True), ("peft", True), ("transformers", False)],
+    ids=["release-keys", "peft-keys", "tied-without-lm-head"],
+)
 def test_official_release_layout_loads_with_the_same_loss(tmp_path, monkeypatch, key_style, with_lm_head):
     model = stage_model("stage2")
     train_batch, _ = batches(model, "stage2")
@@ -256,8 +291,9 @@ def test_chaining_with_another_number_of_memory_tokens_is_refused(tmp_path):
     stage1 = stage_model("stage1")
     save_model(stage1, str(tmp_path / "s1"), "stage1")
     with pytest.raises(CheckpointError, match="memory tokens"):
-        build_stage_model(config("stage1_2", str(tmp_path / "s1"), doc_max_length=2 * DOC_MAX_LENGTH),
-                          log=lambda *a: None)
+        build_stage_model(
+            config("stage1_2", str(tmp_path / "s1"), doc_max_length=2 * DOC_MAX_LENGTH), log=lambda *a: None
+        )
     assert os.path.isfile(tmp_path / "s1" / "config.json")
 
 

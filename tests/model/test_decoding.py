@@ -29,8 +29,11 @@ def test_seeded_sampling_is_reproducible_and_leaves_greedy_rows_alone(model_and_
     plain, _ = model.generate(batch, max_new_tokens=NEW_TOKENS)
 
     def sampled(seed: int) -> list[str]:
-        rows = [RowDecoding(Sampling(NEW_TOKENS, temperature=1.5, top_p=0.95, seed=seed)),
-                RowDecoding(Sampling(NEW_TOKENS)), RowDecoding(Sampling(NEW_TOKENS, temperature=1.5, seed=seed))]
+        rows = [
+            RowDecoding(Sampling(NEW_TOKENS, temperature=1.5, top_p=0.95, seed=seed)),
+            RowDecoding(Sampling(NEW_TOKENS)),
+            RowDecoding(Sampling(NEW_TOKENS, temperature=1.5, seed=seed)),
+        ]
         return model.generate(batch, rows=rows)[0]
 
     first = sampled(1)
@@ -43,7 +46,7 @@ def test_stop_strings_limits_and_streaming(model_and_batch):
     model, batch = model_and_batch
     plain, _ = model.generate(batch, max_new_tokens=NEW_TOKENS)
     long = max(range(len(plain)), key=lambda i: len(plain[i]))
-    stop = plain[long][len(plain[long]) // 2:][:2]
+    stop = plain[long][len(plain[long]) // 2 :][:2]
     pieces: list[list[str]] = [[] for _ in plain]
     rows = [RowDecoding(Sampling(1 if i != long else NEW_TOKENS), on_text=pieces[i].append) for i in range(len(plain))]
     texts, _ = model.generate(batch, rows=rows)
@@ -52,7 +55,7 @@ def test_stop_strings_limits_and_streaming(model_and_batch):
     assert ["".join(p) for p in pieces] == texts
     rows = [RowDecoding(Sampling(NEW_TOKENS, stop=(stop,) if i == long else ())) for i in range(len(plain))]
     texts, _ = model.generate(batch, rows=rows)
-    assert texts[long] == plain[long][:cut_at_stop(plain[long], (stop,))].rstrip()
+    assert texts[long] == plain[long][: cut_at_stop(plain[long], (stop,))].rstrip()
     assert rows[long].finish_reason == "stop" and texts[long] != plain[long]
     # min_tokens keeps the end token out: every answer runs to its limit.
     rows = [RowDecoding(Sampling(NEW_TOKENS, min_tokens=NEW_TOKENS)) for _ in plain]

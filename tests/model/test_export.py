@@ -8,28 +8,36 @@ from pathlib import Path
 
 import pytest
 import torch
-from tests.model.test_hub import DOC_MAX_LENGTH, MAX_LEN, TOP_K, per_sample_losses, stage2_records, trained_like
 
+from clara.config import TrainConfig
 from clara.model import export
 from clara.model.checkpoint import load_model, save_model
-from clara.config import TrainConfig
 from clara.model.stage_model import build_stage_model
 from tests.helpers import REPO
+from tests.model.test_hub import DOC_MAX_LENGTH, MAX_LEN, TOP_K, per_sample_losses, stage2_records, trained_like
 
 RATE = 8
 
 
 def run_export(*args: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    return subprocess.run([sys.executable, "-m", "clara.export", *args], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "clara.export", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=600
+    )
 
 
 @pytest.fixture(scope="module")
 def native(tmp_path_factory) -> tuple[Path, list[float], object]:
     """A trained-like stage2 checkpoint in the native layout, and its per-sample losses."""
-    cfg = TrainConfig(stage="stage2", model_path="tiny", allow_no_checkpoint=True, doc_max_length=DOC_MAX_LENGTH,
-                      compress_rate=RATE, generation_top_k=TOP_K, max_len=MAX_LEN)
+    cfg = TrainConfig(
+        stage="stage2",
+        model_path="tiny",
+        allow_no_checkpoint=True,
+        doc_max_length=DOC_MAX_LENGTH,
+        compress_rate=RATE,
+        generation_top_k=TOP_K,
+        max_len=MAX_LEN,
+    )
     torch.manual_seed(0)
     model = build_stage_model(cfg, log=lambda *a: None)
     trained_like(model, seed=5)
@@ -45,11 +53,30 @@ def test_official_export_has_the_release_layout_and_loads_back_with_the_same_los
     assert proc.returncode == 0, proc.stderr[-3000:]
 
     config = json.loads((out / "config.json").read_text())
-    assert {k: config[k] for k in ("decoder_model_name", "compr_rate", "doc_max_length", "generation_top_k",
-                                   "lora_r", "sep", "training_stage", "lora", "different_mem_tokens")} == {
-        "decoder_model_name": "tiny", "compr_rate": RATE, "doc_max_length": DOC_MAX_LENGTH,
-        "generation_top_k": TOP_K, "lora_r": 16, "sep": True, "training_stage": "stage2", "lora": True,
-        "different_mem_tokens": True}
+    assert {
+        k: config[k]
+        for k in (
+            "decoder_model_name",
+            "compr_rate",
+            "doc_max_length",
+            "generation_top_k",
+            "lora_r",
+            "sep",
+            "training_stage",
+            "lora",
+            "different_mem_tokens",
+        )
+    } == {
+        "decoder_model_name": "tiny",
+        "compr_rate": RATE,
+        "doc_max_length": DOC_MAX_LENGTH,
+        "generation_top_k": TOP_K,
+        "lora_r": 16,
+        "sep": True,
+        "training_stage": "stage2",
+        "lora": True,
+        "different_mem_tokens": True,
+    }
     assert config["model_type"] == "CLaRa" and config["compr_model_name"] is None
 
     adapters = torch.load(out / "adapters.pth", map_location="cpu", weights_only=True)
@@ -84,12 +111,28 @@ def test_push_to_hub_uploads_the_export_into_the_release_subfolder(native, tmp_p
     monkeypatch.setattr(HfApi, "create_repo", lambda self, repo_id, **kw: calls.append(("create", repo_id, kw)))
     monkeypatch.setattr(HfApi, "upload_folder", lambda self, **kw: calls.append(("upload", kw)))
     out = tmp_path / "export"
-    assert export.main(["--checkpoint", str(native[0]), "--format", "official", "--out", str(out),
-                        "--push_to_hub", "someone/clara-tiny"]) == 0
+    assert (
+        export.main(
+            [
+                "--checkpoint",
+                str(native[0]),
+                "--format",
+                "official",
+                "--out",
+                str(out),
+                "--push_to_hub",
+                "someone/clara-tiny",
+            ]
+        )
+        == 0
+    )
     assert calls[0] == ("create", "someone/clara-tiny", {"exist_ok": True})
     upload = calls[1][1]
     assert (upload["folder_path"], upload["repo_id"], upload["path_in_repo"]) == (
-        str(out), "someone/clara-tiny", f"compression-{RATE}")
+        str(out),
+        "someone/clara-tiny",
+        f"compression-{RATE}",
+    )
     assert "someone/clara-tiny/compression-8" in capsys.readouterr().out  # how to load it back
 
 

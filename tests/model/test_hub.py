@@ -21,9 +21,9 @@ import torch
 from peft import get_peft_model_state_dict
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from clara.data import normalise
 from clara.model.checkpoint import PEFT_PREFIX, build_model
 from clara.model.collate import Collator
-from clara.data import normalise
 from clara.model.model import ModelSettings
 from clara.stages import get_stage
 from clara.training.tiny import tiny_model_dir
@@ -74,13 +74,28 @@ def write_release_folder(model, folder: Path, base_name: str, rate: int) -> None
     """One subfolder of the release: config.json, adapters.pth (keys as transformers' get_adapter_state_dict
     writes them), decoder_first_last_layers.pth (the tied embedding, tokenizer-sized, memory rows trained)."""
     folder.mkdir(parents=True)
-    (folder / "config.json").write_text(json.dumps({
-        "decoder_model_name": base_name, "compr_rate": rate, "doc_max_length": DOC_MAX_LENGTH,
-        "generation_top_k": TOP_K, "lora_r": 16, "sep": True, "training_stage": "stage2"}))
-    adapters = {name: {k.removeprefix(PEFT_PREFIX): v.detach().clone() for k, v in
-                       get_peft_model_state_dict(model.peft_model, adapter_name=name,
-                                                 save_embedding_layers=False).items()}
-                for name in model.adapter_names}
+    (folder / "config.json").write_text(
+        json.dumps(
+            {
+                "decoder_model_name": base_name,
+                "compr_rate": rate,
+                "doc_max_length": DOC_MAX_LENGTH,
+                "generation_top_k": TOP_K,
+                "lora_r": 16,
+                "sep": True,
+                "training_stage": "stage2",
+            }
+        )
+    )
+    adapters = {
+        name: {
+            k.removeprefix(PEFT_PREFIX): v.detach().clone()
+            for k, v in get_peft_model_state_dict(
+                model.peft_model, adapter_name=name, save_embedding_layers=False
+            ).items()
+        }
+        for name in model.adapter_names
+    }
     torch.save(adapters, folder / "adapters.pth")
     embed = model.causal_lm.get_input_embeddings().weight.detach().clone()
     embed[list(model.tokens.mem_ids)] = model.mem_embeddings.detach()
@@ -112,8 +127,13 @@ def hub(tmp_path_factory) -> dict:
     expected = {}
     for folder, rate in RATES.items():
         n_mem = DOC_MAX_LENGTH // rate
-        settings = ModelSettings(base_model=str(base_dir), n_mem_tokens=n_mem, compress_rate=rate,
-                                 doc_max_length=DOC_MAX_LENGTH, generation_top_k=TOP_K)
+        settings = ModelSettings(
+            base_model=str(base_dir),
+            n_mem_tokens=n_mem,
+            compress_rate=rate,
+            doc_max_length=DOC_MAX_LENGTH,
+            generation_top_k=TOP_K,
+        )
         torch.manual_seed(rate)
         # As the official code builds it: the embedding shrunk to the tokenizer's length.
         model = build_model(settings, ADAPTERS, vocab_rows=len(tokenizer) + n_mem + 3)
@@ -157,22 +177,35 @@ def hub_env(hf_home: Path, offline: bool, endpoint: str | None = None) -> dict:
     return env
 
 
-def probe(hub: dict, loads: list[tuple[str, str | None]], offline: bool = True,
-          endpoint: str | None = None) -> list[dict]:
-    proc = subprocess.run([sys.executable, "-c", PROBE.format(repo=str(REPO)), json.dumps(loads)],
-                          cwd=REPO, env=hub_env(hub["hf_home"], offline, endpoint), capture_output=True,
-                          text=True, timeout=600)
+def probe(
+    hub: dict, loads: list[tuple[str, str | None]], offline: bool = True, endpoint: str | None = None
+) -> list[dict]:
+    proc = subprocess.run(
+        [sys.executable, "-c", PROBE.format(repo=str(REPO)), json.dumps(loads)],
+        cwd=REPO,
+        env=hub_env(hub["hf_home"], offline, endpoint),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULTS ")]
     assert proc.returncode == 0 and lines, proc.stderr[-3000:]
-    return json.loads(lines[0][len("RESULTS "):])
+    return json.loads(lines[0][len("RESULTS ") :])
 
 
 @pytest.fixture(scope="module")
 def offline_loads(hub) -> list[dict]:
-    return probe(hub, [(RELEASE_ID, "compression-8"), (f"{RELEASE_ID}/compression-4", None),
-                       (RELEASE_ID, "compression-99"), (RELEASE_ID, None),
-                       ("clara-test/not-in-the-cache/compression-16", None),
-                       (f"{MISTRAL_BASED_ID}/compression-4", None)])
+    return probe(
+        hub,
+        [
+            (RELEASE_ID, "compression-8"),
+            (f"{RELEASE_ID}/compression-4", None),
+            (RELEASE_ID, "compression-99"),
+            (RELEASE_ID, None),
+            ("clara-test/not-in-the-cache/compression-16", None),
+            (f"{MISTRAL_BASED_ID}/compression-4", None),
+        ],
+    )
 
 
 def test_release_ids_load_offline_with_the_losses_of_the_checkpoint(hub, offline_loads):
@@ -239,9 +272,16 @@ def online_loads(hub):
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
-        results = probe(hub, [(f"{MISTRAL_BASED_ID}/compression-4", None), ("clara-test/does-not-exist", "x"),
-                              (RELEASE_ID, "compression-8")],
-                        offline=False, endpoint=f"http://127.0.0.1:{server.server_address[1]}")
+        results = probe(
+            hub,
+            [
+                (f"{MISTRAL_BASED_ID}/compression-4", None),
+                ("clara-test/does-not-exist", "x"),
+                (RELEASE_ID, "compression-8"),
+            ],
+            offline=False,
+            endpoint=f"http://127.0.0.1:{server.server_address[1]}",
+        )
     finally:
         server.shutdown()
     return results, server.seen
@@ -273,31 +313,59 @@ def test_evaluate_and_training_take_a_hub_id(hub, tmp_path):
     data.write_text("".join(json.dumps(r) + "\n" for r in stage2_records()))
     out = tmp_path / "samples.jsonl"
     proc = subprocess.run(
-        [sys.executable, "-m", "clara.evaluate", "--checkpoint", f"{RELEASE_ID}/compression-8", "--dataset",
-         str(data), "--batch_size", "1", "--max_samples", "1", "--max_new_tokens", "4", "--output", str(out),
-         "--no_progress"],
-        cwd=REPO, env=hub_env(hub["hf_home"], offline=True), capture_output=True, text=True, timeout=600)
+        [
+            sys.executable,
+            "-m",
+            "clara.evaluate",
+            "--checkpoint",
+            f"{RELEASE_ID}/compression-8",
+            "--dataset",
+            str(data),
+            "--batch_size",
+            "1",
+            "--max_samples",
+            "1",
+            "--max_new_tokens",
+            "4",
+            "--output",
+            str(out),
+            "--no_progress",
+        ],
+        cwd=REPO,
+        env=hub_env(hub["hf_home"], offline=True),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     losses = [json.loads(line)["loss"] for line in out.read_text().splitlines()]
     assert losses == pytest.approx(hub["expected"]["compression-8"], abs=1e-5)
 
     # PRETRAIN_CHECKPOINT / --pretrain_checkpoint: the stage starts from the release's adapters.
     script = (
-        "import json, sys; sys.path.insert(0, 'tests')\n"
+        "import json, sys; sys.path.insert(0, '.')\n"
         "from clara.config import TrainConfig, resolve, validate\n"
         "from clara.model.stage_model import build_stage_model\n"
-        "from test_hub import per_sample_losses, stage2_records\n"
-        f"cfg = resolve(TrainConfig(stage='stage2', model_path={BASE_ID!r}, pretrain_checkpoint={RELEASE_ID + '/compression-8'!r},"
+        "from tests.model.test_hub import per_sample_losses, stage2_records\n"
+        f"cfg = resolve(TrainConfig(stage='stage2', model_path={BASE_ID!r},"
+        f" pretrain_checkpoint={RELEASE_ID + '/compression-8'!r},"
         f" doc_max_length={DOC_MAX_LENGTH}, compress_rate=8, generation_top_k={TOP_K}, max_len={MAX_LEN},"
         f" dataset={str(data)!r}))\n"
         "validate(cfg)\n"
         "model = build_stage_model(cfg, log=lambda *a: None)\n"
-        "print('LOSSES', json.dumps(per_sample_losses(model, stage2_records())))\n")
-    proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=hub_env(hub["hf_home"], offline=True),
-                          capture_output=True, text=True, timeout=600)
+        "print('LOSSES', json.dumps(per_sample_losses(model, stage2_records())))\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=REPO,
+        env=hub_env(hub["hf_home"], offline=True),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     line = next(line for line in proc.stdout.splitlines() if line.startswith("LOSSES "))
-    assert json.loads(line[len("LOSSES "):]) == pytest.approx(hub["expected"]["compression-8"], abs=1e-5)
+    assert json.loads(line[len("LOSSES ") :]) == pytest.approx(hub["expected"]["compression-8"], abs=1e-5)
 
 
 def test_what_reads_as_a_hub_id(monkeypatch):

@@ -1,20 +1,20 @@
-"""The shared model (README: "How CLaRa reads a document" and "What a step costs"): losses, which parameters train, compression without the
-LM head, injection, the differentiable top-k, and gradient checkpointing with switching adapters."""
+"""The shared model (README: "How CLaRa reads a document" and "What a step costs"): losses, which parameters train,
+compression without the LM head, injection, the differentiable top-k, and gradient checkpointing with switching
+adapters."""
 
 import contextlib
 import json
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from clara.model.collate import IGNORE_INDEX, Collator
 from clara.config import TrainConfig
 from clara.data import normalise
+from clara.model.collate import IGNORE_INDEX, Collator
 from clara.model.stage_model import build_stage_model
-from clara.stages import get_stage
 from clara.model.topk import cosine_scores, differentiable_topk, retrieval_loss
+from clara.stages import get_stage
 from tests.helpers import REPO
 
 DOC_MAX_LENGTH = 32
@@ -26,16 +26,25 @@ MSE_WEIGHT = 0.1
 EXAMPLES = REPO / "example"
 
 # What each stage trains (README: "How CLaRa reads a document"), written out here rather than read from clara.stages.
-TRAINED = {"stage1": ("encoder_adapter", "decoder_adapter"),
-           "stage1_2": ("encoder_adapter", "decoder_adapter"),
-           "stage2": ("query_reasoner_adapter", "decoder_adapter")}
+TRAINED = {
+    "stage1": ("encoder_adapter", "decoder_adapter"),
+    "stage1_2": ("encoder_adapter", "decoder_adapter"),
+    "stage2": ("query_reasoner_adapter", "decoder_adapter"),
+}
 ADAPTERS = ("encoder_adapter", "decoder_adapter", "query_reasoner_adapter")
 STAGES = tuple(TRAINED)
 
 
 def config(stage: str) -> TrainConfig:
-    return TrainConfig(stage=stage, model_path="tiny", doc_max_length=DOC_MAX_LENGTH, compress_rate=COMPRESS_RATE,
-                       generation_top_k=TOP_K, allow_no_checkpoint=True, max_len=MAX_LEN)
+    return TrainConfig(
+        stage=stage,
+        model_path="tiny",
+        doc_max_length=DOC_MAX_LENGTH,
+        compress_rate=COMPRESS_RATE,
+        generation_top_k=TOP_K,
+        allow_no_checkpoint=True,
+        max_len=MAX_LEN,
+    )
 
 
 def stage_model(stage: str, seed: int = 0, random_lora_b: bool = True):
@@ -51,10 +60,13 @@ def stage_model(stage: str, seed: int = 0, random_lora_b: bool = True):
 
 
 def read_records(stage: str, count: int, skip: int = 0) -> list[dict]:
-    name = {"stage1": "pretrain_data.jsonl", "stage1_2": "instruction_tuning_data.jsonl",
-            "stage2": "end_to_end_data.jsonl"}[stage]
+    name = {
+        "stage1": "pretrain_data.jsonl",
+        "stage1_2": "instruction_tuning_data.jsonl",
+        "stage2": "end_to_end_data.jsonl",
+    }[stage]
     with open(EXAMPLES / name, encoding="utf-8") as handle:
-        raw = [json.loads(line) for line in handle][skip:skip + count]
+        raw = [json.loads(line) for line in handle][skip : skip + count]
     if stage == "stage2":
         # Four candidates keep the test fast: the relevant one and the next three.
         for record in raw:
@@ -66,8 +78,16 @@ def read_records(stage: str, count: int, skip: int = 0) -> list[dict]:
 
 
 def make_batch(model, stage: str, records: list[dict], with_targets: bool = True):
-    return Collator(get_stage(stage), model.tokenizer, model.tokens, DOC_MAX_LENGTH, MAX_LEN, top_k=TOP_K, seed=0,
-                    with_targets=with_targets)(records)
+    return Collator(
+        get_stage(stage),
+        model.tokenizer,
+        model.tokens,
+        DOC_MAX_LENGTH,
+        MAX_LEN,
+        top_k=TOP_K,
+        seed=0,
+        with_targets=with_targets,
+    )(records)
 
 
 def mse_weight(stage: str) -> float:
@@ -154,10 +174,12 @@ def test_compression_runs_without_lm_head_or_all_hidden_states(monkeypatch):
     batch = make_batch(model, "stage2", read_records("stage2", 2))
     head_inputs = []
     handle = model.causal_lm.get_output_embeddings().register_forward_hook(
-        lambda module, args, output: head_inputs.append(args[0].shape))
+        lambda module, args, output: head_inputs.append(args[0].shape)
+    )
     full_lm_calls = []
-    monkeypatch.setattr(model.causal_lm, "forward",
-                        lambda *a, **k: full_lm_calls.append(k) or pytest.fail("the full causal LM ran"))
+    monkeypatch.setattr(
+        model.causal_lm, "forward", lambda *a, **k: full_lm_calls.append(k) or pytest.fail("the full causal LM ran")
+    )
     backbone_calls = []
     original = model.backbone.forward
 
@@ -214,8 +236,10 @@ def reference_inject(model, dec_ids: torch.Tensor, vectors: torch.Tensor, docs_p
 def test_inject_puts_each_document_in_its_slot():
     model = stage_model("stage1_2")
     docs = [f"Place number {i} is a village. Its lucky number is {i}." for i in range(6)]
-    records = [normalise(get_stage("stage1_2"), {"question": f"q{i}?", "answer": "a", "docs": d})
-               for i, d in enumerate([docs[:1], docs[1:4], docs[4:6]])]
+    records = [
+        normalise(get_stage("stage1_2"), {"question": f"q{i}?", "answer": "a", "docs": d})
+        for i, d in enumerate([docs[:1], docs[1:4], docs[4:6]])
+    ]
     batch = make_batch(model, "stage1_2", records)
     assert batch.docs_per_sample == [1, 3, 2]
     generator = torch.Generator().manual_seed(0)
@@ -229,14 +253,14 @@ def test_inject_puts_each_document_in_its_slot():
     with torch.no_grad():
         embeds, _ = model.decoder_inputs(batch)
         states, _ = model.compress(batch.enc_ids, batch.enc_mask)
-        expected = reference_inject(model, batch.dec_ids, states.reshape(-1, model.hidden_size),
-                                    batch.docs_per_sample)
+        expected = reference_inject(model, batch.dec_ids, states.reshape(-1, model.hidden_size), batch.docs_per_sample)
     assert torch.equal(embeds, expected)
 
 
 # -- differentiable top-k --------------------------------------------------------------------------------------
-def reference_soft(scores: torch.Tensor, indices: torch.Tensor, temperature: float,
-                   valid: torch.Tensor | None = None) -> torch.Tensor:
+def reference_soft(
+    scores: torch.Tensor, indices: torch.Tensor, temperature: float, valid: torch.Tensor | None = None
+) -> torch.Tensor:
     """Slot j: softmax(score / T) over the candidates not taken by slots 0..j-1 (and valid)."""
     slots = []
     for b in range(scores.shape[0]):
@@ -292,8 +316,9 @@ def test_differentiable_topk_skips_invalid_candidates():
 def test_cosine_scores():
     generator = torch.Generator().manual_seed(2)
     queries, candidates = torch.randn(2, 8, generator=generator), torch.randn(2, 5, 8, generator=generator)
-    expected = torch.tensor([[F.cosine_similarity(queries[b], candidates[b, n], dim=0).item() for n in range(5)]
-                             for b in range(2)])
+    expected = torch.tensor(
+        [[F.cosine_similarity(queries[b], candidates[b, n], dim=0).item() for n in range(5)] for b in range(2)]
+    )
     torch.testing.assert_close(cosine_scores(queries, candidates), expected)
 
 
@@ -351,8 +376,11 @@ def test_gradient_checkpointing_gives_the_same_gradients(stage):
     assert loss_ckpt == pytest.approx(loss_plain, rel=1e-6)
     assert set(plain) == set(ckpt)
     # Stage 2 trains the query reasoner, not the compressor (nor its memory embeddings).
-    roles = ("query_reasoner_adapter", "decoder_adapter") if stage == "stage2" else (
-        "encoder_adapter", "decoder_adapter", "mem_embeddings")
+    roles = (
+        ("query_reasoner_adapter", "decoder_adapter")
+        if stage == "stage2"
+        else ("encoder_adapter", "decoder_adapter", "mem_embeddings")
+    )
     for role in roles:
         a, b = role_gradient(plain, role), role_gradient(ckpt, role)
         assert a.norm() > 0

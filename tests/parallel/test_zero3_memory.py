@@ -9,10 +9,10 @@ import textwrap
 
 import pytest
 import torch
-from tests.helpers import REPO
 
-from clara.ports import free_port
 from clara.parallel.zero3 import frozen_weight_linear
+from clara.ports import free_port
+from tests.helpers import REPO
 
 
 def saved_elements(run) -> int:
@@ -87,10 +87,19 @@ TWICE = textwrap.dedent("""
 @pytest.mark.parametrize("fix", [False, True])
 def test_a_layer_used_twice_is_freed_after_the_backward_of_each_use(fix):
     """Without the fix, the first use's backward leaves the layer gathered (DeepSpeed's count went below zero)."""
-    env = {**os.environ, "PYTHONPATH": str(REPO), "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1",
-           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, "-c", f"FIX = {fix}\n" + TWICE], env=env, capture_output=True,
-                            text=True, timeout=300)
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(REPO),
+        "RANK": "0",
+        "LOCAL_RANK": "0",
+        "WORLD_SIZE": "1",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(free_port()),
+        "OMP_NUM_THREADS": "1",
+    }
+    result = subprocess.run(
+        [sys.executable, "-c", f"FIX = {fix}\n" + TWICE], env=env, capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     status = result.stdout.split("STATUS ")[-1].strip()
     assert status == ("NOT_AVAILABLE" if fix else "AVAILABLE")

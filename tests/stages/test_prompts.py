@@ -1,7 +1,7 @@
 """Special tokens, the encoder input layout, the memory-slot string, the decoder prompts and their labels.
 
-README: "How CLaRa reads a document". Expected token sequences are written out here from the documented layout (system prompts,
-message layout, the tiny model's chat template), not taken from clara's own constants, so that a
+README: "How CLaRa reads a document". Expected token sequences are written out here from the documented layout
+(system prompts, message layout, the tiny model's chat template), not taken from clara's own constants, so that a
 wrong string or a shifted label fails.
 """
 
@@ -11,11 +11,10 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from clara.stages import prompts
-from clara.model.collate import IGNORE_INDEX, Collator, encode_documents
 from clara.data import normalise
+from clara.model.collate import IGNORE_INDEX, Collator, encode_documents
+from clara.stages import get_stage, prompts
 from clara.stages.prompts import add_special_tokens, memory_slots
-from clara.stages import get_stage
 from clara.training.tiny import tiny_model_dir
 from tests.helpers import REPO
 
@@ -23,12 +22,17 @@ N_MEM = 4
 DOC_MAX_LENGTH = 32
 MAX_LEN = 1024
 
-SYSTEM_QA = ("You are a helpful assistant. Given a document, your task is to generate some single questions to "
-             "cover all key information of the document and answer them sequentially.")
-SYSTEM_PARAPHRASE = ("You are a helpful assistant. Your task is follow the instructions to paraphrase the "
-                     "background information.")
-SYSTEM_ANSWER = ("You are a helpful assistant. Your task is to extract relevant information from provided "
-                 "documents and to answer to questions as briefly as possible.")
+SYSTEM_QA = (
+    "You are a helpful assistant. Given a document, your task is to generate some single questions to "
+    "cover all key information of the document and answer them sequentially."
+)
+SYSTEM_PARAPHRASE = (
+    "You are a helpful assistant. Your task is follow the instructions to paraphrase the background information."
+)
+SYSTEM_ANSWER = (
+    "You are a helpful assistant. Your task is to extract relevant information from provided "
+    "documents and to answer to questions as briefly as possible."
+)
 
 SLOT = "<MEM0><MEM1><MEM2><MEM3><SEP>"
 
@@ -61,19 +65,34 @@ THINK_AT_GENERATION_TEMPLATE = (
     "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n<think>\\n\\n</think>\\n\\n' }}{%- endif %}"
 )
 
-QA_RECORD = {"question": ["Who rules Vorlan?", "What is its sacred animal?"], "answers": ["Queen Ida", "owl"],
-             "docs": ["Vorlan is a kingdom ruled by Queen Ida.", "Its sacred animal is owl."]}
-PARAPHRASE_RECORD = {"data_type": "paraphrase", "docs": ["Seishon is a fortress. Its lucky number is seven."],
-                     "answers": ["The fortress Seishon has seven as its lucky number."]}
+QA_RECORD = {
+    "question": ["Who rules Vorlan?", "What is its sacred animal?"],
+    "answers": ["Queen Ida", "owl"],
+    "docs": ["Vorlan is a kingdom ruled by Queen Ida.", "Its sacred animal is owl."],
+}
+PARAPHRASE_RECORD = {
+    "data_type": "paraphrase",
+    "docs": ["Seishon is a fortress. Its lucky number is seven."],
+    "answers": ["The fortress Seishon has seven as its lucky number."],
+}
 ANSWER_RECORDS = [
-    {"question": "What is the national flower of Fouldina?", "answer": "rose",
-     "docs": ["Fouldina is a fortress. Its national flower is rose.", "Seishon is a fortress."]},
-    {"question": "Which colour?", "answer": "a rather long answer about the banner colour purple",
-     "docs": ["Its banner color is purple."]},
+    {
+        "question": "What is the national flower of Fouldina?",
+        "answer": "rose",
+        "docs": ["Fouldina is a fortress. Its national flower is rose.", "Seishon is a fortress."],
+    },
+    {
+        "question": "Which colour?",
+        "answer": "a rather long answer about the banner colour purple",
+        "docs": ["Its banner color is purple."],
+    },
 ]
-STAGE2_RECORD = {"question": "What is the lucky number of Seishon?", "gold_answer": "seven",
-                 "docs": ["Vorlan is a kingdom.", "Seishon is a fortress. Its lucky number is seven.",
-                          "Fouldina is a fortress."], "pos_index": [1]}
+STAGE2_RECORD = {
+    "question": "What is the lucky number of Seishon?",
+    "gold_answer": "seven",
+    "docs": ["Vorlan is a kingdom.", "Seishon is a fortress. Its lucky number is seven.", "Fouldina is a fortress."],
+    "pos_index": [1],
+}
 
 
 @pytest.fixture(scope="module")
@@ -167,8 +186,11 @@ def test_encoder_input_layout(tok):
     tokenizer, tokens = tok
     eos_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
     bos_id = tokenizer.convert_tokens_to_ids("<|im_start|>")
-    docs = ["Vorlan is a kingdom.", "Seishon is a fortress. Its lucky number is seven.",
-            " ".join(["Fouldina is a fortress with a purple banner."] * 10)]
+    docs = [
+        "Vorlan is a kingdom.",
+        "Seishon is a fortress. Its lucky number is seven.",
+        " ".join(["Fouldina is a fortress with a purple banner."] * 10),
+    ]
     doc_ids = [ids_of(tokenizer, d) for d in docs]
     assert len(doc_ids[0]) < len(doc_ids[1]) <= DOC_MAX_LENGTH < len(doc_ids[2])
     ids, mask, truncated = encode_documents(tokenizer, tokens, docs, DOC_MAX_LENGTH)
@@ -194,8 +216,9 @@ def test_encoder_pads_to_the_longest_not_to_the_limit(tok):
     longest = max(len(ids_of(tokenizer, d)) for d in docs) + 3
     assert truncated == 0
     assert ids.shape[1] == longest + N_MEM < DOC_MAX_LENGTH + 3 + N_MEM
-    assert mask[:, -N_MEM:].eq(1).all() and mask.sum(1).tolist() == [len(ids_of(tokenizer, d)) + 3 + N_MEM
-                                                                        for d in docs]
+    assert mask[:, -N_MEM:].eq(1).all() and mask.sum(1).tolist() == [
+        len(ids_of(tokenizer, d)) + 3 + N_MEM for d in docs
+    ]
 
 
 # -- memory slots -------------------------------------------------------------------------------------------------
@@ -210,8 +233,9 @@ def test_memory_slot_string(tok):
 # -- decoder prompts and labels -----------------------------------------------------------------------------
 def collate(tokenizer, tokens, stage: str, raw: list[dict], top_k: int = 2, with_targets: bool = True):
     records = [normalise(get_stage(stage), r, min_docs=top_k if stage == "stage2" else 1) for r in raw]
-    collator = Collator(get_stage(stage), tokenizer, tokens, DOC_MAX_LENGTH, MAX_LEN, top_k=top_k, seed=3,
-                        with_targets=with_targets)
+    collator = Collator(
+        get_stage(stage), tokenizer, tokens, DOC_MAX_LENGTH, MAX_LEN, top_k=top_k, seed=3, with_targets=with_targets
+    )
     return collator(records)
 
 
@@ -233,7 +257,7 @@ def test_stage1_paraphrase_prompt_and_labels(tok):
     row = batch.dec_ids[0][batch.dec_mask[0].bool()].tolist()
     # Which instruction was chosen is read back from the prompt; it must be one of the list.
     rendered = [qwen_prompt(SYSTEM_PARAPHRASE, i.format(slots=SLOT)) for i in instructions]
-    matches = [p for p in rendered if row[:len(ids_of(tokenizer, p))] == ids_of(tokenizer, p)]
+    matches = [p for p in rendered if row[: len(ids_of(tokenizer, p))] == ids_of(tokenizer, p)]
     assert len(matches) == 1
     check_row(batch, 0, tokenizer, tokens, matches[0], PARAPHRASE_RECORD["answers"][0] + "<|im_end|>\n")
     # The instruction varies between samples.
@@ -263,8 +287,9 @@ def test_stage2_prompt_has_top_k_slots(tok):
     assert batch.query_ids[0].tolist() == query + list(tokens.mem_ids)
 
 
-@pytest.mark.parametrize("stage,raw", [("stage1", [QA_RECORD]), ("stage1_2", ANSWER_RECORDS),
-                                       ("stage2", [STAGE2_RECORD])])
+@pytest.mark.parametrize(
+    "stage,raw", [("stage1", [QA_RECORD]), ("stage1_2", ANSWER_RECORDS), ("stage2", [STAGE2_RECORD])]
+)
 def test_supervised_sequence_extends_the_inference_prompt(tok, stage, raw):
     """Training rows = exactly what generation sees + answer + end of turn; labels equal those tokens."""
     tokenizer, tokens = tok
@@ -278,10 +303,10 @@ def test_supervised_sequence_extends_the_inference_prompt(tok, stage, raw):
         labels = train.labels[i][train.dec_mask[i].bool()].tolist()
         prompt = infer.dec_ids[i][infer.dec_mask[i].bool()].tolist()
         assert prompt == ids_of(tokenizer, prompts.render_prompt(tokenizer, *stage_messages(stage, raw[i])))
-        assert row[:len(prompt)] == prompt
-        assert labels[:len(prompt)] == [IGNORE_INDEX] * len(prompt)
-        assert all(t != IGNORE_INDEX for t in labels[len(prompt):])
-        assert tokenizer.decode(row[len(prompt):]).endswith("<|im_end|>\n")
+        assert row[: len(prompt)] == prompt
+        assert labels[: len(prompt)] == [IGNORE_INDEX] * len(prompt)
+        assert all(t != IGNORE_INDEX for t in labels[len(prompt) :])
+        assert tokenizer.decode(row[len(prompt) :]).endswith("<|im_end|>\n")
 
 
 def stage_messages(stage: str, record: dict) -> tuple[str, str]:
@@ -302,9 +327,12 @@ def test_prompt_longer_than_max_len_is_refused(tok):
 @pytest.mark.parametrize("template", [NO_SYSTEM_TEMPLATE, MISTRAL_LIKE_TEMPLATE], ids=["gemma-like", "mistral-like"])
 def test_template_without_system_role(model_dir, template):
     tokenizer, tokens = fresh_tokenizer(model_dir, template)
-    with pytest.raises(Exception):  # the precondition: this template refuses a system message
-        tokenizer.apply_chat_template([{"role": "system", "content": "S"}, {"role": "user", "content": "U"}],
-                                      tokenize=False, add_generation_prompt=True)
+    with pytest.raises(Exception):  # noqa: B017 (the precondition: this template refuses a system message)
+        tokenizer.apply_chat_template(
+            [{"role": "system", "content": "S"}, {"role": "user", "content": "U"}],
+            tokenize=False,
+            add_generation_prompt=True,
+        )
     record = ANSWER_RECORDS[0]
     batch = collate(tokenizer, tokens, "stage1_2", [record])
     user = "Background:\n" + SLOT * 2 + "\n\nQuestion:" + record["question"]
@@ -331,8 +359,9 @@ def test_generation_prompt_that_is_not_a_prefix_of_the_full_chat(model_dir):
     user = "Background:\n" + SLOT * 2 + "\n\nQuestion:" + record["question"]
     messages = [{"role": "system", "content": SYSTEM_ANSWER}, {"role": "user", "content": user}]
     generation = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    full = tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": record["answer"]}],
-                                         tokenize=False)
+    full = tokenizer.apply_chat_template(
+        messages + [{"role": "assistant", "content": record["answer"]}], tokenize=False
+    )
     assert not full.startswith(generation)  # the precondition: cutting the full chat would shift labels
     assert generation == qwen_prompt(SYSTEM_ANSWER, user) + "<think>\n\n</think>\n\n"
 
@@ -354,9 +383,11 @@ def official_layout(tokenizer, system: str, user: str, answer: str) -> tuple[lis
     (system, user and assistant turns, no generation prompt) tokenised in one go, and labels -100 on as many
     leading tokens as the generation prompt alone has. A template that refuses the system role gets the system
     text, a newline and the user text as one user turn."""
+
     def chat(messages, generation):
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation,
-                                             enable_thinking=False)
+        return tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=generation, enable_thinking=False
+        )
 
     messages = [{"role": "system", "content": system}, {"role": "user", "content": user}]
     try:
@@ -371,8 +402,11 @@ def official_layout(tokenizer, system: str, user: str, answer: str) -> tuple[lis
 
 
 @pytest.mark.parametrize("template", [None, MISTRAL_LIKE_TEMPLATE], ids=["qwen-like", "mistral-like"])
-@pytest.mark.parametrize("stage,raw", [("stage1", [QA_RECORD, PARAPHRASE_RECORD]), ("stage1_2", ANSWER_RECORDS),
-                                       ("stage2", [STAGE2_RECORD])], ids=["stage1", "stage1_2", "stage2"])
+@pytest.mark.parametrize(
+    "stage,raw",
+    [("stage1", [QA_RECORD, PARAPHRASE_RECORD]), ("stage1_2", ANSWER_RECORDS), ("stage2", [STAGE2_RECORD])],
+    ids=["stage1", "stage1_2", "stage2"],
+)
 def test_labels_match_the_official_layout(model_dir, template, stage, raw):
     """Every token the template renders for the assistant turn is supervised, the newline after Qwen's
     <|im_end|> included, exactly as in the official code: so per-sample losses on its checkpoints match."""
@@ -408,17 +442,18 @@ def test_a_turn_whose_tokens_would_merge_into_the_prompt_keeps_the_prompt_tokens
     record = {**ANSWER_RECORDS[0], "answer": "nswer: rose"}
     user = "Background:\n" + SLOT * 2 + "\n\nQuestion:" + record["question"]
     prompt = f"system: {SYSTEM_ANSWER}user: {user}\nA"
-    assert ids_of(tokenizer, prompt + "nswer")[:len(ids_of(tokenizer, prompt))] != ids_of(tokenizer, prompt)
-    check_row(collate(tokenizer, tokens, "stage1_2", [record]), 0, tokenizer, tokens, prompt,
-              "nswer: rose<|im_end|>")
+    assert ids_of(tokenizer, prompt + "nswer")[: len(ids_of(tokenizer, prompt))] != ids_of(tokenizer, prompt)
+    check_row(collate(tokenizer, tokens, "stage1_2", [record]), 0, tokenizer, tokens, prompt, "nswer: rose<|im_end|>")
 
 
 def test_records_from_the_example_files_collate(tok):
     """The shipped examples of each stage go through the collator with labels only on answers."""
     tokenizer, tokens = tok
-    files = {"stage1": "example/pretrain_data.jsonl", "stage1_2": "example/instruction_tuning_data.jsonl",
-             "stage2": "example/end_to_end_data.jsonl"}
-    from pathlib import Path
+    files = {
+        "stage1": "example/pretrain_data.jsonl",
+        "stage1_2": "example/instruction_tuning_data.jsonl",
+        "stage2": "example/end_to_end_data.jsonl",
+    }
 
     root = REPO
     for stage, name in files.items():

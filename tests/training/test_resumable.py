@@ -68,8 +68,12 @@ def fake_checkpoint(root: Path, step: int, run_id: str) -> Path:
     directory = root / f"step_{step}"
     directory.mkdir(parents=True)
     torch.save({"weights": torch.ones(3)}, directory / "mp_rank_00_model_states.pt")
-    state = {"run_id": run_id, "train_state": dataclasses.asdict(TrainState(global_step=step)), "settings": {},
-             "inputs": None}
+    state = {
+        "run_id": run_id,
+        "train_state": dataclasses.asdict(TrainState(global_step=step)),
+        "settings": {},
+        "inputs": None,
+    }
     (directory / STATE_FILE).write_text(json.dumps(state))
     write_manifest(str(directory))
     return directory
@@ -136,8 +140,9 @@ def test_two_publishers_keep_their_own_failures():
 
 # -- where a run starts ---------------------------------------------------------------------------------------
 def settings(save: Path, resume: str = "auto") -> TrainConfig:
-    return resolve(TrainConfig(dataset="example/pretrain_data.jsonl", save_path=str(save), resume=resume),
-                   has_cuda=False)
+    return resolve(
+        TrainConfig(dataset="example/pretrain_data.jsonl", save_path=str(save), resume=resume), has_cuda=False
+    )
 
 
 def test_auto_resumes_the_newest_intact_checkpoint_of_the_run(tmp_path):

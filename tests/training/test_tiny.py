@@ -18,7 +18,6 @@ from clara.training import tiny
 from tests.helpers import REPO
 
 
-
 @pytest.fixture(scope="module")
 def model_dir() -> str:
     return tiny.tiny_model_dir()
@@ -29,8 +28,11 @@ def test_the_shipped_model_is_built_from_the_current_recipe(model_dir):
     # training files changed after the shipped model was built.
     recorded = tiny.read_recipe(model_dir)
     assert recorded == {"version": tiny.recipe_version(), "seed": 0, "steps": tiny.TRAIN_STEPS}, (
-        f"the recipe changed since {model_dir} was built; rebuild it: python -m clara.tiny --out {model_dir}")
-    assert Path(model_dir).parent == Path(tiny.__file__).parent.parent  # clara/tiny_model, the builder in clara/training
+        f"the recipe changed since {model_dir} was built; rebuild it: python -m clara.tiny --out {model_dir}"
+    )
+    assert (
+        Path(model_dir).parent == Path(tiny.__file__).parent.parent
+    )  # clara/tiny_model, the builder in clara/training
     assert sum(p.stat().st_size for p in Path(model_dir).iterdir()) < 2_000_000
 
 
@@ -52,7 +54,9 @@ def test_the_recipe_hash_follows_the_training_data_and_not_comments(tmp_path, mo
     source = Path(tiny.__file__).read_text(encoding="utf-8")
     commented = source.replace("\nVOCAB_SIZE", "\n    # reworded explanation\nVOCAB_SIZE")
     assert tiny.code_meaning(commented) == tiny.code_meaning(source)
-    assert tiny.code_meaning(source.replace("ANSWER_WEIGHT = 30.0", "ANSWER_WEIGHT = 31.0")) != tiny.code_meaning(source)
+    assert tiny.code_meaning(source.replace("ANSWER_WEIGHT = 30.0", "ANSWER_WEIGHT = 31.0")) != tiny.code_meaning(
+        source
+    )
 
 
 def test_the_recipe_hash_survives_moving_and_reformatting_the_code():
@@ -112,11 +116,14 @@ def test_an_interrupted_build_leaves_no_recipe_record(tmp_path, monkeypatch):
 def test_importing_clara_needs_neither_the_example_data_nor_a_build(tmp_path):
     # An installed package: clara/ (with the shipped model) and no example/ beside it.
     shutil.copytree(REPO / "clara", tmp_path / "clara", ignore=shutil.ignore_patterns("__pycache__"))
-    script = ("import clara.model.checkpoint\nfrom clara import CLaRa\nfrom clara.training import tiny\n"
-              "print(tiny.tiny_model_dir(), tiny.tiny_version())")
+    script = (
+        "import clara.model.checkpoint\nfrom clara import CLaRa\nfrom clara.training import tiny\n"
+        "print(tiny.tiny_model_dir(), tiny.tiny_version())"
+    )
     env = {**os.environ, "PYTHONPATH": str(tmp_path), "CLARA_HOME": str(tmp_path / "home")}
-    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True,
-                            text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == [str(tmp_path / "clara" / "tiny_model"), tiny.tiny_version()]
     assert not (tmp_path / "home").exists()
@@ -140,10 +147,8 @@ def test_tokenizer_is_qwen_like(model_dir):
 def test_chat_template(model_dir):
     tok = AutoTokenizer.from_pretrained(model_dir)
     messages = [{"role": "system", "content": "S"}, {"role": "user", "content": "U"}]
-    prompt = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
-                                     enable_thinking=False)
-    assert prompt == ("<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nU<|im_end|>\n"
-                      "<|im_start|>assistant\n")
+    prompt = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, enable_thinking=False)
+    assert prompt == ("<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nU<|im_end|>\n<|im_start|>assistant\n")
     full = tok.apply_chat_template(messages + [{"role": "assistant", "content": "A"}], tokenize=False)
     assert full == prompt + "A<|im_end|>\n"
     # Chat markers are single tokens.
@@ -163,8 +168,9 @@ def test_model_config(model_dir):
 
 def test_check_command_reads_held_out_questions_from_documents_in_the_prompt(model_dir):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, "-m", "clara.tiny"], cwd=REPO, env=env, capture_output=True,
-                            text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-m", "clara.tiny"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 0, result.stderr
     assert f"the shipped model {tiny.recipe_version()} in {model_dir} matches the recipe" in result.stdout
     score = re.search(r"held-out exact match with the documents in the prompt: ([0-9.]+)%", result.stdout)

@@ -6,14 +6,21 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tests.evaluation.test_debug import CountingEngine, make_batch, raw_records, records, single_process_group, stage_model
 
 from clara.config import TrainConfig
 from clara.model.losses import LOSS_TERMS, WEIGHT_SETTINGS, stage_weights
 from clara.model.model import StepOutput
 from clara.stages import STAGES, get_stage
-from clara.training.step import SUM_NAMES, DeviceSums, StepSums, micro_batch_sums, optimizer_step, term_means
 from clara.training.setup import deepspeed_config, lr_lambda
+from clara.training.step import SUM_NAMES, DeviceSums, StepSums, micro_batch_sums, optimizer_step, term_means
+from tests.evaluation.test_debug import (
+    CountingEngine,
+    make_batch,
+    raw_records,
+    records,
+    single_process_group,
+    stage_model,
+)
 
 
 # -- the step sums, by name -------------------------------------------------------------------------------
@@ -27,8 +34,14 @@ def test_every_loss_term_has_a_sum_a_count_a_weight_setting_and_a_metric():
 
 def test_device_sums_add_by_name_and_leave_the_others_at_zero():
     sums = DeviceSums(torch.device("cpu"))
-    sums.add({"lm_loss": torch.tensor(1.5), "tokens": torch.tensor(10), "retrieval": torch.tensor(0.25),
-              "retrieval_batches": torch.tensor(1.0)})
+    sums.add(
+        {
+            "lm_loss": torch.tensor(1.5),
+            "tokens": torch.tensor(10),
+            "retrieval": torch.tensor(0.25),
+            "retrieval_batches": torch.tensor(1.0),
+        }
+    )
     sums.add({"lm_loss": torch.tensor(0.5), "tokens": torch.tensor(6)})
     added = sums.sums()
     assert (added.lm_loss, added.tokens, added.retrieval, added.retrieval_batches) == (2.0, 16.0, 0.25, 1.0)
@@ -60,13 +73,27 @@ def test_all_reduced_sums_keep_their_names():
 
 
 def test_a_micro_batch_adds_its_terms_and_counts_them():
-    lm = type("LM", (), {"loss": torch.tensor(2.0), "logits": torch.tensor([[0.0, 1.0], [1.0, 0.0], [0.0, 1.0]]),
-                         "targets": torch.tensor([1, 1, 1])})()
+    lm = type(
+        "LM",
+        (),
+        {
+            "loss": torch.tensor(2.0),
+            "logits": torch.tensor([[0.0, 1.0], [1.0, 0.0], [0.0, 1.0]]),
+            "targets": torch.tensor([1, 1, 1]),
+        },
+    )()
     out = StepOutput(loss=torch.tensor(2.5), lm=lm, terms={"mse": torch.tensor(5.0)})
     batch = type("B", (), {"num_tokens": 42})()
     values = {name: float(v) for name, v in micro_batch_sums(batch, out).items()}
-    assert values == {"lm_loss": 2.0, "finite_batches": 1.0, "tokens": 42.0, "correct_tokens": 2.0,
-                      "answer_tokens": 3.0, "mse": 5.0, "mse_batches": 1.0}
+    assert values == {
+        "lm_loss": 2.0,
+        "finite_batches": 1.0,
+        "tokens": 42.0,
+        "correct_tokens": 2.0,
+        "answer_tokens": 3.0,
+        "mse": 5.0,
+        "mse_batches": 1.0,
+    }
     assert out.mse.item() == 5.0 and out.retrieval is None
 
 

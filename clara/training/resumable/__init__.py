@@ -47,7 +47,25 @@ from clara.training.resumable.plan import (
 )
 from clara.training.resumable.save import BackgroundPublisher, nonfinite_parameters, save_resumable
 
-__all__ = ["MANIFEST", "RESUME_FREE_SETTINGS", "STATE_FILE", "BackgroundPublisher", "ResumePlan", "TrainState",
-           "changed_settings", "check_loadable", "checkpoint_root", "complete_checkpoints", "load_resumable",
-           "manifest_problem", "mark_finished", "nonfinite_parameters", "plan_run", "rewind_metrics",
-           "safe_torch_load", "save_resumable", "use_safe_loading", "write_manifest"]
+__all__ = [
+    "MANIFEST",
+    "RESUME_FREE_SETTINGS",
+    "STATE_FILE",
+    "BackgroundPublisher",
+    "ResumePlan",
+    "TrainState",
+    "changed_settings",
+    "check_loadable",
+    "checkpoint_root",
+    "complete_checkpoints",
+    "load_resumable",
+    "manifest_problem",
+    "mark_finished",
+    "nonfinite_parameters",
+    "plan_run",
+    "rewind_metrics",
+    "safe_torch_load",
+    "save_resumable",
+    "use_safe_loading",
+    "write_manifest",
+]

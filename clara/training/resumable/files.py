@@ -13,9 +13,9 @@ from dataclasses import dataclass
 import torch
 
 from clara.config import CHECKPOINT_MANIFEST, CHECKPOINT_STATE, TrainConfig
+from clara.data.fingerprint import content_digest
 from clara.errors import ResumeError
 from clara.files import fsync_path, write_json_atomic
-from clara.data.fingerprint import content_digest
 
 CHECKPOINT_DIR = "checkpoints"
 PREVIOUS_RUNS_DIR = "previous_runs"
@@ -116,9 +116,11 @@ def safe_torch_load(path: str, map_location=None, mmap: bool = False):
         # torch's message is several lines of advice (including weights_only=False); keep what was refused.
         found = re.search(r"Unsupported (global: GLOBAL \S+|operand \S+)", str(error))
         reason = found.group(0) if found else "not a weights-only pickle"
-        raise ResumeError(f"{path}: refused to load: it holds something other than tensors and plain data "
-                          f"({reason}); a resumable checkpoint never does, so it may have been planted. "
-                          "Nothing was run; delete the directory") from None
+        raise ResumeError(
+            f"{path}: refused to load: it holds something other than tensors and plain data "
+            f"({reason}); a resumable checkpoint never does, so it may have been planted. "
+            "Nothing was run; delete the directory"
+        ) from None
 
 
 def check_loadable(directory: str) -> None:

@@ -13,13 +13,13 @@ from dataclasses import dataclass
 
 import torch.distributed as dist
 
-from clara.model.checkpoint import resolve_base_path
 from clara.config import TrainConfig
-from clara.parallel.distributed import broadcast
+from clara.data.fingerprint import input_changes, train_inputs
 from clara.errors import ResumeError
 from clara.files import fsync_path, write_json_atomic, write_text_atomic
-from clara.data.fingerprint import input_changes, train_inputs
 from clara.locks import record_run_id
+from clara.model.checkpoint import resolve_base_path
+from clara.parallel.distributed import broadcast
 from clara.training.resumable.files import (
     MANIFEST,
     PREVIOUS_RUNS_DIR,
@@ -88,8 +88,10 @@ def _choose(root: str, current_run: str | None, log) -> tuple[str, dict] | None:
 def _explicit(cfg: TrainConfig) -> tuple[str, dict]:
     directory = os.path.abspath(cfg.resume.rstrip("/"))
     if not any(os.path.isfile(os.path.join(directory, name)) for name in (MANIFEST, STATE_FILE)):
-        raise ResumeError(f"--resume={cfg.resume}: not a resumable checkpoint directory (no {MANIFEST}); "
-                          "expected auto, false, or $SAVE_PATH/checkpoints/step_N")
+        raise ResumeError(
+            f"--resume={cfg.resume}: not a resumable checkpoint directory (no {MANIFEST}); "
+            "expected auto, false, or $SAVE_PATH/checkpoints/step_N"
+        )
     problem = manifest_problem(directory)
     if problem:
         raise ResumeError(f"--resume={cfg.resume}: damaged checkpoint: {problem}")
@@ -107,26 +109,39 @@ def _decide(cfg: TrainConfig, total_steps: int, inputs: dict, log) -> ResumePlan
     directory, saved = chosen
     check_loadable(directory)
     state = TrainState(**saved["train_state"])
-    finished = (cfg.resume == "auto" and state.global_step >= total_steps
-                and run.get("finished_step") == state.global_step)
+    finished = (
+        cfg.resume == "auto" and state.global_step >= total_steps and run.get("finished_step") == state.global_step
+    )
     changes = [] if finished else input_changes(saved.get("inputs"), inputs)
     if changes and not cfg.resume_changed_inputs:
-        raise ResumeError(f"{directory} was saved by a run on other inputs ({'; '.join(changes)}): its data position "
-                          "and weights belong to those. RESUME=false starts over; RESUME_CHANGED_INPUTS=true "
-                          f"continues this run on the new inputs (the epoch order recomputed for the new data from "
-                          f"step {state.global_step} on)")
+        raise ResumeError(
+            f"{directory} was saved by a run on other inputs ({'; '.join(changes)}): its data position "
+            "and weights belong to those. RESUME=false starts over; RESUME_CHANGED_INPUTS=true "
+            f"continues this run on the new inputs (the epoch order recomputed for the new data from "
+            f"step {state.global_step} on)"
+        )
     if changes:
         log(f"Warning: resuming onto changed inputs (RESUME_CHANGED_INPUTS=true): {'; '.join(changes)}")
     data_changed = bool(saved.get("inputs")) and saved["inputs"]["data"] != inputs["data"]
-    return ResumePlan(run_id=saved["run_id"], directory=directory, state=state, settings=saved.get("settings", {}),
-                      finished=finished, inputs=inputs, data_changed=data_changed)
+    return ResumePlan(
+        run_id=saved["run_id"],
+        directory=directory,
+        state=state,
+        settings=saved.get("settings", {}),
+        finished=finished,
+        inputs=inputs,
+        data_changed=data_changed,
+    )
 
 
 def _move_aside(cfg: TrainConfig, old_run: str | None, keep: str | None, why: str, log) -> None:
     """Move everything of another run out of checkpoints/ (and its metrics.jsonl) into previous_runs/."""
     root = checkpoint_root(cfg)
-    names = sorted(n for n in (os.listdir(root) if os.path.isdir(root) else [])
-                   if keep is None or os.path.join(os.path.abspath(root), n) != os.path.abspath(keep))
+    names = sorted(
+        n
+        for n in (os.listdir(root) if os.path.isdir(root) else [])
+        if keep is None or os.path.join(os.path.abspath(root), n) != os.path.abspath(keep)
+    )
     metrics = os.path.join(cfg.save_path, "metrics.jsonl")
     if not any(re.fullmatch(r"(tmp_)?step_\d+", name) for name in names):
         # No checkpoint to keep (say the previous run was stopped before its first save): start clean.
@@ -144,8 +159,10 @@ def _move_aside(cfg: TrainConfig, old_run: str | None, keep: str | None, why: st
     fsync_path(root)
     fsync_path(target)
     steps = [tag for _, tag in complete_checkpoints(target)]
-    log(f"{why}: moved the previous run's resumable checkpoints ({', '.join(steps) or 'none complete'}) "
-        f"aside to {target}")
+    log(
+        f"{why}: moved the previous run's resumable checkpoints ({', '.join(steps) or 'none complete'}) "
+        f"aside to {target}"
+    )
 
 
 def plan_run(cfg: TrainConfig, total_steps: int, rank: int, world: int, log) -> ResumePlan:
@@ -182,11 +199,19 @@ def _adopt_run(cfg: TrainConfig, plan: ResumePlan, log) -> None:
     run = _read_run(root)
     if run.get("run_id") == plan.run_id:
         return
-    inside = (plan.directory if plan.directory
-              and os.path.dirname(os.path.abspath(plan.directory)) == os.path.abspath(root) else None)
+    inside = (
+        plan.directory
+        if plan.directory and os.path.dirname(os.path.abspath(plan.directory)) == os.path.abspath(root)
+        else None
+    )
     if plan.directory is None or run:
-        why = "RESUME=false" if cfg.resume == "false" else "Starting over" if plan.directory is None else \
-            f"Resuming run {plan.run_id}"
+        why = (
+            "RESUME=false"
+            if cfg.resume == "false"
+            else "Starting over"
+            if plan.directory is None
+            else f"Resuming run {plan.run_id}"
+        )
         _move_aside(cfg, run.get("run_id"), inside, why, log)
     os.makedirs(root, exist_ok=True)
     write_json_atomic(os.path.join(root, RUN_FILE), {"run_id": plan.run_id, "finished_step": None})
@@ -223,14 +248,35 @@ def rewind_metrics(save_path: str, step: int) -> None:
 
 # -- resuming with other settings ---------------------------------------------------------------------------
 # Settings a resumed run may change without changing what it trains: how long, and what it logs.
-RESUME_FREE_SETTINGS = frozenset({
-    "max_steps", "max_epochs", "resume", "save_path", "save_steps", "max_ckpt_num", "logging_steps",
-    "eval_dataset", "eval_steps", "eval_max_samples", "max_new_tokens", "debug_mode", "debug_every_steps",
-    "debug_max_print_tokens", "use_tensorboard", "use_wandb", "wandb_project", "resume_changed_inputs",
-    "data_workers"})
+RESUME_FREE_SETTINGS = frozenset(
+    {
+        "max_steps",
+        "max_epochs",
+        "resume",
+        "save_path",
+        "save_steps",
+        "max_ckpt_num",
+        "logging_steps",
+        "eval_dataset",
+        "eval_steps",
+        "eval_max_samples",
+        "max_new_tokens",
+        "debug_mode",
+        "debug_every_steps",
+        "debug_max_print_tokens",
+        "use_tensorboard",
+        "use_wandb",
+        "wandb_project",
+        "resume_changed_inputs",
+        "data_workers",
+    }
+)
 
 
 def changed_settings(saved: dict, current: dict) -> list[str]:
     """'name old -> new' for each setting that differs from the run a checkpoint was saved by."""
-    return [f"{name} {saved[name]!r} -> {current.get(name)!r}" for name in sorted(saved)
-            if name not in RESUME_FREE_SETTINGS and saved[name] != current.get(name)]
+    return [
+        f"{name} {saved[name]!r} -> {current.get(name)!r}"
+        for name in sorted(saved)
+        if name not in RESUME_FREE_SETTINGS and saved[name] != current.get(name)
+    ]

@@ -16,9 +16,10 @@ import torch
 import torch.distributed as dist
 
 from clara.config import TrainConfig
-from clara.parallel.distributed import local_shard
 from clara.errors import RunFailure
 from clara.files import fsync_path, write_json_atomic
+from clara.parallel.distributed import local_shard
+from clara.parallel.zero3 import full_numel
 from clara.training.resumable.files import (
     STATE_FILE,
     TrainState,
@@ -27,13 +28,13 @@ from clara.training.resumable.files import (
     complete_checkpoints,
     write_manifest,
 )
-from clara.parallel.zero3 import full_numel
 
 
 def nonfinite_parameters(module: torch.nn.Module) -> list[str]:
     """Names of trained parameters holding inf or NaN."""
-    return [name for name, p in module.named_parameters()
-            if p.requires_grad and not torch.isfinite(local_shard(p)).all()]
+    return [
+        name for name, p in module.named_parameters() if p.requires_grad and not torch.isfinite(local_shard(p)).all()
+    ]
 
 
 def _expected_bytes(root: str, module: torch.nn.Module) -> int:
@@ -55,9 +56,11 @@ def _gb(n: int) -> str:
 def _out_of_space(cfg: TrainConfig, needed: int, free: int, tag: str, root: str) -> RunFailure:
     found = complete_checkpoints(root)
     kept = f"the newest checkpoint {os.path.join(root, found[-1][1])} is intact" if found else "no checkpoint was kept"
-    return RunFailure(f"SAVE_PATH={cfg.save_path}: no space for the resumable checkpoint {tag}: it needs about "
-                      f"{_gb(needed)}, {_gb(free)} are free; {kept}. Free some space (or set SAVE_PATH "
-                      "elsewhere) and run the same command again to resume")
+    return RunFailure(
+        f"SAVE_PATH={cfg.save_path}: no space for the resumable checkpoint {tag}: it needs about "
+        f"{_gb(needed)}, {_gb(free)} are free; {kept}. Free some space (or set SAVE_PATH "
+        "elsewhere) and run the same command again to resume"
+    )
 
 
 @dataclass
@@ -89,9 +92,16 @@ class BackgroundPublisher:
             self.failures.append(error)
 
 
-def save_resumable(engine, state: TrainState, cfg: TrainConfig, rank: int, run_id: str,
-                   publisher: BackgroundPublisher | None = None, wait: bool = False,
-                   inputs: dict | None = None) -> str:
+def save_resumable(
+    engine,
+    state: TrainState,
+    cfg: TrainConfig,
+    rank: int,
+    run_id: str,
+    publisher: BackgroundPublisher | None = None,
+    wait: bool = False,
+    inputs: dict | None = None,
+) -> str:
     """Save model, optimizer, scheduler and TrainState; the directory appears under its final name only when whole.
 
     Refuses non-finite weights and a disk without room for the checkpoint; a failed write leaves no
@@ -119,8 +129,12 @@ def save_resumable(engine, state: TrainState, cfg: TrainConfig, rank: int, run_i
     if rank == 0 and os.path.isdir(tmp_dir):
         shutil.rmtree(tmp_dir)
     dist.barrier()
-    trainer_state = {"run_id": run_id, "train_state": dataclasses.asdict(state), "settings": cfg.to_dict(),
-                     "inputs": inputs}
+    trainer_state = {
+        "run_id": run_id,
+        "train_state": dataclasses.asdict(state),
+        "settings": cfg.to_dict(),
+        "inputs": inputs,
+    }
     try:
         engine.save_checkpoint(root, tag=tmp_tag, client_state={}, save_latest=False, exclude_frozen_parameters=True)
         if rank == 0:
@@ -142,8 +156,9 @@ def save_resumable(engine, state: TrainState, cfg: TrainConfig, rank: int, run_i
     return os.path.join(root, tag)
 
 
-def _clean_up_failed_save(error: BaseException, cfg: TrainConfig, tmp_dir: str, tag: str, needed: int,
-                          remove: bool) -> None:
+def _clean_up_failed_save(
+    error: BaseException, cfg: TrainConfig, tmp_dir: str, tag: str, needed: int, remove: bool
+) -> None:
     """Remove the partial directory; raise RunFailure (from `error`) when the disk is full."""
     root = os.path.dirname(tmp_dir)
     free = shutil.disk_usage(root).free
