@@ -30,7 +30,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from clara.errors import FolderBusy
+from clara.errors import FolderBusy, exit_status
 
 LOCK_NAME = ".lock"
 FALLBACK_NAME = ".lock.held"
@@ -319,11 +319,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.heartbeat:
         heartbeat(args.heartbeat, args.token, lambda: _pid_alive(args.pid))
         return 0
-    try:
-        lock = take(args.folder, args.what, fd=args.fd, pid=args.pid)
-    except FolderBusy as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    return exit_status(lambda: lock_for_launcher(args))
+
+
+def lock_for_launcher(args: argparse.Namespace) -> None:
+    """Take the lock (FolderBusy when another run holds it) and print what the launcher exports."""
+    lock = take(args.folder, args.what, fd=args.fd, pid=args.pid)
     if lock.mode == "file":
         _launcher_heartbeat(lock, args.pid)
     print(f"CLARA_LOCK_INFO={shlex.quote(lock.info_path)}")

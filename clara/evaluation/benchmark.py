@@ -28,7 +28,7 @@ import sys
 
 import torch
 
-from clara.cli import positive_int
+from clara.cli import add_model_flags, positive_int
 from clara.config import ConfigError
 from clara.evaluation.command import (
     eval_config,
@@ -146,15 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="max decoder tokens (default 2048, stage2 1024, as in training)",
     )
     parser.add_argument("--seed", type=int, default=42, help="the training seed (default 42)")
-    parser.add_argument(
-        "--dtype", default="auto", help="auto (default: bfloat16 on CUDA, float32 on CPU), float32, bfloat16, float16"
-    )
-    parser.add_argument(
-        "--flash_attn",
-        default="auto",
-        choices=("auto", "true", "false"),
-        help="auto (default): FlashAttention-2 when installed and on CUDA, else SDPA",
-    )
+    add_model_flags(parser)
     parser.add_argument("--model_path", default=None, help="base model to use instead of the one the checkpoint names")
     parser.add_argument("--no_progress", action="store_true", help="no progress bars")
     return parser

@@ -18,7 +18,7 @@ import sys
 import datasets
 import torch
 
-from clara.cli import positive_int
+from clara.cli import add_model_flags, positive_int
 from clara.config import TrainConfig, check_data_sources
 from clara.data import load_records
 from clara.errors import ConfigError
@@ -129,17 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--seed", type=int, default=42, help="the training seed, which picks the stage1 paraphrase prompts (default 42)"
     )
-    parser.add_argument(
-        "--dtype",
-        default="auto",
-        help="auto (default): bf16 on a GPU that supports it, fp16 on older GPUs, fp32 on the CPU; bf16; fp16; fp32",
-    )
-    parser.add_argument(
-        "--flash_attn",
-        default="auto",
-        choices=("auto", "true", "false"),
-        help="auto (default): FlashAttention-2 when installed and on CUDA, else SDPA",
-    )
+    add_model_flags(parser)
     parser.add_argument("--model_path", default=None, help="base model to use instead of the one the checkpoint names")
     parser.add_argument("--no_progress", action="store_true", help="no progress bar")
     parser.add_argument(

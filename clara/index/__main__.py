@@ -8,7 +8,7 @@ import sys
 
 import torch
 
-from clara.cli import positive_int
+from clara.cli import add_model_flags, positive_int
 from clara.errors import FolderBusy
 from clara.index.build import build_index
 from clara.index.corpus import read_corpus
@@ -59,17 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--nprobe", type=positive_int, default=16, help="ivf cells searched per query (default 16)")
     parser.add_argument("--hnsw_m", type=positive_int, default=32, help="hnsw links per node (default 32)")
     parser.add_argument("--ef_search", type=positive_int, default=128, help="hnsw search breadth (default 128)")
-    parser.add_argument(
-        "--model_dtype",
-        default="auto",
-        help="dtype the model runs in: auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16, float16",
-    )
-    parser.add_argument(
-        "--flash_attn",
-        default="auto",
-        choices=("auto", "true", "false"),
-        help="auto (default): FlashAttention-2 when installed and on CUDA, else SDPA",
-    )
+    add_model_flags(parser, "--model_dtype")
     parser.add_argument("--model_path", default=None, help="base model to use instead of the one the checkpoint names")
     parser.add_argument("--no_progress", action="store_true", help="no progress bar")
     return parser

@@ -9,8 +9,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from clara.cli import positive_int
-from clara.errors import USER_ERRORS
+from clara.cli import add_model_flags, positive_int
+from clara.errors import exit_status
 from clara.index.answer import answer_from_index
 from clara.index.store import check_index_matches, load_index
 from clara.model.load import load_for_use
@@ -34,27 +34,28 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--index", required=True, help="index folder of python -m clara.index")
     parser.add_argument("--max_new_tokens", type=positive_int, default=64, help="max generated tokens (default 64)")
-    parser.add_argument("--dtype", default=None, help="model dtype (default: bfloat16 on CUDA, float32 on CPU)")
+    add_model_flags(parser)
     parser.add_argument("--model_path", default=None, help="base model to use instead of the one the checkpoint names")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        model, device, _ = load_for_use(args.checkpoint, dtype=args.dtype, base_model=args.model_path)
-        index = load_index(args.index)
-        ensure_query_reasoner(model)
-        check_index_matches(index, model, args.checkpoint)
-        found = answer_from_index(model, index, args.questions, max_new_tokens=args.max_new_tokens, device=device)
-    except USER_ERRORS as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    return exit_status(lambda: ask(args))
+
+
+def ask(args: argparse.Namespace) -> None:
+    model, device, _ = load_for_use(
+        args.checkpoint, dtype=args.dtype, base_model=args.model_path, flash_attn=args.flash_attn
+    )
+    index = load_index(args.index)
+    ensure_query_reasoner(model)
+    check_index_matches(index, model, args.checkpoint)
+    found = answer_from_index(model, index, args.questions, max_new_tokens=args.max_new_tokens, device=device)
     for question, answer, rows, scores in zip(args.questions, found.answers, found.rows, found.scores):
         print(f"Q: {question}\nA: {answer}")
         for rank, (row, score) in enumerate(zip(rows, scores), start=1):
             print(f"  {rank}. [{score:.3f}] {index.ids[row]}: {first_words(index.texts[row])}")
-    return 0
 
 
 if __name__ == "__main__":

@@ -23,10 +23,10 @@ import torch
 from peft import get_peft_model_state_dict
 
 from clara.config import STAGES, ConfigError
-from clara.errors import FolderBusy
+from clara.errors import exit_status
 from clara.files import publish_files
 from clara.locks import holding
-from clara.model.checkpoint import PEFT_PREFIX, CheckpointError, load_model, read_config, resolve_checkpoint, save_model
+from clara.model.checkpoint import PEFT_PREFIX, load_model, read_config, resolve_checkpoint, save_model
 from clara.model.model import ClaraModel
 from clara.model.stage_model import infer_stage
 
@@ -178,13 +178,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
+
+    def body() -> None:
         with holding(args.out, "python -m clara.export"):
             export(args)
-    except (ConfigError, CheckpointError, FolderBusy) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    return 0
+
+    return exit_status(body)
 
 
 def export(args: argparse.Namespace) -> None:

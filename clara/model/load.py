@@ -18,16 +18,18 @@ def load_for_use(
     attn_implementation: str | None = None,
     base_model: str | None = None,
     subfolder: str | None = None,
+    flash_attn: str = "auto",
 ) -> tuple[ClaraModel, torch.device, str]:
     """The model of checkpoint `path`, the device it is on and the checkpoint's local directory.
 
     device None: CUDA when available, else CPU. dtype None: bfloat16 on CUDA, float32 on CPU.
-    attn_implementation None: FlashAttention-2 on CUDA when installed, else SDPA.
+    attn_implementation None: as `flash_attn` says (--flash_attn: auto, FlashAttention-2 on CUDA when installed,
+    else SDPA; true; false).
     base_model replaces the base model the checkpoint names (e.g. a local copy).
     """
     target = torch.device(device) if device is not None else default_device()
     if attn_implementation is None:
-        attn_implementation = attention_implementation("auto", target.type == "cuda")
+        attn_implementation = attention_implementation(flash_attn, target.type == "cuda")
     path = resolve_checkpoint(path, subfolder)
     model = load_model(path, resolve_dtype(dtype, target), attn_implementation, base_model=base_model)
     model = model.to(target).eval()

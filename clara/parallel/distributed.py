@@ -13,7 +13,7 @@ from typing import TypeVar
 import torch
 import torch.distributed as dist
 
-from clara.errors import USER_ERRORS, ConfigError
+from clara.errors import ConfigError, exit_status
 from clara.ports import free_port
 
 T = TypeVar("T")
@@ -94,18 +94,18 @@ def join_process_group() -> tuple[int, int, torch.device]:
 def run_command(body: Callable[[int, int, torch.device], object]) -> int:
     """Run a command line's `body(rank, world, device)` alone or under torchrun / accelerate launch.
 
-    A user error is one line on stderr (from rank 0) and exit 2; the process group is left cleanly.
+    A user error is one line on stderr (from rank 0) and exit 2, a RunFailure one line and exit 1
+    (clara.errors.exit_status); the process group is left cleanly.
     """
     rank, world, device = join_process_group()
-    try:
+
+    def call() -> None:
         body(rank, world, device)
-    except USER_ERRORS as error:
-        if rank == 0:
-            print(f"error: {error}", file=sys.stderr)
-        return 2
+
+    try:
+        return exit_status(call, quiet=rank != 0)
     finally:
         leave_process_group()
-    return 0
 
 
 def leave_process_group() -> None:

@@ -12,8 +12,8 @@ import ipaddress
 import os
 import sys
 
-from clara.cli import positive_int
-from clara.errors import USER_ERRORS, ConfigError
+from clara.cli import add_model_flags, positive_int
+from clara.errors import ConfigError, exit_status
 
 LOOPBACK_NAMES = ("localhost",)
 
@@ -77,17 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--max_body_bytes", type=positive_int, default=1 << 20, help="request body limit (default 1 MiB)"
     )
-    parser.add_argument(
-        "--dtype",
-        default="auto",
-        help="auto (default): bf16 on a GPU that supports it, fp16 on older GPUs, fp32 on the CPU; bf16; fp16; fp32",
-    )
-    parser.add_argument(
-        "--flash_attn",
-        default="auto",
-        choices=("auto", "true", "false"),
-        help="auto (default): FlashAttention-2 when installed and on CUDA, else SDPA",
-    )
+    add_model_flags(parser)
     parser.add_argument("--model_path", default=None, help="base model to use instead of the one the checkpoint names")
     return parser
 
@@ -161,12 +151,13 @@ def build_app(args: argparse.Namespace, api_key: str | None):
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     api_key = args.api_key or os.environ.get("CLARA_API_KEY") or None
-    try:
-        check_settings(args, api_key)
-        app, name, documents, device = build_app(args, api_key)
-    except USER_ERRORS as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    return exit_status(lambda: serve(args, api_key))
+
+
+def serve(args: argparse.Namespace, api_key: str | None) -> None:
+    """Check the settings, load the model and the index (a user error: exit 2 before anything listens), serve."""
+    check_settings(args, api_key)
+    app, name, documents, device = build_app(args, api_key)
     import uvicorn
 
     if api_key:
@@ -178,7 +169,6 @@ def main(argv: list[str] | None = None) -> int:
     host = f"[{args.host}]" if ":" in args.host else args.host
     print(f"Serving {name!r} ({documents} documents, {device}) on http://{host}:{args.port}/ ({access})", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=5)
-    return 0
 
 
 if __name__ == "__main__":

@@ -15,7 +15,8 @@ import sys
 import time
 from typing import TYPE_CHECKING
 
-from clara.errors import USER_ERRORS, ConfigError, RunFailure
+from clara.cli import add_model_flags
+from clara.errors import ConfigError, exit_status
 from clara.files import write_json_atomic
 from clara.index.corpus import corpus_hash, read_corpus
 from clara.synthesis.documents import Asking
@@ -138,9 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=20,
         help="documents per stage2 record (the positive among retrieved ones)",
     )
-    parser.add_argument(
-        "--model_dtype", default="auto", help="hf: auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16, float16"
-    )
+    add_model_flags(parser, "--model_dtype", flash_attn=False, note="hf: ")
     parser.add_argument("--no_progress", action="store_true", help="no progress bar")
     return parser
 
@@ -257,22 +256,22 @@ def write_outputs(
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        kind, _ = parse_llm_spec(args.llm)
-        if kind == "hf":
-            from clara.parallel.distributed import run_command
-
-            return run_command(lambda rank, world, device: run(args, rank, world, device))
-        run(args, 0, 1, None)
-    except USER_ERRORS as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    except RunFailure as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
+        return exit_status(lambda: synthesize(args))
     except KeyboardInterrupt:
         print(f"Stopped; the finished shards are kept in {args.out}: run the same command to continue", file=sys.stderr)
         return 130
-    return 0
+
+
+def synthesize(args: argparse.Namespace) -> int | None:
+    """A local model (hf:) runs on one process or under torchrun (its status from run_command); a server's client
+    runs here."""
+    kind, _ = parse_llm_spec(args.llm)
+    if kind == "hf":
+        from clara.parallel.distributed import run_command
+
+        return run_command(lambda rank, world, device: run(args, rank, world, device))
+    run(args, 0, 1, None)
+    return None
 
 
 if __name__ == "__main__":

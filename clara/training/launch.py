@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 from clara.cli import build_parser, parse_value, value_type
 from clara.config import REPO_ROOT, TINY_MODEL_NAME, ConfigError, TrainConfig, resolve, validate
-from clara.errors import FolderBusy
+from clara.errors import FolderBusy, exit_status
 from clara.locks import take
 from clara.ports import free_port, port_is_free
 from clara.stages import get_stage
@@ -428,13 +428,11 @@ def main(argv: list[str] | None = None) -> int:
         print(usage(args.script))
         return 0
     extra = args.extra[1:] if args.extra[:1] == ["--"] else args.extra
-    try:
-        variables = plan(args.script, extra, (args.batch_size, args.micro_batch_size), args.master_port)
-    except LaunchError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    print(as_bash(variables))
-    return 0
+
+    def body() -> None:
+        print(as_bash(plan(args.script, extra, (args.batch_size, args.micro_batch_size), args.master_port)))
+
+    return exit_status(body, also=(LaunchError,))
 
 
 if __name__ == "__main__":
