@@ -2,9 +2,9 @@
 
 `python -m bench` starts one such process per configuration, so that peak memory belongs to that
 configuration alone. The steps run through the trainer's own code: a random-weight Qwen3 base saved
-with the tiny model's tokenizer, set up by clara.training_setup.setup_training (the stage model, its
+with the tiny model's tokenizer, set up by clara.training.setup.setup_training (the stage model, its
 Collator, AdamW and deepspeed.initialize, as a training run has them) and stepped by
-clara.step.optimizer_step.
+clara.training.step.optimizer_step.
 """
 
 from __future__ import annotations
@@ -132,13 +132,15 @@ def write_tokenizer(out_dir: str, vocab_size: int, n_added: int):
     to the tokenizer's length; without the fillers the vocabulary asked for would shrink)."""
     from transformers import AutoTokenizer
 
-    from clara.tiny import build_tokenizer
+    from clara.training.tiny import build_tokenizer
 
     tokenizer = build_tokenizer()
     own = len(tokenizer)
     if vocab_size < own + n_added:
-        raise SystemExit(f"--vocab_size={vocab_size}: expected at least {own + n_added} (the tiny tokenizer's "
-                         f"{own} tokens + {n_added} CLaRa tokens: the memory tokens, <AE>, <ENC>, <SEP>)")
+        raise SystemExit(
+            f"--vocab_size={vocab_size}: expected at least {own + n_added} (the tiny tokenizer's "
+            f"{own} tokens + {n_added} CLaRa tokens: the memory tokens, <AE>, <ENC>, <SEP>)"
+        )
     tokenizer.save_pretrained(out_dir)
     path = Path(out_dir) / "tokenizer.json"
     spec = json.loads(path.read_text(encoding="utf-8"))
@@ -158,11 +160,20 @@ def write_random_base(cfg: BenchConfig, out_dir: str, tokenizer, dtype, device) 
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
     config = Qwen3Config(
-        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
-        num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads,
-        head_dim=cfg.head_dim or cfg.hidden_size // cfg.num_heads, max_position_embeddings=40960,
-        tie_word_embeddings=cfg.tie_word_embeddings, pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id, bos_token_id=None, use_cache=False)
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.num_kv_heads,
+        head_dim=cfg.head_dim or cfg.hidden_size // cfg.num_heads,
+        max_position_embeddings=40960,
+        tie_word_embeddings=cfg.tie_word_embeddings,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=None,
+        use_cache=False,
+    )
     torch.manual_seed(cfg.seed)
     with torch.device(device):  # random init on the GPU is much faster for large shapes
         model = Qwen3ForCausalLM(config)
@@ -188,19 +199,27 @@ def model_shape(model) -> ModelShape:
     """N (base linear parameters) and R (one adapter's LoRA parameters) counted on the built model."""
     from torch import nn
 
-    from clara.zero3 import full_numel, full_shape
+    from clara.parallel.zero3 import full_numel, full_shape
 
     config = model.causal_lm.config
     linear = 0
     for name, module in model.backbone.named_modules():
         if isinstance(module, nn.Linear) and ".lora_" not in name:
             linear += module.in_features * module.out_features
-    lora = sum(full_numel(p) for name, p in model.peft_model.named_parameters()
-               if ".lora_A.decoder_adapter." in name or ".lora_B.decoder_adapter." in name)
+    lora = sum(
+        full_numel(p)
+        for name, p in model.peft_model.named_parameters()
+        if ".lora_A.decoder_adapter." in name or ".lora_B.decoder_adapter." in name
+    )
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    return ModelShape(layers=config.num_hidden_layers, hidden=config.hidden_size,
-                      vocab=full_shape(model.causal_lm.get_output_embeddings().weight)[0],
-                      attention_width=config.num_attention_heads * head_dim, linear_params=linear, lora_params=lora)
+    return ModelShape(
+        layers=config.num_hidden_layers,
+        hidden=config.hidden_size,
+        vocab=full_shape(model.causal_lm.get_output_embeddings().weight)[0],
+        attention_width=config.num_attention_heads * head_dim,
+        linear_params=linear,
+        lora_params=lora,
+    )
 
 
 # -- synthetic data ----------------------------------------------------------------------------------------
@@ -209,7 +228,7 @@ class SyntheticRecords:
 
     def __init__(self, cfg: BenchConfig, tokenizer):
         from clara.stages import get_stage
-        from clara.tiny import EXAMPLE_DIR
+        from clara.training.tiny import EXAMPLE_DIR
 
         self.cfg = cfg
         self.stage = get_stage(cfg.stage)
@@ -263,9 +282,11 @@ class SyntheticRecords:
 # -- the measurement ---------------------------------------------------------------------------------------
 # Operator names by kind, for the profile: matrix multiplies, attention, collectives; the rest is
 # elementwise work, norms, copies and the optimizer.
-KINDS = (("matmul", ("mm", "matmul", "linear", "addmm", "bmm", "baddbmm", "gemm")),
-         ("attention", ("attention", "flash", "fmha", "sdpa")),
-         ("communication", ("nccl", "c10d", "all_reduce", "allreduce", "all_gather", "reduce_scatter", "broadcast")))
+KINDS = (
+    ("matmul", ("mm", "matmul", "linear", "addmm", "bmm", "baddbmm", "gemm")),
+    ("attention", ("attention", "flash", "fmha", "sdpa")),
+    ("communication", ("nccl", "c10d", "all_reduce", "allreduce", "all_gather", "reduce_scatter", "broadcast")),
+)
 
 
 def kind_of(name: str) -> str:
@@ -299,10 +320,14 @@ def profile_step(run_step, on_cuda: bool) -> dict:
         by_kind[kind_of(name)] = by_kind.get(kind_of(name), 0.0) + seconds
     busy = sum(by_op.values())
     top = sorted(by_op.items(), key=lambda item: -item[1])[:12]
-    return {"clock": "cuda_kernels" if on_cuda else "cpu", "step_s": wall, "busy_s": busy,
-            "waiting_s": max(0.0, wall - busy) if on_cuda else None,
-            "by_kind_s": dict(sorted(by_kind.items(), key=lambda item: -item[1])),
-            "top_operators_s": [[name, seconds] for name, seconds in top]}
+    return {
+        "clock": "cuda_kernels" if on_cuda else "cpu",
+        "step_s": wall,
+        "busy_s": busy,
+        "waiting_s": max(0.0, wall - busy) if on_cuda else None,
+        "by_kind_s": dict(sorted(by_kind.items(), key=lambda item: -item[1])),
+        "top_operators_s": [[name, seconds] for name, seconds in top],
+    }
 
 
 def quiet_libraries() -> None:
@@ -319,13 +344,13 @@ def measure(cfg: BenchConfig, work_dir: str) -> dict:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     from clara.config import TrainConfig
-    from clara.distributed import init_distributed, resolve_dtype
-    from clara.model import attention_implementation
-    from clara.prompts import added_token_strings
+    from clara.model.model import attention_implementation
+    from clara.parallel.distributed import init_distributed, resolve_dtype
+    from clara.parallel.zero3 import full_numel
     from clara.stages import get_stage
-    from clara.step import optimizer_step, step_seed
-    from clara.training_setup import setup_training
-    from clara.zero3 import full_numel
+    from clara.stages.prompts import added_token_strings
+    from clara.training.setup import setup_training
+    from clara.training.step import optimizer_step, step_seed
 
     quiet_libraries()
     started = time.perf_counter()
@@ -344,13 +369,28 @@ def measure(cfg: BenchConfig, work_dir: str) -> dict:
         torch.distributed.barrier()
 
     train_cfg = TrainConfig(
-        stage=cfg.stage, model_path=base_dir, allow_no_checkpoint=True, save_path=os.path.join(work_dir, "out"),
-        doc_max_length=cfg.doc_max_length, compress_rate=cfg.compress_rate, generation_top_k=cfg.top_k,
-        learning_rate=1e-4, batch_size=cfg.micro_batch_size * world, micro_batch_size=cfg.micro_batch_size,
-        max_steps=cfg.warmup_steps + cfg.steps + int(cfg.profile), max_len=1 << 20, debug_mode=False, seed=cfg.seed,
-        zero_stage=cfg.zero_stage, gradient_checkpointing=gradient_checkpointing, flash_attn=cfg.flash_attn,
-        mse_weight=cfg.mse_weight, lora_r=cfg.lora_r, lora_alpha=2 * cfg.lora_r,
-        candidate_chunk_size=cfg.candidate_chunk_size)
+        stage=cfg.stage,
+        model_path=base_dir,
+        allow_no_checkpoint=True,
+        save_path=os.path.join(work_dir, "out"),
+        doc_max_length=cfg.doc_max_length,
+        compress_rate=cfg.compress_rate,
+        generation_top_k=cfg.top_k,
+        learning_rate=1e-4,
+        batch_size=cfg.micro_batch_size * world,
+        micro_batch_size=cfg.micro_batch_size,
+        max_steps=cfg.warmup_steps + cfg.steps + int(cfg.profile),
+        max_len=1 << 20,
+        debug_mode=False,
+        seed=cfg.seed,
+        zero_stage=cfg.zero_stage,
+        gradient_checkpointing=gradient_checkpointing,
+        flash_attn=cfg.flash_attn,
+        mse_weight=cfg.mse_weight,
+        lora_r=cfg.lora_r,
+        lora_alpha=2 * cfg.lora_r,
+        candidate_chunk_size=cfg.candidate_chunk_size,
+    )
     attn = attention_implementation(train_cfg.flash_attn, on_cuda)
 
     total_steps = cfg.warmup_steps + cfg.steps
@@ -371,8 +411,7 @@ def measure(cfg: BenchConfig, work_dir: str) -> dict:
             try:
                 return original(ids, mask)
             finally:
-                compression["peak_over_start"] = max(compression["peak_over_start"],
-                                                     memory.window_peak() - at_start)
+                compression["peak_over_start"] = max(compression["peak_over_start"], memory.window_peak() - at_start)
 
         model.compress_candidates = measured_compress_candidates
 
@@ -396,8 +435,7 @@ def measure(cfg: BenchConfig, work_dir: str) -> dict:
         batch = collator(records).to(device)
         sync()
         t1 = time.perf_counter()
-        result = optimizer_step(engine, optimizer, [batch], [step_seed(train_cfg.seed, step, 0, rank)],
-                                **setup.weights)
+        result = optimizer_step(engine, optimizer, [batch], [step_seed(train_cfg.seed, step, 0, rank)], **setup.weights)
         sync()
         t2 = time.perf_counter()
         if step < cfg.warmup_steps:
@@ -408,22 +446,30 @@ def measure(cfg: BenchConfig, work_dir: str) -> dict:
         losses.append(result.sums.lm_loss if not result.skipped else float("nan"))
         supervised = int((batch.labels[:, 1:] != -100).sum())
         query = batch.query_mask.sum(1).tolist() if batch.query_mask is not None else None
-        flops.append(step_flops(shape, cfg.stage, batch.enc_mask.sum(1).tolist(), batch.dec_mask.sum(1).tolist(),
-                                supervised, query))
+        flops.append(
+            step_flops(
+                shape, cfg.stage, batch.enc_mask.sum(1).tolist(), batch.dec_mask.sum(1).tolist(), supervised, query
+            )
+        )
     sync()
     peak = memory.peak()
     memory.stop()
     peaks = gather_numbers(peak, world)
     bases = gather_numbers(base_memory, world)
-    shapes = {"enc": list(batch.enc_ids.shape), "dec": list(batch.dec_ids.shape),
-              "query": list(batch.query_ids.shape) if batch.query_ids is not None else None, "supervised": supervised}
+    shapes = {
+        "enc": list(batch.enc_ids.shape),
+        "dec": list(batch.dec_ids.shape),
+        "query": list(batch.query_ids.shape) if batch.query_ids is not None else None,
+        "supervised": supervised,
+    }
     profiled = None
     if cfg.profile:
         extra = collator(data.records(cfg.micro_batch_size)).to(device)
 
         def run_step() -> None:
-            optimizer_step(engine, optimizer, [extra], [step_seed(train_cfg.seed, total_steps, 0, rank)],
-                           **setup.weights)
+            optimizer_step(
+                engine, optimizer, [extra], [step_seed(train_cfg.seed, total_steps, 0, rank)], **setup.weights
+            )
             sync()
 
         profiled = profile_step(run_step, on_cuda)
@@ -497,8 +543,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.child", description=__doc__.splitlines()[0])
     parser.add_argument("--config", required=True, help="the BenchConfig as JSON")
     parser.add_argument("--out", required=True, help="where to write the result JSON (rank 0)")
-    parser.add_argument("--work_dir", default=None,
-                        help="directory for the random base, shared by the ranks (default: a temporary one)")
+    parser.add_argument(
+        "--work_dir", default=None, help="directory for the random base, shared by the ranks (default: a temporary one)"
+    )
     args = parser.parse_args(argv)
     cfg = BenchConfig.from_dict(json.loads(args.config))
     if args.work_dir:

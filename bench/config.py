@@ -10,21 +10,69 @@ from clara.stages import STAGES, get_stage
 # Shapes of real base models, from their config.json on the Hugging Face hub (a fact, not a download):
 # hidden size, layers, attention and key/value heads, head size, MLP width, vocabulary, tied embeddings.
 SHAPES = {
-    "qwen3-0.6b": dict(hidden_size=1024, num_layers=28, num_heads=16, num_kv_heads=8, head_dim=128,
-                       intermediate_size=3072, vocab_size=151936, tie_word_embeddings=True),
-    "qwen3-1.7b": dict(hidden_size=2048, num_layers=28, num_heads=16, num_kv_heads=8, head_dim=128,
-                       intermediate_size=6144, vocab_size=151936, tie_word_embeddings=True),
-    "qwen3-14b": dict(hidden_size=5120, num_layers=40, num_heads=40, num_kv_heads=8, head_dim=128,
-                      intermediate_size=17408, vocab_size=151936, tie_word_embeddings=False),
-    "qwen3-32b": dict(hidden_size=5120, num_layers=64, num_heads=64, num_kv_heads=8, head_dim=128,
-                      intermediate_size=25600, vocab_size=151936, tie_word_embeddings=False),
+    "qwen3-0.6b": dict(
+        hidden_size=1024,
+        num_layers=28,
+        num_heads=16,
+        num_kv_heads=8,
+        head_dim=128,
+        intermediate_size=3072,
+        vocab_size=151936,
+        tie_word_embeddings=True,
+    ),
+    "qwen3-1.7b": dict(
+        hidden_size=2048,
+        num_layers=28,
+        num_heads=16,
+        num_kv_heads=8,
+        head_dim=128,
+        intermediate_size=6144,
+        vocab_size=151936,
+        tie_word_embeddings=True,
+    ),
+    "qwen3-14b": dict(
+        hidden_size=5120,
+        num_layers=40,
+        num_heads=40,
+        num_kv_heads=8,
+        head_dim=128,
+        intermediate_size=17408,
+        vocab_size=151936,
+        tie_word_embeddings=False,
+    ),
+    "qwen3-32b": dict(
+        hidden_size=5120,
+        num_layers=64,
+        num_heads=64,
+        num_kv_heads=8,
+        head_dim=128,
+        intermediate_size=25600,
+        vocab_size=151936,
+        tie_word_embeddings=False,
+    ),
     # Llama-3.1-70B (a Llama, built here as a Qwen3 of its shape, as Mistral below).
-    "llama-3-70b": dict(hidden_size=8192, num_layers=80, num_heads=64, num_kv_heads=8, head_dim=128,
-                        intermediate_size=28672, vocab_size=128256, tie_word_embeddings=False),
+    "llama-3-70b": dict(
+        hidden_size=8192,
+        num_layers=80,
+        num_heads=64,
+        num_kv_heads=8,
+        head_dim=128,
+        intermediate_size=28672,
+        vocab_size=128256,
+        tie_word_embeddings=False,
+    ),
     # Mistral-7B-Instruct-v0.2, the official CLaRa release's base (a Mistral, built here as a Qwen3 of its
     # shape: the two differ only in Qwen3's per-head q/k norms, a few thousand parameters).
-    "mistral-7b": dict(hidden_size=4096, num_layers=32, num_heads=32, num_kv_heads=8, head_dim=128,
-                       intermediate_size=14336, vocab_size=32000, tie_word_embeddings=False),
+    "mistral-7b": dict(
+        hidden_size=4096,
+        num_layers=32,
+        num_heads=32,
+        num_kv_heads=8,
+        head_dim=128,
+        intermediate_size=14336,
+        vocab_size=32000,
+        tie_word_embeddings=False,
+    ),
 }
 
 
@@ -92,9 +140,25 @@ class BenchConfig:
 
         if self.stage not in STAGES:
             bad("stage", "one of " + ", ".join(STAGES))
-        for name in ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size", "vocab_size",
-                     "micro_batch_size", "doc_max_length", "compress_rate", "docs", "candidates", "top_k",
-                     "candidate_chunk_size", "lora_r", "question_tokens", "answer_tokens", "steps"):
+        for name in (
+            "hidden_size",
+            "num_layers",
+            "num_heads",
+            "num_kv_heads",
+            "intermediate_size",
+            "vocab_size",
+            "micro_batch_size",
+            "doc_max_length",
+            "compress_rate",
+            "docs",
+            "candidates",
+            "top_k",
+            "candidate_chunk_size",
+            "lora_r",
+            "question_tokens",
+            "answer_tokens",
+            "steps",
+        ):
             if getattr(self, name) <= 0:
                 bad(name, "a positive integer")
         if self.warmup_steps < 0:

@@ -46,8 +46,12 @@ def write_records(path: Path, count: int, seed: int = 0) -> None:
             doc = f"Record {i}. {docs[i % POOL]}"
             if i % 2 == 0:
                 picks = [(i * 7 + j) % POOL for j in range(3)]
-                record = {"data_type": "qa", "question": [questions[p] for p in picks],
-                          "answers": [answers[p] for p in picks], "docs": [doc]}
+                record = {
+                    "data_type": "qa",
+                    "question": [questions[p] for p in picks],
+                    "answers": [answers[p] for p in picks],
+                    "docs": [doc],
+                }
             else:
                 record = {"data_type": "paraphrase", "docs": [doc], "answers": [paraphrases[(i * 3) % POOL]]}
             out.write(json.dumps(record) + "\n")
@@ -82,15 +86,30 @@ def _peak_kb(pid: int) -> int:
 
 def launch(data: Path, num_gpus: int, save: Path, cache: Path, workers: int | None) -> dict:
     """One launcher run: seconds from launch to step 1, to step 2 and to exit; the largest process's peak RSS."""
-    env = dict(os.environ, DATASET=str(data), SAVE_PATH=str(save), MAX_STEPS="2", NUM_GPUS=str(num_gpus),
-               DEBUG_MODE="false", RESUME="false", CLARA_DATA_CACHE=str(cache / "prepared"),
-               HF_DATASETS_CACHE=str(cache / "hf"), PYTHONPATH=str(REPO))
+    env = dict(
+        os.environ,
+        DATASET=str(data),
+        SAVE_PATH=str(save),
+        MAX_STEPS="2",
+        NUM_GPUS=str(num_gpus),
+        DEBUG_MODE="false",
+        RESUME="false",
+        CLARA_DATA_CACHE=str(cache / "prepared"),
+        HF_DATASETS_CACHE=str(cache / "hf"),
+        PYTHONPATH=str(REPO),
+    )
     if workers:
         env["DATA_WORKERS"] = str(workers)
     metrics = save / "metrics.jsonl"
     started = time.monotonic()
-    proc = subprocess.Popen(["bash", str(REPO / LAUNCHERS[num_gpus])], cwd=REPO, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        ["bash", str(REPO / LAUNCHERS[num_gpus])],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     output: list[str] = []
     reader = _start_reader(proc, output)
     steps: dict[int, float] = {}
@@ -108,10 +127,15 @@ def launch(data: Path, num_gpus: int, save: Path, cache: Path, workers: int | No
     if proc.returncode != 0:
         raise RuntimeError(f"the launcher exited {proc.returncode}:\n{text[-3000:]}")
     match = PREPARED.search(text)
-    return {"num_gpus": num_gpus, "step1_s": round(steps.get(1, ended), 1), "step2_s": round(steps.get(2, ended), 1),
-            "exit_s": round(ended, 1), "peak_rss_mb": round(peak / 1024),
-            "records_per_s": int(match.group(2).replace(",", "")) if match else None,
-            "from_cache": "from the cache" in text}
+    return {
+        "num_gpus": num_gpus,
+        "step1_s": round(steps.get(1, ended), 1),
+        "step2_s": round(steps.get(2, ended), 1),
+        "exit_s": round(ended, 1),
+        "peak_rss_mb": round(peak / 1024),
+        "records_per_s": int(match.group(2).replace(",", "")) if match else None,
+        "from_cache": "from the cache" in text,
+    }
 
 
 def _start_reader(proc: subprocess.Popen, output: list[str]) -> threading.Thread:
@@ -141,18 +165,28 @@ def measure(records: int, gpus: list[int], workers: int | None, folder: Path) ->
 
 def _row_text(row: dict) -> str:
     rate = f"{row['records_per_s']:,} records/s" if row.get("records_per_s") else "from the cache"
-    return (f"{row['records']:>9,} records  NUM_GPUS {row['num_gpus']}  cache {row['cache']:<5}  step 1 "
-            f"{row['step1_s']:6.1f} s  step 2 {row['step2_s']:6.1f} s  exit {row['exit_s']:6.1f} s  "
-            f"peak RSS {row['peak_rss_mb']:,} MB  ({rate})")
+    return (
+        f"{row['records']:>9,} records  NUM_GPUS {row['num_gpus']}  cache {row['cache']:<5}  step 1 "
+        f"{row['step1_s']:6.1f} s  step 2 {row['step2_s']:6.1f} s  exit {row['exit_s']:6.1f} s  "
+        f"peak RSS {row['peak_rss_mb']:,} MB  ({rate})"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m bench --data", description=__doc__.splitlines()[0])
     parser.add_argument("--records", type=int, nargs="+", default=[100_000], help="records per measured file")
-    parser.add_argument("--num_gpus", type=int, nargs="+", choices=(1, 2), default=[1, 2],
-                        help="processes of the launcher (CPU processes without CUDA)")
+    parser.add_argument(
+        "--num_gpus",
+        type=int,
+        nargs="+",
+        choices=(1, 2),
+        default=[1, 2],
+        help="processes of the launcher (CPU processes without CUDA)",
+    )
     parser.add_argument("--data_workers", type=int, default=None, help="DATA_WORKERS (default: the launcher's)")
-    parser.add_argument("--dir", default=None, help="where the temporary working folder is made (removed after; default: the system's)")
+    parser.add_argument(
+        "--dir", default=None, help="where the temporary working folder is made (removed after; default: the system's)"
+    )
     parser.add_argument("--json", metavar="FILE", help="also write the rows as JSON to FILE")
     return parser
 

@@ -75,8 +75,14 @@ def lm_head_flops(shape: ModelShape, supervised: int) -> float:
     return 4.0 * shape.vocab * shape.hidden * supervised
 
 
-def step_flops(shape: ModelShape, stage: str, doc_lengths: list[int], dec_lengths: list[int], supervised: int,
-               query_lengths: list[int] | None = None) -> dict[str, float]:
+def step_flops(
+    shape: ModelShape,
+    stage: str,
+    doc_lengths: list[int],
+    dec_lengths: list[int],
+    supervised: int,
+    query_lengths: list[int] | None = None,
+) -> dict[str, float]:
     """Model FLOPs of one micro-batch's forward and backward, by part.
 
     stage1 / stage1_2: documents through the trained compressor, then the generator.

@@ -43,8 +43,19 @@ TARGET_TIME_RATIO = 1.35
 
 # The benchmark's workload at the 1.7B shape: eight samples of four 256-token documents per step (stage2:
 # twenty candidates, five read), enough tokens per step for the matrix multiplies to fill the GPU.
-BENCH_SETTINGS = dict(micro_batch_size=8, docs=4, candidates=20, top_k=5, doc_max_length=256, compress_rate=32,
-                      question_tokens=24, answer_tokens=16, warmup_steps=2, steps=5, zero_stage=2)
+BENCH_SETTINGS = dict(
+    micro_batch_size=8,
+    docs=4,
+    candidates=20,
+    top_k=5,
+    doc_max_length=256,
+    compress_rate=32,
+    question_tokens=24,
+    answer_tokens=16,
+    warmup_steps=2,
+    steps=5,
+    zero_stage=2,
+)
 
 
 def bench_rows(flash_attn_installed: bool) -> list[BenchConfig]:
@@ -53,8 +64,18 @@ def bench_rows(flash_attn_installed: bool) -> list[BenchConfig]:
 
     def add(shape: str, stage: str, checkpointing: bool, attention: str, profile: bool = False) -> None:
         label = f"{shape} {stage} {'gc' if checkpointing else 'no-gc'} {'FA2' if attention == 'true' else 'SDPA'}"
-        rows.append(BenchConfig(**SHAPES[shape], **BENCH_SETTINGS, stage=stage, gradient_checkpointing=checkpointing,
-                                flash_attn=attention, profile=profile, group=shape, label=label))
+        rows.append(
+            BenchConfig(
+                **SHAPES[shape],
+                **BENCH_SETTINGS,
+                stage=stage,
+                gradient_checkpointing=checkpointing,
+                flash_attn=attention,
+                profile=profile,
+                group=shape,
+                label=label,
+            )
+        )
 
     add("qwen3-1.7b", "stage1", False, "false", profile=True)
     add("qwen3-1.7b", "stage1", True, "false")
@@ -79,16 +100,34 @@ def run_pytest(out: Path, name: str, selection: str, limit: float) -> dict:
     """`pytest -m gpu tests/test_gpu.py -k SELECTION`; outcomes, times and recorded properties from its JUnit XML."""
     xml = out / f"pytest_{name}.xml"
     log = out / f"pytest_{name}.log"
-    command = [sys.executable, "-m", "pytest", "-m", "gpu", "tests/test_gpu.py", "-k", selection, "-q", "-rA",
-               f"--junitxml={xml}", "-o", "junit_logging=no"]
+    command = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-m",
+        "gpu",
+        "tests/test_gpu.py",
+        "-k",
+        selection,
+        "-q",
+        "-rA",
+        f"--junitxml={xml}",
+        "-o",
+        "junit_logging=no",
+    ]
     started = time.monotonic()
     with open(log, "w", encoding="utf-8") as handle:
         try:
             code = subprocess.run(command, cwd=REPO, stdout=handle, stderr=subprocess.STDOUT, timeout=limit).returncode
         except subprocess.TimeoutExpired:
             code = None
-    part = {"command": " ".join(command), "seconds": round(time.monotonic() - started, 1), "log": log.name,
-            "exit_code": code, "tests": junit_cases(xml) if xml.is_file() else []}
+    part = {
+        "command": " ".join(command),
+        "seconds": round(time.monotonic() - started, 1),
+        "log": log.name,
+        "exit_code": code,
+        "tests": junit_cases(xml) if xml.is_file() else [],
+    }
     passed = code == 0 and part["tests"] and all(case["outcome"] == "passed" for case in part["tests"])
     part["status"] = "timed out" if code is None else "passed" if passed else "failed"
     return part
@@ -105,8 +144,15 @@ def junit_cases(xml: Path) -> list[dict]:
                 outcome = {"failure": "failed", "error": "error", "skipped": "skipped"}[kind]
                 message = (found.get("message") or "")[:500]
         properties = {p.get("name"): p.get("value") for p in case.iter("property")}
-        cases.append({"name": case.get("name"), "outcome": outcome, "seconds": float(case.get("time", 0)),
-                      "message": message, "properties": properties})
+        cases.append(
+            {
+                "name": case.get("name"),
+                "outcome": outcome,
+                "seconds": float(case.get("time", 0)),
+                "message": message,
+                "properties": properties,
+            }
+        )
     return cases
 
 
@@ -139,15 +185,30 @@ def targets(results: list[dict]) -> list[dict]:
         checkpointed = find(results, f"qwen3-1.7b stage1 gc {attention}")
         for row in (plain, checkpointed):
             if row and row.get("mfu") is not None:
-                found.append({"target": f"stage1 MFU >= {TARGET_MFU:.0%} ({row['label']})", "value": row["mfu"],
-                              "met": row["mfu"] >= TARGET_MFU})
+                found.append(
+                    {
+                        "target": f"stage1 MFU >= {TARGET_MFU:.0%} ({row['label']})",
+                        "value": row["mfu"],
+                        "met": row["mfu"] >= TARGET_MFU,
+                    }
+                )
         if plain and checkpointed:
             memory = checkpointed["peak_memory_mb"] / plain["peak_memory_mb"]
             slower = checkpointed["step_time_s"] / plain["step_time_s"]
-            found.append({"target": f"checkpointing peak memory <= {TARGET_MEMORY_RATIO} x ({attention})",
-                          "value": memory, "met": memory <= TARGET_MEMORY_RATIO})
-            found.append({"target": f"checkpointing step time <= {TARGET_TIME_RATIO} x ({attention})",
-                          "value": slower, "met": slower <= TARGET_TIME_RATIO})
+            found.append(
+                {
+                    "target": f"checkpointing peak memory <= {TARGET_MEMORY_RATIO} x ({attention})",
+                    "value": memory,
+                    "met": memory <= TARGET_MEMORY_RATIO,
+                }
+            )
+            found.append(
+                {
+                    "target": f"checkpointing step time <= {TARGET_TIME_RATIO} x ({attention})",
+                    "value": slower,
+                    "met": slower <= TARGET_TIME_RATIO,
+                }
+            )
     return found
 
 
@@ -158,15 +219,27 @@ def predicted_peak(result: dict) -> float:
     samples = shapes["dec"][0]
     n_mem = cfg["doc_max_length"] // cfg["compress_rate"]
     slots = cfg["top_k"] if cfg["stage"] == "stage2" else shapes["enc"][0] // samples
-    work = Workload(stage=cfg["stage"], micro_batch_size=samples, docs_per_sample=shapes["enc"][0] // samples,
-                    doc_max_length=cfg["doc_max_length"], compress_rate=cfg["compress_rate"], top_k=cfg["top_k"],
-                    prompt_tokens=shapes["dec"][1] - slots * n_mem,
-                    supervised_tokens=max(1, shapes["supervised"] // samples),
-                    question_tokens=(shapes["query"][1] - n_mem) if shapes["query"] else 0,
-                    candidate_chunk_size=cfg["candidate_chunk_size"])
+    work = Workload(
+        stage=cfg["stage"],
+        micro_batch_size=samples,
+        docs_per_sample=shapes["enc"][0] // samples,
+        doc_max_length=cfg["doc_max_length"],
+        compress_rate=cfg["compress_rate"],
+        top_k=cfg["top_k"],
+        prompt_tokens=shapes["dec"][1] - slots * n_mem,
+        supervised_tokens=max(1, shapes["supervised"] // samples),
+        question_tokens=(shapes["query"][1] - n_mem) if shapes["query"] else 0,
+        candidate_chunk_size=cfg["candidate_chunk_size"],
+    )
     shape = next(name for name, dims in SHAPES.items() if all(cfg[k] == v for k, v in dims.items()))
-    return step_memory(dims_of(shape), work, gpus=1, zero_stage=cfg["zero_stage"],
-                       gradient_checkpointing=result["gradient_checkpointing"], lora_r=cfg["lora_r"])["peak"]
+    return step_memory(
+        dims_of(shape),
+        work,
+        gpus=1,
+        zero_stage=cfg["zero_stage"],
+        gradient_checkpointing=result["gradient_checkpointing"],
+        lora_r=cfg["lora_r"],
+    )["peak"]
 
 
 def memory_check(results: list[dict]) -> list[dict]:
@@ -174,68 +247,113 @@ def memory_check(results: list[dict]) -> list[dict]:
     for result in results:
         if "step_time_s" in result and result.get("memory_kind") == "cuda_allocated":
             predicted = predicted_peak(result) / MB
-            rows.append({"label": result["label"], "measured_mb": result["peak_memory_mb"], "predicted_mb": predicted,
-                         "predicted_over_measured": predicted / result["peak_memory_mb"]})
+            rows.append(
+                {
+                    "label": result["label"],
+                    "measured_mb": result["peak_memory_mb"],
+                    "predicted_mb": predicted,
+                    "predicted_over_measured": predicted / result["peak_memory_mb"],
+                }
+            )
     return rows
 
 
 # -- the report ------------------------------------------------------------------------------------------------
 def summary_text(report: dict) -> str:
-    lines = [f"CLaRa GPU check: {report['device']} | torch {report['machine'].get('torch')} "
-             f"(CUDA {report.get('cuda_version')}) | flash-attn: {report['flash_attn']}",
-             f"overall: {report['status']} in {report['seconds']:.0f} s", ""]
+    lines = [
+        f"CLaRa GPU check: {report['device']} | torch {report['machine'].get('torch')} "
+        f"(CUDA {report.get('cuda_version')}) | flash-attn: {report['flash_attn']}",
+        f"overall: {report['status']} in {report['seconds']:.0f} s",
+        "",
+    ]
     for name in ("tests", "launcher"):
         part = report["parts"].get(name, {})
         lines.append(f"[{name}] {part.get('status')} ({part.get('seconds')} s)")
         for case in part.get("tests", []):
             extra = "; ".join(f"{k}={v}" for k, v in case["properties"].items())
-            lines.append(f"  {case['outcome']:7} {case['name']} ({case['seconds']:.1f} s){' | ' + extra if extra else ''}")
+            lines.append(
+                f"  {case['outcome']:7} {case['name']} ({case['seconds']:.1f} s){' | ' + extra if extra else ''}"
+            )
             if case["message"]:
                 lines.append(f"          {case['message'][:300]}")
     bench = report["parts"].get("bench", {})
-    lines += ["", f"[bench] {bench.get('status')}", f"{'row':34} {'step s':>7} {'tokens/s':>9} {'peak MiB':>9} "
-              f"{'MFU':>6} attention"]
+    lines += [
+        "",
+        f"[bench] {bench.get('status')}",
+        f"{'row':34} {'step s':>7} {'tokens/s':>9} {'peak MiB':>9} {'MFU':>6} attention",
+    ]
     for row in bench.get("results", []):
         if "step_time_s" in row:
             mfu = f"{100 * row['mfu']:.1f}%" if row.get("mfu") is not None else "-"
-            lines.append(f"{row['label']:34} {row['step_time_s']:7.3f} {row['tokens_per_s']:9.0f} "
-                         f"{row['peak_memory_mb']:9.0f} {mfu:>6} {row['attn_implementation']}")
+            lines.append(
+                f"{row['label']:34} {row['step_time_s']:7.3f} {row['tokens_per_s']:9.0f} "
+                f"{row['peak_memory_mb']:9.0f} {mfu:>6} {row['attn_implementation']}"
+            )
         else:
             lines.append(f"{row['label']:34} {row.get('error') or 'not run: ' + row.get('not_run', '')}")
     for row in bench.get("results", []):
         profile = row.get("profile")
         if profile:
             kinds = ", ".join(f"{k} {v:.3f} s" for k, v in profile["by_kind_s"].items())
-            lines.append(f"profile of {row['label']}: step {profile['step_s']:.3f} s, kernels {profile['busy_s']:.3f} s "
-                         f"({kinds}), GPU waiting on the host {profile['waiting_s'] or 0:.3f} s; busiest: "
-                         + ", ".join(f"{name} {seconds:.3f} s" for name, seconds in profile["top_operators_s"][:5]))
+            lines.append(
+                f"profile of {row['label']}: step {profile['step_s']:.3f} s, kernels {profile['busy_s']:.3f} s "
+                f"({kinds}), GPU waiting on the host {profile['waiting_s'] or 0:.3f} s; busiest: "
+                + ", ".join(f"{name} {seconds:.3f} s" for name, seconds in profile["top_operators_s"][:5])
+            )
     lines += ["", "targets:"]
     for target in report["targets"] or [{"target": "none measured", "value": None, "met": None}]:
         value = "-" if target["value"] is None else f"{target['value']:.3f}"
-        lines.append(f"  {'met' if target['met'] else 'MISSED' if target['met'] is False else '-':6} "
-                     f"{target['target']}: {value}")
+        lines.append(
+            f"  {'met' if target['met'] else 'MISSED' if target['met'] is False else '-':6} {target['target']}: {value}"
+        )
     lines += ["", "memory plan check (bench.memory computed vs measured peak):"]
     for row in report["memory_check"]:
-        lines.append(f"  {row['label']:34} measured {row['measured_mb']:8.0f} MiB, computed {row['predicted_mb']:8.0f} "
-                     f"MiB ({row['predicted_over_measured']:.2f} x)")
+        lines.append(
+            f"  {row['label']:34} measured {row['measured_mb']:8.0f} MiB, computed {row['predicted_mb']:8.0f} "
+            f"MiB ({row['predicted_over_measured']:.2f} x)"
+        )
     return "\n".join(lines)
 
 
 # -- the rehearsal on CPU -------------------------------------------------------------------------------------
-REHEARSAL_ROW = dict(warmup_steps=0, steps=1, micro_batch_size=2, docs=2, candidates=6, top_k=2, doc_max_length=64,
-                     compress_rate=16, flash_attn="false")
+REHEARSAL_ROW = dict(
+    warmup_steps=0,
+    steps=1,
+    micro_batch_size=2,
+    docs=2,
+    candidates=6,
+    top_k=2,
+    doc_max_length=64,
+    compress_rate=16,
+    flash_attn="false",
+)
 
 
 def rehearse_launcher(out: Path, limit: float) -> dict:
     """train_single_gpu.sh for one step of stage1 on the built-in tiny model, on CPU."""
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "NO_COLOR": "1", "SAVE_PATH": str(out / "rehearsal_run"),
-           "MAX_STEPS": "1", "MAX_SAMPLES": "8", "BATCH_SIZE": "2", "MICRO_BATCH_SIZE": "2", "DEBUG_MODE": "false"}
+    env = {
+        **os.environ,
+        "CUDA_VISIBLE_DEVICES": "",
+        "NO_COLOR": "1",
+        "SAVE_PATH": str(out / "rehearsal_run"),
+        "MAX_STEPS": "1",
+        "MAX_SAMPLES": "8",
+        "BATCH_SIZE": "2",
+        "MICRO_BATCH_SIZE": "2",
+        "DEBUG_MODE": "false",
+    }
     log = out / "rehearsal_launcher.log"
     started = time.monotonic()
     with open(log, "w", encoding="utf-8") as handle:
         try:
-            code = subprocess.run(["bash", "train_single_gpu.sh"], cwd=REPO, env=env, stdout=handle,
-                                  stderr=subprocess.STDOUT, timeout=limit).returncode
+            code = subprocess.run(
+                ["bash", "train_single_gpu.sh"],
+                cwd=REPO,
+                env=env,
+                stdout=handle,
+                stderr=subprocess.STDOUT,
+                timeout=limit,
+            ).returncode
         except subprocess.TimeoutExpired:
             code = None
     status = "timed out" if code is None else "passed" if code == 0 else "failed"
@@ -245,22 +363,33 @@ def rehearse_launcher(out: Path, limit: float) -> dict:
 def rehearse(out: Path) -> int:
     """Import the GPU tests, step each stage once in bench's child process and run the launcher, on CPU."""
     report = {"machine": machine_info(), "parts": {}}
-    collect = subprocess.run([sys.executable, "-m", "pytest", "-m", "gpu", "tests/test_gpu.py", "--collect-only", "-q"],
-                             cwd=REPO, capture_output=True, text=True, timeout=300)
+    collect = subprocess.run(
+        [sys.executable, "-m", "pytest", "-m", "gpu", "tests/test_gpu.py", "--collect-only", "-q"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     report["parts"]["import tests/test_gpu.py"] = {
-        "status": "passed" if collect.returncode == 0 else "failed", "output": collect.stdout[-2000:] + collect.stderr[-2000:]}
+        "status": "passed" if collect.returncode == 0 else "failed",
+        "output": collect.stdout[-2000:] + collect.stderr[-2000:],
+    }
     for stage in ("stage1", "stage1_2", "stage2"):
         row = run_config(BenchConfig(stage=stage, **REHEARSAL_ROW, label=f"tiny {stage}"), 300, exact_memory=False)
         report["parts"][f"bench step {stage}"] = {
             "status": "passed" if "step_time_s" in row else "failed",
-            "detail": f"loss {row.get('loss')}, step {row.get('step_time_s')} s" if "step_time_s" in row
-            else row.get("error_detail", row.get("error"))}
+            "detail": f"loss {row.get('loss')}, step {row.get('step_time_s')} s"
+            if "step_time_s" in row
+            else row.get("error_detail", row.get("error")),
+        }
     report["parts"]["launcher"] = rehearse_launcher(out, 300)
     report["status"] = "passed" if all(p["status"] == "passed" for p in report["parts"].values()) else "failed"
     (out / "rehearsal_report.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
-    print(f"gpu_check rehearsal on CPU: Python {report['machine']['python']}, torch {report['machine']['torch']}, "
-          f"transformers {report['machine']['transformers']}, peft {report['machine']['peft']}, "
-          f"deepspeed {report['machine']['deepspeed']}")
+    print(
+        f"gpu_check rehearsal on CPU: Python {report['machine']['python']}, torch {report['machine']['torch']}, "
+        f"transformers {report['machine']['transformers']}, peft {report['machine']['peft']}, "
+        f"deepspeed {report['machine']['deepspeed']}"
+    )
     for name, part in report["parts"].items():
         detail = part.get("detail") or part.get("log") or ""
         print(f"  {part['status']:9} {name}" + (f": {str(detail)[-600:]}" if detail else ""))
@@ -274,11 +403,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--installs", default="", help="what scripts/gpu_check.sh's installs said (one line each)")
     for name, seconds in LIMITS.items():
         parser.add_argument(f"--{name}_s", type=float, default=seconds, help=f"time limit of the {name} part")
-    parser.add_argument("--budget_s", type=float, default=300,
-                        help=f"seconds for all three parts; the bench part gets what the others' limits leave (at "
-                             f"least {BENCH_MIN_S})")
-    parser.add_argument("--cpu-rehearsal", action="store_true",
-                        help="on CPU: import the GPU tests, step each stage once and run the launcher for one step")
+    parser.add_argument(
+        "--budget_s",
+        type=float,
+        default=300,
+        help=f"seconds for all three parts; the bench part gets what the others' limits leave (at least {BENCH_MIN_S})",
+    )
+    parser.add_argument(
+        "--cpu-rehearsal",
+        action="store_true",
+        help="on CPU: import the GPU tests, step each stage once and run the launcher for one step",
+    )
     args = parser.parse_args(argv)
     import torch
 
@@ -296,8 +431,14 @@ def main(argv: list[str] | None = None) -> int:
         flash = f"installed {flash_attn.__version__} (FA2 rows measured)"
     except ImportError:
         flash = "not installed: no wheel for this torch/CUDA (building it from source takes too long); SDPA only"
-    report = {"device": torch.cuda.get_device_name(0), "cuda_version": torch.version.cuda,
-              "machine": machine_info(), "flash_attn": flash, "installs": args.installs.splitlines(), "parts": {}}
+    report = {
+        "device": torch.cuda.get_device_name(0),
+        "cuda_version": torch.version.cuda,
+        "machine": machine_info(),
+        "flash_attn": flash,
+        "installs": args.installs.splitlines(),
+        "parts": {},
+    }
 
     def write() -> None:
         report["seconds"] = time.monotonic() - started

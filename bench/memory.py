@@ -7,7 +7,7 @@ part, and what to change when it does not fit. The accounting, per GPU, in bf16 
 - frozen base: 2 bytes per parameter, on every GPU (ZeRO 1 and 2 shard optimizer states and
   gradients, not parameters); with ZeRO 3 a 1/GPUs share of it (and of LoRA), plus what may be
   gathered at once: twice the largest of one layer and the embedding matrix, at most 1e9 parameters
-  (clara.zero3.gathering_limits); with OFFLOAD=all the shares live in CPU memory and only the
+  (clara.parallel.zero3.gathering_limits); with OFFLOAD=all the shares live in CPU memory and only the
   gathered part is on the GPU;
 - OFFLOAD=optimizer (or all) keeps the fp32 master weights, Adam's moments and the fp32 gradient
   partition in CPU memory instead;
@@ -79,8 +79,15 @@ class Dims:
     def linear_shapes(self) -> dict[str, tuple[int, int]]:
         """(in, out) of each linear layer of one transformer layer."""
         h, q, kv, i = self.hidden_size, self.q_width, self.kv_width, self.intermediate_size
-        return {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
-                "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
+        return {
+            "q_proj": (h, q),
+            "k_proj": (h, kv),
+            "v_proj": (h, kv),
+            "o_proj": (q, h),
+            "gate_proj": (h, i),
+            "up_proj": (h, i),
+            "down_proj": (i, h),
+        }
 
 
 def dims_of(model: str) -> Dims:
@@ -140,9 +147,14 @@ def parameter_counts(dims: Dims, lora_r: int = 16) -> dict[str, int]:
     head = 0 if dims.tie_word_embeddings else embedding
     layers = dims.num_layers * (linear_per_layer + norms_per_layer)
     lora = dims.num_layers * sum(lora_r * (a + b) for a, b in dims.linear_shapes().values())
-    return {"embedding": embedding, "lm_head": head, "layers": layers,
-            "total": embedding + head + layers + dims.hidden_size,  # + the final norm
-            "linear": dims.num_layers * linear_per_layer, "lora_per_adapter": lora}
+    return {
+        "embedding": embedding,
+        "lm_head": head,
+        "layers": layers,
+        "total": embedding + head + layers + dims.hidden_size,  # + the final norm
+        "linear": dims.num_layers * linear_per_layer,
+        "lora_per_adapter": lora,
+    }
 
 
 def lora_input_elements(dims: Dims) -> int:
@@ -175,15 +187,16 @@ def nograd_layer_bytes(dims: Dims) -> int:
 
 
 def gathered_elements(dims: Dims, lora_r: int = 16) -> int:
-    """ZeRO-3: the most parameters held gathered at once, as clara.zero3.gathering_limits allows: two of
+    """ZeRO-3: the most parameters held gathered at once, as clara.parallel.zero3.gathering_limits allows: two of
     the largest unit (a layer with its adapters, or the embedding matrix), at most DeepSpeed's 1e9."""
     counts = parameter_counts(dims, lora_r)
     layer = (counts["layers"] + ADAPTERS_HELD["stage2"] * counts["lora_per_adapter"]) // dims.num_layers
     return min(2 * max(layer, counts["embedding"]), MAX_LIVE_ELEMENTS)
 
 
-def weight_parts(dims: Dims, work: Workload, gpus: int, zero_stage: int, offload: str,
-                 lora_r: int = 16) -> dict[str, float]:
+def weight_parts(
+    dims: Dims, work: Workload, gpus: int, zero_stage: int, offload: str, lora_r: int = 16
+) -> dict[str, float]:
     """Bytes per GPU of the weights, the optimizer states, the gradients and the reduction bucket."""
     counts = parameter_counts(dims, lora_r)
     h = dims.hidden_size
@@ -207,8 +220,15 @@ def weight_parts(dims: Dims, work: Workload, gpus: int, zero_stage: int, offload
     return parts
 
 
-def step_memory(dims: Dims, work: Workload, gpus: int = 1, zero_stage: int = 2,
-                gradient_checkpointing: bool = True, lora_r: int = 16, offload: str = "none") -> dict[str, float]:
+def step_memory(
+    dims: Dims,
+    work: Workload,
+    gpus: int = 1,
+    zero_stage: int = 2,
+    gradient_checkpointing: bool = True,
+    lora_r: int = 16,
+    offload: str = "none",
+) -> dict[str, float]:
     """Expected peak allocated bytes per GPU of one training micro-step, by part, with `peak` their sum."""
     h, layers = dims.hidden_size, dims.num_layers
     parts = weight_parts(dims, work, gpus, zero_stage, offload, lora_r)
@@ -217,7 +237,7 @@ def step_memory(dims: Dims, work: Workload, gpus: int = 1, zero_stage: int = 2,
         grad_passes = [b * (work.question_tokens + work.n_mem), b * work.decoder_tokens]
     else:
         grad_passes = [b * work.docs_per_sample * work.doc_tokens, b * work.decoder_tokens]
-    # Under ZeRO-3 too: clara.zero3's linear keeps nothing behind a frozen weight, as PyTorch's does.
+    # Under ZeRO-3 too: clara.parallel.zero3's linear keeps nothing behind a frozen weight, as PyTorch's does.
     per_layer = layer_activation_bytes(dims)
     # Each pass also keeps its embeddings, final norm and hidden states (about 10 bytes per hidden unit).
     edges = 10 * h * sum(grad_passes)
@@ -245,8 +265,15 @@ def default_workload(stage: str, gpus: int, **overrides) -> Workload:
     return Workload(stage=stage, **values)
 
 
-def fitting_change(dims: Dims, work: Workload, gpus: int, zero_stage: int, gradient_checkpointing: bool,
-                   budget: float, offload: str = "none") -> str:
+def fitting_change(
+    dims: Dims,
+    work: Workload,
+    gpus: int,
+    zero_stage: int,
+    gradient_checkpointing: bool,
+    budget: float,
+    offload: str = "none",
+) -> str:
     """The first of the usual changes (in the order to try them) that brings the peak under `budget` bytes."""
     tries = []  # (what to set, workload, ZeRO stage, gradient checkpointing, offload)
     if not gradient_checkpointing:
@@ -257,8 +284,15 @@ def fitting_change(dims: Dims, work: Workload, gpus: int, zero_stage: int, gradi
     if work.stage == "stage2":
         for chunk in (16, 4):
             if chunk < work.candidate_chunk_size:
-                tries.append((f"candidate_chunk_size={chunk}", dataclasses.replace(small, candidate_chunk_size=chunk),
-                              zero_stage, True, offload))
+                tries.append(
+                    (
+                        f"candidate_chunk_size={chunk}",
+                        dataclasses.replace(small, candidate_chunk_size=chunk),
+                        zero_stage,
+                        True,
+                        offload,
+                    )
+                )
     if zero_stage < 2 and gpus > 1:
         tries.append(("ZERO_STAGE=2", small, 2, True, offload))
     # Partitioning the base, then moving what is left to CPU memory: each costs step time.
@@ -270,28 +304,54 @@ def fitting_change(dims: Dims, work: Workload, gpus: int, zero_stage: int, gradi
     for label, w, z, gc, off in tries:
         if step_memory(dims, w, gpus, z, gc, offload=off)["peak"] <= budget:
             return label
-    return ("does not fit even with every change: with ZERO_STAGE=3 OFFLOAD=all a forward still gathers "
-            f"{2 * gathered_elements(dims) / GiB:.1f} GiB of weights at a time on each GPU, besides the "
-            "activations; use a larger GPU or a smaller model")
+    return (
+        "does not fit even with every change: with ZERO_STAGE=3 OFFLOAD=all a forward still gathers "
+        f"{2 * gathered_elements(dims) / GiB:.1f} GiB of weights at a time on each GPU, besides the "
+        "activations; use a larger GPU or a smaller model"
+    )
 
 
 MICRO_BATCH_SEARCH_LIMIT = 256
 
 
-def largest_micro_batch(dims: Dims, work: Workload, gpus: int, zero_stage: int, gradient_checkpointing: bool,
-                        budget: float, limit: int = MICRO_BATCH_SEARCH_LIMIT, offload: str = "none") -> int:
+def largest_micro_batch(
+    dims: Dims,
+    work: Workload,
+    gpus: int,
+    zero_stage: int,
+    gradient_checkpointing: bool,
+    budget: float,
+    limit: int = MICRO_BATCH_SEARCH_LIMIT,
+    offload: str = "none",
+) -> int:
     """The largest micro-batch (up to `limit`) whose peak stays under `budget` bytes; 0 if none does."""
     fitting = 0
     for size in range(1, limit + 1):
-        if step_memory(dims, dataclasses.replace(work, micro_batch_size=size), gpus, zero_stage,
-                       gradient_checkpointing, offload=offload)["peak"] > budget:
+        if (
+            step_memory(
+                dims,
+                dataclasses.replace(work, micro_batch_size=size),
+                gpus,
+                zero_stage,
+                gradient_checkpointing,
+                offload=offload,
+            )["peak"]
+            > budget
+        ):
             break
         fitting = size
     return fitting
 
 
-def plan_rows(model: str, gpus: int, gpu_gib: float = 80.0, zero_stage: int = 2,
-              gradient_checkpointing: bool = True, offload: str = "none", **overrides) -> list[dict]:
+def plan_rows(
+    model: str,
+    gpus: int,
+    gpu_gib: float = 80.0,
+    zero_stage: int = 2,
+    gradient_checkpointing: bool = True,
+    offload: str = "none",
+    **overrides,
+) -> list[dict]:
     """One row per stage: the expected peak and whether it fits in 90% of the GPU (the rest: context, fragments)."""
     dims = dims_of(model)
     budget = 0.9 * gpu_gib * GiB
@@ -300,20 +360,39 @@ def plan_rows(model: str, gpus: int, gpu_gib: float = 80.0, zero_stage: int = 2,
         work = default_workload(stage, gpus, **overrides)
         parts = step_memory(dims, work, gpus, zero_stage, gradient_checkpointing, offload=offload)
         fits = parts["peak"] <= budget
-        largest = {name: largest_micro_batch(dims, work, gpus, zero_stage, gc, budget, offload=offload)
-                   for name, gc in (("checkpointing", True), ("no_checkpointing", False))}
-        rows.append({"model": model, "gpus": gpus, "gpu_gib": gpu_gib, "stage": stage,
-                     "micro_batch_size": work.micro_batch_size, "zero_stage": zero_stage, "offload": offload,
-                     "gradient_checkpointing": gradient_checkpointing,
-                     "parts_gib": {k: v / GiB for k, v in parts.items()}, "peak_gib": parts["peak"] / GiB,
-                     "fits": fits, "change": None if fits else fitting_change(
-                         dims, work, gpus, zero_stage, gradient_checkpointing, budget, offload),
-                     "largest_micro_batch": largest})
+        largest = {
+            name: largest_micro_batch(dims, work, gpus, zero_stage, gc, budget, offload=offload)
+            for name, gc in (("checkpointing", True), ("no_checkpointing", False))
+        }
+        rows.append(
+            {
+                "model": model,
+                "gpus": gpus,
+                "gpu_gib": gpu_gib,
+                "stage": stage,
+                "micro_batch_size": work.micro_batch_size,
+                "zero_stage": zero_stage,
+                "offload": offload,
+                "gradient_checkpointing": gradient_checkpointing,
+                "parts_gib": {k: v / GiB for k, v in parts.items()},
+                "peak_gib": parts["peak"] / GiB,
+                "fits": fits,
+                "change": None
+                if fits
+                else fitting_change(dims, work, gpus, zero_stage, gradient_checkpointing, budget, offload),
+                "largest_micro_batch": largest,
+            }
+        )
     return rows
 
 
-PART_COLUMNS = (("weights", ("base_weights", "lora_weights")), ("optim", ("optimizer", "gradients", "reduce_bucket")),
-                ("activ", ("activations",)), ("logits", ("lm_head",)), ("cands", ("candidate_compression",)))
+PART_COLUMNS = (
+    ("weights", ("base_weights", "lora_weights")),
+    ("optim", ("optimizer", "gradients", "reduce_bucket")),
+    ("activ", ("activations",)),
+    ("logits", ("lm_head",)),
+    ("cands", ("candidate_compression",)),
+)
 
 
 def _searched(size: int) -> str:
@@ -321,52 +400,88 @@ def _searched(size: int) -> str:
 
 
 def format_rows(rows: list[dict], gpu_gib: float = 80.0) -> str:
-    lines = ["| model | GPUs | stage | micro-batch | " + " | ".join(name for name, _ in PART_COLUMNS)
-             + f" | peak GiB/GPU | fits {gpu_gib:g} GiB | change if not | largest micro-batch (checkpointing on / off) "
-             "| ZeRO, offload |",
-             "|---" * (len(PART_COLUMNS) + 9) + "|"]
+    lines = [
+        "| model | GPUs | stage | micro-batch | "
+        + " | ".join(name for name, _ in PART_COLUMNS)
+        + f" | peak GiB/GPU | fits {gpu_gib:g} GiB | change if not | largest micro-batch (checkpointing on / off) "
+        "| ZeRO, offload |",
+        "|---" * (len(PART_COLUMNS) + 9) + "|",
+    ]
     for row in rows:
         cells = [f"{sum(row['parts_gib'][k] for k in keys):.1f}" for _, keys in PART_COLUMNS]
-        lines.append(f"| {row['model']} | {row['gpus']} | {row['stage']} | {row['micro_batch_size']} | "
-                     + " | ".join(cells) + f" | {row['peak_gib']:.1f} | {'yes' if row['fits'] else 'no'} | "
-                     f"{row['change'] or '-'} | {_searched(row['largest_micro_batch']['checkpointing'])} / "
-                     f"{_searched(row['largest_micro_batch']['no_checkpointing'])} | "
-                     f"{row['zero_stage']}, {row['offload']} |")
+        lines.append(
+            f"| {row['model']} | {row['gpus']} | {row['stage']} | {row['micro_batch_size']} | "
+            + " | ".join(cells)
+            + f" | {row['peak_gib']:.1f} | {'yes' if row['fits'] else 'no'} | "
+            f"{row['change'] or '-'} | {_searched(row['largest_micro_batch']['checkpointing'])} / "
+            f"{_searched(row['largest_micro_batch']['no_checkpointing'])} | "
+            f"{row['zero_stage']}, {row['offload']} |"
+        )
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.memory", description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--model", choices=sorted(SHAPES), action="append",
-                        help="base model shape (repeatable; default: mistral-7b and qwen3-14b)")
-    parser.add_argument("--gpus", type=int, action="append",
-                        help="data-parallel GPUs, with the launcher's MICRO_BATCH_SIZE: 1 for one GPU, 2 for more "
-                             "(repeatable; default: 1 and 8)")
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.memory",
+        description=__doc__.splitlines()[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument(
+        "--model",
+        choices=sorted(SHAPES),
+        action="append",
+        help="base model shape (repeatable; default: mistral-7b and qwen3-14b)",
+    )
+    parser.add_argument(
+        "--gpus",
+        type=int,
+        action="append",
+        help="data-parallel GPUs, with the launcher's MICRO_BATCH_SIZE: 1 for one GPU, 2 for more "
+        "(repeatable; default: 1 and 8)",
+    )
     parser.add_argument("--gpu_gib", type=float, default=80.0, help="memory of one GPU")
     parser.add_argument("--zero_stage", type=int, choices=(0, 1, 2, 3), default=2, help="DeepSpeed ZeRO stage")
-    parser.add_argument("--offload", choices=OFFLOADS, default="none",
-                        help="OFFLOAD: optimizer states (optimizer) and also the parameters (all, ZeRO 3) in CPU memory")
-    parser.add_argument("--gradient_checkpointing", choices=("true", "false"), default="true",
-                        help="gradient checkpointing")
+    parser.add_argument(
+        "--offload",
+        choices=OFFLOADS,
+        default="none",
+        help="OFFLOAD: optimizer states (optimizer) and also the parameters (all, ZeRO 3) in CPU memory",
+    )
+    parser.add_argument(
+        "--gradient_checkpointing", choices=("true", "false"), default="true", help="gradient checkpointing"
+    )
     parser.add_argument("--micro_batch_size", type=int, help="samples per GPU per forward (default: the launcher's)")
     parser.add_argument("--candidate_chunk_size", type=int, default=64, help="stage-2 candidates per no-grad chunk")
-    parser.add_argument("--docs_per_sample", type=int,
-                        help="documents per sample (stage2: candidates); default: 1, 5, 20 for the three stages")
-    parser.add_argument("--prompt_tokens", type=int,
-                        help="generator tokens per sample besides the memory slots (at most MAX_LEN); default: "
-                             "320 for stage1, 96 for the others")
-    parser.add_argument("--supervised_tokens", type=int,
-                        help="generator tokens per sample with a target; default: 256 for stage1, 32 for the others")
+    parser.add_argument(
+        "--docs_per_sample",
+        type=int,
+        help="documents per sample (stage2: candidates); default: 1, 5, 20 for the three stages",
+    )
+    parser.add_argument(
+        "--prompt_tokens",
+        type=int,
+        help="generator tokens per sample besides the memory slots (at most MAX_LEN); default: "
+        "320 for stage1, 96 for the others",
+    )
+    parser.add_argument(
+        "--supervised_tokens",
+        type=int,
+        help="generator tokens per sample with a target; default: 256 for stage1, 32 for the others",
+    )
     parser.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
     args = parser.parse_args(argv)
     overrides = {"candidate_chunk_size": args.candidate_chunk_size}
     for name in ("micro_batch_size", "docs_per_sample", "prompt_tokens", "supervised_tokens"):
         if getattr(args, name):
             overrides[name] = getattr(args, name)
-    rows = [row for model in args.model or ["mistral-7b", "qwen3-14b"] for gpus in args.gpus or [1, 8]
-            for row in plan_rows(model, gpus, args.gpu_gib, args.zero_stage, args.gradient_checkpointing == "true",
-                                 args.offload, **overrides)]
+    rows = [
+        row
+        for model in args.model or ["mistral-7b", "qwen3-14b"]
+        for gpus in args.gpus or [1, 8]
+        for row in plan_rows(
+            model, gpus, args.gpu_gib, args.zero_stage, args.gradient_checkpointing == "true", args.offload, **overrides
+        )
+    ]
     print(format_rows(rows, args.gpu_gib))
     if args.json:
         with open(args.json, "w", encoding="utf-8") as out:

@@ -29,19 +29,13 @@ import faiss
 import numpy as np
 import torch
 
-from clara.checkpoint import build_model, load_model
-from clara.index import (
-    STORAGE_DTYPES,
-    SearchSettings,
-    answer_from_index,
-    build_index,
-    compress_texts,
-    load_index,
-    make_search_index,
-    recall_against_exact,
-)
-from clara.inference import CLaRa
-from clara.model import ModelSettings
+from clara.evaluation.inference import CLaRa
+from clara.index.answer import answer_from_index
+from clara.index.build import build_index, compress_texts
+from clara.index.search import SearchSettings, make_search_index, recall_against_exact
+from clara.index.store import STORAGE_DTYPES, load_index
+from clara.model.checkpoint import build_model, load_model
+from clara.model.model import ModelSettings
 
 REPO = Path(__file__).resolve().parent.parent
 TINY_SHAPE = (8, 64)  # memory vectors x hidden size of the tiny model at DOC_MAX_LENGTH 256, COMPRESS_RATE 32
@@ -69,12 +63,22 @@ def indexing_rows(model, docs: int, batch_size: int) -> list[dict]:
     compress_texts(model, texts, batch_size, torch.device("cpu"))
     seconds = time.perf_counter() - started
     n_mem, hidden = model.tokens.n_mem, model.hidden_size
-    rows = [{"row": "indexing throughput", "value": f"{len(texts) / seconds:.0f} docs/s",
-             "detail": f"{len(texts)} example documents, batch {batch_size}, compressor forward only"}]
+    rows = [
+        {
+            "row": "indexing throughput",
+            "value": f"{len(texts) / seconds:.0f} docs/s",
+            "detail": f"{len(texts)} example documents, batch {batch_size}, compressor forward only",
+        }
+    ]
     for name, dtype in STORAGE_DTYPES.items():
         stored = n_mem * hidden * dtype.itemsize
-        rows.append({"row": f"memory per document ({name})", "value": f"{stored} B + {n_mem * hidden * 4} B",
-                     "detail": f"stored {n_mem} x {hidden} x {dtype.itemsize} B; + flat FAISS copy {n_mem} x {hidden} x 4 B"})
+        rows.append(
+            {
+                "row": f"memory per document ({name})",
+                "value": f"{stored} B + {n_mem * hidden * 4} B",
+                "detail": f"stored {n_mem} x {hidden} x {dtype.itemsize} B; + flat FAISS copy {n_mem} x {hidden} x 4 B",
+            }
+        )
     return rows
 
 
@@ -82,9 +86,10 @@ def clustered_vectors(rng: np.random.Generator, centres: np.ndarray, count: int,
     out = np.empty((count, centres.shape[1]), dtype=np.float32)
     for start in range(0, count, 100_000):  # in chunks: float64 temporaries of 1M x 512 would need 4 GB
         n = min(100_000, count - start)
-        block = centres[rng.integers(0, len(centres), n)] + noise * rng.standard_normal((n, centres.shape[1]),
-                                                                                      dtype=np.float32)
-        out[start:start + n] = block / np.linalg.norm(block, axis=1, keepdims=True)
+        block = centres[rng.integers(0, len(centres), n)] + noise * rng.standard_normal(
+            (n, centres.shape[1]), dtype=np.float32
+        )
+        out[start : start + n] = block / np.linalg.norm(block, axis=1, keepdims=True)
     return out
 
 
@@ -112,10 +117,17 @@ def search_rows(sizes: list[int], queries: int, nprobe: int) -> list[dict]:
         build_s = time.perf_counter() - started
         ivf_ms = per_query_ms(ivf, query)
         recall = recall_against_exact(ivf, exact, query, K)
-        rows.append({"row": f"search over {size:,} documents", "value": f"flat {flat_ms:.2f} ms, ivf {ivf_ms:.2f} ms",
-                     "detail": f"ivf nlist {ivf.nlist} nprobe {ivf.nprobe}: recall@{K} vs exact {recall:.3f}, "
-                               f"built in {build_s:.0f} s; {queries} queries one at a time",
-                     "flat_ms": flat_ms, "ivf_ms": ivf_ms, "recall": recall})
+        rows.append(
+            {
+                "row": f"search over {size:,} documents",
+                "value": f"flat {flat_ms:.2f} ms, ivf {ivf_ms:.2f} ms",
+                "detail": f"ivf nlist {ivf.nlist} nprobe {ivf.nprobe}: recall@{K} vs exact {recall:.3f}, "
+                f"built in {build_s:.0f} s; {queries} queries one at a time",
+                "flat_ms": flat_ms,
+                "ivf_ms": ivf_ms,
+                "recall": recall,
+            }
+        )
         del ivf, vectors
     return rows
 
@@ -126,15 +138,21 @@ def answer_rows(model, questions: int, candidates: int, max_new_tokens: int, joi
     joined > 1: each candidate is that many example documents in one text (cut at DOC_MAX_LENGTH tokens).
     """
     parts = example_documents(candidates * questions * joined)
-    texts = [" ".join(parts[i:i + joined]) for i in range(0, len(parts), joined)]
+    texts = [" ".join(parts[i : i + joined]) for i in range(0, len(parts), joined)]
     clara = CLaRa(model, stage="stage2", batch_size=1)
     asked = [f"What is the main food of {t.split()[0]}?" for t in texts[::candidates]]
     with tempfile.TemporaryDirectory() as tmp:
         stored, fresh = [], []
         for i, question in enumerate(asked):
-            docs = texts[i * candidates:(i + 1) * candidates]
-            build_index(model, [str(j) for j in range(candidates)], docs, f"{tmp}/{i}", show_progress=False,
-                        log=lambda *a, **k: None)  # once per corpus, not per question: untimed
+            docs = texts[i * candidates : (i + 1) * candidates]
+            build_index(
+                model,
+                [str(j) for j in range(candidates)],
+                docs,
+                f"{tmp}/{i}",
+                show_progress=False,
+                log=lambda *a, **k: None,
+            )  # once per corpus, not per question: untimed
             index = load_index(f"{tmp}/{i}")
             if i == 0:  # warm-up of both paths
                 answer_from_index(model, index, [question], max_new_tokens=max_new_tokens)
@@ -149,11 +167,16 @@ def answer_rows(model, questions: int, candidates: int, max_new_tokens: int, joi
                 raise AssertionError(f"question {i}: the two paths disagree")
     stored_ms, fresh_ms = 1000 * statistics.median(stored), 1000 * statistics.median(fresh)
     length = "example documents" if joined == 1 else f"{joined} example documents each (up to DOC_MAX_LENGTH)"
-    return [{"row": f"answer a question, {candidates} candidates of {length}",
-             "value": f"stored {stored_ms:.1f} ms, compressing {fresh_ms:.1f} ms ({fresh_ms / stored_ms:.1f}x)",
-             "detail": f"median of {questions} questions, batch 1, up to {max_new_tokens} new tokens; "
-                       "same answers and chosen documents on both paths",
-             "stored_ms": stored_ms, "compressing_ms": fresh_ms}]
+    return [
+        {
+            "row": f"answer a question, {candidates} candidates of {length}",
+            "value": f"stored {stored_ms:.1f} ms, compressing {fresh_ms:.1f} ms ({fresh_ms / stored_ms:.1f}x)",
+            "detail": f"median of {questions} questions, batch 1, up to {max_new_tokens} new tokens; "
+            "same answers and chosen documents on both paths",
+            "stored_ms": stored_ms,
+            "compressing_ms": fresh_ms,
+        }
+    ]
 
 
 def format_rows(rows: list[dict]) -> str:

@@ -1,4 +1,4 @@
-"""Serving many users at once (clara.serve): the rows of `python -m bench --serve`.
+"""Serving many users at once (clara.serving.__main__): the rows of `python -m bench --serve`.
 
 The same server, started as a user starts it (`python -m clara.serve`, its own process), answers closed-loop
 clients (each sends its next request when the previous one is answered) for a fixed time at each number of
@@ -36,8 +36,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--documents", type=int, default=400, help="example documents in the index made here")
     parser.add_argument("--clients", default="1,8,32", help="numbers of concurrent clients (default 1,8,32)")
     parser.add_argument("--seconds", type=float, default=15.0, help="seconds per row (default 15)")
-    parser.add_argument("--load", type=float, default=None, metavar="SECONDS",
-                        help="instead: one load of this many seconds with the largest number of clients, batching")
+    parser.add_argument(
+        "--load",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="instead: one load of this many seconds with the largest number of clients, batching",
+    )
     parser.add_argument("--max_tokens", type=int, default=16, help="answer tokens per request (default 16)")
     parser.add_argument("--max_batch", type=int, default=32, help="the batching server's --max_batch (default 32)")
     parser.add_argument("--max_wait_ms", type=float, default=10.0, help="its --max_wait_ms (default 10)")
@@ -50,30 +55,57 @@ def make_model(folder: Path, documents: int) -> tuple[str, str]:
     """A tiny stage2 checkpoint and its index of the first example documents."""
     import torch
 
-    from clara.checkpoint import build_model, save_model
-    from clara.index import build_index
-    from clara.model import ADAPTERS, ModelSettings
+    from clara.index.build import build_index
+    from clara.model.checkpoint import build_model, save_model
+    from clara.model.model import ADAPTERS, ModelSettings
 
-    settings = ModelSettings(base_model="tiny", n_mem_tokens=4, compress_rate=32, doc_max_length=128,
-                             generation_top_k=3)
+    settings = ModelSettings(
+        base_model="tiny", n_mem_tokens=4, compress_rate=32, doc_max_length=128, generation_top_k=3
+    )
     torch.manual_seed(0)
     model = build_model(settings, list(ADAPTERS))
     save_model(model, str(folder / "checkpoint"), "stage2")
     lines = (REPO / "example" / "corpus.jsonl").read_text(encoding="utf-8").splitlines()[:documents]
     docs = [json.loads(line) for line in lines]
-    build_index(model.eval(), [d["id"] for d in docs], [d["text"] for d in docs], str(folder / "index"),
-                show_progress=False, log=lambda *args: None)
+    build_index(
+        model.eval(),
+        [d["id"] for d in docs],
+        [d["text"] for d in docs],
+        str(folder / "index"),
+        show_progress=False,
+        log=lambda *args: None,
+    )
     return str(folder / "checkpoint"), str(folder / "index")
 
 
-def start_server(checkpoint: str, index: str, port: int, max_batch: int, max_wait_ms: float,
-                 max_tokens: int) -> tuple[subprocess.Popen, str]:
-    from clara.launch import free_port
+def start_server(
+    checkpoint: str, index: str, port: int, max_batch: int, max_wait_ms: float, max_tokens: int
+) -> tuple[subprocess.Popen, str]:
+    from clara.training.launch import free_port
 
     port = port or free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "clara.serve", "--checkpoint", checkpoint, "--index", index,
-                             "--port", str(port), "--max_batch", str(max_batch), "--max_wait_ms", str(max_wait_ms),
-                             "--max_tokens", str(max_tokens), "--model_name", "bench"], cwd=REPO)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "clara.serve",
+            "--checkpoint",
+            checkpoint,
+            "--index",
+            index,
+            "--port",
+            str(port),
+            "--max_batch",
+            str(max_batch),
+            "--max_wait_ms",
+            str(max_wait_ms),
+            "--max_tokens",
+            str(max_tokens),
+            "--model_name",
+            "bench",
+        ],
+        cwd=REPO,
+    )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and proc.poll() is None:
@@ -114,10 +146,16 @@ async def closed_loop(url: str, clients: int, seconds: float, questions: list[st
         await asyncio.gather(*(client(i, http) for i in range(clients)))
     elapsed = time.perf_counter() - started
     ordered = sorted(latencies) or [float("nan")]
-    return {"clients": clients, "seconds": round(elapsed, 1), "requests": len(latencies), "failed": len(failures),
-            "requests_per_s": len(latencies) / elapsed, "p50_ms": 1000 * statistics.median(ordered),
-            "p99_ms": 1000 * ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))],
-            "first_failures": failures[:3]}
+    return {
+        "clients": clients,
+        "seconds": round(elapsed, 1),
+        "requests": len(latencies),
+        "failed": len(failures),
+        "requests_per_s": len(latencies) / elapsed,
+        "p50_ms": 1000 * statistics.median(ordered),
+        "p99_ms": 1000 * ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))],
+        "first_failures": failures[:3],
+    }
 
 
 def measure(args: argparse.Namespace, checkpoint: str, index: str, questions: list[str]) -> list[dict]:
@@ -144,21 +182,27 @@ def measure(args: argparse.Namespace, checkpoint: str, index: str, questions: li
 
 
 def format_row(row: dict) -> str:
-    return (f"| {row['server']} | {row['clients']} | {row['requests_per_s']:.1f} | {row['p50_ms']:.0f} | "
-            f"{row['p99_ms']:.0f} | {row['mean_batch']:.1f} | {row['requests']} | {row['failed']} |")
+    return (
+        f"| {row['server']} | {row['clients']} | {row['requests_per_s']:.1f} | {row['p50_ms']:.0f} | "
+        f"{row['p99_ms']:.0f} | {row['mean_batch']:.1f} | {row['requests']} | {row['failed']} |"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    questions = [json.loads(line)["question"] for line in
-                 (REPO / "example" / "end_to_end_data_eval.jsonl").read_text(encoding="utf-8").splitlines()]
+    questions = [
+        json.loads(line)["question"]
+        for line in (REPO / "example" / "end_to_end_data_eval.jsonl").read_text(encoding="utf-8").splitlines()
+    ]
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint, index = args.checkpoint, args.index
         if checkpoint is None or index is None:
             checkpoint, index = make_model(Path(tmp), args.documents)
-        print("| server | clients | requests/s | p50 ms | p99 ms | mean batch | requests | failed |\n"
-              "|---|---|---|---|---|---|---|---|",
-              flush=True)
+        print(
+            "| server | clients | requests/s | p50 ms | p99 ms | mean batch | requests | failed |\n"
+            "|---|---|---|---|---|---|---|---|",
+            flush=True,
+        )
         rows = measure(args, checkpoint, index, questions)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2), encoding="utf-8")

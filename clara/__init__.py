@@ -6,7 +6,7 @@ __all__ = ["CLaRa"]
 def __getattr__(name: str):
     # Imported on first use, so that light modules (config, cli) do not pull in torch and transformers.
     if name == "CLaRa":
-        from clara.inference import CLaRa
+        from clara.evaluation.inference import CLaRa
 
         return CLaRa
     raise AttributeError(f"module 'clara' has no attribute {name!r}")

@@ -1,58 +1,8 @@
-"""python -m clara.ask --checkpoint CK --index DIR "question" ...: answer from a corpus index.
+"""`python -m clara.ask`, kept for existing commands: the command is clara.index.ask."""
 
-Prints each answer and the retrieved documents (rank, cosine score, id, first words); the
-generator reads the stored vectors of the first generation_top_k of them.
-"""
-
-from __future__ import annotations
-
-import argparse
 import sys
 
-from clara.cli import positive_int
-from clara.errors import USER_ERRORS
-from clara.index import answer_from_index, check_index_matches, load_index
-from clara.inference import CLaRa
-from clara.stage_model import ensure_query_reasoner
-
-FIRST_WORDS = 12
-
-
-def first_words(text: str, count: int = FIRST_WORDS) -> str:
-    words = text.split()
-    return " ".join(words[:count]) + (" ..." if len(words) > count else "")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m clara.ask",
-                                     description="Answer questions from a corpus index built by python -m clara.index.")
-    parser.add_argument("questions", nargs="+", help="one or more questions")
-    parser.add_argument("--checkpoint", required=True, help="stage2 checkpoint (or stage1_2: its compressor as reasoner)")
-    parser.add_argument("--index", required=True, help="index folder of python -m clara.index")
-    parser.add_argument("--max_new_tokens", type=positive_int, default=64, help="max generated tokens (default 64)")
-    parser.add_argument("--dtype", default=None, help="model dtype (default: bfloat16 on CUDA, float32 on CPU)")
-    parser.add_argument("--model_path", default=None, help="base model to use instead of the one the checkpoint names")
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        clara = CLaRa.from_pretrained(args.checkpoint, dtype=args.dtype, base_model=args.model_path)
-        index = load_index(args.index)
-        ensure_query_reasoner(clara.model)
-        check_index_matches(index, clara.model, args.checkpoint)
-        found = answer_from_index(clara.model, index, args.questions, max_new_tokens=args.max_new_tokens,
-                                  device=clara.device)
-    except USER_ERRORS as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    for question, answer, rows, scores in zip(args.questions, found.answers, found.rows, found.scores):
-        print(f"Q: {question}\nA: {answer}")
-        for rank, (row, score) in enumerate(zip(rows, scores), start=1):
-            print(f"  {rank}. [{score:.3f}] {index.ids[row]}: {first_words(index.texts[row])}")
-    return 0
-
+from clara.index.ask import main
 
 if __name__ == "__main__":
     sys.exit(main())

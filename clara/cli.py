@@ -1,6 +1,6 @@
 """`python -m clara.train` arguments -> TrainConfig. Every TrainConfig field is a flag of the same name,
 with the help text written beside the field; the launchers' environment variables are the same names in
-upper case (clara.launch)."""
+upper case (clara.training.launch)."""
 
 from __future__ import annotations
 
@@ -32,13 +32,21 @@ def parse_value(field: dataclasses.Field, text: str):
 
 
 def build_parser(prog: str = "python -m clara.train") -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=prog, description="Train a CLaRa model (one stage).",
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description="Train a CLaRa model (one stage).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     for field in dataclasses.fields(TrainConfig):
         kind = value_type(field)
-        parser.add_argument(f"--{field.name}", type=parse_bool if kind is bool else kind, default=field.default,
-                            metavar=kind.__name__.upper(), help=field.metadata["help"],
-                            choices=STAGES if field.name == "stage" else None)
+        parser.add_argument(
+            f"--{field.name}",
+            type=parse_bool if kind is bool else kind,
+            default=field.default,
+            metavar=kind.__name__.upper(),
+            help=field.metadata["help"],
+            choices=STAGES if field.name == "stage" else None,
+        )
     return parser
 
 
@@ -56,3 +64,23 @@ def positive_int(text: str) -> int:
     if value <= 0:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
     return value
+
+
+# The model flags of every command line that loads a model, declared once (python -m clara.train has the same
+# two settings from TrainConfig). A bad --dtype is refused where it is resolved (clara.parallel.distributed).
+DTYPE_HELP = (
+    "dtype the model runs in: auto (default): bf16 on a GPU that supports it, fp16 on older GPUs, fp32 on the CPU; "
+    "bf16, fp16, fp32 (or bfloat16, float16, float32)"
+)
+FLASH_ATTN_HELP = "auto (default): FlashAttention-2 when installed and on CUDA, else SDPA; true; false"
+
+
+def add_model_flags(
+    parser: argparse.ArgumentParser, dtype_flag: str = "--dtype", flash_attn: bool = True, note: str = ""
+) -> None:
+    """--dtype and --flash_attn, with one meaning and one help text everywhere. dtype_flag: the index and the
+    synthesis command call it --model_dtype (the index's --dtype is its storage dtype). note: what comes
+    before the help text ("hf: " where only one kind of model reads it)."""
+    parser.add_argument(dtype_flag, default="auto", help=note + DTYPE_HELP)
+    if flash_attn:
+        parser.add_argument("--flash_attn", default="auto", choices=("auto", "true", "false"), help=FLASH_ATTN_HELP)

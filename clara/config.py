@@ -18,7 +18,7 @@ from clara.errors import ConfigError
 from clara.stages import STAGES, get_stage
 
 TINY_MODEL_NAME = "tiny"
-# Files every resumable checkpoint directory holds (clara.resumable writes them).
+# Files every resumable checkpoint directory holds (clara.training.resumable writes them).
 CHECKPOINT_MANIFEST = "manifest.json"
 CHECKPOINT_STATE = "trainer_state.json"
 GPU_DEFAULT_MODEL = "Qwen/Qwen3-14B"
@@ -60,33 +60,53 @@ def setting(default, help: str):
 class TrainConfig:
     # What to train
     stage: str = setting("stage1", "training stage: " + ", ".join(STAGES))
-    model_path: str | None = setting(None, "base model: hub id, local directory, or 'tiny' for the built-in model "
-                                           f"(default: tiny without CUDA, {GPU_DEFAULT_MODEL} with it)")
-    pretrain_checkpoint: str | None = setting(None, "checkpoint of the previous stage (stage1_2 needs stage1's, "
-                                                    "stage2 needs stage1_2's)")
+    model_path: str | None = setting(
+        None,
+        "base model: hub id, local directory, or 'tiny' for the built-in model "
+        f"(default: tiny without CUDA, {GPU_DEFAULT_MODEL} with it)",
+    )
+    pretrain_checkpoint: str | None = setting(
+        None, "checkpoint of the previous stage (stage1_2 needs stage1's, stage2 needs stage1_2's)"
+    )
     allow_no_checkpoint: bool = setting(False, "let stage1_2/stage2 start from the base model")
-    dataset: str | None = setting(None, "training JSONL file(s) joined by commas, or a Hub data set "
-                                        "hf:NAME:CONFIG[:SPLIT] (default: the stage's example file)")
-    eval_dataset: str | None = setting(None, "held-out data (JSONL files or hf:NAME:CONFIG[:SPLIT]) evaluated "
-                                             "every --eval_steps and at the end")
+    dataset: str | None = setting(
+        None,
+        "training JSONL file(s) joined by commas, or a Hub data set "
+        "hf:NAME:CONFIG[:SPLIT] (default: the stage's example file)",
+    )
+    eval_dataset: str | None = setting(
+        None, "held-out data (JSONL files or hf:NAME:CONFIG[:SPLIT]) evaluated every --eval_steps and at the end"
+    )
     save_path: str | None = setting(None, "output directory (default: checkpoints/clara_<stage>)")
-    bad_samples: str = setting("error", "error: stop on bad records; skip: train on the good ones, write the rest "
-                                        "to rejected.jsonl")
-    data_workers: int | None = setting(None, "processes that prepare the data on its first use (default: the CPUs "
-                                             f"this process may use, at most {MAX_DATA_WORKERS})")
+    bad_samples: str = setting(
+        "error", "error: stop on bad records; skip: train on the good ones, write the rest to rejected.jsonl"
+    )
+    data_workers: int | None = setting(
+        None,
+        "processes that prepare the data on its first use (default: the CPUs "
+        f"this process may use, at most {MAX_DATA_WORKERS})",
+    )
     # Model
     doc_max_length: int = setting(256, "max document tokens")
-    compress_rate: int = setting(32, "document tokens per memory vector; memory tokens = doc_max_length / "
-                                     "compress_rate")
+    compress_rate: int = setting(
+        32, "document tokens per memory vector; memory tokens = doc_max_length / compress_rate"
+    )
     generation_top_k: int = setting(5, "stage2: documents selected per question")
     max_len: int | None = setting(None, "max decoder tokens (default 2048, stage2 1024)")
-    mse_weight: float | None = setting(None, "weight of the MSE alignment loss, 0 turns it off; stage1/stage1_2 "
-                                             "(default 0.1; tiny model 0)")
-    retrieval_weight: float = setting(0.0, "stage2: weight of a cross-entropy loss that pulls the retrieval scores "
-                                           "towards each record's pos_index; 0 (the official objective): the "
-                                           "generator's loss alone trains retrieval")
-    dtype: str = setting("auto", "auto: bf16 on a GPU that supports it, fp16 (DeepSpeed's dynamic loss scaling) on older "
-                                 "GPUs such as V100 and T4, fp32 on the CPU; bf16; fp16; fp32")
+    mse_weight: float | None = setting(
+        None, "weight of the MSE alignment loss, 0 turns it off; stage1/stage1_2 (default 0.1; tiny model 0)"
+    )
+    retrieval_weight: float = setting(
+        0.0,
+        "stage2: weight of a cross-entropy loss that pulls the retrieval scores "
+        "towards each record's pos_index; 0 (the official objective): the "
+        "generator's loss alone trains retrieval",
+    )
+    dtype: str = setting(
+        "auto",
+        "auto: bf16 on a GPU that supports it, fp16 (DeepSpeed's dynamic loss scaling) on older "
+        "GPUs such as V100 and T4, fp32 on the CPU; bf16; fp16; fp32",
+    )
     flash_attn: str = setting("auto", "auto: FlashAttention-2 when installed and on CUDA, else SDPA; true; false")
     gradient_checkpointing: bool | None = setting(None, "recompute activations in backward (default: on with CUDA)")
     lora_r: int = setting(16, "LoRA rank")
@@ -95,10 +115,12 @@ class TrainConfig:
     topk_temperature: float = setting(0.02, "stage2: softmax temperature of the differentiable top-k")
     candidate_chunk_size: int = setting(64, "stage2: candidates compressed per no-grad chunk (bounds peak memory)")
     # Optimisation
-    learning_rate: float | None = setting(None, "peak learning rate (default 1e-4, stage2 5e-6; tiny model 2e-3, "
-                                                "stage2 1e-3)")
-    batch_size: int | None = setting(None, "global batch size: samples per optimizer step (default 4; tiny model: "
-                                           "micro_batch_size x processes)")
+    learning_rate: float | None = setting(
+        None, "peak learning rate (default 1e-4, stage2 5e-6; tiny model 2e-3, stage2 1e-3)"
+    )
+    batch_size: int | None = setting(
+        None, "global batch size: samples per optimizer step (default 4; tiny model: micro_batch_size x processes)"
+    )
     micro_batch_size: int | None = setting(None, "samples per process per forward (default 1; tiny model: 8)")
     max_epochs: int = setting(1, "epochs over the data")
     max_steps: int | None = setting(None, "stop after this many optimizer steps (default: the epochs decide)")
@@ -106,10 +128,14 @@ class TrainConfig:
     warmup_ratio: float = setting(0.03, "share of steps warming the learning rate up")
     min_lr_ratio: float = setting(0.1, "floor of the cosine schedule, as a share of the peak")
     seed: int = setting(42, "random seed: same seed, data and world size give the same run")
-    zero_stage: int = setting(2, "DeepSpeed ZeRO stage: 0, 1, 2, or 3 (3 also partitions the frozen base model "
-                                 "over the processes)")
-    offload: str = setting("none", "ZeRO-Offload to CPU memory: none; optimizer (the optimizer states, ZERO_STAGE "
-                                   "1 to 3); all (also the parameters, ZERO_STAGE=3)")
+    zero_stage: int = setting(
+        2, "DeepSpeed ZeRO stage: 0, 1, 2, or 3 (3 also partitions the frozen base model over the processes)"
+    )
+    offload: str = setting(
+        "none",
+        "ZeRO-Offload to CPU memory: none; optimizer (the optimizer states, ZERO_STAGE "
+        "1 to 3); all (also the parameters, ZERO_STAGE=3)",
+    )
     # Output
     debug_mode: bool = setting(True, "colour-coded per-token confidence print")
     debug_every_steps: int = setting(5, "debug print every N optimizer steps")
@@ -120,11 +146,15 @@ class TrainConfig:
     max_new_tokens: int = setting(64, "max generated tokens per answer in evaluation")
     save_steps: int = setting(100, "save a resumable checkpoint every N optimizer steps")
     max_ckpt_num: int = setting(3, "resumable checkpoints kept")
-    resume: str = setting("auto", "auto: continue from the newest checkpoint in save_path; false: start over; "
-                                  "or a checkpoint directory")
-    resume_changed_inputs: bool = setting(False, "resume even though the data or the base model changed since the "
-                                                 "checkpoint (the epoch order is recomputed for the new data from the "
-                                                 "saved step on); false: such a resume stops with exit 2")
+    resume: str = setting(
+        "auto", "auto: continue from the newest checkpoint in save_path; false: start over; or a checkpoint directory"
+    )
+    resume_changed_inputs: bool = setting(
+        False,
+        "resume even though the data or the base model changed since the "
+        "checkpoint (the epoch order is recomputed for the new data from the "
+        "saved step on); false: such a resume stops with exit 2",
+    )
     use_tensorboard: bool = setting(False, "log to save_path/tensorboard")
     use_wandb: bool = setting(False, "log to Weights & Biases")
     wandb_project: str = setting("clara", "W&B project")
@@ -147,8 +177,9 @@ def example_path(relative: str) -> str:
     return relative if os.path.exists(relative) else str(REPO_ROOT / relative)
 
 
-def resolve(cfg: TrainConfig, has_cuda: bool | None = None, world_size: int = 1,
-            batch_defaults: tuple[int, int] = (4, 1)) -> TrainConfig:
+def resolve(
+    cfg: TrainConfig, has_cuda: bool | None = None, world_size: int = 1, batch_defaults: tuple[int, int] = (4, 1)
+) -> TrainConfig:
     """Fill the settings left at None with their stage-, model- and device-dependent defaults.
 
     batch_defaults: (batch_size, micro_batch_size) for a real model; each launcher has its own.
@@ -185,10 +216,29 @@ def resolve(cfg: TrainConfig, has_cuda: bool | None = None, world_size: int = 1,
     return cfg
 
 
-POSITIVE_INTS = ("doc_max_length", "compress_rate", "generation_top_k", "batch_size", "micro_batch_size",
-                 "max_epochs", "max_len", "debug_every_steps", "debug_max_print_tokens", "logging_steps",
-                 "eval_steps", "save_steps", "max_ckpt_num", "lora_r", "lora_alpha", "candidate_chunk_size",
-                 "eval_max_samples", "max_new_tokens", "max_steps", "max_samples", "data_workers")
+POSITIVE_INTS = (
+    "doc_max_length",
+    "compress_rate",
+    "generation_top_k",
+    "batch_size",
+    "micro_batch_size",
+    "max_epochs",
+    "max_len",
+    "debug_every_steps",
+    "debug_max_print_tokens",
+    "logging_steps",
+    "eval_steps",
+    "save_steps",
+    "max_ckpt_num",
+    "lora_r",
+    "lora_alpha",
+    "candidate_chunk_size",
+    "eval_max_samples",
+    "max_new_tokens",
+    "max_steps",
+    "max_samples",
+    "data_workers",
+)
 # float() also reads "nan", "inf" and "1e999" (inf): a non-finite setting would poison the weights.
 FLOAT_RANGES = {
     "learning_rate": (lambda v: v > 0, "a finite number > 0 (e.g. 1e-4)"),
@@ -199,8 +249,13 @@ FLOAT_RANGES = {
     "warmup_ratio": (lambda v: 0 <= v <= 1, "a number in [0, 1]"),
     "min_lr_ratio": (lambda v: 0 <= v <= 1, "a number in [0, 1]"),
 }
-CHOICES = {"dtype": ("auto", "bf16", "fp16", "fp32"), "flash_attn": ("auto", "true", "false"), "bad_samples": ("error", "skip"), "zero_stage": (0, 1, 2, 3),
-           "offload": ("none", "optimizer", "all")}
+CHOICES = {
+    "dtype": ("auto", "bf16", "fp16", "fp32"),
+    "flash_attn": ("auto", "true", "false"),
+    "bad_samples": ("error", "skip"),
+    "zero_stage": (0, 1, 2, 3),
+    "offload": ("none", "optimizer", "all"),
+}
 
 
 def validate(cfg: TrainConfig, world_size: int = 1, check_batch: bool = True) -> None:
@@ -223,23 +278,37 @@ def validate(cfg: TrainConfig, world_size: int = 1, check_batch: bool = True) ->
         if getattr(cfg, name) not in choices:
             raise ConfigError(name, getattr(cfg, name), "one of " + ", ".join(map(str, choices)))
     if cfg.offload == "all" and cfg.zero_stage != 3:
-        raise ConfigError("offload", cfg.offload, f"none or optimizer with ZERO_STAGE={cfg.zero_stage} (all also "
-                                                  "offloads the parameters, which only ZERO_STAGE=3 partitions)")
+        raise ConfigError(
+            "offload",
+            cfg.offload,
+            f"none or optimizer with ZERO_STAGE={cfg.zero_stage} (all also "
+            "offloads the parameters, which only ZERO_STAGE=3 partitions)",
+        )
     if cfg.offload == "optimizer" and cfg.zero_stage == 0:
-        raise ConfigError("offload", cfg.offload, "none with ZERO_STAGE=0 (offloading the optimizer states needs "
-                                                  "ZERO_STAGE 1, 2 or 3)")
+        raise ConfigError(
+            "offload",
+            cfg.offload,
+            "none with ZERO_STAGE=0 (offloading the optimizer states needs ZERO_STAGE 1, 2 or 3)",
+        )
     if cfg.doc_max_length % cfg.compress_rate:
-        raise ConfigError("doc_max_length", cfg.doc_max_length,
-                          f"a multiple of COMPRESS_RATE={cfg.compress_rate} (memory tokens per document = "
-                          "DOC_MAX_LENGTH / COMPRESS_RATE)")
+        raise ConfigError(
+            "doc_max_length",
+            cfg.doc_max_length,
+            f"a multiple of COMPRESS_RATE={cfg.compress_rate} (memory tokens per document = "
+            "DOC_MAX_LENGTH / COMPRESS_RATE)",
+        )
     per_step = cfg.micro_batch_size * world_size
     if check_batch and cfg.batch_size % per_step:
-        raise ConfigError("batch_size", cfg.batch_size, f"a multiple of MICRO_BATCH_SIZE x processes = "
-                                                        f"{cfg.micro_batch_size} x {world_size} = {per_step}")
+        raise ConfigError(
+            "batch_size",
+            cfg.batch_size,
+            f"a multiple of MICRO_BATCH_SIZE x processes = {cfg.micro_batch_size} x {world_size} = {per_step}",
+        )
     resumable = any(os.path.isfile(os.path.join(cfg.resume, name)) for name in (CHECKPOINT_MANIFEST, CHECKPOINT_STATE))
     if cfg.resume not in ("auto", "false") and not resumable:
-        raise ConfigError("resume", cfg.resume, "auto, false, or a resumable checkpoint directory "
-                                                "($SAVE_PATH/checkpoints/step_N)")
+        raise ConfigError(
+            "resume", cfg.resume, "auto, false, or a resumable checkpoint directory ($SAVE_PATH/checkpoints/step_N)"
+        )
     check_data_sources("dataset", cfg.dataset)
     if cfg.eval_dataset:
         check_data_sources("eval_dataset", cfg.eval_dataset)
@@ -263,10 +332,11 @@ class HubSource:
 
 
 def parse_hub_source(text: str, setting: str) -> HubSource:
-    parts = text[len(HUB_PREFIX):].split(":")
+    parts = text[len(HUB_PREFIX) :].split(":")
     if not 2 <= len(parts) <= 3 or not all(parts) or "," in text:
-        raise ConfigError(setting, text, "hf:NAME:CONFIG or hf:NAME:CONFIG:SPLIT "
-                                         "(e.g. hf:apple/CLaRa_multi_stage:instruction_tuning)")
+        raise ConfigError(
+            setting, text, "hf:NAME:CONFIG or hf:NAME:CONFIG:SPLIT (e.g. hf:apple/CLaRa_multi_stage:instruction_tuning)"
+        )
     return HubSource(*parts)
 
 
@@ -285,8 +355,9 @@ def check_data_sources(name: str, spec: str | None) -> None:
         if os.path.isdir(path):
             raise ConfigError(name, spec, f"JSONL files joined by commas; '{path}' is a directory")
         if not os.path.isfile(path) or not os.access(path, os.R_OK):
-            raise ConfigError(name, spec, f"readable JSONL files joined by commas; '{path}' does not exist "
-                                          "or is not readable")
+            raise ConfigError(
+                name, spec, f"readable JSONL files joined by commas; '{path}' does not exist or is not readable"
+            )
 
 
 def _check_pretrain_checkpoint(cfg: TrainConfig) -> None:
@@ -295,12 +366,21 @@ def _check_pretrain_checkpoint(cfg: TrainConfig) -> None:
         return  # a Hub id, resolved (and its errors reported) when the trainer loads it
     if cfg.pretrain_checkpoint:
         if not os.path.isdir(cfg.pretrain_checkpoint):
-            raise ConfigError("pretrain_checkpoint", cfg.pretrain_checkpoint,
-                              "the SAVE_PATH of a finished earlier stage (no such directory)")
+            raise ConfigError(
+                "pretrain_checkpoint",
+                cfg.pretrain_checkpoint,
+                "the SAVE_PATH of a finished earlier stage (no such directory)",
+            )
         if not os.path.isfile(os.path.join(cfg.pretrain_checkpoint, "config.json")):
-            raise ConfigError("pretrain_checkpoint", cfg.pretrain_checkpoint,
-                              "the SAVE_PATH of a finished earlier stage (not a checkpoint: no config.json inside)")
+            raise ConfigError(
+                "pretrain_checkpoint",
+                cfg.pretrain_checkpoint,
+                "the SAVE_PATH of a finished earlier stage (not a checkpoint: no config.json inside)",
+            )
     elif stage.previous and not cfg.allow_no_checkpoint:
-        raise ConfigError("pretrain_checkpoint", None,
-                          f"the {stage.previous} SAVE_PATH, since STAGE={stage.name} continues from a "
-                          f"{stage.previous} checkpoint; or ALLOW_NO_CHECKPOINT=true to start from the base model")
+        raise ConfigError(
+            "pretrain_checkpoint",
+            None,
+            f"the {stage.previous} SAVE_PATH, since STAGE={stage.name} continues from a "
+            f"{stage.previous} checkpoint; or ALLOW_NO_CHECKPOINT=true to start from the base model",
+        )

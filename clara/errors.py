@@ -3,6 +3,9 @@ line and what was expected; the command lines print it as one line and exit 2.""
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Callable
+
 
 class ConfigError(ValueError):
     """A setting a user gave is invalid: `name` is the setting, `value` what was given, `expected` what would
@@ -44,3 +47,21 @@ USER_ERRORS = (ConfigError, DataError, CheckpointError, CorpusIndexError, Resume
 class RunFailure(RuntimeError):
     """The run cannot go on (disk full, diverged); the message says what was kept and what to do. Not the
     user's input: the command lines print it as one line and exit 1."""
+
+
+def exit_status(body: Callable[[], int | None], quiet: bool = False, also: tuple[type[Exception], ...] = ()) -> int:
+    """Run a command line's `body` and return the process's exit status, the same way for every command line:
+    what `body` returns (None: 0); a user error (USER_ERRORS, and `also`) is one line on stderr and 2; a RunFailure
+    one line and 1. quiet: print nothing (a rank other than 0); an error marked `reported` was printed already
+    by the process that found it."""
+    try:
+        status = body()
+    except (*USER_ERRORS, *also) as error:
+        if not quiet and not getattr(error, "reported", False):
+            print(f"error: {error}", file=sys.stderr)
+        return 2
+    except RunFailure as failure:
+        if not quiet:
+            print(f"error: {failure}", file=sys.stderr)
+        return 1
+    return 0 if status is None else status

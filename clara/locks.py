@@ -1,5 +1,5 @@
 """One writer per folder (README: "Runs you cannot lose"): a training run holds its SAVE_PATH, and
-`clara.export` / `clara.index` hold the folder they write, for their whole life.
+`clara.model.export` / `clara.index` hold the folder they write, for their whole life.
 
 The lock is an OS lock (flock) on `FOLDER/.lock`: it dies with the processes that hold it, so a `kill -9`
 never leaves a stale lock. The launchers open that file, take the lock here (`python -m clara.locks`) on
@@ -30,7 +30,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from clara.errors import FolderBusy
+from clara.errors import FolderBusy, exit_status
 
 LOCK_NAME = ".lock"
 FALLBACK_NAME = ".lock.held"
@@ -58,11 +58,12 @@ class FolderLock:
     def describe(self) -> str:
         """The line saying which lock is in use."""
         if self.mode == "os":
-            return (f"Lock on {self.folder}: an OS lock (flock) on {self.info_path}; it ends with this run's "
-                    "processes")
-        return (f"Lock on {self.folder}: the lock file {self.info_path} (host, pid, a heartbeat every {HEARTBEAT_S} s; "
-                f"{'CLARA_LOCK=file' if forced_file_mode() else 'this filesystem refuses OS locks'}); a holder "
-                f"silent for {STALE_AFTER_S} s counts as gone")
+            return f"Lock on {self.folder}: an OS lock (flock) on {self.info_path}; it ends with this run's processes"
+        return (
+            f"Lock on {self.folder}: the lock file {self.info_path} (host, pid, a heartbeat every {HEARTBEAT_S} s; "
+            f"{'CLARA_LOCK=file' if forced_file_mode() else 'this filesystem refuses OS locks'}); a holder "
+            f"silent for {STALE_AFTER_S} s counts as gone"
+        )
 
     def release(self) -> None:
         if self.mode == "file" and _read_info(self.info_path).get("token") == self.token:
@@ -114,14 +115,23 @@ def record_run_id(run_id: str) -> None:
 
 def holder_line(folder: str, info: dict) -> str:
     started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(info["started"])) if info.get("started") else "?"
-    return (f"{folder} is in use by another run: host {info.get('host', '?')}, pid {info.get('pid', '?')} "
-            f"({info.get('what', '?')}), started {started}, run id {info.get('run_id') or '(not decided yet)'}. "
-            "Wait for it to end or stop it, or choose another folder")
+    return (
+        f"{folder} is in use by another run: host {info.get('host', '?')}, pid {info.get('pid', '?')} "
+        f"({info.get('what', '?')}), started {started}, run id {info.get('run_id') or '(not decided yet)'}. "
+        "Wait for it to end or stop it, or choose another folder"
+    )
 
 
 def _holder(what: str, pid: int, mode: str, token: str) -> dict:
-    return {"host": socket.gethostname(), "pid": pid, "what": what, "started": time.time(), "run_id": None,
-            "lock": mode, "token": token}
+    return {
+        "host": socket.gethostname(),
+        "pid": pid,
+        "what": what,
+        "started": time.time(),
+        "run_id": None,
+        "lock": mode,
+        "token": token,
+    }
 
 
 def take(folder: str, what: str, fd: int | None = None, pid: int | None = None) -> FolderLock:
@@ -225,8 +235,9 @@ def holding(folder: str, what: str) -> Iterator[FolderLock]:
     stop = threading.Event()
     beat = None
     if lock.mode == "file":
-        beat = threading.Thread(target=heartbeat, args=(lock.info_path, lock.token, lambda: True, stop),
-                                name="lock heartbeat", daemon=True)
+        beat = threading.Thread(
+            target=heartbeat, args=(lock.info_path, lock.token, lambda: True, stop), name="lock heartbeat", daemon=True
+        )
         beat.start()
     previous = os.environ.get(INFO_ENV)
     os.environ[INFO_ENV] = lock.info_path
@@ -284,14 +295,20 @@ def publishing_export(folder: str) -> contextlib.AbstractContextManager:
 
 def _launcher_heartbeat(lock: FolderLock, pid: int) -> None:
     """A lock file outlives this call: a detached process keeps its heartbeat while the launcher `pid` lives."""
-    subprocess.Popen([sys.executable, "-m", "clara.locks", "--heartbeat", lock.info_path, "--token", lock.token,
-                      "--pid", str(pid)], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                     stderr=subprocess.DEVNULL, start_new_session=True, close_fds=True)
+    subprocess.Popen(
+        [sys.executable, "-m", "clara.locks", "--heartbeat", lock.info_path, "--token", lock.token, "--pid", str(pid)],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+        close_fds=True,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m clara.locks",
-                                     description="Take a launcher's lock on its SAVE_PATH (see clara/locks.py).")
+    parser = argparse.ArgumentParser(
+        prog="python -m clara.locks", description="Take a launcher's lock on its SAVE_PATH (see clara/locks.py)."
+    )
     parser.add_argument("--folder", help="the folder to lock")
     parser.add_argument("--fd", type=int, help="the launcher's open descriptor of FOLDER/.lock")
     parser.add_argument("--pid", type=int, required=True, help="the launcher's pid, named to a refused launch")
@@ -302,11 +319,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.heartbeat:
         heartbeat(args.heartbeat, args.token, lambda: _pid_alive(args.pid))
         return 0
-    try:
-        lock = take(args.folder, args.what, fd=args.fd, pid=args.pid)
-    except FolderBusy as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    return exit_status(lambda: lock_for_launcher(args))
+
+
+def lock_for_launcher(args: argparse.Namespace) -> None:
+    """Take the lock (FolderBusy when another run holds it) and print what the launcher exports."""
+    lock = take(args.folder, args.what, fd=args.fd, pid=args.pid)
     if lock.mode == "file":
         _launcher_heartbeat(lock, args.pid)
     print(f"CLARA_LOCK_INFO={shlex.quote(lock.info_path)}")

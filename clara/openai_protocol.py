@@ -117,17 +117,24 @@ def sse_event(payload: BaseModel) -> str:
 
 
 # The error `type` OpenAI gives each status, used when a caller names none.
-ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-               404: "not_found_error", 405: "invalid_request_error", 413: "invalid_request_error",
-               429: "rate_limit_error"}
+ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    413: "invalid_request_error",
+    429: "rate_limit_error",
+}
 
 
 def error_type_for(status: int) -> str:
     return ERROR_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
 
 
-def error_body(message: str, type: str = "invalid_request_error", param: str | None = None,
-               code: str | None = None) -> dict:
+def error_body(
+    message: str, type: str = "invalid_request_error", param: str | None = None, code: str | None = None
+) -> dict:
     """The JSON body of an OpenAI-style error: `{"error": {"message", "type", "param", "code"}}`."""
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
@@ -136,8 +143,9 @@ class OpenAIError(Exception):
     """An HTTP error in the OpenAI style. A server raises it to answer `status` with `body()`; a client gets it
     from `OpenAIError.from_response` and asks `retryable` whether another try can succeed."""
 
-    def __init__(self, status: int, message: str, type: str | None = None, param: str | None = None,
-                 code: str | None = None):
+    def __init__(
+        self, status: int, message: str, type: str | None = None, param: str | None = None, code: str | None = None
+    ):
         self.status, self.message = status, message
         self.type, self.param, self.code = type or error_type_for(status), param, code
         super().__init__(f"HTTP {status} {self.type}: {message}")
@@ -160,8 +168,7 @@ class OpenAIError(Exception):
         """Read an error response; a body that is not an OpenAI error (a proxy's HTML page) is kept as text."""
         try:
             error = json.loads(text)["error"]
-            return cls(status, str(error.get("message", "")), error.get("type"), error.get("param"),
-                       error.get("code"))
+            return cls(status, str(error.get("message", "")), error.get("type"), error.get("param"), error.get("code"))
         except (ValueError, KeyError, TypeError, AttributeError):
             raw = text.decode("utf-8", "replace") if isinstance(text, bytes) else text
             return cls(status, raw[:500].strip() or f"HTTP {status}")

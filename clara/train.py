@@ -10,7 +10,7 @@ from torch.distributed.elastic.multiprocessing.errors import record
 
 from clara.cli import parse_config
 from clara.config import resolve, validate
-from clara.errors import USER_ERRORS, RunFailure
+from clara.errors import exit_status
 from clara.locks import INFO_ENV, holding
 
 
@@ -25,24 +25,21 @@ def own_lock(save_path: str) -> contextlib.AbstractContextManager:
 def main(argv: list[str] | None = None) -> int:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     cfg = resolve(parse_config(argv), world_size=world_size)
-    try:
+
+    def body() -> int | None:
         validate(cfg, world_size=world_size)
         with own_lock(cfg.save_path):
             # Deferred: a bad flag (or a SAVE_PATH in use) is reported before deepspeed, peft and the model load.
-            from clara.trainer import Stop, train
+            from clara.training.trainer import Stop, train
 
             try:
                 train(cfg)
             except Stop as stop:
                 return 128 + stop.signum
-    except USER_ERRORS as error:
-        if not getattr(error, "reported", False):  # a rank that waited for the one that prints it
-            print(f"error: {error}", file=sys.stderr)
-        return 2
-    except RunFailure as failure:
-        print(f"error: {failure}", file=sys.stderr)
-        return 1
-    return 0
+        return None
+
+    # A DataError marked `reported` (a rank that waited for the one that prints it) is not printed again.
+    return exit_status(body)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Generate the synthetic example data for every training stage (see clara/example_data.py).
+"""Generate the synthetic example data for every training stage (see clara/data/example_data.py).
 
 Held-out files use places that never occur in the training files. corpus.jsonl holds every
 place's document with an id (`{"id": "place-0000", "text": ...}`), for `python -m clara.index`;
@@ -12,7 +12,7 @@ import json
 import random
 from pathlib import Path
 
-from clara.example_data import (
+from clara.data.example_data import (
     N_STAGE2_CANDIDATES,
     end_to_end_records,
     instruction_records,

@@ -71,7 +71,7 @@ clara_usage() {
     # The script's header comment, then every setting with its default (the script's, else the trainer's).
     sed -n '2,/^set -euo pipefail/p' "$CLARA_ROOT/$script" | sed '$d'
     echo
-    "${PYTHON:-python}" -m clara.launch --script "$script" "$@" --usage
+    "${PYTHON:-python}" -m clara.training.launch --script "$script" "$@" --usage
     echo
     echo "Trainer flags (appended unchanged after the script name): python -m clara.train --help"
 }
@@ -88,7 +88,7 @@ clara_launch() {
         clara_fail "bash $BASH_VERSION: expected bash 4.4 or newer"
     fi
     local plan
-    plan=$("${PYTHON:-python}" -m clara.launch --script "$script" --batch_size "$batch_size" \
+    plan=$("${PYTHON:-python}" -m clara.training.launch --script "$script" --batch_size "$batch_size" \
         --micro_batch_size "$micro_batch_size" --master_port "$multi_node_port" -- "$@") || return $?
     local CLARA_ENV CLARA_CMD CLARA_COMMAND_LINE CLARA_LOG CLARA_SAVE_PATH CLARA_STAGE CLARA_NODE_RANK \
         CLARA_DRY_RUN CLARA_SUMMARY

@@ -6,7 +6,7 @@ wherever it is present (scripts/gpu_check.sh runs them with `pytest -m gpu`).
 The tiny model is small enough that thread start-up costs more than it saves, and on a 2-core
 machine the subprocesses that tests start compete with the test process: one thread each.
 The built-in tiny model ships in clara/tiny_model, so no test waits for a build;
-tests/test_tiny.py fails when its recipe changed without a rebuild.
+tests/training/test_tiny.py fails when its recipe changed without a rebuild.
 """
 
 import os

@@ -43,8 +43,11 @@ def templated_answer(task: str, document: str, user: str) -> dict:
         (a1, v1), (a2, v2) = facts[:2]
         return {"pairs": [{"question": f"What are the {a1} and the {a2} of {name}?", "answer": f"{v1} and {v2}"}]}
     if task == "paraphrase":
-        return {"paraphrase": f"{name}, {'an' if kind[0] in 'aeiou' else 'a'} {kind}, has these: "
-                              + "; ".join(f"{value} as its {attr}" for attr, value in reversed(facts)) + "."}
+        return {
+            "paraphrase": f"{name}, {'an' if kind[0] in 'aeiou' else 'a'} {kind}, has these: "
+            + "; ".join(f"{value} as its {attr}" for attr, value in reversed(facts))
+            + "."
+        }
     if task == "coverage":
         last = pairs[-1]
         if last["question"] in user:
@@ -64,8 +67,15 @@ class FakeOpenAI:
     """`faults[(doc_id, task, attempt)]` is one of the fault names above; `delay` seconds pass before each answer;
     `fixed[task]` replaces the templated answers of a task."""
 
-    def __init__(self, corpus: dict[str, str], faults: dict | None = None, delay: float = 0.0,
-                 slow_seconds: float = 3.0, port: int = 0, fixed: dict[str, dict] | None = None):
+    def __init__(
+        self,
+        corpus: dict[str, str],
+        faults: dict | None = None,
+        delay: float = 0.0,
+        slow_seconds: float = 3.0,
+        port: int = 0,
+        fixed: dict[str, dict] | None = None,
+    ):
         self.doc_of = {text: doc_id for doc_id, text in corpus.items()}
         self.fixed = fixed or {}  # task -> the answer it always gets, instead of the templated one
         self.faults, self.delay, self.slow_seconds = faults or {}, delay, slow_seconds
@@ -111,13 +121,19 @@ class FakeOpenAI:
         if fault == "slow":
             time.sleep(self.slow_seconds)
         answer = self.fixed[task] if task in self.fixed else templated_answer(task, text, user)
-        content = "{\"pairs\": [oops" if fault == "malformed" else json.dumps(answer)
+        content = '{"pairs": [oops' if fault == "malformed" else json.dumps(answer)
         prompt_tokens = sum(len(m.content.split()) for m in request.messages)
         completion = ChatCompletion(
-            id=f"chatcmpl-{doc_id}-{task}-{attempt}", created=0, model=request.model,
+            id=f"chatcmpl-{doc_id}-{task}-{attempt}",
+            created=0,
+            model=request.model,
             choices=[Choice(message=ChatMessage(role="assistant", content=content))],
-            usage=Usage(prompt_tokens=prompt_tokens, completion_tokens=len(content.split()),
-                        total_tokens=prompt_tokens + len(content.split())))
+            usage=Usage(
+                prompt_tokens=prompt_tokens,
+                completion_tokens=len(content.split()),
+                total_tokens=prompt_tokens + len(content.split()),
+            ),
+        )
         return 200, completion.model_dump(), fault
 
     def _handler(self):

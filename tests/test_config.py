@@ -1,5 +1,6 @@
 """clara.config's units: TrainConfig resolved (defaults that depend on the stage, the model and the device) and
-validated (one ConfigError naming the setting). The launchers' own check runs these too (tests/test_launchers.py)."""
+validated (one ConfigError naming the setting). The launchers' own check runs these too
+(tests/end_to_end/test_launchers.py)."""
 
 from __future__ import annotations
 
@@ -12,9 +13,18 @@ from clara.config import TrainConfig, hub_id_parts, resolve, validate
 from clara.errors import ConfigError
 
 
-@pytest.mark.parametrize("name,value", [("learning_rate", math.inf), ("learning_rate", math.nan),
-                                        ("learning_rate", -1e-4), ("mse_weight", math.inf),
-                                        ("topk_temperature", 0.0), ("lora_dropout", 1.0), ("warmup_ratio", math.nan)])
+@pytest.mark.parametrize(
+    "name,value",
+    [
+        ("learning_rate", math.inf),
+        ("learning_rate", math.nan),
+        ("learning_rate", -1e-4),
+        ("mse_weight", math.inf),
+        ("topk_temperature", 0.0),
+        ("lora_dropout", 1.0),
+        ("warmup_ratio", math.nan),
+    ],
+)
 def test_non_finite_or_out_of_range_numbers_are_refused(name, value):
     cfg = resolve(TrainConfig(dataset="example/pretrain_data.jsonl", save_path="unused"), has_cuda=False)
     setattr(cfg, name, value)
@@ -32,25 +42,39 @@ def test_data_workers_is_a_validated_setting():
 
 
 def test_settings_accept_hub_data_sets():
-    good = TrainConfig(dataset="hf:apple/CLaRa_multi_stage:pretraining", eval_dataset="hf:some/dir:cfg:validation",
-                       batch_size=1, micro_batch_size=1, max_len=64)
+    good = TrainConfig(
+        dataset="hf:apple/CLaRa_multi_stage:pretraining",
+        eval_dataset="hf:some/dir:cfg:validation",
+        batch_size=1,
+        micro_batch_size=1,
+        max_len=64,
+    )
     validate(good)
-    for dataset, message in (("hf:apple/CLaRa_multi_stage", "expected hf:NAME:CONFIG or hf:NAME:CONFIG:SPLIT"),
-                             ("hf:a:b:c:d", "expected hf:NAME:CONFIG or hf:NAME:CONFIG:SPLIT"),
-                             ("hf:a:b,example/pretrain_data.jsonl", "expected one hf: data set on its own"),
-                             ("missing.jsonl", "'missing.jsonl' does not exist")):
+    for dataset, message in (
+        ("hf:apple/CLaRa_multi_stage", "expected hf:NAME:CONFIG or hf:NAME:CONFIG:SPLIT"),
+        ("hf:a:b:c:d", "expected hf:NAME:CONFIG or hf:NAME:CONFIG:SPLIT"),
+        ("hf:a:b,example/pretrain_data.jsonl", "expected one hf: data set on its own"),
+        ("missing.jsonl", "'missing.jsonl' does not exist"),
+    ):
         with pytest.raises(ConfigError, match=re.escape(message)):
             validate(TrainConfig(dataset=dataset, batch_size=1, micro_batch_size=1, max_len=64))
 
 
 def test_unset_settings_take_the_stage_and_model_defaults():
     tiny = resolve(TrainConfig(), has_cuda=False, world_size=2)
-    assert (tiny.model_path, tiny.dataset, tiny.save_path) == ("tiny", "example/pretrain_data.jsonl",
-                                                               "./checkpoints/clara_stage1")
+    assert (tiny.model_path, tiny.dataset, tiny.save_path) == (
+        "tiny",
+        "example/pretrain_data.jsonl",
+        "./checkpoints/clara_stage1",
+    )
     assert (tiny.micro_batch_size, tiny.batch_size, tiny.mse_weight, tiny.max_len) == (8, 16, 0.0, 2048)
     large = resolve(TrainConfig(stage="stage2", allow_no_checkpoint=True), has_cuda=True)
     assert (large.model_path, large.learning_rate, large.max_len, large.gradient_checkpointing) == (
-        "Qwen/Qwen3-14B", 5e-6, 1024, True)
+        "Qwen/Qwen3-14B",
+        5e-6,
+        1024,
+        True,
+    )
     given = resolve(TrainConfig(learning_rate=3e-4, max_len=512), has_cuda=False)
     assert (given.learning_rate, given.max_len) == (3e-4, 512)
 

@@ -18,19 +18,27 @@ import signal
 
 import pytest
 import torch
-from test_launchers import SINGLE, kill_tree, launcher_env, max_weight_difference, metrics, start, wait_for
 
 from bench.child import SyntheticRecords, write_random_base, write_tokenizer
 from bench.config import SHAPES, BenchConfig
 from bench.memory import dims_of, nograd_layer_bytes, parameter_counts
-from clara.collate import Collator
 from clara.config import STAGES, TrainConfig
-from clara.distributed import init_distributed
-from clara.model import attention_implementation
-from clara.prompts import added_token_strings
-from clara.stage_model import build_stage_model
+from clara.model.collate import Collator
+from clara.model.model import attention_implementation
+from clara.model.stage_model import build_stage_model
+from clara.parallel.distributed import init_distributed
 from clara.stages import get_stage
-from clara.trainer import optimizer_step, setup_training, step_seed
+from clara.stages.prompts import added_token_strings
+from clara.training.trainer import optimizer_step, setup_training, step_seed
+from tests.end_to_end.test_launchers import (
+    SINGLE,
+    kill_tree,
+    launcher_env,
+    max_weight_difference,
+    metrics,
+    start,
+    wait_for,
+)
 
 pytestmark = pytest.mark.gpu
 
@@ -41,11 +49,14 @@ DOC_MAX_LENGTH = 256
 COMPRESS_RATE = 32
 TOP_K = 5
 MiB = 2**20
-# What each stage trains and leaves frozen (README: "How CLaRa reads a document"), written out rather than read from clara.stages.
+# What each stage trains and leaves frozen (README: "How CLaRa reads a document"), written out rather than read
+# from clara.stages.
 # The memory embeddings train with the compressor: in stage1 and stage1_2, not in stage2.
-TRAINED = {"stage1": ("encoder_adapter", "decoder_adapter", "mem_embeddings"),
-           "stage1_2": ("encoder_adapter", "decoder_adapter", "mem_embeddings"),
-           "stage2": ("query_reasoner_adapter", "decoder_adapter")}
+TRAINED = {
+    "stage1": ("encoder_adapter", "decoder_adapter", "mem_embeddings"),
+    "stage1_2": ("encoder_adapter", "decoder_adapter", "mem_embeddings"),
+    "stage2": ("query_reasoner_adapter", "decoder_adapter"),
+}
 ROLES = ("encoder_adapter", "decoder_adapter", "query_reasoner_adapter")
 
 
@@ -66,16 +77,35 @@ def process_group():
 
 
 def train_config(base_dir: str, stage: str, save_path, **overrides) -> TrainConfig:
-    values = dict(stage=stage, model_path=base_dir, allow_no_checkpoint=True, save_path=str(save_path),
-                  doc_max_length=DOC_MAX_LENGTH, compress_rate=COMPRESS_RATE, generation_top_k=TOP_K,
-                  learning_rate=1e-3, batch_size=2, micro_batch_size=2, max_len=2048, debug_mode=False,
-                  gradient_checkpointing=True, mse_weight=0.1, candidate_chunk_size=8)
+    values = dict(
+        stage=stage,
+        model_path=base_dir,
+        allow_no_checkpoint=True,
+        save_path=str(save_path),
+        doc_max_length=DOC_MAX_LENGTH,
+        compress_rate=COMPRESS_RATE,
+        generation_top_k=TOP_K,
+        learning_rate=1e-3,
+        batch_size=2,
+        micro_batch_size=2,
+        max_len=2048,
+        debug_mode=False,
+        gradient_checkpointing=True,
+        mse_weight=0.1,
+        candidate_chunk_size=8,
+    )
     return TrainConfig(**{**values, **overrides})
 
 
 def synthetic_records(stage: str, tokenizer, count: int, candidates: int = 10) -> list[dict]:
-    cfg = BenchConfig(stage=stage, doc_max_length=DOC_MAX_LENGTH, compress_rate=COMPRESS_RATE, docs=2,
-                      candidates=candidates, top_k=TOP_K)
+    cfg = BenchConfig(
+        stage=stage,
+        doc_max_length=DOC_MAX_LENGTH,
+        compress_rate=COMPRESS_RATE,
+        docs=2,
+        candidates=candidates,
+        top_k=TOP_K,
+    )
     return SyntheticRecords(cfg, tokenizer).records(count)
 
 
@@ -83,8 +113,9 @@ def stage_model(base_dir: str, stage: str, tmp_path):
     """The stage's model in bf16 on the GPU, as DeepSpeed's bf16 mode holds it (adapters in bf16 too)."""
     cfg = train_config(base_dir, stage, tmp_path)
     torch.manual_seed(0)
-    model = build_stage_model(cfg, DTYPE, attention_implementation("auto", DEVICE.type == "cuda"),
-                              log=lambda *args: None)
+    model = build_stage_model(
+        cfg, DTYPE, attention_implementation("auto", DEVICE.type == "cuda"), log=lambda *args: None
+    )
     return model.to(DEVICE, DTYPE)
 
 
@@ -99,8 +130,15 @@ def role_of(name: str) -> str | None:
 def test_stage_steps_in_bf16(stage, base_dir, process_group, tmp_path, record_property):
     cfg = train_config(base_dir, stage, tmp_path)
     torch.cuda.reset_peak_memory_stats(DEVICE)
-    setup = setup_training(cfg, total_steps=2, world=1, device=DEVICE, dtype=DTYPE,
-                           attn=attention_implementation(cfg.flash_attn, DEVICE.type == "cuda"), log=lambda *args: None)
+    setup = setup_training(
+        cfg,
+        total_steps=2,
+        world=1,
+        device=DEVICE,
+        dtype=DTYPE,
+        attn=attention_implementation(cfg.flash_attn, DEVICE.type == "cuda"),
+        log=lambda *args: None,
+    )
     model = setup.model
     assert model.causal_lm.get_input_embeddings().weight.dtype == DTYPE
     params = sum(p.numel() for name, p in model.causal_lm.named_parameters() if ".lora_" not in name)
@@ -108,13 +146,17 @@ def test_stage_steps_in_bf16(stage, base_dir, process_group, tmp_path, record_pr
     before = {name: p.detach().clone() for name, p in model.named_parameters() if role_of(name)}
     records = synthetic_records(stage, model.tokenizer, count=4)
     for step in range(2):
-        batch = setup.collator(records[2 * step:2 * step + 2]).to(DEVICE)
-        result = optimizer_step(setup.engine, setup.optimizer, [batch], [step_seed(cfg.seed, step, 0, 0)],
-                                setup.mse_weight)
+        batch = setup.collator(records[2 * step : 2 * step + 2]).to(DEVICE)
+        result = optimizer_step(
+            setup.engine, setup.optimizer, [batch], [step_seed(cfg.seed, step, 0, 0)], setup.mse_weight
+        )
         assert not result.skipped
         assert math.isfinite(result.sums.lm_loss) and result.sums.lm_loss > 0
-    changed = {role_of(name) for name, p in model.named_parameters()
-               if name in before and not torch.equal(p.detach(), before[name])}
+    changed = {
+        role_of(name)
+        for name, p in model.named_parameters()
+        if name in before and not torch.equal(p.detach(), before[name])
+    }
     assert changed == set(TRAINED[stage])
     peak = torch.cuda.max_memory_allocated(DEVICE) / MiB
     record_property("peak_memory_mb", round(peak, 1))
@@ -145,7 +187,8 @@ def test_gradient_checkpointing_gives_the_same_gradients_in_bf16(stage, base_dir
             if ".lora_B." in name:
                 param.normal_(0.0, 0.05)  # LoRA B nonzero, so that LoRA A gets gradients too
     batch = Collator(get_stage(stage), model.tokenizer, model.tokens, DOC_MAX_LENGTH, 2048, TOP_K, 0)(
-        synthetic_records(stage, model.tokenizer, count=2)).to(DEVICE)
+        synthetic_records(stage, model.tokenizer, count=2)
+    ).to(DEVICE)
     mse_weight = 0.0 if stage == "stage2" else 0.1
     plain = gradients(model, batch, mse_weight)
     model.enable_gradient_checkpointing()
@@ -168,8 +211,9 @@ def test_generation_reads_the_kv_cache(base_dir, tmp_path):
     """After the prompt, each decoding step feeds one new position and a cache holding all the earlier ones."""
     model = stage_model(base_dir, "stage1_2", tmp_path)
     records = synthetic_records("stage1_2", model.tokenizer, count=2)
-    batch = Collator(get_stage("stage1_2"), model.tokenizer, model.tokens, DOC_MAX_LENGTH, 2048, TOP_K, 0,
-                     with_targets=False)(records).to(DEVICE)
+    batch = Collator(
+        get_stage("stage1_2"), model.tokenizer, model.tokens, DOC_MAX_LENGTH, 2048, TOP_K, 0, with_targets=False
+    )(records).to(DEVICE)
     calls = []
 
     def watch(module, args, kwargs):
@@ -193,7 +237,9 @@ def test_generation_reads_the_kv_cache(base_dir, tmp_path):
 def test_candidate_chunking_bounds_memory(base_dir, tmp_path, record_property):
     model = stage_model(base_dir, "stage2", tmp_path)
     (record,) = synthetic_records("stage2", model.tokenizer, count=1, candidates=64)
-    batch = Collator(get_stage("stage2"), model.tokenizer, model.tokens, DOC_MAX_LENGTH, 1024, TOP_K, 0)([record]).to(DEVICE)
+    batch = Collator(get_stage("stage2"), model.tokenizer, model.tokens, DOC_MAX_LENGTH, 1024, TOP_K, 0)([record]).to(
+        DEVICE
+    )
 
     def compression(candidates: int, chunk: int) -> tuple[float, torch.Tensor]:
         model.settings.candidate_chunk_size = chunk
@@ -208,9 +254,13 @@ def test_candidate_chunking_bounds_memory(base_dir, tmp_path, record_property):
     small_16, _ = compression(16, 8)
     small_64, chunked = compression(64, 8)
     whole_64, whole = compression(64, 64)
-    record_property("compression_mb", {"16_by_8": small_16 / MiB, "64_by_8": small_64 / MiB, "64_at_once": whole_64 / MiB})
-    print(f"candidate compression peak: 16 in chunks of 8 {small_16 / MiB:.0f} MiB, 64 in chunks of 8 "
-          f"{small_64 / MiB:.0f} MiB, 64 at once {whole_64 / MiB:.0f} MiB")
+    record_property(
+        "compression_mb", {"16_by_8": small_16 / MiB, "64_by_8": small_64 / MiB, "64_at_once": whole_64 / MiB}
+    )
+    print(
+        f"candidate compression peak: 16 in chunks of 8 {small_16 / MiB:.0f} MiB, 64 in chunks of 8 "
+        f"{small_64 / MiB:.0f} MiB, 64 at once {whole_64 / MiB:.0f} MiB"
+    )
     assert small_64 < 1.5 * small_16  # the chunk, not the number of candidates, sets the peak
     assert whole_64 > 4 * small_64
     assert relative_difference(whole.float(), chunked.float()) < 2e-2
@@ -245,14 +295,26 @@ def run_launcher(env: dict, output) -> tuple[int, str]:
 def test_launcher_trains_on_the_gpu_then_resumes_bit_identically(base_dir, tmp_path, record_property):
     """train_single_gpu.sh on one GPU (one process, NCCL): SIGTERM mid-run, run again, and the final weights
     equal an uninterrupted run's, bit for bit."""
-    settings = {"MODEL_PATH": base_dir, "DEBUG_MODE": "false", "BATCH_SIZE": 4, "MICRO_BATCH_SIZE": 2,
-                "MAX_SAMPLES": 160, "MAX_STEPS": 30, "SAVE_STEPS": 100, "LEARNING_RATE": "1e-3"}
+    settings = {
+        "MODEL_PATH": base_dir,
+        "DEBUG_MODE": "false",
+        "BATCH_SIZE": 4,
+        "MICRO_BATCH_SIZE": 2,
+        "MAX_SAMPLES": 160,
+        "MAX_STEPS": 30,
+        "SAVE_STEPS": 100,
+        "LEARNING_RATE": "1e-3",
+    }
     save = tmp_path / "interrupted"
     env = gpu_launcher_env(**settings, SAVE_PATH=save)
     proc = start(SINGLE, env, output=tmp_path / "first.out")
     try:
-        wait_for(lambda: (save / "metrics.jsonl").is_file() and (save / "metrics.jsonl").stat().st_size > 0,
-                 proc, timeout=400, what="the first optimizer step")
+        wait_for(
+            lambda: (save / "metrics.jsonl").is_file() and (save / "metrics.jsonl").stat().st_size > 0,
+            proc,
+            timeout=400,
+            what="the first optimizer step",
+        )
         os.killpg(proc.pid, signal.SIGTERM)
         code = proc.wait(timeout=120)
     finally:
@@ -267,19 +329,30 @@ def test_launcher_trains_on_the_gpu_then_resumes_bit_identically(base_dir, tmp_p
     code, resumed = run_launcher(env, tmp_path / "resumed.out")
     assert code == 0, resumed[-3000:]
     assert "Resumed from" in resumed and f"at step {stopped_at}." in resumed, resumed[-3000:]
-    code, straight = run_launcher(gpu_launcher_env(**settings, SAVE_PATH=tmp_path / "straight"),
-                                  tmp_path / "straight.out")
+    code, straight = run_launcher(
+        gpu_launcher_env(**settings, SAVE_PATH=tmp_path / "straight"), tmp_path / "straight.out"
+    )
     assert code == 0, straight[-3000:]
     last = metrics(tmp_path / "straight")[-1]
     attention = next(line for line in straight.splitlines() if "attention" in line and "Trainable" in line)
-    record_property("launcher", json.dumps({"stopped_at": stopped_at, "tokens_per_s": last["tokens_per_s"],
-                                            "peak_memory_mb": last["peak_memory_mb"],
-                                            "summary": attention.strip()}))
+    record_property(
+        "launcher",
+        json.dumps(
+            {
+                "stopped_at": stopped_at,
+                "tokens_per_s": last["tokens_per_s"],
+                "peak_memory_mb": last["peak_memory_mb"],
+                "summary": attention.strip(),
+            }
+        ),
+    )
     difference = max_weight_difference(save, tmp_path / "straight")
     if difference != 0:
         # Tell a resume problem from a GPU run that is not deterministic at all.
         code, again = run_launcher(gpu_launcher_env(**settings, SAVE_PATH=tmp_path / "again"), tmp_path / "again.out")
         assert code == 0, again[-3000:]
         repeat = max_weight_difference(tmp_path / "again", tmp_path / "straight")
-        pytest.fail(f"resumed and uninterrupted runs differ by {difference:.3g}; two uninterrupted runs differ by "
-                    f"{repeat:.3g} ({'the GPU run is not deterministic' if repeat else 'the resume changes the run'})")
+        pytest.fail(
+            f"resumed and uninterrupted runs differ by {difference:.3g}; two uninterrupted runs differ by "
+            f"{repeat:.3g} ({'the GPU run is not deterministic' if repeat else 'the resume changes the run'})"
+        )

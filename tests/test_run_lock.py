@@ -17,7 +17,11 @@ from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file, save_file
-from test_launchers import (
+
+from clara.errors import FolderBusy
+from clara.files import publish_files
+from clara.locks import FALLBACK_NAME, LOCK_NAME, STALE_AFTER_S, holding, reading_export, take
+from tests.end_to_end.test_launchers import (
     QUICK,
     REPO,
     RUN_TIMEOUT,
@@ -30,10 +34,6 @@ from test_launchers import (
     start,
     wait_for,
 )
-
-from clara.errors import FolderBusy
-from clara.files import publish_files
-from clara.locks import FALLBACK_NAME, LOCK_NAME, STALE_AFTER_S, holding, reading_export, take
 
 RUN = {**QUICK, "MAX_STEPS": "4", "SAVE_STEPS": "1", "MAX_CKPT_NUM": "4"}
 
@@ -62,8 +62,12 @@ def test_a_second_launch_into_a_running_save_path_exits_2_and_the_first_ends_as_
         kill_tree(first)
     assert second.returncode == 2 and second.seconds < 30, second
     lines = error_lines(second.output)
-    assert len(lines) == 1 and f"{save} is in use by another run: host {socket.gethostname()}, pid {first.pid} " \
-                                f"(train_single_gpu.sh), started " in lines[0], second
+    assert (
+        len(lines) == 1
+        and f"{save} is in use by another run: host {socket.gethostname()}, pid {first.pid} "
+        f"(train_single_gpu.sh), started "
+        in lines[0]
+    ), second
     assert "Command:" not in second.output  # refused before anything started
     out = (tmp_path / "first.out").read_text()
     assert first.returncode == 0, out[-3000:]
@@ -79,7 +83,7 @@ def test_a_second_launch_into_a_running_save_path_exits_2_and_the_first_ends_as_
 @pytest.mark.slow
 def test_the_lock_file_refuses_a_second_launch_and_after_kill_9_the_same_command_starts_at_once(tmp_path):
     """CLARA_LOCK=file, as on a filesystem without OS locks. (With the OS lock, kill -9 and the rerun at once
-    are tests/test_launchers.py::test_kill_9_then_rerun_resumes_to_the_same_weights.)"""
+    are tests/end_to_end/test_launchers.py::test_kill_9_then_rerun_resumes_to_the_same_weights.)"""
     save = tmp_path / "out"
     env = launcher_env(**{**QUICK, "MAX_STEPS": "6", "SAVE_STEPS": "2"}, SAVE_PATH=save, CLARA_LOCK="file")
     first = start(SINGLE, env, output=tmp_path / "first.out")
@@ -87,16 +91,20 @@ def test_the_lock_file_refuses_a_second_launch_and_after_kill_9_the_same_command
         wait_for(lambda: holder(save, FALLBACK_NAME).get("pid") == first.pid, first, what="the first run's lock")
         second = run(SINGLE, env, timeout=60)
         assert second.returncode == 2 and second.seconds < 30, second
-        assert f"{save} is in use by another run: host {socket.gethostname()}, pid {first.pid} " in \
-            error_lines(second.output)[0], second
+        assert (
+            f"{save} is in use by another run: host {socket.gethostname()}, pid {first.pid} "
+            in error_lines(second.output)[0]
+        ), second
         wait_for(lambda: (save / "checkpoints" / "step_2").is_dir(), first, what="checkpoint step_2")
     finally:
         kill_tree(first)
     again = run(SINGLE, env)
     assert again.returncode == 0, again
     assert "Resumed from" in again.output
-    assert f"Lock on {save}: the lock file {save / FALLBACK_NAME} (host, pid, a heartbeat every 10 s; " \
-           "CLARA_LOCK=file)" in again.output
+    assert (
+        f"Lock on {save}: the lock file {save / FALLBACK_NAME} (host, pid, a heartbeat every 10 s; "
+        "CLARA_LOCK=file)" in again.output
+    )
     assert [m["step"] for m in metrics(save)] == [1, 2, 3, 4, 5, 6]
 
 
@@ -105,10 +113,12 @@ def test_a_lock_file_whose_holder_is_gone_is_taken_over(tmp_path):
     os.environ["CLARA_LOCK"] = "file"
     try:
         dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-        for info, age, taken in [({"host": socket.gethostname(), "pid": os.getpid()}, 0, False),  # alive here
-                                 ({"host": socket.gethostname(), "pid": int(dead.stdout)}, 0, True),  # gone
-                                 ({"host": "elsewhere", "pid": 1}, 0, False),  # beating on another host
-                                 ({"host": "elsewhere", "pid": 1}, STALE_AFTER_S + 5, True)]:  # silent
+        for info, age, taken in [
+            ({"host": socket.gethostname(), "pid": os.getpid()}, 0, False),  # alive here
+            ({"host": socket.gethostname(), "pid": int(dead.stdout)}, 0, True),  # gone
+            ({"host": "elsewhere", "pid": 1}, 0, False),  # beating on another host
+            ({"host": "elsewhere", "pid": 1}, STALE_AFTER_S + 5, True),
+        ]:  # silent
             held.write_text(json.dumps({**info, "started": time.time(), "what": "a test"}))
             os.utime(held, (time.time() - age, time.time() - age))
             if taken:
@@ -124,15 +134,19 @@ def test_a_lock_file_whose_holder_is_gone_is_taken_over(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("command", [
-    ["clara.export", "--checkpoint", "nowhere", "--format", "native", "--out"],
-    ["clara.index", "--checkpoint", "nowhere", "--corpus", "nothing.jsonl", "--out"],
-])
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["clara.export", "--checkpoint", "nowhere", "--format", "native", "--out"],
+        ["clara.index", "--checkpoint", "nowhere", "--corpus", "nothing.jsonl", "--out"],
+    ],
+)
 def test_export_and_index_refuse_a_folder_another_process_holds(tmp_path, command):
     out = tmp_path / "target"
     with holding(str(out), "a training run"):
-        proc = subprocess.run([sys.executable, "-m", *command, str(out)], capture_output=True, text=True,
-                              cwd=REPO, timeout=300)
+        proc = subprocess.run(
+            [sys.executable, "-m", *command, str(out)], capture_output=True, text=True, cwd=REPO, timeout=300
+        )
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert error_lines(proc.stderr) == [error_lines(proc.stderr)[0]]
     assert f"pid {os.getpid()} (a training run)" in proc.stderr
@@ -145,6 +159,7 @@ def test_a_reader_never_sees_half_an_export(tmp_path):
         def write(folder: str) -> None:
             for name in names:
                 Path(folder, name).write_text(version)
+
         return write
 
     publish_files(str(tmp_path), export("old"))

@@ -6,9 +6,11 @@
     prepare   one pass in parallel: parse, normalise, check, write Arrow shards; reports merged in order
     cache     prepared data sets keyed by their inputs, published atomically under a lock
     load      load_records: the cached entry if there is one, else prepare it; memory-mapped either way
+    fingerprint   the keys of a run's inputs: the data (files, Hub configurations), the base model, the tokenizer
+    example_data  the example corpus's generator (example/make_data.py; the tiny model's pretraining texts)
 
-It imports settings (clara.config, clara.fingerprint), errors, files and stages only; the MAX_LEN check
-comes in from above as a picklable recipe (clara.collate.LengthCheck) so that this package never imports
+It imports settings (clara.config), errors, files and stages only; the MAX_LEN check
+comes in from above as a picklable recipe (clara.model.collate.LengthCheck) so that this package never imports
 the tokenizer or model code.
 """
 
@@ -27,6 +29,17 @@ from clara.data.records import (
 from clara.data.sources import iter_lines
 from clara.errors import DataError
 
-__all__ = ["FEATURES", "MAX_REPORTED_ERRORS", "BadRecord", "DataError", "iter_lines",
-           "load_records", "normalise", "normalise_answer_record", "normalise_stage1", "parse_line", "parse_row",
-           "split_paths"]
+__all__ = [
+    "FEATURES",
+    "MAX_REPORTED_ERRORS",
+    "BadRecord",
+    "DataError",
+    "iter_lines",
+    "load_records",
+    "normalise",
+    "normalise_answer_record",
+    "normalise_stage1",
+    "parse_line",
+    "parse_row",
+    "split_paths",
+]

@@ -24,8 +24,8 @@ from collections.abc import Callable, Iterator
 
 import datasets
 
+from clara.data.fingerprint import key_digest
 from clara.files import fsync_path, write_json_atomic
-from clara.fingerprint import key_digest
 
 REPORT = "report.json"
 REJECTED = "rejected.jsonl"
@@ -61,12 +61,16 @@ def entry_lock(entry: str, log: Callable[[str], None]) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             handle.seek(0)
-            log(f"Waiting for another process that prepares the same data ({handle.read().strip() or 'unknown'}) "
-                f"to finish: {entry}")
+            log(
+                f"Waiting for another process that prepares the same data ({handle.read().strip() or 'unknown'}) "
+                f"to finish: {entry}"
+            )
             fcntl.flock(handle, fcntl.LOCK_EX)
         except OSError as error:  # a filesystem without locks (some NFS mounts): the rename still publishes whole
-            log(f"Cannot lock {entry}.lock ({error.strerror}); preparing without the lock: set CLARA_DATA_CACHE "
-                "to a local folder if several jobs may prepare the same data at once")
+            log(
+                f"Cannot lock {entry}.lock ({error.strerror}); preparing without the lock: set CLARA_DATA_CACHE "
+                "to a local folder if several jobs may prepare the same data at once"
+            )
         handle.seek(0)
         handle.truncate()
         handle.write(f"host {socket.gethostname()}, pid {os.getpid()}\n")
@@ -132,5 +136,7 @@ def wait_for_entry(pointer: str, who: str, log: Callable[[str], None]) -> str:
         time.sleep(POLL_S)
         if time.monotonic() - last_said >= SAY_EVERY_S:
             last_said = time.monotonic()
-            log(f"{who}: waiting for the data being prepared by local rank 0 "
-                f"({time.monotonic() - started:.0f} s so far; {entry or pointer})")
+            log(
+                f"{who}: waiting for the data being prepared by local rank 0 "
+                f"({time.monotonic() - started:.0f} s so far; {entry or pointer})"
+            )

@@ -31,8 +31,10 @@ def _config_files(source: HubSource, path: str) -> tuple[str, list[str]]:
     split = source.split
     if split is None:
         if len(splits) != 1:
-            raise DataError(f"{source}: configuration {source.config!r} has the splits {', '.join(splits)}; "
-                            f"name one: {source}:SPLIT")
+            raise DataError(
+                f"{source}: configuration {source.config!r} has the splits {', '.join(splits)}; "
+                f"name one: {source}:SPLIT"
+            )
         split = next(iter(splits))
     elif split not in splits:
         raise DataError(f"{source}: no split {split!r}; configuration {source.config!r} has {', '.join(splits)}")
@@ -48,12 +50,17 @@ def _snapshot(source: HubSource, offline: bool) -> str:
         located = [HUB_FILE.fullmatch(url) for url in remote]
         revision = located[0].group(1) if located and located[0] else None
         return huggingface_hub.snapshot_download(
-            source.name, repo_type="dataset", revision=revision,
-            allow_patterns=["README.md", *(match.group(2) for match in located if match)])
+            source.name,
+            repo_type="dataset",
+            revision=revision,
+            allow_patterns=["README.md", *(match.group(2) for match in located if match)],
+        )
     except huggingface_hub.errors.LocalEntryNotFoundError:
-        raise DataError(f"{source}: not in the Hugging Face cache ({huggingface_hub.constants.HF_HUB_CACHE}) and "
-                        "offline mode is on (HF_DATASETS_OFFLINE / HF_HUB_OFFLINE): load it once online, "
-                        "or give a local directory in the Hub layout") from None
+        raise DataError(
+            f"{source}: not in the Hugging Face cache ({huggingface_hub.constants.HF_HUB_CACHE}) and "
+            "offline mode is on (HF_DATASETS_OFFLINE / HF_HUB_OFFLINE): load it once online, "
+            "or give a local directory in the Hub layout"
+        ) from None
 
 
 def hub_files(source: HubSource, streaming: bool) -> tuple[str, list[str]]:

@@ -69,8 +69,9 @@ def _open_check(make_check: Callable[[], Check] | None) -> tuple[Check | None, s
         return None, f"{type(error).__name__}: {error}"
 
 
-def prepare_task(task: Task, stage: Stage, min_docs: int, make_check: Callable[[], Check] | None,
-                 folder: str) -> TaskResult:
+def prepare_task(
+    task: Task, stage: Stage, min_docs: int, make_check: Callable[[], Check] | None, folder: str
+) -> TaskResult:
     """Read one task's rows, keep the good records in `folder`/shard-N.arrow and report the rest."""
     check, check_error = _open_check(make_check)
     schema = FEATURES[stage.schema].arrow_schema
@@ -112,30 +113,49 @@ def _results(run: Callable[[Task], TaskResult], tasks: list[Task], workers: int)
         yield pool.imap(run, tasks)
 
 
-def prepare(tasks: list[Task], stage: Stage, min_docs: int, make_check: Callable[[], Check] | None,
-            workers: int, folder: str, progress: bool = True) -> Prepared:
+def prepare(
+    tasks: list[Task],
+    stage: Stage,
+    min_docs: int,
+    make_check: Callable[[], Check] | None,
+    workers: int,
+    folder: str,
+    progress: bool = True,
+) -> Prepared:
     """Run every task (in `workers` processes) and merge their reports in input order."""
     started = time.monotonic()
     workers = max(1, min(workers, len(tasks)))
     run = functools.partial(prepare_task, stage=stage, min_docs=min_docs, make_check=make_check, folder=folder)
     prepared = Prepared(workers=workers)
     counted: dict[str, int] = {}  # positions each source has covered so far
-    bar = tqdm(total=sum(task.size for task in tasks), unit="B", unit_scale=True, unit_divisor=1024, delay=3,
-               desc=f"Preparing {tasks[0].label if tasks else ''}", disable=not progress, file=sys.stderr,
-               mininterval=1)
+    bar = tqdm(
+        total=sum(task.size for task in tasks),
+        unit="B",
+        unit_scale=True,
+        unit_divisor=1024,
+        delay=3,
+        desc=f"Preparing {tasks[0].label if tasks else ''}",
+        disable=not progress,
+        file=sys.stderr,
+        mininterval=1,
+    )
     with bar, _results(run, tasks, workers) as results:
         for task, result in zip(tasks, results):
             before = counted.get(task.label, 0)
             counted[task.label] = before + result.positions
-            prepared.rejected += [(task.label, before + position - 1 + task.first_position, reason, text)
-                                  for position, reason, text in result.rejected]
+            prepared.rejected += [
+                (task.label, before + position - 1 + task.first_position, reason, text)
+                for position, reason, text in result.rejected
+            ]
             prepared.records += result.good
             prepared.shards.append(os.path.basename(result.shard))
             prepared.check_error = prepared.check_error or result.check_error
             bar.update(task.size)
-            bar.set_postfix_str(f"{prepared.records:,} records, "
-                                f"{prepared.records / max(time.monotonic() - started, 1e-9):,.0f} records/s",
-                                refresh=False)
+            bar.set_postfix_str(
+                f"{prepared.records:,} records, "
+                f"{prepared.records / max(time.monotonic() - started, 1e-9):,.0f} records/s",
+                refresh=False,
+            )
             if task.limit is not None and prepared.records >= task.limit:
                 break
     prepared.seconds = time.monotonic() - started

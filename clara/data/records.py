@@ -17,22 +17,26 @@ ANSWER_FIELDS = ("answers", "answer", "gold_answer", "golden_answers")
 MAX_REPORTED_ERRORS = 20
 
 FEATURES = {
-    "stage1": datasets.Features({
-        "data_type": datasets.Value("string"),
-        "questions": datasets.Sequence(datasets.Value("string")),
-        "answers": datasets.Sequence(datasets.Value("string")),
-        "docs": datasets.Sequence(datasets.Value("string")),
-    }),
-    "answer": datasets.Features({
-        "question": datasets.Value("string"),
-        "answer": datasets.Value("string"),  # the first gold answer: trained on, and scored as in the paper
-        "answers": datasets.Sequence(datasets.Value("string")),  # every gold answer, for the *_any metrics
-        "docs": datasets.Sequence(datasets.Value("string")),
-        "pos_index": datasets.Sequence(datasets.Value("int64")),
-        "has_pos_index": datasets.Value("bool"),
-        "gold_ids": datasets.Sequence(datasets.Value("string")),  # open-corpus evaluation: the ids of the positives
-        "has_gold_ids": datasets.Value("bool"),
-    }),
+    "stage1": datasets.Features(
+        {
+            "data_type": datasets.Value("string"),
+            "questions": datasets.Sequence(datasets.Value("string")),
+            "answers": datasets.Sequence(datasets.Value("string")),
+            "docs": datasets.Sequence(datasets.Value("string")),
+        }
+    ),
+    "answer": datasets.Features(
+        {
+            "question": datasets.Value("string"),
+            "answer": datasets.Value("string"),  # the first gold answer: trained on, and scored as in the paper
+            "answers": datasets.Sequence(datasets.Value("string")),  # every gold answer, for the *_any metrics
+            "docs": datasets.Sequence(datasets.Value("string")),
+            "pos_index": datasets.Sequence(datasets.Value("int64")),
+            "has_pos_index": datasets.Value("bool"),
+            "gold_ids": datasets.Sequence(datasets.Value("string")),  # open-corpus evaluation: the ids of the positives
+            "has_gold_ids": datasets.Value("bool"),
+        }
+    ),
 }
 
 
@@ -96,7 +100,7 @@ def normalise_stage1(obj: dict, min_docs: int = 1) -> dict:
     if data_type == "paraphrase":
         return {"data_type": "paraphrase", "questions": [], "answers": [_single_answer(obj)], "docs": docs}
     if data_type != "qa":
-        raise BadRecord(f"field 'data_type': expected \"qa\" or \"paraphrase\", got {_describe(data_type)}")
+        raise BadRecord(f'field \'data_type\': expected "qa" or "paraphrase", got {_describe(data_type)}')
     if "question" not in obj:
         raise BadRecord("field 'question': expected a list of strings, got nothing")
     questions = _string_list("question", obj["question"], allow_string=True)
@@ -116,22 +120,31 @@ def normalise_answer_record(obj: dict, min_docs: int = 1) -> dict:
     answers = _gold_answers(obj)
     docs = _docs(obj)
     if len(docs) < min_docs:
-        raise BadRecord(f"field 'docs': expected at least {min_docs} candidate documents "
-                        f"(GENERATION_TOP_K), got {len(docs)}")
+        raise BadRecord(
+            f"field 'docs': expected at least {min_docs} candidate documents (GENERATION_TOP_K), got {len(docs)}"
+        )
     pos_index = obj.get("pos_index")
     if pos_index is not None:
         if isinstance(pos_index, int) and not isinstance(pos_index, bool):
             pos_index = [pos_index]
-        if not isinstance(pos_index, list) or not all(isinstance(i, int) and not isinstance(i, bool)
-                                                      for i in pos_index):
+        if not isinstance(pos_index, list) or not all(
+            isinstance(i, int) and not isinstance(i, bool) for i in pos_index
+        ):
             raise BadRecord(f"field 'pos_index': expected a list of integers, got {_describe(pos_index)}")
         bad = [i for i in pos_index if not 0 <= i < len(docs)]
         if bad:
             raise BadRecord(f"field 'pos_index': expected indices in 0..{len(docs) - 1}, got {bad}")
     gold_ids = _gold_ids(obj.get("gold_ids"))
-    return {"question": question, "answer": answers[0], "answers": answers, "docs": docs,
-            "pos_index": pos_index or [], "has_pos_index": pos_index is not None,
-            "gold_ids": gold_ids or [], "has_gold_ids": gold_ids is not None}
+    return {
+        "question": question,
+        "answer": answers[0],
+        "answers": answers,
+        "docs": docs,
+        "pos_index": pos_index or [],
+        "has_pos_index": pos_index is not None,
+        "gold_ids": gold_ids or [],
+        "has_gold_ids": gold_ids is not None,
+    }
 
 
 def _gold_ids(value) -> list[str] | None:
@@ -165,8 +178,7 @@ def _utf8_problem(raw: bytes, error: UnicodeDecodeError) -> str:
         for name, value in obj.items():
             texts = value if isinstance(value, list) else [value]
             if any(isinstance(t, str) and any("\udc80" <= c <= "\udcff" for c in t) for t in texts):
-                return (f"field '{name}': expected valid UTF-8 text, got invalid bytes "
-                        f"(byte {error.start} of the line)")
+                return f"field '{name}': expected valid UTF-8 text, got invalid bytes (byte {error.start} of the line)"
     return f"not valid UTF-8 (byte {error.start} of the line)"
 
 

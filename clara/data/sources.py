@@ -107,21 +107,25 @@ def line_starts(path: str, size: int, chunk: int) -> list[int]:
     return cuts + [size]
 
 
-def _line_tasks(path: str, label: str, count_blank: bool, workers: int, first_index: int,
-                chunk_bytes: int | None) -> list[Task]:
+def _line_tasks(
+    path: str, label: str, count_blank: bool, workers: int, first_index: int, chunk_bytes: int | None
+) -> list[Task]:
     size = os.path.getsize(path)
     chunk = chunk_bytes or min(MAX_CHUNK_BYTES, max(CHUNK_BYTES, size // (16 * workers) + 1))
     cuts = line_starts(path, size, chunk)
-    return [Task(first_index + i, "lines", label, (path,), start, end, end - start, count_blank)
-            for i, (start, end) in enumerate(zip(cuts, cuts[1:]))]
+    return [
+        Task(first_index + i, "lines", label, (path,), start, end, end - start, count_blank)
+        for i, (start, end) in enumerate(zip(cuts, cuts[1:]))
+    ]
 
 
 def _is_local_lines(file: str) -> bool:
     return os.path.isfile(file) and file.lower().endswith((".jsonl", ".json"))
 
 
-def plan_tasks(dataset: str, max_samples: int | None = None, workers: int = 1,
-               chunk_bytes: int | None = None) -> list[Task]:
+def plan_tasks(
+    dataset: str, max_samples: int | None = None, workers: int = 1, chunk_bytes: int | None = None
+) -> list[Task]:
     """The tasks that read `dataset` (JSONL files joined by commas, or hf:NAME:CONFIG[:SPLIT]) in order.
 
     A Hub split read up to max_samples good rows (a prefix, streamed from the Hub when online) is one task

@@ -22,38 +22,15 @@ Shards are planned by document count, so they do not depend on the number of pro
 torchrun process r compresses shards r, r + world, ... and rank 0 merges them; a build that was
 interrupted resumes with the shards that are missing.
 
+    corpus       the corpus format (standard library only: it is what python -m clara.synthesize reads too)
     store        the folder's files, the compressor fingerprint that ties it to a checkpoint, reading it back
     search       FAISS indexes (exact or approximate) and their recall against exact search
     build        compressing the corpus in resumable shards; rank 0 merges them
     answer       questions -> query vectors -> the nearest stored documents -> the generator's answers
-    open_corpus  the open-corpus evaluation: recall over the whole index, answers from its vectors
-    __main__     python -m clara.index
+    __main__     python -m clara.index (a command line)
+    ask          python -m clara.ask: answers and retrieved documents printed (a command line)
+
+It may import clara.model, clara.data, clara.parallel, clara.stages and the settings; clara.evaluation
+(whose CLaRa API and open-corpus evaluation read an index), clara.training, clara.serving and clara.synthesis
+are above it. This file imports nothing, so reading a corpus (clara.index.corpus) does not load torch.
 """
-
-from clara.corpus import content_id, corpus_hash, read_corpus
-from clara.errors import CorpusIndexError
-from clara.index.answer import IndexAnswers, answer_from_index, encode_questions, generator_inputs
-from clara.index.build import build_index, compress_texts
-from clara.index.open_corpus import open_corpus_summary
-from clara.index.search import (
-    SEARCH_KINDS,
-    SearchSettings,
-    make_search_index,
-    normalised_rows,
-    pair_queries,
-    recall_against_exact,
-)
-from clara.index.store import (
-    SHARD_FILE,
-    STORAGE_DTYPES,
-    CorpusIndex,
-    check_index_matches,
-    compressor_fingerprint,
-    load_index,
-)
-
-__all__ = ["SEARCH_KINDS", "SHARD_FILE", "STORAGE_DTYPES", "CorpusIndex", "CorpusIndexError", "IndexAnswers",
-           "SearchSettings", "answer_from_index", "build_index", "check_index_matches", "compress_texts",
-           "compressor_fingerprint", "content_id", "corpus_hash", "encode_questions", "generator_inputs",
-           "load_index", "make_search_index", "normalised_rows", "open_corpus_summary", "pair_queries",
-           "read_corpus", "recall_against_exact"]

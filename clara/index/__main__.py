@@ -8,44 +8,58 @@ import sys
 
 import torch
 
-from clara.checkpoint import load_model
-from clara.cli import positive_int
-from clara.distributed import broadcast, resolve_dtype, run_command
+from clara.cli import add_model_flags, positive_int
 from clara.errors import FolderBusy
-from clara.index import SEARCH_KINDS, STORAGE_DTYPES, SearchSettings, build_index, read_corpus
+from clara.index.build import build_index
+from clara.index.corpus import read_corpus
+from clara.index.search import SEARCH_KINDS, SearchSettings
+from clara.index.store import STORAGE_DTYPES
 from clara.locks import holding
-from clara.model import attention_implementation
+from clara.model.checkpoint import load_model
+from clara.model.model import attention_implementation
+from clara.parallel.distributed import broadcast, resolve_dtype, run_command
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m clara.index",
         description="Compress every document of a corpus once with a checkpoint's compressor and store the "
-                    "memory vectors with a FAISS index, for answering with python -m clara.ask or "
-                    "CLaRa.generate_from_questions(questions, index=DIR). Under torchrun each process compresses "
-                    "its own shards (every GPU of every node); an interrupted build resumes with the missing shards.")
+        "memory vectors with a FAISS index, for answering with python -m clara.ask or "
+        "CLaRa.generate_from_questions(questions, index=DIR). Under torchrun each process compresses "
+        "its own shards (every GPU of every node); an interrupted build resumes with the missing shards.",
+    )
     parser.add_argument("--checkpoint", required=True, help="checkpoint directory (native or official layout)")
-    parser.add_argument("--corpus", required=True,
-                        help="JSONL: {\"id\": ..., \"text\": ...} per line, or records with a 'docs' list")
+    parser.add_argument(
+        "--corpus", required=True, help='JSONL: {"id": ..., "text": ...} per line, or records with a \'docs\' list'
+    )
     parser.add_argument("--out", required=True, help="index folder (created; an unfinished build there resumes)")
     parser.add_argument("--batch_size", type=positive_int, default=32, help="documents per forward (default 32)")
-    parser.add_argument("--shard_size", type=positive_int, default=4096,
-                        help="documents per stored shard, the unit of work and of resuming (default 4096)")
-    parser.add_argument("--storage_dtype", "--dtype", dest="storage_dtype", default="float32",
-                        choices=tuple(STORAGE_DTYPES),
-                        help="dtype the memory vectors are stored in (default float32); --dtype is its older spelling")
-    parser.add_argument("--faiss", default="flat", choices=SEARCH_KINDS,
-                        help="flat (default): exact search; ivf or hnsw: approximate, for large corpora "
-                             "(recall@5 against exact search is measured at build time)")
+    parser.add_argument(
+        "--shard_size",
+        type=positive_int,
+        default=4096,
+        help="documents per stored shard, the unit of work and of resuming (default 4096)",
+    )
+    parser.add_argument(
+        "--storage_dtype",
+        "--dtype",
+        dest="storage_dtype",
+        default="float32",
+        choices=tuple(STORAGE_DTYPES),
+        help="dtype the memory vectors are stored in (default float32); --dtype is its older spelling",
+    )
+    parser.add_argument(
+        "--faiss",
+        default="flat",
+        choices=SEARCH_KINDS,
+        help="flat (default): exact search; ivf or hnsw: approximate, for large corpora "
+        "(recall@5 against exact search is measured at build time)",
+    )
     parser.add_argument("--nlist", type=positive_int, default=None, help="ivf cells (default 4 sqrt(N), at most N/39)")
     parser.add_argument("--nprobe", type=positive_int, default=16, help="ivf cells searched per query (default 16)")
     parser.add_argument("--hnsw_m", type=positive_int, default=32, help="hnsw links per node (default 32)")
     parser.add_argument("--ef_search", type=positive_int, default=128, help="hnsw search breadth (default 128)")
-    parser.add_argument("--model_dtype", default="auto",
-                        help="dtype the model runs in: auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16, "
-                             "float16")
-    parser.add_argument("--flash_attn", default="auto", choices=("auto", "true", "false"),
-                        help="auto (default): FlashAttention-2 when installed and on CUDA, else SDPA")
+    add_model_flags(parser, "--model_dtype")
     parser.add_argument("--model_path", default=None, help="base model to use instead of the one the checkpoint names")
     parser.add_argument("--no_progress", action="store_true", help="no progress bar")
     return parser
@@ -73,14 +87,33 @@ def build(args: argparse.Namespace, rank: int, world: int, device: torch.device)
     attn = attention_implementation(args.flash_attn, device.type == "cuda")
     model = load_model(args.checkpoint, dtype, attn, base_model=args.model_path).to(device).eval()
     model.requires_grad_(False)
-    log(f"Indexing {len(ids)} documents of {args.corpus} with the compressor of {args.checkpoint} "
-        f"| {world} process(es) | device {device.type}", flush=True)
+    log(
+        f"Indexing {len(ids)} documents of {args.corpus} with the compressor of {args.checkpoint} "
+        f"| {world} process(es) | device {device.type}",
+        flush=True,
+    )
     search = SearchSettings(args.faiss, args.nlist, args.nprobe, args.hnsw_m, args.ef_search)
-    meta = build_index(model, ids, texts, args.out, batch_size=args.batch_size, shard_size=args.shard_size,
-                       storage_dtype=args.storage_dtype, search=search, checkpoint=args.checkpoint, corpus=args.corpus,
-                       rank=rank, world=world, device=device, show_progress=not args.no_progress, log=log)
-    log(f"Index written to {args.out}: {meta['documents']} documents, {meta['bytes_per_document']} bytes of vectors "
-        f"each ({meta['n_mem']} x {meta['hidden']} x {args.storage_dtype}), {meta['search']['kind']} search")
+    meta = build_index(
+        model,
+        ids,
+        texts,
+        args.out,
+        batch_size=args.batch_size,
+        shard_size=args.shard_size,
+        storage_dtype=args.storage_dtype,
+        search=search,
+        checkpoint=args.checkpoint,
+        corpus=args.corpus,
+        rank=rank,
+        world=world,
+        device=device,
+        show_progress=not args.no_progress,
+        log=log,
+    )
+    log(
+        f"Index written to {args.out}: {meta['documents']} documents, {meta['bytes_per_document']} bytes of vectors "
+        f"each ({meta['n_mem']} x {meta['hidden']} x {args.storage_dtype}), {meta['search']['kind']} search"
+    )
     return meta
 
 

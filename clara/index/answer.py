@@ -8,12 +8,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from clara.collate import Batch, Collator, encode_documents
 from clara.data import normalise
 from clara.errors import CheckpointError, CorpusIndexError
 from clara.index.search import normalised_rows
 from clara.index.store import CorpusIndex
-from clara.model import ClaraModel, eval_mode
+from clara.model.collate import Batch, Collator, encode_documents
+from clara.model.model import ClaraModel, eval_mode
 from clara.stages import QUERY_REASONER, stage2
 
 
@@ -33,23 +33,42 @@ def encode_questions(model: ClaraModel, questions: list[str], device: torch.devi
     return normalised_rows(query.cpu())
 
 
-def generator_inputs(model: ClaraModel, index: CorpusIndex, questions: list[str], rows: list[list[int]],
-                     max_len: int, seed: int) -> tuple[Batch, torch.Tensor]:
+def generator_inputs(
+    model: ClaraModel, index: CorpusIndex, questions: list[str], rows: list[list[int]], max_len: int, seed: int
+) -> tuple[Batch, torch.Tensor]:
     """The generator's stage-2 prompts for the questions, and the stored vectors [slots * n, H] of each
     question's documents (the index rows, generation_top_k per question) for their memory slots."""
     top_k = model.settings.generation_top_k
     memory = index.memory([row for found in rows for row in found])
-    collate = Collator(stage2.STAGE, model.tokenizer, model.tokens, model.settings.doc_max_length, max_len, top_k, seed,
-                       with_targets=False)
+    collate = Collator(
+        stage2.STAGE,
+        model.tokenizer,
+        model.tokens,
+        model.settings.doc_max_length,
+        max_len,
+        top_k,
+        seed,
+        with_targets=False,
+    )
     # The documents are compressed already: the prompt needs only how many there are.
     records = [normalise(stage2.STAGE, {"question": q, "answer": "", "docs": [""] * top_k}) for q in questions]
     return collate(records), memory.reshape(-1, model.hidden_size)
 
 
 @torch.no_grad()
-def answer_from_index(model: ClaraModel, index: CorpusIndex, questions: list[str], *, retrieve: int | None = None,
-                      batch_size: int = 8, max_new_tokens: int = 64, max_len: int = 1024, seed: int = 42,
-                      device: torch.device | None = None, generate: bool = True) -> IndexAnswers:
+def answer_from_index(
+    model: ClaraModel,
+    index: CorpusIndex,
+    questions: list[str],
+    *,
+    retrieve: int | None = None,
+    batch_size: int = 8,
+    max_new_tokens: int = 64,
+    max_len: int = 1024,
+    seed: int = 42,
+    device: torch.device | None = None,
+    generate: bool = True,
+) -> IndexAnswers:
     """Retrieve each question's top documents with the query reasoner and answer from their stored vectors.
 
     The generator reads the first generation_top_k retrieved documents (the checkpoint's prompt has
@@ -57,8 +76,10 @@ def answer_from_index(model: ClaraModel, index: CorpusIndex, questions: list[str
     compressed here. The caller checks the index with check_index_matches.
     """
     if QUERY_REASONER not in model.adapter_names:
-        raise CheckpointError(f"the model has no {QUERY_REASONER}: answering from an index needs a stage2 "
-                              "checkpoint (or clara.stage_model.ensure_query_reasoner)")
+        raise CheckpointError(
+            f"the model has no {QUERY_REASONER}: answering from an index needs a stage2 "
+            "checkpoint (or clara.model.stage_model.ensure_query_reasoner)"
+        )
     device = device if device is not None else model.mem_embeddings.device
     top_k = model.settings.generation_top_k
     if len(index.ids) < top_k:
@@ -67,7 +88,7 @@ def answer_from_index(model: ClaraModel, index: CorpusIndex, questions: list[str
     result = IndexAnswers([], [], [], [])
     with eval_mode(model):
         for start in range(0, len(questions), batch_size):
-            chunk = list(questions[start:start + batch_size])
+            chunk = list(questions[start : start + batch_size])
             scores, rows = index.search(encode_questions(model, chunk, device), retrieve)
             result.rows += rows.tolist()
             result.scores += scores.tolist()

@@ -14,11 +14,9 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from clara.collate import encode_documents
-from clara.corpus import corpus_hash
-from clara.distributed import broadcast
 from clara.errors import CorpusIndexError
 from clara.files import write_json_atomic
+from clara.index.corpus import corpus_hash
 from clara.index.search import SearchSettings, make_search_index, normalised_rows, pair_queries, recall_against_exact
 from clara.index.store import (
     BUILD_FILE,
@@ -34,7 +32,9 @@ from clara.index.store import (
     read_shard,
 )
 from clara.locks import LOCK_FILES
-from clara.model import ClaraModel, eval_mode
+from clara.model.collate import encode_documents
+from clara.model.model import ClaraModel, eval_mode
+from clara.parallel.distributed import broadcast
 
 RECALL_QUERIES = 1000
 RECALL_K = 5
@@ -51,18 +51,21 @@ def _check_resumable(out_dir: str, plan: dict) -> str | None:
         return None
     differ = [key for key in BUILD_KEYS if previous.get(key) != plan[key]]
     if differ:
-        return (f"--out {out_dir}: holds a build of another corpus or checkpoint (differs in {', '.join(differ)}); "
-                "choose a new folder or delete this one")
+        return (
+            f"--out {out_dir}: holds a build of another corpus or checkpoint (differs in {', '.join(differ)}); "
+            "choose a new folder or delete this one"
+        )
     return None
 
 
 @torch.no_grad()
-def compress_texts(model: ClaraModel, texts: list[str], batch_size: int, device: torch.device,
-                   progress=None) -> torch.Tensor:
+def compress_texts(
+    model: ClaraModel, texts: list[str], batch_size: int, device: torch.device, progress=None
+) -> torch.Tensor:
     """Memory states [D, n, H] (float32, on the CPU) of the texts, compressed batch_size at a time."""
     parts = []
     for start in range(0, len(texts), batch_size):
-        chunk = texts[start:start + batch_size]
+        chunk = texts[start : start + batch_size]
         ids, mask, _ = encode_documents(model.tokenizer, model.tokens, chunk, model.settings.doc_max_length)
         parts.append(model.compress(ids.to(device), mask.to(device))[0].float().cpu())
         if progress is not None:
@@ -70,10 +73,24 @@ def compress_texts(model: ClaraModel, texts: list[str], batch_size: int, device:
     return torch.cat(parts)
 
 
-def build_index(model: ClaraModel, ids: list[str], texts: list[str], out_dir: str, *, batch_size: int = 32,
-                shard_size: int = 4096, storage_dtype: str = "float32", search: SearchSettings | None = None,
-                checkpoint: str = "", corpus: str = "", rank: int = 0, world: int = 1,
-                device: torch.device | None = None, show_progress: bool = True, log=print) -> dict:
+def build_index(
+    model: ClaraModel,
+    ids: list[str],
+    texts: list[str],
+    out_dir: str,
+    *,
+    batch_size: int = 32,
+    shard_size: int = 4096,
+    storage_dtype: str = "float32",
+    search: SearchSettings | None = None,
+    checkpoint: str = "",
+    corpus: str = "",
+    rank: int = 0,
+    world: int = 1,
+    device: torch.device | None = None,
+    show_progress: bool = True,
+    log=print,
+) -> dict:
     """Compress every document (this rank's shards), merge on rank 0; returns the index's meta (every rank)."""
     import torch.distributed as dist
     from tqdm import tqdm
@@ -85,10 +102,20 @@ def build_index(model: ClaraModel, ids: list[str], texts: list[str], out_dir: st
     if len(set(ids)) != len(ids):
         raise CorpusIndexError("document ids must be unique")
     n_shards = math.ceil(len(ids) / shard_size)
-    plan = {"format": INDEX_FORMAT, "format_version": INDEX_FORMAT_VERSION, "checkpoint": checkpoint,
-            "fingerprint": compressor_fingerprint(model), "corpus": corpus, "corpus_sha256": corpus_hash(ids, texts),
-            "documents": len(ids), "n_mem": model.tokens.n_mem, "hidden": model.hidden_size,
-            "storage_dtype": storage_dtype, "shard_size": shard_size, "shards": n_shards}
+    plan = {
+        "format": INDEX_FORMAT,
+        "format_version": INDEX_FORMAT_VERSION,
+        "checkpoint": checkpoint,
+        "fingerprint": compressor_fingerprint(model),
+        "corpus": corpus,
+        "corpus_sha256": corpus_hash(ids, texts),
+        "documents": len(ids),
+        "n_mem": model.tokens.n_mem,
+        "hidden": model.hidden_size,
+        "storage_dtype": storage_dtype,
+        "shard_size": shard_size,
+        "shards": n_shards,
+    }
     problem = None
     if rank == 0:
         problem = _check_resumable(out_dir, plan)
@@ -107,16 +134,24 @@ def build_index(model: ClaraModel, ids: list[str], texts: list[str], out_dir: st
     todo = sum(len(range(i * shard_size, min((i + 1) * shard_size, len(ids)))) for i in mine)
     progress = None
     if show_progress and rank == 0:
-        progress = tqdm(total=todo, desc="index" + (" (rank 0)" if world > 1 else ""), unit="doc",
-                        dynamic_ncols=True, file=sys.stderr)
+        progress = tqdm(
+            total=todo,
+            desc="index" + (" (rank 0)" if world > 1 else ""),
+            unit="doc",
+            dynamic_ncols=True,
+            file=sys.stderr,
+        )
     started = time.perf_counter()
     with eval_mode(model):
         for i in mine:
             rows = slice(i * shard_size, min((i + 1) * shard_size, len(ids)))
             memory = compress_texts(model, texts[rows], batch_size, device, progress)
             tmp = shard_path[i] + f".tmp{rank}"
-            save_file({"memory": memory.to(STORAGE_DTYPES[storage_dtype]).contiguous()}, tmp,
-                      metadata={"first_row": str(rows.start)})
+            save_file(
+                {"memory": memory.to(STORAGE_DTYPES[storage_dtype]).contiguous()},
+                tmp,
+                metadata={"first_row": str(rows.start)},
+            )
             os.replace(tmp, shard_path[i])
     compress_seconds = time.perf_counter() - started
     if progress is not None:
@@ -138,20 +173,26 @@ def _merge(out_dir: str, plan: dict, ids: list[str], texts: list[str], search: S
     vectors = np.concatenate([normalised_rows(read_shard(out_dir, i)) for i in range(plan["shards"])])
     index = make_search_index(vectors, search)
     effective = {"nlist": index.nlist, "nprobe": index.nprobe} if search.kind == "ivf" else {}
-    meta = {**plan, "search": search.__dict__ | effective,
-            "bytes_per_document": plan["n_mem"] * plan["hidden"] * STORAGE_DTYPES[plan["storage_dtype"]].itemsize}
+    meta = {
+        **plan,
+        "search": search.__dict__ | effective,
+        "bytes_per_document": plan["n_mem"] * plan["hidden"] * STORAGE_DTYPES[plan["storage_dtype"]].itemsize,
+    }
     if search.kind != "flat":
         queries = pair_queries(vectors, min(RECALL_QUERIES, len(vectors)))
         k = min(RECALL_K, len(vectors))
         _, exact_rows = make_search_index(vectors, SearchSettings("flat")).search(queries, k)
         meta[f"recall@{k}_vs_exact"] = recall_against_exact(index, exact_rows, queries, k)
-        log(f"{search.kind} index: recall@{k} against exact search {meta[f'recall@{k}_vs_exact']:.4f} "
-            f"({len(queries)} queries: midpoints of random pairs of stored documents)")
+        log(
+            f"{search.kind} index: recall@{k} against exact search {meta[f'recall@{k}_vs_exact']:.4f} "
+            f"({len(queries)} queries: midpoints of random pairs of stored documents)"
+        )
     faiss.write_index(index, os.path.join(out_dir, FAISS_FILE + ".tmp"))
     os.replace(os.path.join(out_dir, FAISS_FILE + ".tmp"), os.path.join(out_dir, FAISS_FILE))
     with open(os.path.join(out_dir, DOCS_FILE + ".tmp"), "w", encoding="utf-8") as out:
-        out.writelines(json.dumps({"id": doc_id, "text": text}, ensure_ascii=False) + "\n"
-                       for doc_id, text in zip(ids, texts))
+        out.writelines(
+            json.dumps({"id": doc_id, "text": text}, ensure_ascii=False) + "\n" for doc_id, text in zip(ids, texts)
+        )
     os.replace(os.path.join(out_dir, DOCS_FILE + ".tmp"), os.path.join(out_dir, DOCS_FILE))
     meta["merge_seconds"] = round(time.perf_counter() - started, 3)
     return meta

@@ -12,9 +12,9 @@ import numpy as np
 import torch
 from safetensors import safe_open
 
-from clara.checkpoint import added_token_rows
 from clara.errors import CorpusIndexError
-from clara.model import ClaraModel
+from clara.model.checkpoint import added_token_rows
+from clara.model.model import ClaraModel
 from clara.stages import COMPRESSOR
 
 INDEX_FORMAT = "clara-index"
@@ -79,7 +79,7 @@ class CorpusIndex:
         out = []
         for row in rows:
             with safe_open(os.path.join(self.path, SHARD_FILE.format(row // size)), framework="pt") as shard:
-                out.append(shard.get_slice("memory")[row % size:row % size + 1].float())
+                out.append(shard.get_slice("memory")[row % size : row % size + 1].float())
         return torch.cat(out)
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -90,8 +90,11 @@ class CorpusIndex:
 def load_index(path: str) -> CorpusIndex:
     meta = read_json(os.path.join(path, META_FILE))
     if meta is None:
-        what = "an unfinished build (run python -m clara.index again to finish it)" \
-            if os.path.isfile(os.path.join(path, BUILD_FILE)) else "not a corpus index"
+        what = (
+            "an unfinished build (run python -m clara.index again to finish it)"
+            if os.path.isfile(os.path.join(path, BUILD_FILE))
+            else "not a corpus index"
+        )
         raise CorpusIndexError(f"--index {path}: {what}; no {META_FILE}")
     if meta.get("format") != INDEX_FORMAT or meta.get("format_version", 0) > INDEX_FORMAT_VERSION:
         raise CorpusIndexError(f"{path}/{META_FILE}: not a corpus index this toolkit reads")
@@ -113,6 +116,8 @@ def check_index_matches(index: CorpusIndex, model: ClaraModel, checkpoint: str =
     """Refuse an index whose vectors another compressor made: they would be read as noise."""
     mine = compressor_fingerprint(model)
     if index.meta["fingerprint"] != mine:
-        raise CorpusIndexError(f"--index {index.path} was built with the compressor of {index.meta['checkpoint']!r} "
-                         f"(fingerprint {index.meta['fingerprint'][:12]}), not that of {checkpoint} ({mine[:12]}); "
-                         f"rebuild it: python -m clara.index --checkpoint {checkpoint} --corpus ... --out NEW_DIR")
+        raise CorpusIndexError(
+            f"--index {index.path} was built with the compressor of {index.meta['checkpoint']!r} "
+            f"(fingerprint {index.meta['fingerprint'][:12]}), not that of {checkpoint} ({mine[:12]}); "
+            f"rebuild it: python -m clara.index --checkpoint {checkpoint} --corpus ... --out NEW_DIR"
+        )

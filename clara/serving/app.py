@@ -28,7 +28,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException
 
-from clara.decoding import RowDecoding, Sampling
+from clara.model.decoding import RowDecoding, Sampling
 from clara.openai_protocol import (
     SSE_DONE,
     ChatCompletion,
@@ -95,8 +95,11 @@ class RequireKey:
         if scope["type"] == "http" and scope["path"] not in OPEN_PATHS:
             given = dict(scope["headers"]).get(b"authorization", b"")
             if not hmac.compare_digest(given.removeprefix(b"Bearer "), self.key):
-                body = error_body("a valid API key is needed: Authorization: Bearer KEY", "authentication_error",
-                                  code="invalid_api_key")
+                body = error_body(
+                    "a valid API key is needed: Authorization: Bearer KEY",
+                    "authentication_error",
+                    code="invalid_api_key",
+                )
                 await JSONResponse(body, status_code=401)(scope, receive, send)
                 return
         await self.app(scope, receive, send)
@@ -117,8 +120,9 @@ async def read_json(request: Request, limit: int) -> dict:
     except (ValueError, UnicodeDecodeError) as error:
         raise OpenAIError(400, f"the request body is not valid JSON: {error}", code="invalid_json") from None
     if not isinstance(value, dict):
-        raise OpenAIError(400, f"the request body must be a JSON object, got {type(value).__name__}",
-                          code="invalid_json")
+        raise OpenAIError(
+            400, f"the request body must be a JSON object, got {type(value).__name__}", code="invalid_json"
+        )
     return value
 
 
@@ -132,21 +136,35 @@ def parse(model: type[BaseModel], value: dict) -> BaseModel:
 def last_question(messages: list[ChatMessage]) -> str:
     users = [m for m in messages if m.role == "user"]
     if not users or not (users[-1].content or "").strip():
-        raise OpenAIError(400, "messages: the last user message (the question) is missing or empty",
-                          param="messages", code="invalid_value")
+        raise OpenAIError(
+            400,
+            "messages: the last user message (the question) is missing or empty",
+            param="messages",
+            code="invalid_value",
+        )
     return users[-1].content.strip()
 
 
 def sampling(request: ServeChatRequest, limits: Limits) -> Sampling:
     tokens = request.token_limit() or limits.default_max_tokens
     if tokens > limits.max_tokens:
-        raise OpenAIError(400, f"max_tokens={tokens}: this server answers with at most {limits.max_tokens} tokens",
-                          param="max_tokens", code="invalid_value")
+        raise OpenAIError(
+            400,
+            f"max_tokens={tokens}: this server answers with at most {limits.max_tokens} tokens",
+            param="max_tokens",
+            code="invalid_value",
+        )
     stops = request.stop_strings()
     if len(stops) > 4 or not all(stops):
         raise OpenAIError(400, "stop: expected up to 4 non-empty strings", param="stop", code="invalid_value")
-    return Sampling(tokens, request.temperature or 0.0, 1.0 if request.top_p is None else request.top_p,
-                    request.seed, tuple(stops), min(request.min_tokens, tokens))
+    return Sampling(
+        tokens,
+        request.temperature or 0.0,
+        1.0 if request.top_p is None else request.top_p,
+        request.seed,
+        tuple(stops),
+        min(request.min_tokens, tokens),
+    )
 
 
 async def next_event(job: Job, kind: str):
@@ -191,8 +209,10 @@ async def openai_error(request: Request, error: OpenAIError) -> JSONResponse:
 
 async def http_error(request: Request, error: HTTPException) -> JSONResponse:
     """Unknown paths (404) and methods (405), in the OpenAI error shape."""
-    return JSONResponse(error_body(f"{request.method} {request.url.path}: {error.detail}",
-                                   error_type_for(error.status_code)), status_code=error.status_code)
+    return JSONResponse(
+        error_body(f"{request.method} {request.url.path}: {error.detail}", error_type_for(error.status_code)),
+        status_code=error.status_code,
+    )
 
 
 async def validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
@@ -201,8 +221,12 @@ async def validation_error(request: Request, error: RequestValidationError) -> J
 
 def check_model(engine: Engine, name: str | None) -> None:
     if name is not None and name != engine.model_name:
-        raise OpenAIError(404, f"model {name!r} is not served here; this server serves {engine.model_name!r}",
-                          param="model", code="model_not_found")
+        raise OpenAIError(
+            404,
+            f"model {name!r} is not served here; this server serves {engine.model_name!r}",
+            param="model",
+            code="model_not_found",
+        )
 
 
 def check_k(engine: Engine, limits: Limits, k: int | None, smallest: int) -> int:
@@ -210,8 +234,13 @@ def check_k(engine: Engine, limits: Limits, k: int | None, smallest: int) -> int
     documents = len(engine.index.ids)
     largest = min(limits.max_k, documents)
     if not smallest <= k <= largest:
-        raise OpenAIError(400, f"k={k}: expected {smallest} to {largest} (the generator reads {engine.top_k} "
-                               f"documents; the index holds {documents})", param="k", code="invalid_value")
+        raise OpenAIError(
+            400,
+            f"k={k}: expected {smallest} to {largest} (the generator reads {engine.top_k} "
+            f"documents; the index holds {documents})",
+            param="k",
+            code="invalid_value",
+        )
     return k
 
 
@@ -222,9 +251,17 @@ async def home(request: Request) -> HTMLResponse:
 
 async def health(request: Request) -> dict:
     engine = request.app.state.engine
-    return {"status": "ok", "model": engine.model_name, "documents": len(engine.index.ids),
-            "generation_top_k": engine.top_k, "max_batch": engine.max_batch, "max_wait_ms": engine.max_wait * 1000,
-            "window_tokens": engine.window_tokens, "queued": engine.queued(), **asdict(engine.counters)}
+    return {
+        "status": "ok",
+        "model": engine.model_name,
+        "documents": len(engine.index.ids),
+        "generation_top_k": engine.top_k,
+        "max_batch": engine.max_batch,
+        "max_wait_ms": engine.max_wait * 1000,
+        "window_tokens": engine.window_tokens,
+        "queued": engine.queued(),
+        **asdict(engine.counters),
+    }
 
 
 async def models(request: Request) -> dict:
@@ -257,12 +294,18 @@ async def chat_completions(request: Request):
         job.cancel()
         raise
     head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": engine.model_name}
-    clara = {"k": k, "generator_read": engine.top_k,
-             "documents": [{**d, "text": d["text"][:SNIPPET_CHARS]} for d in documents]}
+    clara = {
+        "k": k,
+        "generator_read": engine.top_k,
+        "documents": [{**d, "text": d["text"][:SNIPPET_CHARS]} for d in documents],
+    }
     if body.stream:
         include_usage = bool((body.stream_options or {}).get("include_usage"))
-        return StreamingResponse(stream(job, head, clara, include_usage), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return StreamingResponse(
+            stream(job, head, clara, include_usage),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
     try:
         while (event := await job.events.get())[0] == "text":
             pass
@@ -271,8 +314,12 @@ async def chat_completions(request: Request):
     if event[0] == "error":
         raise event[1]
     message = ChatMessage(role="assistant", content=event[1]["text"])
-    return ClaraChatCompletion(**head, choices=[Choice(message=message, finish_reason=finish_reason(event[1]))],
-                               usage=usage(event[1]), clara=clara).model_dump(exclude_none=True)
+    return ClaraChatCompletion(
+        **head,
+        choices=[Choice(message=message, finish_reason=finish_reason(event[1]))],
+        usage=usage(event[1]),
+        clara=clara,
+    ).model_dump(exclude_none=True)
 
 
 def finish_reason(done: dict) -> str:
@@ -287,6 +334,7 @@ def usage(done: dict) -> Usage:
 async def stream(job: Job, head: dict, clara: dict, include_usage: bool):
     """Server-sent events as OpenAI streams them: the role (with the documents), the pieces, the finish
     reason, optionally the usage, then [DONE]. A client that goes away cancels its answer's decoding."""
+
     def chunk(**fields) -> str:
         return sse_event(ClaraChunk(**head, **fields))
 

@@ -2,7 +2,7 @@
 
 Requests that arrive together (up to `max_batch`, waiting at most `max_wait_ms` after the first) share
 one query-reasoner forward, one search and one generate call; each answer is decoded its own way
-(clara.decoding) and ends on its own, so its response completes while longer ones in the batch go on.
+(clara.model.decoding) and ends on its own, so its response completes while longer ones in the batch go on.
 Answers are decoded `window_tokens` at a time: between windows, requests that arrived meanwhile join the
 batch (each continuing answer is fed back after its prompt), so a long answer never holds new ones up
 for more than one window.
@@ -20,10 +20,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from clara.collate import encode_supervised, pad_left
-from clara.decoding import RowDecoding
-from clara.index import CorpusIndex, encode_questions, generator_inputs
-from clara.inference import CLaRa
+from clara.evaluation.inference import CLaRa
+from clara.index.answer import encode_questions, generator_inputs
+from clara.index.store import CorpusIndex
+from clara.model.collate import encode_supervised, pad_left
+from clara.model.decoding import RowDecoding
 from clara.openai_protocol import OpenAIError
 from clara.stages import stage2
 
@@ -65,8 +66,17 @@ class Counters:
 
 
 class Engine:
-    def __init__(self, clara: CLaRa, index: CorpusIndex, model_name: str, max_batch: int = 16,
-                 max_wait_ms: float = 10.0, window_tokens: int = 16, max_len: int | None = None, seed: int = 42):
+    def __init__(
+        self,
+        clara: CLaRa,
+        index: CorpusIndex,
+        model_name: str,
+        max_batch: int = 16,
+        max_wait_ms: float = 10.0,
+        window_tokens: int = 16,
+        max_len: int | None = None,
+        seed: int = 42,
+    ):
         self.clara, self.index, self.model_name = clara, index, model_name
         self.max_batch, self.max_wait, self.window_tokens = max_batch, max_wait_ms / 1000, window_tokens
         # The prompt length and prompt choice of CLaRa.generate_from_questions(index=...), so answers agree.
@@ -115,8 +125,9 @@ class Engine:
         deadline = time.monotonic() + (self.max_wait if wait else 0.0)
         while len(jobs) < room:
             try:
-                job = self._queue.get(timeout=max(0.0, deadline - time.monotonic())) if wait else \
-                    self._queue.get_nowait()
+                job = (
+                    self._queue.get(timeout=max(0.0, deadline - time.monotonic())) if wait else self._queue.get_nowait()
+                )
             except queue.Empty:
                 break
             if job is None:
@@ -149,8 +160,9 @@ class Engine:
 
     def _fail(self, job: Job, error: Exception) -> None:
         self.counters.failed += 1
-        job.send("error", OpenAIError(500, f"the server failed answering: {type(error).__name__}: {error}",
-                                      "server_error"))
+        job.send(
+            "error", OpenAIError(500, f"the server failed answering: {type(error).__name__}: {error}", "server_error")
+        )
 
     @torch.no_grad()
     def _step(self, active: list[Job], new: list[Job]) -> list[Job]:
@@ -173,18 +185,25 @@ class Engine:
     def _retrieve(self, jobs: list[Job]) -> None:
         model = self.clara.model
         questions = [job.question for job in jobs]
-        scores, rows = self.index.search(encode_questions(model, questions, self.clara.device),
-                                         max(job.k for job in jobs))
+        scores, rows = self.index.search(
+            encode_questions(model, questions, self.clara.device), max(job.k for job in jobs)
+        )
         for job, found, score in zip(jobs, rows.tolist(), scores.tolist()):
-            job.found = found[:self.top_k]
-            job.send("retrieved", [{"id": self.index.ids[r], "score": s, "text": self.index.texts[r]}
-                                   for r, s in list(zip(found, score))[:job.k]])
+            job.found = found[: self.top_k]
+            job.send(
+                "retrieved",
+                [
+                    {"id": self.index.ids[r], "score": s, "text": self.index.texts[r]}
+                    for r, s in list(zip(found, score))[: job.k]
+                ],
+            )
 
     def _decode(self, jobs: list[Job]) -> None:
         """The prompts, each followed by its answer's tokens so far, and window_tokens more of every answer."""
         model = self.clara.model
-        batch, vectors = generator_inputs(model, self.index, [job.question for job in jobs],
-                                          [job.found for job in jobs], self.max_len, self.seed)
+        batch, vectors = generator_inputs(
+            model, self.index, [job.question for job in jobs], [job.found for job in jobs], self.max_len, self.seed
+        )
         for job, mask in zip(jobs, batch.dec_mask):
             job.prompt_tokens = job.prompt_tokens or int(mask.sum())
         if any(job.row.tokens for job in jobs):
@@ -192,8 +211,12 @@ class Engine:
             rows = [prompt + job.row.tokens for prompt, job in zip(prompts, jobs)]
             batch.dec_ids = pad_left(rows, model.tokens.pad_id)
             batch.dec_mask = pad_left([[1] * len(row) for row in rows], 0)
-        model.generate(batch.to(self.clara.device), max_new_tokens=self.window_tokens,
-                       vectors=vectors.to(self.clara.device), rows=[job.row for job in jobs])
+        model.generate(
+            batch.to(self.clara.device),
+            max_new_tokens=self.window_tokens,
+            vectors=vectors.to(self.clara.device),
+            rows=[job.row for job in jobs],
+        )
 
     def _done(self, job: Job) -> None:
         self.counters.requests += 1
@@ -202,8 +225,15 @@ class Engine:
             return
         if job.row.finish_reason == "cancelled":
             self.counters.cancelled += 1
-        job.send("done", {"finish_reason": job.row.finish_reason, "text": job.row.text,
-                          "prompt_tokens": job.prompt_tokens, "completion_tokens": len(job.row.tokens)})
+        job.send(
+            "done",
+            {
+                "finish_reason": job.row.finish_reason,
+                "text": job.row.text,
+                "prompt_tokens": job.prompt_tokens,
+                "completion_tokens": len(job.row.tokens),
+            },
+        )
 
     def _admit(self, job: Job) -> bool:
         """False for a job cancelled while queued, or whose question the model cannot read whole (400)."""
@@ -223,10 +253,13 @@ class Engine:
         model = self.clara.model
         tokens = len(model.tokenizer(question, add_special_tokens=False)["input_ids"])
         if tokens > model.settings.doc_max_length:
-            return (f"the question is {tokens} tokens; the query reasoner reads at most "
-                    f"{model.settings.doc_max_length} (the checkpoint's doc_max_length)")
-        system, user, _ = ANSWERING.example({"question": question, "answer": ""}, model.tokens.n_mem, self.top_k,
-                                         self.seed)
+            return (
+                f"the question is {tokens} tokens; the query reasoner reads at most "
+                f"{model.settings.doc_max_length} (the checkpoint's doc_max_length)"
+            )
+        system, user, _ = ANSWERING.example(
+            {"question": question, "answer": ""}, model.tokens.n_mem, self.top_k, self.seed
+        )
         prompt = len(encode_supervised(model.tokenizer, system, user, None, self.max_len)[0])
         if prompt >= self.max_len:
             return f"the prompt is {prompt} tokens with this question; the model's MAX_LEN is {self.max_len}"

@@ -2,8 +2,12 @@
 
 The rest of the package asks the stage (its adapters, schema, defaults, prompts) instead of comparing
 stage names. A new stage is a module here that defines `STAGE`, plus one line in `STAGES` below.
-This package is pure description: it imports only `clara.prompts`, so that settings can be resolved
-without loading torch or datasets.
+    stage      the `Stage` object and the adapter role names
+    prompts    chat prompts, special tokens, memory slots (the stages' and everyone's)
+    stage1, stage1_2, stage2   one module per stage, each defining `STAGE`
+
+This package is pure description, the bottom of clara: it imports nothing outside itself, so that settings can
+be resolved without loading torch or datasets.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from clara import prompts
+from clara.stages import prompts
 from clara.stages.stage import COMPRESSOR, GENERATOR, QUERY_REASONER, Stage
 from clara.stages.stage1_2 import header
 

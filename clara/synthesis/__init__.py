@@ -9,6 +9,9 @@ coverage rounds ask for pairs on the facts still uncovered.
     pipeline    a corpus in resumable shards, with a manifest and a progress bar
     records     the stages' files (BM25 distractors, a held-out split) and the summary
 
-It may import the bottom layers (clara.errors, clara.files, clara.openai_protocol) and clara.tiny (the built-in
-model as a local LLM); nothing below the command line imports it. The command line is clara/synthesize.py.
+    __main__    python -m clara.synthesize (clara/synthesize.py keeps that path)
+
+It may import the bottom layers (clara.errors, clara.files, clara.openai_protocol, clara.config), the corpus
+reader (clara.index.corpus), clara.parallel and clara.model.tiny_base (the built-in model as a local LLM);
+nothing outside this package imports it but the command line's old path, clara/synthesize.py.
 """

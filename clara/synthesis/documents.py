@@ -83,10 +83,14 @@ class _Document:
 async def synthesize_document(asking: Asking, doc_id: str, text: str) -> dict:
     """Everything the recipe makes of one document, and what it took."""
     doc = _Document(asking, doc_id, text)
-    simple, complex_, paraphrase = await asyncio.gather(doc.ask("simple_qa"), doc.ask("complex_qa"),
-                                                        doc.ask("paraphrase"))
-    found = {"simple_qa": doc.keep(simple.pairs) if simple else [],
-             "complex_qa": doc.keep(complex_.pairs) if complex_ else [], "coverage": []}
+    simple, complex_, paraphrase = await asyncio.gather(
+        doc.ask("simple_qa"), doc.ask("complex_qa"), doc.ask("paraphrase")
+    )
+    found = {
+        "simple_qa": doc.keep(simple.pairs) if simple else [],
+        "complex_qa": doc.keep(complex_.pairs) if complex_ else [],
+        "coverage": [],
+    }
     rounds = 0
     while rounds < asking.rounds and (simple is not None or complex_ is not None):
         rounds += 1
@@ -104,10 +108,17 @@ async def synthesize_document(asking: Asking, doc_id: str, text: str) -> dict:
             doc.rejected[f"paraphrase_{problem}"] += 1
         else:
             kept_paraphrase = paraphrase.paraphrase.strip()
-    return {"id": doc_id, "pairs": {task: [[p.question, p.answer] for p in found[task]] for task in PAIR_TASKS},
-            "paraphrase": kept_paraphrase, "proposed_pairs": doc.proposed, "coverage_rounds": rounds,
-            "answered_outputs": _answered(simple, complex_), **doc.counts, "retried": dict(doc.retried),
-            "rejected": dict(doc.rejected)}
+    return {
+        "id": doc_id,
+        "pairs": {task: [[p.question, p.answer] for p in found[task]] for task in PAIR_TASKS},
+        "paraphrase": kept_paraphrase,
+        "proposed_pairs": doc.proposed,
+        "coverage_rounds": rounds,
+        "answered_outputs": _answered(simple, complex_),
+        **doc.counts,
+        "retried": dict(doc.retried),
+        "rejected": dict(doc.rejected),
+    }
 
 
 def _answered(*answers) -> int:

@@ -80,8 +80,17 @@ def _fatal(error: OpenAIError, base_url: str, model: str) -> ConfigError:
 class OpenAIChat:
     """Chat completions from an OpenAI-compatible server, at most `concurrency` requests in flight."""
 
-    def __init__(self, base_url: str, model: str, api_key: str | None, settings: GenerationSettings,
-                 concurrency: int, timeout: float, max_retries: int, backoff: float):
+    def __init__(
+        self,
+        base_url: str,
+        model: str,
+        api_key: str | None,
+        settings: GenerationSettings,
+        concurrency: int,
+        timeout: float,
+        max_retries: int,
+        backoff: float,
+    ):
         self.url, self.model, self.settings = base_url.rstrip("/"), model, settings
         self.concurrency, self.timeout, self.max_retries, self.backoff = concurrency, timeout, max_retries, backoff
         self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
@@ -90,17 +99,24 @@ class OpenAIChat:
         self.in_flight = 0
 
     def _body(self, request: ChatRequest) -> dict:
-        body = ChatCompletionRequest(model=self.model, messages=request.messages, seed=request.seed,
-                                     max_tokens=self.settings.max_tokens, temperature=self.settings.temperature,
-                                     response_format=response_format(request.task))
+        body = ChatCompletionRequest(
+            model=self.model,
+            messages=request.messages,
+            seed=request.seed,
+            max_tokens=self.settings.max_tokens,
+            temperature=self.settings.temperature,
+            response_format=response_format(request.task),
+        )
         return body.model_dump(exclude_none=True, exclude_defaults=True)
 
     async def _post(self, body: dict) -> tuple[str | None, bytes, str]:
         """One try: (None or the reason to retry, status, body, Retry-After)."""
         if self.session is None:
             self.session = aiohttp.ClientSession(
-                headers=self.headers, timeout=aiohttp.ClientTimeout(total=self.timeout),
-                connector=aiohttp.TCPConnector(limit=self.concurrency))
+                headers=self.headers,
+                timeout=aiohttp.ClientTimeout(total=self.timeout),
+                connector=aiohttp.TCPConnector(limit=self.concurrency),
+            )
         async with self.slots:
             self.in_flight += 1
             try:
@@ -122,7 +138,7 @@ class OpenAIChat:
 
     def _delay(self, tries: int, retry_after: str) -> float:
         """Exponential backoff with jitter; a server's Retry-After (seconds) wins when it asks for longer."""
-        delay = min(MAX_BACKOFF_SECONDS, self.backoff * 2 ** tries) * (0.5 + random.random() / 2)
+        delay = min(MAX_BACKOFF_SECONDS, self.backoff * 2**tries) * (0.5 + random.random() / 2)
         asked = min(float(retry_after), MAX_BACKOFF_SECONDS) if retry_after.replace(".", "", 1).isdigit() else 0.0
         return max(delay, asked)
 
@@ -136,8 +152,10 @@ class OpenAIChat:
             retried[reason] += 1
             if tries < self.max_retries:
                 await asyncio.sleep(self._delay(tries, retry_after))
-        raise RunFailure(f"{self.url}: no answer after {self.max_retries + 1} tries ({dict(retried)}); "
-                         "what was finished is kept: run the same command again to continue")
+        raise RunFailure(
+            f"{self.url}: no answer after {self.max_retries + 1} tries ({dict(retried)}); "
+            "what was finished is kept: run the same command again to continue"
+        )
 
     async def close(self) -> None:
         if self.session is not None:

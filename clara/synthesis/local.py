@@ -14,13 +14,14 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from clara.config import TINY_MODEL_NAME
+from clara.model.tiny_base import tiny_model_dir
 from clara.synthesis.llm import ChatRequest, GenerationSettings, Reply
-from clara.tiny_base import tiny_model_dir
 
 
 class LocalChat:
-    def __init__(self, model_path: str, settings: GenerationSettings, batch_size: int, device: torch.device,
-                 dtype: torch.dtype):
+    def __init__(
+        self, model_path: str, settings: GenerationSettings, batch_size: int, device: torch.device, dtype: torch.dtype
+    ):
         path = tiny_model_dir() if model_path == TINY_MODEL_NAME else model_path
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         self.tokenizer.padding_side = "left"
@@ -42,7 +43,7 @@ class LocalChat:
     async def _work(self) -> None:
         while self.queue:
             await asyncio.sleep(0)  # let every document waiting to run queue its request first
-            batch, self.queue = self.queue[:self.batch_size], self.queue[self.batch_size:]
+            batch, self.queue = self.queue[: self.batch_size], self.queue[self.batch_size :]
             self.in_flight = len(batch)
             try:
                 replies = await asyncio.to_thread(self._generate, [request for request, _ in batch])
@@ -60,22 +61,30 @@ class LocalChat:
 
     @torch.inference_mode()
     def _generate(self, requests: list[ChatRequest]) -> list[Reply]:
-        prompts = [self.tokenizer.apply_chat_template(r.messages, tokenize=False, add_generation_prompt=True)
-                   for r in requests]
+        prompts = [
+            self.tokenizer.apply_chat_template(r.messages, tokenize=False, add_generation_prompt=True) for r in requests
+        ]
         inputs = self.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
         sample = self.settings.temperature > 0
         # One seed per batch, from its requests: the same batches sample the same answers.
         torch.manual_seed(sum(r.seed for r in requests) % 2**63)
-        output = self.model.generate(**inputs, max_new_tokens=self.settings.max_tokens, do_sample=sample,
-                                     temperature=self.settings.temperature if sample else None, top_p=None, top_k=None,
-                                     pad_token_id=self.tokenizer.pad_token_id)
-        new = output[:, inputs["input_ids"].shape[1]:]
+        output = self.model.generate(
+            **inputs,
+            max_new_tokens=self.settings.max_tokens,
+            do_sample=sample,
+            temperature=self.settings.temperature if sample else None,
+            top_p=None,
+            top_k=None,
+            pad_token_id=self.tokenizer.pad_token_id,
+        )
+        new = output[:, inputs["input_ids"].shape[1] :]
         prompt_tokens = inputs["attention_mask"].sum(dim=1).tolist()
         replies = []
         for row, used in zip(new, prompt_tokens):
             generated = row[row != self.tokenizer.pad_token_id]
-            replies.append(Reply(self.tokenizer.decode(generated, skip_special_tokens=True), int(used),
-                                 int(generated.numel())))
+            replies.append(
+                Reply(self.tokenizer.decode(generated, skip_special_tokens=True), int(used), int(generated.numel()))
+            )
         return replies
 
     async def close(self) -> None:

@@ -56,11 +56,17 @@ def start_or_resume(out: str, settings: dict, shards: list[tuple[int, int]], ran
             raise ConfigError("out", out, f"a new folder, or the settings of the run it holds ({said})")
     os.makedirs(os.path.join(out, SHARD_DIR), exist_ok=True)
     if manifest is None and rank == 0:
-        write_json_atomic(os.path.join(out, MANIFEST), {
-            "settings": settings,
-            "shards": [{"file": os.path.relpath(shard_path(out, i), out), "documents": [start, stop]}
-                       for i, (start, stop) in enumerate(shards)],
-            "outputs": None})
+        write_json_atomic(
+            os.path.join(out, MANIFEST),
+            {
+                "settings": settings,
+                "shards": [
+                    {"file": os.path.relpath(shard_path(out, i), out), "documents": [start, stop]}
+                    for i, (start, stop) in enumerate(shards)
+                ],
+                "outputs": None,
+            },
+        )
 
 
 async def _all_or_nothing(awaitables: list[Awaitable]) -> list:
@@ -73,11 +79,19 @@ async def _all_or_nothing(awaitables: list[Awaitable]) -> list:
             task.cancel()
 
 
-async def synthesize_shards(asking: Asking, ids: list[str], texts: list[str], out: str,
-                            shards: list[tuple[int, int]], todo: list[int], show_progress: bool) -> None:
+async def synthesize_shards(
+    asking: Asking,
+    ids: list[str],
+    texts: list[str],
+    out: str,
+    shards: list[tuple[int, int]],
+    todo: list[int],
+    show_progress: bool,
+) -> None:
     """Synthesize the shards `todo`, writing each one whole when its last document is done."""
-    progress = tqdm(total=sum(shards[i][1] - shards[i][0] for i in todo), unit="doc", disable=not show_progress,
-                    dynamic_ncols=True)
+    progress = tqdm(
+        total=sum(shards[i][1] - shards[i][0] for i in todo), unit="doc", disable=not show_progress, dynamic_ncols=True
+    )
     tokens = 0
     slots = asyncio.Semaphore(SHARDS_IN_PROGRESS)
 

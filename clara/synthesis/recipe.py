@@ -48,13 +48,27 @@ class Judgement(_Answer):
 
 
 # Task name -> the answer it must give. The names are also the json_schema names sent to the server.
-SCHEMAS: dict[str, type[_Answer]] = {"simple_qa": QAPairs, "complex_qa": QAPairs, "paraphrase": Paraphrase,
-                                     "coverage": Coverage, "judge": Judgement}
+SCHEMAS: dict[str, type[_Answer]] = {
+    "simple_qa": QAPairs,
+    "complex_qa": QAPairs,
+    "paraphrase": Paraphrase,
+    "coverage": Coverage,
+    "judge": Judgement,
+}
 # What each task's user message must contain.
-PLACEHOLDERS = {"simple_qa": ("{document}",), "complex_qa": ("{document}",), "paraphrase": ("{document}",),
-                "coverage": ("{document}", "{pairs}"), "judge": ("{document}", "{pairs}")}
-FILTER_TYPES = {"max_question_chars": int, "max_answer_chars": int, "min_answer_support": float,
-                "max_paraphrase_ratio": float}
+PLACEHOLDERS = {
+    "simple_qa": ("{document}",),
+    "complex_qa": ("{document}",),
+    "paraphrase": ("{document}",),
+    "coverage": ("{document}", "{pairs}"),
+    "judge": ("{document}", "{pairs}"),
+}
+FILTER_TYPES = {
+    "max_question_chars": int,
+    "max_answer_chars": int,
+    "min_answer_support": float,
+    "max_paraphrase_ratio": float,
+}
 
 
 @dataclass(frozen=True)
@@ -80,8 +94,10 @@ class Recipe:
 @functools.cache
 def response_format(task: str) -> dict:
     """The OpenAI `response_format` asking for this task's JSON (enforced by vLLM and SGLang)."""
-    return {"type": "json_schema",
-            "json_schema": {"name": task, "strict": True, "schema": SCHEMAS[task].model_json_schema()}}
+    return {
+        "type": "json_schema",
+        "json_schema": {"name": task, "strict": True, "schema": SCHEMAS[task].model_json_schema()},
+    }
 
 
 def load_recipe(path: str | None) -> Recipe:
@@ -104,12 +120,20 @@ def load_recipe(path: str | None) -> Recipe:
         if missing:
             raise ConfigError("prompts", str(file), f"tasks.{task}.user containing {' and '.join(missing)}")
     filters = data.get("filters")
-    if not isinstance(filters, dict) or set(filters) != set(FILTER_TYPES) or not all(
+    if (
+        not isinstance(filters, dict)
+        or set(filters) != set(FILTER_TYPES)
+        or not all(
             isinstance(filters[k], (int, float)) and not isinstance(filters[k], bool) and filters[k] >= 0
-            for k in FILTER_TYPES):
+            for k in FILTER_TYPES
+        )
+    ):
         raise ConfigError("prompts", str(file), f"'filters' with the non-negative numbers {', '.join(FILTER_TYPES)}")
-    return Recipe({t: {"system": tasks[t]["system"], "user": tasks[t]["user"]} for t in SCHEMAS},
-                  Filters(**{k: FILTER_TYPES[k](v) for k, v in filters.items()}), text)
+    return Recipe(
+        {t: {"system": tasks[t]["system"], "user": tasks[t]["user"]} for t in SCHEMAS},
+        Filters(**{k: FILTER_TYPES[k](v) for k, v in filters.items()}),
+        text,
+    )
 
 
 def parse_answer(task: str, text: str) -> _Answer | None:
@@ -128,7 +152,8 @@ WORD = re.compile(r"\w+", re.UNICODE)
 # Words an answer may add to the document's without inventing anything.
 FUNCTION_WORDS = frozenset(
     "a an the of in on at to for from by with and or but is are was were be been its it this that these those "
-    "as than then so not no yes".split())
+    "as than then so not no yes".split()
+)
 
 
 def words(text: str) -> list[str]:

@@ -62,7 +62,7 @@ def retrieve(texts: list[str], questions: list[str], k: int) -> np.ndarray:
 
 def _with_positive(positive: int, ranked, count: int, where: int) -> list[int]:
     """`count` rows: the best `count - 1` of `ranked` other than `positive`, with `positive` at `where`."""
-    rows = [int(r) for r in ranked if int(r) != positive][:count - 1]
+    rows = [int(r) for r in ranked if int(r) != positive][: count - 1]
     rows.insert(where % count, positive)
     return rows
 
@@ -89,12 +89,14 @@ def build_records(ids: list[str], texts: list[str], results: list[dict], layout:
             pairs.append((question, answer))
         text = texts[row_of[doc_id]]
         if pairs:
-            files["stage1" + split].append({"data_type": "qa", "question": [q for q, _ in pairs],
-                                            "answers": [a for _, a in pairs], "docs": [text]})
+            files["stage1" + split].append(
+                {"data_type": "qa", "question": [q for q, _ in pairs], "answers": [a for _, a in pairs], "docs": [text]}
+            )
             questions += [(doc_id, q, a) for q, a in pairs]
         if result["paraphrase"] and pairs:
-            files["stage1" + split].append({"data_type": "paraphrase", "docs": [text],
-                                            "answers": [result["paraphrase"]]})
+            files["stage1" + split].append(
+                {"data_type": "paraphrase", "docs": [text], "answers": [result["paraphrase"]]}
+            )
     candidates = min(layout.candidates, len(ids))
     ranked = retrieve(texts, [q for _, q, _ in questions], min(candidates + 1, len(ids)))
     for (doc_id, question, answer), hits in zip(questions, ranked):
@@ -102,12 +104,25 @@ def build_records(ids: list[str], texts: list[str], results: list[dict], layout:
         positive = row_of[doc_id]
         where = _hash(layout.seed, "place", question)
         rows = _with_positive(positive, hits, min(layout.stage1_2_docs, candidates), where)
-        files["stage1_2" + split].append({"question": question, "answers": answer, "docs": [texts[r] for r in rows],
-                                          "pos_index": [rows.index(positive)]})
+        files["stage1_2" + split].append(
+            {
+                "question": question,
+                "answers": answer,
+                "docs": [texts[r] for r in rows],
+                "pos_index": [rows.index(positive)],
+            }
+        )
         rows = _with_positive(positive, hits, candidates, where)
-        files["stage2" + split].append({"question": question, "docs": [texts[r] for r in rows], "gold_answer": answer,
-                                        "pos_index": [rows.index(positive)], "gold_ids": [doc_id],
-                                        "doc_ids": [ids[r] for r in rows]})
+        files["stage2" + split].append(
+            {
+                "question": question,
+                "docs": [texts[r] for r in rows],
+                "gold_answer": answer,
+                "pos_index": [rows.index(positive)],
+                "gold_ids": [doc_id],
+                "doc_ids": [ids[r] for r in rows],
+            }
+        )
     return files, duplicates
 
 
@@ -126,7 +141,7 @@ def write_records(out: str, files: dict[str, list[dict]]) -> dict[str, int]:
 
 
 def document_outcome(result: dict, duplicates: int) -> str:
-    """"with_pairs", or why a document gave no pair."""
+    """ "with_pairs", or why a document gave no pair."""
     kept = sum(len(result["pairs"][task]) for task in PAIR_TASKS) - duplicates
     if kept > 0:
         return "with_pairs"
@@ -145,8 +160,10 @@ def summarize(results: list[dict], duplicates: Counter, written: dict[str, int])
     total_pairs = sum(pairs.values()) - sum(duplicates.values())
     documents = len(results)
     retried = sum((Counter(r["retried"]) for r in results), Counter())
-    counts = {key: sum(r[key] for r in results) for key in
-              ("requests", "malformed_retried", "prompt_tokens", "completion_tokens", "coverage_rounds")}
+    counts = {
+        key: sum(r[key] for r in results)
+        for key in ("requests", "malformed_retried", "prompt_tokens", "completion_tokens", "coverage_rounds")
+    }
     return {
         "documents": documents,
         "documents_with_pairs": outcomes.pop("with_pairs", 0),
@@ -160,10 +177,17 @@ def summarize(results: list[dict], duplicates: Counter, written: dict[str, int])
         "malformed_retried": counts["malformed_retried"],
         "coverage_rounds": counts["coverage_rounds"],
         "coverage_rounds_per_document": round(counts["coverage_rounds"] / documents, 3) if documents else 0.0,
-        "requests": {"answered": counts["requests"], "retried": dict(sorted(retried.items())),
-                     "per_document": round(counts["requests"] / documents, 3) if documents else 0.0},
-        "tokens": {"prompt": counts["prompt_tokens"], "completion": counts["completion_tokens"],
-                   "per_document": round((counts["prompt_tokens"] + counts["completion_tokens"]) / documents, 1)
-                   if documents else 0.0},
+        "requests": {
+            "answered": counts["requests"],
+            "retried": dict(sorted(retried.items())),
+            "per_document": round(counts["requests"] / documents, 3) if documents else 0.0,
+        },
+        "tokens": {
+            "prompt": counts["prompt_tokens"],
+            "completion": counts["completion_tokens"],
+            "per_document": round((counts["prompt_tokens"] + counts["completion_tokens"]) / documents, 1)
+            if documents
+            else 0.0,
+        },
         "files": written,
     }

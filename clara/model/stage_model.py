@@ -1,0 +1,180 @@
+"""The model a stage starts from: the previous stage's checkpoint, with new adapters where the stage says;
+and the stage a saved checkpoint was trained for.
+
+stage1: new compressor and generator. stage1_2: compressor from stage1, new generator. stage2: compressor
+and generator from stage1_2; the query reasoner from it when present, else a copy of the compressor.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+import torch
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from clara.config import TrainConfig
+from clara.model.checkpoint import (
+    CheckpointError,
+    build_model,
+    load_model,
+    read_config,
+    resolve_base_path,
+    resolve_checkpoint,
+)
+from clara.model.collate import LengthCheck
+from clara.model.model import ClaraModel, ModelSettings
+from clara.stages import COMPRESSOR, QUERY_REASONER, STAGES, Stage, get_stage
+from clara.stages.prompts import SpecialTokens, add_special_tokens
+
+
+def tokenizer_source(cfg: TrainConfig) -> str:
+    """Where the tokenizer of the stage's model is: the base model, or a native previous-stage checkpoint."""
+    source = resolve_base_path(cfg.model_path)
+    if cfg.pretrain_checkpoint:
+        checkpoint = resolve_checkpoint(cfg.pretrain_checkpoint)
+        # A native checkpoint carries its tokenizer (build_model loads it from there); the official layout does not.
+        if "decoder_model_name" not in read_config(checkpoint):
+            source = checkpoint
+    return source
+
+
+def stage_tokenizer(cfg: TrainConfig) -> tuple[PreTrainedTokenizerBase, SpecialTokens]:
+    """The tokenizer (with CLaRa's tokens added) that the stage's model will use, without loading the model."""
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_source(cfg))
+    return tokenizer, add_special_tokens(tokenizer, cfg.n_mem_tokens)
+
+
+def length_check(cfg: TrainConfig, stage: Stage) -> LengthCheck:
+    """The data check of every record's decoder input against MAX_LEN, with the stage's tokenizer."""
+    return LengthCheck(
+        stage, tokenizer_source(cfg), cfg.n_mem_tokens, cfg.doc_max_length, cfg.max_len, cfg.generation_top_k, cfg.seed
+    )
+
+
+def model_settings(cfg: TrainConfig) -> ModelSettings:
+    return ModelSettings(
+        base_model=cfg.model_path,
+        n_mem_tokens=cfg.n_mem_tokens,
+        compress_rate=cfg.compress_rate,
+        doc_max_length=cfg.doc_max_length,
+        generation_top_k=cfg.generation_top_k,
+        lora_r=cfg.lora_r,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        topk_temperature=cfg.topk_temperature,
+        candidate_chunk_size=cfg.candidate_chunk_size,
+    )
+
+
+def build_stage_model(
+    cfg: TrainConfig,
+    dtype: torch.dtype = torch.float32,
+    attn_implementation: str = "sdpa",
+    log: Callable[[str], None] = print,
+    stage: Stage | None = None,
+) -> ClaraModel:
+    """The model `stage` trains, with exactly the stage's adapters and trainable parameters.
+
+    stage None: the one `cfg.stage` names, for callers that hold only the settings (tests, bench/).
+    """
+    stage = stage or get_stage(cfg.stage)
+    settings = model_settings(cfg)
+    if not cfg.pretrain_checkpoint:
+        log(f"{stage.name}: starting every adapter fresh from the base model {cfg.model_path}")
+        model = build_model(settings, list(stage.adapters), dtype, attn_implementation)
+    else:
+        model = _continue_from(cfg, stage, settings, dtype, attn_implementation, log)
+    model.set_trainable(stage.trained_adapters, memory_embeddings=stage.trains_memory_embeddings)
+    return model
+
+
+def _continue_from(
+    cfg: TrainConfig,
+    stage: Stage,
+    settings: ModelSettings,
+    dtype: torch.dtype,
+    attn_implementation: str,
+    log: Callable[[str], None],
+) -> ClaraModel:
+    source = resolve_checkpoint(cfg.pretrain_checkpoint)
+    config = read_config(source)
+    saved_n = config.get("n_mem_tokens") or config["doc_max_length"] // config["compr_rate"]
+    if saved_n != cfg.n_mem_tokens:
+        raise CheckpointError(
+            f"DOC_MAX_LENGTH / COMPRESS_RATE = {cfg.doc_max_length} / {cfg.compress_rate} gives "
+            f"{cfg.n_mem_tokens} memory tokens, but {source} was trained with {saved_n}"
+        )
+    saved_adapters = config.get("adapters") or list(stage.adapters)
+    missing = [name for name in stage.loaded_adapters if name not in saved_adapters]
+    if missing:
+        raise CheckpointError(
+            f"{source} has no {', '.join(missing)}, which {stage.name} loads; pass the checkpoint of the previous stage"
+        )
+    model = load_model(source, dtype, attn_implementation, base_model=cfg.model_path)
+    model.settings = settings
+    for name in stage.adapters:
+        if name in stage.new_adapters:
+            model.add_fresh_adapter(name)
+            log(f"{stage.name}: new {name}")
+        elif name in model.adapter_names:
+            log(f"{stage.name}: {name} loaded from {source}")
+        else:
+            model.copy_adapter(COMPRESSOR, name)
+            log(f"{stage.name}: {name} initialised as a copy of {COMPRESSOR}")
+    return model
+
+
+# -- the stage of a saved checkpoint ------------------------------------------------------------------------
+def official_adapter_names(path: str) -> list[str]:
+    """Adapter names of an official-layout checkpoint, read without loading the whole file where possible."""
+    file = os.path.join(path, "adapters.pth")
+    if not os.path.isfile(file):
+        raise CheckpointError(f"{path}: official-layout checkpoint without adapters.pth")
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError:  # files in the legacy (non-zip) format cannot be memory-mapped
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    return list(state)
+
+
+def infer_stage(path: str) -> str | None:
+    """The stage of a checkpoint: recorded in native checkpoints.
+
+    The official release layout records none. There, a query_reasoner_adapter means stage2;
+    without one, stage1 and stage1_2 checkpoints look alike and None is returned (the caller asks).
+    """
+    config = read_config(path)
+    if config.get("stage"):
+        return config["stage"]
+    if "decoder_model_name" in config and QUERY_REASONER in official_adapter_names(path):
+        return "stage2"
+    return None
+
+
+def checkpoint_stage(checkpoint: str, given: str | None) -> Stage:
+    """The stage a command line evaluates: `given` (--stage) or the one the checkpoint records."""
+    if given:
+        return get_stage(given)
+    found = infer_stage(checkpoint)
+    if found is None:
+        raise CheckpointError(
+            f"{checkpoint}: the official release layout records no stage and it has no "
+            "query_reasoner_adapter (which would mean stage2); "
+            "pass --stage stage1 or --stage stage1_2"
+        )
+    if found not in STAGES:
+        raise CheckpointError(f"{checkpoint}/config.json: unknown stage {found!r}; pass --stage")
+    return get_stage(found)
+
+
+def ensure_query_reasoner(model: ClaraModel, log: Callable[[str], None] = print) -> bool:
+    """Give a model without a query reasoner one copied from the compressor, as stage 2 starts.
+
+    Returns True when one was added.
+    """
+    if QUERY_REASONER in model.adapter_names:
+        return False
+    model.copy_adapter(COMPRESSOR, QUERY_REASONER)
+    log(f"{QUERY_REASONER} not in the checkpoint: initialised as a copy of {COMPRESSOR} (as stage2 starts)")
+    return True

@@ -1,0 +1,71 @@
+"""Rank-0 output of a training run: console lines, metrics.jsonl and the optional TensorBoard / W&B sinks."""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import sys
+
+import torch
+from tqdm import tqdm
+
+from clara.config import ConfigError, TrainConfig
+from clara.files import json_safe
+
+
+class RunLog:
+    """Rank-0 output: console lines, metrics.jsonl and the optional TensorBoard / W&B sinks."""
+
+    def __init__(self, cfg: TrainConfig, rank: int):
+        self.enabled = rank == 0
+        self.cfg = cfg
+        self.tensorboard = None
+        self.wandb = None
+        if not self.enabled:
+            return
+        os.makedirs(cfg.save_path, exist_ok=True)
+        self.metrics_path = os.path.join(cfg.save_path, "metrics.jsonl")
+        if cfg.use_tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise ConfigError(
+                    "use_tensorboard", True, "the tensorboard package installed: pip install tensorboard"
+                ) from None
+            self.tensorboard = SummaryWriter(os.path.join(cfg.save_path, "tensorboard"))
+        if cfg.use_wandb:
+            try:
+                import wandb
+            except ImportError:
+                raise ConfigError("use_wandb", True, "the wandb package installed: pip install wandb") from None
+            self.wandb = wandb.init(project=cfg.wandb_project, config=cfg.to_dict(), dir=cfg.save_path)
+
+    def print(self, *parts) -> None:
+        if self.enabled:
+            tqdm.write(" ".join(str(p) for p in parts), file=sys.stdout)
+            sys.stdout.flush()
+
+    def metrics(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        with open(self.metrics_path, "a", encoding="utf-8") as out:
+            out.write(json.dumps(json_safe(record)) + "\n")
+        numbers = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "step"}
+        if self.tensorboard:
+            for key, value in numbers.items():
+                self.tensorboard.add_scalar(key, value, record["step"])
+        if self.wandb:
+            self.wandb.log(numbers, step=record["step"])
+
+    def close(self) -> None:
+        if self.tensorboard:
+            self.tensorboard.close()
+        if self.wandb:
+            self.wandb.finish()
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -1,0 +1,134 @@
+"""What a run trains with (README: "Models larger than one GPU"): DeepSpeed's configuration for ZERO_STAGE
+and OFFLOAD, the learning-rate schedule, and `setup_training`, which builds the seeded stage model, its
+collator, AdamW and the DeepSpeed engine around them (the trainer's and bench/'s set-up).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import deepspeed
+import torch
+from transformers.integrations import HfDeepSpeedConfig
+
+from clara.config import TrainConfig
+from clara.model.collate import Collator
+from clara.model.losses import stage_weights
+from clara.model.stage_model import build_stage_model
+from clara.parallel.zero3 import gathering_limits, keep_gathered_until_step, release_after_each_use
+from clara.stages import Stage, get_stage
+from clara.training.schedule import cosine_with_warmup
+
+
+# -- schedule ---------------------------------------------------------------------------------------------
+def lr_lambda(cfg: TrainConfig, stage: Stage, total_steps: int) -> Callable[[int], float]:
+    """Cosine with warmup and a floor (a constant for stages that ask for one), as a multiple of the peak."""
+    warmup = max(1, math.ceil(cfg.warmup_ratio * total_steps))
+    if stage.constant_schedule:
+        return lambda step: 1.0
+    return functools.partial(cosine_with_warmup, total_steps=total_steps, warmup_steps=warmup, floor=cfg.min_lr_ratio)
+
+
+def zero_config(cfg: TrainConfig) -> dict:
+    """DeepSpeed's zero_optimization section for ZERO_STAGE and OFFLOAD."""
+    zero: dict = {"stage": cfg.zero_stage}
+    pinned = torch.cuda.is_available()  # page-locked CPU memory speeds up copies to and from a GPU
+    if cfg.offload in ("optimizer", "all"):
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": pinned}
+    if cfg.offload == "all":
+        zero["offload_param"] = {"device": "cpu", "pin_memory": pinned}
+    if cfg.zero_stage == 3:
+        # Every parameter is partitioned, the small ones too (LoRA matrices, norms): each rank holds
+        # 1/world of the model, at the cost of a few small gathers per layer.
+        zero["stage3_param_persistence_threshold"] = 0
+    return zero
+
+
+def deepspeed_config(cfg: TrainConfig, world: int, dtype: torch.dtype) -> dict:
+    return {
+        "train_batch_size": cfg.batch_size,
+        "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
+        "gradient_accumulation_steps": cfg.batch_size // (cfg.micro_batch_size * world),
+        "gradient_clipping": 1.0,
+        "zero_optimization": zero_config(cfg),
+        "bf16": {"enabled": dtype == torch.bfloat16},
+        # Dynamic loss scaling (loss_scale 0): overflowing fp16 steps are skipped by DeepSpeed's scaler.
+        "fp16": {"enabled": dtype == torch.float16, "loss_scale": 0, "initial_scale_power": 16},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+        "zero_allow_untested_optimizer": True,
+        # With OFFLOAD, torch's AdamW steps the fp32 master weights in CPU memory (README: "Models larger
+        # than one GPU") instead of DeepSpeedCPUAdam, which needs a C++ build at start-up.
+        "zero_force_ds_cpu_optimizer": False,
+    }
+
+
+# -- set-up -----------------------------------------------------------------------------------------------
+@dataclass
+class TrainingSetup:
+    """What a run trains with: the model, its stage's collator and the DeepSpeed engine around both."""
+
+    model: object  # ClaraModel
+    collator: object  # Collator
+    trainable: list
+    engine: object
+    optimizer: object
+    scheduler: object
+    # Each loss term's weight by its setting (mse_weight, ...: clara.model.losses), 0 for a stage without it.
+    weights: dict[str, float]
+    # ZeRO-3: transformers' HfDeepSpeedConfig, kept alive for as long as the partitioned model is used.
+    zero3_config: object = None
+
+    def __getattr__(self, name: str) -> float:
+        # setup.mse_weight, ...: how tests/test_gpu.py reads a weight (bench/ passes **setup.weights).
+        weights = self.__dict__.get("weights", {})
+        if name in weights:
+            return weights[name]
+        raise AttributeError(f"TrainingSetup has no {name!r}")
+
+
+def setup_training(
+    cfg: TrainConfig,
+    total_steps: int,
+    world: int,
+    device: torch.device,
+    dtype: torch.dtype,
+    attn: str,
+    log=print,
+    stage: Stage | None = None,
+) -> TrainingSetup:
+    """Seeded model, collator, AdamW, the learning-rate schedule and deepspeed.initialize (also used by bench/).
+
+    stage None: the one `cfg.stage` names, for callers that hold only the settings (bench/, tests).
+    With ZERO_STAGE=3 the base model is created partitioned (each rank loads only its share), through
+    transformers' DeepSpeed integration: from_pretrained sees a live HfDeepSpeedConfig of stage 3.
+    """
+    config = deepspeed_config(cfg, world, dtype)
+    zero3_config = HfDeepSpeedConfig(config) if cfg.zero_stage == 3 else None
+    stage = stage or get_stage(cfg.stage)
+    torch.manual_seed(cfg.seed)
+    model = build_stage_model(cfg, dtype, attn, log=log, stage=stage)
+    if zero3_config is not None:
+        config["zero_optimization"].update(gathering_limits(model, device.type == "cuda"))
+    if cfg.gradient_checkpointing:
+        model.enable_gradient_checkpointing()
+    model.to(device)
+    model.train()
+    collator = Collator(
+        stage, model.tokenizer, model.tokens, cfg.doc_max_length, cfg.max_len, cfg.generation_top_k, cfg.seed
+    )
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=cfg.learning_rate, betas=(0.9, 0.95), weight_decay=0.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, stage, total_steps))
+    engine, optimizer, _, scheduler = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config
+    )
+    if zero3_config is not None:
+        keep_gathered_until_step(model, model.mem_embeddings)
+        release_after_each_use(model, optimizer)
+    return TrainingSetup(
+        model, collator, trainable, engine, optimizer, scheduler, stage_weights(cfg, stage), zero3_config
+    )
