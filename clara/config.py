@@ -8,13 +8,14 @@ through it before anything heavy starts (`python -m clara.launch`).
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from clara.errors import ConfigError
+from clara.errors import CheckpointError, ConfigError
 from clara.stages import STAGES, get_stage
 
 TINY_MODEL_NAME = "tiny"
@@ -42,6 +43,43 @@ def hub_id_parts(path: str) -> tuple[str, str | None] | None:
     return "/".join(parts[:2]), "/".join(parts[2:]) or None
 
 
+def official_base_name(name: str, path: str) -> str:
+    """The base model an official config.json names, as something transformers can load.
+
+    The release records the path of its authors' copy (e.g. /mnt/.../Mistral-7B-Instruct-v0.2); a path
+    that does not exist here is replaced by the Hub id of the model it names.
+    """
+    if not os.path.isabs(name) or os.path.exists(name):
+        return name
+    base = os.path.basename(name.rstrip("/"))
+    for prefix, owner in (("Mistral-", "mistralai"), ("Qwen", "Qwen"), ("Llama-", "meta-llama")):
+        if base.startswith(prefix):
+            return f"{owner}/{base}"
+    raise CheckpointError(
+        f"{path}/config.json: decoder_model_name {name!r} does not exist here; pass the base "
+        "model (base_model= / --model_path)"
+    )
+
+
+def recorded_base(checkpoint: str | None) -> str | None:
+    """The base model a local checkpoint folder records (native: the folder its base-model key names when
+    that exists here, else `base_model`; official layout: decoder_model_name as official_base_name reads
+    it); None for no checkpoint, a Hub id or a folder without a readable config.json."""
+    config_path = Path(checkpoint or "") / "config.json"
+    if not checkpoint or not config_path.is_file():
+        return None
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+        if "decoder_model_name" in config:
+            return official_base_name(config["decoder_model_name"], checkpoint)
+    except (ValueError, OSError, CheckpointError):
+        return None
+    folder = (config.get("base_model_key") or {}).get("model")
+    if folder and os.path.isdir(folder) and config.get("base_model") != TINY_MODEL_NAME:
+        return folder  # the absolute path: a relative MODEL_PATH of stage 1 works from any directory
+    return config.get("base_model")
+
+
 # Past this many, preparing the data is bound by the disk more than by the CPUs.
 MAX_DATA_WORKERS = 16
 
@@ -62,8 +100,8 @@ class TrainConfig:
     stage: str = setting("stage1", "training stage: " + ", ".join(STAGES))
     model_path: str | None = setting(
         None,
-        "base model: hub id, local directory, or 'tiny' for the built-in model "
-        f"(default: tiny without CUDA, {GPU_DEFAULT_MODEL} with it)",
+        "base model: hub id, local directory, or 'tiny' for the built-in model (default: the base "
+        f"PRETRAIN_CHECKPOINT was trained on; without one, tiny without CUDA, {GPU_DEFAULT_MODEL} with it)",
     )
     pretrain_checkpoint: str | None = setting(
         None, "checkpoint of the previous stage (stage1_2 needs stage1's, stage2 needs stage1_2's)"
@@ -190,7 +228,8 @@ def resolve(
         has_cuda = torch.cuda.is_available()
     stage = get_stage(cfg.stage) if cfg.stage in STAGES else None
     if cfg.model_path is None:
-        cfg.model_path = GPU_DEFAULT_MODEL if has_cuda else TINY_MODEL_NAME
+        # The base the previous stage's checkpoint was trained on, on any device (README: "Three stages").
+        cfg.model_path = recorded_base(cfg.pretrain_checkpoint) or (GPU_DEFAULT_MODEL if has_cuda else TINY_MODEL_NAME)
     tiny = cfg.model_path == TINY_MODEL_NAME
     if stage is not None:
         if cfg.dataset is None:

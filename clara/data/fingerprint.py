@@ -10,10 +10,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
-from clara.config import HUB_PREFIX, parse_hub_source, split_paths
+from clara.config import HUB_PREFIX, TINY_MODEL_NAME, parse_hub_source, recorded_base, split_paths
+from clara.errors import CheckpointError
 
 # Bytes read from each end of a weight file for the model key: enough to tell a retrained or replaced
 # file, cheap for a 60 GB base. The file's size is part of the key as well.
@@ -64,6 +66,84 @@ def model_key(model_path: str) -> dict:
         "config_sha256": content_digest(str(config)) if config.is_file() else None,
         "weights": {p.name: _sample_digest(p) for p in weights},
     }
+
+
+# -- the base model a checkpoint records ---------------------------------------------------------------------
+def base_model_key(model_path: str) -> dict:
+    """The model key of a base as MODEL_PATH names it ('tiny': the shipped tiny model's folder); checkpoints
+    and exports record it as `base_model_key`, next to the name."""
+    return model_key(str(TINY_MODEL_DIR) if model_path == TINY_MODEL_NAME else model_path)
+
+
+def _content(key: dict) -> dict | None:
+    """What identifies a base's weights in its key (the folder's path does not: a copy is the same base)."""
+    return {"config_sha256": key["config_sha256"], "weights": key["weights"]} if "weights" in key else None
+
+
+def _short(key: dict) -> str:
+    """config.json and the weight files of a key, their digests cut short, for the refusal line."""
+    parts = [f"config.json {(key['config_sha256'] or 'none')[:12]}"]
+    parts += [f"{name} {digest[:12]}" for name, digest in key["weights"].items()]
+    return ", ".join(parts)
+
+
+def _local_config(model_path: str) -> dict | None:
+    """A base's config.json: in its folder, or in the Hub cache for a Hub id (nothing is downloaded)."""
+    path = TINY_MODEL_DIR / "config.json" if model_path == TINY_MODEL_NAME else Path(model_path) / "config.json"
+    if not path.is_file() and not Path(model_path).is_dir():
+        try:
+            from huggingface_hub import try_to_load_from_cache  # deferred: the Hub client is needed only here
+
+            cached = try_to_load_from_cache(model_path, "config.json")
+        except Exception:  # not a valid repo id either
+            cached = None
+        path = Path(cached) if isinstance(cached, str) else path
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return {k: v for k, v in config.items() if k not in ("_name_or_path", "transformers_version")}
+
+
+def check_base_model(model_path: str, checkpoint: str | None, warn=None) -> None:
+    """Refuse a MODEL_PATH other than the base a local PRETRAIN_CHECKPOINT was trained on (CheckpointError,
+    one line naming both), by the base-model key it records: config.json and sampled weights, so a copy of
+    the base passes and a retrained one does not. A checkpoint that records only a name or path (older
+    native ones, the official release) is compared by config.json, and a difference only warned about."""
+    warn = warn or (lambda line: print(line, file=sys.stderr, flush=True))
+    config_path = Path(checkpoint or "") / "config.json"
+    if not checkpoint or not config_path.is_file():
+        return
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return  # loading the checkpoint names what is wrong with it
+    recorded = recorded_base(checkpoint)
+    if recorded is None:
+        return
+    saved = _content(config.get("base_model_key") or {})
+    current = _content(base_model_key(model_path)) if saved else None
+    if saved and current:
+        if saved != current:
+            raise CheckpointError(
+                f"MODEL_PATH={model_path} ({_short(current)}) is not the base model PRETRAIN_CHECKPOINT={checkpoint} "
+                f"was trained on: {recorded} ({_short(saved)}); leave MODEL_PATH unset to use the recorded base"
+            )
+        return
+    if model_path == recorded:
+        return
+    ours, theirs = _local_config(model_path), _local_config(recorded)
+    if ours is None or theirs is None:
+        warn(
+            f"Warning: PRETRAIN_CHECKPOINT={checkpoint} was trained on {recorded}; MODEL_PATH={model_path} could "
+            "not be compared with it (no config.json of both here): make sure it is the same model"
+        )
+    elif ours != theirs:
+        fields = sorted(k for k in set(ours) | set(theirs) if ours.get(k) != theirs.get(k))
+        warn(
+            f"Warning: PRETRAIN_CHECKPOINT={checkpoint} was trained on {recorded}, whose config.json differs from "
+            f"MODEL_PATH={model_path}'s ({', '.join(fields[:5])}): the checkpoint may not load or may load wrongly"
+        )
 
 
 def key_digest(key: dict) -> str:

@@ -26,7 +26,8 @@ from peft import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from clara.config import TINY_MODEL_NAME, hub_id_parts
+from clara.config import TINY_MODEL_NAME, hub_id_parts, official_base_name  # noqa: F401 (official_base_name: re-exported)
+from clara.data.fingerprint import base_model_key
 from clara.errors import CheckpointError
 from clara.files import atomic_path, publish_files, write_json_atomic
 from clara.locks import reading_export
@@ -143,24 +144,6 @@ def hub_checkpoint_folders(repo_id: str, snapshot: str) -> list[str]:
         with hub_errors(f"checkpoint {repo_id}", repo_id):
             files = HfApi().list_repo_files(repo_id)
     return sorted(os.path.dirname(f) for f in files if f.endswith("/config.json"))
-
-
-def official_base_name(name: str, path: str) -> str:
-    """The base model an official config.json names, as something transformers can load.
-
-    The release records the path of its authors' copy (e.g. /mnt/.../Mistral-7B-Instruct-v0.2); a path
-    that does not exist here is replaced by the Hub id of the model it names.
-    """
-    if not os.path.isabs(name) or os.path.exists(name):
-        return name
-    base = os.path.basename(name.rstrip("/"))
-    for prefix, owner in (("Mistral-", "mistralai"), ("Qwen", "Qwen"), ("Llama-", "meta-llama")):
-        if base.startswith(prefix):
-            return f"{owner}/{base}"
-    raise CheckpointError(
-        f"{path}/config.json: decoder_model_name {name!r} does not exist here; pass the base "
-        "model (base_model= / --model_path)"
-    )
 
 
 def build_model(
@@ -281,6 +264,8 @@ def _write_native(model: ClaraModel, out_dir: str, stage: str) -> None:
         "adapters": model.adapter_names,
         "special_tokens": added_token_strings(model.tokens.n_mem),
         **dataclasses.asdict(model.settings),
+        # What a later stage's MODEL_PATH is checked against (clara.data.fingerprint.check_base_model).
+        "base_model_key": base_model_key(model.settings.base_model),
     }
     if model.settings.base_model == TINY_MODEL_NAME:
         config["tiny_version"] = tiny_version()

@@ -23,6 +23,7 @@ import torch
 from peft import get_peft_model_state_dict
 
 from clara.config import STAGES, ConfigError
+from clara.data.fingerprint import base_model_key
 from clara.errors import exit_status
 from clara.files import publish_files
 from clara.locks import holding
@@ -43,6 +44,8 @@ def official_config(model: ClaraModel, stage: str) -> dict:
         "architectures": [OFFICIAL_MODEL_TYPE],
         "auto_map": {"AutoConfig": "modeling_clara.CLaRaConfig", "AutoModel": "modeling_clara.CLaRa"},
         "decoder_model_name": settings.base_model,
+        # Not a field of the release: the key a later stage's MODEL_PATH is checked against.
+        "base_model_key": base_model_key(settings.base_model),
         "doc_max_length": settings.doc_max_length,
         "compr_rate": settings.compress_rate,
         "generation_top_k": settings.generation_top_k,

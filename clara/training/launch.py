@@ -24,7 +24,8 @@ import textwrap
 from dataclasses import dataclass
 
 from clara.cli import build_parser, parse_value, value_type
-from clara.config import REPO_ROOT, TINY_MODEL_NAME, ConfigError, TrainConfig, resolve, validate
+from clara.config import REPO_ROOT, TINY_MODEL_NAME, ConfigError, TrainConfig, recorded_base, resolve, validate
+from clara.data.fingerprint import check_base_model
 from clara.errors import FolderBusy, exit_status
 from clara.locks import take
 from clara.ports import free_port, port_is_free
@@ -340,8 +341,11 @@ def plan(
     else:
         device = f"no CUDA device found: {procs.num_gpus} CPU process(es) per node (float32, gloo, SDPA)"
     model_note = ""
-    if given.model_path is None:
+    if given.model_path is None and cfg.model_path == recorded_base(cfg.pretrain_checkpoint):
+        model_note = " (the base PRETRAIN_CHECKPOINT records)"
+    elif given.model_path is None:
         model_note = " (default with CUDA)" if devices else " (the built-in tiny model: default without CUDA)"
+    check_base_model(cfg.model_path, cfg.pretrain_checkpoint)
     threads, threads_note = thread_setting(cfg, procs)
     env = [f"OMP_NUM_THREADS={threads}"] if threads else []
     if not os.environ.get("TORCH_ELASTIC_SHUTDOWN_TIMEOUT"):
