@@ -1,6 +1,8 @@
 """CLaRa training toolkit. `from clara import CLaRa` loads a trained checkpoint for inference."""
 
 __all__ = ["CLaRa"]
+# The package version (pyproject.toml's; tests/test_main.py keeps the two equal): `clara --version`.
+__version__ = "0.3.0"
 
 
 def __getattr__(name: str):
