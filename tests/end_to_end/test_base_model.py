@@ -15,6 +15,7 @@ from clara.config import TrainConfig, recorded_base, resolve
 from clara.data.fingerprint import base_model_key, check_base_model
 from clara.errors import CheckpointError
 from tests.end_to_end.test_launchers import QUICK, REPO, SINGLE, launcher_env, run
+from tests.helpers import run_module
 
 TINY = REPO / "clara" / "tiny_model"
 
@@ -69,6 +70,17 @@ def test_a_copy_of_the_base_passes_and_another_base_is_refused_naming_both(tmp_p
     line = str(refused.value)
     assert "\n" not in line and f"MODEL_PATH={copy}" in line and f"was trained on: {base}" in line, line
     assert f"PRETRAIN_CHECKPOINT={checkpoint}" in line and "leave MODEL_PATH unset" in line
+
+
+def test_python_m_clara_train_refuses_another_base_before_loading_it(tmp_path):
+    other = other_base(tmp_path / "other")
+    checkpoint = native_checkpoint(tmp_path / "ck", str(other), base_model_key(str(other)))
+    args = ["clara.train", "--stage", "stage1_2", "--pretrain_checkpoint", str(checkpoint), "--model_path", "tiny"]
+    refused = run_module([*args, "--save_path", str(tmp_path / "out")], timeout=120)
+    assert refused.returncode == 2, refused.stderr
+    [line] = [line for line in refused.stderr.splitlines() if line.startswith("error: ")]
+    assert "MODEL_PATH=tiny" in line and f"was trained on: {other}" in line, line
+    assert "Traceback" not in refused.stderr
 
 
 def test_a_checkpoint_recording_only_a_name_is_compared_by_config_json_and_warned_about(tmp_path):
