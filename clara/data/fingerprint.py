@@ -119,11 +119,16 @@ def check_base_model(model_path: str, checkpoint: str | None, warn=None) -> None
     except (OSError, ValueError):
         return  # loading the checkpoint names what is wrong with it
     recorded = recorded_base(checkpoint)
-    if recorded is None:
-        return
+    if recorded is None or model_path == recorded == TINY_MODEL_NAME:
+        return  # the built-in model: its recorded tiny_version decides which build loads
     saved = _content(config.get("base_model_key") or {})
     current = _content(base_model_key(model_path)) if saved else None
     if saved and current:
+        if saved != current and model_path == recorded:
+            raise CheckpointError(
+                f"MODEL_PATH={model_path} changed since PRETRAIN_CHECKPOINT={checkpoint} was trained on it: "
+                f"now {_short(current)}, then {_short(saved)}; point MODEL_PATH at the base it was trained on"
+            )
         if saved != current:
             raise CheckpointError(
                 f"MODEL_PATH={model_path} ({_short(current)}) is not the base model PRETRAIN_CHECKPOINT={checkpoint} "

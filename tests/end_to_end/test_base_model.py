@@ -71,6 +71,10 @@ def test_a_copy_of_the_base_passes_and_another_base_is_refused_naming_both(tmp_p
     assert "\n" not in line and f"MODEL_PATH={copy}" in line and f"was trained on: {base}" in line, line
     assert f"PRETRAIN_CHECKPOINT={checkpoint}" in line and "leave MODEL_PATH unset" in line
 
+    shutil.copy(copy / "model.safetensors", base / "model.safetensors")  # the recorded base retrained in place
+    with pytest.raises(CheckpointError, match=f"MODEL_PATH={base} changed since PRETRAIN_CHECKPOINT"):
+        check_base_model(str(base), str(checkpoint))
+
 
 def test_python_m_clara_train_refuses_another_base_before_loading_it(tmp_path):
     other = other_base(tmp_path / "other")
