@@ -1,6 +1,7 @@
 """clara/vllm_server.py with a stand-in for vLLM (tests/fake_vllm.py, which starts a process of its own): it
 starts, answers with its key, and is stopped with its child when its parent (a small Python process started here)
-ends normally, raises, gets SIGTERM or is killed with SIGKILL. No process of the stand-in may outlive it."""
+ends normally, raises, gets Ctrl-C (SIGINT) or SIGTERM, or is killed with SIGKILL. No process of the stand-in may
+outlive it."""
 
 from __future__ import annotations
 
@@ -61,7 +62,7 @@ def wait_gone(pids: list[int], seconds: float = 15.0) -> list[int]:
     return left
 
 
-@pytest.mark.parametrize("ending", ["exit", "error", "sigterm", "sigkill"])
+@pytest.mark.parametrize("ending", ["exit", "error", "sigint", "sigterm", "sigkill"])
 def test_the_server_and_its_child_stop_with_the_parent(tmp_path, ending):
     pids_file = tmp_path / "pids"
     parent = subprocess.Popen(
@@ -76,15 +77,18 @@ def test_the_server_and_its_child_stop_with_the_parent(tmp_path, ending):
         assert started, parent.communicate(timeout=30)
         stand_in_processes = stand_in_pids(pids_file)
         watched = [started["keeper"], *stand_in_processes.values()]
-        if ending in ("sigterm", "sigkill"):
+        if ending.startswith("sig"):
             # It answers, with its key only, while the parent lives.
             answer = httpx.get(f"{started['url']}/models", headers={"Authorization": f"Bearer {started['key']}"})
             assert answer.status_code == 200 and answer.json()["data"]
             assert httpx.get(f"{started['url']}/models").status_code == 401
             assert all(alive(pid) for pid in watched)
-            parent.send_signal(signal.SIGTERM if ending == "sigterm" else signal.SIGKILL)
+            parent.send_signal({"sigint": signal.SIGINT, "sigterm": signal.SIGTERM, "sigkill": signal.SIGKILL}[ending])
         status = parent.wait(timeout=30)
-        assert status == {"exit": 0, "error": 1, "sigterm": -15, "sigkill": -9}[ending], parent.stderr.read()
+        # Ctrl-C: KeyboardInterrupt leaves the `with` block (which stops the server), then Python ends by SIGINT.
+        assert status == {"exit": 0, "error": 1, "sigint": -2, "sigterm": -15, "sigkill": -9}[ending], (
+            parent.stderr.read()
+        )
         if ending == "error":
             assert "the run failed" in parent.stderr.read()
         assert wait_gone(watched) == [], (ending, stand_in_processes, (tmp_path / "vllm.log").read_text())
@@ -107,3 +111,36 @@ def test_a_server_that_exits_early_is_one_error_with_its_log(tmp_path):
         with server:
             pass
     assert server.keeper is None and not descendants(os.getpid())
+
+
+def test_synthesize_with_vllm_starts_and_stops_it(tmp_path):
+    """`clara.synthesize --llm vllm:MODEL --vllm_python PATH`: the run asks the stand-in with its key, writes the
+    stages' files, and leaves no process of the stand-in behind."""
+    corpus = tmp_path / "corpus.jsonl"
+    lines = (REPO / "example" / "corpus.jsonl").read_text(encoding="utf-8").splitlines()[:6]
+    corpus.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    pids_file, out = tmp_path / "pids", tmp_path / "out"
+    command = ["clara.synthesize", "--corpus", str(corpus), "--out", str(out), "--llm", "vllm:fake-model"]
+    command += ["--vllm_python", stand_in(tmp_path), "--no_progress", "--eval_fraction", "0.2", "--candidates", "3"]
+    result = subprocess.run(
+        [sys.executable, "-m", *command],
+        cwd=REPO,
+        env=subprocess_env(FAKE_VLLM_PIDS=str(pids_file), FAKE_VLLM_CORPUS=str(corpus)),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "vLLM ready at http://127.0.0.1:" in result.stdout and "vLLM stopped" in result.stdout
+    assert (out / "stage1.jsonl").exists() and (out / "vllm.log").exists()
+    assert wait_gone(list(stand_in_pids(pids_file).values())) == []
+
+    refused = subprocess.run(
+        [sys.executable, "-m", *command[:7], "--vllm_python", str(tmp_path / "missing")],
+        cwd=REPO,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert refused.returncode == 2 and "--vllm_python=" in refused.stderr.strip().splitlines()[-1], refused.stderr
