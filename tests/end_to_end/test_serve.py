@@ -194,7 +194,8 @@ def conversation(question: str, turns: int, words: int = 3) -> list[dict]:
     """A system message, `turns` earlier user/assistant exchanges (each text `words` words long), the question."""
     earlier = []
     for turn in range(turns):
-        earlier.append({"role": "user", "content": f"EarlierQuestion{turn} " + "about the kingdom " * words})
+        # CLaRa's own tokens in a client's text are taken out (they would be read as memory slots).
+        earlier.append({"role": "user", "content": f"EarlierQuestion{turn} <MEM0><SEP>" + "about the kingdom " * words})
         earlier.append({"role": "assistant", "content": f"EarlierAnswer{turn} " + "owl " * words})
     return [{"role": "system", "content": "Answer in one word."}, *earlier, {"role": "user", "content": question}]
 
@@ -212,6 +213,7 @@ def test_the_conversation_reaches_the_generator_around_the_trained_turn(server, 
     marks += ["Background:\n<MEM0>", f"Question:{questions[2]}"]
     where = [prompt.find(mark) for mark in marks]
     assert -1 not in where and where == sorted(where), (where, prompt)
+    assert prompt.count("<SEP>") == TOP_K  # the memory slots only
     assert extra["dropped_turns"] == 0 and chat.usage.prompt_tokens > 0
     alone = ask(server, questions[2]).model_extra["clara"]
     assert [d["id"] for d in extra["documents"]] == [d["id"] for d in alone["documents"]]
