@@ -75,7 +75,9 @@ class FakeOpenAI:
         slow_seconds: float = 3.0,
         port: int = 0,
         fixed: dict[str, dict] | None = None,
+        api_key: str | None = None,
     ):
+        self.api_key = api_key  # set: every request must carry `Authorization: Bearer KEY` (else 401), as vLLM's
         self.doc_of = {text: doc_id for doc_id, text in corpus.items()}
         self.fixed = fixed or {}  # task -> the answer it always gets, instead of the templated one
         self.faults, self.delay, self.slow_seconds = faults or {}, delay, slow_seconds
@@ -142,8 +144,32 @@ class FakeOpenAI:
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
 
+            def send_json(self, status: int, payload: dict) -> None:
+                data = json.dumps(payload).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def authorized(self) -> bool:
+                if server.api_key is None or self.headers.get("Authorization") == f"Bearer {server.api_key}":
+                    return True
+                self.send_json(401, OpenAIError(401, "invalid API key").body())
+                return False
+
+            def do_GET(self):  # /health (open, as vLLM's) and /v1/models
+                if self.path == "/health":
+                    self.send_json(200, {})
+                elif self.path == "/v1/models" and self.authorized():
+                    self.send_json(200, {"object": "list", "data": [{"id": "fake", "object": "model"}]})
+                elif self.path != "/v1/models":
+                    self.send_json(404, OpenAIError(404, f"no {self.path}").body())
+
             def do_POST(self):
                 body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                if not self.authorized():
+                    return
                 if server.delay:
                     time.sleep(server.delay)
                 status, payload, fault = server.answer(body)

@@ -41,7 +41,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="listen on a non-loopback --host without an API key (for a trusted network only)",
     )
     parser.add_argument(
-        "--model_name", default=None, help="the model name clients use (default: the checkpoint's folder name)"
+        "--model_name",
+        action="append",
+        default=None,
+        help="a model name clients may use; give it several times for several names, all listed by /v1/models "
+        "(default: the checkpoint's folder name)",
     )
     parser.add_argument(
         "--k",
@@ -133,9 +137,10 @@ def build_app(args: argparse.Namespace, api_key: str | None):
             f"{top_k} (the checkpoint's generation_top_k) to "
             f"{min(args.max_k, len(index.ids))} (--max_k, documents in the index)",
         )
-    name = args.model_name or os.path.basename(os.path.normpath(args.checkpoint))
+    names = args.model_name or [os.path.basename(os.path.normpath(args.checkpoint))]
+    name = names[0]
     engine = Engine(
-        clara, index, name, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, window_tokens=args.window_tokens
+        clara, index, names, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, window_tokens=args.window_tokens
     )
     limits = Limits(
         api_key=api_key,

@@ -1,14 +1,22 @@
 """The HTTP side: an OpenAI-compatible FastAPI application over an Engine, made by `create_app`.
 
-    POST /v1/chat/completions   the last user message is the question; answer plus `clara.documents`
+    POST /v1/chat/completions   the conversation answered from retrieved documents; answer plus `clara.documents`
     POST /v1/retrieve           {"question", "k"} -> the ranked documents with their scores
-    GET  /v1/models, /health    the served model; the engine's counters
+    GET  /v1/models, /health    the served model's names; the engine's counters
+
+A conversation reaches the generator as the model was trained to read it, with the client's parts around it:
+the trained system text with the client's system (and developer) messages appended after a newline, the earlier
+user and assistant turns, then the trained `Background ... Question:` turn holding the last user message. Retrieval
+reads the last user message only: the question as the client last put it, which is also what the query reasoner
+was trained on (one question, no dialogue). When the prompt would reach MAX_LEN the oldest turns are left out and
+`clara.dropped_turns` says how many; a request with `"debug": true` also gets `clara.prompt`, the generator's
+prompt as text.
     GET  /                      the page to try it (clara/serving/page.html)
 
 Every error is an OpenAI-style JSON body with a 4xx (the request's fault) or 500 status. Requests are
 parsed here (not by FastAPI's body models) so that malformed JSON, an oversized body and each invalid
 field get their own message. Nothing a request carries is used as a path: `model` is only compared with
-the served name.
+the served names.
 """
 
 from __future__ import annotations
@@ -16,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import re
 import time
 import uuid
 from contextlib import asynccontextmanager
@@ -67,6 +76,7 @@ class ServeChatRequest(ChatCompletionRequest):
 
     k: int | None = None  # how many documents to retrieve and return (the generator reads generation_top_k)
     min_tokens: int = Field(0, ge=0)  # no end token before this many answer tokens (as vLLM)
+    debug: bool = False  # the response's `clara.prompt`: the prompt the generator read, as text
 
 
 class RetrieveRequest(BaseModel):
@@ -133,16 +143,41 @@ def parse(model: type[BaseModel], value: dict) -> BaseModel:
         raise OpenAIError.from_validation(error) from None
 
 
-def last_question(messages: list[ChatMessage]) -> str:
-    users = [m for m in messages if m.role == "user"]
-    if not users or not (users[-1].content or "").strip():
+# CLaRa's own tokens in a client's text would be read as memory slots; they are not text, so they are taken out.
+CLARA_TOKENS = re.compile(r"<MEM\d+>|<AE>|<ENC>|<SEP>")
+SYSTEM_ROLES = ("system", "developer")
+
+
+@dataclass
+class Conversation:
+    question: str  # the last user message: retrieval reads it, and the trained `Question:` turn holds it
+    system: str  # the client's system and developer messages, joined by newlines
+    turns: list[dict]  # the user and assistant messages before the question, oldest first
+
+
+def client_text(message: ChatMessage) -> str:
+    return CLARA_TOKENS.sub("", message.content or "").strip()
+
+
+def conversation(messages: list[ChatMessage]) -> Conversation:
+    """The request's messages as the server reads them. Tool messages and whatever follows the last user message
+    are not read."""
+    last = max((i for i, m in enumerate(messages) if m.role == "user"), default=None)
+    question = client_text(messages[last]) if last is not None else ""
+    if not question:
         raise OpenAIError(
             400,
             "messages: the last user message (the question) is missing or empty",
             param="messages",
             code="invalid_value",
         )
-    return users[-1].content.strip()
+    system = "\n".join(text for m in messages if m.role in SYSTEM_ROLES and (text := client_text(m)))
+    turns = [
+        {"role": m.role, "content": text}
+        for m in messages[:last]
+        if m.role in ("user", "assistant") and (text := client_text(m))
+    ]
+    return Conversation(question, system, turns)
 
 
 def sampling(request: ServeChatRequest, limits: Limits) -> Sampling:
@@ -220,10 +255,11 @@ async def validation_error(request: Request, error: RequestValidationError) -> J
 
 
 def check_model(engine: Engine, name: str | None) -> None:
-    if name is not None and name != engine.model_name:
+    if name is not None and name not in engine.model_names:
+        served = ", ".join(repr(n) for n in engine.model_names)
         raise OpenAIError(
             404,
-            f"model {name!r} is not served here; this server serves {engine.model_name!r}",
+            f"model {name!r} is not served here; this server serves {served}",
             param="model",
             code="model_not_found",
         )
@@ -265,8 +301,11 @@ async def health(request: Request) -> dict:
 
 
 async def models(request: Request) -> dict:
-    name = request.app.state.engine.model_name
-    return {"object": "list", "data": [{"id": name, "object": "model", "created": 0, "owned_by": "clara"}]}
+    names = request.app.state.engine.model_names
+    return {
+        "object": "list",
+        "data": [{"id": name, "object": "model", "created": 0, "owned_by": "clara"} for name in names],
+    }
 
 
 async def retrieve(request: Request) -> dict:
@@ -284,8 +323,9 @@ async def chat_completions(request: Request):
     engine, limits = request.app.state.engine, request.app.state.limits
     body = parse(ServeChatRequest, await read_json(request, limits.max_body_bytes))
     check_model(engine, body.model)
-    question, k = last_question(body.messages), check_k(engine, limits, body.k, engine.top_k)
-    job = Job(question, k, RowDecoding(sampling(body, limits)), asyncio.get_running_loop())
+    chat, k = conversation(body.messages), check_k(engine, limits, body.k, engine.top_k)
+    job = Job(chat.question, k, RowDecoding(sampling(body, limits)), asyncio.get_running_loop())
+    job.system, job.turns, job.debug = chat.system, chat.turns, body.debug
     job.row.on_text = lambda piece: job.send("text", piece)
     engine.submit(job)
     try:
@@ -293,12 +333,15 @@ async def chat_completions(request: Request):
     except BaseException:
         job.cancel()
         raise
-    head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": engine.model_name}
+    head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": body.model}
     clara = {
         "k": k,
         "generator_read": engine.top_k,
         "documents": [{**d, "text": d["text"][:SNIPPET_CHARS]} for d in documents],
+        "dropped_turns": job.dropped_turns,  # earlier turns left out (oldest first) to fit MAX_LEN
     }
+    if body.debug:
+        clara["prompt"] = job.prompt_text
     if body.stream:
         include_usage = bool((body.stream_options or {}).get("include_usage"))
         return StreamingResponse(

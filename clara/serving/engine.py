@@ -36,13 +36,19 @@ class Job:
     """One request. `row` None: retrieval only. Events, in order: ("retrieved", documents), ("text", piece)...,
     ("done", figures), or ("error", OpenAIError) at any point."""
 
-    question: str
+    question: str  # the last user message: what retrieval reads and the trained `Question:` turn holds
     k: int
     row: RowDecoding | None
     loop: asyncio.AbstractEventLoop
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     found: list[int] = field(default_factory=list)  # index rows of the documents the generator reads
     prompt_tokens: int = 0
+    system: str = ""  # the client's system text, appended to the trained system prompt
+    turns: list[dict] = field(default_factory=list)  # earlier turns ({"role", "content"}), oldest first
+    prompt_ids: list[int] = field(default_factory=list)  # the generator's prompt (set when admitted)
+    dropped_turns: int = 0  # earlier turns left out, oldest first, for the prompt to fit max_len
+    debug: bool = False  # also set prompt_text: the generator's prompt as text (a request's `debug`)
+    prompt_text: str = ""
 
     def send(self, kind: str, value) -> None:
         self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, value))
@@ -70,14 +76,17 @@ class Engine:
         self,
         clara: CLaRa,
         index: CorpusIndex,
-        model_name: str,
+        model_name: str | list[str],
         max_batch: int = 16,
         max_wait_ms: float = 10.0,
         window_tokens: int = 16,
         max_len: int | None = None,
         seed: int = 42,
     ):
-        self.clara, self.index, self.model_name = clara, index, model_name
+        self.clara, self.index = clara, index
+        # Every name clients may use; the first is the one the server reports.
+        self.model_names = [model_name] if isinstance(model_name, str) else list(model_name)
+        self.model_name = self.model_names[0]
         self.max_batch, self.max_wait, self.window_tokens = max_batch, max_wait_ms / 1000, window_tokens
         # The prompt length and prompt choice of CLaRa.generate_from_questions(index=...), so answers agree.
         self.max_len, self.seed = max_len or clara.max_len or ANSWERING.max_len, seed
@@ -204,13 +213,12 @@ class Engine:
         batch, vectors = generator_inputs(
             model, self.index, [job.question for job in jobs], [job.found for job in jobs], self.max_len, self.seed
         )
-        for job, mask in zip(jobs, batch.dec_mask):
-            job.prompt_tokens = job.prompt_tokens or int(mask.sum())
-        if any(job.row.tokens for job in jobs):
-            prompts = [ids[mask.bool()].tolist() for ids, mask in zip(batch.dec_ids, batch.dec_mask)]
-            rows = [prompt + job.row.tokens for prompt, job in zip(prompts, jobs)]
-            batch.dec_ids = pad_left(rows, model.tokens.pad_id)
-            batch.dec_mask = pad_left([[1] * len(row) for row in rows], 0)
+        # Each prompt is the job's own (the conversation around the trained turn), followed by its answer so far.
+        rows = [job.prompt_ids + job.row.tokens for job in jobs]
+        for job in jobs:
+            job.prompt_tokens = len(job.prompt_ids)
+        batch.dec_ids = pad_left(rows, model.tokens.pad_id)
+        batch.dec_mask = pad_left([[1] * len(row) for row in rows], 0)
         model.generate(
             batch.to(self.clara.device),
             max_new_tokens=self.window_tokens,
@@ -242,6 +250,21 @@ class Engine:
             job.send("done", {"finish_reason": "cancelled"})
             return False
         problem = self.length_problem(job.question)
+        if problem is None and job.row is not None:
+            try:
+                job.prompt_ids, job.dropped_turns = self.conversation_prompt(job)
+                if job.debug:
+                    job.prompt_text = self.clara.model.tokenizer.decode(job.prompt_ids)
+            except Exception as error:  # noqa: BLE001 - the chat template refused the conversation's shape
+                message = f"messages: the model's chat template refused them: {error}"
+                job.send("error", OpenAIError(400, message, param="messages", code="invalid_value"))
+                self.counters.rejected += 1
+                return False
+            if len(job.prompt_ids) >= self.max_len:
+                problem = (
+                    f"the prompt is {len(job.prompt_ids)} tokens with this question; "
+                    f"the model's MAX_LEN is {self.max_len}"
+                )
         if problem:
             self.counters.rejected += 1
             job.send("error", OpenAIError(400, problem, param="messages", code="context_length_exceeded"))
@@ -264,3 +287,57 @@ class Engine:
         if prompt >= self.max_len:
             return f"the prompt is {prompt} tokens with this question; the model's MAX_LEN is {self.max_len}"
         return None
+
+    def conversation_prompt(self, job: Job) -> tuple[list[int], int]:
+        """The generator's prompt ids for the job, and how many of its earlier turns were left out.
+
+        The trained prompt stays as it was: the stage-2 system text (the client's system text appended after a
+        newline) and the `Background ... Question:` user turn last; the client's earlier turns go between them.
+        When the prompt would reach max_len, the oldest turns are left out (a conversation then starts at a user
+        turn), the fewest that make it fit, found by bisection (a few renderings, however long the conversation).
+        """
+        model = self.clara.model
+        system, user, _ = ANSWERING.example(
+            {"question": job.question, "answer": ""}, model.tokens.n_mem, self.top_k, self.seed
+        )
+        if job.system:
+            system = f"{system}\n{job.system}"
+        turns = job.turns
+
+        def ids(start: int) -> list[int]:
+            text = conversation_text(model.tokenizer, system, turns[start:], user)
+            return model.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+        full = ids(0)
+        if len(full) < self.max_len or not turns:
+            return full, 0
+        starts = [i for i in range(1, len(turns)) if turns[i]["role"] == "user"] + [len(turns)]
+        low, high = 0, len(starts) - 1  # the answer is starts[high] once the loop ends
+        while low < high:
+            middle = (low + high) // 2
+            if len(ids(starts[middle])) < self.max_len:
+                high = middle
+            else:
+                low = middle + 1
+        return ids(starts[high]), starts[high]
+
+
+def conversation_text(tokenizer, system: str, turns: list[dict], user: str) -> str:
+    """The chat template over system, turns and the final user turn, with a generation prompt (as
+    clara.stages.prompts renders the trained prompt); a template that rejects a system role gets the system
+    text, a newline and the first user turn as one user turn."""
+    messages = [{"role": "system", "content": system}, *turns, {"role": "user", "content": user}]
+
+    def render(chat: list[dict]) -> str:
+        return tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True, enable_thinking=False)
+
+    try:
+        return render(messages)
+    except Exception as error:
+        rest = messages[1:]
+        first = next(i for i, m in enumerate(rest) if m["role"] == "user")
+        rest[first] = {"role": "user", "content": system + "\n" + rest[first]["content"]}
+        try:
+            return render(rest)
+        except Exception:
+            raise error from None

@@ -11,7 +11,8 @@ coverage rounds ask for pairs on the facts still uncovered.
 
     __main__    python -m clara.synthesize (clara/synthesize.py keeps that path)
 
-It may import the bottom layers (clara.errors, clara.files, clara.openai_protocol, clara.config), the corpus
+It may import the bottom layers (clara.errors, clara.files, clara.openai_protocol, clara.vllm_server for
+`--llm vllm:`, clara.config), the corpus
 reader (clara.index.corpus), clara.parallel and clara.model.tiny_base (the built-in model as a local LLM);
 nothing outside this package imports it but the command line's old path, clara/synthesize.py.
 """

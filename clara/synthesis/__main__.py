@@ -1,22 +1,25 @@
 """python -m clara.synthesize --corpus docs.jsonl --out data/ --llm SPEC: training data for all three stages from
 your own documents (see clara.synthesis and the README, "Training on your own documents").
 
-With a server (`--llm openai:`) nothing loads torch, so the command starts at once; a local model (`--llm hf:`)
-runs alone or under torchrun through clara.parallel.distributed.
+With a server (`--llm openai:`) nothing loads torch, so the command starts at once; with `--llm vllm:MODEL` the run
+starts its own vLLM server from another environment (`--vllm_python`, clara.vllm_server) and stops it when it ends,
+however it ends; a local model (`--llm hf:`) runs alone or under torchrun through clara.parallel.distributed.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import hashlib
 import os
+import shlex
 import sys
 import time
 from typing import TYPE_CHECKING
 
 from clara.cli import add_model_flags
-from clara.errors import ConfigError, exit_status
+from clara.errors import ConfigError, RunFailure, exit_status
 from clara.files import write_json_atomic
 from clara.index.corpus import corpus_hash, read_corpus
 from clara.synthesis.documents import Asking
@@ -33,6 +36,7 @@ from clara.synthesis.pipeline import (
 )
 from clara.synthesis.recipe import DEFAULT_PROMPTS, load_recipe
 from clara.synthesis.records import Layout, build_records, summarize, write_records
+from clara.vllm_server import VLLMServer, VLLMStartError
 
 if TYPE_CHECKING:
     import torch
@@ -82,10 +86,25 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--llm",
         required=True,
-        help="openai:http://HOST:PORT/v1 (an OpenAI-compatible server; "
-        "key from OPENAI_API_KEY) or hf:MODEL_OR_PATH (local; hf:tiny)",
+        help="openai:http://HOST:PORT/v1 (an OpenAI-compatible server; key from OPENAI_API_KEY), "
+        "vllm:MODEL (a vLLM server this run starts with --vllm_python and stops) or hf:MODEL_OR_PATH (local; hf:tiny)",
     )
     parser.add_argument("--model", default=None, help="model name sent to the server (required with openai:)")
+    parser.add_argument(
+        "--vllm_python",
+        default=None,
+        help="vllm: the python of an environment with vLLM installed (e.g. ~/vllm-env/bin/python); "
+        "it serves on a free loopback port with a random key, its log in OUT/vllm.log",
+    )
+    parser.add_argument(
+        "--vllm_args",
+        default="",
+        help="vllm: more arguments for vLLM's server, as one string "
+        "(e.g. '--tensor-parallel-size 8 --max-model-len 8192')",
+    )
+    parser.add_argument(
+        "--vllm_timeout", type=positive_float, default=1800.0, help="vllm: seconds to wait for the server to be ready"
+    )
     parser.add_argument("--prompts", default=None, help=f"prompts file: a copy of {DEFAULT_PROMPTS}, edited")
     parser.add_argument("--rounds", type=non_negative_int, default=2, help="coverage rounds per document (at most)")
     parser.add_argument(
@@ -147,6 +166,16 @@ def build_parser() -> argparse.ArgumentParser:
 def check_settings(args: argparse.Namespace, kind: str) -> None:
     if kind == "openai" and not args.model:
         raise ConfigError("model", args.model, "the model name the server serves (required with --llm openai:)")
+    if kind == "vllm":
+        if args.model:
+            raise ConfigError("model", args.model, "no --model with --llm vllm:MODEL (vLLM serves MODEL by that name)")
+        python = args.vllm_python
+        if not python or not os.path.isfile(python) or not os.access(python, os.X_OK):
+            raise ConfigError(
+                "vllm_python",
+                python,
+                "the python executable of an environment with vLLM installed (required with --llm vllm:)",
+            )
     if not 0 <= args.eval_fraction < 1:
         raise ConfigError("eval_fraction", args.eval_fraction, "a share in [0, 1)")
     if not 0 <= args.temperature <= 2:
@@ -162,7 +191,8 @@ def run_settings(
     return {
         "corpus_sha256": corpus_hash(ids, texts),
         "documents": len(ids),
-        "llm": kind,
+        # vllm: is an OpenAI-compatible server too: a run may go on with one started by hand, or the other way.
+        "llm": "openai" if kind == "vllm" else kind,
         "model": args.model if kind == "openai" else target,
         "prompts_sha256": hashlib.sha256(prompts_text.encode()).hexdigest(),
         "rounds": args.rounds,
@@ -175,13 +205,41 @@ def run_settings(
     }
 
 
-def make_llm(args: argparse.Namespace, kind: str, target: str, device: torch.device | None) -> LLM:
+@contextlib.contextmanager
+def llm_server(args: argparse.Namespace, kind: str, target: str, log):
+    """vllm: a vLLM server for the run, stopped when the block ends (yields it); other kinds: None."""
+    if kind != "vllm":
+        yield None
+        return
+    server = VLLMServer(
+        args.vllm_python,
+        target,
+        shlex.split(args.vllm_args),
+        log_path=os.path.join(args.out, "vllm.log"),
+        timeout=args.vllm_timeout,
+    )
+    started = time.monotonic()
+    log(f"Starting vLLM ({target}) with {args.vllm_python}; its log: {server.log_path}", flush=True)
+    try:
+        server.start()
+        log(f"vLLM ready at {server.url} after {time.monotonic() - started:.0f}s", flush=True)
+        yield server
+    except VLLMStartError as error:
+        raise RunFailure(str(error)) from None
+    finally:
+        server.stop()  # and every process it started; the keeper does it too if this process dies first
+    log("vLLM stopped", flush=True)
+
+
+def make_llm(
+    args: argparse.Namespace, kind: str, target: str, device: torch.device | None, server: VLLMServer | None = None
+) -> LLM:
     settings = GenerationSettings(args.max_tokens, args.temperature)
-    if kind == "openai":
+    if kind in ("openai", "vllm"):
         return OpenAIChat(
-            target,
-            args.model,
-            os.environ.get("OPENAI_API_KEY"),
+            server.url if server else target,
+            target if server else args.model,
+            server.api_key if server else os.environ.get("OPENAI_API_KEY"),
             settings,
             args.concurrency,
             args.timeout,
@@ -213,10 +271,10 @@ def run(args: argparse.Namespace, rank: int, world: int, device: torch.device | 
         flush=True,
     )
     if todo:
-        asking = Asking(
-            make_llm(args, kind, target, device), recipe, args.rounds, args.parse_retries, args.judge, args.seed
-        )
-        asyncio.run(synthesize_shards(asking, ids, texts, args.out, shards, todo, not args.no_progress))
+        with llm_server(args, kind, target, log) as server:
+            llm = make_llm(args, kind, target, device, server)
+            asking = Asking(llm, recipe, args.rounds, args.parse_retries, args.judge, args.seed)
+            asyncio.run(synthesize_shards(asking, ids, texts, args.out, shards, todo, not args.no_progress))
     if rank != 0:
         return None
     wait_for_shards(args.out, len(shards), log)

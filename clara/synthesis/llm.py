@@ -24,7 +24,7 @@ from clara.errors import ConfigError, RunFailure
 from clara.openai_protocol import ChatCompletion, ChatCompletionRequest, OpenAIError
 from clara.synthesis.recipe import response_format
 
-LLM_KINDS = ("openai", "hf")
+LLM_KINDS = ("openai", "hf", "vllm")
 MAX_BACKOFF_SECONDS = 60.0
 
 
@@ -58,10 +58,11 @@ class GenerationSettings:
 
 
 def parse_llm_spec(spec: str) -> tuple[str, str]:
-    """`openai:URL` or `hf:MODEL_OR_PATH` -> (kind, target); ConfigError for anything else."""
+    """`openai:URL`, `hf:MODEL_OR_PATH` or `vllm:MODEL` (a vLLM server this run starts, clara.vllm_server)
+    -> (kind, target); ConfigError for anything else."""
     kind, _, target = spec.partition(":")
     if kind not in LLM_KINDS or not target:
-        raise ConfigError("llm", spec, "openai:http://HOST:PORT/v1 or hf:MODEL_OR_PATH")
+        raise ConfigError("llm", spec, "openai:http://HOST:PORT/v1, hf:MODEL_OR_PATH or vllm:MODEL")
     if kind == "openai" and not target.startswith(("http://", "https://")):
         raise ConfigError("llm", spec, "openai: and the server's base URL, e.g. openai:http://localhost:8000/v1")
     return kind, target

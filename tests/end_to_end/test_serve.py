@@ -28,6 +28,7 @@ from clara.index.build import build_index
 from clara.index.store import load_index
 from clara.model.decoding import RowDecoding, Sampling
 from clara.serving.engine import ANSWERING, Engine, Job
+from clara.stages.prompts import SYSTEM_ANSWER
 from clara.training.launch import free_port
 from tests.helpers import read_jsonl, run_module, subprocess_env
 from tests.index.test_index import EXAMPLE, ROLES, TOP_K, noisy_checkpoint
@@ -95,6 +96,10 @@ def server(reference) -> str:
             str(NEW_TOKENS),
             "--max_body_bytes",
             str(MAX_BODY),
+            "--model_name",
+            "ck",
+            "--model_name",
+            "clara",
         ],
         env=subprocess_env(),
         stdout=subprocess.PIPE,
@@ -172,13 +177,69 @@ def test_plain_and_streamed_completions_through_the_openai_client(server, refere
         )
     )
     assert len([c for c in longer if c.choices and c.choices[0].delta.content]) > 1
-    assert [m.id for m in client(server).models.list()] == ["ck"]
+    assert [m.id for m in client(server).models.list()] == ["ck", "clara"]
+    alias = client(server).chat.completions.create(
+        model="clara", messages=[{"role": "user", "content": questions[0]}], max_tokens=NEW_TOKENS
+    )
+    assert alias.model == "clara" and alias.choices[0].message.content == expected[0]
 
 
 def test_answers_equal_generate_from_questions_with_the_index(server, reference, questions):
     clara, index, _ = reference
     expected, _ = clara.generate_from_questions(questions[:4], index=index, max_new_tokens=NEW_TOKENS)
     assert [ask(server, q).choices[0].message.content for q in questions[:4]] == expected
+
+
+def conversation(question: str, turns: int, words: int = 3) -> list[dict]:
+    """A system message, `turns` earlier user/assistant exchanges (each text `words` words long), the question."""
+    earlier = []
+    for turn in range(turns):
+        # CLaRa's own tokens in a client's text are taken out (they would be read as memory slots).
+        earlier.append({"role": "user", "content": f"EarlierQuestion{turn} <MEM0><SEP>" + "about the kingdom " * words})
+        earlier.append({"role": "assistant", "content": f"EarlierAnswer{turn} " + "owl " * words})
+    return [{"role": "system", "content": "Answer in one word."}, *earlier, {"role": "user", "content": question}]
+
+
+def test_the_conversation_reaches_the_generator_around_the_trained_turn(server, reference, questions):
+    """The prompt the generator read (`debug`): the trained system text with the client's appended, the three
+    earlier exchanges in order, then the trained `Background ... Question:` turn; retrieval read the question."""
+    chat = client(server).chat.completions.create(
+        model="ck", messages=conversation(questions[2], 3), max_tokens=NEW_TOKENS, extra_body={"debug": True}
+    )
+    extra = chat.model_extra["clara"]
+    prompt = extra["prompt"]
+    marks = [SYSTEM_ANSWER + "\nAnswer in one word."]
+    marks += [f"Earlier{kind}{turn}" for turn in range(3) for kind in ("Question", "Answer")]
+    marks += ["Background:\n<MEM0>", f"Question:{questions[2]}"]
+    where = [prompt.find(mark) for mark in marks]
+    assert -1 not in where and where == sorted(where), (where, prompt)
+    assert prompt.count("<SEP>") == TOP_K  # the memory slots only
+    assert extra["dropped_turns"] == 0 and chat.usage.prompt_tokens > 0
+    alone = ask(server, questions[2]).model_extra["clara"]
+    assert [d["id"] for d in extra["documents"]] == [d["id"] for d in alone["documents"]]
+    assert "prompt" not in alone and alone["dropped_turns"] == 0
+
+
+def test_the_oldest_turns_are_dropped_when_the_prompt_would_pass_max_len(server, questions):
+    chat = client(server).chat.completions.create(
+        model="ck",
+        messages=conversation(questions[3], 12, words=40),
+        max_tokens=NEW_TOKENS,
+        extra_body={"debug": True},
+    )
+    extra = chat.model_extra["clara"]
+    dropped = extra["dropped_turns"]
+    assert 0 < dropped < 24 and dropped % 2 == 0, dropped  # whole exchanges: the rest starts with a user turn
+    prompt = extra["prompt"]
+    assert "EarlierQuestion0 " not in prompt and f"EarlierQuestion{dropped // 2} " in prompt
+    assert "EarlierAnswer11 " in prompt and f"Question:{questions[3]}" in prompt
+    assert chat.usage.prompt_tokens < ANSWERING.max_len
+    # One exchange fewer would not have fitted: the fewest turns were dropped.
+    kept = conversation(questions[3], 12, words=40)
+    again = client(server).chat.completions.create(
+        model="ck", messages=[kept[0], *kept[dropped - 1 :]], max_tokens=NEW_TOKENS
+    )
+    assert again.model_extra["clara"]["dropped_turns"] == 2
 
 
 def test_retrieve_returns_the_documents_clara_ask_prints(server, reference, questions):
