@@ -443,7 +443,7 @@ def measure(cfg: BenchConfig, work_dir: str) -> dict:
         step_times.append(t2 - t1)
         collate_times.append(t1 - t0)
         tokens.append(batch.num_tokens)
-        losses.append(result.sums.lm_loss if not result.skipped else float("nan"))
+        losses.append(result.sums["lm_loss"] if not result.skipped else float("nan"))
         supervised = int((batch.labels[:, 1:] != -100).sum())
         query = batch.query_mask.sum(1).tolist() if batch.query_mask is not None else None
         flops.append(

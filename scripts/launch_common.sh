@@ -4,7 +4,7 @@
 #
 #     clara_launch SCRIPT_NAME DEFAULT_BATCH_SIZE DEFAULT_MICRO_BATCH_SIZE MULTI_NODE_PORT "$@"
 #
-# Python resolves and checks every setting in one call (`python -m clara.launch`: exit 2 and one line
+# Python resolves and checks every setting in one call (`python -m clara.training.launch`: exit 2 and one line
 # naming a bad variable) and hands back the torchrun command, its environment, the log file and the
 # summary. What stays here is what bash must do: print and log (everything from then on is appended to
 # $SAVE_PATH/train.log), start torchrun, pass signals on, and keep the trainer's exit status.
@@ -163,7 +163,7 @@ clara_launch() {
         status=$((128 + $(kill -l "$_clara_signal")))
         verdict="[launcher] stopped by SIG$_clara_signal (exit $status). Run the same command again to resume from the newest checkpoint in $CLARA_SAVE_PATH/checkpoints."
     else
-        # clara.run_workers exits with the failing worker's own status (2: bad data or settings, named above).
+        # clara.training.run_workers exits with the failing worker's own status (2: bad data or settings, named above).
         verdict="[launcher] error: training failed (exit $status); the error is named above. Log: $log"
     fi
     printf '%s\n' "$verdict"

@@ -63,16 +63,8 @@ class StepOutput:
     lm: LMOutput
     chosen: torch.Tensor | None = None  # stage 2: [B, k] candidate indices
     scores: torch.Tensor | None = None  # stage 2: [B, N] retrieval scores, -inf at padding
-    # The loss terms of clara.model.losses this step computed, by name (out.mse, out.retrieval read them in the tests).
+    # The loss terms of clara.model.losses this step computed, by name ("mse", "retrieval"); absent: not computed.
     terms: dict[str, torch.Tensor] = field(default_factory=dict)
-
-    def __getattr__(self, name: str):
-        if name in TERM_NAMES:
-            return self.terms.get(name)
-        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
-
-
-TERM_NAMES = frozenset(term.name for term in LOSS_TERMS)
 
 
 @contextlib.contextmanager

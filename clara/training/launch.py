@@ -350,9 +350,9 @@ def plan(
     env = [f"OMP_NUM_THREADS={threads}"] if threads else []
     if not os.environ.get("TORCH_ELASTIC_SHUTDOWN_TIMEOUT"):
         env.append(f"TORCH_ELASTIC_SHUTDOWN_TIMEOUT={SHUTDOWN_TIMEOUT_S}")
-    # torchrun through clara.run_workers (clara/training/run_workers.py): a worker's own exit status (2: bad data
-    # or settings) reaches the script.
-    runner = [sys.executable, "-m", "clara.run_workers"]
+    # torchrun through clara.training.run_workers: a worker's own exit status (2: bad data or settings) reaches
+    # the script.
+    runner = [sys.executable, "-m", "clara.training.run_workers"]
     command = [
         *runner,
         "--nproc_per_node",

@@ -82,13 +82,6 @@ class TrainingSetup:
     # ZeRO-3: transformers' HfDeepSpeedConfig, kept alive for as long as the partitioned model is used.
     zero3_config: object = None
 
-    def __getattr__(self, name: str) -> float:
-        # setup.mse_weight, ...: how tests/test_gpu.py reads a weight (bench/ passes **setup.weights).
-        weights = self.__dict__.get("weights", {})
-        if name in weights:
-            return weights[name]
-        raise AttributeError(f"TrainingSetup has no {name!r}")
-
 
 def setup_training(
     cfg: TrainConfig,

@@ -53,15 +53,15 @@ SUM_NAMES: tuple[str, ...] = (
 @dataclass
 class StepSums:
     """What a step adds up over its micro-batches (and, all-reduced, over the ranks), by the names of
-    SUM_NAMES: `sums.lm_loss`, `sums.retrieval_batches`, ..."""
+    SUM_NAMES: `sums["lm_loss"]`, `sums["retrieval_batches"]`, ..."""
 
     values: dict[str, float] = field(default_factory=lambda: dict.fromkeys(SUM_NAMES, 0.0))
 
-    def __getattr__(self, name: str) -> float:
+    def __getitem__(self, name: str) -> float:
         try:
-            return self.__dict__["values"][name]
+            return self.values[name]
         except KeyError:
-            raise AttributeError(f"StepSums has no {name!r}: expected one of {', '.join(SUM_NAMES)}") from None
+            raise KeyError(f"StepSums has no {name!r}: expected one of {', '.join(SUM_NAMES)}") from None
 
     def all_reduced(self, device: torch.device) -> StepSums:
         total = torch.tensor([self.values[name] for name in SUM_NAMES], dtype=torch.float64, device=device)

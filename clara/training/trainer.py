@@ -286,19 +286,19 @@ class Trainer:
         result.sums.values["stop_requests"] = float(len(received))
         result.sums.values["diverged_ranks"] = float(bool(nonfinite_parameters(self.components.engine.module)))
         sums = result.sums.all_reduced(self.device)
-        if sums.diverged_ranks:
+        if sums["diverged_ranks"]:
             raise RunFailure(
                 f"step {step + 1}: the trained weights became inf/NaN (training diverged); nothing of "
                 f"this step was saved, and the checkpoints in {cfg.save_path}/checkpoints are the last "
                 "good ones. Lower LEARNING_RATE and start over (RESUME=false)."
             )
-        self._advance(skipped=result.skipped or sums.finite_batches == 0)
+        self._advance(skipped=result.skipped or sums["finite_batches"] == 0)
         metrics = self.step_metrics(result, sums, time.perf_counter() - started)
         self._report(metrics, progress)
         at_end = state.global_step == self.total_steps
         if self.eval_records is not None and (state.global_step % cfg.eval_steps == 0 or at_end):
             metrics.update(self.evaluate())
-        if sums.stop_requests > 0:
+        if sums["stop_requests"] > 0:
             self.save_checkpoint(wait=True)
             raise Stop(received[0] if received else signal.SIGTERM)
         if state.global_step % cfg.save_steps == 0 or at_end:
@@ -342,18 +342,18 @@ class Trainer:
     def step_metrics(self, result: StepResult, sums: StepSums, elapsed: float) -> dict:
         """The metrics.jsonl line of a step (means over the finite micro-batches of every rank)."""
         skipped = self.state.nonfinite_in_a_row > 0
-        finite = max(sums.finite_batches, 1.0)
+        finite = max(sums["finite_batches"], 1.0)
         metrics = {
             "step": self.state.global_step,
             "epoch": round(self.state.global_step / self.steps_per_epoch, 4),
-            "loss": sums.lm_loss / finite if not skipped else float("nan"),
+            "loss": sums["lm_loss"] / finite if not skipped else float("nan"),
             **term_means(sums, skipped),
             "lr": self.components.scheduler.get_last_lr()[0],
             "grad_norm": grad_norm(self.components.engine),
             "samples_per_s": self.cfg.batch_size / elapsed,
-            "tokens_per_s": sums.tokens / elapsed,
+            "tokens_per_s": sums["tokens"] / elapsed,
             "peak_memory_mb": round(peak_memory_mb(self.device), 1),
-            "token_acc": sums.correct_tokens / max(sums.answer_tokens, 1.0),
+            "token_acc": sums["correct_tokens"] / max(sums["answer_tokens"], 1.0),
         }
         if result.chosen:
             retrieval = retrieval_summary(result.chosen, result.positives)

@@ -645,7 +645,7 @@ def test_dry_run_prints_the_exact_command_and_runs_nothing(tmp_path):
     assert f"OMP_NUM_THREADS={threads} " in result.output.strip().splitlines()[-1]
     words = command_words(result.output)
     # torchrun, through clara.training.run_workers (which returns the failed worker's own exit status)
-    assert words[1:3] == ["-m", "clara.run_workers"] and words[words.index("clara.train") - 1] == "-m"
+    assert words[1:3] == ["-m", "clara.training.run_workers"] and words[words.index("clara.train") - 1] == "-m"
     for flag, value in [
         ("--nproc_per_node", "2"),
         ("--nnodes", "1"),

@@ -21,7 +21,8 @@ import torch
 from safetensors.torch import load_file
 
 from bench.memory import Dims, parameter_counts
-from clara.evaluation.command import eval_config, evaluate_model, load_eval_records
+from clara.evaluation.command import eval_config, load_eval_records
+from clara.evaluation.evaluate import evaluate_model
 from clara.model.checkpoint import load_model
 from clara.stages import get_stage
 from tests.end_to_end.test_launchers import EIGHT, REPO, kill_tree, launcher_env, metrics, run, start, wait_for

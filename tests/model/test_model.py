@@ -120,10 +120,10 @@ def test_gradients_reach_exactly_the_trained_parameters(stage):
     out = model(batch, mse_weight=mse_weight(stage))
     assert torch.isfinite(out.loss) and out.loss.item() > 0
     if stage == "stage2":
-        assert out.mse is None and out.chosen.shape == (2, TOP_K)
+        assert "mse" not in out.terms and out.chosen.shape == (2, TOP_K)
     else:
-        assert torch.isfinite(out.mse) and out.mse.item() > 0
-        assert torch.allclose(out.loss, out.lm.loss + MSE_WEIGHT * out.mse)
+        assert torch.isfinite(out.terms["mse"]) and out.terms["mse"].item() > 0
+        assert torch.allclose(out.loss, out.lm.loss + MSE_WEIGHT * out.terms["mse"])
     out.loss.backward()
 
     names = dict(model.named_parameters())
@@ -340,11 +340,11 @@ def test_retrieval_weight_adds_the_loss_and_trains_the_query_reasoner():
     model.eval()  # no dropout: the two forwards see the same model
     plain = model(batch)
     out = model(batch, retrieval_weight=0.5)
-    assert plain.retrieval is None and out.retrieval is not None
+    assert "retrieval" not in plain.terms and "retrieval" in out.terms
     expected = retrieval_loss(out.scores, batch.pos_index, model.settings.topk_temperature)
     torch.testing.assert_close(out.loss, plain.loss + 0.5 * expected)
     model.zero_grad(set_to_none=True)
-    out.retrieval.backward()
+    out.terms["retrieval"].backward()
     grads = {role_of(n) for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
     assert grads == {"query_reasoner_adapter"}  # the compressor and the generator are not in this loss
 
