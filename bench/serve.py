@@ -81,7 +81,7 @@ def make_model(folder: Path, documents: int) -> tuple[str, str]:
 def start_server(
     checkpoint: str, index: str, port: int, max_batch: int, max_wait_ms: float, max_tokens: int
 ) -> tuple[subprocess.Popen, str]:
-    from clara.training.launch import free_port
+    from clara.ports import free_port
 
     port = port or free_port()
     proc = subprocess.Popen(

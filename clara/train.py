@@ -34,7 +34,8 @@ def main(argv: list[str] | None = None) -> int:
         check_base_model(cfg.model_path, cfg.pretrain_checkpoint, warn=(lambda line: None) if quiet else None)
         with own_lock(cfg.save_path):
             # Deferred: a bad flag (or a SAVE_PATH in use) is reported before deepspeed, peft and the model load.
-            from clara.training.trainer import Stop, train
+            from clara.training.signals import Stop
+            from clara.training.trainer import train
 
             try:
                 train(cfg)

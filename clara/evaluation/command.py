@@ -19,14 +19,15 @@ import datasets
 import torch
 
 from clara.cli import add_model_flags, positive_int
-from clara.config import TrainConfig, check_data_sources
+from clara.config import TrainConfig, check_data_sources, official_base_name
 from clara.data import load_records
 from clara.errors import ConfigError
 from clara.evaluation.evaluate import RETRIEVAL_KS, evaluate_stage
 from clara.evaluation.metrics import ANSWER_SCORE_NAMES
 from clara.files import json_safe, write_json_atomic, write_text_atomic
-from clara.model.checkpoint import load_model, official_base_name, read_config, resolve_base_path, resolve_checkpoint
+from clara.model.checkpoint import load_model, read_config, resolve_base_path
 from clara.model.collate import LengthCheck
+from clara.model.hub import resolve_checkpoint
 from clara.model.model import attention_implementation
 from clara.model.stage_model import checkpoint_stage, ensure_query_reasoner
 from clara.parallel.distributed import rank_zero_first, resolve_dtype, run_command

@@ -100,7 +100,8 @@ class CLaRa:
         """Load a checkpoint in the native or the official release layout: a directory or a Hub id.
 
         Hub ids: from_pretrained("apple/CLaRa-7B-Instruct", subfolder="compression-16") or the path form
-        "apple/CLaRa-7B-Instruct/compression-16"; only that subfolder is downloaded (checkpoint.resolve_checkpoint).
+        "apple/CLaRa-7B-Instruct/compression-16"; only that subfolder is downloaded
+        (clara.model.hub.resolve_checkpoint).
         The loading is clara.model.load.load_for_use.
 
         device None: CUDA when available, else CPU. dtype None: bfloat16 on CUDA, float32 on CPU.

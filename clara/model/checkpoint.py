@@ -1,8 +1,7 @@
 """Build models, save them, and load both the native and the official release layouts (README: "Outputs,
 checkpoints and resuming").
 
-A checkpoint is a local directory or a Hugging Face Hub id (resolve_checkpoint); the official
-release is published as `apple/CLaRa-7B-{Base,Instruct,E2E}` with one subfolder per compression rate.
+A checkpoint is a local directory or a Hugging Face Hub id (clara.model.hub.resolve_checkpoint).
 
 Native layout of a model directory:
   config.json                      format, base model, memory/compression settings, LoRA settings, adapters
@@ -13,24 +12,21 @@ Native layout of a model directory:
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import os
-from collections.abc import Iterator
 
 import torch
-from huggingface_hub import HfApi, constants, snapshot_download
-from huggingface_hub.errors import GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError
 from peft import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from clara.config import TINY_MODEL_NAME, hub_id_parts, official_base_name  # noqa: F401 (official_base_name: re-exported)
+from clara.config import TINY_MODEL_NAME, official_base_name
 from clara.data.fingerprint import base_model_key
 from clara.errors import CheckpointError
 from clara.files import atomic_path, publish_files, write_json_atomic
 from clara.locks import reading_export
+from clara.model.hub import hub_errors
 from clara.model.model import ClaraModel, ModelSettings, attach_adapters
 from clara.model.tiny_base import clara_home, shipped_versions, tiny_model_dir, tiny_version
 from clara.parallel.distributed import gathered, partitioned
@@ -44,106 +40,6 @@ OFFICIAL_FILES = ("adapters.pth", "decoder_first_last_layers.pth")
 
 def resolve_base_path(model_path: str) -> str:
     return tiny_model_dir() if model_path == TINY_MODEL_NAME else model_path
-
-
-# -- the Hugging Face Hub -----------------------------------------------------------------------------------
-@contextlib.contextmanager
-def hub_errors(what: str, repo_id: str) -> Iterator[None]:
-    """Turn a failed Hub look-up (raised by huggingface_hub, or by transformers around it) into one line
-    that says what to do. Other errors pass unchanged."""
-    try:
-        yield
-    except Exception as error:
-        message = _hub_advice(error, what, repo_id)
-        if message is None:
-            raise
-        raise CheckpointError(message) from error
-
-
-def _hub_advice(error: BaseException, what: str, repo_id: str) -> str | None:
-    seen = set()
-    while error is not None and id(error) not in seen:
-        seen.add(id(error))
-        if isinstance(error, GatedRepoError):
-            return (
-                f"{what}: {repo_id} is gated on the Hugging Face Hub; accept its licence at "
-                f"https://huggingface.co/{repo_id} while logged in, then set HF_TOKEN to a token of that "
-                "account (or run `hf auth login`)"
-            )
-        if isinstance(error, RepositoryNotFoundError):
-            return (
-                f"{what}: the Hugging Face Hub has no repository {repo_id} that you can read "
-                "(check the name; a private repository needs HF_TOKEN)"
-            )
-        if isinstance(error, LocalEntryNotFoundError):
-            if constants.HF_HUB_OFFLINE:
-                return (
-                    f"{what}: {repo_id} is not in the Hub cache {constants.HF_HUB_CACHE} and HF_HUB_OFFLINE=1 "
-                    "forbids downloading it; download it once with network access (same HF_HOME), "
-                    "then HF_HUB_OFFLINE=1 works"
-                )
-            return (
-                f"{what}: cannot reach the Hugging Face Hub ({constants.ENDPOINT}) and {repo_id} is not in "
-                f"the Hub cache {constants.HF_HUB_CACHE}; connect to the network, or fill that cache on a "
-                "machine that can (same HF_HOME) and set HF_HUB_OFFLINE=1 here"
-            )
-        error = error.__cause__ or error.__context__
-    return None
-
-
-def resolve_checkpoint(path_or_id: str, subfolder: str | None = None) -> str:
-    """The local directory of a checkpoint given as a directory or as a Hugging Face Hub id.
-
-    A Hub id is `owner/name` with subfolder=..., or the path form `owner/name/subfolder`. Only that
-    subfolder is downloaded, into the Hub cache; HF_HOME, HF_TOKEN and HF_HUB_OFFLINE apply as
-    everywhere in huggingface_hub.
-    """
-    local = os.path.join(path_or_id, subfolder) if subfolder else path_or_id
-    if os.path.isdir(local):
-        return local
-    parts = hub_id_parts(path_or_id)
-    if parts is None:
-        raise CheckpointError(f"{local}: no such checkpoint directory (nor a Hugging Face Hub id owner/name)")
-    repo_id, in_id = parts
-    folder = "/".join(p.strip("/") for p in (in_id, subfolder) if p) or None
-    # A mistyped local path also reads as a Hub id: the message starts with what the user gave.
-    what = (
-        f"checkpoint {path_or_id}"
-        + (f" subfolder {subfolder}" if subfolder else "")
-        + " (no such local directory, so read as a Hugging Face Hub id)"
-    )
-    # fnmatch's "*" also matches "/": "*/*" leaves out every subfolder, so the root alone is fetched.
-    patterns = {"allow_patterns": [f"{folder}/*"]} if folder else {"ignore_patterns": ["*/*"]}
-    with hub_errors(what, repo_id):
-        snapshot = snapshot_download(repo_id, **patterns)
-    directory = os.path.join(snapshot, folder) if folder else snapshot
-    if not os.path.isfile(os.path.join(directory, "config.json")):
-        found = hub_checkpoint_folders(repo_id, snapshot)
-        where = "in the Hub cache" if constants.HF_HUB_OFFLINE else "on the Hub"
-        raise CheckpointError(
-            f"{what}: no checkpoint there (no config.json); {repo_id} has "
-            + (
-                f"these {where}: {', '.join(found)} (pass one as subfolder=, or append it to the id: "
-                f"{repo_id}/{found[0]})"
-                if found
-                else f"no checkpoint subfolder {where}"
-            )
-        )
-    return directory
-
-
-def hub_checkpoint_folders(repo_id: str, snapshot: str) -> list[str]:
-    """Subfolders holding a config.json: listed by the Hub, or found in the cached snapshot when offline."""
-    if constants.HF_HUB_OFFLINE:
-        files = [
-            os.path.relpath(os.path.join(root, name), snapshot)
-            for root, _, names in os.walk(snapshot)
-            for name in names
-        ]
-    else:
-        with hub_errors(f"checkpoint {repo_id}", repo_id):
-            files = HfApi().list_repo_files(repo_id)
-    return sorted(os.path.dirname(f) for f in files if f.endswith("/config.json"))
 
 
 def build_model(

@@ -27,7 +27,8 @@ from clara.data.fingerprint import base_model_key
 from clara.errors import exit_status
 from clara.files import publish_files
 from clara.locks import holding
-from clara.model.checkpoint import PEFT_PREFIX, load_model, read_config, resolve_checkpoint, save_model
+from clara.model.checkpoint import PEFT_PREFIX, load_model, read_config, save_model
+from clara.model.hub import resolve_checkpoint
 from clara.model.model import ClaraModel
 from clara.model.stage_model import infer_stage
 

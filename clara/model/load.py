@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import torch
 
-from clara.model.checkpoint import load_model, resolve_checkpoint
+from clara.model.checkpoint import load_model
+from clara.model.hub import resolve_checkpoint
 from clara.model.model import ClaraModel, attention_implementation
 from clara.parallel.distributed import default_device, resolve_dtype
 

@@ -20,9 +20,9 @@ from clara.model.checkpoint import (
     load_model,
     read_config,
     resolve_base_path,
-    resolve_checkpoint,
 )
 from clara.model.collate import LengthCheck
+from clara.model.hub import resolve_checkpoint
 from clara.model.model import ClaraModel, ModelSettings
 from clara.stages import COMPRESSOR, QUERY_REASONER, STAGES, Stage, get_stage
 from clara.stages.prompts import SpecialTokens, add_special_tokens

@@ -17,80 +17,31 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import re
 import shlex
 import sys
-import textwrap
-from dataclasses import dataclass
 
 from clara.cli import build_parser, parse_value, value_type
-from clara.config import REPO_ROOT, TINY_MODEL_NAME, ConfigError, TrainConfig, recorded_base, resolve, validate
+from clara.config import TINY_MODEL_NAME, ConfigError, TrainConfig, recorded_base, resolve, validate
 from clara.data.fingerprint import check_base_model
 from clara.errors import FolderBusy, exit_status
 from clara.locks import take
-from clara.ports import free_port, port_is_free
 from clara.stages import get_stage
+from clara.training.launch_env import (
+    LaunchError,
+    Processes,
+    env_bool,
+    processes_from_env,
+    usage,
+)
 
 # torchrun kills workers that have not exited this long after it passed a signal on; saving a large
 # model's resumable checkpoint can take longer than its default of 30 s.
 SHUTDOWN_TIMEOUT_S = 300
 # Left out of the command when unset, so that the trainer stays the one place that decides them.
 TRAINER_DECIDES = ("learning_rate", "mse_weight", "max_len")
+# How the summary shows a setting the trainer chose.
+AUTO = "auto: {} (the trainer's default for this {})"
 KINDS = {int: "an integer", float: "a number (e.g. 1e-4)", bool: "true or false"}
-DEFAULT_MASTER_ADDR = "127.0.0.1"
-# The launchers' own settings besides the trainer's flags: (variable, default, meaning); a script may set
-# its own default in its defaults block (train_8gpu.sh: NUM_GPUS=8).
-PROCESS_SETTINGS = (
-    ("NUM_GPUS", "1", "processes per node (CPU processes without CUDA)"),
-    ("NUM_NODES", "1", "nodes: run the script on each, with the same MASTER_ADDR, MASTER_PORT and NUM_NODES"),
-    ("NODE_RANK", "0", "this node's rank; the node at MASTER_ADDR has 0"),
-    ("MASTER_ADDR", DEFAULT_MASTER_ADDR, "address of the node with NODE_RANK=0"),
-    ("MASTER_PORT", "unset", "unset: a free port on one node, the script's port with several nodes"),
-    ("DRY_RUN", "false", "true: print the command and exit"),
-)
-# A line of a script's defaults block: `: "${NAME:=value}"  # meaning`.
-SCRIPT_DEFAULT = re.compile(r'^: "\$\{(\w+):=([^}]*)\}"[ \t]*(?:#[ \t]*(.*))?$', re.MULTILINE)
-
-
-class LaunchError(Exception):
-    """A bad launcher setting: the message is the whole line."""
-
-
-@dataclass
-class Processes:
-    num_gpus: int
-    num_nodes: int
-    node_rank: int
-    master_addr: str
-    master_port: int
-
-    @property
-    def world_size(self) -> int:
-        return self.num_gpus * self.num_nodes
-
-
-def env_int(name: str, minimum: int, maximum: int | None = None) -> int | None:
-    """An integer variable, None when unset; leading zeros are fine, signs and decimals are not."""
-    text = os.environ.get(name, "").strip()
-    if not text:
-        return None
-    expected = (
-        f"an integer from {minimum} to {maximum}"
-        if maximum is not None
-        else "a positive integer"
-        if minimum == 1
-        else f"an integer >= {minimum}"
-    )
-    if not text.isdigit() or int(text) < minimum or (maximum is not None and int(text) > maximum):
-        raise LaunchError(f"{name}={text}: expected {expected}")
-    return int(text)
-
-
-def env_bool(name: str) -> bool:
-    text = os.environ.get(name, "").strip()
-    if text.lower() not in ("true", "false"):
-        raise LaunchError(f"{name}={text}: expected true or false")
-    return text.lower() == "true"
 
 
 def settings_from_env(extra: list[str]) -> tuple[TrainConfig, dict[str, str]]:
@@ -109,27 +60,6 @@ def settings_from_env(extra: list[str]) -> tuple[TrainConfig, dict[str, str]]:
     parser = build_parser()
     parser.set_defaults(**values)
     return TrainConfig(**vars(parser.parse_args(extra))), texts
-
-
-def processes_from_env(default_port: int) -> Processes:
-    num_nodes = env_int("NUM_NODES", 1) or 1
-    node_rank = env_int("NODE_RANK", 0) or 0
-    if node_rank >= num_nodes:
-        raise LaunchError(
-            f"NODE_RANK={node_rank}: expected a node rank below NUM_NODES={num_nodes} (0 to {num_nodes - 1})"
-        )
-    master_addr = os.environ.get("MASTER_ADDR", "").strip() or DEFAULT_MASTER_ADDR
-    port = env_int("MASTER_PORT", 1, 65535)
-    if port is None:
-        # One node: a free port of our own, so that a rerun right after kill -9 (whose dying workers
-        # still hold the old port) starts at once. Several nodes must agree on the script's port.
-        port = free_port() if num_nodes == 1 else default_port
-    elif node_rank == 0 and not port_is_free(port):
-        raise LaunchError(
-            f"MASTER_PORT={port}: already in use on this machine (another run?); expected a "
-            f"free port, or leave MASTER_PORT unset on one node to pick one"
-        )
-    return Processes(env_int("NUM_GPUS", 1) or 1, num_nodes, node_rank, master_addr, port)
 
 
 def cuda_devices() -> int:
@@ -193,9 +123,21 @@ def summary(
     threads: str,
     extra: list[str],
 ) -> str:
-    stage = get_stage(cfg.stage)
-    auto = "auto: {} (the trainer's default for this {})"
+    """The block the launcher prints before training: every resolved setting, and where a default came from."""
     rows = [
+        *model_rows(cfg, device, model_note),
+        *schedule_rows(cfg, given, procs),
+        *process_rows(cfg, given, procs, threads, extra),
+    ]
+    lines = [f"==================== CLaRa {cfg.stage}: {script} ===================="]
+    lines += [f"  {key:<30} {value}" for key, value in rows]
+    return "\n".join(lines)
+
+
+def model_rows(cfg: TrainConfig, device: str, model_note: str) -> list[tuple[str, str]]:
+    """The summary's device, model, data and memory-token rows."""
+    stage = get_stage(cfg.stage)
+    return [
         ("device", device),
         ("MODEL_PATH", cfg.model_path + model_note),
         ("PRETRAIN_CHECKPOINT", cfg.pretrain_checkpoint or "(none: adapters start fresh)"),
@@ -218,11 +160,17 @@ def summary(
             if stage.uses_query
             else []
         ),
+    ]
+
+
+def schedule_rows(cfg: TrainConfig, given: TrainConfig, procs: Processes) -> list[tuple[str, str]]:
+    """The summary's learning-rate, batch, length, debug-print and step-interval rows."""
+    return [
         (
             "LEARNING_RATE",
             short_rate(cfg.learning_rate)
             if given.learning_rate is not None
-            else auto.format(short_rate(cfg.learning_rate), "model and stage"),
+            else AUTO.format(short_rate(cfg.learning_rate), "model and stage"),
         ),
         (
             "BATCH_SIZE",
@@ -232,13 +180,21 @@ def summary(
         ("MAX_EPOCHS", str(cfg.max_epochs)),
         ("MAX_STEPS", str(cfg.max_steps) if cfg.max_steps else "(unset: the epochs decide)"),
         ("MAX_SAMPLES", str(cfg.max_samples) if cfg.max_samples else "(unset: all)"),
-        ("MAX_LEN", str(cfg.max_len) if given.max_len is not None else auto.format(cfg.max_len, "stage")),
+        ("MAX_LEN", str(cfg.max_len) if given.max_len is not None else AUTO.format(cfg.max_len, "stage")),
         (
             "DEBUG_MODE",
             f"{str(cfg.debug_mode).lower()} (every {cfg.debug_every_steps} steps, up to "
             f"{cfg.debug_max_print_tokens} tokens)",
         ),
         ("LOGGING/EVAL/SAVE_STEPS", f"{cfg.logging_steps} / {cfg.eval_steps} / {cfg.save_steps}"),
+    ]
+
+
+def process_rows(
+    cfg: TrainConfig, given: TrainConfig, procs: Processes, threads: str, extra: list[str]
+) -> list[tuple[str, str]]:
+    """The summary's process, memory, precision, resume, data-worker and logging rows."""
+    return [
         (
             "processes",
             f"NUM_NODES {procs.num_nodes} x NUM_GPUS {procs.num_gpus} = world size {procs.world_size}; "
@@ -249,7 +205,7 @@ def summary(
         ("DTYPE / FLASH_ATTN", f"{cfg.dtype} / {cfg.flash_attn}"),
         (
             "MSE_WEIGHT",
-            f"{cfg.mse_weight:g}" if given.mse_weight is not None else auto.format(f"{cfg.mse_weight:g}", "model"),
+            f"{cfg.mse_weight:g}" if given.mse_weight is not None else AUTO.format(f"{cfg.mse_weight:g}", "model"),
         ),
         ("SEED", str(cfg.seed)),
         ("RESUME / MAX_CKPT_NUM", f"{cfg.resume} / {cfg.max_ckpt_num}"),
@@ -271,9 +227,6 @@ def summary(
         ("OMP_NUM_THREADS", threads),
         *([("extra trainer arguments", shlex.join(extra))] if extra else []),
     ]
-    lines = [f"==================== CLaRa {cfg.stage}: {script} ===================="]
-    lines += [f"  {key:<30} {value}" for key, value in rows]
-    return "\n".join(lines)
 
 
 def log_file(cfg: TrainConfig, procs: Processes, dry_run: bool) -> str:
@@ -350,26 +303,7 @@ def plan(
     env = [f"OMP_NUM_THREADS={threads}"] if threads else []
     if not os.environ.get("TORCH_ELASTIC_SHUTDOWN_TIMEOUT"):
         env.append(f"TORCH_ELASTIC_SHUTDOWN_TIMEOUT={SHUTDOWN_TIMEOUT_S}")
-    # torchrun through clara.training.run_workers: a worker's own exit status (2: bad data or settings) reaches
-    # the script.
-    runner = [sys.executable, "-m", "clara.training.run_workers"]
-    command = [
-        *runner,
-        "--nproc_per_node",
-        str(procs.num_gpus),
-        "--nnodes",
-        str(procs.num_nodes),
-        "--node_rank",
-        str(procs.node_rank),
-        "--master_addr",
-        procs.master_addr,
-        "--master_port",
-        str(procs.master_port),
-        "-m",
-        "clara.train",
-        *trainer_flags(cfg, given),
-        *extra,
-    ]
+    command = torchrun_command(procs, [*trainer_flags(cfg, given), *extra])
     return {
         "CLARA_ENV": env,
         "CLARA_CMD": command,
@@ -383,30 +317,27 @@ def plan(
     }
 
 
-def usage(script: str) -> str:
-    """Every variable the launcher reads, with its default and meaning: the script's own defaults block first,
-    then the trainer's settings and the process settings (what `SCRIPT --help` prints)."""
-    text = (REPO_ROOT / script).read_text(encoding="utf-8")
-    own = {name: (value or "unset", meaning) for name, value, meaning in SCRIPT_DEFAULT.findall(text)}
-    rows = [(name, default, meaning) for name, (default, meaning) in own.items()]
-    for field in dataclasses.fields(TrainConfig):
-        if field.name.upper() not in own:
-            default = "unset" if field.default is None else str(field.default)
-            rows.append(
-                (
-                    field.name.upper(),
-                    default.lower() if isinstance(field.default, bool) else default,
-                    field.metadata["help"],
-                )
-            )
-    rows += [row for row in PROCESS_SETTINGS if row[0] not in own]
-    width = max(len(name) for name, _, _ in rows) + 2
-    lines = [f"{'Variable':<{width}}{'Default':<10}Meaning (empty means unset)"]
-    for name, default, meaning in rows:
-        lines += textwrap.wrap(
-            meaning, 118, initial_indent=f"{name:<{width}}{default:<10}", subsequent_indent=" " * (width + 10)
-        ) or [f"{name:<{width}}{default}"]
-    return "\n".join(lines)
+def torchrun_command(procs: Processes, trainer_args: list[str]) -> list[str]:
+    """The command that starts this node's processes of `python -m clara.train trainer_args...`."""
+    # torchrun through clara.training.run_workers: a worker's own exit status (2: bad data or settings) reaches
+    # the script.
+    runner = [sys.executable, "-m", "clara.training.run_workers"]
+    return [
+        *runner,
+        "--nproc_per_node",
+        str(procs.num_gpus),
+        "--nnodes",
+        str(procs.num_nodes),
+        "--node_rank",
+        str(procs.node_rank),
+        "--master_addr",
+        procs.master_addr,
+        "--master_port",
+        str(procs.master_port),
+        "-m",
+        "clara.train",
+        *trainer_args,
+    ]
 
 
 def as_bash(variables: dict[str, str | list[str]]) -> str:

@@ -12,6 +12,7 @@ from tqdm import tqdm
 
 from clara.config import ConfigError, TrainConfig
 from clara.files import json_safe
+from clara.model.losses import LOSS_TERMS
 
 
 class RunLog:
@@ -69,3 +70,23 @@ def peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def progress_bar(total_steps: int, done: int, stage_name: str) -> tqdm:
+    """Rank 0's progress bar of the run, on stderr (the console lines go to stdout)."""
+    return tqdm(total=total_steps, initial=done, desc=stage_name, dynamic_ncols=True, file=sys.stderr)
+
+
+def show_step(progress: tqdm, metrics: dict) -> None:
+    """One step done on the progress bar, with its loss, rate, throughput and each computed loss term."""
+    progress.update(1)
+    shown = {
+        "loss": f"{metrics['loss']:.4f}",
+        "lr": f"{metrics['lr']:.2e}",
+        "samples/s": f"{metrics['samples_per_s']:.1f}",
+        "tokens/s": f"{metrics['tokens_per_s']:.0f}",
+    }
+    for term in LOSS_TERMS:
+        if metrics[term.metric] is not None:
+            shown[term.short] = f"{metrics[term.metric]:.4f}"
+    progress.set_postfix(shown, refresh=False)

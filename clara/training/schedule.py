@@ -13,3 +13,12 @@ def cosine_with_warmup(step: int, total_steps: int, warmup_steps: int, floor: fl
         return (step + 1) / warmup_steps
     progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def restart_schedule_at(scheduler, optimizer, peak: float) -> None:
+    """Set a restored LambdaLR `scheduler` (and its `optimizer`'s groups) to the peak rate `peak`, at the step
+    it was restored at."""
+    scheduler.base_lrs = [peak] * len(scheduler.base_lrs)
+    for group, factor in zip(optimizer.param_groups, scheduler.lr_lambdas):
+        group["initial_lr"] = peak
+        group["lr"] = peak * factor(scheduler.last_epoch)

@@ -176,3 +176,9 @@ def optimizer_step(
             on_first(batch, out)
     result.sums = sums.sums()
     return result
+
+
+def grad_norm(engine) -> float | None:
+    """The DeepSpeed engine's gradient norm of the last step (None where it keeps none)."""
+    norm = engine.get_global_grad_norm()
+    return None if norm is None else float(norm)

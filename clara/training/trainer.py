@@ -6,15 +6,12 @@ boundary is a resumable point.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import json
 import os
 import signal
-import sys
 import time
-from collections.abc import Iterator
 
 import datasets
 import torch
@@ -31,7 +28,6 @@ from clara.evaluation.metrics import retrieval_summary
 from clara.files import write_json_atomic
 from clara.model.checkpoint import export_parameters, save_model
 from clara.model.collate import Batch
-from clara.model.losses import LOSS_TERMS
 from clara.model.model import attention_implementation
 from clara.model.stage_model import length_check
 from clara.parallel.distributed import gathered, init_distributed, leave_process_group, local_shard, resolve_dtype
@@ -48,15 +44,15 @@ from clara.training.resumable import (
     rewind_metrics,
     save_resumable,
 )
-from clara.training.run_log import RunLog, peak_memory_mb
+from clara.training.run_log import RunLog, peak_memory_mb, progress_bar, show_step
+from clara.training.schedule import restart_schedule_at
 from clara.training.setup import setup_training
-
-# Looked up here when the trainer calls them: the tests' hooks replace optimizer_step and
-# micro_batch_indices on this module.
+from clara.training.signals import Stop, stop_requests
 from clara.training.step import (
     StepResult,
     StepSums,
     epoch_order,
+    grad_norm,
     micro_batch_indices,
     optimizer_step,
     step_seed,
@@ -64,31 +60,6 @@ from clara.training.step import (
 )
 
 MAX_NONFINITE_IN_A_ROW = 10
-
-
-class Stop(Exception):
-    """A signal asked the run to stop after saving."""
-
-    def __init__(self, signum: int):
-        super().__init__(signal.Signals(signum).name)
-        self.signum = signum
-
-
-# -- signals ------------------------------------------------------------------------------------------------
-@contextlib.contextmanager
-def stop_requests() -> Iterator[list[int]]:
-    """SIGTERM and SIGINT are recorded, not acted on: the loop finishes its step, saves and stops."""
-    received: list[int] = []
-    previous = {
-        s: signal.signal(s, lambda signum, frame: received.append(signum)) for s in (signal.SIGTERM, signal.SIGINT)
-    }
-    try:
-        yield received
-    finally:
-        # After a stop, keep ignoring the signals: torchrun sends more while the ranks exit.
-        if not received:
-            for signum, handler in previous.items():
-                signal.signal(signum, handler)
 
 
 # -- the run ------------------------------------------------------------------------------------------------
@@ -176,7 +147,8 @@ class Trainer:
         if plan.directory is None:
             return
         load_resumable(self.components.engine, plan)
-        self._restart_schedule_at(self.cfg.learning_rate)
+        # The restored scheduler brings back the saved run's peak rate; a resumed run goes on with this one.
+        restart_schedule_at(self.components.scheduler, self.components.optimizer, self.cfg.learning_rate)
         self.state = plan.state
         if plan.data_changed:
             # The saved position counts steps of other data: go on from the same step of the new data's order.
@@ -199,14 +171,6 @@ class Trainer:
                 "training goes on with the new ones. RESUME=false (--resume false) or another SAVE_PATH "
                 "starts over instead."
             )
-
-    def _restart_schedule_at(self, peak: float) -> None:
-        """The restored scheduler brings back the saved run's peak rate; a resumed run goes on with this one."""
-        scheduler = self.components.scheduler
-        scheduler.base_lrs = [peak] * len(scheduler.base_lrs)
-        for group, factor in zip(self.components.optimizer.param_groups, scheduler.lr_lambdas):
-            group["initial_lr"] = peak
-            group["lr"] = peak * factor(scheduler.last_epoch)
 
     def _announce(self) -> None:
         settings, log = self.cfg.to_dict(), self.run_log.print
@@ -241,17 +205,7 @@ class Trainer:
             )
             return {}
         last: dict = {}
-        progress = (
-            tqdm(
-                total=self.total_steps,
-                initial=self.state.global_step,
-                desc=self.stage.name,
-                dynamic_ncols=True,
-                file=sys.stderr,
-            )
-            if self.rank == 0
-            else None
-        )
+        progress = progress_bar(self.total_steps, self.state.global_step, self.stage.name) if self.rank == 0 else None
         with stop_requests() as received:
             try:
                 while self.state.global_step < self.total_steps:
@@ -362,17 +316,7 @@ class Trainer:
 
     def _report(self, metrics: dict, progress: tqdm | None) -> None:
         if progress:
-            progress.update(1)
-            shown = {
-                "loss": f"{metrics['loss']:.4f}",
-                "lr": f"{metrics['lr']:.2e}",
-                "samples/s": f"{metrics['samples_per_s']:.1f}",
-                "tokens/s": f"{metrics['tokens_per_s']:.0f}",
-            }
-            for term in LOSS_TERMS:
-                if metrics[term.metric] is not None:
-                    shown[term.short] = f"{metrics[term.metric]:.4f}"
-            progress.set_postfix(shown, refresh=False)
+            show_step(progress, metrics)
         if self.state.global_step % self.cfg.logging_steps == 0 or self.state.global_step == self.total_steps:
             self.run_log.metrics(metrics)
 
@@ -437,8 +381,3 @@ def train(cfg: TrainConfig) -> dict:
         trainer.close()
     leave_process_group()  # every rank has passed the export's barrier
     return last
-
-
-def grad_norm(engine) -> float | None:
-    norm = engine.get_global_grad_norm()
-    return None if norm is None else float(norm)

@@ -27,9 +27,9 @@ from clara.index.answer import encode_questions, generator_inputs
 from clara.index.build import build_index
 from clara.index.store import load_index
 from clara.model.decoding import RowDecoding, Sampling
+from clara.ports import free_port
 from clara.serving.engine import ANSWERING, Engine, Job
 from clara.stages.prompts import SYSTEM_ANSWER
-from clara.training.launch import free_port
 from tests.helpers import read_jsonl, run_module, subprocess_env
 from tests.index.test_index import EXAMPLE, ROLES, TOP_K, noisy_checkpoint
 

@@ -379,7 +379,8 @@ def test_what_reads_as_a_hub_id(monkeypatch):
 
 
 def test_the_release_path_to_its_base_reads_as_the_hub_id():
-    from clara.model.checkpoint import CheckpointError, official_base_name
+    from clara.config import official_base_name
+    from clara.model.checkpoint import CheckpointError
 
     assert official_base_name("/mnt/ceph_rbd/model/Mistral-7B-Instruct-v0.2", "ckpt") == GATED_BASE
     assert official_base_name("/models/Qwen3-4B-Instruct-2507/", "ckpt") == "Qwen/Qwen3-4B-Instruct-2507"
