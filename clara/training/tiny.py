@@ -1,17 +1,18 @@
 """The built-in tiny model: a small Qwen3-architecture causal LM that can already read.
 
-CLaRa trains LoRA adapters on a frozen base model. A base with random weights cannot show
-learning (its frozen output head keeps predictions near uniform), so the tiny model is
-pretrained here, on CPU, on texts from the example corpus's generator (clara/example_data.py):
-documents as plain text, stage1 chats, and chat turns whose user message holds one or two
-documents and a question and whose answer is copied from the right document. Each text
-invents new places, so the model learns to read rather than to memorise. Its tokenizer is
+CLaRa trains LoRA adapters on a frozen base model. A base with random weights cannot show learning (its frozen
+output head keeps predictions near uniform), so the tiny model is pretrained here, on CPU, on texts from the
+example corpus's generator (clara/data/example_data.py): documents as plain text, stage1 chats, and chat turns
+whose user message holds one or two documents and a question and whose answer is copied from the right
+document. Each text invents new places, so the model learns to read rather than to memorise. Its tokenizer is
 trained on the example files.
 
-The built model ships in clara/tiny_model with the hash of the recipe it was built from
-(recipe.json), so no run waits for a build; clara.model.tiny_base finds it without loading this builder.
-`python -m clara.tiny --out DIR` rebuilds it from the recipe; `python -m clara.tiny` checks the
-shipped model against the recipe.
+The built model ships in clara/tiny_model with the hash of the recipe it was built from (recipe.json), so no
+run waits for a build; clara.model.tiny_base finds it without loading this builder. `python -m clara.tiny --out
+DIR` rebuilds it from the recipe; `python -m clara.tiny` checks the shipped model against the recipe.
+
+This module is one file on purpose: the recipe's hash covers its code (recipe_version), so splitting it would
+change the version of every tiny checkpoint.
 """
 
 import argparse
@@ -51,8 +52,7 @@ PAD_TOKEN = "<|endoftext|>"
 IM_START = "<|im_start|>"
 IM_END = "<|im_end|>"
 
-# Qwen3-style turns without the thinking block; `enable_thinking` is accepted and ignored
-# because Jinja leaves unused variables alone.
+# Qwen3-style turns without the thinking block; `enable_thinking` is accepted and ignored (Jinja leaves it alone).
 CHAT_TEMPLATE = (
     "{%- for message in messages %}"
     "{%- if message['role'] not in ['system', 'user', 'assistant'] %}"
@@ -82,6 +82,8 @@ DOC_TEXT_SHARE = 0.05
 STAGE1_SHARE = 0.15
 TWO_DOC_SHARE = 0.5
 DOCS_PER_TEXT = 3
+# Every real token is trained (the model must also learn the documents' language), but answer tokens weigh this
+# much more: copying the answer is the skill CLaRa relies on (README: "The built-in tiny model" measures it).
 ANSWER_WEIGHT = 30.0
 LR_FLOOR = 0.1
 
@@ -145,11 +147,10 @@ def code_meaning(source: str) -> bytes:
 def recipe_version(seed: int = 0, steps: int = TRAIN_STEPS) -> str:
     """The name of the model this recipe builds: a hash of everything that shapes its weights.
 
-    That is the code of this module and of the generator, the schedule and the prompt pieces taken
-    from other modules (their meaning, see code_meaning: where they live and how they are laid out do
-    not count), the example training files, the seed and the step count.
-    Computed on demand rather than at import: it reads about 2 MB of example data, which an
-    installation without example/ does not have.
+    That is the code of this module and of the generator, the schedule and the prompt pieces taken from other
+    modules (their meaning, see code_meaning: where they live and how they are laid out do not count), the
+    example training files, the seed and the step count. Computed on demand rather than at import: it reads
+    about 2 MB of example data, which an installation without example/ does not have.
     """
     _require_example_files()
     digest = hashlib.sha256()
@@ -181,9 +182,8 @@ def _read_jsonl(path: Path) -> list[dict]:
 
 
 def _stage1_messages(record: dict) -> list[dict]:
-    """A stage1 record as a complete chat in the stage1 prompts, with the document as text: their
-    answers copy many facts and the name from the document, which teaches copying faster than one
-    answer per text."""
+    """A stage1 record as a complete chat in the stage1 prompts, with the document as text: their answers copy
+    many facts and the name from the document, which teaches copying faster than one answer per text."""
     user = "Background:\n" + "\n".join(record["docs"])
     if record["data_type"] == "qa":
         system = SYSTEM_QA
@@ -213,9 +213,8 @@ def _tokenizer_texts() -> list[str]:
 
 def _train_tokenizer(texts: list[str]) -> PreTrainedTokenizerFast:
     backend = Tokenizer(models.BPE())
-    # Spaces are tokens of their own, so "owl" is the same token in " is owl." and in the
-    # answer "owl", and a name is the same tokens in a document and in a question: copying is
-    # then one generic skill instead of a mapping learned per word.
+    # Spaces are tokens of their own, so "owl" is the same token in " is owl." and in the answer "owl", and a
+    # name is the same tokens in a document and in a question: copying is then one skill, not one per word.
     backend.pre_tokenizer = pre_tokenizers.Sequence(
         [
             pre_tokenizers.Split(Regex(r"[A-Za-z]+ ?|[0-9]+ ?|[^A-Za-z0-9\s]+ ?|\s+"), behavior="isolated"),
@@ -249,16 +248,13 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
 
 
 def _sample_text(rng: random.Random, tokenizer: PreTrainedTokenizerFast) -> tuple[str, int]:
-    """A training text about newly invented places, and the character offset where its answer
-    starts (its length if none).
-
-    Every text invents its own places, so no fact can be memorised: the only way to lower the
-    loss on an answer is to read it from the document, which is the skill CLaRa builds on.
-    """
+    """A training text about newly invented places, and the character offset where its answer starts (its
+    length if none). Every text invents its own places, so no fact can be memorised: the only way to lower the
+    loss on an answer is to read it from the document, which is the skill CLaRa builds on."""
     draw = rng.random()
     if draw < DOC_TEXT_SHARE:
-        # Several documents per text, as in packed pretraining, so that the batch's chat turns
-        # set the padded length rather than one short document.
+        # Several documents per text, as in packed pretraining: the chat turns, not a short document, set the
+        # batch's padded length.
         text = "".join(make_entity(rng, name)["doc"] + PAD_TOKEN for name in invent_names(rng, DOCS_PER_TEXT))
         return text, len(text)
     if draw < DOC_TEXT_SHARE + STAGE1_SHARE:
@@ -287,8 +283,8 @@ def build_tiny_model(out_dir: str, seed: int = 0, steps: int = TRAIN_STEPS) -> N
     with recipe.json (written last, so a directory that has it holds a complete build)."""
     version = recipe_version(seed, steps)
     Path(out_dir, RECIPE_FILE).unlink(missing_ok=True)
-    # One thread, whatever the caller's setting: the tiny matrices gain nothing from more, and a
-    # fixed thread count fixes the order of float reductions, so a machine always builds the same model.
+    # One thread, whatever the caller's setting: the tiny matrices gain nothing from more, and a fixed thread
+    # count fixes the order of float reductions, so a machine always builds the same model.
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -305,7 +301,6 @@ def _train_tiny_model(out_dir: str, seed: int, steps: int) -> None:
     rng = random.Random(seed)
     torch.manual_seed(seed)
     tokenizer = build_tokenizer()
-
     config = Qwen3Config(
         vocab_size=len(tokenizer),
         max_position_embeddings=4096,
@@ -331,16 +326,12 @@ def _train_tiny_model(out_dir: str, seed: int, steps: int) -> None:
             add_special_tokens=False,
             return_offsets_mapping=True,
         )
-        # Every real token is trained (the model must also learn the documents' language), but
-        # answer tokens weigh much more: copying the answer is the skill CLaRa relies on (README:
-        # "The built-in tiny model" gives the measured effect of the weight).
         answer_start = torch.tensor([start for _, start in samples])[:, None]
         is_answer = batch["offset_mapping"][:, :, 0] >= answer_start
         weights = batch["attention_mask"].float() * (1 + (ANSWER_WEIGHT - 1) * is_answer.float())
         for group in optimizer.param_groups:
             group["lr"] = LEARNING_RATE * cosine_with_warmup(step, steps, WARMUP_STEPS, LR_FLOOR)
-        # Right padding under causal attention cannot affect real tokens, so no mask is needed
-        # and attention takes its faster unmasked path.
+        # Right padding under causal attention cannot affect real tokens: no mask, the faster unmasked path.
         logits = model(input_ids=batch["input_ids"]).logits[:, :-1]
         token_loss = torch.nn.functional.cross_entropy(
             logits.reshape(-1, logits.shape[-1]), batch["input_ids"][:, 1:].reshape(-1), reduction="none"
@@ -359,7 +350,6 @@ def _train_tiny_model(out_dir: str, seed: int, steps: int) -> None:
                 flush=True,
             )
             running = 0.0
-
     model.eval()
     model.generation_config = GenerationConfig(
         do_sample=False, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
