@@ -130,8 +130,7 @@ def write_tokenizer(out_dir: str, vocab_size: int, n_added: int):
     """The tiny model's tokenizer, its vocabulary padded with never-produced filler entries, so that the
     tokenizer plus CLaRa's added tokens fill exactly vocab_size rows (clara resizes the embedding matrix
     to the tokenizer's length; without the fillers the vocabulary asked for would shrink)."""
-    from transformers import AutoTokenizer
-
+    from clara.model.tokenizer import load_tokenizer
     from clara.training.tiny import build_tokenizer
 
     tokenizer = build_tokenizer()
@@ -151,7 +150,7 @@ def write_tokenizer(out_dir: str, vocab_size: int, n_added: int):
     for token_id in range(own, vocab_size - n_added):
         vocab[FILLER.format(token_id)] = token_id
     path.write_text(json.dumps(spec, ensure_ascii=False), encoding="utf-8")
-    return AutoTokenizer.from_pretrained(out_dir)
+    return load_tokenizer(out_dir)
 
 
 def write_random_base(cfg: BenchConfig, out_dir: str, tokenizer, dtype, device) -> None:

@@ -75,12 +75,9 @@ DTYPE_HELP = (
 FLASH_ATTN_HELP = "auto (default): FlashAttention-2 when installed and on CUDA, else SDPA; true; false"
 
 
-def add_model_flags(
-    parser: argparse.ArgumentParser, dtype_flag: str = "--dtype", flash_attn: bool = True, note: str = ""
-) -> None:
-    """--dtype and --flash_attn, with one meaning and one help text everywhere. dtype_flag: the index and the
-    synthesis command call it --model_dtype (the index's --dtype is its storage dtype). note: what comes
-    before the help text ("hf: " where only one kind of model reads it)."""
-    parser.add_argument(dtype_flag, default="auto", help=note + DTYPE_HELP)
-    if flash_attn:
-        parser.add_argument("--flash_attn", default="auto", choices=("auto", "true", "false"), help=FLASH_ATTN_HELP)
+def add_model_flags(parser: argparse.ArgumentParser, note: str = "") -> None:
+    """--dtype and --flash_attn, with one meaning and one help text in every command line that loads a model
+    (clara.model.load.choose_runtime reads them). note: what comes before each help text ("hf: " where only one
+    kind of model reads them)."""
+    parser.add_argument("--dtype", default="auto", help=note + DTYPE_HELP)
+    parser.add_argument("--flash_attn", default="auto", choices=("auto", "true", "false"), help=note + FLASH_ATTN_HELP)

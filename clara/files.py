@@ -1,4 +1,5 @@
-"""Files written whole or not at all: a crash or a full disk mid-write leaves the previous version in place."""
+"""Files written whole or not at all: a crash or a full disk mid-write leaves the previous version in place.
+And the one way JSON and JSON-lines files are read and written."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import math
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 from clara.locks import publishing_export
 
@@ -55,6 +56,22 @@ def write_text_atomic(path: str, text: str) -> None:
 def write_json_atomic(path: str, obj) -> None:
     """`obj` as indented JSON; non-finite floats are refused rather than written as NaN (not JSON)."""
     write_text_atomic(path, json.dumps(obj, indent=2, allow_nan=False) + "\n")
+
+
+def write_jsonl_atomic(path: str, rows: Iterable[dict]) -> None:
+    """One JSON object a line, non-ASCII text kept as it is."""
+    write_text_atomic(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+
+
+def read_json(path: str):
+    with open(path, encoding="utf-8") as handle:
+        return json.load(handle)
+
+
+def read_jsonl(path: str) -> list[dict]:
+    """Every object of a JSON-lines file; blank lines are passed over."""
+    with open(path, encoding="utf-8") as handle:
+        return [json.loads(line) for line in handle if line.strip()]
 
 
 def publish_files(out_dir: str, write: Callable[[str], None]) -> None:

@@ -27,7 +27,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from clara.errors import FolderBusy, exit_status
@@ -256,6 +256,29 @@ def holding(folder: str, what: str) -> Iterator[FolderLock]:
             os.environ.pop(INFO_ENV, None)
         else:
             os.environ[INFO_ENV] = previous
+
+
+# -- a lock to wait for ---------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def waiting_lock(path: str, waiting: Callable[[str], None], unlocked: Callable[[OSError], None]) -> Iterator[None]:
+    """Hold the OS lock on the file `path` (created if absent), which names this holder (host, pid) while held.
+
+    Another holder: `waiting` is told its line, then this process waits for it. A filesystem that refuses the
+    lock: `unlocked` is told why and the body runs without it (the caller must then be safe without)."""
+    with open(path, "a+", encoding="utf-8") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            waiting(handle.read().strip() or "unknown")
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        except OSError as error:
+            unlocked(error)
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"host {socket.gethostname()}, pid {os.getpid()}\n")
+        handle.flush()
+        yield  # closing the file releases the lock
 
 
 # -- exports: readers never see half of one -----------------------------------------------------------------

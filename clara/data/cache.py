@@ -14,8 +14,6 @@ of a job never read the input: they wait for the pointer and the entry to appear
 from __future__ import annotations
 
 import contextlib
-import fcntl
-import json
 import os
 import shutil
 import socket
@@ -25,7 +23,8 @@ from collections.abc import Callable, Iterator
 import datasets
 
 from clara.data.fingerprint import key_digest
-from clara.files import fsync_path, write_json_atomic
+from clara.files import fsync_path, read_json, write_json_atomic
+from clara.locks import waiting_lock
 
 REPORT = "report.json"
 REJECTED = "rejected.jsonl"
@@ -48,34 +47,23 @@ def is_published(entry: str) -> bool:
 
 
 def read_report(entry: str) -> dict:
-    with open(os.path.join(entry, REPORT), encoding="utf-8") as handle:
-        return json.load(handle)
+    return read_json(os.path.join(entry, REPORT))
 
 
-@contextlib.contextmanager
-def entry_lock(entry: str, log: Callable[[str], None]) -> Iterator[None]:
-    """Hold the entry's lock (an OS lock: it dies with its process, so kill -9 leaves none behind)."""
+def entry_lock(entry: str, log: Callable[[str], None]) -> contextlib.AbstractContextManager:
+    """Hold the entry's lock (clara.locks.waiting_lock: it dies with its process, so kill -9 leaves none behind).
+    Without OS locks (some NFS mounts) the entry is prepared unlocked: the rename still publishes it whole."""
     os.makedirs(os.path.dirname(entry), exist_ok=True)
-    with open(entry + ".lock", "a+", encoding="utf-8") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.seek(0)
-            log(
-                f"Waiting for another process that prepares the same data ({handle.read().strip() or 'unknown'}) "
-                f"to finish: {entry}"
-            )
-            fcntl.flock(handle, fcntl.LOCK_EX)
-        except OSError as error:  # a filesystem without locks (some NFS mounts): the rename still publishes whole
-            log(
-                f"Cannot lock {entry}.lock ({error.strerror}); preparing without the lock: set CLARA_DATA_CACHE "
-                "to a local folder if several jobs may prepare the same data at once"
-            )
-        handle.seek(0)
-        handle.truncate()
-        handle.write(f"host {socket.gethostname()}, pid {os.getpid()}\n")
-        handle.flush()
-        yield  # closing the file releases the lock
+    return waiting_lock(
+        entry + ".lock",
+        waiting=lambda holder: log(
+            f"Waiting for another process that prepares the same data ({holder}) to finish: {entry}"
+        ),
+        unlocked=lambda error: log(
+            f"Cannot lock {entry}.lock ({error.strerror}); preparing without the lock: set CLARA_DATA_CACHE "
+            "to a local folder if several jobs may prepare the same data at once"
+        ),
+    )
 
 
 @contextlib.contextmanager
@@ -129,8 +117,7 @@ def wait_for_entry(pointer: str, who: str, log: Callable[[str], None]) -> str:
     entry = None
     while True:
         if entry is None and os.path.isfile(pointer):
-            with open(pointer, encoding="utf-8") as handle:
-                entry = json.load(handle)["entry"]
+            entry = read_json(pointer)["entry"]
         if entry is not None and is_published(entry):
             return entry
         time.sleep(POLL_S)

@@ -8,7 +8,6 @@ the trainer picks local rank 0); the others wait for it and open the same entry.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile
@@ -23,7 +22,7 @@ from clara.data.prepare import Check, Prepared, prepare
 from clara.data.records import MAX_REPORTED_ERRORS
 from clara.data.sources import plan_tasks
 from clara.errors import DataError
-from clara.files import write_json_atomic
+from clara.files import write_json_atomic, write_jsonl_atomic
 from clara.stages import Stage
 
 
@@ -35,12 +34,11 @@ def _messages(rejected: list) -> list[str]:
 
 
 def _write_rejected(path: str, rejected: list) -> None:
-    with open(path, "w", encoding="utf-8") as out:
-        for source, line, reason, text in rejected:
-            where = (
-                {"dataset": source, "row": line} if source.startswith(HUB_PREFIX) else {"file": source, "line": line}
-            )
-            out.write(json.dumps({**where, "reason": reason, "text": text}, ensure_ascii=False) + "\n")
+    rows = []
+    for source, line, reason, text in rejected:
+        where = {"dataset": source, "row": line} if source.startswith(HUB_PREFIX) else {"file": source, "line": line}
+        rows.append({**where, "reason": reason, "text": text})
+    write_jsonl_atomic(path, rows)
 
 
 def _publish_report(folder: str, key: dict, dataset: str, prepared: Prepared) -> None:

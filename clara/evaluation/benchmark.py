@@ -35,12 +35,14 @@ from clara.evaluation.command import (
     eval_length_check,
     load_eval_model,
     load_eval_records,
-    resolve_runtime,
     summary_path,
     write_outputs,
 )
 from clara.evaluation.evaluate import RETRIEVAL_KS, evaluate_stage
+from clara.files import write_text_atomic
+from clara.model.load import choose_runtime
 from clara.model.stage_model import checkpoint_stage
+from clara.parallel.console import rank_zero_print
 from clara.parallel.distributed import broadcast, run_command
 from clara.stages import Stage
 
@@ -154,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace, rank: int, world: int, device: torch.device) -> str:
     """Evaluate the sets not finished yet and return the table (on every rank)."""
-    log = print if rank == 0 else (lambda *a, **k: None)
+    log = rank_zero_print(rank)
     stage = checkpoint_stage(args.checkpoint, args.stage)
     if stage.name not in CONFIG_PREFIX:
         raise ConfigError(
@@ -164,7 +166,7 @@ def run(args: argparse.Namespace, rank: int, world: int, device: torch.device) -
             "or a stage2 one (the e2e_eval_ours_* sets), "
             f"not {stage.name}",
         )
-    dtype, attn = resolve_runtime(args.dtype, args.flash_attn, device)
+    runtime = choose_runtime(device, args.dtype, args.flash_attn)
     output_dir = args.output_dir or os.path.join(args.checkpoint, "benchmark")
     configs = [config_name(stage, dataset, setting) for dataset, _ in DATASETS for setting, _ in SETTINGS]
     metas = {
@@ -195,7 +197,7 @@ def run(args: argparse.Namespace, rank: int, world: int, device: torch.device) -
         flush=True,
     )
     if todo:
-        model = load_eval_model(args.checkpoint, stage, dtype, attn, args.model_path, device, log)
+        model = load_eval_model(args.checkpoint, stage, runtime, args.model_path, log)
     check = eval_length_check(args.checkpoint, stage, args.max_len, args.seed, args.model_path)
     for config in todo:
         records = load_eval_records(
@@ -211,8 +213,7 @@ def run(args: argparse.Namespace, rank: int, world: int, device: torch.device) -
         done[config] = results["summary"]
     table = format_benchmark(stage, done)
     if rank == 0:
-        with open(os.path.join(output_dir, "table.md"), "w", encoding="utf-8") as out:
-            out.write(table + "\n")
+        write_text_atomic(os.path.join(output_dir, "table.md"), table + "\n")
         log(
             f"\n{stage.name} checkpoint {args.checkpoint}, data {args.data}"
             + (f", first {args.max_samples} samples per set" if args.max_samples else "")

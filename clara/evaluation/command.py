@@ -10,7 +10,6 @@ checkpoint-side helpers here (its records, length check, model and settings) are
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
@@ -24,13 +23,14 @@ from clara.data import load_records
 from clara.errors import ConfigError
 from clara.evaluation.evaluate import RETRIEVAL_KS, evaluate_stage
 from clara.evaluation.metrics import ANSWER_SCORE_NAMES
-from clara.files import json_safe, write_json_atomic, write_text_atomic
-from clara.model.checkpoint import load_model, read_config, resolve_base_path
+from clara.files import json_safe, write_json_atomic, write_jsonl_atomic
+from clara.model.checkpoint import read_config, resolve_base_path
 from clara.model.collate import LengthCheck
 from clara.model.hub import resolve_checkpoint
-from clara.model.model import attention_implementation
+from clara.model.load import Runtime, choose_runtime, load_for_use
 from clara.model.stage_model import checkpoint_stage, ensure_query_reasoner
-from clara.parallel.distributed import rank_zero_first, resolve_dtype, run_command
+from clara.parallel.console import rank_zero_print, silent
+from clara.parallel.distributed import rank_zero_first, run_command
 from clara.stages import STAGES, Stage
 
 # -- presentation -----------------------------------------------------------------------------------------
@@ -65,7 +65,7 @@ def summary_path(output: str) -> str:
 def write_outputs(output: str, rows: list[dict], summary: dict, meta: dict) -> str:
     """Per-sample JSON lines at `output`, the summary beside it; both replaced atomically."""
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-    write_text_atomic(output, "".join(json.dumps(json_safe(row), ensure_ascii=False) + "\n" for row in rows))
+    write_jsonl_atomic(output, (json_safe(row) for row in rows))
     path = summary_path(output)
     write_json_atomic(path, {**meta, "metrics": json_safe(summary)})
     return path
@@ -140,11 +140,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def resolve_runtime(dtype_name: str, flash_attn: str, device: torch.device) -> tuple[torch.dtype, str]:
-    """The weights' dtype and the attention implementation for --dtype and --flash_attn on this device."""
-    return resolve_dtype(dtype_name, device), attention_implementation(flash_attn, device.type == "cuda")
-
-
 def load_eval_records(stage: Stage, dataset: str, top_k: int, limit: int | None, check: LengthCheck | None, log):
     """Validated records of `dataset` (JSONL files or hf:NAME:CONFIG[:SPLIT]); the first `limit` when given.
 
@@ -157,7 +152,7 @@ def load_eval_records(stage: Stage, dataset: str, top_k: int, limit: int | None,
         min_docs=stage.min_docs(top_k),
         max_samples=limit,
         make_check=check,
-        log=log if preparer else (lambda *_: None),
+        log=log if preparer else silent,
         preparer=preparer,
     )
 
@@ -178,14 +173,12 @@ def eval_length_check(
     )
 
 
-def load_eval_model(
-    checkpoint: str, stage: Stage, dtype: torch.dtype, attn: str, model_path: str | None, device: torch.device, log
-):
-    """The checkpoint's ClaraModel on `device`, with a query reasoner where the stage uses one."""
-    model = load_model(checkpoint, dtype, attn, base_model=model_path)
+def load_eval_model(checkpoint: str, stage: Stage, runtime: Runtime, model_path: str | None, log):
+    """The checkpoint's ClaraModel on the runtime's device, with a query reasoner where the stage uses one."""
+    model, _ = load_for_use(checkpoint, runtime, model_path)
     if stage.uses_query:
         ensure_query_reasoner(model, log=log)
-    return model.to(device)
+    return model
 
 
 def eval_config(
@@ -212,7 +205,7 @@ def eval_config(
 
 
 def run(args: argparse.Namespace, rank: int, world: int, device: torch.device) -> dict:
-    log = print if rank == 0 else (lambda *a, **k: None)
+    log = rank_zero_print(rank)
     # A Hub id is downloaded once, by rank 0; the other ranks then find it in the cache.
     checkpoint = rank_zero_first(lambda: resolve_checkpoint(args.checkpoint), rank, world)
     stage = checkpoint_stage(checkpoint, args.stage)
@@ -224,18 +217,18 @@ def run(args: argparse.Namespace, rank: int, world: int, device: torch.device) -
             f"a stage2 checkpoint and records (open-corpus retrieval uses the query reasoner), not {stage.name}",
         )
     check_data_sources("dataset", args.dataset)
-    dtype, attn = resolve_runtime(args.dtype, args.flash_attn, device)
+    runtime = choose_runtime(device, args.dtype, args.flash_attn)
     top_k = int(read_config(checkpoint).get("generation_top_k", 5))
     check = eval_length_check(checkpoint, stage, args.max_len, args.seed, args.model_path)
     records = load_eval_records(stage, args.dataset, top_k, args.limit, check, log)
-    model = load_eval_model(checkpoint, stage, dtype, attn, args.model_path, device, log)
+    model = load_eval_model(checkpoint, stage, runtime, args.model_path, log)
     cfg = eval_config(
         model, stage, len(records), args.batch_size, args.max_samples, args.max_new_tokens, args.max_len, args.seed
     )
     log(
         f"Evaluating {args.checkpoint} ({stage.name}, {stage_source}) on {args.dataset}: {len(records)} samples"
         + (f", generation on {min(cfg.eval_max_samples, len(records))}" if stage.generates else "")
-        + f" | {world} process(es) | device {device.type} | dtype {str(dtype).replace('torch.', '')}",
+        + f" | {world} process(es) | device {device.type} | dtype {str(runtime.dtype).replace('torch.', '')}",
         flush=True,
     )
     results = evaluate_stage(

@@ -26,7 +26,7 @@ import torch
 
 from clara.data.records import normalise_answer_record, normalise_stage1
 from clara.model.collate import Collator, encode_documents
-from clara.model.load import load_for_use
+from clara.model.load import choose_runtime, load_for_use
 from clara.model.model import ClaraModel
 from clara.model.stage_model import ensure_query_reasoner, infer_stage
 from clara.parallel.distributed import default_device
@@ -95,6 +95,7 @@ class CLaRa:
         attn_implementation: str | None = None,
         base_model: str | None = None,
         subfolder: str | None = None,
+        flash_attn: str = "auto",
         **kwargs,
     ) -> "CLaRa":
         """Load a checkpoint in the native or the official release layout: a directory or a Hub id.
@@ -105,11 +106,13 @@ class CLaRa:
         The loading is clara.model.load.load_for_use.
 
         device None: CUDA when available, else CPU. dtype None: bfloat16 on CUDA, float32 on CPU.
-        attn_implementation None: FlashAttention-2 on CUDA when installed, else SDPA.
+        attn_implementation None: as `flash_attn` says (auto: FlashAttention-2 on CUDA when installed, else SDPA;
+        true; false), the command lines' --flash_attn.
         base_model replaces the base model the checkpoint names (e.g. a local copy).
         """
-        model, target, path = load_for_use(path, device, dtype, attn_implementation, base_model, subfolder)
-        return cls(model, stage=stage or infer_stage(path), device=target, **kwargs)
+        runtime = choose_runtime(device, dtype, flash_attn, attn_implementation)
+        model, path = load_for_use(path, runtime, base_model, subfolder)
+        return cls(model, stage=stage or infer_stage(path), device=runtime.device, **kwargs)
 
     def to(self, device: str | torch.device) -> "CLaRa":
         """Move the model to another device (as `model.to("cuda")` in the official README); returns self."""

@@ -15,9 +15,9 @@ from clara.index.corpus import read_corpus
 from clara.index.search import SEARCH_KINDS, SearchSettings
 from clara.index.store import STORAGE_DTYPES
 from clara.locks import holding
-from clara.model.checkpoint import load_model
-from clara.model.model import attention_implementation
-from clara.parallel.distributed import broadcast, resolve_dtype, run_command
+from clara.model.load import choose_runtime, load_for_use
+from clara.parallel.console import rank_zero_print
+from clara.parallel.distributed import broadcast, run_command
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -42,11 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--storage_dtype",
-        "--dtype",
-        dest="storage_dtype",
         default="float32",
         choices=tuple(STORAGE_DTYPES),
-        help="dtype the memory vectors are stored in (default float32); --dtype is its older spelling",
+        help="dtype the memory vectors are stored in (default float32)",
     )
     parser.add_argument(
         "--faiss",
@@ -59,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--nprobe", type=positive_int, default=16, help="ivf cells searched per query (default 16)")
     parser.add_argument("--hnsw_m", type=positive_int, default=32, help="hnsw links per node (default 32)")
     parser.add_argument("--ef_search", type=positive_int, default=128, help="hnsw search breadth (default 128)")
-    add_model_flags(parser, "--model_dtype")
+    add_model_flags(parser)
     parser.add_argument("--model_path", default=None, help="base model to use instead of the one the checkpoint names")
     parser.add_argument("--no_progress", action="store_true", help="no progress bar")
     return parser
@@ -81,12 +79,9 @@ def run(args: argparse.Namespace, rank: int, world: int, device: torch.device) -
 
 
 def build(args: argparse.Namespace, rank: int, world: int, device: torch.device) -> dict:
-    log = print if rank == 0 else (lambda *a, **k: None)
+    log = rank_zero_print(rank)
     ids, texts = read_corpus(args.corpus)
-    dtype = resolve_dtype(args.model_dtype, device)
-    attn = attention_implementation(args.flash_attn, device.type == "cuda")
-    model = load_model(args.checkpoint, dtype, attn, base_model=args.model_path).to(device).eval()
-    model.requires_grad_(False)
+    model, _ = load_for_use(args.checkpoint, choose_runtime(device, args.dtype, args.flash_attn), args.model_path)
     log(
         f"Indexing {len(ids)} documents of {args.corpus} with the compressor of {args.checkpoint} "
         f"| {world} process(es) | device {device.type}",

@@ -13,7 +13,7 @@ from clara.cli import add_model_flags, positive_int
 from clara.errors import exit_status
 from clara.index.answer import answer_from_index
 from clara.index.store import check_index_matches, load_index
-from clara.model.load import load_for_use
+from clara.model.load import choose_runtime, load_for_use
 from clara.model.stage_model import ensure_query_reasoner
 
 FIRST_WORDS = 12
@@ -45,13 +45,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def ask(args: argparse.Namespace) -> None:
-    model, device, _ = load_for_use(
-        args.checkpoint, dtype=args.dtype, base_model=args.model_path, flash_attn=args.flash_attn
-    )
+    runtime = choose_runtime(dtype=args.dtype, flash_attn=args.flash_attn)
+    model, _ = load_for_use(args.checkpoint, runtime, base_model=args.model_path)
     index = load_index(args.index)
     ensure_query_reasoner(model)
     check_index_matches(index, model, args.checkpoint)
-    found = answer_from_index(model, index, args.questions, max_new_tokens=args.max_new_tokens, device=device)
+    found = answer_from_index(model, index, args.questions, max_new_tokens=args.max_new_tokens, device=runtime.device)
     for question, answer, rows, scores in zip(args.questions, found.answers, found.rows, found.scores):
         print(f"Q: {question}\nA: {answer}")
         for rank, (row, score) in enumerate(zip(rows, scores), start=1):

@@ -6,6 +6,7 @@
     decoding     each answer of a batch decoded its own way (sampling, stop strings, streaming)
     model        the shared model: frozen base, LoRA roles, compress, inject, LM loss, generate
     tiny_base    where the shipped tiny base model is and which recipe built it (standard library only)
+    tokenizer    the one tokenizer loader (a directory, a checkpoint, a Hub id, the tiny model's name)
     hub          where a checkpoint is: a directory or a Hugging Face Hub id (downloaded), Hub errors in one line
     checkpoint   build, save and load models (native and official layouts), the ZeRO-3 resize
     stage_model  the model a stage starts from, and the stage a checkpoint was trained for

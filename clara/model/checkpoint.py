@@ -19,7 +19,7 @@ import os
 import torch
 from peft import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM
 
 from clara.config import TINY_MODEL_NAME, official_base_name
 from clara.data.fingerprint import base_model_key
@@ -29,6 +29,7 @@ from clara.locks import reading_export
 from clara.model.hub import hub_errors
 from clara.model.model import ClaraModel, ModelSettings, attach_adapters
 from clara.model.tiny_base import clara_home, shipped_versions, tiny_model_dir, tiny_version
+from clara.model.tokenizer import load_tokenizer
 from clara.parallel.distributed import gathered, partitioned
 from clara.parallel.zero3 import full_shape, resize_embeddings, use_frozen_weight_linear
 from clara.stages.prompts import add_special_tokens, added_token_strings
@@ -59,7 +60,7 @@ def build_model(
     """
     base_path = resolve_base_path(settings.base_model)
     with hub_errors(f"base model {base_path}", base_path):
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir or base_path)
+        tokenizer = load_tokenizer(tokenizer_dir or base_path)
         base = AutoModelForCausalLM.from_pretrained(base_path, dtype=dtype, attn_implementation=attn_implementation)
     if partitioned(base.parameters()):
         use_frozen_weight_linear()

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 import torch
 
 from clara.data.fingerprint import tokenizer_identity
+from clara.model.tokenizer import load_tokenizer
 from clara.stages import Stage, prompts
 from clara.stages.prompts import SpecialTokens, add_special_tokens
 
@@ -244,9 +245,7 @@ class LengthCheck:
         }
 
     def __call__(self) -> Callable[[dict], str | None]:
-        from transformers import AutoTokenizer  # deferred: only the processes that prepare data load it
-
-        tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_source)
+        tokenizer = load_tokenizer(self.tokenizer_source)
         tokens = add_special_tokens(tokenizer, self.n_mem)
         overhead = template_overhead(tokenizer) if counts_at_most_bytes(tokenizer) else None
         return Collator(

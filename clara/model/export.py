@@ -22,13 +22,15 @@ import sys
 import torch
 from peft import get_peft_model_state_dict
 
+from clara.cli import add_model_flags
 from clara.config import STAGES, ConfigError
 from clara.data.fingerprint import base_model_key
 from clara.errors import exit_status
 from clara.files import publish_files
 from clara.locks import holding
-from clara.model.checkpoint import PEFT_PREFIX, load_model, read_config, save_model
+from clara.model.checkpoint import PEFT_PREFIX, read_config, save_model
 from clara.model.hub import resolve_checkpoint
+from clara.model.load import choose_runtime, load_for_use
 from clara.model.model import ClaraModel
 from clara.model.stage_model import infer_stage
 
@@ -165,6 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="stage to record (default: the checkpoint's; official stage1/stage1_2 record none)",
     )
+    add_model_flags(parser, note="loaded on the CPU: ")
     parser.add_argument("--model_path", default=None, help="base model to use instead of the one the checkpoint names")
     parser.add_argument(
         "--push_to_hub",
@@ -196,7 +199,8 @@ def export(args: argparse.Namespace) -> None:
     stage = checkpoint_stage_of(checkpoint, args.stage)
     if os.path.realpath(args.out) == os.path.realpath(checkpoint):
         raise ConfigError("out", args.out, "a directory other than the checkpoint itself")
-    model = load_model(checkpoint, base_model=args.model_path)
+    # On the CPU (auto: fp32, the weights as trained): writing the files needs no GPU.
+    model, _ = load_for_use(checkpoint, choose_runtime("cpu", args.dtype, args.flash_attn), args.model_path)
     if args.format == "official":
         write_official(model, args.out, stage)
     else:

@@ -1,8 +1,10 @@
-"""A trained model loaded for use, one way for the Python API and the command lines that answer questions:
-the checkpoint found (a directory or a Hub id), the device, dtype and attention chosen, the model in
-evaluation mode on that device with no gradients."""
+"""A trained model loaded for use, one way for the Python API and every command line that loads one
+(`--dtype` and `--flash_attn`, clara.cli.add_model_flags): the checkpoint found (a directory or a Hub id), the
+device, dtype and attention chosen, the model in evaluation mode on that device with no gradients."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
@@ -12,27 +14,39 @@ from clara.model.model import ClaraModel, attention_implementation
 from clara.parallel.distributed import default_device, resolve_dtype
 
 
-def load_for_use(
-    path: str,
+@dataclass(frozen=True)
+class Runtime:
+    """Where and how a model runs: its device, the dtype of its weights and the attention implementation."""
+
+    device: torch.device
+    dtype: torch.dtype
+    attn: str
+
+
+def choose_runtime(
     device: str | torch.device | None = None,
     dtype: str | torch.dtype | None = None,
-    attn_implementation: str | None = None,
-    base_model: str | None = None,
-    subfolder: str | None = None,
     flash_attn: str = "auto",
-) -> tuple[ClaraModel, torch.device, str]:
-    """The model of checkpoint `path`, the device it is on and the checkpoint's local directory.
+    attn_implementation: str | None = None,
+) -> Runtime:
+    """The runtime that --dtype and --flash_attn ask for on `device`; a bad value is a ConfigError naming the flag.
 
-    device None: CUDA when available, else CPU. dtype None: bfloat16 on CUDA, float32 on CPU.
-    attn_implementation None: as `flash_attn` says (--flash_attn: auto, FlashAttention-2 on CUDA when installed,
-    else SDPA; true; false).
-    base_model replaces the base model the checkpoint names (e.g. a local copy).
-    """
+    device None: CUDA when available, else CPU. dtype None or "auto": bf16 on a GPU that supports it, fp16 on
+    older GPUs, fp32 on the CPU. attn_implementation None: as `flash_attn` says (auto: FlashAttention-2 on CUDA
+    when installed, else SDPA; true; false)."""
     target = torch.device(device) if device is not None else default_device()
-    if attn_implementation is None:
-        attn_implementation = attention_implementation(flash_attn, target.type == "cuda")
+    attn = attn_implementation or attention_implementation(flash_attn, target.type == "cuda")
+    return Runtime(target, resolve_dtype(dtype, target), attn)
+
+
+def load_for_use(
+    path: str, runtime: Runtime, base_model: str | None = None, subfolder: str | None = None
+) -> tuple[ClaraModel, str]:
+    """The model of checkpoint `path` on the runtime's device, and the checkpoint's local directory.
+
+    base_model replaces the base model the checkpoint names (e.g. a local copy)."""
     path = resolve_checkpoint(path, subfolder)
-    model = load_model(path, resolve_dtype(dtype, target), attn_implementation, base_model=base_model)
-    model = model.to(target).eval()
+    model = load_model(path, runtime.dtype, runtime.attn, base_model=base_model)
+    model = model.to(runtime.device).eval()
     model.requires_grad_(False)
-    return model, target, path
+    return model, path

@@ -11,7 +11,7 @@ import os
 from collections.abc import Callable
 
 import torch
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
 from clara.config import TrainConfig
 from clara.model.checkpoint import (
@@ -24,6 +24,7 @@ from clara.model.checkpoint import (
 from clara.model.collate import LengthCheck
 from clara.model.hub import resolve_checkpoint
 from clara.model.model import ClaraModel, ModelSettings
+from clara.model.tokenizer import load_tokenizer
 from clara.stages import COMPRESSOR, QUERY_REASONER, STAGES, Stage, get_stage
 from clara.stages.prompts import SpecialTokens, add_special_tokens
 
@@ -41,7 +42,7 @@ def tokenizer_source(cfg: TrainConfig) -> str:
 
 def stage_tokenizer(cfg: TrainConfig) -> tuple[PreTrainedTokenizerBase, SpecialTokens]:
     """The tokenizer (with CLaRa's tokens added) that the stage's model will use, without loading the model."""
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_source(cfg))
+    tokenizer = load_tokenizer(tokenizer_source(cfg))
     return tokenizer, add_special_tokens(tokenizer, cfg.n_mem_tokens)
 
 

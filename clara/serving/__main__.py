@@ -116,15 +116,12 @@ def build_app(args: argparse.Namespace, api_key: str | None):
     # Deferred: --help and the settings checks answer without loading torch.
     from clara.evaluation.inference import CLaRa
     from clara.index.store import check_index_matches, load_index
-    from clara.model.model import attention_implementation
     from clara.model.stage_model import ensure_query_reasoner
-    from clara.parallel.distributed import default_device
     from clara.serving.app import Limits, create_app
     from clara.serving.engine import Engine
 
-    attn = attention_implementation(args.flash_attn, default_device().type == "cuda")
     clara = CLaRa.from_pretrained(
-        args.checkpoint, dtype=args.dtype, attn_implementation=attn, base_model=args.model_path
+        args.checkpoint, dtype=args.dtype, flash_attn=args.flash_attn, base_model=args.model_path
     )
     index = load_index(args.index)
     ensure_query_reasoner(clara.model)

@@ -22,6 +22,7 @@ from clara.cli import add_model_flags
 from clara.errors import ConfigError, RunFailure, exit_status
 from clara.files import write_json_atomic
 from clara.index.corpus import corpus_hash, read_corpus
+from clara.parallel.console import rank_zero_print
 from clara.synthesis.documents import Asking
 from clara.synthesis.llm import LLM, GenerationSettings, OpenAIChat, parse_llm_spec
 from clara.synthesis.pipeline import (
@@ -158,7 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=20,
         help="documents per stage2 record (the positive among retrieved ones)",
     )
-    add_model_flags(parser, "--model_dtype", flash_attn=False, note="hf: ")
+    add_model_flags(parser, note="hf: ")
     parser.add_argument("--no_progress", action="store_true", help="no progress bar")
     return parser
 
@@ -246,14 +247,14 @@ def make_llm(
             args.max_retries,
             args.backoff,
         )
-    from clara.parallel.distributed import resolve_dtype
+    from clara.model.load import choose_runtime
     from clara.synthesis.local import LocalChat
 
-    return LocalChat(target, settings, args.batch_size, device, resolve_dtype(args.model_dtype, device))
+    return LocalChat(target, settings, args.batch_size, choose_runtime(device, args.dtype, args.flash_attn))
 
 
 def run(args: argparse.Namespace, rank: int, world: int, device: torch.device | None) -> dict | None:
-    log = print if rank == 0 else (lambda *a, **k: None)
+    log = rank_zero_print(rank)
     started = time.monotonic()
     kind, target = parse_llm_spec(args.llm)
     check_settings(args, kind)

@@ -11,24 +11,25 @@ from __future__ import annotations
 import asyncio
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM
 
 from clara.config import TINY_MODEL_NAME
+from clara.model.load import Runtime
 from clara.model.tiny_base import tiny_model_dir
+from clara.model.tokenizer import load_tokenizer
 from clara.synthesis.llm import ChatRequest, GenerationSettings, Reply
 
 
 class LocalChat:
-    def __init__(
-        self, model_path: str, settings: GenerationSettings, batch_size: int, device: torch.device, dtype: torch.dtype
-    ):
+    def __init__(self, model_path: str, settings: GenerationSettings, batch_size: int, runtime: Runtime):
         path = tiny_model_dir() if model_path == TINY_MODEL_NAME else model_path
-        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        self.tokenizer = load_tokenizer(path)
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
-        self.settings, self.batch_size, self.device = settings, batch_size, device
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=runtime.dtype, attn_implementation=runtime.attn)
+        self.model = model.to(runtime.device).eval()
+        self.settings, self.batch_size, self.device = settings, batch_size, runtime.device
         self.queue: list[tuple[ChatRequest, asyncio.Future]] = []
         self.worker: asyncio.Task | None = None
         self.in_flight = 0

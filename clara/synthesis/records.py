@@ -14,7 +14,6 @@ A question asked of an earlier document too is dropped as a duplicate.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from collections import Counter
 from dataclasses import dataclass
@@ -22,7 +21,7 @@ from dataclasses import dataclass
 import bm25s
 import numpy as np
 
-from clara.files import write_text_atomic
+from clara.files import write_jsonl_atomic
 from clara.synthesis.documents import PAIR_TASKS
 from clara.synthesis.recipe import question_key
 
@@ -133,7 +132,7 @@ def write_records(out: str, files: dict[str, list[dict]]) -> dict[str, int]:
     for name, records in files.items():
         path = os.path.join(out, f"{name}.jsonl")
         if records:
-            write_text_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+            write_jsonl_atomic(path, records)
             written[f"{name}.jsonl"] = len(records)
         elif os.path.exists(path):
             os.remove(path)

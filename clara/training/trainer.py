@@ -30,6 +30,7 @@ from clara.model.checkpoint import export_parameters, save_model
 from clara.model.collate import Batch
 from clara.model.model import attention_implementation
 from clara.model.stage_model import length_check
+from clara.parallel.console import silent
 from clara.parallel.distributed import gathered, init_distributed, leave_process_group, local_shard, resolve_dtype
 from clara.parallel.zero3 import full_numel
 from clara.stages import get_stage
@@ -120,7 +121,7 @@ class Trainer:
         rejected = os.path.join(cfg.save_path, "rejected.jsonl") if self.rank == 0 else None
         # Local rank 0 prepares (once: cached); the node's other ranks wait for it and never read the input.
         preparer = self.local_rank == 0
-        log = self.run_log.print if preparer else (print if self.local_rank == 1 else lambda *_: None)
+        log = self.run_log.print if preparer else (print if self.local_rank == 1 else silent)
         load = functools.partial(
             load_records,
             stage,

@@ -217,7 +217,9 @@ def test_bad_records_and_duplicate_ids_are_named_by_file_and_line(workdir, check
 
 def test_approximate_index_reports_its_recall_against_exact_search(workdir, checkpoints, data):
     out = workdir / "index_hnsw"
-    proc = run_module(index_args(checkpoints["a"], data["corpus"], out, "--faiss", "hnsw", "--dtype", "float16"))
+    proc = run_module(
+        index_args(checkpoints["a"], data["corpus"], out, "--faiss", "hnsw", "--storage_dtype", "float16")
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     meta = json.loads((out / "index.json").read_text())
     assert "recall@5 against exact search" in proc.stdout

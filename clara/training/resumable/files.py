@@ -3,7 +3,6 @@ DeepSpeed's .pt files without running code."""
 
 from __future__ import annotations
 
-import json
 import os
 import pickle
 import re
@@ -15,7 +14,7 @@ import torch
 from clara.config import CHECKPOINT_MANIFEST, CHECKPOINT_STATE, TrainConfig
 from clara.data.fingerprint import content_digest
 from clara.errors import ResumeError
-from clara.files import fsync_path, write_json_atomic
+from clara.files import fsync_path, read_json, write_json_atomic
 
 CHECKPOINT_DIR = "checkpoints"
 PREVIOUS_RUNS_DIR = "previous_runs"
@@ -46,11 +45,6 @@ def complete_checkpoints(root: str) -> list[tuple[int, str]]:
         return []
     found = [(int(m.group(1)), name) for name in os.listdir(root) if (m := re.fullmatch(r"step_(\d+)", name))]
     return sorted(found)
-
-
-def read_json(path: str) -> dict:
-    with open(path, encoding="utf-8") as handle:
-        return json.load(handle)
 
 
 def _files_below(directory: str) -> list[str]:

@@ -16,9 +16,10 @@ import torch.distributed as dist
 from clara.config import TrainConfig
 from clara.data.fingerprint import input_changes, train_inputs
 from clara.errors import ResumeError
-from clara.files import fsync_path, write_json_atomic, write_text_atomic
+from clara.files import fsync_path, read_json, write_json_atomic, write_text_atomic
 from clara.locks import record_run_id
 from clara.model.checkpoint import resolve_base_path
+from clara.parallel.console import silent
 from clara.parallel.distributed import broadcast
 from clara.training.resumable.files import (
     MANIFEST,
@@ -30,7 +31,6 @@ from clara.training.resumable.files import (
     checkpoint_root,
     complete_checkpoints,
     manifest_problem,
-    read_json,
     use_safe_loading,
 )
 
@@ -188,7 +188,7 @@ def plan_run(cfg: TrainConfig, total_steps: int, rank: int, world: int, log) -> 
     # Rank 0 first; then each other node's local rank 0, whose checkpoints/ may be its own (not shared).
     for turn in (True, False):
         if (rank == 0) == turn and int(os.environ.get("LOCAL_RANK", "0")) == 0:
-            _adopt_run(cfg, plan, log if rank == 0 else (lambda *_: None))
+            _adopt_run(cfg, plan, log if rank == 0 else silent)
         if world > 1:
             dist.barrier()
     return plan
