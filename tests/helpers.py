@@ -1,5 +1,5 @@
 """What several test files need, written once: the repository's folders, the environment of a child process,
-running `python -m MODULE` in one, and reading a JSON-lines file."""
+running `python -m MODULE` in one, reading a JSON-lines file, and the shared stage-2 model's settings."""
 
 from __future__ import annotations
 
@@ -11,6 +11,10 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLE = REPO / "example"
+# The session's shared stage-2 model (tests/conftest.py: trained_checkpoints, trained_index): the documents each
+# question is answered from, and how many example documents its index holds.
+SHARED_TOP_K = 5
+SHARED_INDEX_DOCUMENTS = 40
 
 
 def subprocess_env(**overrides) -> dict:
@@ -32,6 +36,13 @@ def run_module(args: list[str], env: dict | None = None, timeout: int = 900) -> 
         text=True,
         check=False,
         timeout=timeout,
+    )
+
+
+def run_torchrun(args: list[str], processes: int = 2, timeout: int = 900) -> subprocess.CompletedProcess:
+    """`python -m ARGS...` as `processes` processes of one torchrun job on this machine."""
+    return run_module(
+        ["torch.distributed.run", "--standalone", "--nproc_per_node", str(processes), "-m", *args], timeout=timeout
     )
 
 

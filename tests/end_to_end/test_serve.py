@@ -1,8 +1,8 @@
 """`python -m clara.serve`: the OpenAI-compatible server, driven as its users drive it (the `openai` client,
 plain HTTP, a browser), against the reference paths (`CLaRa.generate_from_questions(index=...)`, clara.index.ask).
 
-One server runs for the whole module: the tiny model with seeded-noise adapters (tests/index/test_index.py's
-checkpoint: plumbing and agreement, not quality) over a 40-document index, with an API key.
+One server runs for the whole module: the session's trained tiny stage-2 model (tests/conftest.py: two steps, so
+plumbing and agreement, not quality) over its 40-document index, with an API key.
 """
 
 from __future__ import annotations
@@ -24,26 +24,20 @@ import torch
 
 from clara.evaluation.inference import CLaRa
 from clara.index.answer import encode_questions, generator_inputs
-from clara.index.build import build_index
 from clara.index.store import load_index
 from clara.model.decoding import RowDecoding, Sampling
 from clara.ports import free_port
 from clara.serving.engine import ANSWERING, Engine, Job
 from clara.stages.prompts import SYSTEM_ANSWER
-from tests.helpers import read_jsonl, run_module, subprocess_env
-from tests.index.test_index import EXAMPLE, ROLES, TOP_K, noisy_checkpoint
+from tests.helpers import EXAMPLE, SHARED_INDEX_DOCUMENTS, SHARED_TOP_K, read_jsonl, run_module, subprocess_env
 
 pytestmark = pytest.mark.slow
 
 KEY = "test-key-123"
 NEW_TOKENS = 8
-N_DOCS = 40
+N_DOCS = SHARED_INDEX_DOCUMENTS
+TOP_K = SHARED_TOP_K
 MAX_BODY = 64 * 1024
-
-
-@pytest.fixture(scope="module")
-def workdir(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("serve")
 
 
 @pytest.fixture(scope="module")
@@ -52,23 +46,11 @@ def questions() -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def reference(workdir) -> tuple[CLaRa, str, Path]:
-    """The reference model (one question at a time), and the index folder, built in this process."""
-    checkpoint = noisy_checkpoint(workdir / "ck", {r: i + 1 for i, r in enumerate(ROLES)})
-    clara = CLaRa.from_pretrained(str(checkpoint), batch_size=1)
-    docs = read_jsonl(EXAMPLE / "corpus.jsonl")[:N_DOCS]
-    out = workdir / "index"
-    build_index(
-        clara.model,
-        [d["id"] for d in docs],
-        [d["text"] for d in docs],
-        str(out),
-        batch_size=8,
-        checkpoint=str(checkpoint),
-        show_progress=False,
-        log=lambda *args: None,
-    )
-    return clara, str(out), checkpoint
+def reference(trained_checkpoints, trained_index) -> tuple[CLaRa, str, Path]:
+    """The reference model (one question at a time), and the index folder: the session's shared stage-2 model
+    and its index (tests/conftest.py)."""
+    checkpoint = trained_checkpoints["stage2"]
+    return CLaRa.from_pretrained(str(checkpoint), batch_size=1), str(trained_index), checkpoint
 
 
 @pytest.fixture(scope="module")

@@ -12,9 +12,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -50,38 +47,9 @@ def write_jsonl(path: Path, records: list[dict]) -> Path:
 
 
 @pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory) -> dict[str, Path]:
-    """stage1_2 (fresh adapters) -> stage2, two optimizer steps each, with `python -m clara.train`."""
-    workdir = tmp_path_factory.mktemp("api")
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), NO_COLOR="1")
-    env.pop("WORLD_SIZE", None)
-    paths = {}
-    for stage, previous in (("stage1_2", None), ("stage2", "stage1_2")):
-        save = workdir / f"ckpt_{stage}"
-        args = [
-            sys.executable,
-            "-m",
-            "clara.train",
-            "--stage",
-            stage,
-            "--save_path",
-            str(save),
-            "--max_steps",
-            "2",
-            "--batch_size",
-            "2",
-            "--micro_batch_size",
-            "2",
-            "--max_samples",
-            "8",
-            "--debug_mode",
-            "false",
-        ]
-        args += ["--pretrain_checkpoint", str(paths[previous])] if previous else ["--allow_no_checkpoint", "true"]
-        proc = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-        paths[stage] = save
-    return paths
+def checkpoints(trained_checkpoints) -> dict[str, Path]:
+    """stage1_2 (fresh adapters) -> stage2, two optimizer steps each: the session's shared model (tests/conftest.py)."""
+    return trained_checkpoints
 
 
 @pytest.fixture(scope="module")

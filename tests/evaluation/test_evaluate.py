@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import math
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -24,7 +23,7 @@ from clara.evaluation.evaluate import evaluate_model
 from clara.evaluation.inference import CLaRa
 from clara.evaluation.metrics import ANSWER_SCORE_NAMES
 from clara.stages import get_stage
-from tests.helpers import REPO, read_jsonl, run_module, subprocess_env
+from tests.helpers import REPO, read_jsonl, run_module, run_torchrun
 
 EXAMPLE = REPO / "example"
 EVAL_SOURCES = {
@@ -316,15 +315,8 @@ def test_two_processes_give_the_same_results_as_one(workdir, cli_runs, checkpoin
     """Stage 2 on 5 samples in micro-batches of 2: rank 0 takes micro-batches 0 and 2, rank 1 micro-batch 1."""
     stage = "stage2"
     output = workdir / "torchrun_stage2.jsonl"
-    proc = subprocess.run(
+    proc = run_torchrun(
         [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node",
-            "2",
-            "-m",
             "clara.evaluate",
             "--checkpoint",
             str(checkpoints[stage]),
@@ -339,10 +331,6 @@ def test_two_processes_give_the_same_results_as_one(workdir, cli_runs, checkpoin
             "--output",
             str(output),
         ],
-        cwd=REPO,
-        env=subprocess_env(),
-        capture_output=True,
-        text=True,
         timeout=600,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -29,9 +28,8 @@ from clara.index.search import SearchSettings, make_search_index, pair_queries, 
 from clara.index.store import SHARD_FILE, load_index
 from clara.model.checkpoint import build_model, save_model
 from clara.model.model import ModelSettings
-from tests.helpers import REPO, read_jsonl, run_module, subprocess_env
+from tests.helpers import EXAMPLE, read_jsonl, run_module, run_torchrun
 
-EXAMPLE = REPO / "example"
 N_QUESTIONS = 4
 N_DOCS = 40
 SHARD = 16  # 40 documents: shards of 16, 16 and 8
@@ -140,21 +138,10 @@ def test_index_stores_every_document_compressed_as_one_at_a_time(built, checkpoi
 @pytest.mark.slow
 def test_two_processes_under_torchrun_build_the_same_index(workdir, built, checkpoints, data):
     out = workdir / "index_torchrun"
-    proc = subprocess.run(
+    proc = run_torchrun(
         [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node",
-            "2",
-            "-m",
             *index_args(checkpoints["a"], data["corpus"], out),
         ],
-        cwd=REPO,
-        env=subprocess_env(),
-        capture_output=True,
-        text=True,
         timeout=600,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
