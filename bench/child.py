@@ -227,11 +227,10 @@ class SyntheticRecords:
     """Records of the stage's input format with texts of the asked token lengths, from the example words."""
 
     def __init__(self, cfg: BenchConfig, tokenizer):
-        from clara.stages import get_stage
         from clara.training.tiny import EXAMPLE_DIR
 
         self.cfg = cfg
-        self.stage = get_stage(cfg.stage)
+        self.stage = cfg.stage_spec
         self.tokenizer = tokenizer
         self.rng = random.Random(cfg.seed)
         words = set()
@@ -347,7 +346,6 @@ def measure(cfg: BenchConfig, work_dir: str) -> dict:
     from clara.model.model import attention_implementation
     from clara.parallel.distributed import init_distributed, resolve_dtype
     from clara.parallel.zero3 import full_numel
-    from clara.stages import get_stage
     from clara.stages.prompts import added_token_strings
     from clara.training.setup import setup_training
     from clara.training.step import optimizer_step, step_seed
@@ -394,7 +392,7 @@ def measure(cfg: BenchConfig, work_dir: str) -> dict:
     attn = attention_implementation(train_cfg.flash_attn, on_cuda)
 
     total_steps = cfg.warmup_steps + cfg.steps
-    stage = get_stage(cfg.stage)
+    stage = cfg.stage_spec
     setup = setup_training(train_cfg, total_steps, world, device, dtype, attn, log=lambda *args: None, stage=stage)
     model, collator, engine, optimizer = setup.model, setup.collator, setup.engine, setup.optimizer
 
@@ -447,9 +445,7 @@ def measure(cfg: BenchConfig, work_dir: str) -> dict:
         supervised = int((batch.labels[:, 1:] != -100).sum())
         query = batch.query_mask.sum(1).tolist() if batch.query_mask is not None else None
         flops.append(
-            step_flops(
-                shape, cfg.stage, batch.enc_mask.sum(1).tolist(), batch.dec_mask.sum(1).tolist(), supervised, query
-            )
+            step_flops(shape, stage, batch.enc_mask.sum(1).tolist(), batch.dec_mask.sum(1).tolist(), supervised, query)
         )
     sync()
     peak = memory.peak()

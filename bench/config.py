@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from clara.stages import STAGES, get_stage
+from clara.stages import STAGES, Stage, get_stage
 
 # Shapes of real base models, from their config.json on the Hugging Face hub (a fact, not a download):
 # hidden size, layers, attention and key/value heads, head size, MLP width, vocabulary, tied embeddings.
@@ -120,8 +120,13 @@ class BenchConfig:
         return self.doc_max_length // self.compress_rate
 
     @property
+    def stage_spec(self) -> Stage:
+        """The `Stage` this row trains: bench/ looks a stage name up here only."""
+        return get_stage(self.stage)
+
+    @property
     def docs_per_sample(self) -> int:
-        return self.candidates if get_stage(self.stage).uses_query else self.docs
+        return self.candidates if self.stage_spec.uses_query else self.docs
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -171,7 +176,7 @@ class BenchConfig:
             bad("num_heads", f"a multiple of --num_kv_heads ({self.num_kv_heads})")
         if self.compress_rate > 0 and self.doc_max_length % self.compress_rate:
             bad("doc_max_length", f"a multiple of --compress_rate ({self.compress_rate})")
-        if self.stage in STAGES and get_stage(self.stage).uses_query and self.candidates < self.top_k:
+        if self.stage in STAGES and self.stage_spec.uses_query and self.candidates < self.top_k:
             bad("candidates", f"at least --top_k ({self.top_k})")
         if self.zero_stage not in (0, 1, 2, 3):
             bad("zero_stage", "0, 1, 2 or 3")

@@ -218,9 +218,10 @@ def predicted_peak(result: dict) -> float:
     shapes = result["batch_shapes"]
     samples = shapes["dec"][0]
     n_mem = cfg["doc_max_length"] // cfg["compress_rate"]
-    slots = cfg["top_k"] if cfg["stage"] == "stage2" else shapes["enc"][0] // samples
+    stage = BenchConfig.from_dict(cfg).stage_spec
+    slots = cfg["top_k"] if stage.uses_query else shapes["enc"][0] // samples
     work = Workload(
-        stage=cfg["stage"],
+        stage=stage,
         micro_batch_size=samples,
         docs_per_sample=shapes["enc"][0] // samples,
         doc_max_length=cfg["doc_max_length"],

@@ -39,7 +39,7 @@ import sys
 from dataclasses import dataclass
 
 from bench.config import SHAPES
-from clara.config import STAGES
+from clara.stages import STAGES, Stage
 
 GiB = 2**30
 # DeepSpeed's default ZeRO reduce_bucket_size, in elements: allocated in full at the first backward.
@@ -47,9 +47,6 @@ REDUCE_BUCKET_ELEMENTS = int(5e8)
 # DeepSpeed's default stage3_max_live_parameters: the most parameters it keeps gathered at once.
 MAX_LIVE_ELEMENTS = int(1e9)
 OFFLOADS = ("none", "optimizer", "all")
-# Adapters held by each stage's model, and how many of them train.
-ADAPTERS_HELD = {"stage1": 2, "stage1_2": 2, "stage2": 3}
-TRAINED_ADAPTERS = 2
 # The linear layers LoRA adapts ("all-linear"), per transformer layer.
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -98,15 +95,15 @@ def dims_of(model: str) -> Dims:
 class Workload:
     """What one micro-batch holds (per GPU)."""
 
-    stage: str
+    stage: Stage
     micro_batch_size: int = 1
-    docs_per_sample: int = 1  # stage2: candidates per question
+    docs_per_sample: int = 1  # a stage with the query reasoner: candidates per question
     doc_max_length: int = 256
     compress_rate: int = 32
-    top_k: int = 5  # stage2: documents the generator reads
+    top_k: int = 5  # with the query reasoner: documents the generator reads
     prompt_tokens: int = 96  # generator tokens besides the memory slots: template, question, answer
     supervised_tokens: int = 32  # generator positions with a target (the answer)
-    question_tokens: int = 32  # stage2: the query reasoner's input besides its memory tokens
+    question_tokens: int = 32  # the query reasoner's input besides its memory tokens
     candidate_chunk_size: int = 64
 
     @property
@@ -120,18 +117,8 @@ class Workload:
 
     @property
     def decoder_tokens(self) -> int:
-        slots = self.top_k if self.stage == "stage2" else self.docs_per_sample
+        slots = self.top_k if self.stage.uses_query else self.docs_per_sample
         return self.prompt_tokens + slots * self.n_mem
-
-
-# Typical samples at the launchers' defaults (DOC_MAX_LENGTH 256, COMPRESS_RATE 32, GENERATION_TOP_K 5):
-# stage1 paraphrases or answers about one document (the target about as long as the document); stage1_2
-# answers a question from five documents; stage2 retrieves five of twenty candidates.
-DEFAULT_WORKLOADS = {
-    "stage1": dict(docs_per_sample=1, prompt_tokens=320, supervised_tokens=256),
-    "stage1_2": dict(docs_per_sample=5, prompt_tokens=96, supervised_tokens=32),
-    "stage2": dict(docs_per_sample=20, prompt_tokens=96, supervised_tokens=32),
-}
 
 
 def default_micro_batch(gpus: int) -> int:
@@ -190,7 +177,8 @@ def gathered_elements(dims: Dims, lora_r: int = 16) -> int:
     """ZeRO-3: the most parameters held gathered at once, as clara.parallel.zero3.gathering_limits allows: two of
     the largest unit (a layer with its adapters, or the embedding matrix), at most DeepSpeed's 1e9."""
     counts = parameter_counts(dims, lora_r)
-    layer = (counts["layers"] + ADAPTERS_HELD["stage2"] * counts["lora_per_adapter"]) // dims.num_layers
+    most_adapters = max(len(stage.adapters) for stage in STAGES.values())
+    layer = (counts["layers"] + most_adapters * counts["lora_per_adapter"]) // dims.num_layers
     return min(2 * max(layer, counts["embedding"]), MAX_LIVE_ELEMENTS)
 
 
@@ -200,8 +188,8 @@ def weight_parts(
     """Bytes per GPU of the weights, the optimizer states, the gradients and the reduction bucket."""
     counts = parameter_counts(dims, lora_r)
     h = dims.hidden_size
-    trained = TRAINED_ADAPTERS * counts["lora_per_adapter"] + work.n_mem * h
-    lora = 2.0 * ADAPTERS_HELD[work.stage] * counts["lora_per_adapter"] + 2.0 * work.n_mem * h
+    trained = len(work.stage.trained_adapters) * counts["lora_per_adapter"] + work.n_mem * h
+    lora = 2.0 * len(work.stage.adapters) * counts["lora_per_adapter"] + 2.0 * work.n_mem * h
     shard = gpus if zero_stage >= 1 else 1
     on_gpu = offload == "none"  # the fp32 masters, moments and gradient partition; else in CPU memory
     parts = {
@@ -233,7 +221,7 @@ def step_memory(
     h, layers = dims.hidden_size, dims.num_layers
     parts = weight_parts(dims, work, gpus, zero_stage, offload, lora_r)
     b = work.micro_batch_size
-    if work.stage == "stage2":
+    if work.stage.uses_query:
         grad_passes = [b * (work.question_tokens + work.n_mem), b * work.decoder_tokens]
     else:
         grad_passes = [b * work.docs_per_sample * work.doc_tokens, b * work.decoder_tokens]
@@ -248,7 +236,7 @@ def step_memory(
     # Backward's own working set: activation gradients of the widest pass (a few hidden-sized tensors).
     parts["activations"] = float(kept + edges + 8 * h * max(grad_passes))
     parts["lm_head"] = 10.0 * b * work.supervised_tokens * dims.vocab_size
-    if work.stage == "stage2":
+    if work.stage.uses_query:
         chunk = min(work.candidate_chunk_size, b * work.docs_per_sample)
         compression = chunk * work.doc_tokens * (nograd_layer_bytes(dims) + 2 * h)
         # It runs after the query reasoner's forward, before the generator's: only that pass is kept then.
@@ -260,8 +248,9 @@ def step_memory(
     return parts
 
 
-def default_workload(stage: str, gpus: int, **overrides) -> Workload:
-    values = {**DEFAULT_WORKLOADS[stage], "micro_batch_size": default_micro_batch(gpus), **overrides}
+def default_workload(stage: Stage, gpus: int, **overrides) -> Workload:
+    """The stage's typical sample (`Stage.typical_sample`) at the launcher's micro-batch, with `overrides`."""
+    values = {**dataclasses.asdict(stage.typical_sample), "micro_batch_size": default_micro_batch(gpus), **overrides}
     return Workload(stage=stage, **values)
 
 
@@ -281,7 +270,7 @@ def fitting_change(
     small = dataclasses.replace(work, micro_batch_size=1)
     if work.micro_batch_size > 1:
         tries.append(("MICRO_BATCH_SIZE=1 (more gradient accumulation)", small, zero_stage, True, offload))
-    if work.stage == "stage2":
+    if work.stage.uses_query:
         for chunk in (16, 4):
             if chunk < work.candidate_chunk_size:
                 tries.append(
@@ -356,7 +345,7 @@ def plan_rows(
     dims = dims_of(model)
     budget = 0.9 * gpu_gib * GiB
     rows = []
-    for stage in STAGES:
+    for stage in STAGES.values():
         work = default_workload(stage, gpus, **overrides)
         parts = step_memory(dims, work, gpus, zero_stage, gradient_checkpointing, offload=offload)
         fits = parts["peak"] <= budget
@@ -369,7 +358,7 @@ def plan_rows(
                 "model": model,
                 "gpus": gpus,
                 "gpu_gib": gpu_gib,
-                "stage": stage,
+                "stage": stage.name,
                 "micro_batch_size": work.micro_batch_size,
                 "zero_stage": zero_stage,
                 "offload": offload,
@@ -455,18 +444,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--docs_per_sample",
         type=int,
-        help="documents per sample (stage2: candidates); default: 1, 5, 20 for the three stages",
+        help="documents per sample (with the query reasoner: candidates); default: each stage's typical sample",
     )
     parser.add_argument(
         "--prompt_tokens",
         type=int,
-        help="generator tokens per sample besides the memory slots (at most MAX_LEN); default: "
-        "320 for stage1, 96 for the others",
+        help="generator tokens per sample besides the memory slots (at most MAX_LEN); default: each stage's "
+        "typical sample",
     )
     parser.add_argument(
         "--supervised_tokens",
         type=int,
-        help="generator tokens per sample with a target; default: 256 for stage1, 32 for the others",
+        help="generator tokens per sample with a target; default: each stage's typical sample",
     )
     parser.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
     args = parser.parse_args(argv)

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from clara.errors import CheckpointError, ConfigError
-from clara.stages import STAGES, get_stage
+from clara.stages import STAGES, Stage, get_stage
 
 TINY_MODEL_NAME = "tiny"
 # Files every resumable checkpoint directory holds (clara.training.resumable writes them).
@@ -226,7 +226,7 @@ def resolve(
         import torch  # deferred: only the trainer's own call needs to look for CUDA
 
         has_cuda = torch.cuda.is_available()
-    stage = get_stage(cfg.stage) if cfg.stage in STAGES else None
+    stage = STAGES.get(cfg.stage)  # an unknown name is validate()'s to report
     if cfg.model_path is None:
         # The base the previous stage's checkpoint was trained on, on any device (README: "Three stages").
         cfg.model_path = recorded_base(cfg.pretrain_checkpoint) or (GPU_DEFAULT_MODEL if has_cuda else TINY_MODEL_NAME)
@@ -297,14 +297,15 @@ CHOICES = {
 }
 
 
-def validate(cfg: TrainConfig, world_size: int = 1, check_batch: bool = True) -> None:
-    """Raise ConfigError naming the first invalid setting; `cfg` has been through resolve().
+def validate(cfg: TrainConfig, world_size: int = 1, check_batch: bool = True) -> Stage:
+    """The stage the settings name; ConfigError naming the first invalid setting. `cfg` has been through resolve().
 
     check_batch False leaves out BATCH_SIZE against MICRO_BATCH_SIZE x processes, for a check made before
     the device (and with it the default batch sizes) is known.
     """
     if cfg.stage not in STAGES:
         raise ConfigError("stage", cfg.stage, "one of " + ", ".join(STAGES))
+    stage = get_stage(cfg.stage)
     for name in POSITIVE_INTS:
         value = getattr(cfg, name)
         if value is not None and value <= 0:
@@ -351,7 +352,8 @@ def validate(cfg: TrainConfig, world_size: int = 1, check_batch: bool = True) ->
     check_data_sources("dataset", cfg.dataset)
     if cfg.eval_dataset:
         check_data_sources("eval_dataset", cfg.eval_dataset)
-    _check_pretrain_checkpoint(cfg)
+    _check_pretrain_checkpoint(cfg, stage)
+    return stage
 
 
 # A data setting that starts with this names a Hub data set instead of JSONL files: hf:NAME:CONFIG[:SPLIT].
@@ -399,8 +401,7 @@ def check_data_sources(name: str, spec: str | None) -> None:
             )
 
 
-def _check_pretrain_checkpoint(cfg: TrainConfig) -> None:
-    stage = get_stage(cfg.stage)
+def _check_pretrain_checkpoint(cfg: TrainConfig, stage: Stage) -> None:
     if cfg.pretrain_checkpoint and hub_id_parts(cfg.pretrain_checkpoint) is not None:
         return  # a Hub id, resolved (and its errors reported) when the trainer loads it
     if cfg.pretrain_checkpoint:

@@ -114,7 +114,11 @@ def stage_model(base_dir: str, stage: str, tmp_path):
     cfg = train_config(base_dir, stage, tmp_path)
     torch.manual_seed(0)
     model = build_stage_model(
-        cfg, DTYPE, attention_implementation("auto", DEVICE.type == "cuda"), log=lambda *args: None
+        cfg,
+        get_stage(cfg.stage),
+        DTYPE,
+        attention_implementation("auto", DEVICE.type == "cuda"),
+        log=lambda *args: None,
     )
     return model.to(DEVICE, DTYPE)
 
@@ -137,6 +141,7 @@ def test_stage_steps_in_bf16(stage, base_dir, process_group, tmp_path, record_pr
         device=DEVICE,
         dtype=DTYPE,
         attn=attention_implementation(cfg.flash_attn, DEVICE.type == "cuda"),
+        stage=get_stage(cfg.stage),
         log=lambda *args: None,
     )
     model = setup.model

@@ -22,9 +22,7 @@ from clara.cli import add_model_flags, positive_int
 from clara.config import TrainConfig, check_data_sources
 from clara.data import load_records
 from clara.errors import ConfigError
-
-# evaluate_model: the library call that tests and users import from here since before the split.
-from clara.evaluation.evaluate import RETRIEVAL_KS, evaluate_model, evaluate_stage  # noqa: F401
+from clara.evaluation.evaluate import RETRIEVAL_KS, evaluate_stage
 from clara.evaluation.metrics import ANSWER_SCORE_NAMES
 from clara.files import json_safe, write_json_atomic, write_text_atomic
 from clara.model.checkpoint import load_model, official_base_name, read_config, resolve_base_path, resolve_checkpoint
@@ -199,7 +197,7 @@ def eval_config(
     max_len: int | None,
     seed: int,
 ) -> TrainConfig:
-    """The TrainConfig that evaluate_model needs; memory and retrieval settings come from the model."""
+    """The TrainConfig that evaluate_stage needs; memory and retrieval settings come from the model."""
     return TrainConfig(
         stage=stage.name,
         micro_batch_size=batch_size,

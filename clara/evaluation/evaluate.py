@@ -27,7 +27,7 @@ from clara.evaluation.metrics import ANSWER_SCORE_NAMES, answer_scores, retrieva
 from clara.model.collate import Collator
 from clara.model.model import eval_mode
 from clara.parallel.distributed import broadcast, gather_rows, in_lockstep
-from clara.stages import Stage, get_stage
+from clara.stages import Stage
 
 RETRIEVAL_KS = (1, 3, 5)
 
@@ -131,7 +131,7 @@ def evaluate_shard(
     for number, own in enumerate(rounds):
         indices = list(batches[own if own is not None else 0])
         run = [records[i] for i in indices]
-        out = model(collate[True](run).to(device), mse_weight=0.0)
+        out = model(collate[True](run).to(device))  # every loss term at weight 0: the LM loss alone
         losses, hits, counts = per_sample_lm(out.lm, len(run))
         chosen = out.chosen.tolist() if out.chosen is not None else [None] * len(run)
         rows = [
@@ -218,17 +218,3 @@ def evaluate_stage(
     rows = gather_rows(rows, rank, world)
     summary = broadcast(summarise(stage, rows) if rank == 0 else None, rank, world)
     return {"summary": summary, "samples": rows}
-
-
-def evaluate_model(
-    model,
-    records,
-    cfg,
-    rank: int = 0,
-    world: int = 1,
-    device=None,
-    show_progress: bool = True,
-    leave_progress: bool = False,
-) -> dict:
-    """evaluate_stage for callers that hold only the settings: the stage is the one `cfg.stage` names."""
-    return evaluate_stage(model, records, get_stage(cfg.stage), cfg, rank, world, device, show_progress, leave_progress)

@@ -69,16 +69,12 @@ def model_settings(cfg: TrainConfig) -> ModelSettings:
 
 def build_stage_model(
     cfg: TrainConfig,
+    stage: Stage,
     dtype: torch.dtype = torch.float32,
     attn_implementation: str = "sdpa",
     log: Callable[[str], None] = print,
-    stage: Stage | None = None,
 ) -> ClaraModel:
-    """The model `stage` trains, with exactly the stage's adapters and trainable parameters.
-
-    stage None: the one `cfg.stage` names, for callers that hold only the settings (tests, bench/).
-    """
-    stage = stage or get_stage(cfg.stage)
+    """The model `stage` trains, with exactly the stage's adapters and trainable parameters."""
     settings = model_settings(cfg)
     if not cfg.pretrain_checkpoint:
         log(f"{stage.name}: starting every adapter fresh from the base model {cfg.model_path}")
@@ -154,16 +150,14 @@ def infer_stage(path: str) -> str | None:
 
 def checkpoint_stage(checkpoint: str, given: str | None) -> Stage:
     """The stage a command line evaluates: `given` (--stage) or the one the checkpoint records."""
-    if given:
-        return get_stage(given)
-    found = infer_stage(checkpoint)
+    found = given or infer_stage(checkpoint)
     if found is None:
         raise CheckpointError(
             f"{checkpoint}: the official release layout records no stage and it has no "
             "query_reasoner_adapter (which would mean stage2); "
             "pass --stage stage1 or --stage stage1_2"
         )
-    if found not in STAGES:
+    if not given and found not in STAGES:
         raise CheckpointError(f"{checkpoint}/config.json: unknown stage {found!r}; pass --stage")
     return get_stage(found)
 

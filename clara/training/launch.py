@@ -29,7 +29,7 @@ from clara.data.fingerprint import check_base_model
 from clara.errors import FolderBusy, exit_status
 from clara.locks import take
 from clara.ports import free_port, port_is_free
-from clara.stages import get_stage
+from clara.stages import Stage
 
 # torchrun kills workers that have not exited this long after it passed a signal on; saving a large
 # model's resumable checkpoint can take longer than its default of 30 s.
@@ -186,6 +186,7 @@ def short_rate(rate: float) -> str:
 def summary(
     script: str,
     cfg: TrainConfig,
+    stage: Stage,
     given: TrainConfig,
     procs: Processes,
     device: str,
@@ -193,7 +194,6 @@ def summary(
     threads: str,
     extra: list[str],
 ) -> str:
-    stage = get_stage(cfg.stage)
     auto = "auto: {} (the trainer's default for this {})"
     rows = [
         ("device", device),
@@ -271,7 +271,7 @@ def summary(
         ("OMP_NUM_THREADS", threads),
         *([("extra trainer arguments", shlex.join(extra))] if extra else []),
     ]
-    lines = [f"==================== CLaRa {cfg.stage}: {script} ===================="]
+    lines = [f"==================== CLaRa {stage.name}: {script} ===================="]
     lines += [f"  {key:<30} {value}" for key, value in rows]
     return "\n".join(lines)
 
@@ -309,15 +309,15 @@ def checked(
     world: int,
     batch_defaults: tuple[int, int],
     check_batch: bool = True,
-) -> TrainConfig:
-    """The resolved settings, or LaunchError naming the variable as the user wrote it."""
+) -> tuple[TrainConfig, Stage]:
+    """The resolved settings and their stage, or LaunchError naming the variable as the user wrote it."""
     cfg = resolve(dataclasses.replace(given), has_cuda=has_cuda, world_size=world, batch_defaults=batch_defaults)
     try:
-        validate(cfg, world, check_batch)
+        stage = validate(cfg, world, check_batch)
     except ConfigError as error:
         shown = texts.get(error.name, "" if error.value is None else str(error.value))
         raise LaunchError(f"{error.name.upper()}={shown}: expected {error.expected}") from None
-    return cfg
+    return cfg, stage
 
 
 def plan(
@@ -330,12 +330,12 @@ def plan(
     # Everything that does not depend on the device is checked before torch is imported; the default
     # batch sizes do (the tiny model without CUDA, the script's with it).
     both_batch_sizes = given.batch_size is not None and given.micro_batch_size is not None
-    early = checked(given, texts, False, procs.world_size, batch_defaults, check_batch=both_batch_sizes)
+    early, _ = checked(given, texts, False, procs.world_size, batch_defaults, check_batch=both_batch_sizes)
     if not dry_run and procs.node_rank == 0:
         check_not_in_use(early.save_path)
     devices = cuda_devices()
     check_devices(procs, devices, given.dtype)
-    cfg = checked(given, texts, devices > 0, procs.world_size, batch_defaults)
+    cfg, stage = checked(given, texts, devices > 0, procs.world_size, batch_defaults)
     if devices:
         device = f"CUDA: {devices} device(s) visible, {procs.num_gpus} process(es) per node (DTYPE {given.dtype}, NCCL)"
     else:
@@ -379,7 +379,7 @@ def plan(
         "CLARA_STAGE": cfg.stage,
         "CLARA_NODE_RANK": str(procs.node_rank),
         "CLARA_DRY_RUN": str(dry_run).lower(),
-        "CLARA_SUMMARY": summary(script, cfg, given, procs, device, model_note, threads_note, extra),
+        "CLARA_SUMMARY": summary(script, cfg, stage, given, procs, device, model_note, threads_note, extra),
     }
 
 

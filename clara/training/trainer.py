@@ -129,8 +129,8 @@ class Trainer:
             self.device,
             self.dtype,
             self.attn,
+            self.stage,
             log=self.run_log.print,
-            stage=self.stage,
         )
         self._resume()
         self._announce()

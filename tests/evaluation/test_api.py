@@ -188,9 +188,10 @@ def test_official_stage2_call_and_agreement_with_evaluate(device, checkpoints, t
     cfg = TrainConfig(
         stage="stage2", micro_batch_size=BATCH, eval_max_samples=QUESTIONS, max_new_tokens=NEW_TOKENS, max_len=1024
     )
-    rows = evaluate.evaluate_model(
+    rows = evaluate.evaluate_stage(
         model.model,
         load_records(get_stage("stage2"), str(path), min_docs=k, log=lambda *a: None),
+        get_stage("stage2"),
         cfg,
         device=model.device,
         show_progress=False,
@@ -218,7 +219,7 @@ def test_readme_loading_pattern_moves_to_the_device(device, checkpoints, qa_reco
 @pytest.mark.slow
 def test_summary_scores_the_first_gold_and_the_best_of_all(checkpoints, qa_records, tmp_path):
     """A dataset whose second gold answer is the model's own prediction: the first-gold scores miss,
-    the *_any scores hit. Runs clara.evaluation.command's evaluate_model, which the trainer's evaluation uses."""
+    the *_any scores hit. Runs clara.evaluation.command's evaluate_stage, which the trainer's evaluation uses."""
     model = CLaRa.from_pretrained(str(checkpoints["stage1_2"]), device="cpu", batch_size=BATCH)
     questions = [r["question"] for r in qa_records]
     documents = [r["docs"] for r in qa_records]
@@ -241,7 +242,7 @@ def test_summary_scores_the_first_gold_and_the_best_of_all(checkpoints, qa_recor
     cfg = TrainConfig(
         stage="stage1_2", micro_batch_size=BATCH, eval_max_samples=QUESTIONS, max_new_tokens=NEW_TOKENS, max_len=2048
     )
-    results = evaluate.evaluate_model(model.model, records, cfg, show_progress=False)
+    results = evaluate.evaluate_stage(model.model, records, get_stage(cfg.stage), cfg, show_progress=False)
     rows, summary = results["samples"], results["summary"]
     assert [r["prediction"] for r in rows[:QUESTIONS]] == predictions
     for row, prediction in zip(rows, predictions):

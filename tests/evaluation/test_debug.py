@@ -131,7 +131,7 @@ def config(stage: str) -> TrainConfig:
 def stage_model(stage: str):
     """A stage model whose LoRA B matrices are not zero, so that every adapter changes what the model says."""
     torch.manual_seed(0)
-    model = build_stage_model(config(stage), log=lambda *args: None)
+    model = build_stage_model(config(stage), get_stage(stage), log=lambda *args: None)
     with torch.no_grad():
         for name, param in model.named_parameters():
             if ".lora_B." in name:

@@ -383,7 +383,7 @@ def test_recall_at_k_on_forced_scores(workdir, checkpoints, monkeypatch):
     model.train()
     records = load_records(get_stage("stage2"), str(path), min_docs=5, log=lambda *a: None)
     cfg = TrainConfig(stage="stage2", micro_batch_size=2, eval_max_samples=1, max_new_tokens=2, max_len=1024)
-    results = evaluate.evaluate_model(model, records, cfg, show_progress=False)
+    results = evaluate.evaluate_stage(model, records, get_stage(cfg.stage), cfg, show_progress=False)
     assert model.training and all(m.training for m in model.modules())  # put back in train mode
 
     assert [r["chosen"] for r in results["samples"]] == [[1, 4, 2, 3, 5]] * len(positives)
