@@ -19,7 +19,8 @@ import signal
 import pytest
 import torch
 
-from bench.child import SyntheticRecords, write_random_base, write_tokenizer
+from bench.random_base import write_random_base, write_tokenizer
+from bench.synthetic import SyntheticRecords
 from bench.config import SHAPES, BenchConfig
 from bench.memory import dims_of, nograd_layer_bytes, parameter_counts
 from clara.config import STAGES, TrainConfig
