@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 from bench.config import BenchConfig
 from bench.flops import ModelShape, peak_flops, step_flops
+from bench.machine import cpu_model
 from bench.peak_memory import PeakMemory
 from bench.profile import profile_step
 from bench.random_base import model_shape, write_random_base, write_tokenizer
@@ -305,19 +306,6 @@ def result_row(run: Run, timed: Timed, peaks: list[int], bases: list[int], resol
         "loss": timed.losses[-1],
         "losses_finite": all(math.isfinite(x) for x in timed.losses),
     }
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as handle:
-            for line in handle:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-
-    return platform.processor() or platform.machine()
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -46,7 +46,7 @@ class SyntheticRecords:
         return " ".join(words)
 
     def record(self) -> dict:
-        from clara.data import normalise
+        from clara.data.records import normalise
 
         cfg, stage = self.cfg, self.stage
         docs = [self.text(cfg.doc_max_length + 3) for _ in range(cfg.docs_per_sample)]

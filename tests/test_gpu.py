@@ -19,10 +19,10 @@ import signal
 import pytest
 import torch
 
+from bench.config import SHAPES, BenchConfig
+from bench.memory_parts import dims_of, nograd_layer_bytes, parameter_counts
 from bench.random_base import write_random_base, write_tokenizer
 from bench.synthetic import SyntheticRecords
-from bench.config import SHAPES, BenchConfig
-from bench.memory import dims_of, nograd_layer_bytes, parameter_counts
 from clara.config import STAGES, TrainConfig
 from clara.model.collate import Collator
 from clara.model.model import attention_implementation

@@ -19,8 +19,9 @@ import datasets
 import torch
 
 from clara.cli import add_model_flags, positive_int
-from clara.config import TrainConfig, check_data_sources
-from clara.data import load_records
+from clara.config import TrainConfig
+from clara.data.load import load_records
+from clara.data.spec import checked_source
 from clara.errors import ConfigError
 from clara.evaluation.evaluate import RETRIEVAL_KS, evaluate_stage
 from clara.evaluation.metrics import ANSWER_SCORE_NAMES
@@ -222,7 +223,7 @@ def run(args: argparse.Namespace, rank: int, world: int, device: torch.device) -
             args.index,
             f"a stage2 checkpoint and records (open-corpus retrieval uses the query reasoner), not {stage.name}",
         )
-    check_data_sources("dataset", args.dataset)
+    checked_source(args.dataset, "dataset")
     dtype, attn = resolve_runtime(args.dtype, args.flash_attn, device)
     top_k = int(read_config(checkpoint).get("generation_top_k", 5))
     check = eval_length_check(checkpoint, stage, args.max_len, args.seed, args.model_path)

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from clara.cli import build_parser, parse_value, value_type
 from clara.config import REPO_ROOT, TINY_MODEL_NAME, ConfigError, TrainConfig, recorded_base, resolve, validate
 from clara.data.fingerprint import check_base_model
+from clara.data.spec import check_data_settings
 from clara.errors import FolderBusy, exit_status
 from clara.locks import take
 from clara.ports import free_port, port_is_free
@@ -314,6 +315,7 @@ def checked(
     cfg = resolve(dataclasses.replace(given), has_cuda=has_cuda, world_size=world, batch_defaults=batch_defaults)
     try:
         stage = validate(cfg, world, check_batch)
+        check_data_settings(cfg.dataset, cfg.eval_dataset)
     except ConfigError as error:
         shown = texts.get(error.name, "" if error.value is None else str(error.value))
         raise LaunchError(f"{error.name.upper()}={shown}: expected {error.expected}") from None

@@ -22,8 +22,8 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from clara.config import ConfigError, TrainConfig
-from clara.data import load_records
 from clara.data.fingerprint import train_data_key
+from clara.data.load import load_records
 from clara.errors import RunFailure
 from clara.evaluation.debug import DebugPrinter
 from clara.evaluation.evaluate import evaluate_stage

@@ -12,9 +12,11 @@ import time
 
 import pytest
 
-from bench.__main__ import SWEEPS, build_parser, config_from_args, parse_args, sweep_configs, wait_for_load
+from bench.cli import build_parser, config_from_args, parse_args
 from bench.config import SHAPES, BenchConfig
 from bench.flops import ModelShape, pass_flops, peak_flops, step_flops
+from bench.machine import wait_for_load
+from bench.sweeps import SWEEPS, sweep_configs
 from clara.stages import get_stage
 from tests.helpers import REPO
 

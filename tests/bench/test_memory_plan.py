@@ -13,17 +13,14 @@ import torch
 from transformers import AutoModelForCausalLM, MistralConfig, Qwen3Config
 
 from bench.config import SHAPES
-from bench.memory import (
+from bench.memory import GiB, Workload, plan_rows, step_memory
+from bench.memory_parts import (
     Dims,
-    GiB,
-    Workload,
     dims_of,
     gathered_elements,
     layer_activation_bytes,
     lora_input_elements,
     parameter_counts,
-    plan_rows,
-    step_memory,
 )
 from clara.model.model import ModelSettings, attach_adapters
 from clara.stages import get_stage

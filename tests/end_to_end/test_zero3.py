@@ -20,7 +20,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from bench.memory import Dims, parameter_counts
+from bench.memory_parts import Dims, parameter_counts
 from clara.evaluation.command import eval_config, evaluate_stage, load_eval_records
 from clara.model.checkpoint import load_model
 from clara.stages import get_stage

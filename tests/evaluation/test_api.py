@@ -22,7 +22,7 @@ import torch
 
 from clara import CLaRa
 from clara.config import TrainConfig
-from clara.data import load_records
+from clara.data.load import load_records
 from clara.evaluation import command as evaluate
 from clara.evaluation.metrics import ANSWER_SCORE_NAMES, f1_score
 from clara.model.collate import encode_documents

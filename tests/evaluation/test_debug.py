@@ -25,7 +25,7 @@ import torch.distributed as dist
 from safetensors.torch import load_file
 
 from clara.config import TrainConfig
-from clara.data import normalise
+from clara.data.records import normalise
 from clara.evaluation import debug
 from clara.evaluation.debug import DebugPrinter
 from clara.model.collate import IGNORE_INDEX, Collator

@@ -193,7 +193,7 @@ def test_cli_prints_table_and_writes_per_sample_file(stage, cli_runs, checkpoint
 @pytest.mark.parametrize("stage", STAGES)
 def test_per_sample_loss_is_the_training_loss_of_that_sample(stage, cli_runs, checkpoints, eval_files):
     """A one-sample training forward (eval mode, LM loss only) gives the loss the batched evaluation wrote."""
-    from clara.data import load_records
+    from clara.data.load import load_records
     from clara.model.checkpoint import load_model
     from clara.model.collate import Collator
 
@@ -244,7 +244,7 @@ def test_evaluation_during_training_logs_the_same_metrics(stage, cli_runs, check
 
 @pytest.mark.slow
 def test_generation_is_greedy_and_repeatable(workdir, cli_runs, checkpoints, eval_files, capsys):
-    from clara.data import load_records
+    from clara.data.load import load_records
     from clara.model.checkpoint import load_model
     from clara.model.collate import Collator
     from clara.stages.prompts import end_of_turn
@@ -360,7 +360,7 @@ def test_recall_at_k_on_forced_scores(workdir, checkpoints, monkeypatch):
     """Scores forced to one known ranking: candidates in order 1, 4, 2, 3, 5, 0; top-5 = [1, 4, 2, 3, 5]."""
     import clara.model.model
     from clara.config import TrainConfig
-    from clara.data import load_records
+    from clara.data.load import load_records
     from clara.model.checkpoint import load_model
 
     forced = torch.tensor([0.1, 0.9, 0.5, 0.3, 0.7, 0.2])

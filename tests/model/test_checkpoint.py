@@ -11,7 +11,7 @@ from peft import get_peft_model_state_dict
 from safetensors.torch import load_file
 
 from clara.config import TrainConfig
-from clara.data import normalise
+from clara.data.records import normalise
 from clara.model.checkpoint import CheckpointError, load_model, read_config, save_model
 from clara.model.collate import Collator
 from clara.model.stage_model import build_stage_model

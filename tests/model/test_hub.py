@@ -21,7 +21,7 @@ import torch
 from peft import get_peft_model_state_dict
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from clara.data import normalise
+from clara.data.records import normalise
 from clara.model.checkpoint import PEFT_PREFIX, build_model
 from clara.model.collate import Collator
 from clara.model.model import ModelSettings

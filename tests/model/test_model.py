@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from clara.config import TrainConfig
-from clara.data import normalise
+from clara.data.records import normalise
 from clara.model.collate import IGNORE_INDEX, Collator
 from clara.model.stage_model import build_stage_model
 from clara.model.topk import cosine_scores, differentiable_topk, retrieval_loss
