@@ -76,6 +76,10 @@ SHAPES = {
 }
 
 
+# What measures retrieval (the candidates sweeps, answering from an index) runs the first stage that selects
+# documents with the query reasoner.
+RETRIEVAL_STAGE = next(name for name, stage in STAGES.items() if stage.uses_query)
+
 SHAPE, TRAINING, MEASUREMENT = "model shape (random weights)", "training settings", "measurement and output"
 
 

@@ -2,12 +2,7 @@
 
 from __future__ import annotations
 
-from bench.config import BenchConfig
-from clara.stages import STAGES
-
-# The rows that vary the candidates run the (first) stage that retrieves them with the query reasoner.
-RETRIEVAL_STAGE = next(name for name, stage in STAGES.items() if stage.uses_query)
-
+from bench.config import RETRIEVAL_STAGE, BenchConfig
 
 # The scaling rows: (group, overrides of the base configuration for each row).
 SWEEPS = {

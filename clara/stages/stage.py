@@ -48,6 +48,9 @@ class Stage:
     example: ExampleFn
     header: Callable[[dict], tuple[str, str]]  # (question, answer) shown by the debug print and eval rows
     typical_sample: TypicalSample  # what bench/ plans memory for when not told otherwise
+    # The paper's evaluation sets of the stage in apple/CLaRa_multi_stage: their configurations' name prefix
+    # (python -m clara.benchmark); None: the stage has none.
+    benchmark_sets: str | None = None
 
     @property
     def adapters(self) -> tuple[str, ...]:

@@ -36,4 +36,5 @@ STAGE = Stage(
     example=example,
     header=header,
     typical_sample=TypicalSample(docs_per_sample=5, prompt_tokens=96, supervised_tokens=32),
+    benchmark_sets="inst_eval_",
 )

@@ -35,4 +35,5 @@ STAGE = Stage(
     example=example,
     header=header,
     typical_sample=TypicalSample(docs_per_sample=20, prompt_tokens=96, supervised_tokens=32),
+    benchmark_sets="e2e_eval_ours_",
 )
