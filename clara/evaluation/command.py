@@ -19,11 +19,10 @@ import datasets
 import torch
 
 from clara.cli import add_model_flags, positive_int
-from clara.config import TrainConfig
 from clara.data.load import load_records
 from clara.data.spec import checked_source
 from clara.errors import ConfigError
-from clara.evaluation.evaluate import RETRIEVAL_KS, evaluate_stage
+from clara.evaluation.evaluate import RETRIEVAL_KS, EvalSettings, evaluate_stage
 from clara.evaluation.metrics import ANSWER_SCORE_NAMES
 from clara.files import json_safe, write_json_atomic, write_text_atomic
 from clara.model.checkpoint import load_model, official_base_name, read_config, resolve_base_path, resolve_checkpoint
@@ -197,16 +196,13 @@ def eval_config(
     max_new_tokens: int,
     max_len: int | None,
     seed: int,
-) -> TrainConfig:
-    """The TrainConfig that evaluate_stage needs; memory and retrieval settings come from the model."""
-    return TrainConfig(
-        stage=stage.name,
-        micro_batch_size=batch_size,
-        eval_max_samples=max_samples or num_records,
+) -> EvalSettings:
+    """What evaluate_stage reads, from the command line's options and the stage's defaults."""
+    return EvalSettings(
+        batch_size=batch_size,
+        generate_limit=max_samples or num_records,
         max_new_tokens=max_new_tokens,
-        doc_max_length=model.settings.doc_max_length,
         max_len=max_len or stage.max_len,
-        generation_top_k=model.settings.generation_top_k,
         seed=seed,
     )
 
@@ -234,7 +230,7 @@ def run(args: argparse.Namespace, rank: int, world: int, device: torch.device) -
     )
     log(
         f"Evaluating {args.checkpoint} ({stage.name}, {stage_source}) on {args.dataset}: {len(records)} samples"
-        + (f", generation on {min(cfg.eval_max_samples, len(records))}" if stage.generates else "")
+        + (f", generation on {min(cfg.generate_limit, len(records))}" if stage.generates else "")
         + f" | {world} process(es) | device {device.type} | dtype {str(dtype).replace('torch.', '')}",
         flush=True,
     )
@@ -260,7 +256,7 @@ def run(args: argparse.Namespace, rank: int, world: int, device: torch.device) -
     return results
 
 
-def open_corpus(args: argparse.Namespace, model, records, cfg, device: torch.device, log) -> dict:
+def open_corpus(args: argparse.Namespace, model, records, cfg: EvalSettings, device: torch.device, log) -> dict:
     """The open-corpus table (answers from the index's stored vectors); its numbers prefixed open_."""
     from clara.evaluation.open_corpus import open_corpus_summary
     from clara.index.store import check_index_matches, load_index
@@ -274,9 +270,9 @@ def open_corpus(args: argparse.Namespace, model, records, cfg, device: torch.dev
         [r["question"] for r in records],
         [r["answer"] for r in records],
         gold,
-        min(cfg.eval_max_samples, len(records)),
+        min(cfg.generate_limit, len(records)),
         RETRIEVAL_KS,
-        batch_size=cfg.micro_batch_size,
+        batch_size=cfg.batch_size,
         max_new_tokens=cfg.max_new_tokens,
         max_len=cfg.max_len,
         seed=cfg.seed,

@@ -18,6 +18,7 @@ the same number of forwards and generations, on stand-in micro-batches where the
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -69,6 +70,17 @@ def sample_row(stage: Stage, index: int, record: dict, loss, hits: int, count: i
         row["chosen"] = chosen
         row["pos_index"] = list(record["pos_index"]) if record["has_pos_index"] else None
     return row
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    """What an evaluation reads of the settings; memory and retrieval settings come from the model."""
+
+    batch_size: int  # samples per forward, per process
+    generate_limit: int  # the first this many samples are also answered by generation
+    max_new_tokens: int  # per generated answer
+    max_len: int  # decoder tokens
+    seed: int  # the training seed, which picks the stage1 paraphrase prompts
 
 
 def lockstep_rounds(num_batches: int, rank: int, world: int, lockstep: bool) -> list[int | None]:
@@ -184,7 +196,7 @@ def evaluate_stage(
     model,
     records,
     stage: Stage,
-    cfg,
+    settings: EvalSettings,
     rank: int = 0,
     world: int = 1,
     device=None,
@@ -193,8 +205,7 @@ def evaluate_stage(
 ) -> dict:
     """Evaluate a ClaraModel on normalised records of `stage` (a datasets.Dataset or a list).
 
-    cfg needs micro_batch_size, eval_max_samples, max_new_tokens, max_len and seed (a TrainConfig
-    does). Memory and retrieval settings come from the model. The model runs in eval mode and is put
+    Memory and retrieval settings come from the model. The model runs in eval mode and is put
     back in the mode it came in. Every rank must call this with the same records.
     Returns {"summary": flat dict of numbers (every rank), "samples": per-sample rows in dataset
     order (rank 0; None elsewhere)}.
@@ -204,11 +215,11 @@ def evaluate_stage(
             model,
             records,
             stage,
-            cfg.micro_batch_size,
-            cfg.eval_max_samples,
-            cfg.max_new_tokens,
-            cfg.max_len,
-            cfg.seed,
+            settings.batch_size,
+            settings.generate_limit,
+            settings.max_new_tokens,
+            settings.max_len,
+            settings.seed,
             rank,
             world,
             device,

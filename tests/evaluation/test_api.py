@@ -21,9 +21,9 @@ import pytest
 import torch
 
 from clara import CLaRa
-from clara.config import TrainConfig
 from clara.data.load import load_records
 from clara.evaluation import command as evaluate
+from clara.evaluation.evaluate import EvalSettings
 from clara.evaluation.metrics import ANSWER_SCORE_NAMES, f1_score
 from clara.model.collate import encode_documents
 from clara.stages import get_stage
@@ -185,14 +185,14 @@ def test_official_stage2_call_and_agreement_with_evaluate(device, checkpoints, t
 
     # clara.evaluation.command (the trainer's evaluation too) picks the same documents and gives the same answers.
     path = write_jsonl(tmp_path / "stage2.jsonl", records)
-    cfg = TrainConfig(
-        stage="stage2", micro_batch_size=BATCH, eval_max_samples=QUESTIONS, max_new_tokens=NEW_TOKENS, max_len=1024
+    settings = EvalSettings(
+        batch_size=BATCH, generate_limit=QUESTIONS, max_new_tokens=NEW_TOKENS, max_len=1024, seed=42
     )
     rows = evaluate.evaluate_stage(
         model.model,
         load_records(get_stage("stage2"), str(path), min_docs=k, log=lambda *a: None),
         get_stage("stage2"),
-        cfg,
+        settings,
         device=model.device,
         show_progress=False,
     )["samples"]
@@ -239,10 +239,10 @@ def test_summary_scores_the_first_gold_and_the_best_of_all(checkpoints, qa_recor
     )
     assert records[0]["answer"] == WRONG_GOLD and records[0]["answers"] == [WRONG_GOLD, predictions[0]]
 
-    cfg = TrainConfig(
-        stage="stage1_2", micro_batch_size=BATCH, eval_max_samples=QUESTIONS, max_new_tokens=NEW_TOKENS, max_len=2048
+    settings = EvalSettings(
+        batch_size=BATCH, generate_limit=QUESTIONS, max_new_tokens=NEW_TOKENS, max_len=2048, seed=42
     )
-    results = evaluate.evaluate_stage(model.model, records, get_stage(cfg.stage), cfg, show_progress=False)
+    results = evaluate.evaluate_stage(model.model, records, get_stage("stage1_2"), settings, show_progress=False)
     rows, summary = results["samples"], results["summary"]
     assert [r["prediction"] for r in rows[:QUESTIONS]] == predictions
     for row, prediction in zip(rows, predictions):

@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from clara.evaluation import command as evaluate
+from clara.evaluation.evaluate import EvalSettings
 from clara.evaluation.inference import CLaRa
 from clara.evaluation.metrics import ANSWER_SCORE_NAMES
 from clara.stages import get_stage
@@ -359,7 +360,6 @@ def test_two_processes_give_the_same_results_as_one(workdir, cli_runs, checkpoin
 def test_recall_at_k_on_forced_scores(workdir, checkpoints, monkeypatch):
     """Scores forced to one known ranking: candidates in order 1, 4, 2, 3, 5, 0; top-5 = [1, 4, 2, 3, 5]."""
     import clara.model.model
-    from clara.config import TrainConfig
     from clara.data.load import load_records
     from clara.model.checkpoint import load_model
 
@@ -382,8 +382,8 @@ def test_recall_at_k_on_forced_scores(workdir, checkpoints, monkeypatch):
     model = load_model(str(checkpoints["stage2"]))
     model.train()
     records = load_records(get_stage("stage2"), str(path), min_docs=5, log=lambda *a: None)
-    cfg = TrainConfig(stage="stage2", micro_batch_size=2, eval_max_samples=1, max_new_tokens=2, max_len=1024)
-    results = evaluate.evaluate_stage(model, records, get_stage(cfg.stage), cfg, show_progress=False)
+    settings = EvalSettings(batch_size=2, generate_limit=1, max_new_tokens=2, max_len=1024, seed=42)
+    results = evaluate.evaluate_stage(model, records, get_stage("stage2"), settings, show_progress=False)
     assert model.training and all(m.training for m in model.modules())  # put back in train mode
 
     assert [r["chosen"] for r in results["samples"]] == [[1, 4, 2, 3, 5]] * len(positives)
