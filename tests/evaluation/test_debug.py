@@ -300,7 +300,7 @@ def test_the_trainer_hands_the_hook_its_own_training_forward(monkeypatch):
             engine.optimizer,
             batches,
             seeds,
-            MSE_WEIGHT,
+            mse_weight=MSE_WEIGHT,
             on_first=lambda b, o: (seen.append((b, o)), texts.append(printer.format_sample(b, o))),
         )
     assert len(engine.outputs) == len(batches)  # one forward per micro-batch, none for the print
@@ -517,7 +517,7 @@ def test_a_diverged_step_prints_through_the_trainer(monkeypatch):
             engine.optimizer,
             [batch],
             [1],
-            MSE_WEIGHT,
+            mse_weight=MSE_WEIGHT,
             on_first=lambda b, o: texts.append(printer.format_sample(b, o)),
         )
     assert result.skipped
