@@ -154,7 +154,7 @@ def test_stage_steps_in_bf16(stage, base_dir, process_group, tmp_path, record_pr
     for step in range(2):
         batch = setup.collator(records[2 * step : 2 * step + 2]).to(DEVICE)
         result = optimizer_step(
-            setup.engine, setup.optimizer, [batch], [step_seed(cfg.seed, step, 0, 0)], setup.mse_weight
+            setup.engine, setup.optimizer, [batch], [step_seed(cfg.seed, step, 0, 0)], **setup.weights
         )
         assert not result.skipped
         assert math.isfinite(result.sums.lm_loss) and result.sums.lm_loss > 0
