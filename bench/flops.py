@@ -23,6 +23,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from clara.stages import Stage
+
 # Dense (no sparsity) bf16 tensor-core peaks from NVIDIA's data sheets, in FLOP/s. Matched in order
 # against torch.cuda.get_device_name(): the more specific names come first.
 PEAK_BF16_DENSE = (
@@ -77,7 +79,7 @@ def lm_head_flops(shape: ModelShape, supervised: int) -> float:
 
 def step_flops(
     shape: ModelShape,
-    stage: str,
+    stage: Stage,
     doc_lengths: list[int],
     dec_lengths: list[int],
     supervised: int,
@@ -85,12 +87,12 @@ def step_flops(
 ) -> dict[str, float]:
     """Model FLOPs of one micro-batch's forward and backward, by part.
 
-    stage1 / stage1_2: documents through the trained compressor, then the generator.
-    stage2: the question through the trained query reasoner, the candidates through the compressor
-    without gradient, then the generator.
+    A stage without the query reasoner: documents through the trained compressor, then the generator.
+    With it (`Stage.uses_query`): the question through the trained query reasoner, the candidates through the
+    compressor without gradient, then the generator.
     """
     parts = {}
-    if stage == "stage2":
+    if stage.uses_query:
         parts["query"] = pass_flops(shape, query_lengths or [], grad=True, adapter_trained=True)
         parts["candidates"] = pass_flops(shape, doc_lengths, grad=False, adapter_trained=False)
     else:

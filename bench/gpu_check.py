@@ -16,16 +16,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import time
 import xml.etree.ElementTree as ElementTree
 from pathlib import Path
 
-from bench.__main__ import machine_info, run_config
+from bench.__main__ import run_config
 from bench.config import SHAPES, BenchConfig
-from bench.memory import Workload, dims_of, step_memory
+from bench.gpu_rehearsal import rehearse
+from bench.machine import machine_info
+from bench.memory import Workload, step_memory
+from bench.memory_parts import dims_of
 
 REPO = Path(__file__).resolve().parent.parent
 MB = 2**20
@@ -218,9 +220,10 @@ def predicted_peak(result: dict) -> float:
     shapes = result["batch_shapes"]
     samples = shapes["dec"][0]
     n_mem = cfg["doc_max_length"] // cfg["compress_rate"]
-    slots = cfg["top_k"] if cfg["stage"] == "stage2" else shapes["enc"][0] // samples
+    stage = BenchConfig.from_dict(cfg).stage_spec
+    slots = cfg["top_k"] if stage.uses_query else shapes["enc"][0] // samples
     work = Workload(
-        stage=cfg["stage"],
+        stage=stage,
         micro_batch_size=samples,
         docs_per_sample=shapes["enc"][0] // samples,
         doc_max_length=cfg["doc_max_length"],
@@ -315,89 +318,7 @@ def summary_text(report: dict) -> str:
     return "\n".join(lines)
 
 
-# -- the rehearsal on CPU -------------------------------------------------------------------------------------
-REHEARSAL_ROW = dict(
-    warmup_steps=0,
-    steps=1,
-    micro_batch_size=2,
-    docs=2,
-    candidates=6,
-    top_k=2,
-    doc_max_length=64,
-    compress_rate=16,
-    flash_attn="false",
-)
-
-
-def rehearse_launcher(out: Path, limit: float) -> dict:
-    """train_single_gpu.sh for one step of stage1 on the built-in tiny model, on CPU."""
-    env = {
-        **os.environ,
-        "CUDA_VISIBLE_DEVICES": "",
-        "NO_COLOR": "1",
-        "SAVE_PATH": str(out / "rehearsal_run"),
-        "MAX_STEPS": "1",
-        "MAX_SAMPLES": "8",
-        "BATCH_SIZE": "2",
-        "MICRO_BATCH_SIZE": "2",
-        "DEBUG_MODE": "false",
-    }
-    log = out / "rehearsal_launcher.log"
-    started = time.monotonic()
-    with open(log, "w", encoding="utf-8") as handle:
-        try:
-            code = subprocess.run(
-                ["bash", "train_single_gpu.sh"],
-                cwd=REPO,
-                env=env,
-                stdout=handle,
-                stderr=subprocess.STDOUT,
-                timeout=limit,
-            ).returncode
-        except subprocess.TimeoutExpired:
-            code = None
-    status = "timed out" if code is None else "passed" if code == 0 else "failed"
-    return {"status": status, "exit_code": code, "seconds": round(time.monotonic() - started, 1), "log": log.name}
-
-
-def rehearse(out: Path) -> int:
-    """Import the GPU tests, step each stage once in bench's child process and run the launcher, on CPU."""
-    report = {"machine": machine_info(), "parts": {}}
-    collect = subprocess.run(
-        [sys.executable, "-m", "pytest", "-m", "gpu", "tests/test_gpu.py", "--collect-only", "-q"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    report["parts"]["import tests/test_gpu.py"] = {
-        "status": "passed" if collect.returncode == 0 else "failed",
-        "output": collect.stdout[-2000:] + collect.stderr[-2000:],
-    }
-    for stage in ("stage1", "stage1_2", "stage2"):
-        row = run_config(BenchConfig(stage=stage, **REHEARSAL_ROW, label=f"tiny {stage}"), 300, exact_memory=False)
-        report["parts"][f"bench step {stage}"] = {
-            "status": "passed" if "step_time_s" in row else "failed",
-            "detail": f"loss {row.get('loss')}, step {row.get('step_time_s')} s"
-            if "step_time_s" in row
-            else row.get("error_detail", row.get("error")),
-        }
-    report["parts"]["launcher"] = rehearse_launcher(out, 300)
-    report["status"] = "passed" if all(p["status"] == "passed" for p in report["parts"].values()) else "failed"
-    (out / "rehearsal_report.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
-    print(
-        f"gpu_check rehearsal on CPU: Python {report['machine']['python']}, torch {report['machine']['torch']}, "
-        f"transformers {report['machine']['transformers']}, peft {report['machine']['peft']}, "
-        f"deepspeed {report['machine']['deepspeed']}"
-    )
-    for name, part in report["parts"].items():
-        detail = part.get("detail") or part.get("log") or ""
-        print(f"  {part['status']:9} {name}" + (f": {str(detail)[-600:]}" if detail else ""))
-    print(f"rehearsal: {report['status']}")
-    return 0 if report["status"] == "passed" else 1
-
-
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m bench.gpu_check", description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, help="directory for gpu_report.json, gpu_report.txt and the logs")
     parser.add_argument("--installs", default="", help="what scripts/gpu_check.sh's installs said (one line each)")
@@ -414,7 +335,11 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="on CPU: import the GPU tests, step each stage once and run the launcher for one step",
     )
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     import torch
 
     out = Path(args.out)

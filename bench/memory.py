@@ -39,74 +39,35 @@ import sys
 from dataclasses import dataclass
 
 from bench.config import SHAPES
-from clara.config import STAGES
+from bench.memory_parts import (
+    Dims,
+    dims_of,
+    gathered_elements,
+    layer_activation_bytes,
+    nograd_layer_bytes,
+    parameter_counts,
+)
+from clara.stages import STAGES, Stage
 
 GiB = 2**30
 # DeepSpeed's default ZeRO reduce_bucket_size, in elements: allocated in full at the first backward.
 REDUCE_BUCKET_ELEMENTS = int(5e8)
-# DeepSpeed's default stage3_max_live_parameters: the most parameters it keeps gathered at once.
-MAX_LIVE_ELEMENTS = int(1e9)
 OFFLOADS = ("none", "optimizer", "all")
-# Adapters held by each stage's model, and how many of them train.
-ADAPTERS_HELD = {"stage1": 2, "stage1_2": 2, "stage2": 3}
-TRAINED_ADAPTERS = 2
-# The linear layers LoRA adapts ("all-linear"), per transformer layer.
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-
-@dataclass
-class Dims:
-    """A base model's shape (the fields of a bench.config.SHAPES entry)."""
-
-    hidden_size: int
-    num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    intermediate_size: int
-    vocab_size: int
-    tie_word_embeddings: bool
-    qk_norm: bool = True  # Qwen3 normalises queries and keys per head; Mistral does not
-
-    @property
-    def q_width(self) -> int:
-        return self.num_heads * self.head_dim
-
-    @property
-    def kv_width(self) -> int:
-        return self.num_kv_heads * self.head_dim
-
-    def linear_shapes(self) -> dict[str, tuple[int, int]]:
-        """(in, out) of each linear layer of one transformer layer."""
-        h, q, kv, i = self.hidden_size, self.q_width, self.kv_width, self.intermediate_size
-        return {
-            "q_proj": (h, q),
-            "k_proj": (h, kv),
-            "v_proj": (h, kv),
-            "o_proj": (q, h),
-            "gate_proj": (h, i),
-            "up_proj": (h, i),
-            "down_proj": (i, h),
-        }
-
-
-def dims_of(model: str) -> Dims:
-    return Dims(**SHAPES[model], qk_norm=not model.startswith(("mistral", "llama")))
 
 
 @dataclass
 class Workload:
     """What one micro-batch holds (per GPU)."""
 
-    stage: str
+    stage: Stage
     micro_batch_size: int = 1
-    docs_per_sample: int = 1  # stage2: candidates per question
+    docs_per_sample: int = 1  # a stage with the query reasoner: candidates per question
     doc_max_length: int = 256
     compress_rate: int = 32
-    top_k: int = 5  # stage2: documents the generator reads
+    top_k: int = 5  # with the query reasoner: documents the generator reads
     prompt_tokens: int = 96  # generator tokens besides the memory slots: template, question, answer
     supervised_tokens: int = 32  # generator positions with a target (the answer)
-    question_tokens: int = 32  # stage2: the query reasoner's input besides its memory tokens
+    question_tokens: int = 32  # the query reasoner's input besides its memory tokens
     candidate_chunk_size: int = 64
 
     @property
@@ -120,78 +81,13 @@ class Workload:
 
     @property
     def decoder_tokens(self) -> int:
-        slots = self.top_k if self.stage == "stage2" else self.docs_per_sample
+        slots = self.top_k if self.stage.uses_query else self.docs_per_sample
         return self.prompt_tokens + slots * self.n_mem
-
-
-# Typical samples at the launchers' defaults (DOC_MAX_LENGTH 256, COMPRESS_RATE 32, GENERATION_TOP_K 5):
-# stage1 paraphrases or answers about one document (the target about as long as the document); stage1_2
-# answers a question from five documents; stage2 retrieves five of twenty candidates.
-DEFAULT_WORKLOADS = {
-    "stage1": dict(docs_per_sample=1, prompt_tokens=320, supervised_tokens=256),
-    "stage1_2": dict(docs_per_sample=5, prompt_tokens=96, supervised_tokens=32),
-    "stage2": dict(docs_per_sample=20, prompt_tokens=96, supervised_tokens=32),
-}
 
 
 def default_micro_batch(gpus: int) -> int:
     """MICRO_BATCH_SIZE of train_single_gpu.sh (one GPU) and of train_8gpu.sh (more)."""
     return 1 if gpus == 1 else 2
-
-
-def parameter_counts(dims: Dims, lora_r: int = 16) -> dict[str, int]:
-    """Base parameters by part, `linear` (N of bench.flops) and one adapter's LoRA parameters."""
-    linear_per_layer = sum(a * b for a, b in dims.linear_shapes().values())
-    norms_per_layer = 2 * dims.hidden_size + (2 * dims.head_dim if dims.qk_norm else 0)
-    embedding = dims.vocab_size * dims.hidden_size
-    head = 0 if dims.tie_word_embeddings else embedding
-    layers = dims.num_layers * (linear_per_layer + norms_per_layer)
-    lora = dims.num_layers * sum(lora_r * (a + b) for a, b in dims.linear_shapes().values())
-    return {
-        "embedding": embedding,
-        "lm_head": head,
-        "layers": layers,
-        "total": embedding + head + layers + dims.hidden_size,  # + the final norm
-        "linear": dims.num_layers * linear_per_layer,
-        "lora_per_adapter": lora,
-    }
-
-
-def lora_input_elements(dims: Dims) -> int:
-    """Elements per token of the inputs of one layer's adapted linear layers."""
-    return sum(a for a, _ in dims.linear_shapes().values())
-
-
-def layer_activation_bytes(dims: Dims) -> int:
-    """Bytes one transformer layer keeps for backward per token, in bf16, frozen base, LoRA with dropout.
-
-    A frozen linear keeps nothing (its input gradient needs only its weight), nor does a norm's frozen
-    weight. Kept: each RMSNorm's input in fp32 (4 bytes per element); each LoRA input after dropout
-    (bf16) and CUDA's boolean dropout mask (3 bytes per element of the adapted layer's input); the
-    attention's query, keys and values (keys and values repeated to every head: a padding mask rules
-    out grouped-query SDPA) and its output; the MLP's gate and up projections and the activation (2
-    bytes each). Left out as small: LoRA's rank-r intermediates, the softmax statistics.
-    """
-    h, q, kv, i = dims.hidden_size, dims.q_width, dims.kv_width, dims.intermediate_size
-    norms = 4 * h * 2 + (4 * (q + kv) if dims.qk_norm else 0)
-    lora_inputs = 3 * lora_input_elements(dims)
-    attention = 2 * (q + 2 * q + q)
-    mlp = 2 * 3 * i
-    return norms + lora_inputs + attention + mlp
-
-
-def nograd_layer_bytes(dims: Dims) -> int:
-    """Transient bytes per token of one layer's forward without gradient (the live tensors at its widest)."""
-    h, q, kv, i = dims.hidden_size, dims.q_width, dims.kv_width, dims.intermediate_size
-    return 2 * (3 * h + 2 * q + 2 * kv + 3 * i)
-
-
-def gathered_elements(dims: Dims, lora_r: int = 16) -> int:
-    """ZeRO-3: the most parameters held gathered at once, as clara.parallel.zero3.gathering_limits allows: two of
-    the largest unit (a layer with its adapters, or the embedding matrix), at most DeepSpeed's 1e9."""
-    counts = parameter_counts(dims, lora_r)
-    layer = (counts["layers"] + ADAPTERS_HELD["stage2"] * counts["lora_per_adapter"]) // dims.num_layers
-    return min(2 * max(layer, counts["embedding"]), MAX_LIVE_ELEMENTS)
 
 
 def weight_parts(
@@ -200,8 +96,8 @@ def weight_parts(
     """Bytes per GPU of the weights, the optimizer states, the gradients and the reduction bucket."""
     counts = parameter_counts(dims, lora_r)
     h = dims.hidden_size
-    trained = TRAINED_ADAPTERS * counts["lora_per_adapter"] + work.n_mem * h
-    lora = 2.0 * ADAPTERS_HELD[work.stage] * counts["lora_per_adapter"] + 2.0 * work.n_mem * h
+    trained = len(work.stage.trained_adapters) * counts["lora_per_adapter"] + work.n_mem * h
+    lora = 2.0 * len(work.stage.adapters) * counts["lora_per_adapter"] + 2.0 * work.n_mem * h
     shard = gpus if zero_stage >= 1 else 1
     on_gpu = offload == "none"  # the fp32 masters, moments and gradient partition; else in CPU memory
     parts = {
@@ -233,7 +129,7 @@ def step_memory(
     h, layers = dims.hidden_size, dims.num_layers
     parts = weight_parts(dims, work, gpus, zero_stage, offload, lora_r)
     b = work.micro_batch_size
-    if work.stage == "stage2":
+    if work.stage.uses_query:
         grad_passes = [b * (work.question_tokens + work.n_mem), b * work.decoder_tokens]
     else:
         grad_passes = [b * work.docs_per_sample * work.doc_tokens, b * work.decoder_tokens]
@@ -248,7 +144,7 @@ def step_memory(
     # Backward's own working set: activation gradients of the widest pass (a few hidden-sized tensors).
     parts["activations"] = float(kept + edges + 8 * h * max(grad_passes))
     parts["lm_head"] = 10.0 * b * work.supervised_tokens * dims.vocab_size
-    if work.stage == "stage2":
+    if work.stage.uses_query:
         chunk = min(work.candidate_chunk_size, b * work.docs_per_sample)
         compression = chunk * work.doc_tokens * (nograd_layer_bytes(dims) + 2 * h)
         # It runs after the query reasoner's forward, before the generator's: only that pass is kept then.
@@ -260,8 +156,9 @@ def step_memory(
     return parts
 
 
-def default_workload(stage: str, gpus: int, **overrides) -> Workload:
-    values = {**DEFAULT_WORKLOADS[stage], "micro_batch_size": default_micro_batch(gpus), **overrides}
+def default_workload(stage: Stage, gpus: int, **overrides) -> Workload:
+    """The stage's typical sample (`Stage.typical_sample`) at the launcher's micro-batch, with `overrides`."""
+    values = {**dataclasses.asdict(stage.typical_sample), "micro_batch_size": default_micro_batch(gpus), **overrides}
     return Workload(stage=stage, **values)
 
 
@@ -281,7 +178,7 @@ def fitting_change(
     small = dataclasses.replace(work, micro_batch_size=1)
     if work.micro_batch_size > 1:
         tries.append(("MICRO_BATCH_SIZE=1 (more gradient accumulation)", small, zero_stage, True, offload))
-    if work.stage == "stage2":
+    if work.stage.uses_query:
         for chunk in (16, 4):
             if chunk < work.candidate_chunk_size:
                 tries.append(
@@ -356,7 +253,7 @@ def plan_rows(
     dims = dims_of(model)
     budget = 0.9 * gpu_gib * GiB
     rows = []
-    for stage in STAGES:
+    for stage in STAGES.values():
         work = default_workload(stage, gpus, **overrides)
         parts = step_memory(dims, work, gpus, zero_stage, gradient_checkpointing, offload=offload)
         fits = parts["peak"] <= budget
@@ -369,7 +266,7 @@ def plan_rows(
                 "model": model,
                 "gpus": gpus,
                 "gpu_gib": gpu_gib,
-                "stage": stage,
+                "stage": stage.name,
                 "micro_batch_size": work.micro_batch_size,
                 "zero_stage": zero_stage,
                 "offload": offload,
@@ -420,7 +317,7 @@ def format_rows(rows: list[dict], gpu_gib: float = 80.0) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m bench.memory",
         description=__doc__.splitlines()[0],
@@ -455,21 +352,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--docs_per_sample",
         type=int,
-        help="documents per sample (stage2: candidates); default: 1, 5, 20 for the three stages",
+        help="documents per sample (with the query reasoner: candidates); default: each stage's typical sample",
     )
     parser.add_argument(
         "--prompt_tokens",
         type=int,
-        help="generator tokens per sample besides the memory slots (at most MAX_LEN); default: "
-        "320 for stage1, 96 for the others",
+        help="generator tokens per sample besides the memory slots (at most MAX_LEN); default: each stage's "
+        "typical sample",
     )
     parser.add_argument(
         "--supervised_tokens",
         type=int,
-        help="generator tokens per sample with a target; default: 256 for stage1, 32 for the others",
+        help="generator tokens per sample with a target; default: each stage's typical sample",
     )
     parser.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     overrides = {"candidate_chunk_size": args.candidate_chunk_size}
     for name in ("micro_batch_size", "docs_per_sample", "prompt_tokens", "supervised_tokens"):
         if getattr(args, name):

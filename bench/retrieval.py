@@ -29,6 +29,7 @@ import faiss
 import numpy as np
 import torch
 
+from bench.config import RETRIEVAL_STAGE
 from clara.evaluation.inference import CLaRa
 from clara.index.answer import answer_from_index
 from clara.index.build import build_index, compress_texts
@@ -139,7 +140,7 @@ def answer_rows(model, questions: int, candidates: int, max_new_tokens: int, joi
     """
     parts = example_documents(candidates * questions * joined)
     texts = [" ".join(parts[i : i + joined]) for i in range(0, len(parts), joined)]
-    clara = CLaRa(model, stage="stage2", batch_size=1)
+    clara = CLaRa(model, stage=RETRIEVAL_STAGE, batch_size=1)
     asked = [f"What is the main food of {t.split()[0]}?" for t in texts[::candidates]]
     with tempfile.TemporaryDirectory() as tmp:
         stored, fresh = [], []

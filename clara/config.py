@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from clara.errors import CheckpointError, ConfigError
-from clara.stages import STAGES, get_stage
+from clara.stages import STAGES, Stage, get_stage
 
 TINY_MODEL_NAME = "tiny"
 # Files every resumable checkpoint directory holds (clara.training.resumable writes them).
@@ -205,11 +205,6 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
-def split_paths(spec: str) -> list[str]:
-    """Files joined by commas -> the list of files."""
-    return [p.strip() for p in spec.split(",") if p.strip()]
-
-
 def example_path(relative: str) -> str:
     """An example file as given when it exists from here, else inside the repository (any working directory)."""
     return relative if os.path.exists(relative) else str(REPO_ROOT / relative)
@@ -226,7 +221,7 @@ def resolve(
         import torch  # deferred: only the trainer's own call needs to look for CUDA
 
         has_cuda = torch.cuda.is_available()
-    stage = get_stage(cfg.stage) if cfg.stage in STAGES else None
+    stage = STAGES.get(cfg.stage)  # an unknown name is validate()'s to report
     if cfg.model_path is None:
         # The base the previous stage's checkpoint was trained on, on any device (README: "Three stages").
         cfg.model_path = recorded_base(cfg.pretrain_checkpoint) or (GPU_DEFAULT_MODEL if has_cuda else TINY_MODEL_NAME)
@@ -297,14 +292,15 @@ CHOICES = {
 }
 
 
-def validate(cfg: TrainConfig, world_size: int = 1, check_batch: bool = True) -> None:
-    """Raise ConfigError naming the first invalid setting; `cfg` has been through resolve().
+def validate(cfg: TrainConfig, world_size: int = 1, check_batch: bool = True) -> Stage:
+    """The stage the settings name; ConfigError naming the first invalid setting. `cfg` has been through resolve().
 
     check_batch False leaves out BATCH_SIZE against MICRO_BATCH_SIZE x processes, for a check made before
     the device (and with it the default batch sizes) is known.
     """
     if cfg.stage not in STAGES:
         raise ConfigError("stage", cfg.stage, "one of " + ", ".join(STAGES))
+    stage = get_stage(cfg.stage)
     for name in POSITIVE_INTS:
         value = getattr(cfg, name)
         if value is not None and value <= 0:
@@ -348,59 +344,11 @@ def validate(cfg: TrainConfig, world_size: int = 1, check_batch: bool = True) ->
         raise ConfigError(
             "resume", cfg.resume, "auto, false, or a resumable checkpoint directory ($SAVE_PATH/checkpoints/step_N)"
         )
-    check_data_sources("dataset", cfg.dataset)
-    if cfg.eval_dataset:
-        check_data_sources("eval_dataset", cfg.eval_dataset)
-    _check_pretrain_checkpoint(cfg)
+    _check_pretrain_checkpoint(cfg, stage)
+    return stage
 
 
-# A data setting that starts with this names a Hub data set instead of JSONL files: hf:NAME:CONFIG[:SPLIT].
-HUB_PREFIX = "hf:"
-
-
-@dataclass(frozen=True)
-class HubSource:
-    """A configuration of a Hugging Face Hub data set, or of a local directory in the Hub layout."""
-
-    name: str
-    config: str
-    split: str | None = None
-
-    def __str__(self) -> str:
-        return HUB_PREFIX + ":".join(part for part in (self.name, self.config, self.split) if part)
-
-
-def parse_hub_source(text: str, setting: str) -> HubSource:
-    parts = text[len(HUB_PREFIX) :].split(":")
-    if not 2 <= len(parts) <= 3 or not all(parts) or "," in text:
-        raise ConfigError(
-            setting, text, "hf:NAME:CONFIG or hf:NAME:CONFIG:SPLIT (e.g. hf:apple/CLaRa_multi_stage:instruction_tuning)"
-        )
-    return HubSource(*parts)
-
-
-def check_data_sources(name: str, spec: str | None) -> None:
-    """`spec` names readable JSONL files joined by commas, or one hf:NAME:CONFIG[:SPLIT]; else ConfigError
-    for the setting `name`."""
-    paths = (spec or "").split(",")
-    if any(p.strip().startswith(HUB_PREFIX) for p in paths):
-        if len(paths) > 1:
-            raise ConfigError(name, spec, "one hf: data set on its own, or JSONL files joined by commas")
-        parse_hub_source(paths[0].strip(), name)
-        return
-    if not spec or any(not p.strip() for p in paths):
-        raise ConfigError(name, spec, "one or more JSONL files joined by commas (an empty entry was given)")
-    for path in map(str.strip, paths):
-        if os.path.isdir(path):
-            raise ConfigError(name, spec, f"JSONL files joined by commas; '{path}' is a directory")
-        if not os.path.isfile(path) or not os.access(path, os.R_OK):
-            raise ConfigError(
-                name, spec, f"readable JSONL files joined by commas; '{path}' does not exist or is not readable"
-            )
-
-
-def _check_pretrain_checkpoint(cfg: TrainConfig) -> None:
-    stage = get_stage(cfg.stage)
+def _check_pretrain_checkpoint(cfg: TrainConfig, stage: Stage) -> None:
     if cfg.pretrain_checkpoint and hub_id_parts(cfg.pretrain_checkpoint) is not None:
         return  # a Hub id, resolved (and its errors reported) when the trainer loads it
     if cfg.pretrain_checkpoint:

@@ -11,6 +11,7 @@ from torch.distributed.elastic.multiprocessing.errors import record
 from clara.cli import parse_config
 from clara.config import resolve, validate
 from clara.data.fingerprint import check_base_model
+from clara.data.spec import check_data_settings
 from clara.errors import exit_status
 from clara.locks import INFO_ENV, holding
 
@@ -29,6 +30,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def body() -> int | None:
         validate(cfg, world_size=world_size)
+        check_data_settings(cfg.dataset, cfg.eval_dataset)
         # The launchers check (and warn) before starting the processes; a run without one checks here.
         quiet = bool(os.environ.get(INFO_ENV)) or int(os.environ.get("RANK", "0")) != 0
         check_base_model(cfg.model_path, cfg.pretrain_checkpoint, warn=(lambda line: None) if quiet else None)

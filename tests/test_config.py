@@ -5,7 +5,6 @@ validated (one ConfigError naming the setting). The launchers' own check runs th
 from __future__ import annotations
 
 import math
-import re
 
 import pytest
 
@@ -39,25 +38,6 @@ def test_data_workers_is_a_validated_setting():
     assert 1 <= cfg.data_workers <= 16
     with pytest.raises(ConfigError, match="data_workers"):
         validate(resolve(TrainConfig(data_workers=0), has_cuda=False))
-
-
-def test_settings_accept_hub_data_sets():
-    good = TrainConfig(
-        dataset="hf:apple/CLaRa_multi_stage:pretraining",
-        eval_dataset="hf:some/dir:cfg:validation",
-        batch_size=1,
-        micro_batch_size=1,
-        max_len=64,
-    )
-    validate(good)
-    for dataset, message in (
-        ("hf:apple/CLaRa_multi_stage", "expected hf:NAME:CONFIG or hf:NAME:CONFIG:SPLIT"),
-        ("hf:a:b:c:d", "expected hf:NAME:CONFIG or hf:NAME:CONFIG:SPLIT"),
-        ("hf:a:b,example/pretrain_data.jsonl", "expected one hf: data set on its own"),
-        ("missing.jsonl", "'missing.jsonl' does not exist"),
-    ):
-        with pytest.raises(ConfigError, match=re.escape(message)):
-            validate(TrainConfig(dataset=dataset, batch_size=1, micro_batch_size=1, max_len=64))
 
 
 def test_unset_settings_take_the_stage_and_model_defaults():

@@ -19,9 +19,10 @@ import signal
 import pytest
 import torch
 
-from bench.child import SyntheticRecords, write_random_base, write_tokenizer
 from bench.config import SHAPES, BenchConfig
-from bench.memory import dims_of, nograd_layer_bytes, parameter_counts
+from bench.memory_parts import dims_of, nograd_layer_bytes, parameter_counts
+from bench.random_base import write_random_base, write_tokenizer
+from bench.synthetic import SyntheticRecords
 from clara.config import STAGES, TrainConfig
 from clara.model.collate import Collator
 from clara.model.model import attention_implementation
@@ -114,7 +115,11 @@ def stage_model(base_dir: str, stage: str, tmp_path):
     cfg = train_config(base_dir, stage, tmp_path)
     torch.manual_seed(0)
     model = build_stage_model(
-        cfg, DTYPE, attention_implementation("auto", DEVICE.type == "cuda"), log=lambda *args: None
+        cfg,
+        get_stage(cfg.stage),
+        DTYPE,
+        attention_implementation("auto", DEVICE.type == "cuda"),
+        log=lambda *args: None,
     )
     return model.to(DEVICE, DTYPE)
 
@@ -137,6 +142,7 @@ def test_stage_steps_in_bf16(stage, base_dir, process_group, tmp_path, record_pr
         device=DEVICE,
         dtype=DTYPE,
         attn=attention_implementation(cfg.flash_attn, DEVICE.type == "cuda"),
+        stage=get_stage(cfg.stage),
         log=lambda *args: None,
     )
     model = setup.model
@@ -148,7 +154,7 @@ def test_stage_steps_in_bf16(stage, base_dir, process_group, tmp_path, record_pr
     for step in range(2):
         batch = setup.collator(records[2 * step : 2 * step + 2]).to(DEVICE)
         result = optimizer_step(
-            setup.engine, setup.optimizer, [batch], [step_seed(cfg.seed, step, 0, 0)], setup.weights["mse_weight"]
+            setup.engine, setup.optimizer, [batch], [step_seed(cfg.seed, step, 0, 0)], **setup.weights
         )
         assert not result.skipped
         assert math.isfinite(result.sums["lm_loss"]) and result.sums["lm_loss"] > 0

@@ -14,7 +14,8 @@ import sys
 import time
 from pathlib import Path
 
-from clara.config import HUB_PREFIX, TINY_MODEL_NAME, parse_hub_source, recorded_base, split_paths
+from clara.config import TINY_MODEL_NAME, recorded_base
+from clara.data.spec import DataSource, HubSource, JsonlFiles, parse_source
 from clara.errors import CheckpointError
 
 # Bytes read from each end of a weight file for the model key: enough to tell a retrained or replaced
@@ -197,13 +198,13 @@ def _hub_file_identity(path: str) -> dict:
     return file_identity(path) if os.path.isfile(path) else {"url": path}
 
 
-def source_identities(dataset: str, streaming: bool = False) -> list[dict]:
-    """The sources of a data setting (JSONL files joined by commas, or hf:NAME:CONFIG[:SPLIT]) as key rows."""
-    if not dataset.startswith(HUB_PREFIX):
-        return [file_identity(path) for path in split_paths(dataset)]
+def source_identities(source: DataSource, streaming: bool = False) -> list[dict]:
+    """The sources of a data setting (JSONL files, or a Hub configuration) as key rows."""
+    if isinstance(source, JsonlFiles):
+        return [file_identity(path) for path in source.paths]
     from clara.data.hub import hub_files  # deferred: resolving a Hub configuration loads `datasets`
 
-    label, files = hub_files(parse_hub_source(dataset, "dataset"), streaming=streaming)
+    label, files = hub_files(source, streaming=streaming)
     return [{"hub": label, "files": [_hub_file_identity(f) for f in files]}]
 
 
@@ -225,9 +226,10 @@ def train_data_key(cfg) -> dict:
         if cfg.pretrain_checkpoint and any((Path(cfg.pretrain_checkpoint) / name).is_file() for name in TOKENIZER_FILES)
         else cfg.model_path
     )
-    hub_prefix = cfg.dataset.startswith(HUB_PREFIX) and cfg.max_samples is not None
+    source = parse_source(cfg.dataset)
+    hub_prefix = isinstance(source, HubSource) and cfg.max_samples is not None
     return data_key(
-        source_identities(cfg.dataset, streaming=hub_prefix),
+        source_identities(source, streaming=hub_prefix),
         cfg.stage,
         tokenizer_identity(tokenizer),
         {name: getattr(cfg, name) for name in DATA_SETTINGS},

@@ -13,7 +13,7 @@ import re
 import datasets
 import huggingface_hub
 
-from clara.config import HubSource
+from clara.data.spec import HubSource
 from clara.errors import DataError
 
 JSON_LINES_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz", ".jsonl.zst", ".json.zst")

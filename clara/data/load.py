@@ -15,12 +15,13 @@ from collections.abc import Callable
 
 import datasets
 
-from clara.config import HUB_PREFIX, default_data_workers
+from clara.config import default_data_workers
 from clara.data import cache
 from clara.data.fingerprint import data_key, source_identities
 from clara.data.prepare import Check, Prepared, prepare
 from clara.data.records import MAX_REPORTED_ERRORS
 from clara.data.sources import plan_tasks
+from clara.data.spec import DataSource, HubSource, is_hub, parse_source
 from clara.errors import DataError
 from clara.files import write_json_atomic, write_jsonl_atomic
 from clara.stages import Stage
@@ -28,7 +29,7 @@ from clara.stages import Stage
 
 def _messages(rejected: list) -> list[str]:
     return [
-        f"{source} row {line}: {reason}" if source.startswith(HUB_PREFIX) else f"{source}:{line}: {reason}"
+        f"{source} row {line}: {reason}" if is_hub(source) else f"{source}:{line}: {reason}"
         for source, line, reason, *_ in rejected
     ]
 
@@ -36,7 +37,7 @@ def _messages(rejected: list) -> list[str]:
 def _write_rejected(path: str, rejected: list) -> None:
     rows = []
     for source, line, reason, text in rejected:
-        where = {"dataset": source, "row": line} if source.startswith(HUB_PREFIX) else {"file": source, "line": line}
+        where = {"dataset": source, "row": line} if is_hub(source) else {"file": source, "line": line}
         rows.append({**where, "reason": reason, "text": text})
     write_jsonl_atomic(path, rows)
 
@@ -63,6 +64,7 @@ def _prepare_into(
     key: dict,
     stage: Stage,
     dataset: str,
+    source: DataSource,
     bad_samples: str,
     min_docs: int,
     max_samples: int | None,
@@ -70,8 +72,9 @@ def _prepare_into(
     workers: int,
     log,
 ) -> None:
-    tasks = plan_tasks(dataset, max_samples if dataset.startswith(HUB_PREFIX) else None, workers)
-    if dataset.startswith(HUB_PREFIX):
+    hub = isinstance(source, HubSource)
+    tasks = plan_tasks(source, max_samples if hub else None, workers)
+    if hub:
         dataset = tasks[0].label  # with its split: hf:NAME:CONFIG:SPLIT
     prepared = prepare(tasks, stage, min_docs, make_check, workers, folder)
     if prepared.check_error:
@@ -153,6 +156,7 @@ def load_records(
     Raises DataError naming the bad lines (the first 20 and a count), unless bad_samples == "skip", in which
     case the bad lines are written to rejected_path and the good ones are loaded.
     """
+    source = parse_source(dataset)
     settings = {"min_docs": min_docs, "max_samples": max_samples}
     args = (stage, dataset, bad_samples, rejected_path, max_samples, log)
     if not preparer:
@@ -161,12 +165,14 @@ def load_records(
             cache.wait_for_entry(pointer, f"rank {os.environ.get('RANK', '?')}", log), *args, reported=True
         )
     if key is None and make_check is not None and not hasattr(make_check, "key"):
-        return _load_uncached(stage, dataset, bad_samples, min_docs, rejected_path, max_samples, log, make_check)
+        return _load_uncached(
+            stage, dataset, source, bad_samples, min_docs, rejected_path, max_samples, log, make_check
+        )
     if key is None:
         check_key = make_check.key() if make_check is not None else None
-        hub_prefix = max_samples if dataset.startswith(HUB_PREFIX) else None  # JSONL: all prepared, a prefix kept
+        hub_prefix = max_samples if isinstance(source, HubSource) else None  # JSONL: all prepared, a prefix kept
         key = data_key(
-            source_identities(dataset, hub_prefix is not None),
+            source_identities(source, hub_prefix is not None),
             stage.name,
             check_key,
             {"min_docs": min_docs, "max_samples": hub_prefix},
@@ -185,6 +191,7 @@ def load_records(
                         key,
                         stage,
                         dataset,
+                        source,
                         bad_samples,
                         min_docs,
                         max_samples,
@@ -198,6 +205,7 @@ def load_records(
 def _load_uncached(
     stage: Stage,
     dataset: str,
+    source: DataSource,
     bad_samples: str,
     min_docs: int,
     rejected_path: str | None,
@@ -209,7 +217,7 @@ def _load_uncached(
     root = cache.cache_root()
     os.makedirs(root, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=root, prefix=".uncached-") as folder:
-        _prepare_into(folder, {}, stage, dataset, bad_samples, min_docs, max_samples, make_check, 1, log)
+        _prepare_into(folder, {}, stage, dataset, source, bad_samples, min_docs, max_samples, make_check, 1, log)
         return _open_entry(
             folder, stage, dataset, bad_samples, rejected_path, max_samples, log, reported=False, in_memory=True
         )

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 
 import datasets
 
-from clara.config import HUB_PREFIX, parse_hub_source, split_paths
 from clara.data.hub import JSON_LINES_SUFFIXES, TABLE_MODULES, hub_files
+from clara.data.spec import DataSource, JsonlFiles
 from clara.errors import DataError
 
 # A JSON-lines file is cut into ranges of about this size, so that every worker has several to read and
@@ -124,19 +124,19 @@ def _is_local_lines(file: str) -> bool:
 
 
 def plan_tasks(
-    dataset: str, max_samples: int | None = None, workers: int = 1, chunk_bytes: int | None = None
+    source: DataSource, max_samples: int | None = None, workers: int = 1, chunk_bytes: int | None = None
 ) -> list[Task]:
-    """The tasks that read `dataset` (JSONL files joined by commas, or hf:NAME:CONFIG[:SPLIT]) in order.
+    """The tasks that read `source` (JSONL files, or a Hub configuration) in order.
 
     A Hub split read up to max_samples good rows (a prefix, streamed from the Hub when online) is one task
     read in order; otherwise local JSON-lines files are cut into byte ranges and table files are a task each.
     """
     tasks: list[Task] = []
-    if not dataset.startswith(HUB_PREFIX):
-        for path in split_paths(dataset):
+    if isinstance(source, JsonlFiles):
+        for path in source.paths:
             tasks += _line_tasks(path, path, True, workers, len(tasks), chunk_bytes)
         return tasks
-    label, files = hub_files(parse_hub_source(dataset, "dataset"), streaming=max_samples is not None)
+    label, files = hub_files(source, streaming=max_samples is not None)
     if max_samples is not None:
         size = sum(os.path.getsize(f) for f in files if os.path.isfile(f))
         return [Task(0, "table", label, tuple(files), size=size, count_blank=False, limit=max_samples)]

@@ -30,6 +30,7 @@ import torch
 
 from clara.cli import add_model_flags, positive_int
 from clara.config import ConfigError
+from clara.data.spec import HubSource
 from clara.evaluation.command import (
     eval_config,
     eval_length_check,
@@ -44,13 +45,14 @@ from clara.model.load import choose_runtime
 from clara.model.stage_model import checkpoint_stage
 from clara.parallel.console import rank_zero_print
 from clara.parallel.distributed import broadcast, run_command
-from clara.stages import Stage
+from clara.stages import STAGES, Stage
 
 DEFAULT_DATA = "apple/CLaRa_multi_stage"
 # (configuration name part, row label), in the paper's order.
 DATASETS = (("nq", "NQ"), ("hotpotqa", "HotpotQA"), ("musique", "MuSiQue"), ("2wiki", "2WikiMultihopQA"))
 SETTINGS = (("no_pos", "Normal"), ("with_pos", "Oracle"))
-CONFIG_PREFIX = {"stage1_2": "inst_eval_", "stage2": "e2e_eval_ours_"}
+# The stages that have evaluation sets (Stage.benchmark_sets), by name.
+BENCHMARKED = {name: stage for name, stage in STAGES.items() if stage.benchmark_sets}
 # clara.evaluation.command's summary keys shown in each cell, with their column labels.
 ANSWER_METRICS = (("exact_match", "EM"), ("f1", "F1"), ("cover_exact_match", "CEM"))
 # What makes a finished set's summary reusable: these must match.
@@ -58,13 +60,13 @@ RESUME_KEYS = ("checkpoint", "dataset", "stage", "max_samples", "max_new_tokens"
 
 
 def config_name(stage: Stage, dataset: str, setting: str) -> str:
-    return f"{CONFIG_PREFIX[stage.name]}{dataset}_{setting}"
+    return f"{stage.benchmark_sets}{dataset}_{setting}"
 
 
 def data_source(data: str, config: str) -> str:
     """DATA/CONFIG.jsonl when there is one, else the configuration of the Hub data set (or Hub-layout directory)."""
     local = os.path.join(data, config + ".jsonl")
-    return local if os.path.isfile(local) else f"hf:{data}:{config}"
+    return local if os.path.isfile(local) else str(HubSource(data, config))
 
 
 def metric_columns(stage: Stage) -> list[tuple[str, str]]:
@@ -125,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--stage",
-        choices=tuple(CONFIG_PREFIX),
+        choices=tuple(BENCHMARKED),
         default=None,
         help="default: the stage recorded in the checkpoint (official checkpoints: stage2 "
         "when they hold a query_reasoner_adapter)",
@@ -158,14 +160,9 @@ def run(args: argparse.Namespace, rank: int, world: int, device: torch.device) -
     """Evaluate the sets not finished yet and return the table (on every rank)."""
     log = rank_zero_print(rank)
     stage = checkpoint_stage(args.checkpoint, args.stage)
-    if stage.name not in CONFIG_PREFIX:
-        raise ConfigError(
-            "checkpoint",
-            args.checkpoint,
-            "a stage1_2 checkpoint (evaluated on the inst_eval_* sets) "
-            "or a stage2 one (the e2e_eval_ours_* sets), "
-            f"not {stage.name}",
-        )
+    if stage.name not in BENCHMARKED:
+        sets = " or ".join(f"a {name} checkpoint (the {s.benchmark_sets}* sets)" for name, s in BENCHMARKED.items())
+        raise ConfigError("checkpoint", args.checkpoint, f"{sets}, not {stage.name}")
     runtime = choose_runtime(device, args.dtype, args.flash_attn)
     output_dir = args.output_dir or os.path.join(args.checkpoint, "benchmark")
     configs = [config_name(stage, dataset, setting) for dataset, _ in DATASETS for setting, _ in SETTINGS]

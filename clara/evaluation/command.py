@@ -18,10 +18,11 @@ import datasets
 import torch
 
 from clara.cli import add_model_flags, positive_int
-from clara.config import TrainConfig, check_data_sources, official_base_name
-from clara.data import load_records
+from clara.config import official_base_name
+from clara.data.load import load_records
+from clara.data.spec import checked_source
 from clara.errors import ConfigError
-from clara.evaluation.evaluate import RETRIEVAL_KS, evaluate_stage
+from clara.evaluation.evaluate import RETRIEVAL_KS, EvalSettings, evaluate_stage
 from clara.evaluation.metrics import ANSWER_SCORE_NAMES
 from clara.files import json_safe, write_json_atomic, write_jsonl_atomic
 from clara.model.checkpoint import read_config, resolve_base_path
@@ -190,16 +191,13 @@ def eval_config(
     max_new_tokens: int,
     max_len: int | None,
     seed: int,
-) -> TrainConfig:
-    """The TrainConfig that evaluate_model needs; memory and retrieval settings come from the model."""
-    return TrainConfig(
-        stage=stage.name,
-        micro_batch_size=batch_size,
-        eval_max_samples=max_samples or num_records,
+) -> EvalSettings:
+    """What evaluate_stage reads, from the command line's options and the stage's defaults."""
+    return EvalSettings(
+        batch_size=batch_size,
+        generate_limit=max_samples or num_records,
         max_new_tokens=max_new_tokens,
-        doc_max_length=model.settings.doc_max_length,
         max_len=max_len or stage.max_len,
-        generation_top_k=model.settings.generation_top_k,
         seed=seed,
     )
 
@@ -216,7 +214,7 @@ def run(args: argparse.Namespace, rank: int, world: int, device: torch.device) -
             args.index,
             f"a stage2 checkpoint and records (open-corpus retrieval uses the query reasoner), not {stage.name}",
         )
-    check_data_sources("dataset", args.dataset)
+    checked_source(args.dataset, "dataset")
     runtime = choose_runtime(device, args.dtype, args.flash_attn)
     top_k = int(read_config(checkpoint).get("generation_top_k", 5))
     check = eval_length_check(checkpoint, stage, args.max_len, args.seed, args.model_path)
@@ -227,7 +225,7 @@ def run(args: argparse.Namespace, rank: int, world: int, device: torch.device) -
     )
     log(
         f"Evaluating {args.checkpoint} ({stage.name}, {stage_source}) on {args.dataset}: {len(records)} samples"
-        + (f", generation on {min(cfg.eval_max_samples, len(records))}" if stage.generates else "")
+        + (f", generation on {min(cfg.generate_limit, len(records))}" if stage.generates else "")
         + f" | {world} process(es) | device {device.type} | dtype {str(runtime.dtype).replace('torch.', '')}",
         flush=True,
     )
@@ -253,7 +251,7 @@ def run(args: argparse.Namespace, rank: int, world: int, device: torch.device) -
     return results
 
 
-def open_corpus(args: argparse.Namespace, model, records, cfg, device: torch.device, log) -> dict:
+def open_corpus(args: argparse.Namespace, model, records, cfg: EvalSettings, device: torch.device, log) -> dict:
     """The open-corpus table (answers from the index's stored vectors); its numbers prefixed open_."""
     from clara.evaluation.open_corpus import open_corpus_summary
     from clara.index.store import check_index_matches, load_index
@@ -267,9 +265,9 @@ def open_corpus(args: argparse.Namespace, model, records, cfg, device: torch.dev
         [r["question"] for r in records],
         [r["answer"] for r in records],
         gold,
-        min(cfg.eval_max_samples, len(records)),
+        min(cfg.generate_limit, len(records)),
         RETRIEVAL_KS,
-        batch_size=cfg.micro_batch_size,
+        batch_size=cfg.batch_size,
         max_new_tokens=cfg.max_new_tokens,
         max_len=cfg.max_len,
         seed=cfg.seed,

@@ -18,6 +18,7 @@ the same number of forwards and generations, on stand-in micro-batches where the
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -27,7 +28,7 @@ from clara.evaluation.metrics import ANSWER_SCORE_NAMES, answer_scores, retrieva
 from clara.model.collate import Collator
 from clara.model.model import eval_mode
 from clara.parallel.distributed import broadcast, gather_rows, in_lockstep
-from clara.stages import Stage, get_stage
+from clara.stages import Stage
 
 RETRIEVAL_KS = (1, 3, 5)
 
@@ -69,6 +70,17 @@ def sample_row(stage: Stage, index: int, record: dict, loss, hits: int, count: i
         row["chosen"] = chosen
         row["pos_index"] = list(record["pos_index"]) if record["has_pos_index"] else None
     return row
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    """What an evaluation reads of the settings; memory and retrieval settings come from the model."""
+
+    batch_size: int  # samples per forward, per process
+    generate_limit: int  # the first this many samples are also answered by generation
+    max_new_tokens: int  # per generated answer
+    max_len: int  # decoder tokens
+    seed: int  # the training seed, which picks the stage1 paraphrase prompts
 
 
 def lockstep_rounds(num_batches: int, rank: int, world: int, lockstep: bool) -> list[int | None]:
@@ -131,7 +143,7 @@ def evaluate_shard(
     for number, own in enumerate(rounds):
         indices = list(batches[own if own is not None else 0])
         run = [records[i] for i in indices]
-        out = model(collate[True](run).to(device), mse_weight=0.0)
+        out = model(collate[True](run).to(device))  # every loss term at weight 0: the LM loss alone
         losses, hits, counts = per_sample_lm(out.lm, len(run))
         chosen = out.chosen.tolist() if out.chosen is not None else [None] * len(run)
         rows = [
@@ -184,7 +196,7 @@ def evaluate_stage(
     model,
     records,
     stage: Stage,
-    cfg,
+    settings: EvalSettings,
     rank: int = 0,
     world: int = 1,
     device=None,
@@ -193,8 +205,7 @@ def evaluate_stage(
 ) -> dict:
     """Evaluate a ClaraModel on normalised records of `stage` (a datasets.Dataset or a list).
 
-    cfg needs micro_batch_size, eval_max_samples, max_new_tokens, max_len and seed (a TrainConfig
-    does). Memory and retrieval settings come from the model. The model runs in eval mode and is put
+    Memory and retrieval settings come from the model. The model runs in eval mode and is put
     back in the mode it came in. Every rank must call this with the same records.
     Returns {"summary": flat dict of numbers (every rank), "samples": per-sample rows in dataset
     order (rank 0; None elsewhere)}.
@@ -204,11 +215,11 @@ def evaluate_stage(
             model,
             records,
             stage,
-            cfg.micro_batch_size,
-            cfg.eval_max_samples,
-            cfg.max_new_tokens,
-            cfg.max_len,
-            cfg.seed,
+            settings.batch_size,
+            settings.generate_limit,
+            settings.max_new_tokens,
+            settings.max_len,
+            settings.seed,
             rank,
             world,
             device,
@@ -218,17 +229,3 @@ def evaluate_stage(
     rows = gather_rows(rows, rank, world)
     summary = broadcast(summarise(stage, rows) if rank == 0 else None, rank, world)
     return {"summary": summary, "samples": rows}
-
-
-def evaluate_model(
-    model,
-    records,
-    cfg,
-    rank: int = 0,
-    world: int = 1,
-    device=None,
-    show_progress: bool = True,
-    leave_progress: bool = False,
-) -> dict:
-    """evaluate_stage for callers that hold only the settings: the stage is the one `cfg.stage` names."""
-    return evaluate_stage(model, records, get_stage(cfg.stage), cfg, rank, world, device, show_progress, leave_progress)

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from clara.data import normalise
+from clara.data.records import normalise
 from clara.errors import CheckpointError, CorpusIndexError
 from clara.index.search import normalised_rows
 from clara.index.store import CorpusIndex

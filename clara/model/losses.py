@@ -1,15 +1,16 @@
 """The loss terms a training step adds to the generator's LM loss, each one named once.
 
-A term's name is everything about it: its weight setting is `<name>_weight` (a TrainConfig field and
-the keyword `ClaraModel.forward` takes), its value is `StepOutput.terms[<name>]`, its step sums are
-`<name>` and `<name>_batches` (clara.training.step), and its metrics.jsonl key and console name are below. A new
-loss is a function here that computes it from the step's output, one `LossTerm` in `LOSS_TERMS`, and its
-weight setting in clara.config.
+A term's name is everything about it: a stage trains with it when the name is in `Stage.loss_terms`, its
+weight setting is `<name>_weight` (a TrainConfig field and the keyword `ClaraModel.forward` takes), its value
+is `StepOutput.terms[<name>]`, its step sums are `<name>` and `<name>_batches` (clara.training.step), and
+its metrics.jsonl key and console name are below. A new loss is a function here that computes it from the
+step's output, one `LossTerm` in `LOSS_TERMS`, its weight setting in clara.config, and its name in the
+`loss_terms` of the stages that train with it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -23,17 +24,15 @@ class LossTerm:
     name: str
     metric: str  # the metrics.jsonl key of its mean over the micro-batches that computed it
     short: str  # its name on the progress bar
-    used_by: Callable[[Stage], bool]  # a stage without the term trains with its weight at 0
     # (model, batch, step output) -> the term, or None where this batch has none. Runs after the LM loss.
     compute: Callable[[object, object, object], torch.Tensor | None]
+    # Measured by ClaraModel.compress while it makes the memory states (in StepOutput.terms before `compute`),
+    # so that a weight of 0 also spares the measurement.
+    measured_while_compressing: bool = False
 
     @property
     def weight_setting(self) -> str:
         return f"{self.name}_weight"
-
-    def weight(self, cfg, stage: Stage) -> float:
-        """The configured weight, or 0 for a stage without this term."""
-        return getattr(cfg, self.weight_setting) if self.used_by(stage) else 0.0
 
 
 def compressor_mse(model, batch, out) -> torch.Tensor | None:
@@ -50,12 +49,16 @@ def query_retrieval(model, batch, out) -> torch.Tensor | None:
 
 # In the order they are added to the loss, and logged.
 LOSS_TERMS: tuple[LossTerm, ...] = (
-    LossTerm("mse", "mse_loss", "mse", lambda stage: stage.uses_mse, compressor_mse),
-    LossTerm("retrieval", "retrieval_loss", "retrieval", lambda stage: stage.uses_query, query_retrieval),
+    LossTerm("mse", "mse_loss", "mse", compressor_mse, measured_while_compressing=True),
+    LossTerm("retrieval", "retrieval_loss", "retrieval", query_retrieval),
 )
 WEIGHT_SETTINGS = tuple(term.weight_setting for term in LOSS_TERMS)
 
 
-def stage_weights(cfg, stage: Stage) -> dict[str, float]:
-    """Every term's weight for `stage`, by weight setting: the keywords of ClaraModel.forward."""
-    return {term.weight_setting: term.weight(cfg, stage) for term in LOSS_TERMS}
+def stage_weights(stage: Stage, configured: Mapping[str, float]) -> dict[str, float]:
+    """Every term's weight by weight setting (the keywords of ClaraModel.forward): the configured one for the
+    stage's own terms, 0 for the others. `configured` maps each weight setting to its value."""
+    return {
+        term.weight_setting: configured[term.weight_setting] if term.name in stage.loss_terms else 0.0
+        for term in LOSS_TERMS
+    }

@@ -309,11 +309,12 @@ class ClaraModel(nn.Module):
         return self.inject(batch.dec_ids, vectors), extras
 
     def forward(self, batch: Batch, **weights: float) -> StepOutput:
-        """The LM loss plus each loss term of clara.model.losses times its weight (`mse_weight=`, ...; default 0)."""
+        """The LM loss plus each loss term of clara.model.losses times its weight (`<name>_weight=`; default 0)."""
         unknown = sorted(set(weights) - set(WEIGHT_SETTINGS))
         if unknown:
             raise TypeError(f"unknown loss weights {unknown}: expected some of {', '.join(WEIGHT_SETTINGS)}")
-        embeds, out = self.decoder_inputs(batch, with_mse=weights.get("mse_weight", 0.0) > 0)
+        measured = any(weights.get(t.weight_setting, 0.0) > 0 for t in LOSS_TERMS if t.measured_while_compressing)
+        embeds, out = self.decoder_inputs(batch, with_mse=measured)
         out.lm = self.lm_loss(embeds, batch.dec_mask, batch.labels)
         out.loss = out.lm.loss
         for term in LOSS_TERMS:

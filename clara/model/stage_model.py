@@ -1,8 +1,8 @@
 """The model a stage starts from: the previous stage's checkpoint, with new adapters where the stage says;
 and the stage a saved checkpoint was trained for.
 
-stage1: new compressor and generator. stage1_2: compressor from stage1, new generator. stage2: compressor
-and generator from stage1_2; the query reasoner from it when present, else a copy of the compressor.
+Each adapter of the stage (clara.stages.Stage) starts fresh or is loaded from the previous stage's checkpoint; a
+query reasoner the checkpoint lacks starts as a copy of the compressor.
 """
 
 from __future__ import annotations
@@ -70,16 +70,12 @@ def model_settings(cfg: TrainConfig) -> ModelSettings:
 
 def build_stage_model(
     cfg: TrainConfig,
+    stage: Stage,
     dtype: torch.dtype = torch.float32,
     attn_implementation: str = "sdpa",
     log: Callable[[str], None] = print,
-    stage: Stage | None = None,
 ) -> ClaraModel:
-    """The model `stage` trains, with exactly the stage's adapters and trainable parameters.
-
-    stage None: the one `cfg.stage` names, for callers that hold only the settings (tests, bench/).
-    """
-    stage = stage or get_stage(cfg.stage)
+    """The model `stage` trains, with exactly the stage's adapters and trainable parameters."""
     settings = model_settings(cfg)
     if not cfg.pretrain_checkpoint:
         log(f"{stage.name}: starting every adapter fresh from the base model {cfg.model_path}")
@@ -139,43 +135,47 @@ def official_adapter_names(path: str) -> list[str]:
     return list(state)
 
 
+def with_query_reasoner(holds: bool) -> list[str]:
+    """The stages whose model holds a query reasoner (`holds`), or those whose model does not."""
+    return [name for name, stage in STAGES.items() if (QUERY_REASONER in stage.adapters) == holds]
+
+
 def infer_stage(path: str) -> str | None:
     """The stage of a checkpoint: recorded in native checkpoints.
 
-    The official release layout records none. There, a query_reasoner_adapter means stage2;
-    without one, stage1 and stage1_2 checkpoints look alike and None is returned (the caller asks).
+    The official release layout records none. There, a query_reasoner_adapter means the (first) stage whose
+    model holds one; without one, the stages before it look alike and None is returned (the caller asks).
     """
     config = read_config(path)
     if config.get("stage"):
         return config["stage"]
     if "decoder_model_name" in config and QUERY_REASONER in official_adapter_names(path):
-        return "stage2"
+        return with_query_reasoner(True)[0]
     return None
 
 
 def checkpoint_stage(checkpoint: str, given: str | None) -> Stage:
     """The stage a command line evaluates: `given` (--stage) or the one the checkpoint records."""
-    if given:
-        return get_stage(given)
-    found = infer_stage(checkpoint)
+    found = given or infer_stage(checkpoint)
     if found is None:
         raise CheckpointError(
             f"{checkpoint}: the official release layout records no stage and it has no "
-            "query_reasoner_adapter (which would mean stage2); "
-            "pass --stage stage1 or --stage stage1_2"
+            f"query_reasoner_adapter (which would mean {with_query_reasoner(True)[0]}); "
+            "pass --stage " + " or --stage ".join(with_query_reasoner(False))
         )
-    if found not in STAGES:
+    if not given and found not in STAGES:
         raise CheckpointError(f"{checkpoint}/config.json: unknown stage {found!r}; pass --stage")
     return get_stage(found)
 
 
 def ensure_query_reasoner(model: ClaraModel, log: Callable[[str], None] = print) -> bool:
-    """Give a model without a query reasoner one copied from the compressor, as stage 2 starts.
+    """Give a model without a query reasoner one copied from the compressor, as the first stage with one starts.
 
     Returns True when one was added.
     """
     if QUERY_REASONER in model.adapter_names:
         return False
     model.copy_adapter(COMPRESSOR, QUERY_REASONER)
-    log(f"{QUERY_REASONER} not in the checkpoint: initialised as a copy of {COMPRESSOR} (as stage2 starts)")
+    first = with_query_reasoner(True)[0]
+    log(f"{QUERY_REASONER} not in the checkpoint: initialised as a copy of {COMPRESSOR} (as {first} starts)")
     return True

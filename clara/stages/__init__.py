@@ -13,9 +13,9 @@ be resolved without loading torch or datasets.
 from __future__ import annotations
 
 from clara.stages import stage1, stage1_2, stage2
-from clara.stages.stage import COMPRESSOR, GENERATOR, QUERY_REASONER, Stage
+from clara.stages.stage import COMPRESSOR, GENERATOR, QUERY_REASONER, Stage, TypicalSample
 
-__all__ = ["COMPRESSOR", "GENERATOR", "QUERY_REASONER", "STAGES", "Stage", "get_stage"]
+__all__ = ["COMPRESSOR", "GENERATOR", "QUERY_REASONER", "STAGES", "Stage", "TypicalSample", "get_stage"]
 
 STAGES: dict[str, Stage] = {stage.name: stage for stage in (stage1.STAGE, stage1_2.STAGE, stage2.STAGE)}
 

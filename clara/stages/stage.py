@@ -15,6 +15,15 @@ ExampleFn = Callable[[dict, int, int, int], tuple[str, str, str]]
 
 
 @dataclass(frozen=True)
+class TypicalSample:
+    """One training sample at the launchers' defaults, as bench/'s memory plan counts it."""
+
+    docs_per_sample: int  # documents the compressor reads (with uses_query: the candidates)
+    prompt_tokens: int  # generator tokens besides the memory slots: template, question, answer
+    supervised_tokens: int  # generator positions with a target
+
+
+@dataclass(frozen=True)
 class Stage:
     name: str
     description: str
@@ -25,7 +34,8 @@ class Stage:
     trained_adapters: tuple[str, ...]
     # The memory-token embeddings belong to the compressor: they train exactly when it does.
     trains_memory_embeddings: bool
-    uses_mse: bool  # the MSE alignment loss between memory states and document states
+    # The loss terms (clara.model.losses, by name) added to the generator's LM loss; the others weigh 0.
+    loss_terms: tuple[str, ...]
     uses_query: bool  # the query reasoner selects top-k of the candidates (stage 2)
     generates: bool  # evaluation answers by greedy generation and scores the answers
     previous: str | None  # the stage whose checkpoint PRETRAIN_CHECKPOINT names
@@ -37,6 +47,10 @@ class Stage:
     constant_schedule: bool  # no warmup or cosine decay
     example: ExampleFn
     header: Callable[[dict], tuple[str, str]]  # (question, answer) shown by the debug print and eval rows
+    typical_sample: TypicalSample  # what bench/ plans memory for when not told otherwise
+    # The paper's evaluation sets of the stage in apple/CLaRa_multi_stage: their configurations' name prefix
+    # (python -m clara.benchmark); None: the stage has none.
+    benchmark_sets: str | None = None
 
     @property
     def adapters(self) -> tuple[str, ...]:

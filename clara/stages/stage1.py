@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from clara.stages import prompts
-from clara.stages.stage import COMPRESSOR, GENERATOR, Stage
+from clara.stages.stage import COMPRESSOR, GENERATOR, Stage, TypicalSample
 
 
 def example(record: dict, n_mem: int, top_k: int, seed: int) -> tuple[str, str, str]:
@@ -30,7 +30,7 @@ STAGE = Stage(
     loaded_adapters=(),
     trained_adapters=(COMPRESSOR, GENERATOR),
     trains_memory_embeddings=True,
-    uses_mse=True,
+    loss_terms=("mse",),
     uses_query=False,
     generates=False,
     previous=None,
@@ -42,4 +42,5 @@ STAGE = Stage(
     constant_schedule=False,
     example=example,
     header=header,
+    typical_sample=TypicalSample(docs_per_sample=1, prompt_tokens=320, supervised_tokens=256),
 )

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from clara.stages import prompts
-from clara.stages.stage import COMPRESSOR, GENERATOR, Stage
+from clara.stages.stage import COMPRESSOR, GENERATOR, Stage, TypicalSample
 
 
 def example(record: dict, n_mem: int, top_k: int, seed: int) -> tuple[str, str, str]:
@@ -23,7 +23,7 @@ STAGE = Stage(
     loaded_adapters=(COMPRESSOR,),
     trained_adapters=(COMPRESSOR, GENERATOR),
     trains_memory_embeddings=True,
-    uses_mse=True,
+    loss_terms=("mse",),
     uses_query=False,
     generates=True,
     previous="stage1",
@@ -35,4 +35,6 @@ STAGE = Stage(
     constant_schedule=False,
     example=example,
     header=header,
+    typical_sample=TypicalSample(docs_per_sample=5, prompt_tokens=96, supervised_tokens=32),
+    benchmark_sets="inst_eval_",
 )

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from clara.stages import prompts
-from clara.stages.stage import COMPRESSOR, GENERATOR, QUERY_REASONER, Stage
+from clara.stages.stage import COMPRESSOR, GENERATOR, QUERY_REASONER, Stage, TypicalSample
 from clara.stages.stage1_2 import header
 
 
@@ -22,7 +22,7 @@ STAGE = Stage(
     loaded_adapters=(COMPRESSOR, GENERATOR),
     trained_adapters=(QUERY_REASONER, GENERATOR),
     trains_memory_embeddings=False,
-    uses_mse=False,
+    loss_terms=("retrieval",),
     uses_query=True,
     generates=True,
     previous="stage1_2",
@@ -34,4 +34,6 @@ STAGE = Stage(
     constant_schedule=True,
     example=example,
     header=header,
+    typical_sample=TypicalSample(docs_per_sample=20, prompt_tokens=96, supervised_tokens=32),
+    benchmark_sets="e2e_eval_ours_",
 )

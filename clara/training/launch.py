@@ -23,9 +23,10 @@ import sys
 from clara.cli import build_parser, parse_value, value_type
 from clara.config import TINY_MODEL_NAME, ConfigError, TrainConfig, recorded_base, resolve, validate
 from clara.data.fingerprint import check_base_model
+from clara.data.spec import check_data_settings
 from clara.errors import FolderBusy, exit_status
 from clara.locks import take
-from clara.stages import get_stage
+from clara.stages import Stage
 from clara.training.launch_env import (
     LaunchError,
     Processes,
@@ -116,6 +117,7 @@ def short_rate(rate: float) -> str:
 def summary(
     script: str,
     cfg: TrainConfig,
+    stage: Stage,
     given: TrainConfig,
     procs: Processes,
     device: str,
@@ -125,18 +127,17 @@ def summary(
 ) -> str:
     """The block the launcher prints before training: every resolved setting, and where a default came from."""
     rows = [
-        *model_rows(cfg, device, model_note),
+        *model_rows(cfg, stage, device, model_note),
         *schedule_rows(cfg, given, procs),
         *process_rows(cfg, given, procs, threads, extra),
     ]
-    lines = [f"==================== CLaRa {cfg.stage}: {script} ===================="]
+    lines = [f"==================== CLaRa {stage.name}: {script} ===================="]
     lines += [f"  {key:<30} {value}" for key, value in rows]
     return "\n".join(lines)
 
 
-def model_rows(cfg: TrainConfig, device: str, model_note: str) -> list[tuple[str, str]]:
+def model_rows(cfg: TrainConfig, stage: Stage, device: str, model_note: str) -> list[tuple[str, str]]:
     """The summary's device, model, data and memory-token rows."""
-    stage = get_stage(cfg.stage)
     return [
         ("device", device),
         ("MODEL_PATH", cfg.model_path + model_note),
@@ -262,15 +263,16 @@ def checked(
     world: int,
     batch_defaults: tuple[int, int],
     check_batch: bool = True,
-) -> TrainConfig:
-    """The resolved settings, or LaunchError naming the variable as the user wrote it."""
+) -> tuple[TrainConfig, Stage]:
+    """The resolved settings and their stage, or LaunchError naming the variable as the user wrote it."""
     cfg = resolve(dataclasses.replace(given), has_cuda=has_cuda, world_size=world, batch_defaults=batch_defaults)
     try:
-        validate(cfg, world, check_batch)
+        stage = validate(cfg, world, check_batch)
+        check_data_settings(cfg.dataset, cfg.eval_dataset)
     except ConfigError as error:
         shown = texts.get(error.name, "" if error.value is None else str(error.value))
         raise LaunchError(f"{error.name.upper()}={shown}: expected {error.expected}") from None
-    return cfg
+    return cfg, stage
 
 
 def plan(
@@ -283,12 +285,12 @@ def plan(
     # Everything that does not depend on the device is checked before torch is imported; the default
     # batch sizes do (the tiny model without CUDA, the script's with it).
     both_batch_sizes = given.batch_size is not None and given.micro_batch_size is not None
-    early = checked(given, texts, False, procs.world_size, batch_defaults, check_batch=both_batch_sizes)
+    early, _ = checked(given, texts, False, procs.world_size, batch_defaults, check_batch=both_batch_sizes)
     if not dry_run and procs.node_rank == 0:
         check_not_in_use(early.save_path)
     devices = cuda_devices()
     check_devices(procs, devices, given.dtype)
-    cfg = checked(given, texts, devices > 0, procs.world_size, batch_defaults)
+    cfg, stage = checked(given, texts, devices > 0, procs.world_size, batch_defaults)
     if devices:
         device = f"CUDA: {devices} device(s) visible, {procs.num_gpus} process(es) per node (DTYPE {given.dtype}, NCCL)"
     else:
@@ -313,7 +315,7 @@ def plan(
         "CLARA_STAGE": cfg.stage,
         "CLARA_NODE_RANK": str(procs.node_rank),
         "CLARA_DRY_RUN": str(dry_run).lower(),
-        "CLARA_SUMMARY": summary(script, cfg, given, procs, device, model_note, threads_note, extra),
+        "CLARA_SUMMARY": summary(script, cfg, stage, given, procs, device, model_note, threads_note, extra),
     }
 
 

@@ -19,7 +19,7 @@ from clara.model.collate import Collator
 from clara.model.losses import stage_weights
 from clara.model.stage_model import build_stage_model
 from clara.parallel.zero3 import gathering_limits, keep_gathered_until_step, release_after_each_use
-from clara.stages import Stage, get_stage
+from clara.stages import Stage
 from clara.training.schedule import cosine_with_warmup
 
 
@@ -90,20 +90,19 @@ def setup_training(
     device: torch.device,
     dtype: torch.dtype,
     attn: str,
+    stage: Stage,
     log=print,
-    stage: Stage | None = None,
 ) -> TrainingSetup:
     """Seeded model, collator, AdamW, the learning-rate schedule and deepspeed.initialize (also used by bench/).
 
-    stage None: the one `cfg.stage` names, for callers that hold only the settings (bench/, tests).
+    `stage` is the one to train; the settings' own stage name is not read here.
     With ZERO_STAGE=3 the base model is created partitioned (each rank loads only its share), through
     transformers' DeepSpeed integration: from_pretrained sees a live HfDeepSpeedConfig of stage 3.
     """
     config = deepspeed_config(cfg, world, dtype)
     zero3_config = HfDeepSpeedConfig(config) if cfg.zero_stage == 3 else None
-    stage = stage or get_stage(cfg.stage)
     torch.manual_seed(cfg.seed)
-    model = build_stage_model(cfg, dtype, attn, log=log, stage=stage)
+    model = build_stage_model(cfg, stage, dtype, attn, log=log)
     if zero3_config is not None:
         config["zero_optimization"].update(gathering_limits(model, device.type == "cuda"))
     if cfg.gradient_checkpointing:
@@ -123,5 +122,5 @@ def setup_training(
         keep_gathered_until_step(model, model.mem_embeddings)
         release_after_each_use(model, optimizer)
     return TrainingSetup(
-        model, collator, trainable, engine, optimizer, scheduler, stage_weights(cfg, stage), zero3_config
+        model, collator, trainable, engine, optimizer, scheduler, stage_weights(stage, vars(cfg)), zero3_config
     )

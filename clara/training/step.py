@@ -134,14 +134,13 @@ def optimizer_step(
     optimizer,
     batches: list[Batch],
     seeds: list[int],
-    mse_weight: float = 0.0,
     on_first: Callable[[Batch, StepOutput], None] | None = None,
     loss_scaled: bool = False,
     **weights: float,
 ) -> StepResult:
     """Forward and backward every micro-batch of one optimizer step, then step.
 
-    The loss weights (`mse_weight`, `retrieval_weight`: clara.model.losses) go to the model's forward.
+    The loss weights (`<term>_weight`: clara.model.losses) go to the model's forward.
     A non-finite loss on any rank replaces that micro-batch's backward by a zero one and runs the
     optimizer step at learning rate 0, so the weights stay as they were. With fp16 loss scaling
     (`loss_scaled`) DeepSpeed's scaler handles overflows itself: it skips the step and lowers the scale.
@@ -151,7 +150,7 @@ def optimizer_step(
     for micro, (batch, seed) in enumerate(zip(batches, seeds)):
         torch.manual_seed(seed)
         try:
-            out = engine(batch, mse_weight=mse_weight, **weights)
+            out = engine(batch, **weights)
             finite = torch.isfinite(out.loss.detach()).float()
             dist.all_reduce(finite, op=dist.ReduceOp.MIN)
             if loss_scaled or finite.item() == 1.0:

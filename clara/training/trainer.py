@@ -19,11 +19,11 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from clara.config import ConfigError, TrainConfig
-from clara.data import load_records
 from clara.data.fingerprint import train_data_key
+from clara.data.load import load_records
 from clara.errors import RunFailure
 from clara.evaluation.debug import DebugPrinter
-from clara.evaluation.evaluate import evaluate_stage
+from clara.evaluation.evaluate import EvalSettings, evaluate_stage
 from clara.evaluation.metrics import retrieval_summary
 from clara.files import write_json_atomic
 from clara.model.checkpoint import export_parameters, save_model
@@ -101,8 +101,8 @@ class Trainer:
             self.device,
             self.dtype,
             self.attn,
+            self.stage,
             log=self.run_log.print,
-            stage=self.stage,
         )
         self._resume()
         self._announce()
@@ -323,8 +323,10 @@ class Trainer:
 
     def evaluate(self) -> dict:
         """Evaluate on the held-out records; returns the eval_* metrics (also logged)."""
+        cfg = self.cfg
+        settings = EvalSettings(cfg.micro_batch_size, cfg.eval_max_samples, cfg.max_new_tokens, cfg.max_len, cfg.seed)
         results = evaluate_stage(
-            self.components.engine.module, self.eval_records, self.stage, self.cfg, self.rank, self.world, self.device
+            self.components.engine.module, self.eval_records, self.stage, settings, self.rank, self.world, self.device
         )
         metrics = {f"eval_{k}": v for k, v in results["summary"].items()}
         self.run_log.metrics({"step": self.state.global_step, **metrics})

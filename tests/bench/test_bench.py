@@ -12,9 +12,12 @@ import time
 
 import pytest
 
-from bench.__main__ import SWEEPS, build_parser, config_from_args, parse_args, sweep_configs, wait_for_load
+from bench.cli import build_parser, config_from_args, parse_args
 from bench.config import SHAPES, BenchConfig
 from bench.flops import ModelShape, pass_flops, peak_flops, step_flops
+from bench.machine import wait_for_load
+from bench.sweeps import SWEEPS, sweep_configs
+from clara.stages import get_stage
 from tests.helpers import REPO
 
 DOC_MAX_LENGTH = 32
@@ -215,13 +218,13 @@ def test_causal_attention_and_lm_head():
     forward = pass_flops(shape, [s], grad=False, adapter_trained=False)
     assert forward == 2 * 3 * 16 * s * (s + 1)  # Q K^T and A V over the s (s + 1) / 2 causal pairs
     assert pass_flops(shape, [s], grad=True, adapter_trained=True) == 3 * forward
-    parts = step_flops(shape, "stage1", [s], [s], supervised=4)
+    parts = step_flops(shape, get_stage("stage1"), [s], [s], supervised=4)
     assert parts["lm_head"] == 4 * 100 * 8 * 4
 
 
 def test_stage2_candidates_are_forward_only():
     docs, dec, query = [40] * 6, [30], [12]
-    parts = step_flops(SHAPE, "stage2", docs, dec, supervised=3, query_lengths=query)
+    parts = step_flops(SHAPE, get_stage("stage2"), docs, dec, supervised=3, query_lengths=query)
     assert parts["candidates"] == pass_flops(SHAPE, docs, grad=False, adapter_trained=False)
     assert parts["query"] == pass_flops(SHAPE, query, grad=True, adapter_trained=True)
     assert parts["total"] == pytest.approx(parts["query"] + parts["candidates"] + parts["decoder"] + parts["lm_head"])

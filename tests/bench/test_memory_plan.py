@@ -13,19 +13,17 @@ import torch
 from transformers import AutoModelForCausalLM, MistralConfig, Qwen3Config
 
 from bench.config import SHAPES
-from bench.memory import (
+from bench.memory import GiB, Workload, plan_rows, step_memory
+from bench.memory_parts import (
     Dims,
-    GiB,
-    Workload,
     dims_of,
     gathered_elements,
     layer_activation_bytes,
     lora_input_elements,
     parameter_counts,
-    plan_rows,
-    step_memory,
 )
 from clara.model.model import ModelSettings, attach_adapters
+from clara.stages import get_stage
 from tests.helpers import REPO
 
 
@@ -123,13 +121,13 @@ def test_layer_activation_bytes_match_autograds_saved_tensors(qk_norm):
 
 def test_checkpointing_micro_batch_and_chunk_lower_the_peak():
     dims = dims_of("qwen3-14b")
-    stage1 = Workload(stage="stage1", micro_batch_size=4)
+    stage1 = Workload(stage=get_stage("stage1"), micro_batch_size=4)
     with_gc, without = (step_memory(dims, stage1, gradient_checkpointing=gc)["peak"] for gc in (True, False))
     assert with_gc < without
-    assert step_memory(dims, Workload(stage="stage1", micro_batch_size=1))["peak"] < with_gc
-    stage2 = Workload(stage="stage2", micro_batch_size=4, docs_per_sample=40)
+    assert step_memory(dims, Workload(stage=get_stage("stage1"), micro_batch_size=1))["peak"] < with_gc
+    stage2 = Workload(stage=get_stage("stage2"), micro_batch_size=4, docs_per_sample=40)
     chunked = step_memory(
-        dims, Workload(stage="stage2", micro_batch_size=4, docs_per_sample=40, candidate_chunk_size=8)
+        dims, Workload(stage=get_stage("stage2"), micro_batch_size=4, docs_per_sample=40, candidate_chunk_size=8)
     )
     assert chunked["candidate_compression"] < step_memory(dims, stage2)["candidate_compression"]
     # ZeRO shards the optimizer states over the GPUs, not the frozen weights.
@@ -154,7 +152,7 @@ def test_plan_names_a_change_when_it_does_not_fit():
 
 def test_zero3_partitions_the_base_and_offload_moves_it_to_the_cpu():
     dims = dims_of("qwen3-14b")
-    work = Workload(stage="stage1", micro_batch_size=2)
+    work = Workload(stage=get_stage("stage1"), micro_batch_size=2)
     zero2, zero3 = step_memory(dims, work, gpus=8), step_memory(dims, work, gpus=8, zero_stage=3)
     gathered = 2 * gathered_elements(dims)
     assert zero3["base_weights"] == pytest.approx(zero2["base_weights"] / 8 + gathered)

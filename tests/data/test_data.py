@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from clara.data import DataError, load_records
+from clara.data.load import load_records
+from clara.errors import DataError
 from clara.stages import get_stage
 from tests.helpers import REPO, subprocess_env
 

@@ -14,12 +14,14 @@ from pathlib import Path
 
 import pytest
 
-from clara.data import DataError, load_records, normalise
 from clara.data import cache as data_cache
 from clara.data import prepare as data_prepare
+from clara.data.load import load_records
 from clara.data.prepare import prepare
-from clara.data.records import BadRecord
+from clara.data.records import BadRecord, normalise
 from clara.data.sources import plan_tasks
+from clara.data.spec import JsonlFiles
+from clara.errors import DataError
 from clara.model.collate import Collator, LengthCheck
 from clara.stages import get_stage
 from clara.training.run_workers import worker_status
@@ -59,7 +61,7 @@ def test_byte_ranges_in_two_processes_give_the_records_and_lines_of_one_pass(tmp
     lines[4], lines[17] = "not json", json.dumps({"question": ["q"], "answers": [], "docs": ["d"]})
     lines.insert(10, "")  # a blank line still counts as a line
     path = write(tmp_path / "data.jsonl", lines)
-    tasks = plan_tasks(path, workers=2, chunk_bytes=2000)
+    tasks = plan_tasks(JsonlFiles((str(path),)), workers=2, chunk_bytes=2000)
     assert len(tasks) > 4 and tasks[0].start == 0 and tasks[-1].end == os.path.getsize(path)
     assert all(a.end == b.start for a, b in zip(tasks, tasks[1:]))
     folder = tmp_path / "shards"

@@ -22,7 +22,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from clara.data import DataError, load_records
+from clara.data.load import load_records
+from clara.errors import DataError
 from clara.stages import get_stage
 from tests.helpers import REPO, run_module
 
@@ -237,7 +238,7 @@ def test_a_hub_id_is_read_from_the_hugging_face_cache_offline(hub, workdir):
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text(revision)
     code = (
-        "from clara.data import load_records\nfrom clara.stages import get_stage\n"
+        "from clara.data.load import load_records\nfrom clara.stages import get_stage\n"
         f"print([r['answer'] for r in load_records(get_stage('stage1_2'), 'hf:{HUB_ID}:inst_eval_hotpotqa_with_pos', "
         "log=print)])"
     )

@@ -272,7 +272,7 @@ def test_a_record_over_max_len_is_named_before_the_model_loads(tmp_path):
 
 
 def test_bad_samples_skip_drops_a_record_over_max_len(tmp_path):
-    from clara.data import load_records
+    from clara.data.load import load_records
     from clara.model.collate import Collator
     from clara.model.stage_model import stage_tokenizer
     from clara.stages import get_stage

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from clara.data import iter_lines, load_records
+from clara.data.load import load_records
+from clara.data.sources import iter_lines
 from clara.stages import get_stage
 from clara.synthesis.__main__ import main as synthesize_main
 from clara.synthesis.recipe import Filters, QAPair, load_recipe, pair_problem, parse_answer, words

@@ -20,9 +20,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from bench.memory import Dims, parameter_counts
+from bench.memory_parts import Dims, parameter_counts
 from clara.evaluation.command import eval_config, load_eval_records
-from clara.evaluation.evaluate import evaluate_model
+from clara.evaluation.evaluate import evaluate_stage
 from clara.model.checkpoint import load_model
 from clara.stages import get_stage
 from tests.end_to_end.test_launchers import EIGHT, REPO, kill_tree, launcher_env, metrics, run, start, wait_for
@@ -231,5 +231,5 @@ def test_the_zero3_export_loads_in_one_process_and_evaluates_like_the_zero2_expo
     for name in ("zero2", "zero3"):
         model = load_model(str(stage1[name]))
         cfg = eval_config(model, stage, len(records), 4, None, 8, None, 42)
-        found[name] = evaluate_model(model, records, cfg, show_progress=False)["summary"]["loss"]
+        found[name] = evaluate_stage(model, records, stage, cfg, show_progress=False)["summary"]["loss"]
     assert found["zero3"] == pytest.approx(found["zero2"], abs=1e-4)

@@ -18,10 +18,9 @@ import pytest
 import torch
 
 from clara import CLaRa
-from clara.config import TrainConfig
-from clara.data import load_records
+from clara.data.load import load_records
 from clara.evaluation import command as evaluate
-from clara.evaluation.evaluate import evaluate_model
+from clara.evaluation.evaluate import EvalSettings, evaluate_stage
 from clara.evaluation.metrics import ANSWER_SCORE_NAMES, f1_score
 from clara.model.collate import encode_documents
 from clara.stages import get_stage
@@ -154,13 +153,14 @@ def test_official_stage2_call_and_agreement_with_evaluate(device, checkpoints, t
 
     # clara.evaluation.command (the trainer's evaluation too) picks the same documents and gives the same answers.
     path = write_jsonl(tmp_path / "stage2.jsonl", records)
-    cfg = TrainConfig(
-        stage="stage2", micro_batch_size=BATCH, eval_max_samples=QUESTIONS, max_new_tokens=NEW_TOKENS, max_len=1024
+    settings = EvalSettings(
+        batch_size=BATCH, generate_limit=QUESTIONS, max_new_tokens=NEW_TOKENS, max_len=1024, seed=42
     )
-    rows = evaluate_model(
+    rows = evaluate_stage(
         model.model,
         load_records(get_stage("stage2"), str(path), min_docs=k, log=lambda *a: None),
-        cfg,
+        get_stage("stage2"),
+        settings,
         device=model.device,
         show_progress=False,
     )["samples"]
@@ -187,7 +187,7 @@ def test_readme_loading_pattern_moves_to_the_device(device, checkpoints, qa_reco
 @pytest.mark.slow
 def test_summary_scores_the_first_gold_and_the_best_of_all(checkpoints, qa_records, tmp_path):
     """A dataset whose second gold answer is the model's own prediction: the first-gold scores miss,
-    the *_any scores hit. Runs clara.evaluation.evaluate's evaluate_model, which the trainer's evaluation uses."""
+    the *_any scores hit. Runs clara.evaluation.evaluate's evaluate_stage, which the trainer's evaluation uses."""
     model = CLaRa.from_pretrained(str(checkpoints["stage1_2"]), device="cpu", batch_size=BATCH)
     questions = [r["question"] for r in qa_records]
     documents = [r["docs"] for r in qa_records]
@@ -207,10 +207,10 @@ def test_summary_scores_the_first_gold_and_the_best_of_all(checkpoints, qa_recor
     )
     assert records[0]["answer"] == WRONG_GOLD and records[0]["answers"] == [WRONG_GOLD, predictions[0]]
 
-    cfg = TrainConfig(
-        stage="stage1_2", micro_batch_size=BATCH, eval_max_samples=QUESTIONS, max_new_tokens=NEW_TOKENS, max_len=2048
+    settings = EvalSettings(
+        batch_size=BATCH, generate_limit=QUESTIONS, max_new_tokens=NEW_TOKENS, max_len=2048, seed=42
     )
-    results = evaluate_model(model.model, records, cfg, show_progress=False)
+    results = evaluate_stage(model.model, records, get_stage("stage1_2"), settings, show_progress=False)
     rows, summary = results["samples"], results["summary"]
     assert [r["prediction"] for r in rows[:QUESTIONS]] == predictions
     for row, prediction in zip(rows, predictions):

@@ -25,7 +25,7 @@ import torch.distributed as dist
 from safetensors.torch import load_file
 
 from clara.config import TrainConfig
-from clara.data import normalise
+from clara.data.records import normalise
 from clara.evaluation import debug
 from clara.evaluation.debug import DebugPrinter
 from clara.model.collate import IGNORE_INDEX, Collator
@@ -131,7 +131,7 @@ def config(stage: str) -> TrainConfig:
 def stage_model(stage: str):
     """A stage model whose LoRA B matrices are not zero, so that every adapter changes what the model says."""
     torch.manual_seed(0)
-    model = build_stage_model(config(stage), log=lambda *args: None)
+    model = build_stage_model(config(stage), get_stage(stage), log=lambda *args: None)
     with torch.no_grad():
         for name, param in model.named_parameters():
             if ".lora_B." in name:
@@ -300,7 +300,7 @@ def test_the_trainer_hands_the_hook_its_own_training_forward(monkeypatch):
             engine.optimizer,
             batches,
             seeds,
-            MSE_WEIGHT,
+            mse_weight=MSE_WEIGHT,
             on_first=lambda b, o: (seen.append((b, o)), texts.append(printer.format_sample(b, o))),
         )
     assert len(engine.outputs) == len(batches)  # one forward per micro-batch, none for the print
@@ -517,7 +517,7 @@ def test_a_diverged_step_prints_through_the_trainer(monkeypatch):
             engine.optimizer,
             [batch],
             [1],
-            MSE_WEIGHT,
+            mse_weight=MSE_WEIGHT,
             on_first=lambda b, o: texts.append(printer.format_sample(b, o)),
         )
     assert result.skipped

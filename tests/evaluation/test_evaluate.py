@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from clara.evaluation import command as evaluate
-from clara.evaluation.evaluate import evaluate_model
+from clara.evaluation.evaluate import EvalSettings, evaluate_stage
 from clara.evaluation.inference import CLaRa
 from clara.evaluation.metrics import ANSWER_SCORE_NAMES
 from clara.stages import get_stage
@@ -193,7 +193,7 @@ def test_cli_prints_table_and_writes_per_sample_file(stage, cli_runs, checkpoint
 @pytest.mark.parametrize("stage", STAGES)
 def test_per_sample_loss_is_the_training_loss_of_that_sample(stage, cli_runs, checkpoints, eval_files):
     """A one-sample training forward (eval mode, LM loss only) gives the loss the batched evaluation wrote."""
-    from clara.data import load_records
+    from clara.data.load import load_records
     from clara.model.checkpoint import load_model
     from clara.model.collate import Collator
 
@@ -244,7 +244,7 @@ def test_evaluation_during_training_logs_the_same_metrics(stage, cli_runs, check
 
 @pytest.mark.slow
 def test_generation_is_greedy_and_repeatable(workdir, cli_runs, checkpoints, eval_files, capsys):
-    from clara.data import load_records
+    from clara.data.load import load_records
     from clara.model.checkpoint import load_model
     from clara.model.collate import Collator
     from clara.stages.prompts import end_of_turn
@@ -348,8 +348,7 @@ def test_two_processes_give_the_same_results_as_one(workdir, cli_runs, checkpoin
 def test_recall_at_k_on_forced_scores(workdir, checkpoints, monkeypatch):
     """Scores forced to one known ranking: candidates in order 1, 4, 2, 3, 5, 0; top-5 = [1, 4, 2, 3, 5]."""
     import clara.model.model
-    from clara.config import TrainConfig
-    from clara.data import load_records
+    from clara.data.load import load_records
     from clara.model.checkpoint import load_model
 
     forced = torch.tensor([0.1, 0.9, 0.5, 0.3, 0.7, 0.2])
@@ -371,8 +370,8 @@ def test_recall_at_k_on_forced_scores(workdir, checkpoints, monkeypatch):
     model = load_model(str(checkpoints["stage2"]))
     model.train()
     records = load_records(get_stage("stage2"), str(path), min_docs=5, log=lambda *a: None)
-    cfg = TrainConfig(stage="stage2", micro_batch_size=2, eval_max_samples=1, max_new_tokens=2, max_len=1024)
-    results = evaluate_model(model, records, cfg, show_progress=False)
+    settings = EvalSettings(batch_size=2, generate_limit=1, max_new_tokens=2, max_len=1024, seed=42)
+    results = evaluate_stage(model, records, get_stage("stage2"), settings, show_progress=False)
     assert model.training and all(m.training for m in model.modules())  # put back in train mode
 
     assert [r["chosen"] for r in results["samples"]] == [[1, 4, 2, 3, 5]] * len(positives)

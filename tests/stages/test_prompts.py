@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from clara.data import normalise
+from clara.data.records import normalise
 from clara.model.collate import IGNORE_INDEX, Collator, encode_documents
 from clara.stages import get_stage, prompts
 from clara.stages.prompts import add_special_tokens, memory_slots

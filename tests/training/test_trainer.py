@@ -107,10 +107,10 @@ def test_term_means_divide_by_the_micro_batches_that_computed_them():
 # -- loss weights per stage ---------------------------------------------------------------------------------
 def test_a_stage_without_a_term_trains_with_its_weight_at_zero():
     cfg = TrainConfig(mse_weight=0.1, retrieval_weight=0.5)
-    assert stage_weights(cfg, get_stage("stage1")) == {"mse_weight": 0.1, "retrieval_weight": 0.0}
-    assert stage_weights(cfg, get_stage("stage1_2")) == {"mse_weight": 0.1, "retrieval_weight": 0.0}
-    assert stage_weights(cfg, get_stage("stage2")) == {"mse_weight": 0.0, "retrieval_weight": 0.5}
-    assert set(WEIGHT_SETTINGS) == set(stage_weights(cfg, get_stage("stage2")))
+    assert stage_weights(get_stage("stage1"), vars(cfg)) == {"mse_weight": 0.1, "retrieval_weight": 0.0}
+    assert stage_weights(get_stage("stage1_2"), vars(cfg)) == {"mse_weight": 0.1, "retrieval_weight": 0.0}
+    assert stage_weights(get_stage("stage2"), vars(cfg)) == {"mse_weight": 0.0, "retrieval_weight": 0.5}
+    assert set(WEIGHT_SETTINGS) == set(stage_weights(get_stage("stage2"), vars(cfg)))
 
 
 # -- the learning-rate multiplier -------------------------------------------------------------------------
@@ -163,6 +163,6 @@ def test_optimizer_step_adds_up_the_retrieval_loss_over_the_micro_batches_with_p
     model.eval()  # the expected loss below is computed without dropout
     expected = model(batches[0], retrieval_weight=1.0).terms["retrieval"].item()
     with single_process_group():
-        result = optimizer_step(CountingEngine(model, 2), None, batches, [1, 2], 0.0, retrieval_weight=1.0)
+        result = optimizer_step(CountingEngine(model, 2), None, batches, [1, 2], retrieval_weight=1.0)
     assert result.sums["retrieval_batches"] == 1  # the micro-batch without pos_index has no retrieval loss
     assert result.sums["retrieval"] == pytest.approx(expected, rel=1e-5)
