@@ -272,6 +272,32 @@ def data_table() -> str:
     return "\n".join(lines) + "\n\n" + source_line("data")
 
 
+def steps_table() -> str:
+    report = json.loads((RUNS / "steps-bench.json").read_text(encoding="utf-8"))
+
+    def number(value: float | None, spec: str) -> str:
+        return "-" if value is None else format(value, spec)
+
+    lines = [
+        "| rows | setting | step s | samples/s | tokens/s | peak MB | step MB | compr MB |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    previous = None
+    for r in report["results"]:
+        group = "" if r["group"] == previous else f"{r['group']} ({r['stage']})"
+        previous = r["group"]
+        if "error" in r:
+            lines.append(f"| {group} | {r['label'] or 'default'} | failed: {r['error']} | | | | | |")
+            continue
+        lines.append(
+            f"| {group} | {r['label'] or 'default'} | {number(r.get('step_time_s'), '.3f')} | "
+            f"{number(r.get('samples_per_s'), '.2f')} | {number(r.get('tokens_per_s'), '.0f')} | "
+            f"{number(r.get('peak_memory_mb'), '.0f')} | {number(r.get('step_memory_mb'), '.0f')} | "
+            f"{number(r.get('candidate_compression_memory_mb'), '.0f')} |"
+        )
+    return "\n".join(lines) + "\n\n" + source_line("steps")
+
+
 def learning_table() -> str:
     _, evals = learning_rows()
     lines = ["| step | held-out exact match | eval loss |", "|---:|---:|---:|"]
@@ -298,7 +324,9 @@ def main() -> int:
     data_prep()
     replace_block("getting-started.md", "learning", learning_table())
     replace_block("performance/index.md", "serve", serve_table())
+    replace_block("performance/index.md", "steps", steps_table())
     replace_block("guides/data-at-scale.md", "data", data_table())
+    replace_block("guides/serving.md", "page", source_line("page").replace("Measured on", "Taken on"))
     return 0
 
 
