@@ -66,24 +66,21 @@ def commit() -> str:
     return described.stdout.strip()
 
 
-def provenance(command: str, started: float, load_before: tuple[float, ...]) -> dict:
-    return {
+def record(out: Path, name: str, command: str, body) -> None:
+    """Run body(), then write NAME.json with where its outputs came from (the commit as the run started)."""
+    started, load_before, at_commit = time.time(), os.getloadavg(), commit()
+    print(f"== {name}: {command}", flush=True)
+    body()
+    where = {
         "command": command,
-        "commit": commit(),
+        "commit": at_commit,
         "date": datetime.fromtimestamp(started, timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": machine(),
         "seconds": round(time.time() - started, 1),
         "load_before": [round(x, 2) for x in load_before],
         "load_after": [round(x, 2) for x in os.getloadavg()],
     }
-
-
-def record(out: Path, name: str, command: str, body) -> None:
-    """Run body(), then write NAME.json with where its outputs came from."""
-    started, load_before = time.time(), os.getloadavg()
-    print(f"== {name}: {command}", flush=True)
-    body()
-    write_json_atomic(str(out / f"{name}.json"), provenance(command, started, load_before))
+    write_json_atomic(str(out / f"{name}.json"), where)
 
 
 def run_learning(out: Path) -> None:

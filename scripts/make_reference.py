@@ -135,7 +135,12 @@ def flag_rows(parser: argparse.ArgumentParser) -> list[str]:
             continue
         name = ", ".join(f"`{flag}`" for flag in action.option_strings) or f"`{action.dest.upper()}` (positional)"
         choices = f" (one of: {', '.join(map(str, action.choices))})" if action.choices else ""
-        default = "" if isinstance(action, argparse._VersionAction) else f"`{shown_default(action.default)}`"
+        if action.required:
+            default = "required"
+        elif isinstance(action, argparse._VersionAction):
+            default = ""
+        else:
+            default = f"`{shown_default(action.default)}`"
         meaning = action.help % dict(vars(action), prog=parser.prog) if action.help else ""
         rows.append(f"| {name} | {default} | {cell(meaning)}{choices} |")
     return rows
