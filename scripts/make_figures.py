@@ -58,7 +58,9 @@ def source_line(name: str) -> str:
 
 def footnote(fig, name: str) -> None:
     run = provenance(name)
-    fig.text(0.01, 0.01, f"{run['machine']}, {run['date']}, commit {run['commit']}", fontsize=7, color="#666666")
+    fig.text(
+        0.01, -0.02, f"{run['machine']}, {run['date']}, commit {run['commit']}", fontsize=7, color="#666666", va="top"
+    )
 
 
 def save_svg(fig, name: str) -> None:
