@@ -1,6 +1,6 @@
 """The package is layered: no module imports, directly or through others, a module that imports it back, no
 package imports a package that imports it back, and none imports a module of a layer above its own in the
-README's "How the code is laid out" table. bench/ is checked with clara/: it sits on top.
+table of docs/development/layout.md ("How the code is laid out"). bench/ is checked with clara/: it sits on top.
 
 The check parses clara/ and bench/ (no import is executed) and follows every `import clara...` /
 `from clara... import` (and bench's) statement, at module level or inside functions alike, since an import
@@ -15,7 +15,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 PACKAGE = REPO / "clara"
-README = REPO / "README.md"
+LAYOUT = REPO / "docs" / "development" / "layout.md"
 CHECKED = ("clara", "bench")
 
 
@@ -88,9 +88,9 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
 
 
 def readme_layers() -> list[tuple[str, list[str]]]:
-    """(layer, entries) of the README's layer table, bottom first; an entry is `x.py`, `package/` or
+    """(layer, entries) of the layer table (docs/development/layout.md), bottom first; an entry is `x.py`, `package/` or
     `package/x.py`, relative to clara/, or `bench/`."""
-    section = README.read_text(encoding="utf-8").split("### How the code is laid out", 1)[1].split("\n###", 1)[0]
+    section = LAYOUT.read_text(encoding="utf-8").split("# How the code is laid out", 1)[1].split("\n#", 1)[0]
     rows = [line.split("|")[1:3] for line in section.splitlines() if line.startswith("|")]
     return [(layer.strip(), re.findall(r"`([^`]+)`", entries)) for layer, entries in rows[2:]]
 
@@ -131,7 +131,7 @@ def test_every_module_has_a_layer_in_the_readme():
     graph = import_graph()
     layers = assign_layers(set(graph), readme_layers())
     missing = sorted(set(graph) - set(layers))
-    assert not missing, f"modules missing from the README's layer table (How the code is laid out): {missing}"
+    assert not missing, f"modules missing from the layer table of docs/development/layout.md: {missing}"
 
 
 def test_no_module_imports_a_layer_above_its_own():
