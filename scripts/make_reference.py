@@ -27,7 +27,7 @@ if str(REPO) not in sys.path:
 
 from clara.__main__ import SUBCOMMANDS  # noqa: E402  (the repository on the path first)
 from clara.config import TrainConfig  # noqa: E402
-from clara.training.launch import PROCESS_SETTINGS, SCRIPT_DEFAULT  # noqa: E402
+from clara.training.launch_env import PROCESS_SETTINGS, SCRIPT_DEFAULT  # noqa: E402
 
 SETTINGS_PAGE = "docs/reference/settings.md"
 COMMANDS_PAGE = "docs/reference/commands.md"
