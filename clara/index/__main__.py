@@ -9,9 +9,10 @@ import sys
 import torch
 
 from clara.cli import add_model_flags, positive_int
-from clara.errors import FolderBusy
+from clara.errors import ConfigError, FolderBusy
 from clara.index.build import build_index
-from clara.index.corpus import read_corpus
+from clara.index.folder import describe_skipped
+from clara.index.passages import Cut, corpus_passages, describe_corpus, tokenizer_key
 from clara.index.search import SEARCH_KINDS, SearchSettings
 from clara.index.store import STORAGE_DTYPES
 from clara.locks import holding
@@ -30,7 +31,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--checkpoint", required=True, help="checkpoint directory (native or official layout)")
     parser.add_argument(
-        "--corpus", required=True, help='JSONL: {"id": ..., "text": ...} per line, or records with a \'docs\' list'
+        "--corpus",
+        required=True,
+        help='a folder of .txt, .md, .html and .pdf files, JSONL ({"id": ..., "text": ...} per line, or records with '
+        "a 'docs' list), or the passages.json clara synthesize wrote (used as cut, if cut for this compressor)",
+    )
+    parser.add_argument(
+        "--overlap",
+        type=int,
+        default=0,
+        help="tokens of a passage's last pieces that start the next passage of a document, at most (default 0)",
     )
     parser.add_argument("--out", required=True, help="index folder (created; an unfinished build there resumes)")
     parser.add_argument("--batch_size", type=positive_int, default=32, help="documents per forward (default 32)")
@@ -82,13 +92,22 @@ def run(args: argparse.Namespace, rank: int, world: int, device: torch.device) -
 
 def build(args: argparse.Namespace, rank: int, world: int, device: torch.device) -> dict:
     log = print if rank == 0 else (lambda *a, **k: None)
-    ids, texts = read_corpus(args.corpus)
     dtype = resolve_dtype(args.model_dtype, device)
     attn = attention_implementation(args.flash_attn, device.type == "cuda")
     model = load_model(args.checkpoint, dtype, attn, base_model=args.model_path).to(device).eval()
     model.requires_grad_(False)
+    # The compressor reads DOC_MAX_LENGTH tokens: documents are cut into passages it reads whole.
+    length = model.settings.doc_max_length
+    if not 0 <= args.overlap < length:
+        raise ConfigError("overlap", args.overlap, f"tokens in [0, {length}) (the checkpoint's DOC_MAX_LENGTH)")
+    wanted = Cut(args.checkpoint, tokenizer_key(model.tokenizer), length, args.overlap)
+    passages, corpus, cut = corpus_passages(args.corpus, model.tokenizer, wanted)
+    ids, texts = [p.id for p in passages], [p.text for p in passages]
+    for line in describe_skipped(corpus["skipped"]):
+        log(line)
+    log(describe_corpus(corpus, cut) + f": none longer than the compressor reads (DOC_MAX_LENGTH={length})")
     log(
-        f"Indexing {len(ids)} documents of {args.corpus} with the compressor of {args.checkpoint} "
+        f"Indexing {len(ids)} passages of {args.corpus} with the compressor of {args.checkpoint} "
         f"| {world} process(es) | device {device.type}",
         flush=True,
     )
