@@ -7,12 +7,12 @@ generator reads the stored memory vectors of the top-k, never their text.
 
     python -m clara.index --checkpoint CK --corpus FOLDER|FILE.jsonl|passages.json --out DIR [--faiss flat|ivf|hnsw]
 
-The corpus is a folder of .txt, .md, .html and .pdf files (each file's path in it is its id), or a file that
-holds `{"id": ..., "text": ...}` per line, or records with a `docs` list (any stage's data), whose documents get content ids (`doc-` and 16 hex digits of the text's SHA-256) and are
-stored once however often they occur. Every document is cut into passages of at most the checkpoint's
-DOC_MAX_LENGTH tokens (one that fits keeps its id, a longer one's passages are `ID#1`, `ID#2`, ...), or the
-passages file python -m clara.synthesize wrote is used when it was cut for the same tokenizer and length. An
-index folder holds:
+The corpus is a folder of .txt, .md, .html and .pdf files (each file's path in it is its id), or a file that holds
+`{"id": ..., "text": ...}` per line, or records with a `docs` list (any stage's data), whose documents get content
+ids (`doc-` and 16 hex digits of the text's SHA-256) and are stored once however often they occur. Every document
+is cut into passages of at most the checkpoint's DOC_MAX_LENGTH tokens (one that fits keeps its id, a longer one's
+passages are `ID#1`, `ID#2`, ...), or the passages file python -m clara.synthesize wrote is used when it was cut
+for the same tokenizer and length. An index folder holds:
 
     build.json                   what is being built (checkpoint fingerprint, corpus hash, shard plan)
     memory-00000.safetensors ... memory vectors [docs, n_mem, hidden] per shard ("memory"), in the
