@@ -48,6 +48,10 @@ def places(document: str) -> list[tuple[str, str, list[tuple[str, str]]]]:
 def templated_answer(task: str, document: str, user: str) -> dict:
     """The answer a good LLM could give for a document (or passage) in the example corpus's language."""
     described = places(document)
+    if not described:  # a passage cut inside a place's description: nothing a question could name
+        if task == "paraphrase":
+            return {"paraphrase": document}
+        return {"uncovered_facts": [], "pairs": []} if task == "coverage" else {"pairs": []}
     every_fact = [(name, attr, value) for name, _, facts in described for attr, value in facts]
     pairs = [{"question": f"What is the {attr} of {name}?", "answer": value} for name, attr, value in every_fact]
     name, kind, facts = described[0]

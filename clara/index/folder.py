@@ -9,7 +9,9 @@ unless no file gave a document (DataError, exit 2).
 
 from __future__ import annotations
 
+import logging
 import os
+import re
 from dataclasses import dataclass, field
 
 from clara.errors import DataError
@@ -18,6 +20,10 @@ TEXT_SUFFIXES = (".txt", ".md", ".markdown")
 HTML_SUFFIXES = (".html", ".htm")
 PDF_SUFFIXES = (".pdf",)
 PDF_EXTRA = "pip install 'clara-train[pdf]' (or pip install pypdf==7.1.1)"
+BLOCKS = ["address", "article", "aside", "blockquote", "dd", "div", "dl", "dt", "figcaption", "footer", "h1", "h2",
+          "h3", "h4", "h5", "h6", "header", "hr", "li", "main", "nav", "ol", "p", "pre", "section", "table", "td",
+          "th", "tr", "ul"]  # fmt: skip
+PARAGRAPH = re.compile(r"\n\s*\n")
 MAX_LISTED = 20  # skipped files named in the log; every one is in the passages file
 
 
@@ -50,9 +56,12 @@ def _read_html(path: str) -> str:
     soup = BeautifulSoup(_read_text(path), "html.parser")
     for hidden in soup(["script", "style", "noscript", "template", "head"]):
         hidden.decompose()
-    lines = (line.strip() for line in soup.get_text("\n").splitlines())
-    # Block elements end lines; a blank line between them keeps paragraph boundaries for the splitter.
-    return "\n\n".join(line for line in lines if line)
+    # Block elements become paragraphs (the splitter's first boundary); inline ones (<b>, <a>) stay in the text.
+    for block in soup(BLOCKS):
+        block.insert_before("\n\n")
+        block.insert_after("\n\n")
+    paragraphs = (" ".join(part.split()) for part in PARAGRAPH.split(soup.get_text()))
+    return "\n\n".join(p for p in paragraphs if p)
 
 
 def _read_pdf(path: str) -> str:
@@ -61,6 +70,7 @@ def _read_pdf(path: str) -> str:
         from pypdf.errors import PyPdfError
     except ImportError:
         raise DataError(f"{path}: reading PDF files needs pypdf, an optional extra: {PDF_EXTRA}") from None
+    logging.getLogger("pypdf").setLevel(logging.ERROR)  # its warnings on a broken file: the skip line says it
     try:
         reader = PdfReader(path)
         pages = [page.extract_text() or "" for page in reader.pages]

@@ -71,7 +71,9 @@ def tokenizer_key(tokenizer) -> str:
 
 def token_counter(tokenizer) -> Counter:
     def count(texts: list[str]) -> list[int]:
-        return [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]] if texts else []
+        if not texts:
+            return []
+        return [len(ids) for ids in tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]]
 
     return count
 
