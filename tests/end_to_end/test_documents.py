@@ -1,0 +1,114 @@
+"""A folder of documents as a user has them, synthesized and indexed (issue 30's "done when"): a 40-page PDF, an
+HTML page, a 20,000-word Markdown file, an empty file and a broken PDF. Every passage fits the compressor, the
+files that gave nothing are named, summary.json counts each file's passages, and the index uses the passages
+synthesis cut, or refuses them when the checkpoint reads another length."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+
+from clara.index.passages import load_tokenizer, token_counter
+from tests.end_to_end.test_synthesize import FAST
+from tests.fake_openai_server import FakeOpenAI
+from tests.helpers import read_jsonl, run_module, write_pdf
+from tests.index.test_index import noisy_checkpoint
+
+pytestmark = pytest.mark.slow
+
+KINDS = ("kingdom", "harbor", "valley", "city")
+FACTS = ("main food", "lucky number", "banner color", "sacred animal")
+VALUES = ("rice", "seven", "teal", "owl", "corn", "amber", "otter", "nine")
+DOC_MAX_LENGTH = 128  # the noisy checkpoint's
+
+
+def place(rng: random.Random, number: int) -> str:
+    name = "".join(rng.choice("bdfgklmnprstvz") + rng.choice("aeiou") for _ in range(3)).capitalize() + str(number)
+    facts = " ".join(f"Its {fact} is {rng.choice(VALUES)}." for fact in rng.sample(FACTS, 3))
+    return f"{name} is a {rng.choice(KINDS)}. {facts}"
+
+
+def make_folder(folder: Path) -> None:
+    rng = random.Random(30)
+    folder.mkdir()
+    words, paragraphs = 0, ["# The atlas"]
+    while words < 20_000:
+        paragraphs.append(place(rng, len(paragraphs)))
+        words += len(paragraphs[-1].split())
+    (folder / "atlas.md").write_text("\n\n".join(paragraphs), encoding="utf-8")
+    pages = ["\n\n".join(place(rng, 1000 + 10 * page + i) for i in range(8)) for page in range(40)]
+    write_pdf(folder / "report.pdf", "\f".join(pages))
+    body = "".join(f"<p>{place(rng, 2000 + i)}</p>" for i in range(5))
+    (folder / "harbors.html").write_text(f"<html><body><script>x()</script>{body}</body></html>", encoding="utf-8")
+    (folder / "empty.txt").write_text("", encoding="utf-8")
+    (folder / "broken.pdf").write_bytes(b"%PDF-1.4\n1 0 obj << /Type /Catalog")
+
+
+def test_a_folder_is_synthesized_and_indexed_within_doc_max_length(tmp_path):
+    docs, out = tmp_path / "docs", tmp_path / "data"
+    make_folder(docs)
+    with FakeOpenAI({}) as fake:
+        proc = run_module(
+            ["clara", "synthesize", "--corpus", str(docs), "--out", str(out), "--llm", f"openai:{fake.url}"]
+            + ["--model", "fake-llm", "--tokenizer", "tiny", "--doc_max_length", str(DOC_MAX_LENGTH), *FAST]
+            + ["--rounds", "0", "--concurrency", "64", "--shard_size", "2048"]
+        )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "skipped broken.pdf: not a readable PDF" in proc.stdout
+    assert "skipped empty.txt: empty (no text)" in proc.stdout
+    assert "3 of 5 files read (2 skipped)" in proc.stdout
+
+    saved = json.loads((out / "passages.json").read_text(encoding="utf-8"))
+    assert saved["tokenizer"] == "tiny" and saved["doc_max_length"] == DOC_MAX_LENGTH
+    passages = saved["passages"]
+    count = token_counter(load_tokenizer("tiny"))
+    assert max(count([p["text"] for p in passages])) <= DOC_MAX_LENGTH
+    corpus = json.loads((out / "summary.json").read_text(encoding="utf-8"))["corpus"]
+    per_file = corpus["passages_per_document"]
+    assert set(per_file) == {"atlas.md", "report.pdf", "harbors.html"}
+    assert per_file["atlas.md"] > 100 and per_file["report.pdf"] >= 40 and per_file["harbors.html"] > 1
+    assert sum(per_file.values()) == len(passages) == corpus["passages"]
+    assert set(corpus["skipped"]) == {"broken.pdf", "empty.txt"}
+    assert {p["id"] for p in passages if p["document"] == "harbors.html"} == {
+        f"harbors.html#{n}" for n in range(1, per_file["harbors.html"] + 1)
+    }
+    stage2 = read_jsonl(out / "stage2.jsonl")
+    passage_ids = {p["id"] for p in passages}
+    assert stage2 and all(set(r["gold_ids"]) <= passage_ids for r in stage2)
+
+    checkpoint = noisy_checkpoint(
+        tmp_path / "ck", {"encoder_adapter": 1, "decoder_adapter": 2, "query_reasoner_adapter": 3}
+    )
+    index = tmp_path / "index"
+    proc = run_module(
+        ["clara", "index", "--checkpoint", str(checkpoint), "--corpus", str(out / "passages.json")]
+        + ["--out", str(index), "--no_progress", "--batch_size", "64"]
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert f"none longer than the compressor reads (DOC_MAX_LENGTH={DOC_MAX_LENGTH})" in proc.stdout
+    assert [d["id"] for d in read_jsonl(index / "documents.jsonl")] == [p["id"] for p in passages]
+
+
+def test_the_index_refuses_passages_cut_for_another_length(tmp_path):
+    docs, out = tmp_path / "docs", tmp_path / "data"
+    docs.mkdir()
+    (docs / "atlas.md").write_text("\n\n".join(place(random.Random(i), i) for i in range(30)), encoding="utf-8")
+    with FakeOpenAI({}) as fake:
+        proc = run_module(
+            ["clara", "synthesize", "--corpus", str(docs), "--out", str(out), "--llm", f"openai:{fake.url}"]
+            + ["--model", "fake-llm", "--tokenizer", "tiny", "--doc_max_length", "64", "--rounds", "0", *FAST]
+        )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    checkpoint = noisy_checkpoint(
+        tmp_path / "ck", {"encoder_adapter": 1, "decoder_adapter": 2, "query_reasoner_adapter": 3}
+    )
+    proc = run_module(
+        ["clara", "index", "--checkpoint", str(checkpoint), "--corpus", str(out / "passages.json")]
+        + ["--out", str(tmp_path / "index"), "--no_progress"]
+    )
+    assert proc.returncode == 2, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "DOC_MAX_LENGTH=64" in proc.stderr and f"DOC_MAX_LENGTH={DOC_MAX_LENGTH}" in proc.stderr
+    assert "Traceback" not in proc.stderr
