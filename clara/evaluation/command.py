@@ -27,6 +27,7 @@ from clara.errors import ConfigError
 from clara.evaluation.evaluate import RETRIEVAL_KS, evaluate_model, evaluate_stage  # noqa: F401
 from clara.evaluation.metrics import ANSWER_SCORE_NAMES
 from clara.files import json_safe, write_json_atomic, write_text_atomic
+from clara.index.passages import longer_than_read
 from clara.model.checkpoint import load_model, official_base_name, read_config, resolve_base_path, resolve_checkpoint
 from clara.model.collate import LengthCheck
 from clara.model.model import attention_implementation
@@ -239,6 +240,11 @@ def run(args: argparse.Namespace, rank: int, world: int, device: torch.device) -
         + f" | {world} process(es) | device {device.type} | dtype {str(dtype).replace('torch.', '')}",
         flush=True,
     )
+    truncated = longer_than_read(
+        model.tokenizer, [d for r in records for d in r["docs"]], cfg.doc_max_length, "documents of the records"
+    )
+    if truncated:
+        log(truncated, flush=True)
     results = evaluate_stage(
         model, records, stage, cfg, rank, world, device, show_progress=not args.no_progress, leave_progress=True
     )
@@ -268,6 +274,9 @@ def open_corpus(args: argparse.Namespace, model, records, cfg, device: torch.dev
 
     index = load_index(args.index)
     check_index_matches(index, model, args.checkpoint)
+    truncated = longer_than_read(model.tokenizer, index.texts, cfg.doc_max_length, f"documents of {args.index}")
+    if truncated:
+        log(truncated, flush=True)
     gold = [list(r["gold_ids"]) if r["has_gold_ids"] else None for r in records]
     summary, _ = open_corpus_summary(
         model,

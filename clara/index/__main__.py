@@ -12,7 +12,7 @@ from clara.cli import add_model_flags, positive_int
 from clara.errors import ConfigError, FolderBusy
 from clara.index.build import build_index
 from clara.index.folder import describe_skipped
-from clara.index.passages import Cut, corpus_passages, describe_corpus, tokenizer_key
+from clara.index.passages import Cut, corpus_passages, describe_corpus, longer_than_read, tokenizer_key
 from clara.index.search import SEARCH_KINDS, SearchSettings
 from clara.index.store import STORAGE_DTYPES
 from clara.locks import holding
@@ -105,7 +105,8 @@ def build(args: argparse.Namespace, rank: int, world: int, device: torch.device)
     ids, texts = [p.id for p in passages], [p.text for p in passages]
     for line in describe_skipped(corpus["skipped"]):
         log(line)
-    log(describe_corpus(corpus, cut) + f": none longer than the compressor reads (DOC_MAX_LENGTH={length})")
+    log(describe_corpus(corpus, cut))
+    log(longer_than_read(model.tokenizer, texts, length, "passages") or f"Every passage fits DOC_MAX_LENGTH={length}")
     log(
         f"Indexing {len(ids)} passages of {args.corpus} with the compressor of {args.checkpoint} "
         f"| {world} process(es) | device {device.type}",

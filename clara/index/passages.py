@@ -277,3 +277,16 @@ def corpus_passages(path: str, tokenizer, wanted: Cut) -> tuple[list[Passage], d
     ids, texts, corpus = load_corpus(path)
     passages, corpus = cut_corpus(ids, texts, corpus, tokenizer, wanted)
     return passages, corpus, wanted
+
+
+def longer_than_read(tokenizer, texts: list[str], doc_max_length: int, what: str) -> str | None:
+    """A line saying how many texts the compressor reads only the beginning of (None when it reads them all): the
+    commands that compress documents they did not cut say so, as the trainer does."""
+    longer = sum(n > doc_max_length for n in token_counter(tokenizer)(texts))
+    if not longer:
+        return None
+    return (
+        f"{longer} of {len(texts)} {what} are longer than DOC_MAX_LENGTH={doc_max_length} tokens: the compressor "
+        f"reads the first {doc_max_length} tokens of each (cut them into passages: clara synthesize --tokenizer, or "
+        "clara index --corpus with the documents)"
+    )

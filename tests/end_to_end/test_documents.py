@@ -88,7 +88,7 @@ def test_a_folder_is_synthesized_and_indexed_within_doc_max_length(tmp_path):
         + ["--out", str(index), "--no_progress", "--batch_size", "64"]
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert f"none longer than the compressor reads (DOC_MAX_LENGTH={DOC_MAX_LENGTH})" in proc.stdout
+    assert f"Every passage fits DOC_MAX_LENGTH={DOC_MAX_LENGTH}" in proc.stdout
     assert [d["id"] for d in read_jsonl(index / "documents.jsonl")] == [p["id"] for p in passages]
 
 
@@ -112,3 +112,25 @@ def test_the_index_refuses_passages_cut_for_another_length(tmp_path):
     assert proc.returncode == 2, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "DOC_MAX_LENGTH=64" in proc.stderr and f"DOC_MAX_LENGTH={DOC_MAX_LENGTH}" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_evaluate_says_how_many_documents_the_compressor_reads_only_the_beginning_of(tmp_path):
+    rng = random.Random(1)
+    long_document = " ".join(place(rng, i) for i in range(20))
+    records = [
+        {"question": "What is the main food?", "docs": [long_document] + [place(rng, 100 + i) for i in range(3)]}
+        | {"gold_answer": "rice", "pos_index": [0]},
+        {"question": "What is the lucky number?", "docs": [place(rng, 200 + i) for i in range(4)]}
+        | {"gold_answer": "seven", "pos_index": [1]},
+    ]
+    dataset = tmp_path / "eval.jsonl"
+    dataset.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    checkpoint = noisy_checkpoint(
+        tmp_path / "ck", {"encoder_adapter": 1, "decoder_adapter": 2, "query_reasoner_adapter": 3}
+    )
+    proc = run_module(
+        ["clara", "evaluate", "--checkpoint", str(checkpoint), "--dataset", str(dataset), "--max_new_tokens", "2"]
+        + ["--no_progress"]
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert f"1 of 8 documents of the records are longer than DOC_MAX_LENGTH={DOC_MAX_LENGTH} tokens" in proc.stdout
