@@ -219,12 +219,16 @@ class FakeOpenAI:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description="Serve the fake OpenAI-compatible LLM over a corpus.")
-    parser.add_argument("--corpus", required=True)
+    parser.add_argument(
+        "--corpus", default=None, help="JSONL corpus whose ids name the documents (default: content ids)"
+    )
     parser.add_argument("--delay", type=float, default=0.2, help="seconds before each answer")
     parser.add_argument("--port", type=int, default=8000)
     args = parser.parse_args()
-    with open(args.corpus, encoding="utf-8") as handle:
-        corpus = {str(r["id"]): r["text"] for r in map(json.loads, handle)}
+    corpus = {}
+    if args.corpus:
+        with open(args.corpus, encoding="utf-8") as handle:
+            corpus = {str(r["id"]): r["text"] for r in map(json.loads, handle)}
     fake = FakeOpenAI(corpus, delay=args.delay, port=args.port)
     print(f"serving {len(corpus)} documents at {fake.url}", flush=True)
     fake.httpd.serve_forever()
