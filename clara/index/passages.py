@@ -1,6 +1,7 @@
 """Documents cut into passages the compressor reads whole: at most DOC_MAX_LENGTH tokens of its tokenizer each, cut on
 paragraph boundaries where they fit, else on sentence boundaries, else between words (a single word longer than the
-limit, between characters), with an optional overlap of the previous passage's last sentences.
+limit, between characters), with an optional overlap: a passage may start with the last of these pieces of the one
+before.
 
 The compressor keeps the first DOC_MAX_LENGTH tokens of what it is given (clara.model.collate.encode_documents), so
 a longer text would be indexed, and asked about in synthesis, from its beginning only. Synthesis, the index and
