@@ -86,7 +86,7 @@ def run_step(name: str, script: str, env: dict, out: Path, steps: list[dict]) ->
     started = time.monotonic()
     log = out / "logs" / f"{len(steps) + 1}-{name}.log"
     with open(log, "w", encoding="utf-8") as handle:
-        proc = subprocess.run(["bash", "-c", script], cwd=out, env=env, stdout=handle, stderr=subprocess.STDOUT)
+        proc = subprocess.run(["bash", "-c", "set -eo pipefail\n" + script], cwd=out, env=env, stdout=handle, stderr=subprocess.STDOUT)
     steps.append({"step": name, "returncode": proc.returncode, "seconds": round(time.monotonic() - started, 1)})
     print(f"{name}: exit {proc.returncode} after {steps[-1]['seconds']}s (log: {log})", flush=True)
     if proc.returncode != 0:
@@ -143,7 +143,7 @@ def main() -> None:
         NO_COLOR="1",
         PYTHONPATH=f"{REPO}{os.pathsep}{env.get('PYTHONPATH', '')}",
     )
-    started = time.monotonic()
+    started, code_version = time.monotonic(), commit()  # the code that runs: later edits do not change it
     steps: list[dict] = []
     stand_in = subprocess.Popen(
         [sys.executable, str(REPO / "tests" / "fake_openai_server.py"), "--port", str(llm_port), "--delay", "0"],
@@ -163,7 +163,7 @@ def main() -> None:
     report = {
         "machine": machine(),
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "commit": commit(),
+        "commit": code_version,
         "command": " ".join(["python scripts/run_tutorial.py", *sys.argv[1:]]),
         "seconds": round(time.monotonic() - started, 1),
         "steps": steps,

@@ -12,7 +12,14 @@ from clara.cli import add_model_flags, positive_int
 from clara.errors import ConfigError, FolderBusy
 from clara.index.build import build_index
 from clara.index.folder import describe_skipped
-from clara.index.passages import Cut, corpus_passages, describe_corpus, longer_than_read, tokenizer_key
+from clara.index.passages import (
+    Cut,
+    describe_corpus,
+    longer_than_read,
+    read_source,
+    source_passages,
+    tokenizer_key,
+)
 from clara.index.search import SEARCH_KINDS, SearchSettings
 from clara.index.store import STORAGE_DTYPES
 from clara.locks import holding
@@ -92,6 +99,7 @@ def run(args: argparse.Namespace, rank: int, world: int, device: torch.device) -
 
 def build(args: argparse.Namespace, rank: int, world: int, device: torch.device) -> dict:
     log = print if rank == 0 else (lambda *a, **k: None)
+    source = read_source(args.corpus)
     dtype = resolve_dtype(args.model_dtype, device)
     attn = attention_implementation(args.flash_attn, device.type == "cuda")
     model = load_model(args.checkpoint, dtype, attn, base_model=args.model_path).to(device).eval()
@@ -101,7 +109,7 @@ def build(args: argparse.Namespace, rank: int, world: int, device: torch.device)
     if not 0 <= args.overlap < length:
         raise ConfigError("overlap", args.overlap, f"tokens in [0, {length}) (the checkpoint's DOC_MAX_LENGTH)")
     wanted = Cut(args.checkpoint, tokenizer_key(model.tokenizer), length, args.overlap)
-    passages, corpus, cut = corpus_passages(args.corpus, model.tokenizer, wanted)
+    passages, corpus, cut = source_passages(source, model.tokenizer, wanted)
     ids, texts = [p.id for p in passages], [p.text for p in passages]
     for line in describe_skipped(corpus["skipped"]):
         log(line)

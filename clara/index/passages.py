@@ -21,7 +21,7 @@ import json
 import os
 import re
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 from clara.errors import DataError
 from clara.files import write_json_atomic
@@ -268,15 +268,35 @@ def describe_corpus(corpus: dict, cut: Cut) -> str:
     )
 
 
-def corpus_passages(path: str, tokenizer, wanted: Cut) -> tuple[list[Passage], dict, Cut]:
-    """The passages of a corpus (file or folder) cut for wanted, or those of a passages file cut for the same
-    tokenizer and length (else DataError naming both); the corpus summary; the cut they have."""
+@dataclass
+class Source:
+    """What --corpus held: documents to cut (a corpus file or folder), or the passages of a passages file and the
+    cut they were made for."""
+
+    path: str
+    corpus: dict
+    ids: list[str] = field(default_factory=list)
+    texts: list[str] = field(default_factory=list)
+    cut: Cut | None = None
+    passages: list[Passage] = field(default_factory=list)
+
+
+def read_source(path: str) -> Source:
+    """Read --corpus before a model is loaded, so that a bad corpus is reported at once."""
     if is_passages_file(path):
-        saved, passages, corpus = read_passages(path)
-        check_cut(path, saved, wanted)
-        return passages, corpus, saved
+        cut, passages, corpus = read_passages(path)
+        return Source(path, corpus, cut=cut, passages=passages)
     ids, texts, corpus = load_corpus(path)
-    passages, corpus = cut_corpus(ids, texts, corpus, tokenizer, wanted)
+    return Source(path, corpus, ids, texts)
+
+
+def source_passages(source: Source, tokenizer, wanted: Cut) -> tuple[list[Passage], dict, Cut]:
+    """The documents cut for wanted, or a passages file's passages when they were cut for the same tokenizer and
+    length (else DataError naming both); the corpus summary; the cut the passages have."""
+    if source.cut is not None:
+        check_cut(source.path, source.cut, wanted)
+        return source.passages, source.corpus, source.cut
+    passages, corpus = cut_corpus(source.ids, source.texts, source.corpus, tokenizer, wanted)
     return passages, corpus, wanted
 
 
