@@ -86,7 +86,9 @@ def run_step(name: str, script: str, env: dict, out: Path, steps: list[dict]) ->
     started = time.monotonic()
     log = out / "logs" / f"{len(steps) + 1}-{name}.log"
     with open(log, "w", encoding="utf-8") as handle:
-        proc = subprocess.run(["bash", "-c", "set -eo pipefail\n" + script], cwd=out, env=env, stdout=handle, stderr=subprocess.STDOUT)
+        proc = subprocess.run(
+            ["bash", "-c", "set -eo pipefail\n" + script], cwd=out, env=env, stdout=handle, stderr=subprocess.STDOUT
+        )
     steps.append({"step": name, "returncode": proc.returncode, "seconds": round(time.monotonic() - started, 1)})
     print(f"{name}: exit {proc.returncode} after {steps[-1]['seconds']}s (log: {log})", flush=True)
     if proc.returncode != 0:
