@@ -2,11 +2,12 @@
 language (clara/data/example_data.py), as a user's documents come: a Markdown atlas long enough to be cut into
 passages, an HTML page with markup and a script, a PDF of several pages, and a short note that fits one passage.
 
-    python example/make_documents.py
+    python example/make_documents.py [--out FOLDER]
 
 The output is the same on every run (fixed seed); the PDF is written by scripts/text_to_pdf.py.
 """
 
+import argparse
 import random
 import subprocess
 import sys
@@ -52,19 +53,21 @@ def write_pdf(text: str, path: Path) -> None:
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description="Write the tutorial's example documents.")
+    parser.add_argument("--out", type=Path, default=OUT_DIR, help=f"folder to write (default {OUT_DIR})")
+    out = parser.parse_args().out
     rng = random.Random(SEED)
     entities = [make_entity(rng, name) for name in invent_names(rng, 160)]
-    OUT_DIR.mkdir(exist_ok=True)
-    (OUT_DIR / "notes").mkdir(exist_ok=True)
+    (out / "notes").mkdir(parents=True, exist_ok=True)
     inland = by_kind(entities, set(SECTIONS))
-    (OUT_DIR / "atlas.md").write_text(atlas(inland[:60]), encoding="utf-8")
+    (out / "atlas.md").write_text(atlas(inland[:60]), encoding="utf-8")
     harbors = by_kind(entities, {"harbor"})[:12]
-    (OUT_DIR / "harbors.html").write_text(harbors_page(harbors), encoding="utf-8")
+    (out / "harbors.html").write_text(harbors_page(harbors), encoding="utf-8")
     islands = by_kind(entities, {"island"})[:18]
     pages = ["\n\n".join(e["doc"] for e in islands[i : i + 6]) for i in range(0, len(islands), 6)]
-    write_pdf("\f".join(pages), OUT_DIR / "islands.pdf")
+    write_pdf("\f".join(pages), out / "islands.pdf")
     note = by_kind(entities, {"fortress"})[0]
-    (OUT_DIR / "notes" / "fortress.md").write_text(note["doc"] + "\n", encoding="utf-8")
+    (out / "notes" / "fortress.md").write_text(note["doc"] + "\n", encoding="utf-8")
 
 
 if __name__ == "__main__":

@@ -62,7 +62,8 @@ def machine() -> str:
         ),
         platform.processor() or "unknown CPU",
     )
-    return f"{os.cpu_count()}-core {model}"
+    flags = Path("/proc/cpuinfo").read_text()
+    return f"{os.cpu_count()}-core {model}" + (" with AVX-512" if " avx512f" in flags else "")
 
 
 def commit() -> str:
@@ -122,7 +123,8 @@ def serve_and_ask(settings: str, serve_code: str, client_code: str, env: dict, o
 def main() -> None:
     parser = argparse.ArgumentParser(description="Run docs/tutorial.md with the tiny model and the stand-in LLM.")
     parser.add_argument("--out", required=True, help="work folder (created; the commands' outputs go there)")
-    parser.add_argument("--max_steps", default="", help="MAX_STEPS for every stage (default: the full schedule)")
+    parser.add_argument("--max_steps", default="", help="MAX_STEPS for every stage (default: its MAX_EPOCHS)")
+    parser.add_argument("--max_epochs", default="", help="MAX_EPOCHS for every stage (default: the trainer's)")
     parser.add_argument("--doc_max_length", default="64", help="DOC_MAX_LENGTH (default 64)")
     args = parser.parse_args()
     settings, steps_code, serve_code, client_code = page_blocks(PAGE)
@@ -140,6 +142,7 @@ def main() -> None:
         LLM=f"openai:http://127.0.0.1:{llm_port}/v1",
         LLM_ARGS="--model fake-llm --no_progress",
         MAX_STEPS=args.max_steps,
+        MAX_EPOCHS=args.max_epochs,
         PORT=str(port),
         CUDA_VISIBLE_DEVICES="",
         NO_COLOR="1",

@@ -3,12 +3,15 @@ that give no document named with the reason, and what to install when PDF suppor
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 
 from clara.errors import DataError
 from clara.index.corpus import load_corpus
 from clara.index.folder import read_folder
-from tests.helpers import run_module, subprocess_env, write_pdf
+from tests.helpers import EXAMPLE, run_module, subprocess_env, write_pdf
 
 PLACE = "Vorlan is a kingdom. Its sacred animal is owl. Its main food is rice."
 HTML = (
@@ -69,3 +72,20 @@ def test_without_pypdf_a_pdf_says_what_to_install(tmp_path):
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert "pip install 'clara-train[pdf]'" in proc.stderr and "atlas.pdf" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_the_example_documents_are_what_their_script_writes(tmp_path):
+    """example/documents/ (the tutorial's folder, its PDF included) is rebuilt byte for byte by its script."""
+    proc = subprocess.run(
+        [sys.executable, str(EXAMPLE / "make_documents.py"), "--out", str(tmp_path)],
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    shipped = EXAMPLE / "documents"
+    names = sorted(p.relative_to(shipped).as_posix() for p in shipped.rglob("*") if p.is_file())
+    assert names == sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.is_file())
+    assert all((shipped / name).read_bytes() == (tmp_path / name).read_bytes() for name in names)
+    assert read_folder(str(shipped)).skipped == {}
