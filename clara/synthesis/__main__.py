@@ -1,7 +1,8 @@
 """python -m clara.synthesize --corpus docs.jsonl --out data/ --llm SPEC: training data for all three stages from
 your own documents (see clara.synthesis and the README, "Training on your own documents").
 
-With a server (`--llm openai:`) nothing loads torch, so the command starts at once; with `--llm vllm:MODEL` the run
+With a server (`--llm openai:`) nothing loads torch, so the command starts at once (unless `--tokenizer` loads one
+to cut the documents into passages, clara.index.passages); with `--llm vllm:MODEL` the run
 starts its own vLLM server from another environment (`--vllm_python`, clara.vllm_server) and stops it when it ends,
 however it ends; a local model (`--llm hf:`) runs alone or under torchrun through clara.parallel.distributed.
 """
@@ -110,7 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--overlap",
         type=non_negative_int,
         default=0,
-        help="tokens of a passage's last sentences that start the next passage of the same document, at most",
+        help="tokens of a passage's last paragraphs or sentences that start the next passage of the same document, "
+        "at most",
     )
     parser.add_argument("--out", required=True, help="output folder (an unfinished run there continues)")
     parser.add_argument(
@@ -234,6 +236,10 @@ def run_settings(
         "temperature": args.temperature,
         "seed": args.seed,
         "shard_size": args.shard_size,
+        # How documents were cut (None: whole), named when a rerun would cut them otherwise.
+        "tokenizer": args.tokenizer,
+        "doc_max_length": args.doc_max_length if args.tokenizer else None,
+        "overlap": args.overlap if args.tokenizer else None,
     }
 
 
