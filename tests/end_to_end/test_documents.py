@@ -7,14 +7,22 @@ from __future__ import annotations
 
 import json
 import random
+import subprocess
+import sys
+import time
 from pathlib import Path
 
+import httpx
 import pytest
+import torch
 
+from clara.index.build import build_index
 from clara.index.passages import load_tokenizer, token_counter
+from clara.model.checkpoint import load_model
+from tests.end_to_end.test_launchers import free_port
 from tests.end_to_end.test_synthesize import FAST
 from tests.fake_openai_server import FakeOpenAI
-from tests.helpers import read_jsonl, run_module, write_pdf
+from tests.helpers import read_jsonl, run_module, subprocess_env, write_pdf
 from tests.index.test_index import noisy_checkpoint
 
 pytestmark = pytest.mark.slow
@@ -134,3 +142,35 @@ def test_evaluate_says_how_many_documents_the_compressor_reads_only_the_beginnin
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert f"1 of 8 documents of the records are longer than DOC_MAX_LENGTH={DOC_MAX_LENGTH} tokens" in proc.stdout
+
+
+def test_serve_says_how_many_stored_documents_the_compressor_read_only_the_beginning_of(tmp_path):
+    """An index built without cutting (the Python API, or an earlier clara) may hold longer documents."""
+    rng = random.Random(2)
+    checkpoint = noisy_checkpoint(
+        tmp_path / "ck", {"encoder_adapter": 1, "decoder_adapter": 2, "query_reasoner_adapter": 3}
+    )
+    texts = [" ".join(place(rng, 10 * i + j) for j in range(8 if i < 2 else 1)) for i in range(8)]
+    model = load_model(str(checkpoint), torch.float32, "eager")
+    build_index(model, [f"d{i}" for i in range(8)], texts, str(tmp_path / "index"), show_progress=False, log=print)
+    port = free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "clara", "serve", "--checkpoint", str(checkpoint), "--index", str(tmp_path / "index")]
+        + ["--port", str(port)],
+        env=subprocess_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while server.poll() is None and time.monotonic() < deadline:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.3)
+    finally:
+        server.terminate()
+        output = server.communicate(timeout=60)[0]
+    assert f"2 of 8 documents of {tmp_path / 'index'} are longer than DOC_MAX_LENGTH={DOC_MAX_LENGTH}" in output, output
