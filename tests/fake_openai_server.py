@@ -26,17 +26,35 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from pydantic import ValidationError
 
+from clara.index.corpus import content_id
 from clara.openai_protocol import ChatCompletion, ChatCompletionRequest, ChatMessage, Choice, OpenAIError, Usage
 
 FACT = re.compile(r"Its (.+?) is (.+?)\.")
-HEAD = re.compile(r"^(\w+) is an? (\w+)\.")
+PLACE = re.compile(r"(?:^|(?<=\s))([A-Z]\w+) is an? (\w+)\.")
+# Where the document ends in every task's user message (clara/synthesis/default_prompts.json).
+DOCUMENT = re.compile(r"Document:\n(.*?)\n\n(?=Write |Rewrite |Question-answer pairs)", re.DOTALL)
+
+
+def places(document: str) -> list[tuple[str, str, list[tuple[str, str]]]]:
+    """(name, kind, facts) of each place a document (or a passage of several places) describes, in order."""
+    starts = list(PLACE.finditer(document))
+    found = []
+    for match, after in zip(starts, starts[1:] + [None]):
+        body = document[match.end() : after.start() if after else len(document)]
+        found.append((match.group(1), match.group(2), FACT.findall(body)))
+    return found
 
 
 def templated_answer(task: str, document: str, user: str) -> dict:
-    """The answer a good LLM could give for one of the example corpus's documents."""
-    name, kind = HEAD.match(document).groups()
-    facts = FACT.findall(document)
-    pairs = [{"question": f"What is the {attr} of {name}?", "answer": value} for attr, value in facts]
+    """The answer a good LLM could give for a document (or passage) in the example corpus's language."""
+    described = places(document)
+    if not described:  # a passage cut inside a place's description: nothing a question could name
+        if task == "paraphrase":
+            return {"paraphrase": document}
+        return {"uncovered_facts": [], "pairs": []} if task == "coverage" else {"pairs": []}
+    every_fact = [(name, attr, value) for name, _, facts in described for attr, value in facts]
+    pairs = [{"question": f"What is the {attr} of {name}?", "answer": value} for name, attr, value in every_fact]
+    name, kind, facts = described[0]
     if task == "simple_qa":
         return {"pairs": [{"question": f"What kind of place is {name}?", "answer": kind}] + pairs[:-1]}
     if task == "complex_qa":
@@ -44,15 +62,19 @@ def templated_answer(task: str, document: str, user: str) -> dict:
         return {"pairs": [{"question": f"What are the {a1} and the {a2} of {name}?", "answer": f"{v1} and {v2}"}]}
     if task == "paraphrase":
         return {
-            "paraphrase": f"{name}, {'an' if kind[0] in 'aeiou' else 'a'} {kind}, has these: "
-            + "; ".join(f"{value} as its {attr}" for attr, value in reversed(facts))
-            + "."
+            "paraphrase": " ".join(
+                f"{name}, {'an' if kind[0] in 'aeiou' else 'a'} {kind}, has these: "
+                + "; ".join(f"{value} as its {attr}" for attr, value in reversed(facts))
+                + "."
+                for name, kind, facts in described
+            )
         }
     if task == "coverage":
         last = pairs[-1]
         if last["question"] in user:
             return {"uncovered_facts": [], "pairs": []}
-        return {"uncovered_facts": [f"Its {facts[-1][0]} is {facts[-1][1]}."], "pairs": [last]}
+        _, attr, value = every_fact[-1]
+        return {"uncovered_facts": [f"Its {attr} is {value}."], "pairs": [last]}
     if task == "judge":  # the complex pairs are judged unsupported
         return {"supported": [" and the " not in q for q in re.findall(r"^\d+\. Q: (.*) A: ", user, re.MULTILINE)]}
     raise ValueError(task)
@@ -100,8 +122,9 @@ class FakeOpenAI:
         self.httpd.server_close()
 
     def document(self, user: str) -> tuple[str, str]:
-        text = user.split("Document:\n", 1)[1].split("\n\n", 1)[0]
-        return self.doc_of[text], text
+        """(id, text) of the document asked about: its corpus id, or a content id for a passage of a folder."""
+        text = DOCUMENT.match(user).group(1)
+        return self.doc_of.get(text) or content_id(text), text
 
     def answer(self, body: bytes) -> tuple[int, dict | None, str]:
         """(status, JSON body or None to drop the connection, fault served)."""
@@ -196,12 +219,16 @@ class FakeOpenAI:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description="Serve the fake OpenAI-compatible LLM over a corpus.")
-    parser.add_argument("--corpus", required=True)
+    parser.add_argument(
+        "--corpus", default=None, help="JSONL corpus whose ids name the documents (default: content ids)"
+    )
     parser.add_argument("--delay", type=float, default=0.2, help="seconds before each answer")
     parser.add_argument("--port", type=int, default=8000)
     args = parser.parse_args()
-    with open(args.corpus, encoding="utf-8") as handle:
-        corpus = {str(r["id"]): r["text"] for r in map(json.loads, handle)}
+    corpus = {}
+    if args.corpus:
+        with open(args.corpus, encoding="utf-8") as handle:
+            corpus = {str(r["id"]): r["text"] for r in map(json.loads, handle)}
     fake = FakeOpenAI(corpus, delay=args.delay, port=args.port)
     print(f"serving {len(corpus)} documents at {fake.url}", flush=True)
     fake.httpd.serve_forever()

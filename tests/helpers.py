@@ -48,3 +48,18 @@ def run_torchrun(args: list[str], processes: int = 2, timeout: int = 900) -> sub
 
 def read_jsonl(path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def write_pdf(path, text: str, lines_per_page: int = 50) -> None:
+    """A PDF of text, made as the example documents' PDF is: by scripts/text_to_pdf.py."""
+    source = Path(f"{path}.txt")
+    source.write_text(text, encoding="utf-8")
+    subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "text_to_pdf.py"), str(source), str(path)]
+        + ["--lines_per_page", str(lines_per_page)],
+        env=subprocess_env(),
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
+    source.unlink()

@@ -25,6 +25,7 @@ from clara.errors import ConfigError
 from clara.evaluation.evaluate import RETRIEVAL_KS, EvalSettings, evaluate_stage
 from clara.evaluation.metrics import ANSWER_SCORE_NAMES
 from clara.files import json_safe, write_json_atomic, write_jsonl_atomic
+from clara.index.passages import longer_than_read
 from clara.model.checkpoint import read_config, resolve_base_path
 from clara.model.collate import LengthCheck
 from clara.model.hub import resolve_checkpoint
@@ -229,6 +230,11 @@ def run(args: argparse.Namespace, rank: int, world: int, device: torch.device) -
         + f" | {world} process(es) | device {device.type} | dtype {str(runtime.dtype).replace('torch.', '')}",
         flush=True,
     )
+    truncated = longer_than_read(
+        model.tokenizer, [d for r in records for d in r["docs"]], model.settings.doc_max_length, "documents of the records"
+    )
+    if truncated:
+        log(truncated, flush=True)
     results = evaluate_stage(
         model, records, stage, cfg, rank, world, device, show_progress=not args.no_progress, leave_progress=True
     )
@@ -258,6 +264,9 @@ def open_corpus(args: argparse.Namespace, model, records, cfg: EvalSettings, dev
 
     index = load_index(args.index)
     check_index_matches(index, model, args.checkpoint)
+    truncated = longer_than_read(model.tokenizer, index.texts, model.settings.doc_max_length, f"documents of {args.index}")
+    if truncated:
+        log(truncated, flush=True)
     gold = [list(r["gold_ids"]) if r["has_gold_ids"] else None for r in records]
     summary, _ = open_corpus_summary(
         model,

@@ -5,8 +5,16 @@ from __future__ import annotations
 
 from clara.evaluation.metrics import ANSWER_METRICS, retrieval_summary
 from clara.index.answer import answer_from_index
+from clara.index.passages import document_of
 from clara.index.store import CorpusIndex
 from clara.model.model import ClaraModel
+
+
+def as_gold(retrieved: list[str], gold: list[str] | None) -> list[str]:
+    """Retrieved ids with a passage of a gold document (`guide.md#3` for gold `guide.md`) named by the document,
+    so that a corpus indexed in passages is scored against the documents its questions name."""
+    wanted = set(gold or ())
+    return [document_of(r) if r not in wanted and document_of(r) in wanted else r for r in retrieved]
 
 
 def open_corpus_summary(
@@ -27,7 +35,7 @@ def open_corpus_summary(
     )
     ranked = head.ids + rest.ids
     summary: dict = {"documents": len(index.ids)}
-    retrieval = retrieval_summary(ranked, gold_ids, ks)
+    retrieval = retrieval_summary([as_gold(r, g) for r, g in zip(ranked, gold_ids)], gold_ids, ks)
     summary.update(
         sorted(retrieval.items(), key=lambda kv: (not kv[0].startswith("recall@"), not kv[0].startswith("precision@")))
     )

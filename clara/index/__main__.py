@@ -9,9 +9,17 @@ import sys
 import torch
 
 from clara.cli import add_model_flags, positive_int
-from clara.errors import FolderBusy
+from clara.errors import ConfigError, FolderBusy
 from clara.index.build import build_index
-from clara.index.corpus import read_corpus
+from clara.index.folder import describe_skipped
+from clara.index.passages import (
+    Cut,
+    describe_corpus,
+    longer_than_read,
+    read_source,
+    source_passages,
+    tokenizer_key,
+)
 from clara.index.search import SEARCH_KINDS, SearchSettings
 from clara.index.store import STORAGE_DTYPES
 from clara.locks import holding
@@ -30,7 +38,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--checkpoint", required=True, help="checkpoint directory (native or official layout)")
     parser.add_argument(
-        "--corpus", required=True, help='JSONL: {"id": ..., "text": ...} per line, or records with a \'docs\' list'
+        "--corpus",
+        required=True,
+        help='a folder of .txt, .md, .html and .pdf files, JSONL ({"id": ..., "text": ...} per line, or records with '
+        "a 'docs' list), or the passages.json clara synthesize wrote (used as cut, if cut for this compressor)",
+    )
+    parser.add_argument(
+        "--overlap",
+        type=int,
+        default=0,
+        help="tokens of a passage's last pieces that start the next passage of a document, at most (default 0)",
     )
     parser.add_argument("--out", required=True, help="index folder (created; an unfinished build there resumes)")
     parser.add_argument("--batch_size", type=positive_int, default=32, help="documents per forward (default 32)")
@@ -80,10 +97,21 @@ def run(args: argparse.Namespace, rank: int, world: int, device: torch.device) -
 
 def build(args: argparse.Namespace, rank: int, world: int, device: torch.device) -> dict:
     log = rank_zero_print(rank)
-    ids, texts = read_corpus(args.corpus)
+    source = read_source(args.corpus)
     model, _ = load_for_use(args.checkpoint, choose_runtime(device, args.dtype, args.flash_attn), args.model_path)
+    # The compressor reads DOC_MAX_LENGTH tokens: documents are cut into passages it reads whole.
+    length = model.settings.doc_max_length
+    if not 0 <= args.overlap < length:
+        raise ConfigError("overlap", args.overlap, f"tokens in [0, {length}) (the checkpoint's DOC_MAX_LENGTH)")
+    wanted = Cut(args.checkpoint, tokenizer_key(model.tokenizer), length, args.overlap)
+    passages, corpus, cut = source_passages(source, model.tokenizer, wanted)
+    ids, texts = [p.id for p in passages], [p.text for p in passages]
+    for line in describe_skipped(corpus["skipped"]):
+        log(line)
+    log(describe_corpus(corpus, cut))
+    log(longer_than_read(model.tokenizer, texts, length, "passages") or f"Every passage fits DOC_MAX_LENGTH={length}")
     log(
-        f"Indexing {len(ids)} documents of {args.corpus} with the compressor of {args.checkpoint} "
+        f"Indexing {len(ids)} passages of {args.corpus} with the compressor of {args.checkpoint} "
         f"| {world} process(es) | device {device.type}",
         flush=True,
     )

@@ -1,6 +1,6 @@
 """The corpus format that python -m clara.index and python -m clara.synthesize read: `{"id": ..., "text": ...}`
 per line, or records with a `docs` list (any stage's data), whose documents get content ids (`doc-` and 16 hex
-digits of the text's SHA-256) and are kept once however often they occur.
+digits of the text's SHA-256) and are kept once however often they occur; or a folder of files (clara.index.folder).
 
 Standard library only: a command that reads a corpus without a model (clara.synthesis.__main__ with a server) starts
 without loading torch.
@@ -14,6 +14,7 @@ import os
 from collections.abc import Iterator
 
 from clara.errors import DataError
+from clara.index.folder import read_folder
 
 MAX_REPORTED_ERRORS = 20  # bad lines named in one error, as clara.data names bad records
 
@@ -53,7 +54,7 @@ def _corpus_line(obj) -> list[tuple[str | None, str]]:
 def read_corpus(path: str) -> tuple[list[str], list[str]]:
     """Ids and texts of a corpus file; bad lines and duplicate ids raise DataError naming FILE:LINE."""
     if not os.path.isfile(path):
-        raise DataError(f"--corpus: file {path!r} does not exist or is not readable")
+        raise DataError(f"--corpus: {path!r} is neither a corpus file (JSONL) nor a folder of documents")
     ids: list[str] = []
     texts: list[str] = []
     first_line: dict[str, int] = {}
@@ -100,3 +101,13 @@ def corpus_hash(ids: list[str], texts: list[str]) -> str:
     for doc_id, text in zip(ids, texts):
         digest.update(json.dumps([doc_id, text], ensure_ascii=False).encode("utf-8"))
     return digest.hexdigest()
+
+
+def load_corpus(path: str) -> tuple[list[str], list[str], dict]:
+    """Ids and texts of a corpus file or folder, and what was read: {"path", "files", "read", "skipped"} (a
+    file: one file read; a folder: its files, the skipped ones with their reasons)."""
+    if os.path.isdir(path):
+        found = read_folder(path)
+        return found.ids, found.texts, {"path": path, **found.summary()}
+    ids, texts = read_corpus(path)
+    return ids, texts, {"path": path, "files": 1, "read": 1, "skipped": {}}

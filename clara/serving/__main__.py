@@ -115,6 +115,7 @@ def check_settings(args: argparse.Namespace, api_key: str | None) -> None:
 def build_app(args: argparse.Namespace, api_key: str | None):
     # Deferred: --help and the settings checks answer without loading torch.
     from clara.evaluation.inference import CLaRa
+    from clara.index.passages import longer_than_read
     from clara.index.store import check_index_matches, load_index
     from clara.model.stage_model import ensure_query_reasoner
     from clara.serving.app import Limits, create_app
@@ -126,6 +127,10 @@ def build_app(args: argparse.Namespace, api_key: str | None):
     index = load_index(args.index)
     ensure_query_reasoner(clara.model)
     check_index_matches(index, clara.model, args.checkpoint)
+    length = clara.model.settings.doc_max_length
+    truncated = longer_than_read(clara.model.tokenizer, index.texts, length, f"documents of {args.index}")
+    if truncated:
+        print(truncated, flush=True)
     top_k = clara.model.settings.generation_top_k
     if args.k is not None and not top_k <= args.k <= min(args.max_k, len(index.ids)):
         raise ConfigError(

@@ -11,8 +11,9 @@ coverage rounds ask for pairs on the facts still uncovered.
 
     __main__    python -m clara.synthesize (clara/synthesize.py keeps that path)
 
-It may import the bottom layers (clara.errors, clara.files, clara.openai_protocol, clara.vllm_server for
-`--llm vllm:`, clara.config), the corpus
-reader (clara.index.corpus), clara.parallel and clara.model.tiny_base (the built-in model as a local LLM);
-nothing outside this package imports it but the command line's old path, clara/synthesize.py.
+It may import the bottom layers (clara.errors, clara.files, clara.openai_protocol, clara.vllm_server for `--llm
+vllm:`, clara.config), the corpus reader and the passage splitter (clara.index.corpus, clara.index.folder,
+clara.index.passages: a user's documents are cut for synthesis exactly as the index cuts them), clara.parallel and
+clara.model.tiny_base (the built-in model as a local LLM); nothing outside this package imports it but the command
+line's old path, clara/synthesize.py.
 """

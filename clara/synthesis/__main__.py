@@ -1,7 +1,8 @@
 """python -m clara.synthesize --corpus docs.jsonl --out data/ --llm SPEC: training data for all three stages from
 your own documents (see clara.synthesis and the README, "Training on your own documents").
 
-With a server (`--llm openai:`) nothing loads torch, so the command starts at once; with `--llm vllm:MODEL` the run
+With a server (`--llm openai:`) nothing loads torch, so the command starts at once (unless `--tokenizer` loads one
+to cut the documents into passages, clara.index.passages); with `--llm vllm:MODEL` the run
 starts its own vLLM server from another environment (`--vllm_python`, clara.vllm_server) and stops it when it ends,
 however it ends; a local model (`--llm hf:`) runs alone or under torchrun through clara.parallel.distributed.
 """
@@ -21,7 +22,18 @@ from typing import TYPE_CHECKING
 from clara.cli import add_model_flags
 from clara.errors import ConfigError, RunFailure, exit_status
 from clara.files import write_json_atomic
-from clara.index.corpus import corpus_hash, read_corpus
+from clara.index.corpus import corpus_hash, load_corpus
+from clara.index.folder import describe_skipped
+from clara.index.passages import (
+    PASSAGES_FILE,
+    Cut,
+    Passage,
+    cut_corpus,
+    describe_corpus,
+    load_tokenizer,
+    tokenizer_key,
+    write_passages,
+)
 from clara.parallel.console import rank_zero_print
 from clara.synthesis.documents import Asking
 from clara.synthesis.llm import LLM, GenerationSettings, OpenAIChat, parse_llm_spec
@@ -80,8 +92,28 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--corpus",
         required=True,
-        help='JSONL: {"id": ..., "text": ...} per line, or records '
-        "with a 'docs' list (the clara.index corpus format)",
+        help="a folder of .txt, .md, .html and .pdf files (read recursively; a file's path in it is its id), or "
+        'JSONL: {"id": ..., "text": ...} per line, or records with a \'docs\' list (the clara.index corpus format)',
+    )
+    parser.add_argument(
+        "--tokenizer",
+        default=None,
+        help="the compressor's tokenizer: the base model you will train (Hub id or folder), a checkpoint folder or "
+        "`tiny`; documents are cut into passages of at most --doc_max_length of its tokens, questions are asked per "
+        f"passage and OUT/{PASSAGES_FILE} lists them (without it documents are used whole, however long)",
+    )
+    parser.add_argument(
+        "--doc_max_length",
+        type=positive_int,
+        default=256,
+        help="tokens per passage at most: the DOC_MAX_LENGTH you will train with (the compressor reads no more)",
+    )
+    parser.add_argument(
+        "--overlap",
+        type=non_negative_int,
+        default=0,
+        help="tokens of a passage's last paragraphs or sentences that start the next passage of the same document, "
+        "at most",
     )
     parser.add_argument("--out", required=True, help="output folder (an unfinished run there continues)")
     parser.add_argument(
@@ -183,6 +215,8 @@ def check_settings(args: argparse.Namespace, kind: str) -> None:
         raise ConfigError("temperature", args.temperature, "a number in [0, 2]")
     if args.candidates < 2:
         raise ConfigError("candidates", args.candidates, "at least 2 (the positive and a distractor)")
+    if args.overlap >= args.doc_max_length:
+        raise ConfigError("overlap", args.overlap, f"fewer tokens than --doc_max_length ({args.doc_max_length})")
 
 
 def run_settings(
@@ -203,6 +237,10 @@ def run_settings(
         "temperature": args.temperature,
         "seed": args.seed,
         "shard_size": args.shard_size,
+        # How documents were cut (None: whole), named when a rerun would cut them otherwise.
+        "tokenizer": args.tokenizer,
+        "doc_max_length": args.doc_max_length if args.tokenizer else None,
+        "overlap": args.overlap if args.tokenizer else None,
     }
 
 
@@ -232,6 +270,25 @@ def llm_server(args: argparse.Namespace, kind: str, target: str, log):
     log("vLLM stopped", flush=True)
 
 
+def read_passages(args: argparse.Namespace, log) -> tuple[list[Passage], dict, Cut | None]:
+    """The corpus's passages (with --tokenizer) or whole documents (without), what the corpus held, and the cut."""
+    ids, texts, corpus = load_corpus(args.corpus)
+    for line in describe_skipped(corpus["skipped"]):
+        log(line, flush=True)
+    if args.tokenizer is None:
+        log(
+            "Documents are used whole, however long (the compressor reads the first DOC_MAX_LENGTH tokens of each): "
+            "pass --tokenizer to cut them into passages it reads whole",
+            flush=True,
+        )
+        return [Passage(i, i, 1, t) for i, t in zip(ids, texts)], corpus, None
+    tokenizer = load_tokenizer(args.tokenizer)
+    cut = Cut(args.tokenizer, tokenizer_key(tokenizer), args.doc_max_length, args.overlap)
+    passages, corpus = cut_corpus(ids, texts, corpus, tokenizer, cut)
+    log(describe_corpus(corpus, cut), flush=True)
+    return passages, corpus, cut
+
+
 def make_llm(
     args: argparse.Namespace, kind: str, target: str, device: torch.device | None, server: VLLMServer | None = None
 ) -> LLM:
@@ -259,14 +316,17 @@ def run(args: argparse.Namespace, rank: int, world: int, device: torch.device | 
     kind, target = parse_llm_spec(args.llm)
     check_settings(args, kind)
     recipe = load_recipe(args.prompts)
-    ids, texts = read_corpus(args.corpus)
+    passages, corpus, cut = read_passages(args, log)
+    ids, texts = [p.id for p in passages], [p.text for p in passages]
     shards = shard_ranges(len(ids), args.shard_size)
     start_or_resume(args.out, run_settings(args, kind, target, ids, texts, recipe.text), shards, rank)
+    if rank == 0 and cut is not None:
+        write_passages(os.path.join(args.out, PASSAGES_FILE), cut, passages, corpus)
     todo = pending_shards(args.out, len(shards), rank, world)
     todo_everywhere = pending_shards(args.out, len(shards))
     done_before = len(shards) - len(todo_everywhere)
     log(
-        f"Synthesizing {len(ids)} documents of {args.corpus} with {args.llm}"
+        f"Synthesizing {len(ids)} {'passages' if cut else 'documents'} of {args.corpus} with {args.llm}"
         f"{f' ({args.model})' if args.model else ''} into {args.out}: {len(shards)} shard(s), {done_before} done "
         f"before | {world} process(es)",
         flush=True,
@@ -280,11 +340,18 @@ def run(args: argparse.Namespace, rank: int, world: int, device: torch.device | 
         return None
     wait_for_shards(args.out, len(shards), log)
     worked = sum(shards[i][1] - shards[i][0] for i in todo_everywhere)
-    return write_outputs(args, ids, texts, len(shards), worked, time.monotonic() - started, log)
+    return write_outputs(args, ids, texts, corpus, len(shards), worked, time.monotonic() - started, log)
 
 
 def write_outputs(
-    args: argparse.Namespace, ids: list[str], texts: list[str], shards: int, worked: int, seconds: float, log
+    args: argparse.Namespace,
+    ids: list[str],
+    texts: list[str],
+    corpus: dict,
+    shards: int,
+    worked: int,
+    seconds: float,
+    log,
 ) -> dict:
     """Rank 0, every shard done: the stages' files, summary.json and the manifest's list of outputs."""
     results = read_shards(args.out, shards)
@@ -292,7 +359,7 @@ def write_outputs(
         ids, texts, results, Layout(args.eval_fraction, args.stage1_2_docs, args.candidates, args.seed)
     )
     written = write_records(args.out, records)
-    summary = summarize(results, duplicates, written)
+    summary = {"corpus": corpus, **summarize(results, duplicates, written)}
     summary["this_run"] = {
         "documents": worked,
         "seconds": round(seconds, 2),
