@@ -231,7 +231,10 @@ def run(args: argparse.Namespace, rank: int, world: int, device: torch.device) -
         flush=True,
     )
     truncated = longer_than_read(
-        model.tokenizer, [d for r in records for d in r["docs"]], model.settings.doc_max_length, "documents of the records"
+        model.tokenizer,
+        [d for r in records for d in r["docs"]],
+        model.settings.doc_max_length,
+        "documents of the records",
     )
     if truncated:
         log(truncated, flush=True)
@@ -264,7 +267,9 @@ def open_corpus(args: argparse.Namespace, model, records, cfg: EvalSettings, dev
 
     index = load_index(args.index)
     check_index_matches(index, model, args.checkpoint)
-    truncated = longer_than_read(model.tokenizer, index.texts, model.settings.doc_max_length, f"documents of {args.index}")
+    truncated = longer_than_read(
+        model.tokenizer, index.texts, model.settings.doc_max_length, f"documents of {args.index}"
+    )
     if truncated:
         log(truncated, flush=True)
     gold = [list(r["gold_ids"]) if r["has_gold_ids"] else None for r in records]
