@@ -286,7 +286,7 @@ def open_corpus(args: argparse.Namespace, model, records, cfg, device: torch.dev
     log(
         format_table(
             summary,
-            title=f"open-corpus evaluation: retrieval over all {len(index.ids)} documents of "
+            title=f"open-corpus evaluation: retrieval over all {index.documents} documents of "
             f"{args.index}, answers from their stored vectors",
         )
     )

@@ -1,4 +1,5 @@
-"""python -m clara.index --checkpoint CK --corpus FILE.jsonl --out DIR: build a corpus index (see clara.index)."""
+"""python -m clara.index --checkpoint CK --corpus FILE.jsonl --out DIR: build a corpus index (see clara.index);
+python -m clara.index add | remove | compact: change a built one (clara.index.update)."""
 
 from __future__ import annotations
 
@@ -9,11 +10,12 @@ import sys
 import torch
 
 from clara.cli import add_model_flags, positive_int
-from clara.errors import FolderBusy
+from clara.errors import CorpusIndexError, FolderBusy, exit_status
 from clara.index.build import build_index
 from clara.index.corpus import read_corpus
 from clara.index.search import SEARCH_KINDS, SearchSettings
-from clara.index.store import STORAGE_DTYPES
+from clara.index.store import STORAGE_DTYPES, read_meta
+from clara.index.update import add_documents, compact_index, read_id_file, remove_documents
 from clara.locks import holding
 from clara.model.checkpoint import load_model
 from clara.model.model import attention_implementation
@@ -26,7 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Compress every document of a corpus once with a checkpoint's compressor and store the "
         "memory vectors with a FAISS index, for answering with python -m clara.ask or "
         "CLaRa.generate_from_questions(questions, index=DIR). Under torchrun each process compresses "
-        "its own shards (every GPU of every node); an interrupted build resumes with the missing shards.",
+        "its own shards (every GPU of every node); an interrupted build resumes with the missing shards. "
+        "A built index changes with python -m clara.index add | remove | compact (each has its --help).",
     )
     parser.add_argument("--checkpoint", required=True, help="checkpoint directory (native or official layout)")
     parser.add_argument(
@@ -42,11 +45,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--storage_dtype",
-        "--dtype",
-        dest="storage_dtype",
-        default="float32",
+        default=None,
         choices=tuple(STORAGE_DTYPES),
-        help="dtype the memory vectors are stored in (default float32); --dtype is its older spelling",
+        help="dtype the memory vectors are stored in (default float32)",
+    )
+    parser.add_argument(
+        "--dtype",
+        default=None,
+        help="no longer the storage dtype: given without --storage_dtype it is refused (exit 2) for this release; "
+        "with --storage_dtype it is the model's dtype, as in every other command (same as --model_dtype)",
     )
     parser.add_argument(
         "--faiss",
@@ -63,6 +70,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model_path", default=None, help="base model to use instead of the one the checkpoint names")
     parser.add_argument("--no_progress", action="store_true", help="no progress bar")
     return parser
+
+
+def check_dtype_flags(args: argparse.Namespace) -> None:
+    """The index's --dtype once meant the storage dtype; read silently as the model's it would store float32."""
+    if args.dtype is not None and args.storage_dtype is None:
+        raise CorpusIndexError(
+            f"--dtype {args.dtype}: the index's storage dtype is now --storage_dtype (float32, bfloat16, float16) "
+            "and the model's dtype --model_dtype; pass --storage_dtype instead of --dtype"
+        )
+    if args.dtype is not None:
+        args.model_dtype = args.dtype
+    args.storage_dtype = args.storage_dtype or "float32"
 
 
 def run(args: argparse.Namespace, rank: int, world: int, device: torch.device) -> dict:
@@ -117,9 +136,110 @@ def build(args: argparse.Namespace, rank: int, world: int, device: torch.device)
     return meta
 
 
+def run_build(args: argparse.Namespace, rank: int, world: int, device: torch.device) -> dict:
+    check_dtype_flags(args)
+    return run(args, rank, world, device)
+
+
+# -- add / remove / compact ----------------------------------------------------------------------------------
+def add_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m clara.index add",
+        description="Compress only the documents of --corpus into new shards of the index and publish it as its "
+        "next generation (a server answering from it swaps between batches). An id already in the index exits 2 "
+        "unless --replace. A run killed part-way resumes when run again.",
+    )
+    parser.add_argument("--checkpoint", required=True, help="checkpoint whose compressor built the index")
+    parser.add_argument("--index", required=True, help="index folder of python -m clara.index")
+    parser.add_argument("--corpus", required=True, help="the new documents, in the corpus format of the build")
+    parser.add_argument("--replace", action="store_true", help="an id already stored gets the new text")
+    parser.add_argument("--batch_size", type=positive_int, default=32, help="documents per forward (default 32)")
+    add_model_flags(parser, "--model_dtype")
+    parser.add_argument("--model_path", default=None, help="base model to use instead of the one the checkpoint names")
+    parser.add_argument("--no_progress", action="store_true", help="no progress bar")
+    return parser
+
+
+def remove_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m clara.index remove",
+        description="Leave documents out of search from now on (tombstones; compact drops their rows). A document "
+        "id removes every passage of it (ids ID#N), a passage id that passage.",
+    )
+    parser.add_argument("--index", required=True, help="index folder of python -m clara.index")
+    parser.add_argument("--ids", required=True, help="text file: one document or passage id per line")
+    return parser
+
+
+def compact_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m clara.index compact",
+        description="Rewrite the shards and the search structure without the removed documents.",
+    )
+    parser.add_argument("--index", required=True, help="index folder of python -m clara.index")
+    return parser
+
+
+def run_add(args: argparse.Namespace, device: torch.device) -> dict:
+    ids, texts = read_corpus(args.corpus)
+    read_meta(args.index)  # a folder that is no index is refused before the model loads
+    dtype = resolve_dtype(args.model_dtype, device)
+    attn = attention_implementation(args.flash_attn, device.type == "cuda")
+    model = load_model(args.checkpoint, dtype, attn, base_model=args.model_path).to(device).eval()
+    model.requires_grad_(False)
+    meta = add_documents(
+        model,
+        args.index,
+        ids,
+        texts,
+        replace=args.replace,
+        batch_size=args.batch_size,
+        checkpoint=args.checkpoint,
+        device=device,
+        show_progress=not args.no_progress,
+    )
+    print(f"Added {len(ids)} documents to {args.index}: {meta['documents']} documents, generation {meta['generation']}")
+    return meta
+
+
+def run_remove(args: argparse.Namespace) -> dict:
+    meta = remove_documents(args.index, read_id_file(args.ids))
+    print(f"{args.index}: {meta['documents']} documents, generation {meta['generation']}")
+    return meta
+
+
+def run_compact(args: argparse.Namespace) -> dict:
+    meta = compact_index(args.index)
+    shards = len(meta["shards"])
+    print(f"{args.index}: {meta['documents']} documents in {shards} shard(s), generation {meta['generation']}")
+    return meta
+
+
+CHANGES = {"add": add_parser, "remove": remove_parser, "compact": compact_parser}
+
+
+def change(command: str, args: argparse.Namespace, device: torch.device | None) -> None:
+    """add, remove or compact, holding the index's lock (another build or change there is refused)."""
+    read_meta(args.index)
+    with holding(args.index, f"python -m clara.index {command}"):
+        if command == "add":
+            run_add(args, device)
+        elif command == "remove":
+            run_remove(args)
+        else:
+            run_compact(args)
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in CHANGES:
+        command = argv[0]
+        args = CHANGES[command]().parse_args(argv[1:])
+        if command == "add":
+            return run_command(lambda rank, world, device: change(command, args, device))
+        return exit_status(lambda: change(command, args, None))
     args = build_parser().parse_args(argv)
-    return run_command(lambda rank, world, device: run(args, rank, world, device))
+    return run_command(lambda rank, world, device: run_build(args, rank, world, device))
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ search."""
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import faiss
@@ -27,27 +28,58 @@ class SearchSettings:
     ef_search: int = 128
 
 
-def make_search_index(vectors: np.ndarray, settings: SearchSettings, seed: int = 0) -> faiss.Index:
-    """A FAISS index over normalised float32 rows [N, d], inner product metric."""
-    n, dim = vectors.shape
+def ivf_cells(n: int, settings: SearchSettings) -> int:
+    """nlist, or 4 sqrt(N) at most N / 39 (faiss wants 39 training points per cell)."""
+    return settings.nlist or max(1, min(int(4 * math.sqrt(n)), n // 39))
+
+
+def training_rows(n: int, settings: SearchSettings) -> int:
+    """How many rows training needs (0: none): k-means needs no more than 64 per cell."""
+    return min(n, 64 * ivf_cells(n, settings)) if settings.kind == "ivf" else 0
+
+
+def empty_search_index(dim: int, n: int, settings: SearchSettings, train: np.ndarray | None, seed: int = 0):
+    """A FAISS index (inner product) for n normalised float32 rows of width dim, trained on `train` where its
+    kind needs training; the rows are added afterwards, one shard at a time."""
     if settings.kind == "flat":
-        index = faiss.IndexFlatIP(dim)
-    elif settings.kind == "hnsw":
+        return faiss.IndexFlatIP(dim)
+    if settings.kind == "hnsw":
         index = faiss.IndexHNSWFlat(dim, settings.hnsw_m, faiss.METRIC_INNER_PRODUCT)
         index.hnsw.efSearch = settings.ef_search
-    elif settings.kind == "ivf":
-        nlist = settings.nlist or max(1, min(int(4 * math.sqrt(n)), n // 39))
+        return index
+    if settings.kind == "ivf":
+        nlist = ivf_cells(n, settings)
         index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, nlist, faiss.METRIC_INNER_PRODUCT)
-        train = vectors
-        if n > 64 * nlist:  # k-means needs no more than this; sampling keeps large builds fast
-            train = vectors[np.random.default_rng(seed).choice(n, 64 * nlist, replace=False)]
+        if len(train) > 64 * nlist:
+            train = train[np.random.default_rng(seed).choice(len(train), 64 * nlist, replace=False)]
         index.cp.seed = seed
         index.train(train)
         index.nprobe = min(settings.nprobe, nlist)
-    else:
-        raise CorpusIndexError(f"--faiss {settings.kind!r}: expected one of {', '.join(SEARCH_KINDS)}")
+        return index
+    raise CorpusIndexError(f"--faiss {settings.kind!r}: expected one of {', '.join(SEARCH_KINDS)}")
+
+
+def make_search_index(vectors: np.ndarray, settings: SearchSettings, seed: int = 0) -> faiss.Index:
+    """A FAISS index over normalised float32 rows [N, d], inner product metric."""
+    index = empty_search_index(vectors.shape[1], len(vectors), settings, vectors, seed)
     index.add(vectors)
     return index
+
+
+def exact_top_k(parts: Iterable[np.ndarray], queries: np.ndarray, k: int) -> np.ndarray:
+    """Rows [Q, k] of the exact top-k by inner product over rows given in parts (one shard at a time)."""
+    best_scores = np.full((len(queries), 0), -np.inf, dtype=np.float32)
+    best_rows = np.zeros((len(queries), 0), dtype=np.int64)
+    first = 0
+    for part in parts:
+        scores = np.concatenate([best_scores, queries @ part.T], axis=1)
+        rows = np.concatenate(
+            [best_rows, np.broadcast_to(np.arange(first, first + len(part)), (len(queries), len(part)))], axis=1
+        )
+        keep = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+        best_scores, best_rows = np.take_along_axis(scores, keep, 1), np.take_along_axis(rows, keep, 1)
+        first += len(part)
+    return best_rows
 
 
 def pair_queries(vectors: np.ndarray, count: int, seed: int = 0) -> np.ndarray:

@@ -13,18 +13,52 @@ import torch
 from safetensors import safe_open
 
 from clara.errors import CorpusIndexError
+from clara.files import write_json_atomic
 from clara.model.checkpoint import added_token_rows
 from clara.model.model import ClaraModel
 from clara.stages import COMPRESSOR
 
 INDEX_FORMAT = "clara-index"
-INDEX_FORMAT_VERSION = 1
+# 2: shards listed in index.json with their own texts file, a search file per generation, removed rows.
+INDEX_FORMAT_VERSION = 2
 BUILD_FILE = "build.json"
 META_FILE = "index.json"
-DOCS_FILE = "documents.jsonl"
-FAISS_FILE = "faiss.index"
+PENDING_FILE = "pending.json"
 SHARD_FILE = "memory-{:05d}.safetensors"
+TEXTS_FILE = "documents-{:05d}.jsonl"
+SEARCH_FILE = "search-{:05d}.faiss"
 STORAGE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# A passage's id is its document's id, this separator and its number: removing the document removes them all.
+PASSAGE_SEPARATOR = "#"
+# Candidates fetched beyond k, so that documents tied with the k-th are all seen before ties are ordered by id.
+TIE_MARGIN = 8
+
+
+def shard_names(number: int) -> tuple[str, str]:
+    """The memory file and the texts file of shard `number`."""
+    return SHARD_FILE.format(number), TEXTS_FILE.format(number)
+
+
+def referenced_files(meta: dict) -> set[str]:
+    """Every file a published index.json reads: its shards and its search file."""
+    return {name for shard in meta["shards"] for name in shard_names(shard["number"])} | {meta["search_file"]}
+
+
+def texts_lines(ids: list[str], texts: list[str]) -> str:
+    """A shard's texts file: one JSON line per row, read back by byte offset."""
+    return "".join(json.dumps({"id": i, "text": t}, ensure_ascii=False) + "\n" for i, t in zip(ids, texts))
+
+
+def publish_meta(path: str, meta: dict, previous: dict | None) -> None:
+    """Publish a new index.json (one atomic rename: readers see the old index or the new one), then delete what
+    neither it nor the index it replaces reads: a server still answering from the previous generation keeps its
+    files, and leftovers of a killed run (half-written files, shards of an abandoned add) go."""
+    write_json_atomic(os.path.join(path, META_FILE), meta)
+    keep = referenced_files(meta) | (referenced_files(previous) if previous else set())
+    for name in os.listdir(path):
+        ours = name.startswith(("memory-", "documents-", "search-")) or name == PENDING_FILE
+        if (ours and name not in keep) or (".tmp" in name and not name.startswith(".")):
+            os.remove(os.path.join(path, name))
 
 
 def compressor_fingerprint(model: ClaraModel) -> str:
@@ -60,34 +94,8 @@ def read_json(path: str) -> dict | None:
         return json.load(handle)
 
 
-def read_shard(out_dir: str, i: int) -> torch.Tensor:
-    with safe_open(os.path.join(out_dir, SHARD_FILE.format(i)), framework="pt") as shard:
-        return shard.get_tensor("memory")
-
-
-@dataclass
-class CorpusIndex:
-    path: str
-    meta: dict
-    ids: list[str]
-    texts: list[str]
-    search_index: faiss.Index
-
-    def memory(self, rows: list[int]) -> torch.Tensor:
-        """Stored memory states [len(rows), n, H] (float32) of these rows."""
-        size = self.meta["shard_size"]
-        out = []
-        for row in rows:
-            with safe_open(os.path.join(self.path, SHARD_FILE.format(row // size)), framework="pt") as shard:
-                out.append(shard.get_slice("memory")[row % size : row % size + 1].float())
-        return torch.cat(out)
-
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Scores and rows [Q, k] of the k nearest documents of normalised float32 queries [Q, d]."""
-        return self.search_index.search(queries, min(k, len(self.ids)))
-
-
-def load_index(path: str) -> CorpusIndex:
+def read_meta(path: str) -> dict:
+    """The published index.json of the index folder `path`; a folder that holds none is a user error."""
     meta = read_json(os.path.join(path, META_FILE))
     if meta is None:
         what = (
@@ -98,18 +106,129 @@ def load_index(path: str) -> CorpusIndex:
         raise CorpusIndexError(f"--index {path}: {what}; no {META_FILE}")
     if meta.get("format") != INDEX_FORMAT or meta.get("format_version", 0) > INDEX_FORMAT_VERSION:
         raise CorpusIndexError(f"{path}/{META_FILE}: not a corpus index this toolkit reads")
-    ids, texts = [], []
-    with open(os.path.join(path, DOCS_FILE), encoding="utf-8") as handle:
-        for line in handle:
-            doc = json.loads(line)
-            ids.append(doc["id"])
-            texts.append(doc["text"])
-    search_index = faiss.read_index(os.path.join(path, FAISS_FILE))
+    if meta.get("format_version", 0) < INDEX_FORMAT_VERSION:
+        raise CorpusIndexError(
+            f"{path}/{META_FILE}: an index of format {meta.get('format_version')} (before add/remove/compact); "
+            "build it again with python -m clara.index"
+        )
+    return meta
+
+
+def shard_row_starts(meta: dict) -> np.ndarray:
+    """The first row of every shard, and the total row count last."""
+    return np.concatenate([[0], np.cumsum([shard["rows"] for shard in meta["shards"]])]).astype(np.int64)
+
+
+@dataclass
+class CorpusIndex:
+    """A published index, read as it was when loaded: a later add, remove or compact publishes a new index.json
+    and never changes or deletes the files this one holds open (a server swaps to the new one between batches).
+
+    Rows count every stored document, removed ones too, until compact rewrites the shards; `ids` is per row,
+    texts are read from disk on demand, memory rows from the memory-mapped shards.
+    """
+
+    path: str
+    meta: dict
+    ids: list[str]
+    search_index: faiss.Index
+    removed: frozenset[int]
+    starts: np.ndarray  # first row of each shard
+    text_offsets: np.ndarray  # [rows + 1 per shard] byte offsets of each row's line in its shard's texts file
+    shards: list  # safetensors handles (memory-mapped), one per shard
+    text_files: list  # open texts files, one per shard
+
+    @property
+    def documents(self) -> int:
+        """Documents that search can return (stored rows less the removed ones)."""
+        return len(self.ids) - len(self.removed)
+
+    @property
+    def generation(self) -> int:
+        return self.meta["generation"]
+
+    def _locate(self, row: int) -> tuple[int, int]:
+        shard = int(np.searchsorted(self.starts, row, side="right")) - 1
+        return shard, row - int(self.starts[shard])
+
+    def text(self, row: int) -> str:
+        """The text of a row, read from its shard's texts file (os.pread: safe from several threads)."""
+        shard, _ = self._locate(row)
+        start, stop = int(self.text_offsets[row + shard]), int(self.text_offsets[row + shard + 1])
+        line = os.pread(self.text_files[shard].fileno(), stop - start, start)
+        return json.loads(line)["text"]
+
+    def stored_memory(self, rows: list[int]) -> torch.Tensor:
+        """Memory states [len(rows), n, H] of these rows as stored (the storage dtype)."""
+        out = []
+        for row in rows:
+            shard, offset = self._locate(row)
+            out.append(self.shards[shard].get_slice("memory")[offset : offset + 1])
+        return torch.cat(out)
+
+    def memory(self, rows: list[int]) -> torch.Tensor:
+        """Stored memory states [len(rows), n, H] (float32) of these rows."""
+        return self.stored_memory(rows).float()
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Scores and rows [Q, k] of the k nearest documents of normalised float32 queries [Q, d], removed rows left
+        out; equal scores are ordered by id, so that an index and a fresh build of the same corpus agree."""
+        k = min(k, self.documents)
+        fetch = min(k + len(self.removed) + TIE_MARGIN, self.search_index.ntotal)
+        scores, rows = self.search_index.search(queries, fetch)
+        out_scores, out_rows = np.zeros((len(queries), k), np.float32), np.zeros((len(queries), k), np.int64)
+        for q, (row_scores, row_ids) in enumerate(zip(scores.tolist(), rows.tolist())):
+            kept = [(s, r) for s, r in zip(row_scores, row_ids) if r >= 0 and r not in self.removed]
+            kept.sort(key=lambda pair: (-pair[0], self.ids[pair[1]]))
+            out_scores[q], out_rows[q] = [s for s, _ in kept[:k]], [r for _, r in kept[:k]]
+        return out_scores, out_rows
+
+    def close(self) -> None:
+        for handle in self.text_files:
+            handle.close()
+        self.shards.clear()
+
+
+def _read_ids(handle) -> tuple[list[str], list[int]]:
+    """The ids of a texts file and the byte offset of every line (and of its end)."""
+    ids, offsets = [], [0]
+    for line in handle:
+        ids.append(json.loads(line)["id"])
+        offsets.append(offsets[-1] + len(line))
+    return ids, offsets
+
+
+def load_index(path: str) -> CorpusIndex:
+    meta = read_meta(path)
+    ids: list[str] = []
+    offsets: list[int] = []
+    shards, text_files = [], []
+    for shard in meta["shards"]:
+        memory_name, texts_name = shard_names(shard["number"])
+        shards.append(safe_open(os.path.join(path, memory_name), framework="pt"))
+        handle = open(os.path.join(path, texts_name), "rb")  # noqa: SIM115 - held open for the index's life
+        text_files.append(handle)
+        shard_ids, shard_offsets = _read_ids(handle)
+        if len(shard_ids) != shard["rows"]:
+            raise CorpusIndexError(f"{path}/{texts_name}: {len(shard_ids)} documents, index.json says {shard['rows']}")
+        ids += shard_ids
+        offsets += shard_offsets
+    search_index = faiss.read_index(os.path.join(path, meta["search_file"]))
     if meta["search"]["kind"] == "ivf":
         search_index.nprobe = meta["search"]["nprobe"]
     elif meta["search"]["kind"] == "hnsw":
         search_index.hnsw.efSearch = meta["search"]["ef_search"]
-    return CorpusIndex(path, meta, ids, texts, search_index)
+    return CorpusIndex(
+        path,
+        meta,
+        ids,
+        search_index,
+        frozenset(meta["removed"]),
+        shard_row_starts(meta)[:-1],
+        np.asarray(offsets, dtype=np.int64),
+        shards,
+        text_files,
+    )
 
 
 def check_index_matches(index: CorpusIndex, model: ClaraModel, checkpoint: str = "this model") -> None:

@@ -130,12 +130,12 @@ def build_app(args: argparse.Namespace, api_key: str | None):
     ensure_query_reasoner(clara.model)
     check_index_matches(index, clara.model, args.checkpoint)
     top_k = clara.model.settings.generation_top_k
-    if args.k is not None and not top_k <= args.k <= min(args.max_k, len(index.ids)):
+    if args.k is not None and not top_k <= args.k <= min(args.max_k, index.documents):
         raise ConfigError(
             "k",
             args.k,
             f"{top_k} (the checkpoint's generation_top_k) to "
-            f"{min(args.max_k, len(index.ids))} (--max_k, documents in the index)",
+            f"{min(args.max_k, index.documents)} (--max_k, documents in the index)",
         )
     names = args.model_name or [os.path.basename(os.path.normpath(args.checkpoint))]
     name = names[0]
@@ -150,7 +150,7 @@ def build_app(args: argparse.Namespace, api_key: str | None):
         default_max_tokens=args.max_tokens,
         max_tokens=args.max_tokens_limit,
     )
-    return create_app(engine, limits), name, len(index.ids), clara.device
+    return create_app(engine, limits), name, index.documents, clara.device
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -26,7 +26,7 @@ from clara.evaluation.metrics import exact_match
 from clara.index.answer import answer_from_index
 from clara.index.corpus import read_corpus
 from clara.index.search import SearchSettings, make_search_index, pair_queries, recall_against_exact
-from clara.index.store import SHARD_FILE, load_index
+from clara.index.store import SEARCH_FILE, SHARD_FILE, load_index
 from clara.model.checkpoint import build_model, save_model
 from clara.model.model import ModelSettings
 from tests.helpers import REPO, read_jsonl, run_module, subprocess_env
@@ -122,11 +122,13 @@ def test_index_stores_every_document_compressed_as_one_at_a_time(built, checkpoi
     assert "doc/s" in proc.stderr  # the progress bar's rate
     assert f"Index written to {out}: {N_DOCS} documents" in proc.stdout
     meta = json.loads((out / "index.json").read_text())
-    assert meta["shards"] == 3 and meta["documents"] == N_DOCS and meta["search"]["kind"] == "flat"
+    assert len(meta["shards"]) == 3 and meta["documents"] == N_DOCS and meta["search"]["kind"] == "flat"
     assert meta["bytes_per_document"] == 4 * 64 * 4  # n_mem x hidden x float32
+    assert meta["generation"] == 0 and meta["removed"] == []
     index = load_index(str(out))
     ids, texts = read_corpus(str(data["corpus"]))
-    assert index.ids == ids and index.texts == texts and index.search_index.ntotal == N_DOCS
+    assert index.ids == ids and index.search_index.ntotal == N_DOCS
+    assert [index.text(row) for row in range(N_DOCS)] == texts  # read from disk by offset
     memory = stored_memory(out)
     model = CLaRa.from_pretrained(str(checkpoints["a"]), batch_size=1)
     alone, _ = model.compress_documents(documents=texts)  # one document per forward: no padding
@@ -162,7 +164,9 @@ def test_two_processes_under_torchrun_build_the_same_index(workdir, built, check
     meta = json.loads((out / "index.json").read_text())
     assert meta["compressed_here"] == N_DOCS - SHARD  # rank 0: shards 0 and 2; rank 1 compressed shard 1
     torch.testing.assert_close(stored_memory(out), stored_memory(built[1]), rtol=1e-5, atol=1e-6)
-    assert (out / "documents.jsonl").read_text() == (built[1] / "documents.jsonl").read_text()
+    texts = sorted(p.name for p in out.glob("documents-*.jsonl"))
+    assert texts == sorted(p.name for p in built[1].glob("documents-*.jsonl"))
+    assert all((out / name).read_text() == (built[1] / name).read_text() for name in texts)
 
 
 @pytest.mark.slow
@@ -171,7 +175,7 @@ def test_interrupted_build_resumes_with_the_missing_shards(workdir, built, check
     proc = run_module(index_args(checkpoints["a"], data["corpus"], out))
     assert proc.returncode == 0, proc.stderr[-3000:]
     # The state a build killed after shards 0 and 2 leaves: build.json and those shards, nothing merged.
-    for name in ("index.json", "faiss.index", "documents.jsonl", SHARD_FILE.format(1)):
+    for name in ("index.json", SEARCH_FILE.format(0), SHARD_FILE.format(1)):
         (out / name).unlink()
     kept = {i: (out / SHARD_FILE.format(i)).stat().st_mtime_ns for i in (0, 2)}
     proc = run_module(index_args(checkpoints["a"], data["corpus"], out))
@@ -218,6 +222,12 @@ def test_bad_records_and_duplicate_ids_are_named_by_file_and_line(workdir, check
 def test_approximate_index_reports_its_recall_against_exact_search(workdir, checkpoints, data):
     out = workdir / "index_hnsw"
     proc = run_module(index_args(checkpoints["a"], data["corpus"], out, "--faiss", "hnsw", "--dtype", "float16"))
+    last = proc.stderr.strip().splitlines()[-1]
+    assert proc.returncode == 2 and "--dtype float16" in last and "--storage_dtype" in last  # its old meaning
+    assert not out.exists()
+    proc = run_module(
+        index_args(checkpoints["a"], data["corpus"], out, "--faiss", "hnsw", "--storage_dtype", "float16")
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     meta = json.loads((out / "index.json").read_text())
     assert "recall@5 against exact search" in proc.stdout
@@ -243,7 +253,7 @@ def test_answers_from_the_index_equal_answers_from_the_same_documents_as_candida
     answers, ids = model.generate_from_questions(questions, index=str(out), max_new_tokens=NEW_TOKENS)
     index = load_index(str(out))
     candidates, chosen = model.generate_from_questions(
-        questions, [index.texts] * len(questions), max_new_tokens=NEW_TOKENS
+        questions, [[index.text(row) for row in range(N_DOCS)]] * len(questions), max_new_tokens=NEW_TOKENS
     )
     assert ids == [[index.ids[i] for i in row] for row in chosen.tolist()]
     assert answers == candidates
@@ -290,7 +300,7 @@ def test_ask_prints_the_answer_and_the_retrieved_documents(built, checkpoints, d
     lines = proc.stdout.strip().splitlines()
     assert lines[:2] == [f"Q: {question}", f"A: {answers[0]}"]
     for rank, (line, doc_id) in enumerate(zip(lines[2:], ids[0]), start=1):
-        first_words = " ".join(index.texts[index.ids.index(doc_id)].split()[:12])
+        first_words = " ".join(index.text(index.ids.index(doc_id)).split()[:12])
         assert line.startswith(f"  {rank}. [") and f"] {doc_id}: {first_words}" in line
     assert len(lines) == 2 + TOP_K
 
