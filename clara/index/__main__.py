@@ -47,7 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--storage_dtype",
         default=None,
         choices=tuple(STORAGE_DTYPES),
-        help="dtype the memory vectors are stored in (default float32)",
+        help="how the generator's memory vectors are stored: float32 (default), bfloat16, float16, or int8 / fp8 "
+        "(e4m3) with a scale per memory vector, dequantized on read",
     )
     parser.add_argument(
         "--dtype",
@@ -59,13 +60,27 @@ def build_parser() -> argparse.ArgumentParser:
         "--faiss",
         default="flat",
         choices=SEARCH_KINDS,
-        help="flat (default): exact search; ivf or hnsw: approximate, for large corpora "
-        "(recall@5 against exact search is measured at build time)",
+        help="flat (default): exact search; ivf or hnsw: approximate over float32 rows; pq, ivfpq or opq: over "
+        "product-quantized codes (--pq_m bytes a document), the best --rerank candidates re-scored exactly from the "
+        "stored vectors (recall@5 against exact search is measured at build time)",
     )
     parser.add_argument("--nlist", type=positive_int, default=None, help="ivf cells (default 4 sqrt(N), at most N/39)")
     parser.add_argument("--nprobe", type=positive_int, default=16, help="ivf cells searched per query (default 16)")
     parser.add_argument("--hnsw_m", type=positive_int, default=32, help="hnsw links per node (default 32)")
     parser.add_argument("--ef_search", type=positive_int, default=128, help="hnsw search breadth (default 128)")
+    parser.add_argument(
+        "--pq_m",
+        type=positive_int,
+        default=None,
+        help="pq/ivfpq/opq: code bytes per document, a divisor of n_mem x hidden (default: the largest up to "
+        "n_mem x hidden / 8 and 256)",
+    )
+    parser.add_argument(
+        "--rerank",
+        type=positive_int,
+        default=64,
+        help="pq/ivfpq/opq: candidates re-scored exactly from the stored vectors per query (default 64)",
+    )
     add_model_flags(parser, "--model_dtype")
     parser.add_argument("--model_path", default=None, help="base model to use instead of the one the checkpoint names")
     parser.add_argument("--no_progress", action="store_true", help="no progress bar")
@@ -76,7 +91,7 @@ def check_dtype_flags(args: argparse.Namespace) -> None:
     """The index's --dtype once meant the storage dtype; read silently as the model's it would store float32."""
     if args.dtype is not None and args.storage_dtype is None:
         raise CorpusIndexError(
-            f"--dtype {args.dtype}: the index's storage dtype is now --storage_dtype (float32, bfloat16, float16) "
+            f"--dtype {args.dtype}: the index's storage dtype is now --storage_dtype ({', '.join(STORAGE_DTYPES)}) "
             "and the model's dtype --model_dtype; pass --storage_dtype instead of --dtype"
         )
     if args.dtype is not None:
@@ -111,7 +126,9 @@ def build(args: argparse.Namespace, rank: int, world: int, device: torch.device)
         f"| {world} process(es) | device {device.type}",
         flush=True,
     )
-    search = SearchSettings(args.faiss, args.nlist, args.nprobe, args.hnsw_m, args.ef_search)
+    search = SearchSettings(
+        args.faiss, args.nlist, args.nprobe, args.hnsw_m, args.ef_search, pq_m=args.pq_m, rerank=args.rerank
+    )
     meta = build_index(
         model,
         ids,

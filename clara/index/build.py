@@ -19,6 +19,7 @@ from clara.files import atomic_path, write_json_atomic, write_text_atomic
 from clara.index.corpus import corpus_hash
 from clara.index.search import (
     SearchSettings,
+    effective_settings,
     empty_search_index,
     exact_top_k,
     normalised_rows,
@@ -33,11 +34,14 @@ from clara.index.store import (
     META_FILE,
     SEARCH_FILE,
     STORAGE_DTYPES,
+    bytes_per_document,
     compressor_fingerprint,
+    from_storage,
     publish_meta,
     read_json,
     shard_names,
     texts_lines,
+    to_storage,
 )
 from clara.locks import LOCK_FILES
 from clara.model.collate import encode_documents
@@ -87,20 +91,20 @@ def compress_texts(
     return torch.cat(parts)
 
 
-def write_shard(out_dir: str, number: int, memory: torch.Tensor, ids: list[str], texts: list[str]) -> None:
-    """Shard `number`: its texts file, then its memory file (memory [D, n, H] in the storage dtype already).
-    Each is written whole; the memory file, written last, is what marks the shard done."""
+def write_shard(out_dir: str, number: int, tensors: dict[str, torch.Tensor], ids: list[str], texts: list[str]) -> None:
+    """Shard `number`: its texts file, then its memory file (clara.index.store.to_storage's tensors). Each is
+    written whole; the memory file, written last, is what marks the shard done."""
     memory_name, texts_name = shard_names(number)
     write_text_atomic(os.path.join(out_dir, texts_name), texts_lines(ids, texts))
     with atomic_path(os.path.join(out_dir, memory_name)) as tmp:
-        save_file({"memory": memory.contiguous()}, tmp)
+        save_file(tensors, tmp)
 
 
 def shard_vectors(out_dir: str, shards: list[dict]):
     """The normalised float32 search rows of each shard in turn: one shard in memory at a time."""
     for shard in shards:
         with safe_open(os.path.join(out_dir, shard_names(shard["number"])[0]), framework="pt") as handle:
-            yield normalised_rows(handle.get_tensor("memory"))
+            yield normalised_rows(from_storage({name: handle.get_tensor(name) for name in handle.keys()}))
 
 
 def _sample_rows(out_dir: str, shards: list[dict], count: int, seed: int = 0) -> np.ndarray:
@@ -127,8 +131,8 @@ def write_search(out_dir: str, shards: list[dict], settings: SearchSettings, gen
             dim = vectors.shape[1]
             index = empty_search_index(dim, total, settings, train)
         index.add(vectors)
-    effective = {"nlist": index.nlist, "nprobe": index.nprobe} if settings.kind == "ivf" else {}
-    fields = {"search": settings.__dict__ | effective, "search_file": SEARCH_FILE.format(generation)}
+    search = effective_settings(index, settings, dim, 0 if train is None else len(train))
+    fields = {"search": search, "search_file": SEARCH_FILE.format(generation)}
     if settings.kind != "flat":
         queries = pair_queries(_sample_rows(out_dir, shards, 2 * RECALL_QUERIES), min(RECALL_QUERIES, total))
         k = min(RECALL_K, total)
@@ -217,7 +221,7 @@ def build_index(
             "next_shard": job.count,
             "rows": len(ids),
             "removed": [],
-            "bytes_per_document": plan["n_mem"] * plan["hidden"] * STORAGE_DTYPES[storage_dtype].itemsize,
+            "bytes_per_document": bytes_per_document(plan["n_mem"], plan["hidden"], storage_dtype),
             **write_search(out_dir, shards, search, 0, log),
             "compressed_here": todo,
             "compress_seconds_rank0": round(compress_seconds, 3),
@@ -259,7 +263,7 @@ def compress_shards(
             start, stop = ranges[i]
             memory = compress_texts(model, texts[start:stop], batch_size, device, progress)
             write_shard(
-                out_dir, first_number + i, memory.to(STORAGE_DTYPES[storage_dtype]), ids[start:stop], texts[start:stop]
+                out_dir, first_number + i, to_storage(memory, storage_dtype), ids[start:stop], texts[start:stop]
             )
     if progress is not None:
         progress.close()

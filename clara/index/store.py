@@ -14,6 +14,7 @@ from safetensors import safe_open
 
 from clara.errors import CorpusIndexError
 from clara.files import write_json_atomic
+from clara.index.search import COMPRESSED_KINDS, normalised_rows
 from clara.model.checkpoint import added_token_rows
 from clara.model.model import ClaraModel
 from clara.stages import COMPRESSOR
@@ -27,11 +28,45 @@ PENDING_FILE = "pending.json"
 SHARD_FILE = "memory-{:05d}.safetensors"
 TEXTS_FILE = "documents-{:05d}.jsonl"
 SEARCH_FILE = "search-{:05d}.faiss"
-STORAGE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# How the generator's memory vectors are stored: the tensor dtype of a shard's "memory". int8 and fp8 (e4m3) keep a
+# float32 scale per memory vector beside it ("scale" [D, n]) and are dequantized on read.
+STORAGE_DTYPES = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "int8": torch.int8,
+    "fp8": torch.float8_e4m3fn,
+}
+QUANTIZED_RANGE = {"int8": 127.0, "fp8": 448.0}  # the largest magnitude each stores; a vector's scale maps it there
 # A passage's id is its document's id, this separator and its number: removing the document removes them all.
 PASSAGE_SEPARATOR = "#"
 # Candidates fetched beyond k, so that documents tied with the k-th are all seen before ties are ordered by id.
 TIE_MARGIN = 8
+# Scores this close are the same document distance computed with other padding (float noise is about 1e-6).
+TIE_TOLERANCE = 1e-5
+
+
+def to_storage(memory: torch.Tensor, storage_dtype: str) -> dict[str, torch.Tensor]:
+    """A shard's tensors for memory states [D, n, H] (float32) in the storage dtype."""
+    if storage_dtype not in QUANTIZED_RANGE:
+        return {"memory": memory.to(STORAGE_DTYPES[storage_dtype]).contiguous()}
+    scale = memory.abs().amax(dim=-1, keepdim=True).clamp_min(1e-12) / QUANTIZED_RANGE[storage_dtype]
+    scaled = memory / scale
+    if storage_dtype == "int8":
+        scaled = scaled.round().clamp(-127, 127)
+    return {"memory": scaled.to(STORAGE_DTYPES[storage_dtype]).contiguous(), "scale": scale.squeeze(-1).contiguous()}
+
+
+def from_storage(tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Memory states [D, n, H] as float32, dequantized where the shard holds a scale."""
+    memory = tensors["memory"].float()
+    return memory * tensors["scale"].unsqueeze(-1) if "scale" in tensors else memory
+
+
+def bytes_per_document(n_mem: int, hidden: int, storage_dtype: str) -> int:
+    """Bytes of one document's memory vectors on disk (and in RAM once read): the values and any scales."""
+    scales = n_mem * 4 if storage_dtype in QUANTIZED_RANGE else 0
+    return n_mem * hidden * STORAGE_DTYPES[storage_dtype].itemsize + scales
 
 
 def shard_names(number: int) -> tuple[str, str]:
@@ -158,35 +193,66 @@ class CorpusIndex:
         line = os.pread(self.text_files[shard].fileno(), stop - start, start)
         return json.loads(line)["text"]
 
-    def stored_memory(self, rows: list[int]) -> torch.Tensor:
-        """Memory states [len(rows), n, H] of these rows as stored (the storage dtype)."""
-        out = []
+    def stored_memory(self, rows: list[int]) -> dict[str, torch.Tensor]:
+        """The shard tensors of these rows as stored (memory in the storage dtype, and its scales if any)."""
+        out: dict[str, list[torch.Tensor]] = {}
         for row in rows:
             shard, offset = self._locate(row)
-            out.append(self.shards[shard].get_slice("memory")[offset : offset + 1])
-        return torch.cat(out)
+            handle = self.shards[shard]
+            for name in handle.keys():
+                out.setdefault(name, []).append(handle.get_slice(name)[offset : offset + 1])
+        return {name: torch.cat(parts) for name, parts in out.items()}
 
     def memory(self, rows: list[int]) -> torch.Tensor:
-        """Stored memory states [len(rows), n, H] (float32) of these rows."""
-        return self.stored_memory(rows).float()
+        """Stored memory states [len(rows), n, H] (float32, dequantized) of these rows."""
+        return from_storage(self.stored_memory(rows))
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Scores and rows [Q, k] of the k nearest documents of normalised float32 queries [Q, d], removed rows left
-        out; equal scores are ordered by id, so that an index and a fresh build of the same corpus agree."""
+        out. Scores within TIE_TOLERANCE of each other are ties, ordered by id: an index changed by add, remove
+        and compact and a fresh build of the same corpus then agree, though batches pad differently."""
         k = min(k, self.documents)
-        fetch = min(k + len(self.removed) + TIE_MARGIN, self.search_index.ntotal)
+        rerank = self.meta["search"]["rerank"] if self.meta["search"]["kind"] in COMPRESSED_KINDS else 0
+        fetch = min(max(k, rerank) + len(self.removed) + TIE_MARGIN, self.search_index.ntotal)
         scores, rows = self.search_index.search(queries, fetch)
+        if rerank:
+            scores = self._exact_scores(queries, rows)
         out_scores, out_rows = np.zeros((len(queries), k), np.float32), np.zeros((len(queries), k), np.int64)
         for q, (row_scores, row_ids) in enumerate(zip(scores.tolist(), rows.tolist())):
-            kept = [(s, r) for s, r in zip(row_scores, row_ids) if r >= 0 and r not in self.removed]
-            kept.sort(key=lambda pair: (-pair[0], self.ids[pair[1]]))
-            out_scores[q], out_rows[q] = [s for s, _ in kept[:k]], [r for _, r in kept[:k]]
+            kept = sorted(
+                ((s, r) for s, r in zip(row_scores, row_ids) if r >= 0 and r not in self.removed), key=lambda p: -p[0]
+            )
+            ordered = [pair for tie in _ties(kept) for pair in sorted(tie, key=lambda p: self.ids[p[1]])]
+            out_scores[q], out_rows[q] = [s for s, _ in ordered[:k]], [r for _, r in ordered[:k]]
         return out_scores, out_rows
+
+    def _exact_scores(self, queries: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """Inner products of the queries with their candidate rows' stored vectors (read from the memory-mapped
+        shards, dequantized, normalised): a compressed code's approximate scores replaced by exact ones."""
+        wanted = sorted({int(r) for r in rows.flatten() if r >= 0})
+        vectors = normalised_rows(self.memory(wanted))
+        where = {row: i for i, row in enumerate(wanted)}
+        exact = np.full(rows.shape, -np.inf, dtype=np.float32)
+        for q, found in enumerate(rows.tolist()):
+            kept = [j for j, r in enumerate(found) if r >= 0]
+            exact[q, kept] = vectors[[where[found[j]] for j in kept]] @ queries[q]
+        return exact
 
     def close(self) -> None:
         for handle in self.text_files:
             handle.close()
         self.shards.clear()
+
+
+def _ties(ranked: list[tuple[float, int]]) -> list[list[tuple[float, int]]]:
+    """(score, row) pairs, best first, cut into runs whose neighbouring scores are within TIE_TOLERANCE."""
+    runs: list[list[tuple[float, int]]] = []
+    for pair in ranked:
+        if runs and runs[-1][-1][0] - pair[0] <= TIE_TOLERANCE:
+            runs[-1].append(pair)
+        else:
+            runs.append([pair])
+    return runs
 
 
 def _read_ids(handle) -> tuple[list[str], list[int]]:

@@ -30,8 +30,8 @@ from clara.model.decoding import RowDecoding, Sampling
 from clara.serving.engine import ANSWERING, Engine, Job
 from clara.stages.prompts import SYSTEM_ANSWER
 from clara.training.launch import free_port
-from tests.helpers import read_jsonl, run_module, subprocess_env
-from tests.index.test_index import EXAMPLE, ROLES, TOP_K, noisy_checkpoint
+from tests.helpers import EXAMPLE, ROLES, noisy_checkpoint, read_jsonl, run_module, subprocess_env
+from tests.index.test_index import TOP_K
 
 pytestmark = pytest.mark.slow
 

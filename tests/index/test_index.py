@@ -27,9 +27,7 @@ from clara.index.answer import answer_from_index
 from clara.index.corpus import read_corpus
 from clara.index.search import SearchSettings, make_search_index, pair_queries, recall_against_exact
 from clara.index.store import SEARCH_FILE, SHARD_FILE, load_index
-from clara.model.checkpoint import build_model, save_model
-from clara.model.model import ModelSettings
-from tests.helpers import REPO, read_jsonl, run_module, subprocess_env
+from tests.helpers import REPO, ROLES, noisy_checkpoint, read_jsonl, run_module, subprocess_env
 
 EXAMPLE = REPO / "example"
 N_QUESTIONS = 4
@@ -37,24 +35,6 @@ N_DOCS = 40
 SHARD = 16  # 40 documents: shards of 16, 16 and 8
 TOP_K = 3
 NEW_TOKENS = 6
-ROLES = ("encoder_adapter", "decoder_adapter", "query_reasoner_adapter")
-
-
-@torch.no_grad()
-def noisy_checkpoint(path: Path, seeds: dict[str, int]) -> Path:
-    """A stage2 checkpoint whose adapters hold seeded noise (LoRA B starts at zero: a no-op otherwise)."""
-    settings = ModelSettings(
-        base_model="tiny", n_mem_tokens=4, compress_rate=32, doc_max_length=128, generation_top_k=TOP_K
-    )
-    torch.manual_seed(0)
-    model = build_model(settings, list(ROLES))
-    for number, (name, param) in enumerate(model.peft_model.named_parameters()):
-        role = next((r for r in ROLES if f".{r}." in name), None)
-        if role is not None and "lora_B" in name:
-            generator = torch.Generator().manual_seed(seeds[role] * 1000 + number)
-            param.copy_(0.05 * torch.randn(param.shape, generator=generator))
-    save_model(model, str(path), "stage2")
-    return path
 
 
 @pytest.fixture(scope="module")
