@@ -17,6 +17,7 @@ from clara.errors import CorpusIndexError
 SEARCH_KINDS = ("flat", "ivf", "hnsw", "pq", "ivfpq", "opq")
 # The kinds that search a compressed code: their candidates are re-scored exactly from the stored vectors.
 COMPRESSED_KINDS = ("pq", "ivfpq", "opq")
+OPQ_ITERATIONS = 10  # faiss's 50 cost minutes on 2 cores for little recall once the candidates are re-ranked
 PQ_MAX_BYTES = 256  # default code size cap: a 7B base's 65,536 wide rows would otherwise get 8 KB codes
 
 
@@ -87,7 +88,9 @@ def empty_search_index(dim: int, n: int, settings: SearchSettings, train: np.nda
         if settings.kind == "pq":
             index = faiss.IndexPQ(dim, m, bits, faiss.METRIC_INNER_PRODUCT)
         elif settings.kind == "opq":
-            index = faiss.index_factory(dim, f"OPQ{m},PQ{m}x{bits}", faiss.METRIC_INNER_PRODUCT)
+            rotation = faiss.OPQMatrix(dim, m)
+            rotation.niter = OPQ_ITERATIONS
+            index = faiss.IndexPreTransform(rotation, faiss.IndexPQ(dim, m, bits, faiss.METRIC_INNER_PRODUCT))
         else:
             nlist = ivf_cells(n, settings)
             index = faiss.IndexIVFPQ(faiss.IndexFlatIP(dim), dim, nlist, m, bits, faiss.METRIC_INNER_PRODUCT)

@@ -225,6 +225,25 @@ def test_approximate_index_reports_its_recall_against_exact_search(workdir, chec
     assert recall_against_exact(one, exact, queries, 5) < 1.0
 
 
+def test_int8_storage_with_a_compressed_search_re_ranks_to_the_exact_order(workdir, built, checkpoints, data):
+    out = workdir / "index_int8_pq"
+    proc = run_module(index_args(checkpoints["a"], data["corpus"], out, "--storage_dtype", "int8", "--faiss", "pq"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    meta = json.loads((out / "index.json").read_text())
+    assert meta["bytes_per_document"] == 4 * 64 + 4 * 4  # int8 values and a float32 scale per memory vector
+    assert meta["search"] | {"pq_m": 32, "pq_bits": 5, "rerank": 64} == meta["search"]  # 32 bytes, 32 centroids
+    assert load_file(str(out / SHARD_FILE.format(0)))["memory"].dtype == torch.int8
+    exact, compact = load_index(str(built[1])), load_index(str(out))
+    torch.testing.assert_close(
+        compact.memory(list(range(N_DOCS))), exact.memory(list(range(N_DOCS))), atol=0.05, rtol=0
+    )
+    queries = pair_queries(torch.nn.functional.normalize(stored_memory(built[1]).flatten(1), dim=-1).numpy(), 30)
+    _, found_exact = exact.search(queries, 5)
+    scores, found = compact.search(queries, 5)
+    assert np.mean([len(set(a) & set(b)) / 5 for a, b in zip(found.tolist(), found_exact.tolist())]) >= 0.95
+    assert (np.diff(scores, axis=1) <= 1e-5).all()  # re-scored exactly: best first
+
+
 # -- answering ----------------------------------------------------------------------------------------------
 def test_answers_from_the_index_equal_answers_from_the_same_documents_as_candidates(built, checkpoints, data):
     _, out = built
