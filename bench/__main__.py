@@ -219,6 +219,18 @@ def build_parser() -> argparse.ArgumentParser:
         "search latency, answer time); its options: python -m bench --retrieval --help",
     )
     run.add_argument(
+        "--index_choices",
+        action="store_true",
+        help="measure what each index storage and search choice costs in answers (EM, open-corpus recall@5, "
+        "bytes per document) with a trained checkpoint; its options: python -m bench --index_choices --help",
+    )
+    run.add_argument(
+        "--index_scale",
+        action="store_true",
+        help="measure the index on a synthetic corpus of N passages (build throughput, bytes per passage, "
+        "p50/p99 search latency, recall@5 against exact); its options: python -m bench --index_scale --help",
+    )
+    run.add_argument(
         "--serve",
         action="store_true",
         help="measure python -m clara.serve instead (throughput and p50/p99 latency at 1, 8 and 32 "
@@ -473,7 +485,13 @@ def wait_for_load(max_load: float | None, timeout: float) -> float | None:
 
 
 # Modes other than the step measurement: the flag, and the module with its own rows and options.
-MODES = {"--retrieval": "bench.retrieval", "--serve": "bench.serve", "--data": "bench.data_prep"}
+MODES = {
+    "--retrieval": "bench.retrieval",
+    "--serve": "bench.serve",
+    "--data": "bench.data_prep",
+    "--index_choices": "bench.index_choices",
+    "--index_scale": "bench.index_scale",
+}
 
 
 def main(argv: list[str] | None = None) -> int:
