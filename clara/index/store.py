@@ -10,7 +10,6 @@ from dataclasses import dataclass
 import faiss
 import numpy as np
 import torch
-from safetensors import safe_open
 
 from clara.errors import CorpusIndexError
 from clara.files import write_json_atomic
@@ -170,7 +169,7 @@ class CorpusIndex:
     removed: frozenset[int]
     starts: np.ndarray  # first row of each shard
     text_offsets: np.ndarray  # [rows + 1 per shard] byte offsets of each row's line in its shard's texts file
-    shards: list  # safetensors handles (memory-mapped), one per shard
+    shards: list[dict[str, "MappedTensor"]]  # each shard's tensors, memory-mapped
     text_files: list  # open texts files, one per shard
 
     @property
@@ -195,13 +194,16 @@ class CorpusIndex:
 
     def stored_memory(self, rows: list[int]) -> dict[str, torch.Tensor]:
         """The shard tensors of these rows as stored (memory in the storage dtype, and its scales if any)."""
-        out: dict[str, list[torch.Tensor]] = {}
-        for row in rows:
-            shard, offset = self._locate(row)
-            handle = self.shards[shard]
-            for name in handle.keys():
-                out.setdefault(name, []).append(handle.get_slice(name)[offset : offset + 1])
-        return {name: torch.cat(parts) for name, parts in out.items()}
+        rows = np.asarray(rows, dtype=np.int64)
+        shard_of = np.searchsorted(self.starts, rows, side="right") - 1
+        order = np.argsort(shard_of, kind="stable")  # one read per shard, then back in the asked order
+        parts: dict[str, list[torch.Tensor]] = {}
+        for shard in np.unique(shard_of):
+            offsets = rows[order][shard_of[order] == shard] - self.starts[shard]
+            for name, mapped in self.shards[shard].items():
+                parts.setdefault(name, []).append(mapped.rows(offsets))
+        back = torch.from_numpy(np.argsort(order, kind="stable"))
+        return {name: torch.cat(chunks)[back] for name, chunks in parts.items()}
 
     def memory(self, rows: list[int]) -> torch.Tensor:
         """Stored memory states [len(rows), n, H] (float32, dequantized) of these rows."""
@@ -244,6 +246,50 @@ class CorpusIndex:
         self.shards.clear()
 
 
+# safetensors dtype -> (the numpy dtype its bytes are mapped as, the torch dtype they are viewed as)
+SAFETENSORS_DTYPES = {
+    "F32": (np.float32, torch.float32),
+    "F16": (np.float16, torch.float16),
+    "BF16": (np.uint16, torch.bfloat16),
+    "I8": (np.int8, torch.int8),
+    "F8_E4M3": (np.uint8, torch.float8_e4m3fn),
+}
+
+
+@dataclass
+class MappedTensor:
+    """One tensor of a safetensors file, memory-mapped: reading rows touches only their pages."""
+
+    array: np.ndarray
+    dtype: torch.dtype
+
+    def rows(self, offsets: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(self.array[offsets])).view(self.dtype)
+
+
+def map_safetensors(path: str) -> dict[str, MappedTensor]:
+    """The tensors of a safetensors file, memory-mapped (its header is JSON: reading it runs nothing)."""
+    with open(path, "rb") as handle:
+        header_size = int.from_bytes(handle.read(8), "little")
+        header = json.loads(handle.read(header_size))
+    tensors = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        if info["dtype"] not in SAFETENSORS_DTYPES:
+            raise CorpusIndexError(f"{path}: tensor {name!r} of dtype {info['dtype']}, not one an index stores")
+        raw, dtype = SAFETENSORS_DTYPES[info["dtype"]]
+        start, stop = info["data_offsets"]
+        shape = tuple(info["shape"])
+        array = (
+            np.memmap(path, dtype=raw, mode="r", offset=8 + header_size + start, shape=shape)
+            if stop > start
+            else np.zeros(shape, dtype=raw)
+        )
+        tensors[name] = MappedTensor(array, dtype)
+    return tensors
+
+
 def _ties(ranked: list[tuple[float, int]]) -> list[list[tuple[float, int]]]:
     """(score, row) pairs, best first, cut into runs whose neighbouring scores are within TIE_TOLERANCE."""
     runs: list[list[tuple[float, int]]] = []
@@ -271,7 +317,7 @@ def load_index(path: str) -> CorpusIndex:
     shards, text_files = [], []
     for shard in meta["shards"]:
         memory_name, texts_name = shard_names(shard["number"])
-        shards.append(safe_open(os.path.join(path, memory_name), framework="pt"))
+        shards.append(map_safetensors(os.path.join(path, memory_name)))
         handle = open(os.path.join(path, texts_name), "rb")  # noqa: SIM115 - held open for the index's life
         text_files.append(handle)
         shard_ids, shard_offsets = _read_ids(handle)
