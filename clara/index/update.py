@@ -40,12 +40,17 @@ from clara.parallel.shards import ShardedJob, changed_settings
 MAX_NAMED = 5  # ids named in one error
 
 
-def _pending(path: str, plan: dict) -> None:
-    """Record what this run does; an unfinished run of another command (or on another generation) is dropped:
-    its shards are unreferenced and go at the next publish."""
+def _pending(path: str, plan: dict, meta: dict) -> None:
+    """Record what this run does. The shards of an unfinished run of another command (or of the same command
+    with other inputs) are deleted first: they carry numbers this run is about to use."""
     before = read_json(os.path.join(path, PENDING_FILE))
-    if before is None or changed_settings(before, plan):
-        write_json_atomic(os.path.join(path, PENDING_FILE), plan)
+    if before is not None and not changed_settings(before, plan):
+        return
+    for name in os.listdir(path):
+        number = name.split("-", 1)[-1].split(".", 1)[0]
+        if name.startswith(("memory-", "documents-")) and number.isdigit() and int(number) >= meta["next_shard"]:
+            os.remove(os.path.join(path, name))
+    write_json_atomic(os.path.join(path, PENDING_FILE), plan)
 
 
 def _named(ids: list[str]) -> str:
@@ -105,7 +110,7 @@ def add_documents(
         "replace": replace,
         "first_shard": meta["next_shard"],
     }
-    _pending(path, plan)
+    _pending(path, plan, meta)
     first = plan["first_shard"]
     job = ShardedJob(len(ids), meta["shard_size"], lambda i: os.path.join(path, shard_names(first + i)[0]))
     done = job.count - len(job.pending())
@@ -193,7 +198,7 @@ def compact_index(path: str, log=print) -> dict:
         return meta
     live = [row for row in range(len(index.ids)) if row not in index.removed]
     plan = {"command": "compact", "generation": meta["generation"], "first_shard": meta["next_shard"]}
-    _pending(path, plan)
+    _pending(path, plan, meta)
     first = plan["first_shard"]
     job = ShardedJob(len(live), meta["shard_size"], lambda i: os.path.join(path, shard_names(first + i)[0]))
     for i in job.pending():

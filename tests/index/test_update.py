@@ -180,9 +180,13 @@ def test_an_add_killed_after_its_first_shard_resumes(workdir, small, checkpoints
         written(path, number, *args)
 
     monkeypatch.setattr(build, "write_shard", write_one_then_die)
+    # A killed add of other documents first: its shard 2 must not be taken for this add's.
+    with pytest.raises(KeyboardInterrupt):
+        add_documents(model, str(out), [d["id"] for d in docs[30:40]], [d["text"] for d in docs[30:40]])
     with pytest.raises(KeyboardInterrupt):
         add_documents(model, str(out), [d["id"] for d in docs[20:40]], [d["text"] for d in docs[20:40]])
     assert (out / PENDING_FILE).exists() and (out / SHARD_FILE.format(2)).exists()
+    assert docs[20]["id"] in (out / "documents-00002.jsonl").read_text()
     assert json.loads((out / "index.json").read_text())["generation"] == 0  # nothing published
     kept = (out / SHARD_FILE.format(2)).stat().st_mtime_ns
     proc = add(checkpoints["a"], out, corpus)
