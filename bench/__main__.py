@@ -97,7 +97,13 @@ def run_config(cfg: BenchConfig, timeout: float, exact_memory: bool) -> dict:
 
 
 # Modes other than the step measurement: the flag, and the module with its own rows and options.
-MODES = {"--retrieval": "bench.retrieval", "--serve": "bench.serve", "--data": "bench.data_prep"}
+MODES = {
+    "--retrieval": "bench.retrieval",
+    "--serve": "bench.serve",
+    "--data": "bench.data_prep",
+    "--index_choices": "bench.index_choices",
+    "--index_scale": "bench.index_scale",
+}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -101,6 +101,16 @@ def add_run_options(run: argparse._ArgumentGroup) -> None:
             "batched and one at a time)",
         ),
         (
+            "--index_choices",
+            "what each index storage and search choice costs in answers (EM, open-corpus recall@5, bytes per "
+            "document) with a trained checkpoint",
+        ),
+        (
+            "--index_scale",
+            "the index on a synthetic corpus of N passages (build throughput, bytes per passage, p50/p99 search "
+            "latency, recall@5 against exact)",
+        ),
+        (
             "--data",
             "preparing the training data (records/s, launch to step 1 and to the end of step 2, empty "
             "and warm cache, one and two processes, peak memory)",

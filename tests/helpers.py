@@ -1,5 +1,6 @@
 """What several test files need, written once: the repository's folders, the environment of a child process,
-running `python -m MODULE` in one, reading a JSON-lines file, and the shared stage-2 model's settings."""
+running `python -m MODULE` in one, reading a JSON-lines file, the shared stage-2 model's settings, a PDF of a text,
+and a stage2 checkpoint of the tiny model whose roles compute something of their own (the index and serving tests)."""
 
 from __future__ import annotations
 
@@ -63,3 +64,28 @@ def write_pdf(path, text: str, lines_per_page: int = 50) -> None:
         timeout=120,
     )
     source.unlink()
+
+
+ROLES = ("encoder_adapter", "decoder_adapter", "query_reasoner_adapter")
+
+
+def noisy_checkpoint(path: Path, seeds: dict[str, int], top_k: int = 3) -> Path:
+    """A stage2 checkpoint whose adapters hold seeded noise (LoRA B starts at zero: a no-op otherwise)."""
+    import torch
+
+    from clara.model.checkpoint import build_model, save_model
+    from clara.model.model import ModelSettings
+
+    settings = ModelSettings(
+        base_model="tiny", n_mem_tokens=4, compress_rate=32, doc_max_length=128, generation_top_k=top_k
+    )
+    torch.manual_seed(0)
+    model = build_model(settings, list(ROLES))
+    with torch.no_grad():
+        for number, (name, param) in enumerate(model.peft_model.named_parameters()):
+            role = next((r for r in ROLES if f".{r}." in name), None)
+            if role is not None and "lora_B" in name:
+                generator = torch.Generator().manual_seed(seeds[role] * 1000 + number)
+                param.copy_(0.05 * torch.randn(param.shape, generator=generator))
+    save_model(model, str(path), "stage2")
+    return path

@@ -25,7 +25,7 @@ from clara.errors import ConfigError
 from clara.evaluation.evaluate import RETRIEVAL_KS, EvalSettings, evaluate_stage
 from clara.evaluation.metrics import ANSWER_SCORE_NAMES
 from clara.files import json_safe, write_json_atomic, write_jsonl_atomic
-from clara.index.passages import longer_than_read
+from clara.index.passages import describe_longer, longer_than_read
 from clara.model.checkpoint import read_config, resolve_base_path
 from clara.model.collate import LengthCheck
 from clara.model.hub import resolve_checkpoint
@@ -267,8 +267,11 @@ def open_corpus(args: argparse.Namespace, model, records, cfg: EvalSettings, dev
 
     index = load_index(args.index)
     check_index_matches(index, model, args.checkpoint)
-    truncated = longer_than_read(
-        model.tokenizer, index.texts, model.settings.doc_max_length, f"documents of {args.index}"
+    truncated = describe_longer(
+        index.meta.get("longer_than_read", 0),
+        len(index.ids),
+        model.settings.doc_max_length,
+        f"documents of {args.index}",
     )
     if truncated:
         log(truncated, flush=True)
@@ -290,7 +293,7 @@ def open_corpus(args: argparse.Namespace, model, records, cfg: EvalSettings, dev
     log(
         format_table(
             summary,
-            title=f"open-corpus evaluation: retrieval over all {len(index.ids)} documents of "
+            title=f"open-corpus evaluation: retrieval over all {index.documents} documents of "
             f"{args.index}, answers from their stored vectors",
         )
     )

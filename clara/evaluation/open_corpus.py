@@ -34,7 +34,7 @@ def open_corpus_summary(
         model, index, questions[generate_limit:], retrieve=max(ks), generate=False, **answer_kwargs
     )
     ranked = head.ids + rest.ids
-    summary: dict = {"documents": len(index.ids)}
+    summary: dict = {"documents": index.documents}
     retrieval = retrieval_summary([as_gold(r, g) for r, g in zip(ranked, gold_ids)], gold_ids, ks)
     summary.update(
         sorted(retrieval.items(), key=lambda kv: (not kv[0].startswith("recall@"), not kv[0].startswith("precision@")))

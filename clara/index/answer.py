@@ -33,13 +33,9 @@ def encode_questions(model: ClaraModel, questions: list[str], device: torch.devi
     return normalised_rows(query.cpu())
 
 
-def generator_inputs(
-    model: ClaraModel, index: CorpusIndex, questions: list[str], rows: list[list[int]], max_len: int, seed: int
-) -> tuple[Batch, torch.Tensor]:
-    """The generator's stage-2 prompts for the questions, and the stored vectors [slots * n, H] of each
-    question's documents (the index rows, generation_top_k per question) for their memory slots."""
+def generator_prompts(model: ClaraModel, questions: list[str], max_len: int, seed: int) -> Batch:
+    """The generator's stage-2 prompts for the questions, generation_top_k memory slots each."""
     top_k = model.settings.generation_top_k
-    memory = index.memory([row for found in rows for row in found])
     collate = Collator(
         stage2.STAGE,
         model.tokenizer,
@@ -52,7 +48,16 @@ def generator_inputs(
     )
     # The documents are compressed already: the prompt needs only how many there are.
     records = [normalise(stage2.STAGE, {"question": q, "answer": "", "docs": [""] * top_k}) for q in questions]
-    return collate(records), memory.reshape(-1, model.hidden_size)
+    return collate(records)
+
+
+def generator_inputs(
+    model: ClaraModel, index: CorpusIndex, questions: list[str], rows: list[list[int]], max_len: int, seed: int
+) -> tuple[Batch, torch.Tensor]:
+    """The generator's stage-2 prompts for the questions, and the stored vectors [slots * n, H] of each
+    question's documents (the index rows, generation_top_k per question) for their memory slots."""
+    memory = index.memory([row for found in rows for row in found])
+    return generator_prompts(model, questions, max_len, seed), memory.reshape(-1, model.hidden_size)
 
 
 @torch.no_grad()
@@ -82,8 +87,10 @@ def answer_from_index(
         )
     device = device if device is not None else model.mem_embeddings.device
     top_k = model.settings.generation_top_k
-    if len(index.ids) < top_k:
-        raise CorpusIndexError(f"--index {index.path}: {len(index.ids)} documents, fewer than generation_top_k={top_k}")
+    if index.documents < top_k:
+        raise CorpusIndexError(
+            f"--index {index.path}: {index.documents} documents, fewer than generation_top_k={top_k}"
+        )
     retrieve = max(retrieve or top_k, top_k)
     result = IndexAnswers([], [], [], [])
     with eval_mode(model):

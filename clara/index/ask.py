@@ -54,7 +54,7 @@ def ask(args: argparse.Namespace) -> None:
     for question, answer, rows, scores in zip(args.questions, found.answers, found.rows, found.scores):
         print(f"Q: {question}\nA: {answer}")
         for rank, (row, score) in enumerate(zip(rows, scores), start=1):
-            print(f"  {rank}. [{score:.3f}] {index.ids[row]}: {first_words(index.texts[row])}")
+            print(f"  {rank}. [{score:.3f}] {index.ids[row]}: {first_words(index.text(row))}")
 
 
 if __name__ == "__main__":

@@ -297,14 +297,23 @@ def source_passages(source: Source, tokenizer, wanted: Cut) -> tuple[list[Passag
     return passages, corpus, wanted
 
 
+def count_longer(tokenizer, texts: list[str], doc_max_length: int) -> int:
+    """How many texts are longer than the compressor reads (an index records it as it stores them)."""
+    return sum(n > doc_max_length for n in token_counter(tokenizer)(texts))
+
+
 def longer_than_read(tokenizer, texts: list[str], doc_max_length: int, what: str) -> str | None:
     """A line saying how many texts the compressor reads only the beginning of (None when it reads them all): the
     commands that compress documents they did not cut say so, as the trainer does."""
-    longer = sum(n > doc_max_length for n in token_counter(tokenizer)(texts))
+    return describe_longer(count_longer(tokenizer, texts, doc_max_length), len(texts), doc_max_length, what)
+
+
+def describe_longer(longer: int, total: int, doc_max_length: int, what: str) -> str | None:
+    """The line of longer_than_read from counts (an index's are in its index.json)."""
     if not longer:
         return None
     return (
-        f"{longer} of {len(texts)} {what} are longer than DOC_MAX_LENGTH={doc_max_length} tokens: the compressor "
+        f"{longer} of {total} {what} are longer than DOC_MAX_LENGTH={doc_max_length} tokens: the compressor "
         f"reads the first {doc_max_length} tokens of each (cut them into passages: clara synthesize --tokenizer, or "
         "clara index --corpus with the documents)"
     )

@@ -115,7 +115,7 @@ def check_settings(args: argparse.Namespace, api_key: str | None) -> None:
 def build_app(args: argparse.Namespace, api_key: str | None):
     # Deferred: --help and the settings checks answer without loading torch.
     from clara.evaluation.inference import CLaRa
-    from clara.index.passages import longer_than_read
+    from clara.index.passages import describe_longer
     from clara.index.store import check_index_matches, load_index
     from clara.model.stage_model import ensure_query_reasoner
     from clara.serving.app import Limits, create_app
@@ -128,16 +128,18 @@ def build_app(args: argparse.Namespace, api_key: str | None):
     ensure_query_reasoner(clara.model)
     check_index_matches(index, clara.model, args.checkpoint)
     length = clara.model.settings.doc_max_length
-    truncated = longer_than_read(clara.model.tokenizer, index.texts, length, f"documents of {args.index}")
+    truncated = describe_longer(
+        index.meta.get("longer_than_read", 0), len(index.ids), length, f"documents of {args.index}"
+    )
     if truncated:
         print(truncated, flush=True)
     top_k = clara.model.settings.generation_top_k
-    if args.k is not None and not top_k <= args.k <= min(args.max_k, len(index.ids)):
+    if args.k is not None and not top_k <= args.k <= min(args.max_k, index.documents):
         raise ConfigError(
             "k",
             args.k,
             f"{top_k} (the checkpoint's generation_top_k) to "
-            f"{min(args.max_k, len(index.ids))} (--max_k, documents in the index)",
+            f"{min(args.max_k, index.documents)} (--max_k, documents in the index)",
         )
     names = args.model_name or [os.path.basename(os.path.normpath(args.checkpoint))]
     name = names[0]
@@ -152,7 +154,7 @@ def build_app(args: argparse.Namespace, api_key: str | None):
         default_max_tokens=args.max_tokens,
         max_tokens=args.max_tokens_limit,
     )
-    return create_app(engine, limits), name, len(index.ids), clara.device
+    return create_app(engine, limits), name, index.documents, clara.device
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -267,7 +267,7 @@ def check_model(engine: Engine, name: str | None) -> None:
 
 def check_k(engine: Engine, limits: Limits, k: int | None, smallest: int) -> int:
     k = k if k is not None else (limits.default_k or engine.top_k)
-    documents = len(engine.index.ids)
+    documents = engine.index.documents
     largest = min(limits.max_k, documents)
     if not smallest <= k <= largest:
         raise OpenAIError(
@@ -290,7 +290,8 @@ async def health(request: Request) -> dict:
     return {
         "status": "ok",
         "model": engine.model_name,
-        "documents": len(engine.index.ids),
+        "documents": engine.index.documents,
+        "index_generation": engine.index.generation,
         "generation_top_k": engine.top_k,
         "max_batch": engine.max_batch,
         "max_wait_ms": engine.max_wait * 1000,

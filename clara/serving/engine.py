@@ -6,6 +6,9 @@ one query-reasoner forward, one search and one generate call; each answer is dec
 Answers are decoded `window_tokens` at a time: between windows, requests that arrived meanwhile join the
 batch (each continuing answer is fed back after its prompt), so a long answer never holds new ones up
 for more than one window.
+Between batches the thread looks at the index's index.json: when an add, remove or compact has published a new
+generation it loads it and answers new requests from it; a request already admitted keeps the documents (and
+their memory vectors) it retrieved from the index it started on.
 Only this thread touches the model and its tokenizer: adapter switching and the fast tokenizer are not
 safe to share between threads. It talks to the web side through each job's asyncio queue.
 """
@@ -13,6 +16,7 @@ safe to share between threads. It talks to the web side through each job's async
 from __future__ import annotations
 
 import asyncio
+import os
 import queue
 import threading
 import time
@@ -21,8 +25,8 @@ from dataclasses import dataclass, field
 import torch
 
 from clara.evaluation.inference import CLaRa
-from clara.index.answer import encode_questions, generator_inputs
-from clara.index.store import CorpusIndex
+from clara.index.answer import encode_questions, generator_prompts
+from clara.index.store import META_FILE, CorpusIndex, load_index
 from clara.model.collate import encode_supervised, pad_left
 from clara.model.decoding import RowDecoding
 from clara.openai_protocol import OpenAIError
@@ -42,6 +46,7 @@ class Job:
     loop: asyncio.AbstractEventLoop
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     found: list[int] = field(default_factory=list)  # index rows of the documents the generator reads
+    memory: torch.Tensor | None = None  # their stored vectors [top_k, n, H], read once from the job's index
     prompt_tokens: int = 0
     system: str = ""  # the client's system text, appended to the trained system prompt
     turns: list[dict] = field(default_factory=list)  # earlier turns ({"role", "content"}), oldest first
@@ -69,6 +74,7 @@ class Counters:
     rejected: int = 0  # questions too long for the model (400)
     failed: int = 0  # errors of the server's own (500)
     busy_seconds: float = 0.0
+    index_swaps: int = 0  # new generations of the index taken up while serving
 
 
 class Engine:
@@ -91,6 +97,7 @@ class Engine:
         # The prompt length and prompt choice of CLaRa.generate_from_questions(index=...), so answers agree.
         self.max_len, self.seed = max_len or clara.max_len or ANSWERING.max_len, seed
         self.counters = Counters()
+        self._index_stamp = _stamp(index.path)
         self._queue: queue.Queue[Job | None] = queue.Queue()
         self._thread: threading.Thread | None = None
 
@@ -120,8 +127,29 @@ class Engine:
         active: list[Job] = []
         while (new := self._collect(wait=not active, room=self.max_batch - len(active))) is not None:
             started = time.perf_counter()
+            self._follow_index()
             active = self._step_isolated(active, new)
             self.counters.busy_seconds += time.perf_counter() - started
+
+    def _follow_index(self) -> None:
+        """Take up a generation of the index published since the last look (index.json is replaced whole, so a
+        changed inode or time means a new one). A load that fails keeps the index in use and says why."""
+        stamp = _stamp(self.index.path)
+        if stamp == self._index_stamp:
+            return
+        self._index_stamp = stamp
+        try:
+            index = load_index(self.index.path)
+        except Exception as error:  # noqa: BLE001 - the server goes on with the index it has
+            print(f"index {self.index.path}: not swapped ({type(error).__name__}: {error})", flush=True)
+            return
+        if index.meta["fingerprint"] != self.index.meta["fingerprint"] or index.documents < self.top_k:
+            print(f"index {self.index.path}: not swapped (another compressor, or too few documents)", flush=True)
+            return
+        # Jobs in flight hold their documents' vectors and texts already: the old index's files may close.
+        previous, self.index = self.index, index
+        previous.close()
+        self.counters.index_swaps += 1
 
     def _collect(self, wait: bool, room: int) -> list[Job] | None:
         """New jobs, at most `room`. With nothing decoding: wait for the first, then up to max_wait for more
@@ -197,22 +225,21 @@ class Engine:
         scores, rows = self.index.search(
             encode_questions(model, questions, self.clara.device), max(job.k for job in jobs)
         )
+        index = self.index
         for job, found, score in zip(jobs, rows.tolist(), scores.tolist()):
             job.found = found[: self.top_k]
+            if job.row is not None:
+                job.memory = index.memory(job.found)
             job.send(
                 "retrieved",
-                [
-                    {"id": self.index.ids[r], "score": s, "text": self.index.texts[r]}
-                    for r, s in list(zip(found, score))[: job.k]
-                ],
+                [{"id": index.ids[r], "score": s, "text": index.text(r)} for r, s in list(zip(found, score))[: job.k]],
             )
 
     def _decode(self, jobs: list[Job]) -> None:
         """The prompts, each followed by its answer's tokens so far, and window_tokens more of every answer."""
         model = self.clara.model
-        batch, vectors = generator_inputs(
-            model, self.index, [job.question for job in jobs], [job.found for job in jobs], self.max_len, self.seed
-        )
+        batch = generator_prompts(model, [job.question for job in jobs], self.max_len, self.seed)
+        vectors = torch.cat([job.memory for job in jobs]).reshape(-1, model.hidden_size)
         # Each prompt is the job's own (the conversation around the trained turn), followed by its answer so far.
         rows = [job.prompt_ids + job.row.tokens for job in jobs]
         for job in jobs:
@@ -320,6 +347,12 @@ class Engine:
             else:
                 low = middle + 1
         return ids(starts[high]), starts[high]
+
+
+def _stamp(path: str) -> tuple[int, int]:
+    """What changes when index.json is published anew: its inode and modification time."""
+    status = os.stat(os.path.join(path, META_FILE))
+    return status.st_ino, status.st_mtime_ns
 
 
 def conversation_text(tokenizer, system: str, turns: list[dict], user: str) -> str:

@@ -39,13 +39,11 @@ from clara.synthesis.documents import Asking
 from clara.synthesis.llm import LLM, GenerationSettings, OpenAIChat, parse_llm_spec
 from clara.synthesis.pipeline import (
     MANIFEST,
-    pending_shards,
     read_manifest,
     read_shards,
-    shard_ranges,
+    sharded_job,
     start_or_resume,
     synthesize_shards,
-    wait_for_shards,
 )
 from clara.synthesis.recipe import DEFAULT_PROMPTS, load_recipe
 from clara.synthesis.records import Layout, build_records, summarize, write_records
@@ -318,12 +316,13 @@ def run(args: argparse.Namespace, rank: int, world: int, device: torch.device | 
     recipe = load_recipe(args.prompts)
     passages, corpus, cut = read_passages(args, log)
     ids, texts = [p.id for p in passages], [p.text for p in passages]
-    shards = shard_ranges(len(ids), args.shard_size)
+    job = sharded_job(args.out, len(ids), args.shard_size)
+    shards = job.ranges()
     start_or_resume(args.out, run_settings(args, kind, target, ids, texts, recipe.text), shards, rank)
     if rank == 0 and cut is not None:
         write_passages(os.path.join(args.out, PASSAGES_FILE), cut, passages, corpus)
-    todo = pending_shards(args.out, len(shards), rank, world)
-    todo_everywhere = pending_shards(args.out, len(shards))
+    todo = job.pending(rank, world)
+    todo_everywhere = job.pending()
     done_before = len(shards) - len(todo_everywhere)
     log(
         f"Synthesizing {len(ids)} {'passages' if cut else 'documents'} of {args.corpus} with {args.llm}"
@@ -338,8 +337,8 @@ def run(args: argparse.Namespace, rank: int, world: int, device: torch.device | 
             asyncio.run(synthesize_shards(asking, ids, texts, args.out, shards, todo, not args.no_progress))
     if rank != 0:
         return None
-    wait_for_shards(args.out, len(shards), log)
-    worked = sum(shards[i][1] - shards[i][0] for i in todo_everywhere)
+    job.wait(log)
+    worked = job.items_in(todo_everywhere)
     return write_outputs(args, ids, texts, corpus, len(shards), worked, time.monotonic() - started, log)
 
 

@@ -14,35 +14,31 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import time
 from collections.abc import Awaitable
 
 from tqdm import tqdm
 
 from clara.errors import ConfigError
 from clara.files import write_json_atomic, write_text_atomic
+from clara.parallel.shards import ShardedJob, changed_settings, read_plan
 from clara.synthesis.documents import Asking, synthesize_document
 
 MANIFEST = "manifest.json"
 SHARD_DIR = "shards"
 SHARDS_IN_PROGRESS = 2  # the next shard starts while the last documents of the previous one finish
-WAIT_FOR_RANKS_SECONDS = 2.0
 
 
 def shard_path(out: str, shard: int) -> str:
     return os.path.join(out, SHARD_DIR, f"shard-{shard:05d}.jsonl")
 
 
-def shard_ranges(documents: int, shard_size: int) -> list[tuple[int, int]]:
-    return [(start, min(start + shard_size, documents)) for start in range(0, documents, shard_size)]
+def sharded_job(out: str, documents: int, shard_size: int) -> ShardedJob:
+    """The run's shards (clara.parallel.shards): a shard is done when its file exists."""
+    return ShardedJob(documents, shard_size, lambda i: shard_path(out, i))
 
 
 def read_manifest(out: str) -> dict | None:
-    path = os.path.join(out, MANIFEST)
-    if not os.path.exists(path):
-        return None
-    with open(path, encoding="utf-8") as handle:
-        return json.load(handle)
+    return read_plan(os.path.join(out, MANIFEST))
 
 
 def start_or_resume(out: str, settings: dict, shards: list[tuple[int, int]], rank: int) -> None:
@@ -50,8 +46,7 @@ def start_or_resume(out: str, settings: dict, shards: list[tuple[int, int]], ran
     manifest = read_manifest(out)
     if manifest is not None:
         before = manifest["settings"]
-        changed = sorted(k for k in set(before) | set(settings) if before.get(k) != settings.get(k))
-        if changed:
+        if changed := changed_settings(before, settings):
             said = ", ".join(f"{k}: {before.get(k)!r} -> {settings.get(k)!r}" for k in changed)
             raise ConfigError("out", out, f"a new folder, or the settings of the run it holds ({said})")
     os.makedirs(os.path.join(out, SHARD_DIR), exist_ok=True)
@@ -114,20 +109,6 @@ async def synthesize_shards(
     finally:
         progress.close()
         await asking.llm.close()
-
-
-def pending_shards(out: str, count: int, rank: int = 0, world: int = 1) -> list[int]:
-    return [i for i in range(rank, count, world) if not os.path.exists(shard_path(out, i))]
-
-
-def wait_for_shards(out: str, count: int, log) -> None:
-    """Rank 0: wait until the other processes have written their shards."""
-    told = False
-    while missing := pending_shards(out, count):
-        if not told:
-            log(f"Waiting for {len(missing)} shard(s) of the other processes")
-            told = True
-        time.sleep(WAIT_FOR_RANKS_SECONDS)
 
 
 def read_shards(out: str, count: int) -> list[dict]:

@@ -25,34 +25,14 @@ from clara.evaluation.metrics import exact_match
 from clara.index.answer import answer_from_index
 from clara.index.corpus import read_corpus
 from clara.index.search import SearchSettings, make_search_index, pair_queries, recall_against_exact
-from clara.index.store import SHARD_FILE, load_index
-from clara.model.checkpoint import build_model, save_model
-from clara.model.model import ModelSettings
-from tests.helpers import EXAMPLE, read_jsonl, run_module, run_torchrun
+from clara.index.store import SEARCH_FILE, SHARD_FILE, load_index
+from tests.helpers import EXAMPLE, ROLES, noisy_checkpoint, read_jsonl, run_module, run_torchrun
 
 N_QUESTIONS = 4
 N_DOCS = 40
 SHARD = 16  # 40 documents: shards of 16, 16 and 8
 TOP_K = 3
 NEW_TOKENS = 6
-ROLES = ("encoder_adapter", "decoder_adapter", "query_reasoner_adapter")
-
-
-@torch.no_grad()
-def noisy_checkpoint(path: Path, seeds: dict[str, int]) -> Path:
-    """A stage2 checkpoint whose adapters hold seeded noise (LoRA B starts at zero: a no-op otherwise)."""
-    settings = ModelSettings(
-        base_model="tiny", n_mem_tokens=4, compress_rate=32, doc_max_length=128, generation_top_k=TOP_K
-    )
-    torch.manual_seed(0)
-    model = build_model(settings, list(ROLES))
-    for number, (name, param) in enumerate(model.peft_model.named_parameters()):
-        role = next((r for r in ROLES if f".{r}." in name), None)
-        if role is not None and "lora_B" in name:
-            generator = torch.Generator().manual_seed(seeds[role] * 1000 + number)
-            param.copy_(0.05 * torch.randn(param.shape, generator=generator))
-    save_model(model, str(path), "stage2")
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -120,11 +100,13 @@ def test_index_stores_every_document_compressed_as_one_at_a_time(built, checkpoi
     assert "doc/s" in proc.stderr  # the progress bar's rate
     assert f"Index written to {out}: {N_DOCS} documents" in proc.stdout
     meta = json.loads((out / "index.json").read_text())
-    assert meta["shards"] == 3 and meta["documents"] == N_DOCS and meta["search"]["kind"] == "flat"
+    assert len(meta["shards"]) == 3 and meta["documents"] == N_DOCS and meta["search"]["kind"] == "flat"
     assert meta["bytes_per_document"] == 4 * 64 * 4  # n_mem x hidden x float32
+    assert meta["generation"] == 0 and meta["removed"] == []
     index = load_index(str(out))
     ids, texts = read_corpus(str(data["corpus"]))
-    assert index.ids == ids and index.texts == texts and index.search_index.ntotal == N_DOCS
+    assert index.ids == ids and index.search_index.ntotal == N_DOCS
+    assert [index.text(row) for row in range(N_DOCS)] == texts  # read from disk by offset
     memory = stored_memory(out)
     model = CLaRa.from_pretrained(str(checkpoints["a"]), batch_size=1)
     alone, _ = model.compress_documents(documents=texts)  # one document per forward: no padding
@@ -149,7 +131,9 @@ def test_two_processes_under_torchrun_build_the_same_index(workdir, built, check
     meta = json.loads((out / "index.json").read_text())
     assert meta["compressed_here"] == N_DOCS - SHARD  # rank 0: shards 0 and 2; rank 1 compressed shard 1
     torch.testing.assert_close(stored_memory(out), stored_memory(built[1]), rtol=1e-5, atol=1e-6)
-    assert (out / "documents.jsonl").read_text() == (built[1] / "documents.jsonl").read_text()
+    texts = sorted(p.name for p in out.glob("documents-*.jsonl"))
+    assert texts == sorted(p.name for p in built[1].glob("documents-*.jsonl"))
+    assert all((out / name).read_text() == (built[1] / name).read_text() for name in texts)
 
 
 @pytest.mark.slow
@@ -158,7 +142,7 @@ def test_interrupted_build_resumes_with_the_missing_shards(workdir, built, check
     proc = run_module(index_args(checkpoints["a"], data["corpus"], out))
     assert proc.returncode == 0, proc.stderr[-3000:]
     # The state a build killed after shards 0 and 2 leaves: build.json and those shards, nothing merged.
-    for name in ("index.json", "faiss.index", "documents.jsonl", SHARD_FILE.format(1)):
+    for name in ("index.json", SEARCH_FILE.format(0), SHARD_FILE.format(1)):
         (out / name).unlink()
     kept = {i: (out / SHARD_FILE.format(i)).stat().st_mtime_ns for i in (0, 2)}
     proc = run_module(index_args(checkpoints["a"], data["corpus"], out))
@@ -204,6 +188,10 @@ def test_bad_records_and_duplicate_ids_are_named_by_file_and_line(workdir, check
 
 def test_approximate_index_reports_its_recall_against_exact_search(workdir, checkpoints, data):
     out = workdir / "index_hnsw"
+    proc = run_module(index_args(checkpoints["a"], data["corpus"], out, "--faiss", "hnsw", "--dtype", "float16"))
+    last = proc.stderr.strip().splitlines()[-1]
+    assert proc.returncode == 2 and "--dtype float16" in last and "--storage_dtype" in last  # its old meaning
+    assert not out.exists()
     proc = run_module(
         index_args(checkpoints["a"], data["corpus"], out, "--faiss", "hnsw", "--storage_dtype", "float16")
     )
@@ -224,6 +212,25 @@ def test_approximate_index_reports_its_recall_against_exact_search(workdir, chec
     assert recall_against_exact(one, exact, queries, 5) < 1.0
 
 
+def test_int8_storage_with_a_compressed_search_re_ranks_to_the_exact_order(workdir, built, checkpoints, data):
+    out = workdir / "index_int8_pq"
+    proc = run_module(index_args(checkpoints["a"], data["corpus"], out, "--storage_dtype", "int8", "--faiss", "pq"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    meta = json.loads((out / "index.json").read_text())
+    assert meta["bytes_per_document"] == 4 * 64 + 4 * 4  # int8 values and a float32 scale per memory vector
+    assert meta["search"] | {"pq_m": 32, "pq_bits": 5, "rerank": 64} == meta["search"]  # 32 bytes, 32 centroids
+    assert load_file(str(out / SHARD_FILE.format(0)))["memory"].dtype == torch.int8
+    exact, compact = load_index(str(built[1])), load_index(str(out))
+    torch.testing.assert_close(
+        compact.memory(list(range(N_DOCS))), exact.memory(list(range(N_DOCS))), atol=0.05, rtol=0
+    )
+    queries = pair_queries(torch.nn.functional.normalize(stored_memory(built[1]).flatten(1), dim=-1).numpy(), 30)
+    _, found_exact = exact.search(queries, 5)
+    scores, found = compact.search(queries, 5)
+    assert np.mean([len(set(a) & set(b)) / 5 for a, b in zip(found.tolist(), found_exact.tolist())]) >= 0.95
+    assert (np.diff(scores, axis=1) <= 1e-5).all()  # re-scored exactly: best first
+
+
 # -- answering ----------------------------------------------------------------------------------------------
 def test_answers_from_the_index_equal_answers_from_the_same_documents_as_candidates(built, checkpoints, data):
     _, out = built
@@ -232,7 +239,7 @@ def test_answers_from_the_index_equal_answers_from_the_same_documents_as_candida
     answers, ids = model.generate_from_questions(questions, index=str(out), max_new_tokens=NEW_TOKENS)
     index = load_index(str(out))
     candidates, chosen = model.generate_from_questions(
-        questions, [index.texts] * len(questions), max_new_tokens=NEW_TOKENS
+        questions, [[index.text(row) for row in range(N_DOCS)]] * len(questions), max_new_tokens=NEW_TOKENS
     )
     assert ids == [[index.ids[i] for i in row] for row in chosen.tolist()]
     assert answers == candidates
@@ -279,7 +286,7 @@ def test_ask_prints_the_answer_and_the_retrieved_documents(built, checkpoints, d
     lines = proc.stdout.strip().splitlines()
     assert lines[:2] == [f"Q: {question}", f"A: {answers[0]}"]
     for rank, (line, doc_id) in enumerate(zip(lines[2:], ids[0]), start=1):
-        first_words = " ".join(index.texts[index.ids.index(doc_id)].split()[:12])
+        first_words = " ".join(index.text(index.ids.index(doc_id)).split()[:12])
         assert line.startswith(f"  {rank}. [") and f"] {doc_id}: {first_words}" in line
     assert len(lines) == 2 + TOP_K
 
