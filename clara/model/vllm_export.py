@@ -77,6 +77,11 @@ def generator_fingerprint(model: ClaraModel, dtype: torch.dtype, head_dim: int) 
     return digest.hexdigest()[:16]
 
 
+def vllm_fingerprint(model: ClaraModel, dtype: torch.dtype) -> str:
+    """The fingerprint of this model's export for vLLM in `dtype` (its heads padded as the export pads them)."""
+    return generator_fingerprint(model, dtype, padded_head_dim(head_dim_of(model.causal_lm.config)))
+
+
 @torch.no_grad()
 def merged_generator(model: ClaraModel) -> dict[str, torch.Tensor]:
     """The base's weights under transformers' names, the decoder adapter merged into each LoRA layer and the
@@ -150,7 +155,7 @@ def write_vllm_export(model: ClaraModel, out_dir: str, dtype: torch.dtype = torc
     config = model.causal_lm.config
     head_dim = head_dim_of(config)
     target = padded_head_dim(head_dim)
-    fingerprint = generator_fingerprint(model, dtype, target)
+    fingerprint = vllm_fingerprint(model, dtype)
     state = merged_generator(model)
     if target != head_dim:
         state = pad_heads(state, config, target // head_dim)
