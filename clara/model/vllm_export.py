@@ -143,8 +143,8 @@ def pad_heads(state: dict[str, torch.Tensor], config, factor: int) -> dict[str, 
     return padded
 
 
-def export_config(model: ClaraModel, head_dim: int, dtype: torch.dtype, vocab: int) -> dict:
-    config = model.causal_lm.config.to_dict()
+def export_config(base_config, head_dim: int, dtype: torch.dtype, vocab: int) -> dict:
+    config = base_config.to_dict()
     config.update(head_dim=head_dim, vocab_size=vocab, dtype=str(dtype).removeprefix("torch."))
     config.pop("torch_dtype", None)
     return config
@@ -167,17 +167,44 @@ def write_vllm_export(model: ClaraModel, out_dir: str, dtype: torch.dtype = torc
     info["dtype"] = str(dtype).removeprefix("torch.")
     info["base_model"] = model.settings.base_model
 
+    write_model_folder(
+        out_dir, state, export_config(model.causal_lm.config, target, dtype, vocab), model.tokenizer, info
+    )
+    return fingerprint
+
+
+def write_model_folder(out_dir: str, state: dict, config: dict, tokenizer, info: dict) -> None:
+    """A transformers model folder (one safetensors file, config.json, the tokenizer, EXPORT_INFO), published in
+    one step (clara.files.publish_files)."""
+
     def write(folder: str) -> None:
         with atomic_path(os.path.join(folder, "model.safetensors")) as tmp:
             save_file(state, tmp, metadata={"format": "pt"})
         with open(os.path.join(folder, "config.json"), "w", encoding="utf-8") as handle:
-            json.dump(export_config(model, target, dtype, vocab), handle, indent=2)
-        model.tokenizer.save_pretrained(folder)
+            json.dump(config, handle, indent=2)
+        tokenizer.save_pretrained(folder)
         with open(os.path.join(folder, EXPORT_INFO), "w", encoding="utf-8") as handle:
             json.dump(info, handle, indent=2)
 
     publish_files(out_dir, write)
-    return fingerprint
+
+
+@torch.no_grad()
+def write_padded_base(base, tokenizer, out_dir: str, dtype: torch.dtype = torch.float32) -> None:
+    """A plain base model (a transformers causal LM, no CLaRa adapters or tokens) for vLLM, its heads padded as
+    the generator's export pads them: what text RAG on the same base runs (bench.serve)."""
+    config = base.config
+    head_dim = head_dim_of(config)
+    target = padded_head_dim(head_dim)
+    state = dict(base.state_dict())
+    if target != head_dim:
+        state = pad_heads(state, config, target // head_dim)
+    state = {key: value.to(dtype).contiguous().cpu() for key, value in state.items()}
+    if config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    vocab = state["model.embed_tokens.weight"].shape[0]
+    info = {"head_dim": head_dim, "padded_head_dim": target, "dtype": str(dtype).removeprefix("torch.")}
+    write_model_folder(out_dir, state, export_config(config, target, dtype, vocab), tokenizer, info)
 
 
 def export_fingerprint(path: str) -> str | None:

@@ -12,6 +12,7 @@ import contextlib
 import ipaddress
 import os
 import shlex
+import signal
 import sys
 
 from clara.cli import add_model_flags, positive_int
@@ -242,9 +243,16 @@ def main(argv: list[str] | None = None) -> int:
 def serve(args: argparse.Namespace, api_key: str | None) -> None:
     """Check the settings, load the model and the index (a user error: exit 2 before anything listens), serve."""
     check_settings(args, api_key)
+    # SIGTERM (a service manager's stop) ends the server as Ctrl-C does: uvicorn shuts down and passes the signal
+    # on, and this handler turns it into an exit that unwinds, so that a vLLM server started here is stopped.
+    signal.signal(signal.SIGTERM, stop_on_sigterm)
     with contextlib.ExitStack() as stack:
         app, name, documents, device = build_app(args, api_key, stack)
         run_app(app, args, api_key, f"{name!r} ({documents} documents, {device}, engine {args.engine})")
+
+
+def stop_on_sigterm(signum: int, frame) -> None:
+    raise SystemExit(0)
 
 
 def run_app(app, args: argparse.Namespace, api_key: str | None, what: str) -> None:

@@ -254,15 +254,15 @@ def vllm_endpoint(
         f"Starting vLLM on the generator's export {folder} (fingerprint {fingerprint}); its log: {log_path}", flush=True
     )
     try:
-        server.start()
-    except VLLMStartError as error:
-        server.stop()
-        raise RunFailure(str(error)) from None
-    try:
+        try:
+            server.start()
+        except VLLMStartError as error:
+            raise RunFailure(str(error)) from None
         log(f"vLLM ready after {time.monotonic() - started:.0f}s", flush=True)
         yield server.url, server.api_key
     finally:
-        server.stop()
+        server.stop()  # and every process it started, on any exit (a signal's SystemExit included)
+        log("vLLM stopped", flush=True)
 
 
 def vllm_env() -> dict:
