@@ -142,24 +142,27 @@ def start_server(
     raise RuntimeError(f"the server did not start (exit {proc.poll()})")
 
 
-async def streamed(http: httpx.AsyncClient, url: str, body: dict) -> tuple[float, float, dict]:
-    """One streamed request: seconds to the first text, seconds to the end, and the usage it reports."""
+async def streamed(
+    http: httpx.AsyncClient, url: str, body: dict, headers: dict | None = None
+) -> tuple[float, float, dict, list[float]]:
+    """One streamed request: seconds to the first text, seconds to the end, the usage it reports, and the second
+    each piece of text arrived (about one a token)."""
     started = time.perf_counter()
-    first, usage = None, {}
-    async with http.stream("POST", url, json={**body, "stream": True, "stream_options": {"include_usage": True}}) as r:
-        if r.status_code != 200:
-            raise RuntimeError(f"HTTP {r.status_code}: {(await r.aread())[:200]!r}")
-        async for line in r.aiter_lines():
+    arrivals, usage = [], {}
+    body = {**body, "stream": True, "stream_options": {"include_usage": True}}
+    async with http.stream("POST", url, json=body, headers=headers) as reply:
+        if reply.status_code != 200:
+            raise RuntimeError(f"HTTP {reply.status_code}: {(await reply.aread())[:200]!r}")
+        async for line in reply.aiter_lines():
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
             chunk = json.loads(line.removeprefix("data: "))
             choices = chunk.get("choices") or []
-            text = choices and (choices[0].get("text") or (choices[0].get("delta") or {}).get("content"))
-            if text and first is None:
-                first = time.perf_counter() - started
+            if choices and (choices[0].get("text") or (choices[0].get("delta") or {}).get("content")):
+                arrivals.append(time.perf_counter() - started)
             usage = chunk.get("usage") or usage
     end = time.perf_counter() - started
-    return (end if first is None else first), end, usage
+    return (arrivals[0] if arrivals else end), end, usage, arrivals
 
 
 def chat_request(question: str, tokens: int) -> tuple[str, dict]:
@@ -178,7 +181,7 @@ async def closed_loop(url: str, clients: int, seconds: float, questions: list[st
 
     async def chat(http: httpx.AsyncClient, question: str):
         path, body = chat_request(question, tokens)
-        return await streamed(http, f"{url}{path}", body)
+        return (await streamed(http, f"{url}{path}", body))[:3]
 
     async def client(number: int, http: httpx.AsyncClient) -> None:
         asked = number
@@ -217,15 +220,21 @@ async def closed_loop(url: str, clients: int, seconds: float, questions: list[st
     }
 
 
-async def token_cost(url: str, question: str, at: int, repeats: int = 3) -> float:
-    """Milliseconds per output token around token `at` of one answer: (time of at + 16 tokens - time of at) / 16,
-    each time the fastest of `repeats` (the least disturbed by other work on the machine)."""
+async def token_cost(url: str, question: str, points: tuple[int, ...], repeats: int = 3) -> dict[int, float]:
+    """Milliseconds per output token at each point N of one answer: the time from its N-th piece of text to its
+    (N + 16)-th, over 16 (a whole window of the hf engine), the fastest of `repeats` answers (the least
+    disturbed by other work on the machine)."""
+    tokens = max(points) + 16
+    path, body = chat_request(question, tokens)
+    costs = {n: float("inf") for n in points}
     async with httpx.AsyncClient(timeout=600) as http:
-        times = {}
-        for tokens in (at, at + 16):
-            path, body = chat_request(question, tokens)
-            times[tokens] = min([(await streamed(http, f"{url}{path}", body))[1] for _ in range(repeats)])
-    return 1000 * (times[at + 16] - times[at]) / 16
+        for _ in range(repeats):
+            arrivals = (await streamed(http, f"{url}{path}", body))[3]
+            if len(arrivals) < tokens:
+                raise RuntimeError(f"{len(arrivals)} pieces of text for an answer of {tokens} tokens")
+            for n in points:
+                costs[n] = min(costs[n], 1000 * (arrivals[n + 15] - arrivals[n - 1]) / 16)
+    return costs
 
 
 def measure_server(
@@ -263,10 +272,9 @@ def measure(args: argparse.Namespace, checkpoint: str, index: str, questions: li
         try:
             result["rows"] += measure_server(url, name, args, counts, lengths, questions)
             if len(engines) > 1:
-                for at in TOKEN_COST_AT:
-                    cost = asyncio.run(token_cost(url, questions[0], at))
+                for at, cost in asyncio.run(token_cost(url, questions[0], TOKEN_COST_AT)).items():
                     result["token_cost"].append({"engine": engine, "token": at, "ms_per_token": cost})
-                    print(f"{engine}: {cost:.2f} ms per output token at token {at}", flush=True)
+                    print(f"{engine}: {cost:.2f} ms per output token at tokens {at} to {at + 16}", flush=True)
             if engine == "vllm":
                 result["text_rag"] = compare_text_rag(url, checkpoint, args, counts, lengths[0], questions, work)
         finally:
@@ -337,24 +345,9 @@ def text_rag_ask(clara_url: str, server, tokenizer, top_k: int, tokens: int):
         text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         prompt = tokenizer(text, add_special_tokens=False)["input_ids"]
         body = {"model": "base", "prompt": prompt, "max_tokens": tokens, "min_tokens": tokens, "temperature": 0}
-        async with http.stream(
-            "POST",
-            f"{server.url}/completions",
-            json={**body, "stream": True, "stream_options": {"include_usage": True}},
-            headers=headers,
-        ) as reply:
-            if reply.status_code != 200:
-                raise RuntimeError(f"HTTP {reply.status_code}: {(await reply.aread())[:200]!r}")
-            first, usage = None, {}
-            async for line in reply.aiter_lines():
-                if not line.startswith("data: ") or line == "data: [DONE]":
-                    continue
-                chunk = json.loads(line.removeprefix("data: "))
-                if first is None and any(c.get("text") for c in chunk.get("choices") or []):
-                    first = time.perf_counter() - started
-                usage = chunk.get("usage") or usage
-        end = time.perf_counter() - started
-        return (end if first is None else first), end, usage
+        retrieved = time.perf_counter() - started
+        first, end, usage, _ = await streamed(http, f"{server.url}/completions", body, headers)
+        return retrieved + first, retrieved + end, usage
 
     return ask
 

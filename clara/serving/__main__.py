@@ -2,7 +2,9 @@
 
 Answers from a corpus index of `python -m clara.index` (README: "Serving a model"): any OpenAI client can
 ask; the page at / tries it in a browser. Without an API key (--api_key or CLARA_API_KEY) it listens on
-the loopback address only, unless --allow_remote_without_key says otherwise.
+the loopback address only, unless --allow_remote_without_key says otherwise. `--engine vllm` has a vLLM server
+generate the answers from the prompt embeddings clara builds (clara.serving.vllm_engine,
+docs/guides/serving-vllm.md).
 """
 
 from __future__ import annotations

@@ -155,7 +155,7 @@ class VLLMEngine(Engine):
             await self._stream(job, body)
         except asyncio.CancelledError:
             row.finish_reason = "cancelled"
-        except (httpx.HTTPError, ValueError, OSError) as error:
+        except Exception as error:  # noqa: BLE001 - reported to the client as a 500, and the engine goes on
             self.counters.failed += 1
             job.send(
                 "error", OpenAIError(500, f"vLLM failed answering: {type(error).__name__}: {error}", "server_error")
