@@ -221,20 +221,26 @@ async def closed_loop(url: str, clients: int, seconds: float, questions: list[st
 
 
 async def token_cost(url: str, question: str, points: tuple[int, ...], repeats: int = 3) -> dict[int, float]:
-    """Milliseconds per output token at each point N of one answer: the time from its N-th piece of text to its
-    (N + 16)-th, over 16 (a whole window of the hf engine), the fastest of `repeats` answers (the least
-    disturbed by other work on the machine)."""
+    """Milliseconds per output token at each point N of one answer: the time from its N-th token to its (N + 16)-th
+    (a whole window of the hf engine), over 16, the fastest of `repeats` answers (the least disturbed by other work
+    on the machine). A token's time is that of the piece of text holding it: the pieces are the tokens (vLLM), or
+    nearly (the hf engine holds back whitespace), so token t is taken as piece t * pieces / tokens."""
     tokens = max(points) + 16
     path, body = chat_request(question, tokens)
     costs = {n: float("inf") for n in points}
     async with httpx.AsyncClient(timeout=600) as http:
         for _ in range(repeats):
-            arrivals = (await streamed(http, f"{url}{path}", body))[3]
-            if len(arrivals) < tokens:
-                raise RuntimeError(f"{len(arrivals)} pieces of text for an answer of {tokens} tokens")
+            _, _, usage, arrivals = await streamed(http, f"{url}{path}", body)
+            if usage.get("completion_tokens") != tokens:
+                raise RuntimeError(f"an answer of {usage.get('completion_tokens')} tokens where {tokens} were asked")
             for n in points:
-                costs[n] = min(costs[n], 1000 * (arrivals[n + 15] - arrivals[n - 1]) / 16)
+                spent = token_time(arrivals, n + 16, tokens) - token_time(arrivals, n, tokens)
+                costs[n] = min(costs[n], 1000 * spent / 16)
     return costs
+
+
+def token_time(arrivals: list[float], token: int, tokens: int) -> float:
+    return arrivals[max(0, round(token * len(arrivals) / tokens) - 1)]
 
 
 def measure_server(
