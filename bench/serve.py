@@ -10,9 +10,9 @@ p50 / p99 latency and time to first token, and failures (any non-200 answer or t
 --engine hf (the default) measures the in-process engine twice, batching requests that arrive together
 (--max_batch, --max_wait_ms) and answering one at a time (max_batch 1); --engine hf,vllm measures each engine
 once, batching, on the same checkpoint and index, and adds:
-- each engine's cost per output token at tokens 16 and 256 of one answer (one client: the time of an answer of
-  N + 16 tokens minus that of N tokens, over 16; the hf engine reads the prompt and the answer so far again for
-  every window of --window_tokens);
+- the hf engine's cost per output token at tokens 16 and 256 of one answer (one client: from the arrival of its
+  N-th token to its (N + 16)-th, over 16; the hf engine reads the prompt and the answer so far again for every
+  window of --window_tokens);
 - text RAG, the comparison users make: the same base without CLaRa's adapters, its heads padded as the
   generator's, answering from the same retrieved documents as plain text through vLLM (the client retrieves
   with the clara server's /v1/retrieve, then asks vLLM), beside CLaRa through vLLM: requests/s, time to first
@@ -224,7 +224,9 @@ async def token_cost(url: str, question: str, points: tuple[int, ...], repeats: 
     """Milliseconds per output token at each point N of one answer: the time from its N-th token to its (N + 16)-th
     (a whole window of the hf engine), over 16, the fastest of `repeats` answers (the least disturbed by other work
     on the machine). A token's time is that of the piece of text holding it: the pieces are the tokens (vLLM), or
-    nearly (the hf engine holds back whitespace), so token t is taken as piece t * pieces / tokens."""
+    nearly (the hf engine holds back whitespace), so token t is taken as piece t * pieces / tokens. Measured for the
+    hf engine only: vLLM's server merges the tokens of a stream whose reader lags into one piece, and on a busy
+    machine it does, so the pieces no longer time its tokens."""
     tokens = max(points) + 16
     path, body = chat_request(question, tokens)
     costs = {n: float("inf") for n in points}
@@ -277,7 +279,7 @@ def measure(args: argparse.Namespace, checkpoint: str, index: str, questions: li
         proc, url = start_server(checkpoint, index, args.port, max_batch, wait, extra)
         try:
             result["rows"] += measure_server(url, name, args, counts, lengths, questions)
-            if len(engines) > 1:
+            if engine == "hf" and len(engines) > 1:
                 for at, cost in asyncio.run(token_cost(url, questions[0], TOKEN_COST_AT)).items():
                     result["token_cost"].append({"engine": engine, "token": at, "ms_per_token": cost})
                     print(f"{engine}: {cost:.2f} ms per output token at tokens {at} to {at + 16}", flush=True)
