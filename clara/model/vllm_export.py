@@ -152,59 +152,43 @@ def export_config(base_config, head_dim: int, dtype: torch.dtype, vocab: int) ->
 
 def write_vllm_export(model: ClaraModel, out_dir: str, dtype: torch.dtype = torch.float32) -> str:
     """Write the generator for vLLM into out_dir (published in one step); returns its fingerprint."""
-    config = model.causal_lm.config
-    head_dim = head_dim_of(config)
-    target = padded_head_dim(head_dim)
     fingerprint = vllm_fingerprint(model, dtype)
-    state = merged_generator(model)
-    if target != head_dim:
-        state = pad_heads(state, config, target // head_dim)
-    state = {key: value.to(dtype).contiguous().cpu() for key, value in state.items()}
-    if config.tie_word_embeddings:
-        state.pop("lm_head.weight", None)
-    vocab = state["model.embed_tokens.weight"].shape[0]
-    info = {"generator_fingerprint": fingerprint, "head_dim": head_dim, "padded_head_dim": target}
-    info["dtype"] = str(dtype).removeprefix("torch.")
-    info["base_model"] = model.settings.base_model
-
-    write_model_folder(
-        out_dir, state, export_config(model.causal_lm.config, target, dtype, vocab), model.tokenizer, info
-    )
+    info = {"generator_fingerprint": fingerprint, "base_model": model.settings.base_model}
+    write_for_vllm(merged_generator(model), model.causal_lm.config, model.tokenizer, out_dir, dtype, info)
     return fingerprint
-
-
-def write_model_folder(out_dir: str, state: dict, config: dict, tokenizer, info: dict) -> None:
-    """A transformers model folder (one safetensors file, config.json, the tokenizer, EXPORT_INFO), published in
-    one step (clara.files.publish_files)."""
-
-    def write(folder: str) -> None:
-        with atomic_path(os.path.join(folder, "model.safetensors")) as tmp:
-            save_file(state, tmp, metadata={"format": "pt"})
-        with open(os.path.join(folder, "config.json"), "w", encoding="utf-8") as handle:
-            json.dump(config, handle, indent=2)
-        tokenizer.save_pretrained(folder)
-        with open(os.path.join(folder, EXPORT_INFO), "w", encoding="utf-8") as handle:
-            json.dump(info, handle, indent=2)
-
-    publish_files(out_dir, write)
 
 
 @torch.no_grad()
 def write_padded_base(base, tokenizer, out_dir: str, dtype: torch.dtype = torch.float32) -> None:
     """A plain base model (a transformers causal LM, no CLaRa adapters or tokens) for vLLM, its heads padded as
     the generator's export pads them: what text RAG on the same base runs (bench.serve)."""
-    config = base.config
+    write_for_vllm(dict(base.state_dict()), base.config, tokenizer, out_dir, dtype, {})
+
+
+def write_for_vllm(state: dict, config, tokenizer, out_dir: str, dtype: torch.dtype, info: dict) -> None:
+    """Weights under transformers' names, their heads padded where vLLM's CPU attention needs it, written as a
+    model folder (one safetensors file, config.json, the tokenizer, EXPORT_INFO) published in one step
+    (clara.files.publish_files)."""
     head_dim = head_dim_of(config)
     target = padded_head_dim(head_dim)
-    state = dict(base.state_dict())
     if target != head_dim:
         state = pad_heads(state, config, target // head_dim)
     state = {key: value.to(dtype).contiguous().cpu() for key, value in state.items()}
     if config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
     vocab = state["model.embed_tokens.weight"].shape[0]
-    info = {"head_dim": head_dim, "padded_head_dim": target, "dtype": str(dtype).removeprefix("torch.")}
-    write_model_folder(out_dir, state, export_config(config, target, dtype, vocab), tokenizer, info)
+    info = {**info, "head_dim": head_dim, "padded_head_dim": target, "dtype": str(dtype).removeprefix("torch.")}
+
+    def write(folder: str) -> None:
+        with atomic_path(os.path.join(folder, "model.safetensors")) as tmp:
+            save_file(state, tmp, metadata={"format": "pt"})
+        with open(os.path.join(folder, "config.json"), "w", encoding="utf-8") as handle:
+            json.dump(export_config(config, target, dtype, vocab), handle, indent=2)
+        tokenizer.save_pretrained(folder)
+        with open(os.path.join(folder, EXPORT_INFO), "w", encoding="utf-8") as handle:
+            json.dump(info, handle, indent=2)
+
+    publish_files(out_dir, write)
 
 
 def export_fingerprint(path: str) -> str | None:
