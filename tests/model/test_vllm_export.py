@@ -10,7 +10,13 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from clara.model.checkpoint import load_model
-from clara.model.vllm_export import EXPORT_INFO, export_fingerprint, generator_fingerprint, write_vllm_export
+from clara.model.vllm_export import (
+    EXPORT_INFO,
+    export_fingerprint,
+    generator_fingerprint,
+    write_padded_base,
+    write_vllm_export,
+)
 from clara.stages.stage import GENERATOR
 from tests.helpers import run_module
 from tests.index.test_index import ROLES, noisy_checkpoint
@@ -71,3 +77,17 @@ def test_clara_export_format_vllm_writes_a_model_folder_with_its_fingerprint(che
     assert fingerprint == generator_fingerprint(load_model(str(checkpoint)), torch.float32, 32)
     assert fingerprint in done.stdout
     assert {"config.json", "model.safetensors", "tokenizer.json", EXPORT_INFO} <= {p.name for p in out.iterdir()}
+
+
+@torch.no_grad()
+def test_the_plain_base_for_text_rag_is_padded_exactly_too(tmp_path):
+    from transformers import AutoTokenizer
+
+    from clara.model.tiny_base import tiny_model_dir
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir(), dtype=torch.float32).eval()
+    write_padded_base(base, AutoTokenizer.from_pretrained(tiny_model_dir()), str(tmp_path))
+    padded = AutoModelForCausalLM.from_pretrained(str(tmp_path), dtype=torch.float32).eval()
+    assert padded.config.head_dim == 32 and base.config.head_dim == 16
+    ids = torch.tensor([[5, 17, 33, 60, 99, 101, 7, 250, 3]])
+    assert (padded(ids).logits - base(ids).logits).abs().max().item() < 1e-4
