@@ -16,7 +16,8 @@ The server itself gets PR_SET_PDEATHSIG (SIGTERM) on the keeper, should the keep
 and the server run in sessions of their own, so a terminal's Ctrl-C reaches only the parent, which stops them.
 Linux: the subreaper and the death signal are Linux calls; elsewhere the pipe and the process group still hold.
 
-Synthesis uses it (`--llm vllm:MODEL --vllm_python PATH`); serving may later.
+Synthesis uses it (`--llm vllm:MODEL --vllm_python PATH`), and so does serving (`clara serve --engine vllm`,
+clara.serving.vllm_engine), which passes the CPU build's environment through `env`.
 """
 
 from __future__ import annotations

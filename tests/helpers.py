@@ -47,6 +47,13 @@ def run_torchrun(args: list[str], processes: int = 2, timeout: int = 900) -> sub
     )
 
 
+def vllm_python() -> str:
+    """The python of vLLM's environment for the `vllm` tests: $CLARA_VLLM_PYTHON, or the one
+    scripts/make_vllm_env.sh makes by default."""
+    env = os.environ.get("CLARA_VLLM_ENV") or str(Path.home() / ".cache" / "clara" / "vllm-env")
+    return os.environ.get("CLARA_VLLM_PYTHON") or str(Path(env) / "bin" / "python")
+
+
 def read_jsonl(path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
 

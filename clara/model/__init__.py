@@ -11,6 +11,7 @@
     checkpoint   build, save and load models (native and official layouts), the ZeRO-3 resize
     stage_model  the model a stage starts from, and the stage a checkpoint was trained for
     load         a trained model loaded for use: device, dtype and attention chosen one way
+    vllm_export  the generator as a model folder vLLM loads: adapter merged, heads padded, fingerprinted
     export       `python -m clara.export` (a command line: the command-lines layer)
 
 It may import the layers below it: settings (clara.config, clara.errors, clara.files, clara.locks),

@@ -2,6 +2,7 @@
 
     python -m clara.export --checkpoint checkpoints/clara_stage2 --format official --out release/compression-32
     python -m clara.export --checkpoint apple/CLaRa-7B-E2E/compression-16 --format native --out clara_e2e
+    python -m clara.export --checkpoint checkpoints/clara_stage2 --format vllm --out clara_vllm
 
 The official layout is the one Apple's CLaRa release uses, so that its code and ours both read it:
   config.json                     the release's configuration fields (decoder_model_name, compr_rate, ...)
@@ -33,6 +34,7 @@ from clara.model.hub import resolve_checkpoint
 from clara.model.load import choose_runtime, load_for_use
 from clara.model.model import ClaraModel
 from clara.model.stage_model import infer_stage
+from clara.model.vllm_export import write_vllm_export
 
 OFFICIAL_MODEL_TYPE = "CLaRa"
 
@@ -157,8 +159,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--format",
         required=True,
-        choices=("official", "native"),
-        help="official: the release layout (.pth files, its config.json); native: this toolkit's",
+        choices=("official", "native", "vllm"),
+        help="official: the release layout (.pth files, its config.json); native: this toolkit's; vllm: the "
+        "generator alone (adapter merged, heads padded where vLLM's CPU attention needs it), a model folder vLLM "
+        "loads for `clara serve --engine vllm --vllm_model DIR`",
     )
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument(
@@ -201,6 +205,10 @@ def export(args: argparse.Namespace) -> None:
         raise ConfigError("out", args.out, "a directory other than the checkpoint itself")
     # On the CPU (auto: fp32, the weights as trained): writing the files needs no GPU.
     model, _ = load_for_use(checkpoint, choose_runtime("cpu", args.dtype, args.flash_attn), args.model_path)
+    if args.format == "vllm":
+        fingerprint = write_vllm_export(model, args.out)
+        print(f"Wrote {args.checkpoint}'s generator for vLLM (fingerprint {fingerprint}) to {args.out}")
+        return
     if args.format == "official":
         write_official(model, args.out, stage)
     else:

@@ -351,10 +351,7 @@ class ClaraModel(nn.Module):
                 embeds, extras = self.decoder_inputs(batch)
             else:
                 embeds, extras = self.inject(batch.dec_ids, vectors), StepOutput(loss=None, lm=None)
-            stop_ids = {self.tokenizer.eos_token_id}
-            turn_end = self.tokenizer.convert_tokens_to_ids(end_of_turn(self.tokenizer))
-            if isinstance(turn_end, int) and turn_end != self.tokenizer.unk_token_id:
-                stop_ids.add(turn_end)
+            stop_ids = stop_token_ids(self.tokenizer)
             # CLaRa's own tokens are not text: a generated <MEMi> would be read back through the plain
             # embedding row rather than the trained memory embedding.
             added = list(self.tokens.mem_ids) + [self.tokens.ae_id, self.tokens.enc_id, self.tokens.sep_id]
@@ -382,6 +379,15 @@ class ClaraModel(nn.Module):
         for row in rows:
             finish(row)
         return [row.text for row in rows], extras.chosen
+
+
+def stop_token_ids(tokenizer) -> set[int]:
+    """The tokens that end an answer: the end token and the chat template's end of turn."""
+    stop_ids = {tokenizer.eos_token_id}
+    turn_end = tokenizer.convert_tokens_to_ids(end_of_turn(tokenizer))
+    if isinstance(turn_end, int) and turn_end != tokenizer.unk_token_id:
+        stop_ids.add(turn_end)
+    return stop_ids
 
 
 def attach_adapters(base: nn.Module, names: list[str], settings: ModelSettings) -> PeftModel:

@@ -2,14 +2,19 @@
 
 Answers from a corpus index of `python -m clara.index` (README: "Serving a model"): any OpenAI client can
 ask; the page at / tries it in a browser. Without an API key (--api_key or CLARA_API_KEY) it listens on
-the loopback address only, unless --allow_remote_without_key says otherwise.
+the loopback address only, unless --allow_remote_without_key says otherwise. `--engine vllm` has a vLLM server
+generate the answers from the prompt embeddings clara builds (clara.serving.vllm_engine,
+docs/guides/serving-vllm.md).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ipaddress
 import os
+import shlex
+import signal
 import sys
 
 from clara.cli import add_model_flags, positive_int
@@ -83,6 +88,39 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_model_flags(parser)
     parser.add_argument("--model_path", default=None, help="base model to use instead of the one the checkpoint names")
+    vllm = parser.add_argument_group("the vLLM engine (--engine vllm; docs/guides/serving-vllm.md)")
+    vllm.add_argument(
+        "--engine",
+        choices=("hf", "vllm"),
+        default="hf",
+        help="hf: this process decodes (transformers, in windows of --window_tokens); vllm: a vLLM server "
+        "generates from the prompt embeddings clara builds, with its paged KV cache and per-token batching",
+    )
+    vllm.add_argument(
+        "--vllm_python",
+        default=None,
+        help="the python of an environment with vLLM (scripts/make_vllm_env.sh makes one and prints it); "
+        "clara starts vLLM with it on a free loopback port with a random key, and stops it on exit",
+    )
+    vllm.add_argument(
+        "--vllm_model",
+        default=None,
+        help="the generator's export for vLLM (clara export --format vllm); default: made on first use in "
+        "$CLARA_HOME/vllm-exports/FINGERPRINT (~/.cache/clara)",
+    )
+    vllm.add_argument(
+        "--vllm_url",
+        default=None,
+        help="instead of starting one: a running vLLM server (its /v1 URL) serving the export as clara-generator "
+        "with --enable-prompt-embeds; it must be reachable by clara only (key: $VLLM_API_KEY)",
+    )
+    vllm.add_argument(
+        "--vllm_args", default="", help="more arguments for vLLM's server, as one string (e.g. GPU memory settings)"
+    )
+    vllm.add_argument(
+        "--vllm_timeout", type=float, default=1800.0, help="seconds to wait for vLLM's /health (default 1800)"
+    )
+    vllm.add_argument("--vllm_log", default="vllm.log", help="vLLM's log file (default ./vllm.log)")
     return parser
 
 
@@ -110,9 +148,21 @@ def check_settings(args: argparse.Namespace, api_key: str | None) -> None:
         raise ConfigError("port", args.port, "1 to 65535")
     if args.max_tokens > args.max_tokens_limit:
         raise ConfigError("max_tokens", args.max_tokens, f"at most --max_tokens_limit={args.max_tokens_limit}")
+    if args.engine == "vllm" and args.vllm_url is None:
+        python = args.vllm_python
+        if not python or not os.path.isfile(python) or not os.access(python, os.X_OK):
+            raise ConfigError(
+                "vllm_python",
+                python,
+                "the python executable of an environment with vLLM (make one with scripts/make_vllm_env.sh), "
+                "or --vllm_url of a running server",
+            )
+    vllm_only = ("vllm_python", "vllm_model", "vllm_url")
+    if args.engine != "vllm" and (given := [f for f in vllm_only if getattr(args, f) is not None]):
+        raise ConfigError(given[0], getattr(args, given[0]), "--engine vllm as well")
 
 
-def build_app(args: argparse.Namespace, api_key: str | None):
+def build_app(args: argparse.Namespace, api_key: str | None, stack: contextlib.ExitStack):
     # Deferred: --help and the settings checks answer without loading torch.
     from clara.evaluation.inference import CLaRa
     from clara.index.passages import describe_longer
@@ -143,9 +193,17 @@ def build_app(args: argparse.Namespace, api_key: str | None):
         )
     names = args.model_name or [os.path.basename(os.path.normpath(args.checkpoint))]
     name = names[0]
-    engine = Engine(
-        clara, index, names, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, window_tokens=args.window_tokens
-    )
+    if args.engine == "vllm":
+        engine = vllm_engine(args, clara, index, names, stack)
+    else:
+        engine = Engine(
+            clara,
+            index,
+            names,
+            max_batch=args.max_batch,
+            max_wait_ms=args.max_wait_ms,
+            window_tokens=args.window_tokens,
+        )
     limits = Limits(
         api_key=api_key,
         max_body_bytes=args.max_body_bytes,
@@ -157,6 +215,31 @@ def build_app(args: argparse.Namespace, api_key: str | None):
     return create_app(engine, limits), name, index.documents, clara.device
 
 
+def vllm_engine(args: argparse.Namespace, clara, index, names: list[str], stack: contextlib.ExitStack):
+    """The vLLM engine over a server that this process starts (stopped when `stack` closes) or finds."""
+    from clara.serving.engine import ANSWERING
+    from clara.serving.vllm_engine import VLLMEngine, vllm_endpoint
+
+    max_len = clara.max_len or ANSWERING.max_len
+    positions = clara.model.causal_lm.config.max_position_embeddings
+    url, key = stack.enter_context(
+        vllm_endpoint(
+            clara,
+            python=args.vllm_python,
+            model_dir=args.vllm_model,
+            url=args.vllm_url,
+            api_key=os.environ.get("VLLM_API_KEY"),
+            extra_args=shlex.split(args.vllm_args),
+            max_model_len=min(max_len + args.max_tokens_limit, positions),
+            timeout=args.vllm_timeout,
+            log_path=args.vllm_log,
+        )
+    )
+    return VLLMEngine(
+        clara, index, names, url, key, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_len=max_len
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     api_key = args.api_key or os.environ.get("CLARA_API_KEY") or None
@@ -166,7 +249,19 @@ def main(argv: list[str] | None = None) -> int:
 def serve(args: argparse.Namespace, api_key: str | None) -> None:
     """Check the settings, load the model and the index (a user error: exit 2 before anything listens), serve."""
     check_settings(args, api_key)
-    app, name, documents, device = build_app(args, api_key)
+    # SIGTERM (a service manager's stop) ends the server as Ctrl-C does: uvicorn shuts down and passes the signal
+    # on, and this handler turns it into an exit that unwinds, so that a vLLM server started here is stopped.
+    signal.signal(signal.SIGTERM, stop_on_sigterm)
+    with contextlib.ExitStack() as stack:
+        app, name, documents, device = build_app(args, api_key, stack)
+        run_app(app, args, api_key, f"{name!r} ({documents} documents, {device}, engine {args.engine})")
+
+
+def stop_on_sigterm(signum: int, frame) -> None:
+    raise SystemExit(0)
+
+
+def run_app(app, args: argparse.Namespace, api_key: str | None, what: str) -> None:
     import uvicorn
 
     if api_key:
@@ -176,7 +271,7 @@ def serve(args: argparse.Namespace, api_key: str | None) -> None:
     else:
         access = "no API key, on a non-loopback address (--allow_remote_without_key): anyone who reaches it may ask"
     host = f"[{args.host}]" if ":" in args.host else args.host
-    print(f"Serving {name!r} ({documents} documents, {device}) on http://{host}:{args.port}/ ({access})", flush=True)
+    print(f"Serving {what} on http://{host}:{args.port}/ ({access})", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=5)
 
 

@@ -289,6 +289,7 @@ async def health(request: Request) -> dict:
     engine = request.app.state.engine
     return {
         "status": "ok",
+        "engine": engine.kind,
         "model": engine.model_name,
         "documents": engine.index.documents,
         "index_generation": engine.index.generation,

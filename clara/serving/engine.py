@@ -20,6 +20,7 @@ import os
 import queue
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -54,6 +55,7 @@ class Job:
     dropped_turns: int = 0  # earlier turns left out, oldest first, for the prompt to fit max_len
     debug: bool = False  # also set prompt_text: the generator's prompt as text (a request's `debug`)
     prompt_text: str = ""
+    abort: Callable[[], object] | None = None  # stops the answer where another process decodes it (vLLM)
 
     def send(self, kind: str, value) -> None:
         self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, value))
@@ -61,6 +63,8 @@ class Job:
     def cancel(self) -> None:
         if self.row is not None:
             self.row.cancelled.set()
+        if self.abort is not None:
+            self.abort()
 
 
 @dataclass
@@ -78,6 +82,8 @@ class Counters:
 
 
 class Engine:
+    kind = "hf"  # what /health names: this process decodes with transformers
+
     def __init__(
         self,
         clara: CLaRa,

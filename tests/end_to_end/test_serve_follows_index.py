@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from clara.training.launch import free_port
+from clara.ports import free_port
 from tests.helpers import EXAMPLE, ROLES, noisy_checkpoint, read_jsonl, run_module, subprocess_env
 
 pytestmark = pytest.mark.slow
