@@ -18,12 +18,12 @@ import torch
 
 from clara.index.build import build_index
 from clara.index.passages import load_tokenizer, token_counter
+from clara.index.store import load_index
 from clara.model.checkpoint import load_model
-from tests.end_to_end.test_launchers import free_port
+from clara.ports import free_port
 from tests.end_to_end.test_synthesize import FAST
 from tests.fake_openai_server import FakeOpenAI
-from tests.helpers import read_jsonl, run_module, subprocess_env, write_pdf
-from tests.index.test_index import noisy_checkpoint
+from tests.helpers import noisy_checkpoint, read_jsonl, run_module, subprocess_env, write_pdf
 
 pytestmark = pytest.mark.slow
 
@@ -97,7 +97,7 @@ def test_a_folder_is_synthesized_and_indexed_within_doc_max_length(tmp_path):
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert f"Every passage fits DOC_MAX_LENGTH={DOC_MAX_LENGTH}" in proc.stdout
-    assert [d["id"] for d in read_jsonl(index / "documents.jsonl")] == [p["id"] for p in passages]
+    assert load_index(str(index)).ids == [p["id"] for p in passages]
 
 
 def test_the_index_refuses_passages_cut_for_another_length(tmp_path):
