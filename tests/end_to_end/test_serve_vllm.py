@@ -33,8 +33,8 @@ from clara.ports import free_port
 from clara.serving.engine import ANSWERING
 from clara.vllm_server import descendants
 from tests.end_to_end.test_serve import BAD_REQUESTS, KEY, MAX_BODY, N_DOCS, auth
-from tests.helpers import read_jsonl, subprocess_env, vllm_python
-from tests.index.test_index import EXAMPLE, ROLES, TOP_K, noisy_checkpoint
+from tests.helpers import EXAMPLE, ROLES, noisy_checkpoint, read_jsonl, subprocess_env, vllm_python
+from tests.index.test_index import TOP_K
 from tests.test_vllm_server import alive, wait_gone
 
 pytestmark = [pytest.mark.slow, pytest.mark.vllm]

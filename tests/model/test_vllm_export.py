@@ -18,8 +18,7 @@ from clara.model.vllm_export import (
     write_vllm_export,
 )
 from clara.stages.stage import GENERATOR
-from tests.helpers import run_module
-from tests.index.test_index import ROLES, noisy_checkpoint
+from tests.helpers import ROLES, noisy_checkpoint, run_module
 
 
 @pytest.fixture(scope="module")
