@@ -33,13 +33,13 @@ from clara.ports import free_port
 from clara.serving.engine import ANSWERING
 from clara.vllm_server import descendants
 from tests.end_to_end.test_serve import BAD_REQUESTS, KEY, MAX_BODY, N_DOCS, auth
-from tests.helpers import EXAMPLE, ROLES, noisy_checkpoint, read_jsonl, subprocess_env, vllm_python
-from tests.index.test_index import TOP_K
+from tests.helpers import EXAMPLE, ROLES, SHARED_TOP_K, noisy_checkpoint, read_jsonl, subprocess_env, vllm_python
 from tests.test_vllm_server import alive, wait_gone
 
 pytestmark = [pytest.mark.slow, pytest.mark.vllm]
 
 NEW_TOKENS = 8
+TOP_K = SHARED_TOP_K
 START_SECONDS = 600  # vLLM's start on a loaded 2-core machine: about a minute idle, several when busy
 
 
@@ -50,7 +50,8 @@ def vllm_work(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def vllm_reference(vllm_work) -> tuple[CLaRa, str, Path]:
-    checkpoint = noisy_checkpoint(vllm_work / "ck", {r: i + 1 for i, r in enumerate(ROLES)})
+    # generation_top_k as the shared model has it: the bad-request table of test_serve is written for it
+    checkpoint = noisy_checkpoint(vllm_work / "ck", {r: i + 1 for i, r in enumerate(ROLES)}, top_k=TOP_K)
     clara = CLaRa.from_pretrained(str(checkpoint), batch_size=1)
     docs = read_jsonl(EXAMPLE / "corpus.jsonl")[:N_DOCS]
     build_index(
