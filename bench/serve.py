@@ -18,7 +18,6 @@ once, batching, on the same checkpoint and index, and adds:
   with the clara server's /v1/retrieve, then asks vLLM), beside CLaRa through vLLM: requests/s, time to first
   token and prompt tokens per request.
 `--load SECONDS` instead runs one long load with the largest number of clients against the batching server.
-
 Without --checkpoint / --index, a stage2 checkpoint of the built-in tiny model (fresh adapters, so the trained
 tiny base answers; 256-token documents compressed 32 times, 8 memory tokens each) and an index of --documents
 documents of 256 tokens (consecutive example documents joined) are made in a temporary folder.
@@ -145,8 +144,7 @@ def start_server(
 async def streamed(
     http: httpx.AsyncClient, url: str, body: dict, headers: dict | None = None
 ) -> tuple[float, float, dict, list[float]]:
-    """One streamed request: seconds to the first text, seconds to the end, the usage it reports, and the second
-    each piece of text arrived (about one a token)."""
+    """One streamed request: seconds to the first text and to the end, its usage, when each piece (~ a token) came."""
     started = time.perf_counter()
     arrivals, usage = [], {}
     body = {**body, "stream": True, "stream_options": {"include_usage": True}}

@@ -3,6 +3,7 @@
     POST /v1/chat/completions   the conversation answered from retrieved documents; answer plus `clara.documents`
     POST /v1/retrieve           {"question", "k"} -> the ranked documents with their scores
     GET  /v1/models, /health    the served model's names; the engine's counters
+    GET  /                      the page to try it (clara/serving/page.html)
 
 A conversation reaches the generator as the model was trained to read it, with the client's parts around it:
 the trained system text with the client's system (and developer) messages appended after a newline, the earlier
@@ -11,7 +12,6 @@ reads the last user message only: the question as the client last put it, which 
 was trained on (one question, no dialogue). When the prompt would reach MAX_LEN the oldest turns are left out and
 `clara.dropped_turns` says how many; a request with `"debug": true` also gets `clara.prompt`, the generator's
 prompt as text.
-    GET  /                      the page to try it (clara/serving/page.html)
 
 Every error is an OpenAI-style JSON body with a 4xx (the request's fault) or 500 status. Requests are
 parsed here (not by FastAPI's body models) so that malformed JSON, an oversized body and each invalid
@@ -95,8 +95,7 @@ class ClaraChunk(ChatCompletionChunk):
 
 
 class RequireKey:
-    """ASGI middleware: with an API key, every request but the page carries `Authorization: Bearer KEY`,
-    compared in constant time."""
+    """ASGI middleware: with an API key, each request but the page has `Authorization: Bearer KEY` (constant time)."""
 
     def __init__(self, app, api_key: str):
         self.app, self.key = app, api_key.encode()
@@ -160,8 +159,7 @@ def client_text(message: ChatMessage) -> str:
 
 
 def conversation(messages: list[ChatMessage]) -> Conversation:
-    """The request's messages as the server reads them. Tool messages and whatever follows the last user message
-    are not read."""
+    """The request's messages as the server reads them (not tool messages, nor what follows the last user one)."""
     last = max((i for i, m in enumerate(messages) if m.role == "user"), default=None)
     question = client_text(messages[last]) if last is not None else ""
     if not question:

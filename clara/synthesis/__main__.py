@@ -1,10 +1,9 @@
-"""python -m clara.synthesize --corpus docs.jsonl --out data/ --llm SPEC: training data for all three stages from
-your own documents (see clara.synthesis and the README, "Training on your own documents").
-
-With a server (`--llm openai:`) nothing loads torch, so the command starts at once (unless `--tokenizer` loads one
-to cut the documents into passages, clara.index.passages); with `--llm vllm:MODEL` the run
-starts its own vLLM server from another environment (`--vllm_python`, clara.vllm_server) and stops it when it ends,
-however it ends; a local model (`--llm hf:`) runs alone or under torchrun through clara.parallel.distributed.
+"""python -m clara.synthesize --corpus FOLDER|docs.jsonl --out data/ --llm SPEC: training data for all three stages
+from your own documents (docs/guides/synthesis.md). With a server (`--llm openai:`) nothing loads torch, so the
+command starts at once (unless `--tokenizer` loads one to cut the documents into passages, clara.index.passages);
+with `--llm vllm:MODEL` the run starts its own vLLM server from another environment (`--vllm_python`,
+clara.vllm_server) and stops it when it ends, however it ends; a local model (`--llm hf:`) runs alone or under
+torchrun through clara.parallel.distributed.
 """
 
 from __future__ import annotations
@@ -228,11 +227,7 @@ def run_settings(
         "llm": "openai" if kind == "vllm" else kind,
         "model": args.model if kind == "openai" else target,
         "prompts_sha256": hashlib.sha256(prompts_text.encode()).hexdigest(),
-        "rounds": args.rounds,
-        "judge": args.judge,
-        "parse_retries": args.parse_retries,
-        "max_tokens": args.max_tokens,
-        "temperature": args.temperature,
+        **{name: getattr(args, name) for name in ("rounds", "judge", "parse_retries", "max_tokens", "temperature")},
         "seed": args.seed,
         "shard_size": args.shard_size,
         # How documents were cut (None: whole), named when a rerun would cut them otherwise.
@@ -388,8 +383,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def synthesize(args: argparse.Namespace) -> int | None:
-    """A local model (hf:) runs on one process or under torchrun (its status from run_command); a server's client
-    runs here."""
+    """A local model (hf:) runs on one process or under torchrun (status from run_command); a server's client here."""
     kind, _ = parse_llm_spec(args.llm)
     if kind == "hf":
         from clara.parallel.distributed import run_command
