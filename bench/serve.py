@@ -66,7 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max_wait_ms", type=float, default=10.0, help="its --max_wait_ms (default 10)")
     parser.add_argument(
         "--vllm_python",
-        default=os.environ.get("CLARA_VLLM_PYTHON") or str(Path.home() / ".cache/clara/vllm-env/bin/python"),
+        type=os.path.expanduser,
+        default="~/.cache/clara/vllm-env/bin/python",
         help="vllm: the python of vLLM's environment (default: where scripts/make_vllm_env.sh makes it)",
     )
     parser.add_argument("--port", type=int, default=0, help="port (default: a free one)")
@@ -333,8 +334,7 @@ def compare_text_rag(
 
 
 def text_rag_ask(clara_url: str, server, tokenizer, top_k: int, tokens: int):
-    """A client's request in text RAG: retrieve the top documents (the clara server's /v1/retrieve), then ask the
-    plain base through vLLM with their texts in the trained prompt's place."""
+    """Text RAG: retrieve (the clara server's /v1/retrieve), then ask the plain base through vLLM with the texts."""
     from clara.stages.prompts import SYSTEM_ANSWER, answer_user_message
 
     headers = {"Authorization": f"Bearer {server.api_key}"}

@@ -44,7 +44,7 @@ from clara.synthesis.pipeline import (
     start_or_resume,
     synthesize_shards,
 )
-from clara.synthesis.recipe import DEFAULT_PROMPTS, load_recipe
+from clara.synthesis.recipe import load_recipe
 from clara.synthesis.records import Layout, build_records, summarize, write_records
 from clara.vllm_server import VLLMServer, VLLMStartError
 
@@ -135,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--vllm_timeout", type=positive_float, default=1800.0, help="vllm: seconds to wait for the server to be ready"
     )
-    parser.add_argument("--prompts", default=None, help=f"prompts file: a copy of {DEFAULT_PROMPTS}, edited")
+    parser.add_argument("--prompts", default=None, help="prompts file: an edited copy of clara's default_prompts.json")
     parser.add_argument("--rounds", type=non_negative_int, default=2, help="coverage rounds per document (at most)")
     parser.add_argument(
         "--judge",
