@@ -1,5 +1,5 @@
-"""From the documents' synthesized pairs to the three stages' training files, with a held-out split, and the
-run's summary.
+"""From the documents' synthesized pairs to a training file for every stage in `clara.stages.STAGES`, named
+after the stage and made by its record schema, with a held-out split; and the run's summary. Today's stages:
 
     stage1.jsonl     per document: a QA record with all its pairs, and a paraphrase record
     stage1_2.jsonl   per question: its document among `stage1_2_docs` documents (the others retrieved for it)
@@ -22,10 +22,9 @@ import bm25s
 import numpy as np
 
 from clara.files import write_jsonl_atomic
+from clara.stages import STAGES, Stage
 from clara.synthesis.documents import PAIR_TASKS
 from clara.synthesis.recipe import question_key
-
-STAGE_FILES = ("stage1", "stage1_2", "stage2")
 
 
 @dataclass(frozen=True)
@@ -66,62 +65,82 @@ def _with_positive(positive: int, ranked, count: int, where: int) -> list[int]:
     return rows
 
 
-def build_records(ids: list[str], texts: list[str], results: list[dict], layout: Layout) -> tuple[dict, Counter]:
-    """{file name: records} for the three stages and their held-out files, and the duplicates dropped per
-    document id."""
-    held_out = held_out_ids(ids, layout.eval_fraction, layout.seed)
-    row_of = {doc_id: row for row, doc_id in enumerate(ids)}
-    files: dict[str, list[dict]] = {f"{stage}{suffix}": [] for stage in STAGE_FILES for suffix in ("", "_eval")}
+def _kept_pairs(results: list[dict]) -> tuple[list[tuple[str, list[tuple[str, str]], str | None]], Counter]:
+    """Per document (id, its (question, answer) pairs, its paraphrase), a question asked of an earlier document
+    dropped; and the duplicates dropped per document id."""
     seen: set[str] = set()
     duplicates: Counter = Counter()
-    questions: list[tuple[str, str, str]] = []  # (doc id, question, answer)
+    documents = []
     for result in results:
-        doc_id = result["id"]
-        split = "_eval" if doc_id in held_out else ""
         pairs = []
         for question, answer in (pair for task in PAIR_TASKS for pair in result["pairs"][task]):
             key = question_key(question)
             if key in seen:
-                duplicates[doc_id] += 1
+                duplicates[result["id"]] += 1
                 continue
             seen.add(key)
             pairs.append((question, answer))
+        documents.append((result["id"], pairs, result["paraphrase"]))
+    return documents, duplicates
+
+
+def _document_records(documents, row_of: dict[str, int], texts: list[str]):
+    """The "stage1" schema: (doc id, record) for a QA record with all of a document's pairs, then its
+    paraphrase; a document without pairs gives none."""
+    for doc_id, pairs, paraphrase in documents:
+        if not pairs:
+            continue
         text = texts[row_of[doc_id]]
-        if pairs:
-            files["stage1" + split].append(
-                {"data_type": "qa", "question": [q for q, _ in pairs], "answers": [a for _, a in pairs], "docs": [text]}
-            )
-            questions += [(doc_id, q, a) for q, a in pairs]
-        if result["paraphrase"] and pairs:
-            files["stage1" + split].append(
-                {"data_type": "paraphrase", "docs": [text], "answers": [result["paraphrase"]]}
-            )
-    candidates = min(layout.candidates, len(ids))
-    ranked = retrieve(texts, [q for _, q, _ in questions], min(candidates + 1, len(ids)))
-    for (doc_id, question, answer), hits in zip(questions, ranked):
-        split = "_eval" if doc_id in held_out else ""
-        positive = row_of[doc_id]
-        where = _hash(layout.seed, "place", question)
-        rows = _with_positive(positive, hits, min(layout.stage1_2_docs, candidates), where)
-        files["stage1_2" + split].append(
-            {
-                "question": question,
-                "answers": answer,
-                "docs": [texts[r] for r in rows],
-                "pos_index": [rows.index(positive)],
-            }
+        yield (
+            doc_id,
+            {"data_type": "qa", "question": [q for q, _ in pairs], "answers": [a for _, a in pairs], "docs": [text]},
         )
-        rows = _with_positive(positive, hits, candidates, where)
-        files["stage2" + split].append(
+        if paraphrase:
+            yield doc_id, {"data_type": "paraphrase", "docs": [text], "answers": [paraphrase]}
+
+
+def _question_records(stage: Stage, questions, ranked, row_of: dict[str, int], ids, texts, layout: Layout):
+    """The "answer" schema: (doc id, record) per question. With a query reasoner (`stage.uses_query`) the
+    positive sits among `candidates` documents and the record names the ids; else among `stage1_2_docs`."""
+    candidates = min(layout.candidates, len(ids))
+    count = candidates if stage.uses_query else min(layout.stage1_2_docs, candidates)
+    for (doc_id, question, answer), hits in zip(questions, ranked):
+        positive = row_of[doc_id]
+        rows = _with_positive(positive, hits, count, _hash(layout.seed, "place", question))
+        docs = [texts[r] for r in rows]
+        if not stage.uses_query:
+            yield doc_id, {"question": question, "answers": answer, "docs": docs, "pos_index": [rows.index(positive)]}
+            continue
+        yield (
+            doc_id,
             {
                 "question": question,
-                "docs": [texts[r] for r in rows],
+                "docs": docs,
                 "gold_answer": answer,
                 "pos_index": [rows.index(positive)],
                 "gold_ids": [doc_id],
                 "doc_ids": [ids[r] for r in rows],
-            }
+            },
         )
+
+
+def build_records(ids: list[str], texts: list[str], results: list[dict], layout: Layout) -> tuple[dict, Counter]:
+    """{file name: records} for every registered stage (the file named after it) and its held-out file, and
+    the duplicates dropped per document id."""
+    held_out = held_out_ids(ids, layout.eval_fraction, layout.seed)
+    row_of = {doc_id: row for row, doc_id in enumerate(ids)}
+    documents, duplicates = _kept_pairs(results)
+    questions = [(doc_id, q, a) for doc_id, pairs, _ in documents for q, a in pairs]  # (doc id, question, answer)
+    ranked = retrieve(texts, [q for _, q, _ in questions], min(min(layout.candidates, len(ids)) + 1, len(ids)))
+    files: dict[str, list[dict]] = {}
+    for stage in STAGES.values():
+        if stage.schema == "stage1":
+            records = _document_records(documents, row_of, texts)
+        else:
+            records = _question_records(stage, questions, ranked, row_of, ids, texts, layout)
+        files[stage.name], files[stage.name + "_eval"] = [], []
+        for doc_id, record in records:
+            files[stage.name + ("_eval" if doc_id in held_out else "")].append(record)
     return files, duplicates
 
 
