@@ -24,8 +24,12 @@ import threading
 import time
 from pathlib import Path
 
+from clara.stages import STAGES
+
 REPO = Path(__file__).resolve().parent.parent
 LAUNCHERS = {1: "train_single_gpu.sh", 2: "train_8gpu.sh"}
+# The stage trained: the first that learns from documents alone (the "stage1" record schema, no checkpoint before).
+STAGE = next(stage for stage in STAGES.values() if stage.schema == "stage1" and stage.previous is None)
 SMALL = 2000  # the reference run's records, for the memory comparison
 POOL = 1000  # distinct texts of each kind; records combine them with their number, so no two are equal
 PREPARED = re.compile(r"Prepared .*: ([\d,]+) records, .* \(\d+ process\(es\), ([\d,]+) records/s\)")
@@ -36,7 +40,7 @@ def _texts(rng: random.Random, words: list[str], length: int, count: int) -> lis
 
 
 def write_records(path: Path, count: int, seed: int = 0) -> None:
-    """`count` stage-1 records: even ones QA with three questions, odd ones a paraphrase."""
+    """`count` records of the "stage1" schema: even ones QA with three questions, odd ones a paraphrase."""
     rng = random.Random(seed)
     words = ["".join(rng.choices("abcdefghijklmnopqrstuvwxyz", k=rng.randint(2, 9))) for _ in range(5000)]
     docs, paraphrases = _texts(rng, words, 200, POOL), _texts(rng, words, 180, POOL)
@@ -88,6 +92,7 @@ def launch(data: Path, num_gpus: int, save: Path, cache: Path, workers: int | No
     """One launcher run: seconds from launch to step 1, to step 2 and to exit; the largest process's peak RSS."""
     env = dict(
         os.environ,
+        STAGE=STAGE.name,
         DATASET=str(data),
         SAVE_PATH=str(save),
         MAX_STEPS="2",
@@ -146,9 +151,9 @@ def _start_reader(proc: subprocess.Popen, output: list[str]) -> threading.Thread
 
 def measure(records: int, gpus: list[int], workers: int | None, folder: Path) -> list[dict]:
     folder.mkdir(parents=True, exist_ok=True)
-    data = folder / f"stage1_{records}.jsonl"
+    data = folder / f"{STAGE.name}_{records}.jsonl"
     write_records(data, records)
-    small = folder / f"stage1_{SMALL}.jsonl"
+    small = folder / f"{STAGE.name}_{SMALL}.jsonl"
     with open(data, encoding="utf-8") as source, open(small, "w", encoding="utf-8") as out:
         out.writelines(line for line, _ in zip(source, range(SMALL)))
     rows = []

@@ -38,6 +38,8 @@ from pathlib import Path
 
 import httpx
 
+from bench.config import RETRIEVAL_STAGE
+
 REPO = Path(__file__).resolve().parent.parent
 DOC_TOKENS = 256  # the documents' length: CLaRa's doc_max_length, and what text RAG reads in full
 COMPRESS_RATE = 32
@@ -91,7 +93,7 @@ def long_documents(count: int, tokenizer) -> list[dict]:
 
 
 def make_model(folder: Path, documents: int) -> tuple[str, str]:
-    """A tiny stage2 checkpoint and its index of `documents` 256-token documents."""
+    """A tiny checkpoint of the stage with a query reasoner, and its index of `documents` 256-token documents."""
     import torch
 
     from clara.index.build import build_index
@@ -107,7 +109,7 @@ def make_model(folder: Path, documents: int) -> tuple[str, str]:
     )
     torch.manual_seed(0)
     model = build_model(settings, list(ADAPTERS))
-    save_model(model, str(folder / "checkpoint"), "stage2")
+    save_model(model, str(folder / "checkpoint"), RETRIEVAL_STAGE)
     docs = long_documents(documents, model.tokenizer)
     build_index(
         model.eval(),
@@ -172,9 +174,7 @@ def chat_request(question: str, tokens: int) -> tuple[str, dict]:
 async def closed_loop(url: str, clients: int, seconds: float, questions: list[str], tokens: int, ask=None) -> dict:
     """Each client asks, waits for the answer, asks again, until the time is up; returns the figures.
     ask(http, question) -> (first, end, usage) replaces the chat completion (text RAG)."""
-    latencies: list[float] = []
-    firsts: list[float] = []
-    output_tokens, prompt_tokens = [], []
+    latencies, firsts, output_tokens, prompt_tokens = [], [], [], []  # seconds, seconds, tokens, tokens
     failures: list[str] = []
     stop_at = time.monotonic() + seconds
 
