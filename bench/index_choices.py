@@ -17,10 +17,9 @@ import sys
 import tempfile
 import time
 
-import faiss
-import torch
 from safetensors import safe_open
 
+from bench.machine import add_threads_and_json, parse_with_threads
 from clara.evaluation.open_corpus import open_corpus_summary
 from clara.files import write_json_atomic
 from clara.index.build import build_index, write_search, write_shard
@@ -95,15 +94,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--choices", default=CHOICES, help="storage+search pairs, comma-separated")
     parser.add_argument("--batch_size", type=int, default=8, help="questions per forward")
     parser.add_argument("--max_new_tokens", type=int, default=16, help="answer tokens at most (default 16)")
-    parser.add_argument("--threads", type=int, default=2, help="PyTorch and FAISS threads (default 2)")
-    parser.add_argument("--json", default=None, help="also write the rows as JSON here")
-    return parser
+    return add_threads_and_json(parser, 2)
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    torch.set_num_threads(args.threads)
-    faiss.omp_set_num_threads(args.threads)
+    args = parse_with_threads(build_parser(), argv)
     model = load_model(args.checkpoint)
     ids, texts = read_corpus(args.corpus)
     with open(args.dataset, encoding="utf-8") as handle:

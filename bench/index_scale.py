@@ -20,11 +20,11 @@ import sys
 import tempfile
 import time
 
-import faiss
 import numpy as np
 import torch
 
 from bench.index_choices import restore
+from bench.machine import add_threads_and_json, parse_with_threads
 from bench.retrieval import tiny_model
 from clara.files import write_json_atomic
 from clara.index.answer import encode_questions
@@ -84,16 +84,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--passages", type=int, default=20_000, help="passages of the synthetic corpus")
     parser.add_argument("--queries", type=int, default=200, help="questions searched one at a time")
     parser.add_argument("--batch_size", type=int, default=32, help="passages per forward")
-    parser.add_argument("--threads", type=int, default=2, help="PyTorch and FAISS threads (default 2)")
     parser.add_argument("--folder", default=None, help="keep the built indexes here (default: a temporary folder)")
-    parser.add_argument("--json", default=None, help="also write the rows as JSON here")
-    return parser
+    return add_threads_and_json(parser, 2)
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    torch.set_num_threads(args.threads)
-    faiss.omp_set_num_threads(args.threads)
+    args = parse_with_threads(build_parser(), argv)
     model = tiny_model(None).eval()
     started = time.perf_counter()
     ids, texts = synthetic_corpus(args.passages)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import platform
 import sys
@@ -81,3 +82,21 @@ def cpu_model() -> str:
     import platform
 
     return platform.processor() or platform.machine()
+
+
+def add_threads_and_json(parser: argparse.ArgumentParser, threads: int) -> argparse.ArgumentParser:
+    """The index tools' last options: --threads (PyTorch's and FAISS's, default `threads`) and --json."""
+    parser.add_argument("--threads", type=int, default=threads, help=f"PyTorch and FAISS threads (default {threads})")
+    parser.add_argument("--json", default=None, help="also write the rows as JSON here")
+    return parser
+
+
+def parse_with_threads(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """The arguments, PyTorch and FAISS set to --threads threads."""
+    import faiss
+    import torch
+
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    faiss.omp_set_num_threads(args.threads)
+    return args

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from bench.config import RETRIEVAL_STAGE
+from bench.machine import add_threads_and_json, parse_with_threads
 from clara.evaluation.inference import CLaRa
 from clara.index.answer import answer_from_index
 from clara.index.build import build_index, compress_texts
@@ -197,15 +198,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--questions", type=int, default=10, help="questions of the answering row")
     parser.add_argument("--max_new_tokens", type=int, default=8, help="answer tokens at most (default 8)")
     parser.add_argument("--checkpoint", default=None, help="a checkpoint instead of the tiny model with fresh adapters")
-    parser.add_argument("--threads", type=int, default=1, help="PyTorch and FAISS threads (default 1)")
-    parser.add_argument("--json", default=None, help="also write the rows as JSON here")
-    return parser
+    return add_threads_and_json(parser, 1)
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    torch.set_num_threads(args.threads)
-    faiss.omp_set_num_threads(args.threads)
+    args = parse_with_threads(build_parser(), argv)
     model = tiny_model(args.checkpoint)
     model.requires_grad_(False)
     rows = indexing_rows(model, args.index_docs, 32)
