@@ -67,6 +67,12 @@ def small_args() -> list[str]:
     ]
 
 
+def small_run(small_args: list[str], out, *args: str) -> tuple[subprocess.CompletedProcess, int]:
+    """`python -m bench` at the smallest size with `args`, its JSON written to `out`; and the vocabulary size."""
+    vocab = int(small_args[small_args.index("--vocab_size") + 1])
+    return bench(*small_args, *args, "--json", str(out)), vocab
+
+
 def check_result(result: dict, stage: str, docs: int, micro_batch: int, vocab: int) -> None:
     assert "error" not in result, result.get("error_detail")
     assert result["stage"] == stage and result["device"] in ("cpu", "cuda")
@@ -130,19 +136,8 @@ def test_bad_settings_stop_before_measuring(args, expected):
 @pytest.mark.slow
 def test_stage2_run_reports_sane_numbers(small_args, tmp_path):
     out = tmp_path / "bench.json"
-    vocab = int(small_args[small_args.index("--vocab_size") + 1])
-    proc = bench(
-        *small_args,
-        "--stage",
-        "stage2",
-        "--candidates",
-        "6",
-        "--top_k",
-        "2",
-        "--candidate_chunk_size",
-        "4",
-        "--json",
-        str(out),
+    proc, vocab = small_run(
+        small_args, out, "--stage", "stage2", "--candidates", "6", "--top_k", "2", "--candidate_chunk_size", "4"
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "step s" in proc.stdout and "stage2" in proc.stdout  # the table
@@ -158,22 +153,8 @@ def test_stage2_run_reports_sane_numbers(small_args, tmp_path):
 @pytest.mark.slow
 def test_stage1_run_with_gradient_checkpointing(small_args, tmp_path):
     out = tmp_path / "bench.json"
-    vocab = int(small_args[small_args.index("--vocab_size") + 1])
-    proc = bench(
-        *small_args,
-        "--stage",
-        "stage1",
-        "--docs",
-        "2",
-        "--micro_batch_size",
-        "2",
-        "--gradient_checkpointing",
-        "true",
-        "--profile",
-        "true",
-        "--json",
-        str(out),
-    )
+    options = ["--docs", "2", "--micro_batch_size", "2", "--gradient_checkpointing", "true", "--profile", "true"]
+    proc, vocab = small_run(small_args, out, "--stage", "stage1", *options)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     (result,) = json.loads(out.read_text())["results"]
     check_result(result, "stage1", docs=2, micro_batch=2, vocab=vocab)
