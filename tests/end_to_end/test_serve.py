@@ -109,17 +109,18 @@ def auth(key: str = KEY) -> dict:
     return {"Authorization": f"Bearer {key}"}
 
 
-def client(server: str) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{server}/v1", api_key=KEY, max_retries=0, timeout=120)
+def client(server: str, timeout: float = 120) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{server}/v1", api_key=KEY, max_retries=0, timeout=timeout)
 
 
 def health(server: str) -> dict:
     return httpx.get(f"{server}/health", headers=auth()).json()
 
 
-def ask(server: str, question: str, **fields):
+def ask(server: str, question: str, timeout: float = 120, **fields):
+    """Model "ck" asked `question` with NEW_TOKENS tokens unless `fields` say otherwise (stream=True: the chunks)."""
     fields = {"max_tokens": NEW_TOKENS, **fields}
-    return client(server).chat.completions.create(
+    return client(server, timeout).chat.completions.create(
         model="ck", messages=[{"role": "user", "content": question}], **fields
     )
 
@@ -135,29 +136,13 @@ def test_plain_and_streamed_completions_through_the_openai_client(server, refere
     documents = plain.model_extra["clara"]["documents"]
     assert [d["id"] for d in documents] == ids[0] and all(isinstance(d["score"], float) for d in documents)
 
-    chunks = list(
-        client(server).chat.completions.create(
-            model="ck",
-            messages=[{"role": "user", "content": questions[0]}],
-            max_tokens=NEW_TOKENS,
-            stream=True,
-            stream_options={"include_usage": True},
-        )
-    )
+    chunks = list(ask(server, questions[0], stream=True, stream_options={"include_usage": True}))
     pieces = [c.choices[0].delta.content or "" for c in chunks if c.choices]
     assert "".join(pieces) == expected[0]
     assert [d["id"] for d in chunks[0].model_extra["clara"]["documents"]] == ids[0]
     assert chunks[-1].usage.completion_tokens == plain.usage.completion_tokens
     # The tiny model may end an answer after one token: an answer of several arrives in as many pieces.
-    longer = list(
-        client(server).chat.completions.create(
-            model="ck",
-            messages=[{"role": "user", "content": questions[0]}],
-            max_tokens=NEW_TOKENS,
-            stream=True,
-            extra_body={"min_tokens": NEW_TOKENS},
-        )
-    )
+    longer = list(ask(server, questions[0], stream=True, extra_body={"min_tokens": NEW_TOKENS}))
     assert len([c for c in longer if c.choices and c.choices[0].delta.content]) > 1
     assert [m.id for m in client(server).models.list()] == ["ck", "clara"]
     alias = client(server).chat.completions.create(
@@ -450,12 +435,17 @@ BAD_REQUESTS = [
 ]
 
 
+def post_bad_request(server: str, path: str, body: dict | bytes, headers: dict) -> httpx.Response:
+    """A BAD_REQUESTS row sent as JSON (a bytes body as it is)."""
+    content = body if isinstance(body, bytes) else json.dumps(body).encode()
+    return httpx.post(f"{server}{path}", content=content, headers={**headers, "Content-Type": "application/json"})
+
+
 @pytest.mark.parametrize(
     "what, path, body, headers, status, code, param", BAD_REQUESTS, ids=[b[0] for b in BAD_REQUESTS]
 )
 def test_a_bad_request_gets_its_status_and_an_openai_error(server, what, path, body, headers, status, code, param):
-    content = body if isinstance(body, bytes) else json.dumps(body).encode()
-    response = httpx.post(f"{server}{path}", content=content, headers={**headers, "Content-Type": "application/json"})
+    response = post_bad_request(server, path, body, headers)
     assert response.status_code == status, response.text
     error = response.json()["error"]
     assert set(error) == {"message", "type", "param", "code"} and error["message"]
