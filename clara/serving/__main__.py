@@ -118,7 +118,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--vllm_args", default="", help="more arguments for vLLM's server, as one string (e.g. GPU memory settings)"
     )
     vllm.add_argument(
-        "--vllm_timeout", type=float, default=1800.0, help="seconds to wait for vLLM's /health (default 1800)"
+        "--vllm_timeout",
+        type=float,
+        default=1800.0,
+        help="seconds to wait for vLLM's /health, and for each piece of an answer (a hung vLLM fails the request "
+        "with a 500) (default 1800)",
     )
     vllm.add_argument("--vllm_log", default="vllm.log", help="vLLM's log file (default ./vllm.log)")
     return parser
@@ -236,7 +240,15 @@ def vllm_engine(args: argparse.Namespace, clara, index, names: list[str], stack:
         )
     )
     return VLLMEngine(
-        clara, index, names, url, key, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_len=max_len
+        clara,
+        index,
+        names,
+        url,
+        key,
+        max_batch=args.max_batch,
+        max_wait_ms=args.max_wait_ms,
+        max_len=max_len,
+        read_timeout=args.vllm_timeout,
     )
 
 

@@ -73,9 +73,12 @@ class VLLMEngine(Engine):
         max_wait_ms: float = 10.0,
         max_len: int | None = None,
         seed: int = 42,
+        read_timeout: float = 1800.0,
     ):
         super().__init__(clara, index, model_name, max_batch=max_batch, max_wait_ms=max_wait_ms, max_len=max_len)
         self.window_tokens = None  # vLLM schedules every token: no windows
+        # Seconds vLLM may keep an answer waiting (its first piece, or the next): a hung vLLM fails the request.
+        self.read_timeout = read_timeout
         self.url, self.api_key = url.rstrip("/"), api_key
         model = clara.model
         self.stop_ids = sorted(stop_token_ids(model.tokenizer))
@@ -91,7 +94,7 @@ class VLLMEngine(Engine):
         headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
         limits = httpx.Limits(max_connections=None, max_keepalive_connections=64)
         self._http = httpx.AsyncClient(
-            headers=headers, timeout=httpx.Timeout(10.0, read=None), limits=limits, trust_env=False
+            headers=headers, timeout=httpx.Timeout(10.0, read=self.read_timeout), limits=limits, trust_env=False
         )
         super().start()
 

@@ -12,6 +12,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -32,13 +33,13 @@ from clara.model.vllm_export import EXPORT_INFO, vllm_fingerprint
 from clara.ports import free_port
 from clara.serving.engine import ANSWERING
 from clara.vllm_server import descendants
-from tests.end_to_end.test_serve import BAD_REQUESTS, KEY, MAX_BODY, N_DOCS, auth
+from tests.end_to_end.test_serve import BAD_REQUESTS, KEY, MAX_BODY, N_DOCS, NEW_TOKENS, auth, health, post_bad_request
+from tests.end_to_end.test_serve import ask as serve_ask
 from tests.helpers import EXAMPLE, ROLES, SHARED_TOP_K, noisy_checkpoint, read_jsonl, subprocess_env, vllm_python
 from tests.test_vllm_server import alive, wait_gone
 
 pytestmark = [pytest.mark.slow, pytest.mark.vllm]
 
-NEW_TOKENS = 8
 TOP_K = SHARED_TOP_K
 START_SECONDS = 600  # vLLM's start on a loaded 2-core machine: about a minute idle, several when busy
 
@@ -120,19 +121,9 @@ def server(served) -> str:
     return served.url
 
 
-def client(server: str) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{server}/v1", api_key=KEY, max_retries=0, timeout=300)
-
-
 def ask(server: str, question: str, **fields):
-    fields = {"max_tokens": NEW_TOKENS, **fields}
-    return client(server).chat.completions.create(
-        model="ck", messages=[{"role": "user", "content": question}], **fields
-    )
-
-
-def health(server: str) -> dict:
-    return httpx.get(f"{server}/health", headers=auth()).json()
+    """test_serve's `ask`, with the time vLLM answers in on a busy CPU."""
+    return serve_ask(server, question, timeout=300, **fields)
 
 
 # -- answers ------------------------------------------------------------------------------------------------
@@ -145,10 +136,9 @@ def test_plain_and_streamed_answers_through_the_openai_client(served, vllm_refer
     _, ids = clara.generate_from_questions(questions[:1], index=index, max_new_tokens=1)
     assert [d["id"] for d in plain.model_extra["clara"]["documents"]] == ids[0]
     chunks = list(
-        client(server).chat.completions.create(
-            model="ck",
-            messages=[{"role": "user", "content": questions[0]}],
-            max_tokens=NEW_TOKENS,
+        ask(
+            server,
+            questions[0],
             stream=True,
             stream_options={"include_usage": True},
             extra_body={"min_tokens": NEW_TOKENS},
@@ -229,8 +219,7 @@ def test_sampling_parameters_reach_vllm(server, questions):
     "what, path, body, headers, status, code, param", BAD_REQUESTS, ids=[b[0] for b in BAD_REQUESTS]
 )
 def test_a_bad_request_gets_its_status_and_an_openai_error(server, what, path, body, headers, status, code, param):
-    content = body if isinstance(body, bytes) else json.dumps(body).encode()
-    response = httpx.post(f"{server}{path}", content=content, headers={**headers, "Content-Type": "application/json"})
+    response = post_bad_request(server, path, body, headers)
     assert response.status_code == status, response.text
     assert (response.json()["error"]["code"], response.json()["error"]["param"]) == (code, param)
 
@@ -267,6 +256,24 @@ def test_a_client_that_disconnects_aborts_its_vllm_request(served, questions):
         time.sleep(0.2)
     assert aborted.search(served.log.read_text(errors="replace"))
     assert ask(server, questions[3]).choices[0].message.content
+
+
+def test_a_hung_vllm_fails_the_request_after_vllm_timeout(vllm_work, vllm_reference, questions):
+    """A vLLM that takes the request and never answers (a socket nobody reads): --vllm_timeout seconds later the
+    client gets a 500 that says so, counted as a failure by a server that goes on."""
+    _, index, checkpoint = vllm_reference
+    with socket.create_server(("127.0.0.1", 0)) as hung:
+        url = f"http://127.0.0.1:{hung.getsockname()[1]}/v1"
+        served = Served(vllm_work, checkpoint, index, "hung", "--vllm_url", url, "--vllm_timeout", "3")
+        try:
+            started = time.monotonic()
+            with pytest.raises(openai.InternalServerError, match="ReadTimeout"):
+                ask(served.url, questions[0])
+            assert time.monotonic() - started < 60
+            assert health(served.url)["failed"] == 1
+        finally:
+            served.stop()
+    assert "Traceback" not in served.text(), served.text()
 
 
 # -- no vLLM process outlives clara ---------------------------------------------------------------------------
