@@ -110,29 +110,31 @@ def checkpoints(workdir, eval_files) -> dict[str, Path]:
     return paths
 
 
+def evaluate_args(checkpoint: Path, dataset: Path, output: Path) -> list[str]:
+    """clara.evaluate's arguments: the first GENERATED records of `dataset`, BATCH at a time, rows to `output`."""
+    return [
+        "--checkpoint",
+        str(checkpoint),
+        "--dataset",
+        str(dataset),
+        "--max_samples",
+        str(GENERATED),
+        "--batch_size",
+        str(BATCH),
+        "--max_new_tokens",
+        str(NEW_TOKENS),
+        "--output",
+        str(output),
+    ]
+
+
 @pytest.fixture(scope="module")
 def cli_runs(workdir, checkpoints, eval_files) -> dict[str, tuple[subprocess.CompletedProcess, Path]]:
     """`python -m clara.evaluate` once per stage; the stage is read from the checkpoint (no --stage)."""
     runs = {}
     for stage in STAGES:
         output = workdir / f"cli_{stage}.jsonl"
-        proc = run_module(
-            [
-                "clara.evaluate",
-                "--checkpoint",
-                str(checkpoints[stage]),
-                "--dataset",
-                str(eval_files[stage]),
-                "--max_samples",
-                str(GENERATED),
-                "--batch_size",
-                str(BATCH),
-                "--max_new_tokens",
-                str(NEW_TOKENS),
-                "--output",
-                str(output),
-            ]
-        )
+        proc = run_module(["clara.evaluate", *evaluate_args(checkpoints[stage], eval_files[stage], output)])
         runs[stage] = (proc, output)
     return runs
 
@@ -253,23 +255,7 @@ def test_generation_is_greedy_and_repeatable(workdir, cli_runs, checkpoints, eva
     outputs = []
     for attempt in range(2):
         output = workdir / f"repeat_{attempt}.jsonl"
-        code = evaluate.main(
-            [
-                "--checkpoint",
-                str(checkpoints[stage]),
-                "--dataset",
-                str(eval_files[stage]),
-                "--max_samples",
-                str(GENERATED),
-                "--batch_size",
-                str(BATCH),
-                "--max_new_tokens",
-                str(NEW_TOKENS),
-                "--output",
-                str(output),
-                "--no_progress",
-            ]
-        )
+        code = evaluate.main([*evaluate_args(checkpoints[stage], eval_files[stage], output), "--no_progress"])
         assert code == 0
         outputs.append(read_jsonl(output))
     assert outputs[0] == outputs[1]
@@ -315,24 +301,7 @@ def test_two_processes_give_the_same_results_as_one(workdir, cli_runs, checkpoin
     """Stage 2 on 5 samples in micro-batches of 2: rank 0 takes micro-batches 0 and 2, rank 1 micro-batch 1."""
     stage = "stage2"
     output = workdir / "torchrun_stage2.jsonl"
-    proc = run_torchrun(
-        [
-            "clara.evaluate",
-            "--checkpoint",
-            str(checkpoints[stage]),
-            "--dataset",
-            str(eval_files[stage]),
-            "--max_samples",
-            str(GENERATED),
-            "--batch_size",
-            str(BATCH),
-            "--max_new_tokens",
-            str(NEW_TOKENS),
-            "--output",
-            str(output),
-        ],
-        timeout=600,
-    )
+    proc = run_torchrun(["clara.evaluate", *evaluate_args(checkpoints[stage], eval_files[stage], output)], timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert proc.stdout.count("stage2 evaluation of") == 1  # rank 0 prints
     assert "2 process(es)" in proc.stdout
