@@ -96,3 +96,11 @@ def noisy_checkpoint(path: Path, seeds: dict[str, int], top_k: int = 3) -> Path:
                 param.copy_(0.05 * torch.randn(param.shape, generator=generator))
     save_model(model, str(path), "stage2")
     return path
+
+
+def noisy_pair(folder: Path) -> dict[str, Path]:
+    """Noisy checkpoints "a" and "b" (folder/ck_a, folder/ck_b) that differ in every role."""
+    return {
+        "a": noisy_checkpoint(folder / "ck_a", {r: i + 1 for i, r in enumerate(ROLES)}),
+        "b": noisy_checkpoint(folder / "ck_b", {r: i + 11 for i, r in enumerate(ROLES)}),
+    }

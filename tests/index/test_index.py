@@ -26,7 +26,7 @@ from clara.index.answer import answer_from_index
 from clara.index.corpus import read_corpus
 from clara.index.search import SearchSettings, make_search_index, pair_queries, recall_against_exact
 from clara.index.store import SEARCH_FILE, SHARD_FILE, load_index
-from tests.helpers import EXAMPLE, ROLES, noisy_checkpoint, read_jsonl, run_module, run_torchrun
+from tests.helpers import EXAMPLE, noisy_checkpoint, noisy_pair, read_jsonl, run_module, run_torchrun
 
 N_QUESTIONS = 4
 N_DOCS = 40
@@ -44,8 +44,7 @@ def workdir(tmp_path_factory) -> Path:
 def checkpoints(workdir) -> dict[str, Path]:
     """a and b differ in every role; a_reasoner shares a's compressor and memory embeddings only."""
     return {
-        "a": noisy_checkpoint(workdir / "ck_a", {r: i + 1 for i, r in enumerate(ROLES)}),
-        "b": noisy_checkpoint(workdir / "ck_b", {r: i + 11 for i, r in enumerate(ROLES)}),
+        **noisy_pair(workdir),
         "a_reasoner": noisy_checkpoint(
             workdir / "ck_a2", {"encoder_adapter": 1, "decoder_adapter": 22, "query_reasoner_adapter": 23}
         ),

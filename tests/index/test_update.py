@@ -21,7 +21,7 @@ from clara.index.store import PENDING_FILE, SHARD_FILE, load_index, referenced_f
 from clara.index.update import add_documents, remove_documents
 from clara.locks import holding
 from clara.model.checkpoint import load_model
-from tests.helpers import EXAMPLE, ROLES, noisy_checkpoint, read_jsonl, run_module
+from tests.helpers import EXAMPLE, noisy_pair, read_jsonl, run_module
 
 SHARD = 8
 K = 5
@@ -34,10 +34,7 @@ def workdir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def checkpoints(workdir) -> dict[str, Path]:
-    return {
-        "a": noisy_checkpoint(workdir / "ck_a", {r: i + 1 for i, r in enumerate(ROLES)}),
-        "b": noisy_checkpoint(workdir / "ck_b", {r: i + 11 for i, r in enumerate(ROLES)}),
-    }
+    return noisy_pair(workdir)
 
 
 @pytest.fixture(scope="module")
