@@ -29,7 +29,7 @@ from clara.files import write_json_atomic
 from clara.model.checkpoint import export_parameters, save_model
 from clara.model.collate import Batch
 from clara.model.model import attention_implementation
-from clara.model.stage_model import length_check
+from clara.model.stage_model import build_stage_model, length_check
 from clara.parallel.console import silent
 from clara.parallel.distributed import gathered, init_distributed, leave_process_group, local_shard, resolve_dtype
 from clara.parallel.zero3 import full_numel
@@ -47,7 +47,7 @@ from clara.training.resumable import (
 )
 from clara.training.run_log import RunLog, peak_memory_mb, progress_bar, show_step
 from clara.training.schedule import restart_schedule_at
-from clara.training.setup import setup_training
+from clara.training.setup import setup_training, training_settings
 from clara.training.signals import Stop, stop_requests
 from clara.training.step import (
     StepResult,
@@ -95,14 +95,13 @@ class Trainer:
         if self.resume_plan.finished:
             return
         self.components = setup_training(
-            cfg,
+            training_settings(cfg),
+            functools.partial(build_stage_model, cfg, self.stage, self.dtype, self.attn, log=self.run_log.print),
+            self.stage,
             self.total_steps,
             self.world,
             self.device,
             self.dtype,
-            self.attn,
-            self.stage,
-            log=self.run_log.print,
         )
         self._resume()
         self._announce()
