@@ -86,7 +86,13 @@ class Trainer:
     def setup(self) -> None:
         cfg = self.cfg
         self.rank, self.world, self.local_rank, self.device = init_distributed()
-        self.run_log = RunLog(cfg, self.rank)
+        self.run_log = RunLog(
+            cfg.save_path,
+            self.rank,
+            use_tensorboard=cfg.use_tensorboard,
+            wandb_project=cfg.wandb_project if cfg.use_wandb else None,
+            settings=cfg.to_dict(),
+        )
         on_cuda = self.device.type == "cuda"
         self.dtype = resolve_dtype(cfg.dtype, self.device)
         if self.dtype == torch.float16 and not on_cuda:
