@@ -10,6 +10,7 @@ clara.training.step.optimizer_step.
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import json
 import logging
@@ -209,8 +210,9 @@ def measure(cfg: BenchConfig, work_dir: str) -> dict:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     from clara.model.model import attention_implementation
+    from clara.model.stage_model import build_stage_model
     from clara.parallel.distributed import init_distributed, resolve_dtype
-    from clara.training.setup import setup_training
+    from clara.training.setup import setup_training, training_settings
 
     quiet_libraries()
     started = time.perf_counter()
@@ -226,7 +228,8 @@ def measure(cfg: BenchConfig, work_dir: str) -> dict:
     attn = attention_implementation(train_cfg.flash_attn, on_cuda)
     total_steps = cfg.warmup_steps + cfg.steps
     stage = cfg.stage_spec
-    setup = setup_training(train_cfg, total_steps, world, device, dtype, attn, stage, log=lambda *args: None)
+    build_model = functools.partial(build_stage_model, train_cfg, stage, dtype, attn, log=lambda *args: None)
+    setup = setup_training(training_settings(train_cfg), build_model, stage, total_steps, world, device, dtype)
     memory = PeakMemory(device)
     run = Run(cfg, setup, None, memory, model_shape(setup.model), device, rank, train_cfg.seed)
     if stage.uses_query:

@@ -11,6 +11,7 @@ go into the JUnit report as properties (record_property), where the GPU check's 
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -30,6 +31,7 @@ from clara.model.stage_model import build_stage_model
 from clara.parallel.distributed import init_distributed
 from clara.stages import get_stage
 from clara.stages.prompts import added_token_strings
+from clara.training.setup import training_settings
 from clara.training.trainer import optimizer_step, setup_training, step_seed
 from tests.end_to_end.test_launchers import (
     SINGLE,
@@ -135,15 +137,15 @@ def role_of(name: str) -> str | None:
 def test_stage_steps_in_bf16(stage, base_dir, process_group, tmp_path, record_property):
     cfg = train_config(base_dir, stage, tmp_path)
     torch.cuda.reset_peak_memory_stats(DEVICE)
+    attn = attention_implementation(cfg.flash_attn, DEVICE.type == "cuda")
     setup = setup_training(
-        cfg,
+        training_settings(cfg),
+        functools.partial(build_stage_model, cfg, get_stage(cfg.stage), DTYPE, attn, log=lambda *args: None),
+        stage=get_stage(cfg.stage),
         total_steps=2,
         world=1,
         device=DEVICE,
         dtype=DTYPE,
-        attn=attention_implementation(cfg.flash_attn, DEVICE.type == "cuda"),
-        stage=get_stage(cfg.stage),
-        log=lambda *args: None,
     )
     model = setup.model
     assert model.causal_lm.get_input_embeddings().weight.dtype == DTYPE

@@ -10,7 +10,7 @@ import sys
 import torch
 from tqdm import tqdm
 
-from clara.config import ConfigError, TrainConfig
+from clara.config import ConfigError
 from clara.files import json_safe
 from clara.model.losses import LOSS_TERMS
 
@@ -18,29 +18,37 @@ from clara.model.losses import LOSS_TERMS
 class RunLog:
     """Rank-0 output: console lines, metrics.jsonl and the optional TensorBoard / W&B sinks."""
 
-    def __init__(self, cfg: TrainConfig, rank: int):
+    def __init__(
+        self,
+        save_path: str,
+        rank: int,
+        use_tensorboard: bool = False,
+        wandb_project: str | None = None,
+        settings: dict | None = None,
+    ):
+        """Rank 0 writes into `save_path`; with `wandb_project` (USE_WANDB) also to a W&B run of that project,
+        which records `settings` (every setting of the run, as plain data)."""
         self.enabled = rank == 0
-        self.cfg = cfg
         self.tensorboard = None
         self.wandb = None
         if not self.enabled:
             return
-        os.makedirs(cfg.save_path, exist_ok=True)
-        self.metrics_path = os.path.join(cfg.save_path, "metrics.jsonl")
-        if cfg.use_tensorboard:
+        os.makedirs(save_path, exist_ok=True)
+        self.metrics_path = os.path.join(save_path, "metrics.jsonl")
+        if use_tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:
                 raise ConfigError(
                     "use_tensorboard", True, "the tensorboard package installed: pip install tensorboard"
                 ) from None
-            self.tensorboard = SummaryWriter(os.path.join(cfg.save_path, "tensorboard"))
-        if cfg.use_wandb:
+            self.tensorboard = SummaryWriter(os.path.join(save_path, "tensorboard"))
+        if wandb_project is not None:
             try:
                 import wandb
             except ImportError:
                 raise ConfigError("use_wandb", True, "the wandb package installed: pip install wandb") from None
-            self.wandb = wandb.init(project=cfg.wandb_project, config=cfg.to_dict(), dir=cfg.save_path)
+            self.wandb = wandb.init(project=wandb_project, config=settings, dir=save_path)
 
     def print(self, *parts) -> None:
         if self.enabled:

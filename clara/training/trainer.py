@@ -19,23 +19,24 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from clara.config import ConfigError, TrainConfig
-from clara.data.fingerprint import train_data_key
+from clara.data.fingerprint import train_data_key, train_inputs
 from clara.data.load import load_records
 from clara.errors import RunFailure
 from clara.evaluation.debug import DebugPrinter
 from clara.evaluation.evaluate import EvalSettings, evaluate_stage
 from clara.evaluation.metrics import retrieval_summary
 from clara.files import write_json_atomic
-from clara.model.checkpoint import export_parameters, save_model
+from clara.model.checkpoint import export_parameters, resolve_base_path, save_model
 from clara.model.collate import Batch
 from clara.model.model import attention_implementation
-from clara.model.stage_model import length_check
+from clara.model.stage_model import build_stage_model, length_check
 from clara.parallel.console import silent
 from clara.parallel.distributed import gathered, init_distributed, leave_process_group, local_shard, resolve_dtype
 from clara.parallel.zero3 import full_numel
 from clara.stages import get_stage
 from clara.training.resumable import (
     BackgroundPublisher,
+    CheckpointSettings,
     TrainState,
     changed_settings,
     load_resumable,
@@ -47,7 +48,7 @@ from clara.training.resumable import (
 )
 from clara.training.run_log import RunLog, peak_memory_mb, progress_bar, show_step
 from clara.training.schedule import restart_schedule_at
-from clara.training.setup import setup_training
+from clara.training.setup import setup_training, training_settings
 from clara.training.signals import Stop, stop_requests
 from clara.training.step import (
     StepResult,
@@ -63,6 +64,12 @@ from clara.training.step import (
 MAX_NONFINITE_IN_A_ROW = 10
 
 
+# -- the settings the resumable checkpoints read ------------------------------------------------------------
+def checkpoint_settings(cfg: TrainConfig) -> CheckpointSettings:
+    """What the resumable checkpoints read: where they go, RESUME, RESUME_CHANGED_INPUTS, MAX_CKPT_NUM."""
+    return CheckpointSettings(cfg.save_path, cfg.resume, cfg.resume_changed_inputs, cfg.max_ckpt_num)
+
+
 # -- the run ------------------------------------------------------------------------------------------------
 class Trainer:
     """One stage's run: setup(), then train(), which ends with the export."""
@@ -70,6 +77,7 @@ class Trainer:
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
         self.stage = get_stage(cfg.stage)
+        self.checkpoints = checkpoint_settings(cfg)
         self.state = TrainState()
         self.publisher = BackgroundPublisher()  # publishes each resumable checkpoint in the background
         self.truncated_docs = 0
@@ -78,7 +86,13 @@ class Trainer:
     def setup(self) -> None:
         cfg = self.cfg
         self.rank, self.world, self.local_rank, self.device = init_distributed()
-        self.run_log = RunLog(cfg, self.rank)
+        self.run_log = RunLog(
+            cfg.save_path,
+            self.rank,
+            use_tensorboard=cfg.use_tensorboard,
+            wandb_project=cfg.wandb_project if cfg.use_wandb else None,
+            settings=cfg.to_dict(),
+        )
         on_cuda = self.device.type == "cuda"
         self.dtype = resolve_dtype(cfg.dtype, self.device)
         if self.dtype == torch.float16 and not on_cuda:
@@ -91,18 +105,20 @@ class Trainer:
         self.total_steps = cfg.max_steps or self.steps_per_epoch * cfg.max_epochs
         self.accumulation = cfg.batch_size // (cfg.micro_batch_size * self.world)
         # Where to start is decided (damaged or planted checkpoints reported) before the model loads.
-        self.resume_plan = plan_run(cfg, self.total_steps, self.rank, self.world, self.run_log.print)
+        inputs = train_inputs(cfg, resolve_base_path(cfg.model_path)) if self.rank == 0 else None
+        self.resume_plan = plan_run(
+            self.checkpoints, inputs, self.total_steps, self.rank, self.world, self.run_log.print
+        )
         if self.resume_plan.finished:
             return
         self.components = setup_training(
-            cfg,
+            training_settings(cfg),
+            functools.partial(build_stage_model, cfg, self.stage, self.dtype, self.attn, log=self.run_log.print),
+            self.stage,
             self.total_steps,
             self.world,
             self.device,
             self.dtype,
-            self.attn,
-            self.stage,
-            log=self.run_log.print,
         )
         self._resume()
         self._announce()
@@ -339,7 +355,8 @@ class Trainer:
         save_resumable(
             self.components.engine,
             self.state,
-            self.cfg,
+            self.checkpoints,
+            self.cfg.to_dict(),
             self.rank,
             self.resume_plan.run_id,
             self.publisher,
@@ -362,7 +379,7 @@ class Trainer:
                 save_model(module, cfg.save_path, self.stage.name)
         if self.rank == 0:
             write_json_atomic(os.path.join(cfg.save_path, "training_args.json"), cfg.to_dict())
-            mark_finished(cfg, self.resume_plan.run_id, self.state.global_step)
+            mark_finished(cfg.save_path, self.resume_plan.run_id, self.state.global_step)
             self.run_log.print(
                 f"Saved the {self.stage.name} model to {cfg.save_path} "
                 f"(final loss {last.get('loss', float('nan')):.4f})."

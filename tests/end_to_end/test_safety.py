@@ -334,7 +334,7 @@ def test_metrics_write_null_for_nan_and_infinity(tmp_path):
     from clara.training.trainer import RunLog
 
     cfg = resolve(TrainConfig(save_path=str(tmp_path)), has_cuda=False)
-    log = RunLog(cfg, rank=0)
+    log = RunLog(cfg.save_path, rank=0)
     log.metrics({"step": 1, "loss": math.nan, "grad_norm": math.inf, "lr": 1e-3})
     line = (tmp_path / "metrics.jsonl").read_text()
     assert json.loads(line) == {"step": 1, "loss": None, "grad_norm": None, "lr": 1e-3}

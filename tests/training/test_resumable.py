@@ -13,7 +13,9 @@ import pytest
 import torch
 
 from clara.config import TrainConfig, resolve
+from clara.data.fingerprint import train_inputs
 from clara.errors import ResumeError
+from clara.model.checkpoint import resolve_base_path
 from clara.training.resumable import (
     MANIFEST,
     RESUME_FREE_SETTINGS,
@@ -29,6 +31,7 @@ from clara.training.resumable import (
     use_safe_loading,
     write_manifest,
 )
+from clara.training.trainer import checkpoint_settings
 
 
 class Payload:
@@ -145,6 +148,11 @@ def settings(save: Path, resume: str = "auto") -> TrainConfig:
     )
 
 
+def inputs(cfg: TrainConfig) -> dict:
+    """The run's input keys, as the trainer reads them on rank 0."""
+    return train_inputs(cfg, resolve_base_path(cfg.model_path))
+
+
 def test_auto_resumes_the_newest_intact_checkpoint_of_the_run(tmp_path):
     cfg = settings(tmp_path / "out")
     root = Path(cfg.save_path) / "checkpoints"
@@ -152,7 +160,7 @@ def test_auto_resumes_the_newest_intact_checkpoint_of_the_run(tmp_path):
     (fake_checkpoint(root, 4, "run-a") / STATE_FILE).write_text("{}")  # no longer what the manifest lists
     (root / "run.json").write_text(json.dumps({"run_id": "run-a", "finished_step": None}))
     warnings: list[str] = []
-    plan = plan_run(cfg, total_steps=10, rank=0, world=1, log=warnings.append)
+    plan = plan_run(checkpoint_settings(cfg), inputs(cfg), total_steps=10, rank=0, world=1, log=warnings.append)
     assert (plan.run_id, plan.directory, plan.state.global_step) == ("run-a", str(root / "step_2"), 2)
     assert not plan.finished
     assert len(warnings) == 1 and "skipping checkpoint" in warnings[0] and "step_4" in warnings[0]
@@ -165,7 +173,7 @@ def test_resume_false_moves_the_previous_run_aside(tmp_path):
     (root / "run.json").write_text(json.dumps({"run_id": "run-a", "finished_step": None}))
     (Path(cfg.save_path) / "metrics.jsonl").write_text('{"step": 1}\n')
     said: list[str] = []
-    plan = plan_run(cfg, total_steps=10, rank=0, world=1, log=said.append)
+    plan = plan_run(checkpoint_settings(cfg), inputs(cfg), total_steps=10, rank=0, world=1, log=said.append)
     assert plan.directory is None and plan.run_id != "run-a"
     assert complete_checkpoints(str(root)) == []
     moved = Path(cfg.save_path) / "previous_runs" / "run-a"
@@ -177,7 +185,7 @@ def test_resume_false_moves_the_previous_run_aside(tmp_path):
 def test_a_directory_that_is_not_a_checkpoint_is_refused(tmp_path):
     cfg = settings(tmp_path / "out", resume=str(tmp_path))
     with pytest.raises(ResumeError, match="not a resumable checkpoint directory"):
-        plan_run(cfg, total_steps=10, rank=0, world=1, log=print)
+        plan_run(checkpoint_settings(cfg), inputs(cfg), total_steps=10, rank=0, world=1, log=print)
 
 
 # -- what a resume may change -----------------------------------------------------------------------------

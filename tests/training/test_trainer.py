@@ -11,7 +11,7 @@ from clara.config import TrainConfig
 from clara.model.losses import LOSS_TERMS, WEIGHT_SETTINGS, stage_weights
 from clara.model.model import StepOutput
 from clara.stages import STAGES, get_stage
-from clara.training.setup import deepspeed_config, lr_lambda
+from clara.training.setup import deepspeed_config, lr_lambda, training_settings
 from clara.training.step import SUM_NAMES, DeviceSums, StepSums, micro_batch_sums, optimizer_step, term_means
 from tests.evaluation.test_debug import (
     CountingEngine,
@@ -117,7 +117,7 @@ def test_a_stage_without_a_term_trains_with_its_weight_at_zero():
 @pytest.mark.parametrize("stage", list(STAGES))
 def test_lr_multiplier_warms_up_and_decays_or_stays_constant(stage):
     cfg = TrainConfig(stage=stage, warmup_ratio=0.1, min_lr_ratio=0.1)
-    factor = lr_lambda(cfg, get_stage(stage), total_steps=100)
+    factor = lr_lambda(training_settings(cfg).schedule, get_stage(stage), total_steps=100)
     if get_stage(stage).constant_schedule:
         assert [factor(step) for step in (0, 10, 99)] == [1.0, 1.0, 1.0]
         return
@@ -128,7 +128,9 @@ def test_lr_multiplier_warms_up_and_decays_or_stays_constant(stage):
 
 
 def test_a_short_run_still_warms_up_for_one_step():
-    factor = lr_lambda(TrainConfig(stage="stage1", warmup_ratio=0.01), get_stage("stage1"), total_steps=3)
+    factor = lr_lambda(
+        training_settings(TrainConfig(stage="stage1", warmup_ratio=0.01)).schedule, get_stage("stage1"), total_steps=3
+    )
     assert factor(0) == 1.0
 
 
@@ -136,7 +138,7 @@ def test_a_short_run_still_warms_up_for_one_step():
 @pytest.mark.parametrize("zero_stage, offload", [(2, "none"), (2, "optimizer"), (3, "none"), (3, "all")])
 def test_deepspeed_config_follows_zero_stage_and_offload(zero_stage, offload):
     cfg = TrainConfig(batch_size=16, micro_batch_size=2, zero_stage=zero_stage, offload=offload)
-    config = deepspeed_config(cfg, world=2, dtype=torch.bfloat16)
+    config = deepspeed_config(training_settings(cfg).deepspeed, world=2, dtype=torch.bfloat16)
     assert (config["train_batch_size"], config["train_micro_batch_size_per_gpu"]) == (16, 2)
     assert config["gradient_accumulation_steps"] == 4
     assert config["bf16"] == {"enabled": True} and not config["fp16"]["enabled"]
@@ -148,7 +150,9 @@ def test_deepspeed_config_follows_zero_stage_and_offload(zero_stage, offload):
 
 
 def test_fp16_uses_dynamic_loss_scaling():
-    config = deepspeed_config(TrainConfig(batch_size=4, micro_batch_size=4), world=1, dtype=torch.float16)
+    config = deepspeed_config(
+        training_settings(TrainConfig(batch_size=4, micro_batch_size=4)).deepspeed, world=1, dtype=torch.float16
+    )
     assert config["fp16"] == {"enabled": True, "loss_scale": 0, "initial_scale_power": 16}
     assert config["gradient_accumulation_steps"] == 1 and config["gradient_clipping"] == 1.0
 

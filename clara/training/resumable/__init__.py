@@ -27,6 +27,7 @@ and by DeepSpeed's own reads (see use_safe_loading).
 from clara.training.resumable.files import (
     MANIFEST,
     STATE_FILE,
+    CheckpointSettings,
     TrainState,
     check_loadable,
     checkpoint_root,
@@ -52,6 +53,7 @@ __all__ = [
     "RESUME_FREE_SETTINGS",
     "STATE_FILE",
     "BackgroundPublisher",
+    "CheckpointSettings",
     "ResumePlan",
     "TrainState",
     "changed_settings",

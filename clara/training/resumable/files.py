@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from clara.config import CHECKPOINT_MANIFEST, CHECKPOINT_STATE, TrainConfig
+from clara.config import CHECKPOINT_MANIFEST, CHECKPOINT_STATE
 from clara.data.fingerprint import content_digest
 from clara.errors import ResumeError
 from clara.files import fsync_path, read_json, write_json_atomic
@@ -35,8 +35,19 @@ class TrainState:
     skipped_steps: int = 0
 
 
-def checkpoint_root(cfg: TrainConfig) -> str:
-    return os.path.join(cfg.save_path, CHECKPOINT_DIR)
+@dataclass(frozen=True)
+class CheckpointSettings:
+    """The settings of a run's resumable checkpoints: where they go, which one to resume from, whether a
+    resume may change the inputs, and how many are kept."""
+
+    save_path: str
+    resume: str  # auto, false, or a checkpoint directory
+    resume_changed_inputs: bool
+    max_ckpt_num: int
+
+
+def checkpoint_root(save_path: str) -> str:
+    return os.path.join(save_path, CHECKPOINT_DIR)
 
 
 def complete_checkpoints(root: str) -> list[tuple[int, str]]:

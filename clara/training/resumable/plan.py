@@ -13,12 +13,10 @@ from dataclasses import dataclass
 
 import torch.distributed as dist
 
-from clara.config import TrainConfig
-from clara.data.fingerprint import input_changes, train_inputs
+from clara.data.fingerprint import input_changes
 from clara.errors import ResumeError
 from clara.files import fsync_path, read_json, write_json_atomic, write_text_atomic
 from clara.locks import record_run_id
-from clara.model.checkpoint import resolve_base_path
 from clara.parallel.console import silent
 from clara.parallel.distributed import broadcast
 from clara.training.resumable.files import (
@@ -26,6 +24,7 @@ from clara.training.resumable.files import (
     PREVIOUS_RUNS_DIR,
     RUN_FILE,
     STATE_FILE,
+    CheckpointSettings,
     TrainState,
     check_loadable,
     checkpoint_root,
@@ -85,35 +84,37 @@ def _choose(root: str, current_run: str | None, log) -> tuple[str, dict] | None:
     return None
 
 
-def _explicit(cfg: TrainConfig) -> tuple[str, dict]:
-    directory = os.path.abspath(cfg.resume.rstrip("/"))
+def _explicit(resume: str) -> tuple[str, dict]:
+    directory = os.path.abspath(resume.rstrip("/"))
     if not any(os.path.isfile(os.path.join(directory, name)) for name in (MANIFEST, STATE_FILE)):
         raise ResumeError(
-            f"--resume={cfg.resume}: not a resumable checkpoint directory (no {MANIFEST}); "
+            f"--resume={resume}: not a resumable checkpoint directory (no {MANIFEST}); "
             "expected auto, false, or $SAVE_PATH/checkpoints/step_N"
         )
     problem = manifest_problem(directory)
     if problem:
-        raise ResumeError(f"--resume={cfg.resume}: damaged checkpoint: {problem}")
+        raise ResumeError(f"--resume={resume}: damaged checkpoint: {problem}")
     return directory, _read_state(directory)
 
 
-def _decide(cfg: TrainConfig, total_steps: int, inputs: dict, log) -> ResumePlan:
-    root = checkpoint_root(cfg)
+def _decide(checkpoints: CheckpointSettings, total_steps: int, inputs: dict, log) -> ResumePlan:
+    root = checkpoint_root(checkpoints.save_path)
     run = _read_run(root)
-    if cfg.resume == "false":
+    if checkpoints.resume == "false":
         return ResumePlan(run_id=_new_run_id(), inputs=inputs)
-    chosen = _explicit(cfg) if cfg.resume != "auto" else _choose(root, run.get("run_id"), log)
+    chosen = _explicit(checkpoints.resume) if checkpoints.resume != "auto" else _choose(root, run.get("run_id"), log)
     if chosen is None:
         return ResumePlan(run_id=_new_run_id(), inputs=inputs)
     directory, saved = chosen
     check_loadable(directory)
     state = TrainState(**saved["train_state"])
     finished = (
-        cfg.resume == "auto" and state.global_step >= total_steps and run.get("finished_step") == state.global_step
+        checkpoints.resume == "auto"
+        and state.global_step >= total_steps
+        and run.get("finished_step") == state.global_step
     )
     changes = [] if finished else input_changes(saved.get("inputs"), inputs)
-    if changes and not cfg.resume_changed_inputs:
+    if changes and not checkpoints.resume_changed_inputs:
         raise ResumeError(
             f"{directory} was saved by a run on other inputs ({'; '.join(changes)}): its data position "
             "and weights belong to those. RESUME=false starts over; RESUME_CHANGED_INPUTS=true "
@@ -134,21 +135,21 @@ def _decide(cfg: TrainConfig, total_steps: int, inputs: dict, log) -> ResumePlan
     )
 
 
-def _move_aside(cfg: TrainConfig, old_run: str | None, keep: str | None, why: str, log) -> None:
+def _move_aside(save_path: str, old_run: str | None, keep: str | None, why: str, log) -> None:
     """Move everything of another run out of checkpoints/ (and its metrics.jsonl) into previous_runs/."""
-    root = checkpoint_root(cfg)
+    root = checkpoint_root(save_path)
     names = sorted(
         n
         for n in (os.listdir(root) if os.path.isdir(root) else [])
         if keep is None or os.path.join(os.path.abspath(root), n) != os.path.abspath(keep)
     )
-    metrics = os.path.join(cfg.save_path, "metrics.jsonl")
+    metrics = os.path.join(save_path, "metrics.jsonl")
     if not any(re.fullmatch(r"(tmp_)?step_\d+", name) for name in names):
         # No checkpoint to keep (say the previous run was stopped before its first save): start clean.
         if os.path.exists(metrics):
             os.remove(metrics)
         return
-    target = os.path.join(cfg.save_path, PREVIOUS_RUNS_DIR, old_run or time.strftime("%Y%m%d-%H%M%S-unknown"))
+    target = os.path.join(save_path, PREVIOUS_RUNS_DIR, old_run or time.strftime("%Y%m%d-%H%M%S-unknown"))
     while os.path.exists(target):
         target += "+"
     os.makedirs(target)
@@ -165,18 +166,20 @@ def _move_aside(cfg: TrainConfig, old_run: str | None, keep: str | None, why: st
     )
 
 
-def plan_run(cfg: TrainConfig, total_steps: int, rank: int, world: int, log) -> ResumePlan:
+def plan_run(
+    checkpoints: CheckpointSettings, inputs: dict | None, total_steps: int, rank: int, world: int, log
+) -> ResumePlan:
     """Decide on rank 0 where the run starts, and make SAVE_PATH hold this run's checkpoints only.
 
-    A fresh start (RESUME=false, or nothing of the current run to resume) moves the checkpoints of
-    any other run aside before the first save; so does resuming a checkpoint of another run.
+    `inputs` are the run's data and model keys (clara.data.fingerprint.train_inputs), read on rank 0 only
+    (None on the others). A fresh start (RESUME=false, or nothing of the current run to resume) moves the
+    checkpoints of any other run aside before the first save; so does resuming a checkpoint of another run.
     Called before the model loads: a damaged or planted checkpoint is reported without that cost.
     """
     decision = None
     if rank == 0:
         try:
-            inputs = train_inputs(cfg, resolve_base_path(cfg.model_path))
-            decision = dataclasses.asdict(_decide(cfg, total_steps, inputs, log))
+            decision = dataclasses.asdict(_decide(checkpoints, total_steps, inputs, log))
         except ResumeError as error:
             decision = {"error": str(error)}
     decision = broadcast(decision, rank, world)
@@ -188,14 +191,14 @@ def plan_run(cfg: TrainConfig, total_steps: int, rank: int, world: int, log) -> 
     # Rank 0 first; then each other node's local rank 0, whose checkpoints/ may be its own (not shared).
     for turn in (True, False):
         if (rank == 0) == turn and int(os.environ.get("LOCAL_RANK", "0")) == 0:
-            _adopt_run(cfg, plan, log if rank == 0 else silent)
+            _adopt_run(checkpoints, plan, log if rank == 0 else silent)
         if world > 1:
             dist.barrier()
     return plan
 
 
-def _adopt_run(cfg: TrainConfig, plan: ResumePlan, log) -> None:
-    root = checkpoint_root(cfg)
+def _adopt_run(checkpoints: CheckpointSettings, plan: ResumePlan, log) -> None:
+    root = checkpoint_root(checkpoints.save_path)
     run = _read_run(root)
     if run.get("run_id") == plan.run_id:
         return
@@ -207,19 +210,19 @@ def _adopt_run(cfg: TrainConfig, plan: ResumePlan, log) -> None:
     if plan.directory is None or run:
         why = (
             "RESUME=false"
-            if cfg.resume == "false"
+            if checkpoints.resume == "false"
             else "Starting over"
             if plan.directory is None
             else f"Resuming run {plan.run_id}"
         )
-        _move_aside(cfg, run.get("run_id"), inside, why, log)
+        _move_aside(checkpoints.save_path, run.get("run_id"), inside, why, log)
     os.makedirs(root, exist_ok=True)
     write_json_atomic(os.path.join(root, RUN_FILE), {"run_id": plan.run_id, "finished_step": None})
 
 
-def mark_finished(cfg: TrainConfig, run_id: str, step: int) -> None:
+def mark_finished(save_path: str, run_id: str, step: int) -> None:
     """After the export: a plain rerun of the same command then leaves the finished run alone."""
-    write_json_atomic(os.path.join(checkpoint_root(cfg), RUN_FILE), {"run_id": run_id, "finished_step": step})
+    write_json_atomic(os.path.join(checkpoint_root(save_path), RUN_FILE), {"run_id": run_id, "finished_step": step})
 
 
 def load_resumable(engine, plan: ResumePlan) -> None:

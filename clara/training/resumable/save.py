@@ -15,13 +15,13 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from clara.config import TrainConfig
 from clara.errors import RunFailure
 from clara.files import fsync_path, write_json_atomic
 from clara.parallel.distributed import local_shard
 from clara.parallel.zero3 import full_numel
 from clara.training.resumable.files import (
     STATE_FILE,
+    CheckpointSettings,
     TrainState,
     checkpoint_bytes,
     checkpoint_root,
@@ -53,11 +53,11 @@ def _gb(n: int) -> str:
     return f"{n / 2**30:.2f} GB" if n >= 2**27 else f"{n / 2**20:.1f} MB"
 
 
-def _out_of_space(cfg: TrainConfig, needed: int, free: int, tag: str, root: str) -> RunFailure:
+def _out_of_space(save_path: str, needed: int, free: int, tag: str, root: str) -> RunFailure:
     found = complete_checkpoints(root)
     kept = f"the newest checkpoint {os.path.join(root, found[-1][1])} is intact" if found else "no checkpoint was kept"
     return RunFailure(
-        f"SAVE_PATH={cfg.save_path}: no space for the resumable checkpoint {tag}: it needs about "
+        f"SAVE_PATH={save_path}: no space for the resumable checkpoint {tag}: it needs about "
         f"{_gb(needed)}, {_gb(free)} are free; {kept}. Free some space (or set SAVE_PATH "
         "elsewhere) and run the same command again to resume"
     )
@@ -95,7 +95,8 @@ class BackgroundPublisher:
 def save_resumable(
     engine,
     state: TrainState,
-    cfg: TrainConfig,
+    checkpoints: CheckpointSettings,
+    settings: dict,
     rank: int,
     run_id: str,
     publisher: BackgroundPublisher | None = None,
@@ -103,6 +104,9 @@ def save_resumable(
     inputs: dict | None = None,
 ) -> str:
     """Save model, optimizer, scheduler and TrainState; the directory appears under its final name only when whole.
+
+    `settings` (every setting of the run, as plain data) and `inputs` are recorded beside the TrainState, for
+    what a resume checks.
 
     Refuses non-finite weights and a disk without room for the checkpoint; a failed write leaves no
     partial directory, and the previous checkpoints stay untouched. The files are written here; they
@@ -114,7 +118,7 @@ def save_resumable(
     bad = nonfinite_parameters(engine.module)
     if bad:
         raise RunFailure(f"step {state.global_step}: the trained weights hold inf/NaN ({bad[0]}); not saved")
-    root = checkpoint_root(cfg)
+    root = checkpoint_root(checkpoints.save_path)
     tag = f"step_{state.global_step}"
     tmp_tag = f"tmp_{tag}"
     tmp_dir = os.path.join(root, tmp_tag)
@@ -124,7 +128,7 @@ def save_resumable(
     room = torch.tensor([float(free >= needed)], device=next(engine.module.parameters()).device)
     dist.all_reduce(room, op=dist.ReduceOp.MIN)
     if room.item() == 0:
-        raise _out_of_space(cfg, needed, free, tag, root)
+        raise _out_of_space(checkpoints.save_path, needed, free, tag, root)
     local_first = int(os.environ.get("LOCAL_RANK", "0")) == 0
     if rank == 0 and os.path.isdir(tmp_dir):
         shutil.rmtree(tmp_dir)
@@ -132,7 +136,7 @@ def save_resumable(
     trainer_state = {
         "run_id": run_id,
         "train_state": dataclasses.asdict(state),
-        "settings": cfg.to_dict(),
+        "settings": settings,
         "inputs": inputs,
     }
     try:
@@ -147,17 +151,17 @@ def save_resumable(
             write_json_atomic(os.path.join(tmp_dir, STATE_FILE), trainer_state)
         dist.barrier()
     except (OSError, RuntimeError) as error:
-        _clean_up_failed_save(error, cfg, tmp_dir, tag, needed, remove=local_first)
+        _clean_up_failed_save(error, checkpoints.save_path, tmp_dir, tag, needed, remove=local_first)
         raise
     if rank == 0 or own_copy:
-        publisher.start(lambda: _publish_or_raise(cfg, tmp_tag, tag, needed), name=f"publish {tag}")
+        publisher.start(lambda: _publish_or_raise(checkpoints, tmp_tag, tag, needed), name=f"publish {tag}")
     if wait:
         publisher.join()
     return os.path.join(root, tag)
 
 
 def _clean_up_failed_save(
-    error: BaseException, cfg: TrainConfig, tmp_dir: str, tag: str, needed: int, remove: bool
+    error: BaseException, save_path: str, tmp_dir: str, tag: str, needed: int, remove: bool
 ) -> None:
     """Remove the partial directory; raise RunFailure (from `error`) when the disk is full."""
     root = os.path.dirname(tmp_dir)
@@ -166,15 +170,15 @@ def _clean_up_failed_save(
         shutil.rmtree(tmp_dir)
     if getattr(error, "errno", None) == errno.ENOSPC or free < needed:
         # PyTorch's writer reports a full disk as "basic_ios::clear: iostream error", without an errno.
-        raise _out_of_space(cfg, needed, free, tag, root) from error
+        raise _out_of_space(save_path, needed, free, tag, root) from error
 
 
-def _publish_or_raise(cfg: TrainConfig, tmp_tag: str, tag: str, needed: int) -> None:
-    root = checkpoint_root(cfg)
+def _publish_or_raise(checkpoints: CheckpointSettings, tmp_tag: str, tag: str, needed: int) -> None:
+    root = checkpoint_root(checkpoints.save_path)
     try:
-        _publish(root, tmp_tag, tag, cfg.max_ckpt_num)
+        _publish(root, tmp_tag, tag, checkpoints.max_ckpt_num)
     except (OSError, RuntimeError) as error:
-        _clean_up_failed_save(error, cfg, os.path.join(root, tmp_tag), tag, needed, remove=True)
+        _clean_up_failed_save(error, checkpoints.save_path, os.path.join(root, tmp_tag), tag, needed, remove=True)
         raise
 
 
