@@ -30,6 +30,7 @@ from clara.model.stage_model import build_stage_model
 from clara.parallel.distributed import init_distributed
 from clara.stages import get_stage
 from clara.stages.prompts import added_token_strings
+from clara.training.setup import model_settings
 from clara.training.trainer import optimizer_step, setup_training, step_seed
 from tests.end_to_end.test_launchers import (
     SINGLE,
@@ -115,7 +116,8 @@ def stage_model(base_dir: str, stage: str, tmp_path):
     cfg = train_config(base_dir, stage, tmp_path)
     torch.manual_seed(0)
     model = build_stage_model(
-        cfg,
+        model_settings(cfg),
+        cfg.pretrain_checkpoint,
         get_stage(cfg.stage),
         DTYPE,
         attention_implementation("auto", DEVICE.type == "cuda"),

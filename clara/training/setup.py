@@ -17,6 +17,7 @@ from transformers.integrations import HfDeepSpeedConfig
 from clara.config import TrainConfig
 from clara.model.collate import Collator
 from clara.model.losses import stage_weights
+from clara.model.model import ModelSettings
 from clara.model.stage_model import build_stage_model
 from clara.parallel.zero3 import gathering_limits, keep_gathered_until_step, release_after_each_use
 from clara.stages import Stage
@@ -67,6 +68,22 @@ def deepspeed_config(cfg: TrainConfig, world: int, dtype: torch.dtype) -> dict:
 
 
 # -- set-up -----------------------------------------------------------------------------------------------
+def model_settings(cfg: TrainConfig) -> ModelSettings:
+    """The settings that define the model a run trains (the one place they are read for clara.model)."""
+    return ModelSettings(
+        base_model=cfg.model_path,
+        n_mem_tokens=cfg.n_mem_tokens,
+        compress_rate=cfg.compress_rate,
+        doc_max_length=cfg.doc_max_length,
+        generation_top_k=cfg.generation_top_k,
+        lora_r=cfg.lora_r,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        topk_temperature=cfg.topk_temperature,
+        candidate_chunk_size=cfg.candidate_chunk_size,
+    )
+
+
 @dataclass
 class TrainingSetup:
     """What a run trains with: the model, its stage's collator and the DeepSpeed engine around both."""
@@ -102,7 +119,7 @@ def setup_training(
     config = deepspeed_config(cfg, world, dtype)
     zero3_config = HfDeepSpeedConfig(config) if cfg.zero_stage == 3 else None
     torch.manual_seed(cfg.seed)
-    model = build_stage_model(cfg, stage, dtype, attn, log=log)
+    model = build_stage_model(model_settings(cfg), cfg.pretrain_checkpoint, stage, dtype, attn, log=log)
     if zero3_config is not None:
         config["zero_optimization"].update(gathering_limits(model, device.type == "cuda"))
     if cfg.gradient_checkpointing:

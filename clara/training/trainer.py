@@ -47,7 +47,7 @@ from clara.training.resumable import (
 )
 from clara.training.run_log import RunLog, peak_memory_mb, progress_bar, show_step
 from clara.training.schedule import restart_schedule_at
-from clara.training.setup import setup_training
+from clara.training.setup import model_settings, setup_training
 from clara.training.signals import Stop, stop_requests
 from clara.training.step import (
     StepResult,
@@ -117,7 +117,7 @@ class Trainer:
         cfg, stage = self.cfg, self.stage
         datasets.disable_progress_bars()
         min_docs = stage.min_docs(cfg.generation_top_k)
-        check = length_check(cfg, stage)
+        check = length_check(model_settings(cfg), cfg.pretrain_checkpoint, stage, cfg.max_len, cfg.seed)
         rejected = os.path.join(cfg.save_path, "rejected.jsonl") if self.rank == 0 else None
         # Local rank 0 prepares (once: cached); the node's other ranks wait for it and never read the input.
         preparer = self.local_rank == 0

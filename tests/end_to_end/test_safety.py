@@ -276,9 +276,10 @@ def test_bad_samples_skip_drops_a_record_over_max_len(tmp_path):
     from clara.model.collate import Collator
     from clara.model.stage_model import stage_tokenizer
     from clara.stages import get_stage
+    from clara.training.setup import model_settings
 
     cfg = resolve(TrainConfig(stage="stage1_2", max_len=600), has_cuda=False)
-    tokenizer, tokens = stage_tokenizer(cfg)
+    tokenizer, tokens = stage_tokenizer(model_settings(cfg), cfg.pretrain_checkpoint)
     check = Collator(get_stage(cfg.stage), tokenizer, tokens, cfg.doc_max_length, cfg.max_len).length_problem
     data = tmp_path / "long.jsonl"
     good = (REPO / "example" / "instruction_tuning_data.jsonl").read_text().splitlines()[:3]
