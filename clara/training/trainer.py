@@ -6,7 +6,6 @@ boundary is a resumable point.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
 import os
@@ -18,9 +17,10 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from clara.config import ConfigError, TrainConfig
+from clara.config import ConfigError, TrainConfig, data_settings
 from clara.data.fingerprint import train_data_key
 from clara.data.load import load_records
+from clara.data.spec import parse_source
 from clara.errors import RunFailure
 from clara.evaluation.debug import DebugPrinter
 from clara.evaluation.evaluate import EvalSettings, evaluate_stage
@@ -132,16 +132,24 @@ class Trainer:
             preparer=preparer,
             workers=cfg.data_workers,
         )
+        key = functools.partial(
+            train_data_key,
+            stage_name=stage.name,
+            model_path=cfg.model_path,
+            pretrain_checkpoint=cfg.pretrain_checkpoint,
+        )
+        source, settings = parse_source(cfg.dataset), data_settings(cfg)
         self.records = load(
-            cfg.dataset,
+            source,
             rejected_path=rejected,
             max_samples=cfg.max_samples,
-            key=train_data_key(cfg) if preparer else None,
+            key=key(source, settings=settings) if preparer else None,
         )
         self.eval_records = None
         if cfg.eval_dataset:
-            eval_cfg = dataclasses.replace(cfg, dataset=cfg.eval_dataset, max_samples=None)
-            self.eval_records = load(cfg.eval_dataset, key=train_data_key(eval_cfg) if preparer else None)
+            eval_source = parse_source(cfg.eval_dataset, "eval_dataset")
+            eval_settings = {**settings, "max_samples": None}  # the held-out set is read whole
+            self.eval_records = load(eval_source, key=key(eval_source, settings=eval_settings) if preparer else None)
 
     def _resume(self) -> None:
         plan = self.resume_plan

@@ -13,8 +13,9 @@ from dataclasses import dataclass
 
 import torch.distributed as dist
 
-from clara.config import TrainConfig
-from clara.data.fingerprint import input_changes, train_inputs
+from clara.config import TrainConfig, data_settings
+from clara.data.fingerprint import input_changes, train_data_key, train_inputs
+from clara.data.spec import parse_source
 from clara.errors import ResumeError
 from clara.files import fsync_path, read_json, write_json_atomic, write_text_atomic
 from clara.locks import record_run_id
@@ -175,7 +176,10 @@ def plan_run(cfg: TrainConfig, total_steps: int, rank: int, world: int, log) -> 
     decision = None
     if rank == 0:
         try:
-            inputs = train_inputs(cfg, resolve_base_path(cfg.model_path))
+            data = train_data_key(
+                parse_source(cfg.dataset), cfg.stage, cfg.model_path, cfg.pretrain_checkpoint, data_settings(cfg)
+            )
+            inputs = train_inputs(data, resolve_base_path(cfg.model_path), cfg.pretrain_checkpoint)
             decision = dataclasses.asdict(_decide(cfg, total_steps, inputs, log))
         except ResumeError as error:
             decision = {"error": str(error)}
