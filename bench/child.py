@@ -212,7 +212,7 @@ def measure(cfg: BenchConfig, work_dir: str) -> dict:
     from clara.model.model import attention_implementation
     from clara.model.stage_model import build_stage_model
     from clara.parallel.distributed import init_distributed, resolve_dtype
-    from clara.training.setup import setup_training, training_settings
+    from clara.training.setup import model_settings, setup_training, training_settings
 
     quiet_libraries()
     started = time.perf_counter()
@@ -228,7 +228,15 @@ def measure(cfg: BenchConfig, work_dir: str) -> dict:
     attn = attention_implementation(train_cfg.flash_attn, on_cuda)
     total_steps = cfg.warmup_steps + cfg.steps
     stage = cfg.stage_spec
-    build_model = functools.partial(build_stage_model, train_cfg, stage, dtype, attn, log=lambda *args: None)
+    build_model = functools.partial(
+        build_stage_model,
+        model_settings(train_cfg),
+        train_cfg.pretrain_checkpoint,
+        stage,
+        dtype,
+        attn,
+        log=lambda *a: None,
+    )
     setup = setup_training(training_settings(train_cfg), build_model, stage, total_steps, world, device, dtype)
     memory = PeakMemory(device)
     run = Run(cfg, setup, None, memory, model_shape(setup.model), device, rank, train_cfg.seed)

@@ -1,5 +1,5 @@
 """Training settings: one dataclass (each field with its help text), the defaults that depend on the stage,
-the model and the device, and validation.
+the model and the device, validation, and the settings that decide which records a run trains on.
 
 This module is light on purpose (no torch, no datasets): the launchers resolve and check the settings
 through it before anything heavy starts (`python -m clara.launch`).
@@ -203,6 +203,16 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+# The settings that decide which records a stage trains on, and how each is checked (the MAX_LEN check
+# renders a record's decoder input with the memory tokens, documents and seed-picked instruction).
+DATA_SETTINGS = ("max_len", "doc_max_length", "compress_rate", "generation_top_k", "seed", "bad_samples", "max_samples")
+
+
+def data_settings(cfg: TrainConfig) -> dict:
+    """The values of DATA_SETTINGS by name: part of the key of a run's data (clara.data.fingerprint)."""
+    return {name: getattr(cfg, name) for name in DATA_SETTINGS}
 
 
 def example_path(relative: str) -> str:

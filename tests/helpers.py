@@ -1,6 +1,7 @@
 """What several test files need, written once: the repository's folders, the environment of a child process,
 running `python -m MODULE` in one, reading a JSON-lines file, the shared stage-2 model's settings, a PDF of a text,
-and a stage2 checkpoint of the tiny model whose roles compute something of their own (the index and serving tests)."""
+and a stage2 checkpoint of the tiny model whose roles compute something of their own (the index and serving tests),
+and the data key a training run records."""
 
 from __future__ import annotations
 
@@ -104,3 +105,15 @@ def noisy_pair(folder: Path) -> dict[str, Path]:
         "a": noisy_checkpoint(folder / "ck_a", {r: i + 1 for i, r in enumerate(ROLES)}),
         "b": noisy_checkpoint(folder / "ck_b", {r: i + 11 for i, r in enumerate(ROLES)}),
     }
+
+
+def run_data_key(cfg) -> dict:
+    """The data key a training run with settings `cfg` (a resolved clara.config.TrainConfig) records, as the
+    trainer computes it."""
+    from clara.config import data_settings
+    from clara.data.fingerprint import train_data_key
+    from clara.data.spec import parse_source
+
+    return train_data_key(
+        parse_source(cfg.dataset), cfg.stage, cfg.model_path, cfg.pretrain_checkpoint, data_settings(cfg)
+    )

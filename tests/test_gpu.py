@@ -31,7 +31,7 @@ from clara.model.stage_model import build_stage_model
 from clara.parallel.distributed import init_distributed
 from clara.stages import get_stage
 from clara.stages.prompts import added_token_strings
-from clara.training.setup import training_settings
+from clara.training.setup import model_settings, training_settings
 from clara.training.trainer import optimizer_step, setup_training, step_seed
 from tests.end_to_end.test_launchers import (
     SINGLE,
@@ -117,7 +117,8 @@ def stage_model(base_dir: str, stage: str, tmp_path):
     cfg = train_config(base_dir, stage, tmp_path)
     torch.manual_seed(0)
     model = build_stage_model(
-        cfg,
+        model_settings(cfg),
+        cfg.pretrain_checkpoint,
         get_stage(cfg.stage),
         DTYPE,
         attention_implementation("auto", DEVICE.type == "cuda"),
@@ -140,7 +141,15 @@ def test_stage_steps_in_bf16(stage, base_dir, process_group, tmp_path, record_pr
     attn = attention_implementation(cfg.flash_attn, DEVICE.type == "cuda")
     setup = setup_training(
         training_settings(cfg),
-        functools.partial(build_stage_model, cfg, get_stage(cfg.stage), DTYPE, attn, log=lambda *args: None),
+        functools.partial(
+            build_stage_model,
+            model_settings(cfg),
+            cfg.pretrain_checkpoint,
+            get_stage(cfg.stage),
+            DTYPE,
+            attn,
+            log=lambda *args: None,
+        ),
         stage=get_stage(cfg.stage),
         total_steps=2,
         world=1,

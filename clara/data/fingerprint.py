@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from clara.config import TINY_MODEL_NAME, recorded_base
-from clara.data.spec import DataSource, HubSource, JsonlFiles, parse_source
+from clara.data.spec import DataSource, HubSource, JsonlFiles
 from clara.errors import CheckpointError
 
 # Bytes read from each end of a weight file for the model key: enough to tell a retrained or replaced
@@ -172,9 +172,6 @@ def what_changed(saved: dict, current: dict, prefix: str = "") -> list[str]:
 
 
 # -- the data key of a run -----------------------------------------------------------------------------------
-# The settings that decide which records a stage trains on, and how each is checked (the MAX_LEN check
-# renders a record's decoder input with the memory tokens, documents and seed-picked instruction).
-DATA_SETTINGS = ("max_len", "doc_max_length", "compress_rate", "generation_top_k", "seed", "bad_samples", "max_samples")
 TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
@@ -217,33 +214,32 @@ def tokenizer_identity(source: str) -> dict:
     return {"tokenizer": os.path.abspath(folder), "files": files}
 
 
-def train_data_key(cfg) -> dict:
-    """The key of a run's training data (a TrainConfig): the files, the stage, the tokenizer that counts
-    the tokens and the settings that decide which records train. The prepared-data cache is keyed by it,
-    and a resumable checkpoint records it."""
+def train_data_key(
+    source: DataSource, stage_name: str, model_path: str, pretrain_checkpoint: str | None, settings: dict
+) -> dict:
+    """The key of a run's training data: the files of `source`, the stage, the tokenizer that counts the
+    tokens (PRETRAIN_CHECKPOINT's when it holds one, else MODEL_PATH's) and `settings`, those that decide
+    which records train (clara.config.data_settings). The prepared-data cache is keyed by it, and a
+    resumable checkpoint records it."""
     tokenizer = (
-        cfg.pretrain_checkpoint
-        if cfg.pretrain_checkpoint and any((Path(cfg.pretrain_checkpoint) / name).is_file() for name in TOKENIZER_FILES)
-        else cfg.model_path
+        pretrain_checkpoint
+        if pretrain_checkpoint and any((Path(pretrain_checkpoint) / name).is_file() for name in TOKENIZER_FILES)
+        else model_path
     )
-    source = parse_source(cfg.dataset)
-    hub_prefix = isinstance(source, HubSource) and cfg.max_samples is not None
+    hub_prefix = isinstance(source, HubSource) and settings["max_samples"] is not None
     return data_key(
-        source_identities(source, streaming=hub_prefix),
-        cfg.stage,
-        tokenizer_identity(tokenizer),
-        {name: getattr(cfg, name) for name in DATA_SETTINGS},
+        source_identities(source, streaming=hub_prefix), stage_name, tokenizer_identity(tokenizer), settings
     )
 
 
-def train_inputs(cfg, base_dir: str) -> dict:
-    """What a resumable checkpoint records of its inputs: the data key, and the keys of the base model (at
-    `base_dir`, the local folder of MODEL_PATH) and of PRETRAIN_CHECKPOINT."""
+def train_inputs(data: dict, base_dir: str, pretrain_checkpoint: str | None) -> dict:
+    """What a resumable checkpoint records of its inputs: the data key `data` (train_data_key), and the keys
+    of the base model (at `base_dir`, the local folder of MODEL_PATH) and of PRETRAIN_CHECKPOINT."""
     return {
-        "data": train_data_key(cfg),
+        "data": data,
         "model": {
             "base": model_key(base_dir),
-            "pretrain_checkpoint": model_key(cfg.pretrain_checkpoint) if cfg.pretrain_checkpoint else None,
+            "pretrain_checkpoint": model_key(pretrain_checkpoint) if pretrain_checkpoint else None,
         },
     }
 

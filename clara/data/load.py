@@ -21,7 +21,7 @@ from clara.data.fingerprint import data_key, source_identities
 from clara.data.prepare import Check, Prepared, prepare
 from clara.data.records import MAX_REPORTED_ERRORS
 from clara.data.sources import plan_tasks
-from clara.data.spec import DataSource, HubSource, is_hub, parse_source
+from clara.data.spec import DataSource, HubSource, is_hub
 from clara.errors import DataError
 from clara.files import write_json_atomic, write_jsonl_atomic
 from clara.stages import Stage
@@ -135,7 +135,7 @@ def _open_entry(
 
 def load_records(
     stage: Stage,
-    dataset: str,
+    source: DataSource,
     bad_samples: str = "error",
     min_docs: int = 1,
     rejected_path: str | None = None,
@@ -147,7 +147,7 @@ def load_records(
     preparer: bool = True,
     workers: int | None = None,
 ) -> datasets.Dataset:
-    """Validated records of `dataset` (JSONL files joined by commas, or hf:NAME:CONFIG[:SPLIT]), memory-mapped.
+    """Validated records of `source` (JSONL files, or a Hub configuration: clara.data.spec), memory-mapped.
 
     make_check() returns a check for what the schema cannot see (a decoder input over MAX_LEN); it is
     built once in each preparing process, and its `key()` (tokenizer and settings) joins the cache key.
@@ -156,7 +156,7 @@ def load_records(
     Raises DataError naming the bad lines (the first 20 and a count), unless bad_samples == "skip", in which
     case the bad lines are written to rejected_path and the good ones are loaded.
     """
-    source = parse_source(dataset)
+    dataset = str(source)  # as the setting names it, in messages
     settings = {"min_docs": min_docs, "max_samples": max_samples}
     args = (stage, dataset, bad_samples, rejected_path, max_samples, log)
     if not preparer:

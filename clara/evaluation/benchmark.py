@@ -30,7 +30,7 @@ import torch
 
 from clara.cli import add_model_flags, positive_int
 from clara.config import ConfigError
-from clara.data.spec import HubSource
+from clara.data.spec import DataSource, HubSource, JsonlFiles
 from clara.evaluation.command import (
     eval_config,
     eval_length_check,
@@ -63,10 +63,10 @@ def config_name(stage: Stage, dataset: str, setting: str) -> str:
     return f"{stage.benchmark_sets}{dataset}_{setting}"
 
 
-def data_source(data: str, config: str) -> str:
+def data_source(data: str, config: str) -> DataSource:
     """DATA/CONFIG.jsonl when there is one, else the configuration of the Hub data set (or Hub-layout directory)."""
     local = os.path.join(data, config + ".jsonl")
-    return local if os.path.isfile(local) else str(HubSource(data, config))
+    return JsonlFiles((local,)) if os.path.isfile(local) else HubSource(data, config)
 
 
 def metric_columns(stage: Stage) -> list[tuple[str, str]]:
@@ -166,10 +166,11 @@ def run(args: argparse.Namespace, rank: int, world: int, device: torch.device) -
     runtime = choose_runtime(device, args.dtype, args.flash_attn)
     output_dir = args.output_dir or os.path.join(args.checkpoint, "benchmark")
     configs = [config_name(stage, dataset, setting) for dataset, _ in DATASETS for setting, _ in SETTINGS]
+    sources = {config: data_source(args.data, config) for config in configs}
     metas = {
         config: {
             "checkpoint": os.path.abspath(args.checkpoint),
-            "dataset": data_source(args.data, config),
+            "dataset": str(sources[config]),
             "stage": stage.name,
             "max_samples": args.max_samples,
             "max_new_tokens": args.max_new_tokens,
@@ -198,7 +199,7 @@ def run(args: argparse.Namespace, rank: int, world: int, device: torch.device) -
     check = eval_length_check(args.checkpoint, stage, args.max_len, args.seed, args.model_path)
     for config in todo:
         records = load_eval_records(
-            stage, metas[config]["dataset"], model.settings.generation_top_k, args.max_samples, check, log
+            stage, sources[config], model.settings.generation_top_k, args.max_samples, check, log
         )
         cfg = eval_config(
             model, stage, len(records), args.batch_size, None, args.max_new_tokens, args.max_len, args.seed

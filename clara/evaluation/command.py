@@ -20,7 +20,7 @@ import torch
 from clara.cli import add_model_flags, positive_int
 from clara.config import official_base_name
 from clara.data.load import load_records
-from clara.data.spec import checked_source
+from clara.data.spec import DataSource, checked_source
 from clara.errors import ConfigError
 from clara.evaluation.evaluate import RETRIEVAL_KS, EvalSettings, evaluate_stage
 from clara.evaluation.metrics import ANSWER_SCORE_NAMES
@@ -142,15 +142,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def load_eval_records(stage: Stage, dataset: str, top_k: int, limit: int | None, check: LengthCheck | None, log):
-    """Validated records of `dataset` (JSONL files or hf:NAME:CONFIG[:SPLIT]); the first `limit` when given.
+def load_eval_records(
+    stage: Stage, source: DataSource, top_k: int, limit: int | None, check: LengthCheck | None, log
+) -> datasets.Dataset:
+    """Validated records of `source` (JSONL files or a Hub configuration); the first `limit` when given.
 
     Local rank 0 prepares them (once: cached, with the MAX_LEN check); the node's other ranks wait for it."""
     datasets.disable_progress_bars()
     preparer = int(os.environ.get("LOCAL_RANK", "0")) == 0
     return load_records(
         stage,
-        dataset,
+        source,
         min_docs=stage.min_docs(top_k),
         max_samples=limit,
         make_check=check,
@@ -215,11 +217,11 @@ def run(args: argparse.Namespace, rank: int, world: int, device: torch.device) -
             args.index,
             f"a stage2 checkpoint and records (open-corpus retrieval uses the query reasoner), not {stage.name}",
         )
-    checked_source(args.dataset, "dataset")
+    source = checked_source(args.dataset, "dataset")
     runtime = choose_runtime(device, args.dtype, args.flash_attn)
     top_k = int(read_config(checkpoint).get("generation_top_k", 5))
     check = eval_length_check(checkpoint, stage, args.max_len, args.seed, args.model_path)
-    records = load_eval_records(stage, args.dataset, top_k, args.limit, check, log)
+    records = load_eval_records(stage, source, top_k, args.limit, check, log)
     model = load_eval_model(checkpoint, stage, runtime, args.model_path, log)
     cfg = eval_config(
         model, stage, len(records), args.batch_size, args.max_samples, args.max_new_tokens, args.max_len, args.seed

@@ -1,7 +1,7 @@
 """The loss terms a training step adds to the generator's LM loss, each one named once.
 
 A term's name is everything about it: a stage trains with it when the name is in `Stage.loss_terms`, its
-weight setting is `<name>_weight` (a TrainConfig field and the keyword `ClaraModel.forward` takes), its value
+weight setting is `<name>_weight` (a setting in clara.config and the keyword `ClaraModel.forward` takes), its value
 is `StepOutput.terms[<name>]`, its step sums are `<name>` and `<name>_batches` (clara.training.step), and
 its metrics.jsonl key and console name are below. A new loss is a function here that computes it from the
 step's output, one `LossTerm` in `LOSS_TERMS`, its weight setting in clara.config, and its name in the

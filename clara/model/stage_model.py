@@ -13,7 +13,6 @@ from collections.abc import Callable
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from clara.config import TrainConfig
 from clara.model.checkpoint import (
     CheckpointError,
     build_model,
@@ -29,78 +28,74 @@ from clara.stages import COMPRESSOR, QUERY_REASONER, STAGES, Stage, get_stage
 from clara.stages.prompts import SpecialTokens, add_special_tokens
 
 
-def tokenizer_source(cfg: TrainConfig) -> str:
+def tokenizer_source(base_model: str, pretrain_checkpoint: str | None) -> str:
     """Where the tokenizer of the stage's model is: the base model, or a native previous-stage checkpoint."""
-    source = resolve_base_path(cfg.model_path)
-    if cfg.pretrain_checkpoint:
-        checkpoint = resolve_checkpoint(cfg.pretrain_checkpoint)
+    source = resolve_base_path(base_model)
+    if pretrain_checkpoint:
+        checkpoint = resolve_checkpoint(pretrain_checkpoint)
         # A native checkpoint carries its tokenizer (build_model loads it from there); the official layout does not.
         if "decoder_model_name" not in read_config(checkpoint):
             source = checkpoint
     return source
 
 
-def stage_tokenizer(cfg: TrainConfig) -> tuple[PreTrainedTokenizerBase, SpecialTokens]:
+def stage_tokenizer(
+    settings: ModelSettings, pretrain_checkpoint: str | None
+) -> tuple[PreTrainedTokenizerBase, SpecialTokens]:
     """The tokenizer (with CLaRa's tokens added) that the stage's model will use, without loading the model."""
-    tokenizer = load_tokenizer(tokenizer_source(cfg))
-    return tokenizer, add_special_tokens(tokenizer, cfg.n_mem_tokens)
+    tokenizer = load_tokenizer(tokenizer_source(settings.base_model, pretrain_checkpoint))
+    return tokenizer, add_special_tokens(tokenizer, settings.n_mem_tokens)
 
 
-def length_check(cfg: TrainConfig, stage: Stage) -> LengthCheck:
+def length_check(
+    settings: ModelSettings, pretrain_checkpoint: str | None, stage: Stage, max_len: int, seed: int
+) -> LengthCheck:
     """The data check of every record's decoder input against MAX_LEN, with the stage's tokenizer."""
     return LengthCheck(
-        stage, tokenizer_source(cfg), cfg.n_mem_tokens, cfg.doc_max_length, cfg.max_len, cfg.generation_top_k, cfg.seed
-    )
-
-
-def model_settings(cfg: TrainConfig) -> ModelSettings:
-    return ModelSettings(
-        base_model=cfg.model_path,
-        n_mem_tokens=cfg.n_mem_tokens,
-        compress_rate=cfg.compress_rate,
-        doc_max_length=cfg.doc_max_length,
-        generation_top_k=cfg.generation_top_k,
-        lora_r=cfg.lora_r,
-        lora_alpha=cfg.lora_alpha,
-        lora_dropout=cfg.lora_dropout,
-        topk_temperature=cfg.topk_temperature,
-        candidate_chunk_size=cfg.candidate_chunk_size,
+        stage,
+        tokenizer_source(settings.base_model, pretrain_checkpoint),
+        settings.n_mem_tokens,
+        settings.doc_max_length,
+        max_len,
+        settings.generation_top_k,
+        seed,
     )
 
 
 def build_stage_model(
-    cfg: TrainConfig,
+    settings: ModelSettings,
+    pretrain_checkpoint: str | None,
     stage: Stage,
     dtype: torch.dtype = torch.float32,
     attn_implementation: str = "sdpa",
     log: Callable[[str], None] = print,
 ) -> ClaraModel:
-    """The model `stage` trains, with exactly the stage's adapters and trainable parameters."""
-    settings = model_settings(cfg)
-    if not cfg.pretrain_checkpoint:
-        log(f"{stage.name}: starting every adapter fresh from the base model {cfg.model_path}")
+    """The model `stage` trains, with exactly the stage's adapters and trainable parameters: from the base model
+    `settings.base_model`, or continuing from `pretrain_checkpoint` (the previous stage's)."""
+    if not pretrain_checkpoint:
+        log(f"{stage.name}: starting every adapter fresh from the base model {settings.base_model}")
         model = build_model(settings, list(stage.adapters), dtype, attn_implementation)
     else:
-        model = _continue_from(cfg, stage, settings, dtype, attn_implementation, log)
+        model = _continue_from(settings, pretrain_checkpoint, stage, dtype, attn_implementation, log)
     model.set_trainable(stage.trained_adapters, memory_embeddings=stage.trains_memory_embeddings)
     return model
 
 
 def _continue_from(
-    cfg: TrainConfig,
-    stage: Stage,
     settings: ModelSettings,
+    pretrain_checkpoint: str,
+    stage: Stage,
     dtype: torch.dtype,
     attn_implementation: str,
     log: Callable[[str], None],
 ) -> ClaraModel:
-    source = resolve_checkpoint(cfg.pretrain_checkpoint)
+    source = resolve_checkpoint(pretrain_checkpoint)
     config = read_config(source)
     saved_n = config.get("n_mem_tokens") or config["doc_max_length"] // config["compr_rate"]
-    if saved_n != cfg.n_mem_tokens:
+    if saved_n != settings.n_mem_tokens:
         raise CheckpointError(
-            f"DOC_MAX_LENGTH / COMPRESS_RATE = {cfg.doc_max_length} / {cfg.compress_rate} gives "
-            f"{cfg.n_mem_tokens} memory tokens, but {source} was trained with {saved_n}"
+            f"DOC_MAX_LENGTH / COMPRESS_RATE = {settings.doc_max_length} / {settings.compress_rate} gives "
+            f"{settings.n_mem_tokens} memory tokens, but {source} was trained with {saved_n}"
         )
     saved_adapters = config.get("adapters") or list(stage.adapters)
     missing = [name for name in stage.loaded_adapters if name not in saved_adapters]
@@ -108,7 +103,7 @@ def _continue_from(
         raise CheckpointError(
             f"{source} has no {', '.join(missing)}, which {stage.name} loads; pass the checkpoint of the previous stage"
         )
-    model = load_model(source, dtype, attn_implementation, base_model=cfg.model_path)
+    model = load_model(source, dtype, attn_implementation, base_model=settings.base_model)
     model.settings = settings
     for name in stage.adapters:
         if name in stage.new_adapters:

@@ -20,6 +20,7 @@ from transformers.integrations import HfDeepSpeedConfig
 from clara.config import TrainConfig
 from clara.model.collate import Collator
 from clara.model.losses import WEIGHT_SETTINGS, stage_weights
+from clara.model.model import ModelSettings
 from clara.parallel.zero3 import gathering_limits, keep_gathered_until_step, release_after_each_use
 from clara.stages import Stage
 from clara.training.schedule import cosine_with_warmup
@@ -122,6 +123,22 @@ def deepspeed_config(settings: DeepSpeedSettings, world: int, dtype: torch.dtype
 
 
 # -- set-up -----------------------------------------------------------------------------------------------
+def model_settings(cfg: TrainConfig) -> ModelSettings:
+    """The settings that define the model a run trains (the one place they are read for clara.model)."""
+    return ModelSettings(
+        base_model=cfg.model_path,
+        n_mem_tokens=cfg.n_mem_tokens,
+        compress_rate=cfg.compress_rate,
+        doc_max_length=cfg.doc_max_length,
+        generation_top_k=cfg.generation_top_k,
+        lora_r=cfg.lora_r,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        topk_temperature=cfg.topk_temperature,
+        candidate_chunk_size=cfg.candidate_chunk_size,
+    )
+
+
 @dataclass
 class TrainingSetup:
     """What a run trains with: the model, its stage's collator and the DeepSpeed engine around both."""

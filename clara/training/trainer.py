@@ -6,7 +6,6 @@ boundary is a resumable point.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
 import os
@@ -18,9 +17,10 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from clara.config import ConfigError, TrainConfig
+from clara.config import ConfigError, TrainConfig, data_settings
 from clara.data.fingerprint import train_data_key, train_inputs
 from clara.data.load import load_records
+from clara.data.spec import parse_source
 from clara.errors import RunFailure
 from clara.evaluation.debug import DebugPrinter
 from clara.evaluation.evaluate import EvalSettings, evaluate_stage
@@ -48,7 +48,7 @@ from clara.training.resumable import (
 )
 from clara.training.run_log import RunLog, peak_memory_mb, progress_bar, show_step
 from clara.training.schedule import restart_schedule_at
-from clara.training.setup import setup_training, training_settings
+from clara.training.setup import model_settings, setup_training, training_settings
 from clara.training.signals import Stop, stop_requests
 from clara.training.step import (
     StepResult,
@@ -105,7 +105,11 @@ class Trainer:
         self.total_steps = cfg.max_steps or self.steps_per_epoch * cfg.max_epochs
         self.accumulation = cfg.batch_size // (cfg.micro_batch_size * self.world)
         # Where to start is decided (damaged or planted checkpoints reported) before the model loads.
-        inputs = train_inputs(cfg, resolve_base_path(cfg.model_path)) if self.rank == 0 else None
+        inputs = (
+            train_inputs(self.data_key, resolve_base_path(cfg.model_path), cfg.pretrain_checkpoint)
+            if self.rank == 0
+            else None
+        )
         self.resume_plan = plan_run(
             self.checkpoints, inputs, self.total_steps, self.rank, self.world, self.run_log.print
         )
@@ -113,7 +117,15 @@ class Trainer:
             return
         self.components = setup_training(
             training_settings(cfg),
-            functools.partial(build_stage_model, cfg, self.stage, self.dtype, self.attn, log=self.run_log.print),
+            functools.partial(
+                build_stage_model,
+                model_settings(cfg),
+                cfg.pretrain_checkpoint,
+                self.stage,
+                self.dtype,
+                self.attn,
+                log=self.run_log.print,
+            ),
             self.stage,
             self.total_steps,
             self.world,
@@ -133,7 +145,7 @@ class Trainer:
         cfg, stage = self.cfg, self.stage
         datasets.disable_progress_bars()
         min_docs = stage.min_docs(cfg.generation_top_k)
-        check = length_check(cfg, stage)
+        check = length_check(model_settings(cfg), cfg.pretrain_checkpoint, stage, cfg.max_len, cfg.seed)
         rejected = os.path.join(cfg.save_path, "rejected.jsonl") if self.rank == 0 else None
         # Local rank 0 prepares (once: cached); the node's other ranks wait for it and never read the input.
         preparer = self.local_rank == 0
@@ -148,16 +160,21 @@ class Trainer:
             preparer=preparer,
             workers=cfg.data_workers,
         )
-        self.records = load(
-            cfg.dataset,
-            rejected_path=rejected,
-            max_samples=cfg.max_samples,
-            key=train_data_key(cfg) if preparer else None,
+        key = functools.partial(
+            train_data_key,
+            stage_name=stage.name,
+            model_path=cfg.model_path,
+            pretrain_checkpoint=cfg.pretrain_checkpoint,
         )
+        source, settings = parse_source(cfg.dataset), data_settings(cfg)
+        # Rank 0 is always a preparer: the resume plan records this key among the run's inputs.
+        self.data_key = key(source, settings=settings) if preparer else None
+        self.records = load(source, rejected_path=rejected, max_samples=cfg.max_samples, key=self.data_key)
         self.eval_records = None
         if cfg.eval_dataset:
-            eval_cfg = dataclasses.replace(cfg, dataset=cfg.eval_dataset, max_samples=None)
-            self.eval_records = load(cfg.eval_dataset, key=train_data_key(eval_cfg) if preparer else None)
+            eval_source = parse_source(cfg.eval_dataset, "eval_dataset")
+            eval_settings = {**settings, "max_samples": None}  # the held-out set is read whole
+            self.eval_records = load(eval_source, key=key(eval_source, settings=eval_settings) if preparer else None)
 
     def _resume(self) -> None:
         plan = self.resume_plan

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from clara.data.load import load_records
+from clara.data.spec import parse_source
 from clara.errors import DataError
 from clara.stages import get_stage
 from tests.helpers import REPO, subprocess_env
@@ -49,7 +50,7 @@ def write_lines(path: Path, lines: list) -> str:
 
 
 def load(stage: str, path: str, **kwargs):
-    return load_records(get_stage(stage), path, min_docs=MIN_DOCS[stage], log=lambda *a: None, **kwargs)
+    return load_records(get_stage(stage), parse_source(path), min_docs=MIN_DOCS[stage], log=lambda *a: None, **kwargs)
 
 
 def with_(stage: str, **changes) -> dict:
@@ -147,7 +148,12 @@ def test_skip_loads_the_good_records_and_writes_the_rejected(tmp_path):
     rejected = tmp_path / "out" / "rejected.jsonl"
     messages = []
     records = load_records(
-        get_stage("stage2"), path, bad_samples="skip", min_docs=2, rejected_path=str(rejected), log=messages.append
+        get_stage("stage2"),
+        parse_source(path),
+        bad_samples="skip",
+        min_docs=2,
+        rejected_path=str(rejected),
+        log=messages.append,
     )
     assert [r["question"] for r in records] == ["question 0?", "question 1?", "question 2?"]
     assert records[0]["answer"] == "owl" and records[0]["pos_index"] == [1] and records[0]["has_pos_index"]
@@ -212,7 +218,7 @@ def test_example_files_are_valid():
     ):
         records = load_records(
             get_stage(stage),
-            str(REPO / "example" / name),
+            parse_source(str(REPO / "example" / name)),
             min_docs=get_stage(stage).min_docs(5),
             log=lambda *a: None,
             max_samples=10,

@@ -20,7 +20,7 @@ from clara.data.load import load_records
 from clara.data.prepare import prepare
 from clara.data.records import BadRecord, normalise
 from clara.data.sources import plan_tasks
-from clara.data.spec import JsonlFiles
+from clara.data.spec import JsonlFiles, parse_source
 from clara.errors import DataError
 from clara.model.collate import Collator, LengthCheck
 from clara.stages import get_stage
@@ -105,9 +105,10 @@ def test_a_second_load_opens_the_cache_without_reading_the_input(tmp_path, monke
     lines = example_lines()
     lines[3] = "not json"
     path = write(tmp_path / "data.jsonl", lines)
+    source = parse_source(path)
     said = []
     first = load_records(
-        STAGE1, path, "skip", log=said.append, make_check=check(), rejected_path=str(tmp_path / "r1.jsonl")
+        STAGE1, source, "skip", log=said.append, make_check=check(), rejected_path=str(tmp_path / "r1.jsonl")
     )
     assert any(m.startswith(f"Prepared {path}: 39 records, 1 rejected") for m in said), said
 
@@ -117,36 +118,38 @@ def test_a_second_load_opens_the_cache_without_reading_the_input(tmp_path, monke
     monkeypatch.setattr(data_prepare, "iter_rows", no_reading)
     said.clear()
     second = load_records(
-        STAGE1, path, "skip", log=said.append, make_check=check(), rejected_path=str(tmp_path / "r2.jsonl")
+        STAGE1, source, "skip", log=said.append, make_check=check(), rejected_path=str(tmp_path / "r2.jsonl")
     )
     assert second.to_list() == first.to_list()
     assert any("from the cache" in m for m in said) and any("Skipped 1 bad record" in m for m in said), said
     assert (tmp_path / "r2.jsonl").read_text() == (tmp_path / "r1.jsonl").read_text()
     with pytest.raises(DataError, match=f"{path}:4: not valid JSON"):  # BAD_SAMPLES=error: from the cache too
-        load_records(STAGE1, path, log=quiet, make_check=check())
+        load_records(STAGE1, source, log=quiet, make_check=check())
 
 
 def test_a_changed_file_or_max_len_prepares_again(tmp_path):
     path = write(tmp_path / "data.jsonl", example_lines())
     said = []
-    load_records(STAGE1, path, log=said.append, make_check=check())
-    load_records(STAGE1, path, log=said.append, make_check=check(max_len=1024))
+    load_records(STAGE1, parse_source(path), log=said.append, make_check=check())
+    load_records(STAGE1, parse_source(path), log=said.append, make_check=check(max_len=1024))
     write(tmp_path / "data.jsonl", example_lines(count=39))
-    assert len(load_records(STAGE1, path, log=said.append, make_check=check())) == 39
+    assert len(load_records(STAGE1, parse_source(path), log=said.append, make_check=check())) == 39
     assert [m.split(":")[0] for m in said] == ["Prepared /" + path[1:]] * 3
-    load_records(STAGE1, path, log=said.append, make_check=check())
+    load_records(STAGE1, parse_source(path), log=said.append, make_check=check())
     assert "from the cache" in said[-1]
 
 
 def test_an_entry_is_published_whole_under_its_lock(tmp_path, data_cache_dir):
     """A second process asking for the entry while the first prepares it waits, then opens it."""
     path = write(tmp_path / "data.jsonl", example_lines())
-    load_records(STAGE1, path, log=quiet)
+    load_records(STAGE1, parse_source(path), log=quiet)
     entry = next(p for p in data_cache_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
     shutil.rmtree(entry)
     said: list[str] = []
     with data_cache.entry_lock(str(entry), quiet):
-        other = threading.Thread(target=lambda: said.append(len(load_records(STAGE1, path, log=said.append))))
+        other = threading.Thread(
+            target=lambda: said.append(len(load_records(STAGE1, parse_source(path), log=said.append)))
+        )
         other.start()
         time.sleep(1.5)
         assert not entry.exists() and any("Waiting for another process" in str(m) for m in said), said
@@ -159,11 +162,13 @@ def test_a_waiting_rank_opens_the_entry_its_preparer_points_to(tmp_path, monkeyp
     path = write(tmp_path / "data.jsonl", example_lines())
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
     got: list = []
-    waiter = threading.Thread(target=lambda: got.append(load_records(STAGE1, path, log=quiet, preparer=False)))
+    waiter = threading.Thread(
+        target=lambda: got.append(load_records(STAGE1, parse_source(path), log=quiet, preparer=False))
+    )
     waiter.start()
     time.sleep(1.0)
     assert not got
-    prepared = load_records(STAGE1, path, log=quiet)
+    prepared = load_records(STAGE1, parse_source(path), log=quiet)
     waiter.join(timeout=60)
     assert got[0].to_list() == prepared.to_list()
 
@@ -194,7 +199,7 @@ def test_an_over_long_hub_row_is_named_by_row_index(tmp_path):
     rows[3] = {**rows[3], "answers": [" ".join(["word"] * 600)] * len(rows[3]["answers"])}
     dataset = hub_folder(tmp_path / "hub", rows)
     with pytest.raises(DataError, match=r"row 3: decoder input of \d+ tokens .* exceeds MAX_LEN=2048"):
-        load_records(STAGE1, dataset, log=quiet, make_check=check())
+        load_records(STAGE1, parse_source(dataset), log=quiet, make_check=check())
 
 
 @pytest.mark.slow

@@ -11,10 +11,10 @@ from clara.data.fingerprint import (
     input_changes,
     key_digest,
     model_key,
-    train_data_key,
     train_inputs,
     what_changed,
 )
+from tests.helpers import run_data_key
 
 
 def test_a_changed_file_or_setting_changes_the_data_key(tmp_path):
@@ -47,12 +47,12 @@ def test_the_training_data_key_reads_the_files_the_tokenizer_and_the_settings_th
     data = tmp_path / "train.jsonl"
     data.write_text('{"a": 1}\n')
     cfg = resolve(TrainConfig(dataset=str(data), model_path="tiny"), has_cuda=False)
-    key = train_data_key(cfg)
+    key = run_data_key(cfg)
     assert key["sources"] == [file_identity(str(data))] and key["stage"] == "stage1"
     assert key["tokenizer"]["tokenizer"].endswith("tiny_model") and "tokenizer.json" in key["tokenizer"]["files"]
     assert key["settings"]["max_len"] == 2048 and "learning_rate" not in key["settings"]
     assert (
-        train_data_key(resolve(TrainConfig(dataset=str(data), model_path="tiny", max_samples=5), has_cuda=False)) != key
+        run_data_key(resolve(TrainConfig(dataset=str(data), model_path="tiny", max_samples=5), has_cuda=False)) != key
     )
 
 
@@ -63,10 +63,10 @@ def test_input_changes_name_the_file_and_the_weight_file_that_changed(tmp_path):
     (tmp_path / "base" / "config.json").write_text("{}")
     (tmp_path / "base" / "model.safetensors").write_bytes(b"1234")
     cfg = resolve(TrainConfig(dataset=str(data), model_path=str(tmp_path / "base")), has_cuda=False)
-    before = train_inputs(cfg, cfg.model_path)
+    before = train_inputs(run_data_key(cfg), cfg.model_path, cfg.pretrain_checkpoint)
     assert input_changes(None, before) == []  # a checkpoint written before the keys existed
     data.write_text('{"a": 1}\n{"a": 2}\n')
     (tmp_path / "base" / "model.safetensors").write_bytes(b"5678")
-    changes = input_changes(before, train_inputs(cfg, cfg.model_path))
+    changes = input_changes(before, train_inputs(run_data_key(cfg), cfg.model_path, cfg.pretrain_checkpoint))
     assert [line.split(":")[0] for line in changes] == [f"DATASET.{data}", "MODEL_PATH.model.safetensors"]
     assert '"9 bytes, modified ' in changes[0] and '-> "18 bytes, modified ' in changes[0]

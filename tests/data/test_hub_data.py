@@ -23,6 +23,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from clara.data.load import load_records
+from clara.data.spec import parse_source
 from clara.errors import DataError
 from clara.stages import get_stage
 from tests.helpers import REPO, run_module
@@ -173,7 +174,9 @@ def test_plain_datasets_refuses_the_mixed_field_that_load_records_normalises(hub
     files = sorted(str(f) for f in (root / "instruction_tuning").glob("*.parquet"))
     with pytest.raises(Exception, match="(?i)cast"):  # the Parquet type cast reported on the official set
         list(datasets.load_dataset("parquet", data_files=files, split="train", streaming=True))
-    records = load_records(get_stage("stage1_2"), f"hf:{root}:instruction_tuning", bad_samples="skip", log=quiet)
+    records = load_records(
+        get_stage("stage1_2"), parse_source(f"hf:{root}:instruction_tuning"), bad_samples="skip", log=quiet
+    )
     expected = [r for i, r in enumerate(configs["instruction_tuning"]) if i != BAD_ROW]
     assert len(records) == len(expected)
     for got, row in zip(records, expected):
@@ -184,35 +187,35 @@ def test_plain_datasets_refuses_the_mixed_field_that_load_records_normalises(hub
 
 def test_every_stage_format_loads_with_its_split_named_or_not(hub, offline):
     root, configs = hub
-    stage1 = load_records(get_stage("stage1"), f"hf:{root}:pretraining", log=quiet)
+    stage1 = load_records(get_stage("stage1"), parse_source(f"hf:{root}:pretraining"), log=quiet)
     assert [r["questions"] for r in stage1] == [
         r.get("question", []) if r["data_type"] == "qa" else [] for r in configs["pretraining"]
     ]
     config = "e2e_eval_ours_nq_with_pos"
-    stage2 = load_records(get_stage("stage2"), f"hf:{root}:{config}:train", min_docs=5, log=quiet)
+    stage2 = load_records(get_stage("stage2"), parse_source(f"hf:{root}:{config}:train"), min_docs=5, log=quiet)
     assert [(r["answer"], list(r["pos_index"]), r["has_pos_index"]) for r in stage2] == [
         (row["answer"], row["pos_index"], True) for row in configs[config]
     ]
-    evaluation = load_records(get_stage("stage1_2"), f"hf:{root}:inst_eval_nq_no_pos", log=quiet)
+    evaluation = load_records(get_stage("stage1_2"), parse_source(f"hf:{root}:inst_eval_nq_no_pos"), log=quiet)
     assert evaluation[LIST_ANSWER_ROW]["answer"] == configs["inst_eval_nq_no_pos"][LIST_ANSWER_ROW]["answer"][0]
 
     with pytest.raises(DataError, match=r"BuilderConfig 'nope' not found"):
-        load_records(get_stage("stage1_2"), f"hf:{root}:nope", log=quiet)
+        load_records(get_stage("stage1_2"), parse_source(f"hf:{root}:nope"), log=quiet)
     with pytest.raises(DataError, match=r":pretraining:test: no split 'test'; configuration 'pretraining' has train"):
-        load_records(get_stage("stage1"), f"hf:{root}:pretraining:test", log=quiet)
+        load_records(get_stage("stage1"), parse_source(f"hf:{root}:pretraining:test"), log=quiet)
 
 
 def test_a_bad_row_is_named_by_data_set_configuration_and_row_index(hub, offline, tmp_path):
     root, _ = hub
     spec = f"hf:{root}:instruction_tuning"
     with pytest.raises(DataError) as caught:
-        load_records(get_stage("stage1_2"), spec, log=quiet)
+        load_records(get_stage("stage1_2"), parse_source(spec), log=quiet)
     assert str(caught.value).splitlines()[:2] == [
         f"1 bad record(s) in {spec}:train (stage1_2):",
         f"{spec}:train row {BAD_ROW}: field 'docs': expected at least one document, got an empty list",
     ]
     rejected = tmp_path / "rejected.jsonl"
-    load_records(get_stage("stage1_2"), spec, bad_samples="skip", rejected_path=str(rejected), log=quiet)
+    load_records(get_stage("stage1_2"), parse_source(spec), bad_samples="skip", rejected_path=str(rejected), log=quiet)
     (line,) = [json.loads(x) for x in rejected.read_text().splitlines()]
     assert (line["dataset"], line["row"]) == (f"{spec}:train", BAD_ROW)
     assert json.loads(line["text"])["docs"] == []
@@ -221,11 +224,11 @@ def test_a_bad_row_is_named_by_data_set_configuration_and_row_index(hub, offline
 def test_max_samples_reads_only_a_prefix(hub, offline):
     root, configs = hub
     spec = f"hf:{root}:prefix_only"
-    records = load_records(get_stage("stage1_2"), spec, max_samples=PREFIX_ROWS, log=quiet)
+    records = load_records(get_stage("stage1_2"), parse_source(spec), max_samples=PREFIX_ROWS, log=quiet)
     assert [r["question"] for r in records] == [r["question"] for r in configs["prefix_only"]]
-    assert len(load_records(get_stage("stage1_2"), spec, max_samples=2, log=quiet)) == 2
+    assert len(load_records(get_stage("stage1_2"), parse_source(spec), max_samples=2, log=quiet)) == 2
     with pytest.raises(Exception, match="(?i)parquet"):  # all rows: the second file is read, and is no Parquet
-        load_records(get_stage("stage1_2"), spec, log=quiet)
+        load_records(get_stage("stage1_2"), parse_source(spec), log=quiet)
 
 
 def test_a_hub_id_is_read_from_the_hugging_face_cache_offline(hub, workdir):
@@ -238,9 +241,10 @@ def test_a_hub_id_is_read_from_the_hugging_face_cache_offline(hub, workdir):
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text(revision)
     code = (
-        "from clara.data.load import load_records\nfrom clara.stages import get_stage\n"
-        f"print([r['answer'] for r in load_records(get_stage('stage1_2'), 'hf:{HUB_ID}:inst_eval_hotpotqa_with_pos', "
-        "log=print)])"
+        "from clara.data.load import load_records\nfrom clara.data.spec import parse_source\n"
+        "from clara.stages import get_stage\n"
+        "print([r['answer'] for r in load_records(get_stage('stage1_2'), "
+        f"parse_source('hf:{HUB_ID}:inst_eval_hotpotqa_with_pos'), log=print)])"
     )
     proc = run_command([sys.executable, "-c", code], offline_env(hf_home), cwd=workdir)
     assert proc.returncode == 0, proc.stderr[-3000:]

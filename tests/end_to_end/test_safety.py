@@ -273,12 +273,14 @@ def test_a_record_over_max_len_is_named_before_the_model_loads(tmp_path):
 
 def test_bad_samples_skip_drops_a_record_over_max_len(tmp_path):
     from clara.data.load import load_records
+    from clara.data.spec import parse_source
     from clara.model.collate import Collator
     from clara.model.stage_model import stage_tokenizer
     from clara.stages import get_stage
+    from clara.training.setup import model_settings
 
     cfg = resolve(TrainConfig(stage="stage1_2", max_len=600), has_cuda=False)
-    tokenizer, tokens = stage_tokenizer(cfg)
+    tokenizer, tokens = stage_tokenizer(model_settings(cfg), cfg.pretrain_checkpoint)
     check = Collator(get_stage(cfg.stage), tokenizer, tokens, cfg.doc_max_length, cfg.max_len).length_problem
     data = tmp_path / "long.jsonl"
     good = (REPO / "example" / "instruction_tuning_data.jsonl").read_text().splitlines()[:3]
@@ -286,7 +288,7 @@ def test_bad_samples_skip_drops_a_record_over_max_len(tmp_path):
     rejected = tmp_path / "rejected.jsonl"
     records = load_records(
         get_stage("stage1_2"),
-        str(data),
+        parse_source(str(data)),
         "skip",
         rejected_path=str(rejected),
         log=lambda *_: None,

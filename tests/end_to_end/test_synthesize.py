@@ -16,6 +16,7 @@ import pytest
 
 from clara.data.load import load_records
 from clara.data.sources import iter_lines
+from clara.data.spec import parse_source
 from clara.stages import get_stage
 from clara.synthesis.__main__ import main as synthesize_main
 from clara.synthesis.recipe import Filters, QAPair, load_recipe, pair_problem, parse_answer, words
@@ -73,7 +74,7 @@ def assert_every_file_loads(out: Path, stage2_docs: int) -> dict[str, int]:
         min_docs = stage2_docs if stage.name == "stage2" else 1
         lines = sum(1 for _ in iter_lines([str(path)]))
         # bad_samples="error" (the default): one record the loader rejects raises DataError naming it.
-        assert len(load_records(stage, str(path), min_docs=min_docs)) == lines
+        assert len(load_records(stage, parse_source(str(path)), min_docs=min_docs)) == lines
         counts[path.name] = lines
     return counts
 

@@ -21,6 +21,7 @@ import torch
 from safetensors.torch import load_file
 
 from bench.memory_parts import Dims, parameter_counts
+from clara.data.spec import parse_source
 from clara.evaluation.command import eval_config, load_eval_records
 from clara.evaluation.evaluate import evaluate_stage
 from clara.model.checkpoint import load_model
@@ -226,7 +227,9 @@ def test_kill_9_and_rerun_resumes_bit_identically(stage1):
 
 def test_the_zero3_export_loads_in_one_process_and_evaluates_like_the_zero2_export(stage1):
     stage = get_stage("stage1")
-    records = load_eval_records(stage, str(REPO / "example/pretrain_data_eval.jsonl"), 5, 8, None, lambda *a: None)
+    records = load_eval_records(
+        stage, parse_source(str(REPO / "example/pretrain_data_eval.jsonl")), 5, 8, None, lambda *a: None
+    )
     found = {}
     for name in ("zero2", "zero3"):
         model = load_model(str(stage1[name]))

@@ -19,6 +19,7 @@ import torch
 
 from clara import CLaRa
 from clara.data.load import load_records
+from clara.data.spec import parse_source
 from clara.evaluation import command as evaluate
 from clara.evaluation.evaluate import EvalSettings, evaluate_stage
 from clara.evaluation.metrics import ANSWER_SCORE_NAMES, f1_score
@@ -158,7 +159,7 @@ def test_official_stage2_call_and_agreement_with_evaluate(device, checkpoints, t
     )
     rows = evaluate_stage(
         model.model,
-        load_records(get_stage("stage2"), str(path), min_docs=k, log=lambda *a: None),
+        load_records(get_stage("stage2"), parse_source(str(path)), min_docs=k, log=lambda *a: None),
         get_stage("stage2"),
         settings,
         device=model.device,
@@ -203,7 +204,7 @@ def test_summary_scores_the_first_gold_and_the_best_of_all(checkpoints, qa_recor
         {"question": extra["question"], "golden_answers": [extra["answers"], WRONG_GOLD], "docs": extra["docs"]}
     )
     records = load_records(
-        get_stage("stage1_2"), str(write_jsonl(tmp_path / "golds.jsonl", lines)), log=lambda *a: None
+        get_stage("stage1_2"), parse_source(str(write_jsonl(tmp_path / "golds.jsonl", lines))), log=lambda *a: None
     )
     assert records[0]["answer"] == WRONG_GOLD and records[0]["answers"] == [WRONG_GOLD, predictions[0]]
 

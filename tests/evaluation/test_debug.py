@@ -31,6 +31,7 @@ from clara.evaluation.debug import DebugPrinter
 from clara.model.collate import IGNORE_INDEX, Collator
 from clara.model.stage_model import build_stage_model
 from clara.stages import get_stage
+from clara.training.setup import model_settings
 from clara.training.trainer import epoch_order, micro_batch_indices, optimizer_step
 from tests.helpers import REPO
 
@@ -131,7 +132,7 @@ def config(stage: str) -> TrainConfig:
 def stage_model(stage: str):
     """A stage model whose LoRA B matrices are not zero, so that every adapter changes what the model says."""
     torch.manual_seed(0)
-    model = build_stage_model(config(stage), get_stage(stage), log=lambda *args: None)
+    model = build_stage_model(model_settings(config(stage)), None, get_stage(stage), log=lambda *args: None)
     with torch.no_grad():
         for name, param in model.named_parameters():
             if ".lora_B." in name:

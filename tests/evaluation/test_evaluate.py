@@ -196,12 +196,13 @@ def test_cli_prints_table_and_writes_per_sample_file(stage, cli_runs, checkpoint
 def test_per_sample_loss_is_the_training_loss_of_that_sample(stage, cli_runs, checkpoints, eval_files):
     """A one-sample training forward (eval mode, LM loss only) gives the loss the batched evaluation wrote."""
     from clara.data.load import load_records
+    from clara.data.spec import parse_source
     from clara.model.checkpoint import load_model
     from clara.model.collate import Collator
 
     rows = read_jsonl(cli_runs[stage][1])
     model = load_model(str(checkpoints[stage])).eval()
-    records = load_records(get_stage(stage), str(eval_files[stage]), log=lambda *a: None)
+    records = load_records(get_stage(stage), parse_source(str(eval_files[stage])), log=lambda *a: None)
     collator = Collator(
         get_stage(stage),
         model.tokenizer,
@@ -247,6 +248,7 @@ def test_evaluation_during_training_logs_the_same_metrics(stage, cli_runs, check
 @pytest.mark.slow
 def test_generation_is_greedy_and_repeatable(workdir, cli_runs, checkpoints, eval_files, capsys):
     from clara.data.load import load_records
+    from clara.data.spec import parse_source
     from clara.model.checkpoint import load_model
     from clara.model.collate import Collator
     from clara.stages.prompts import end_of_turn
@@ -264,7 +266,7 @@ def test_generation_is_greedy_and_repeatable(workdir, cli_runs, checkpoints, eva
 
     # Greedy: the argmax token at every step, recomputed here without generate() or a KV cache.
     model = load_model(str(checkpoints[stage])).eval()
-    records = load_records(get_stage(stage), str(eval_files[stage]), log=lambda *a: None)
+    records = load_records(get_stage(stage), parse_source(str(eval_files[stage])), log=lambda *a: None)
     prompt = Collator(
         get_stage(stage),
         model.tokenizer,
@@ -318,6 +320,7 @@ def test_recall_at_k_on_forced_scores(workdir, checkpoints, monkeypatch):
     """Scores forced to one known ranking: candidates in order 1, 4, 2, 3, 5, 0; top-5 = [1, 4, 2, 3, 5]."""
     import clara.model.model
     from clara.data.load import load_records
+    from clara.data.spec import parse_source
     from clara.model.checkpoint import load_model
 
     forced = torch.tensor([0.1, 0.9, 0.5, 0.3, 0.7, 0.2])
@@ -338,7 +341,7 @@ def test_recall_at_k_on_forced_scores(workdir, checkpoints, monkeypatch):
             out.write(json.dumps(record) + "\n")
     model = load_model(str(checkpoints["stage2"]))
     model.train()
-    records = load_records(get_stage("stage2"), str(path), min_docs=5, log=lambda *a: None)
+    records = load_records(get_stage("stage2"), parse_source(str(path)), min_docs=5, log=lambda *a: None)
     settings = EvalSettings(batch_size=2, generate_limit=1, max_new_tokens=2, max_len=1024, seed=42)
     results = evaluate_stage(model, records, get_stage("stage2"), settings, show_progress=False)
     assert model.training and all(m.training for m in model.modules())  # put back in train mode

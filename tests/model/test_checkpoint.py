@@ -16,6 +16,7 @@ from clara.model.checkpoint import CheckpointError, load_model, read_config, sav
 from clara.model.collate import Collator
 from clara.model.stage_model import build_stage_model
 from clara.stages import get_stage
+from clara.training.setup import model_settings
 from tests.helpers import REPO
 
 DOC_MAX_LENGTH = 32
@@ -27,11 +28,10 @@ EXAMPLES = REPO / "example"
 ADDED = [f"<MEM{i}>" for i in range(N_MEM)] + ["<AE>", "<ENC>", "<SEP>"]
 
 
-def config(stage: str, checkpoint: str | None = None, doc_max_length: int = DOC_MAX_LENGTH) -> TrainConfig:
+def config(stage: str, doc_max_length: int = DOC_MAX_LENGTH) -> TrainConfig:
     return TrainConfig(
         stage=stage,
         model_path="tiny",
-        pretrain_checkpoint=checkpoint,
         allow_no_checkpoint=True,
         doc_max_length=doc_max_length,
         compress_rate=COMPRESS_RATE,
@@ -57,7 +57,7 @@ def perturb(model, seed: int, adapters: tuple[str, ...] | None = None) -> None:
 
 def stage_model(stage: str, seed: int = 0, checkpoint: str | None = None):
     torch.manual_seed(seed)
-    model = build_stage_model(config(stage, checkpoint), get_stage(stage), log=lambda *args: None)
+    model = build_stage_model(model_settings(config(stage)), checkpoint, get_stage(stage), log=lambda *args: None)
     perturb(model, seed)
     return model
 
@@ -257,7 +257,9 @@ def test_stage_chaining_initialises_the_adapters_the_spec_lists(tmp_path):
     # stage1 -> stage1_2: the compressor comes from stage1, the generator starts fresh.
     stage1 = stage_model("stage1", seed=1)
     save_model(stage1, str(tmp_path / "s1"), "stage1")
-    s12 = build_stage_model(config("stage1_2", str(tmp_path / "s1")), get_stage("stage1_2"), log=lambda *a: None)
+    s12 = build_stage_model(
+        model_settings(config("stage1_2")), str(tmp_path / "s1"), get_stage("stage1_2"), log=lambda *a: None
+    )
     assert_same_state(adapter_state(stage1, "encoder_adapter"), adapter_state(s12, "encoder_adapter"))
     assert torch.equal(s12.mem_embeddings, stage1.mem_embeddings)
     assert lora_b_is_zero(s12, "decoder_adapter") and not lora_b_is_zero(stage1, "decoder_adapter")
@@ -267,7 +269,9 @@ def test_stage_chaining_initialises_the_adapters_the_spec_lists(tmp_path):
     # stage1_2 -> stage2: compressor and generator loaded; no reasoner saved, so it copies the compressor.
     perturb(s12, seed=2, adapters=("decoder_adapter",))
     save_model(s12, str(tmp_path / "s12"), "stage1_2")
-    s2 = build_stage_model(config("stage2", str(tmp_path / "s12")), get_stage("stage2"), log=lambda *a: None)
+    s2 = build_stage_model(
+        model_settings(config("stage2")), str(tmp_path / "s12"), get_stage("stage2"), log=lambda *a: None
+    )
     encoder = adapter_state(s12, "encoder_adapter")
     assert_same_state(encoder, adapter_state(s2, "encoder_adapter"))
     assert_same_state(adapter_state(s12, "decoder_adapter"), adapter_state(s2, "decoder_adapter"))
@@ -280,7 +284,9 @@ def test_stage_chaining_initialises_the_adapters_the_spec_lists(tmp_path):
     # A checkpoint that has a query reasoner: stage2 loads it rather than copying the compressor.
     perturb(s2, seed=3, adapters=("query_reasoner_adapter",))
     save_model(s2, str(tmp_path / "s2"), "stage2")
-    again = build_stage_model(config("stage2", str(tmp_path / "s2")), get_stage("stage2"), log=lambda *a: None)
+    again = build_stage_model(
+        model_settings(config("stage2")), str(tmp_path / "s2"), get_stage("stage2"), log=lambda *a: None
+    )
     reasoner = adapter_state(s2, "query_reasoner_adapter")
     assert_same_state(reasoner, adapter_state(again, "query_reasoner_adapter"))
     assert any(not torch.equal(reasoner[k], encoder[k]) for k in reasoner)
@@ -292,7 +298,8 @@ def test_chaining_with_another_number_of_memory_tokens_is_refused(tmp_path):
     save_model(stage1, str(tmp_path / "s1"), "stage1")
     with pytest.raises(CheckpointError, match="memory tokens"):
         build_stage_model(
-            config("stage1_2", str(tmp_path / "s1"), doc_max_length=2 * DOC_MAX_LENGTH),
+            model_settings(config("stage1_2", doc_max_length=2 * DOC_MAX_LENGTH)),
+            str(tmp_path / "s1"),
             get_stage("stage1_2"),
             log=lambda *a: None,
         )

@@ -14,6 +14,7 @@ from clara.model import export
 from clara.model.checkpoint import load_model, save_model
 from clara.model.stage_model import build_stage_model
 from clara.stages import get_stage
+from clara.training.setup import model_settings
 from tests.helpers import REPO
 from tests.model.test_hub import DOC_MAX_LENGTH, MAX_LEN, TOP_K, per_sample_losses, stage2_records, trained_like
 
@@ -40,7 +41,7 @@ def native(tmp_path_factory) -> tuple[Path, list[float], object]:
         max_len=MAX_LEN,
     )
     torch.manual_seed(0)
-    model = build_stage_model(cfg, get_stage(cfg.stage), log=lambda *a: None)
+    model = build_stage_model(model_settings(cfg), None, get_stage(cfg.stage), log=lambda *a: None)
     trained_like(model, seed=5)
     path = tmp_path_factory.mktemp("native") / "clara_stage2"
     save_model(model, str(path), "stage2")

@@ -347,13 +347,16 @@ def test_evaluate_and_training_take_a_hub_id(hub, tmp_path):
         "from clara.config import TrainConfig, resolve, validate\n"
         "from clara.model.stage_model import build_stage_model\n"
         "from clara.stages import get_stage\n"
+        "from clara.training.setup import model_settings\n"
         "from tests.model.test_hub import per_sample_losses, stage2_records\n"
         f"cfg = resolve(TrainConfig(stage='stage2', model_path={BASE_ID!r},"
         f" pretrain_checkpoint={RELEASE_ID + '/compression-8'!r},"
         f" doc_max_length={DOC_MAX_LENGTH}, compress_rate=8, generation_top_k={TOP_K}, max_len={MAX_LEN},"
         f" dataset={str(data)!r}))\n"
         "validate(cfg)\n"
-        "model = build_stage_model(cfg, get_stage(cfg.stage), log=lambda *a: None)\n"
+        "model = build_stage_model(\n"
+        "    model_settings(cfg), cfg.pretrain_checkpoint, get_stage(cfg.stage), log=lambda *a: None\n"
+        ")\n"
         "print('LOSSES', json.dumps(per_sample_losses(model, stage2_records())))\n"
     )
     proc = subprocess.run(

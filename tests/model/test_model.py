@@ -15,6 +15,7 @@ from clara.model.collate import IGNORE_INDEX, Collator
 from clara.model.stage_model import build_stage_model
 from clara.model.topk import cosine_scores, differentiable_topk, retrieval_loss
 from clara.stages import get_stage
+from clara.training.setup import model_settings
 from tests.helpers import REPO
 
 DOC_MAX_LENGTH = 32
@@ -50,7 +51,7 @@ def config(stage: str) -> TrainConfig:
 def stage_model(stage: str, seed: int = 0, random_lora_b: bool = True):
     """The model a stage starts from. With random_lora_b, LoRA B is not zero, so LoRA A gets gradients too."""
     torch.manual_seed(seed)
-    model = build_stage_model(config(stage), get_stage(stage), log=lambda *args: None)
+    model = build_stage_model(model_settings(config(stage)), None, get_stage(stage), log=lambda *args: None)
     if random_lora_b:
         with torch.no_grad():
             for name, param in model.named_parameters():

@@ -32,6 +32,7 @@ from clara.training.resumable import (
     write_manifest,
 )
 from clara.training.trainer import checkpoint_settings
+from tests.helpers import run_data_key
 
 
 class Payload:
@@ -150,7 +151,7 @@ def settings(save: Path, resume: str = "auto") -> TrainConfig:
 
 def inputs(cfg: TrainConfig) -> dict:
     """The run's input keys, as the trainer reads them on rank 0."""
-    return train_inputs(cfg, resolve_base_path(cfg.model_path))
+    return train_inputs(run_data_key(cfg), resolve_base_path(cfg.model_path), cfg.pretrain_checkpoint)
 
 
 def test_auto_resumes_the_newest_intact_checkpoint_of_the_run(tmp_path):
