@@ -109,6 +109,8 @@ def run_pytest(out: Path, name: str, selection: str, limit: float) -> dict:
         "-m",
         "gpu",
         "tests/test_gpu.py",
+        "-n",
+        "0",  # one process: the tests share the GPU and its process group
         "-k",
         selection,
         "-q",

@@ -63,7 +63,7 @@ def rehearse(out: Path) -> int:
     """Import the GPU tests, step each stage once in bench's child process and run the launcher, on CPU."""
     report = {"machine": machine_info(), "parts": {}}
     collect = subprocess.run(
-        [sys.executable, "-m", "pytest", "-m", "gpu", "tests/test_gpu.py", "--collect-only", "-q"],
+        [sys.executable, "-m", "pytest", "-m", "gpu", "tests/test_gpu.py", "-n", "0", "--collect-only", "-q"],
         cwd=REPO,
         capture_output=True,
         text=True,

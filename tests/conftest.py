@@ -12,13 +12,20 @@ tests/training/test_tiny.py fails when its recipe changed without a rebuild.
 One trained tiny stage-2 checkpoint (and its stage1_2 parent) and one corpus index of it are made once per
 session, when a test first asks for them, and shared: the end-to-end tests that need "a stage-2 model and an
 index" (the Python API, serving, clara.ask) reuse them instead of making their own.
+
+The suite runs on pytest-xdist's workers (pytest.ini: one per core, at most 4, a test file on one worker).
+The shared checkpoint and index are made by the first worker that asks, under a file lock, and read by the
+others; the files that run longest are handed out first, so that no worker is left with one of them at the end.
 """
 
 import os
+import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
+from filelock import FileLock
 
 from tests.helpers import EXAMPLE, SHARED_INDEX_DOCUMENTS, SHARED_TOP_K, read_jsonl, run_module, vllm_python
 
@@ -26,9 +33,26 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
+# The test files that take minutes (a learning run, the tutorial, several trainings): first in the order, since
+# xdist hands out whole files in collection order and the last one handed out decides when the suite ends.
+LONGEST_FIRST = (
+    "end_to_end/test_learning.py",
+    "end_to_end/test_tutorial.py",
+    "data/test_hub_data.py",
+    "end_to_end/test_zero3.py",
+)
+
+
+def _longest_first(item: pytest.Item) -> int:
+    path = item.path.as_posix()
+    return next((rank for rank, name in enumerate(LONGEST_FIRST) if path.endswith(name)), len(LONGEST_FIRST))
+
+
 def pytest_collection_modifyitems(config, items):
     """GPU-marked tests skip where CUDA is absent, and only there: `pytest -m gpu` on a GPU machine runs them.
-    vLLM-marked tests skip where vLLM's environment is absent (scripts/make_vllm_env.sh makes it)."""
+    vLLM-marked tests skip where vLLM's environment is absent (scripts/make_vllm_env.sh makes it).
+    The longest files come first (a stable sort: every worker collects the same order)."""
+    items.sort(key=_longest_first)
     skips = {}
     if not torch.cuda.is_available():
         skips["gpu"] = pytest.mark.skip(reason="needs a CUDA device (run scripts/gpu_check.sh on a GPU machine)")
@@ -48,21 +72,39 @@ TRAIN_STEPS = 2
 TRAIN_SAMPLES = 8
 
 
+def made_once(tmp_path_factory: pytest.TempPathFactory, name: str, make: Callable[[Path], None]) -> Path:
+    """The folder `name`, filled by `make(folder)` once per test run however many xdist workers ask for it."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # each worker's base folder sits in the run's
+    folder = root / name
+    done = folder / ".made"
+    with FileLock(f"{folder}.lock"):
+        if not done.exists():
+            shutil.rmtree(folder, ignore_errors=True)  # a worker that failed half-way left it
+            folder.mkdir()
+            make(folder)
+            done.touch()
+    return folder
+
+
+def _train_shared_stages(workdir: Path) -> None:
+    previous = None
+    for stage in ("stage1_2", "stage2"):
+        args = ["clara.train", "--stage", stage, "--save_path", str(workdir / stage), "--max_steps", str(TRAIN_STEPS)]
+        args += ["--batch_size", "2", "--micro_batch_size", "2", "--max_samples", str(TRAIN_SAMPLES)]
+        args += ["--generation_top_k", str(SHARED_TOP_K), "--debug_mode", "false"]
+        args += ["--pretrain_checkpoint", str(workdir / previous)] if previous else ["--allow_no_checkpoint", "true"]
+        proc = run_module(args, timeout=600)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        previous = stage
+
+
 @pytest.fixture(scope="session")
 def trained_checkpoints(tmp_path_factory) -> dict[str, Path]:
     """stage1_2 (fresh adapters) -> stage2, trained with `python -m clara.train`: {"stage1_2": DIR, "stage2": DIR}."""
-    workdir = tmp_path_factory.mktemp("trained")
-    paths: dict[str, Path] = {}
-    for stage, previous in (("stage1_2", None), ("stage2", "stage1_2")):
-        save = workdir / f"ckpt_{stage}"
-        args = ["clara.train", "--stage", stage, "--save_path", str(save), "--max_steps", str(TRAIN_STEPS)]
-        args += ["--batch_size", "2", "--micro_batch_size", "2", "--max_samples", str(TRAIN_SAMPLES)]
-        args += ["--generation_top_k", str(SHARED_TOP_K), "--debug_mode", "false"]
-        args += ["--pretrain_checkpoint", str(paths[previous])] if previous else ["--allow_no_checkpoint", "true"]
-        proc = run_module(args, timeout=600)
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-        paths[stage] = save
-    return paths
+    workdir = made_once(tmp_path_factory, "trained", _train_shared_stages)
+    return {stage: workdir / stage for stage in ("stage1_2", "stage2")}
 
 
 @pytest.fixture(scope="session")
@@ -72,17 +114,19 @@ def trained_index(trained_checkpoints, tmp_path_factory) -> Path:
     from clara.index.build import build_index
 
     checkpoint = trained_checkpoints["stage2"]
-    model = CLaRa.from_pretrained(str(checkpoint)).model
-    docs = read_jsonl(EXAMPLE / "corpus.jsonl")[:SHARED_INDEX_DOCUMENTS]
-    out = tmp_path_factory.mktemp("trained_index") / "index"
-    build_index(
-        model,
-        [d["id"] for d in docs],
-        [d["text"] for d in docs],
-        str(out),
-        batch_size=8,
-        checkpoint=str(checkpoint),
-        show_progress=False,
-        log=lambda *args: None,
-    )
-    return out
+
+    def make(folder: Path) -> None:
+        model = CLaRa.from_pretrained(str(checkpoint)).model
+        docs = read_jsonl(EXAMPLE / "corpus.jsonl")[:SHARED_INDEX_DOCUMENTS]
+        build_index(
+            model,
+            [d["id"] for d in docs],
+            [d["text"] for d in docs],
+            str(folder / "index"),
+            batch_size=8,
+            checkpoint=str(checkpoint),
+            show_progress=False,
+            log=lambda *args: None,
+        )
+
+    return made_once(tmp_path_factory, "trained_index", make) / "index"
