@@ -33,13 +33,15 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
-# The test files that take minutes (a learning run, the tutorial, several trainings): first in the order, since
-# xdist hands out whole files in collection order and the last one handed out decides when the suite ends.
+# The test files that take minutes (a learning run, several trainings): first in the order, since xdist hands
+# out whole files in collection order (pytest.ini: --no-loadscope-reorder) and a long file handed out last
+# would run alone at the end.
 LONGEST_FIRST = (
     "end_to_end/test_learning.py",
-    "end_to_end/test_tutorial.py",
-    "data/test_hub_data.py",
     "end_to_end/test_zero3.py",
+    "end_to_end/test_launchers.py",
+    "data/test_hub_data.py",
+    "end_to_end/test_tutorial.py",
 )
 
 
