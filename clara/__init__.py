@@ -2,7 +2,7 @@
 
 __all__ = ["CLaRa"]
 # The package version (pyproject.toml's; tests/test_main.py keeps the two equal): `clara --version`.
-__version__ = "0.4.0"
+__version__ = "0.4.1"
 
 
 def __getattr__(name: str):
