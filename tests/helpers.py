@@ -17,6 +17,13 @@ EXAMPLE = REPO / "example"
 # question is answered from, and how many example documents its index holds.
 SHARED_TOP_K = 5
 SHARED_INDEX_DOCUMENTS = 40
+# The small model of the model-level unit tests (tests/model/, tests/evaluation/test_debug.py): 32-token
+# documents read into 4 memory tokens, 2 documents per question.
+DOC_MAX_LENGTH = 32
+COMPRESS_RATE = 8
+N_MEM = DOC_MAX_LENGTH // COMPRESS_RATE
+TOP_K = 2
+MAX_LEN = 512
 
 
 def subprocess_env(**overrides) -> dict:
@@ -116,4 +123,19 @@ def run_data_key(cfg) -> dict:
 
     return train_data_key(
         parse_source(cfg.dataset), cfg.stage, cfg.model_path, cfg.pretrain_checkpoint, data_settings(cfg)
+    )
+
+
+def small_config(stage: str, doc_max_length: int = DOC_MAX_LENGTH):
+    """The settings of `stage` on the tiny model with the unit tests' small lengths (a clara.config.TrainConfig)."""
+    from clara.config import TrainConfig
+
+    return TrainConfig(
+        stage=stage,
+        model_path="tiny",
+        allow_no_checkpoint=True,
+        doc_max_length=doc_max_length,
+        compress_rate=COMPRESS_RATE,
+        generation_top_k=TOP_K,
+        max_len=MAX_LEN,
     )

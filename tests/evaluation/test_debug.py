@@ -24,7 +24,6 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file
 
-from clara.config import TrainConfig
 from clara.data.records import normalise
 from clara.evaluation import debug
 from clara.evaluation.debug import DebugPrinter
@@ -33,7 +32,7 @@ from clara.model.stage_model import build_stage_model
 from clara.stages import get_stage
 from clara.training.setup import model_settings
 from clara.training.trainer import epoch_order, micro_batch_indices, optimizer_step
-from tests.helpers import REPO
+from tests.helpers import DOC_MAX_LENGTH, MAX_LEN, REPO, TOP_K, small_config
 
 EXAMPLES = REPO / "example"
 FILES = {
@@ -43,10 +42,6 @@ FILES = {
 }
 STAGES = tuple(FILES)
 
-DOC_MAX_LENGTH = 32
-COMPRESS_RATE = 8
-TOP_K = 2
-MAX_LEN = 512
 MSE_WEIGHT = 0.1
 SEED = 42
 RUN_TIMEOUT = 600  # generous: a 2-core machine may be busy with other work
@@ -117,22 +112,12 @@ def coloured_tokens(body: str) -> tuple[list[tuple[str, tuple[int, int, int]]], 
 
 
 # -- the model, batches, and the independent reference ---------------------------------------------------
-def config(stage: str) -> TrainConfig:
-    return TrainConfig(
-        stage=stage,
-        model_path="tiny",
-        doc_max_length=DOC_MAX_LENGTH,
-        compress_rate=COMPRESS_RATE,
-        generation_top_k=TOP_K,
-        allow_no_checkpoint=True,
-        max_len=MAX_LEN,
-    )
 
 
 def stage_model(stage: str):
     """A stage model whose LoRA B matrices are not zero, so that every adapter changes what the model says."""
     torch.manual_seed(0)
-    model = build_stage_model(model_settings(config(stage)), None, get_stage(stage), log=lambda *args: None)
+    model = build_stage_model(model_settings(small_config(stage)), None, get_stage(stage), log=lambda *args: None)
     with torch.no_grad():
         for name, param in model.named_parameters():
             if ".lora_B." in name:

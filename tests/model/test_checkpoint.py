@@ -10,34 +10,16 @@ import torch
 from peft import get_peft_model_state_dict
 from safetensors.torch import load_file
 
-from clara.config import TrainConfig
 from clara.data.records import normalise
 from clara.model.checkpoint import CheckpointError, load_model, read_config, save_model
 from clara.model.collate import Collator
 from clara.model.stage_model import build_stage_model
 from clara.stages import get_stage
 from clara.training.setup import model_settings
-from tests.helpers import REPO
+from tests.helpers import COMPRESS_RATE, DOC_MAX_LENGTH, MAX_LEN, N_MEM, REPO, TOP_K, small_config
 
-DOC_MAX_LENGTH = 32
-COMPRESS_RATE = 8
-N_MEM = DOC_MAX_LENGTH // COMPRESS_RATE
-TOP_K = 2
-MAX_LEN = 512
 EXAMPLES = REPO / "example"
 ADDED = [f"<MEM{i}>" for i in range(N_MEM)] + ["<AE>", "<ENC>", "<SEP>"]
-
-
-def config(stage: str, doc_max_length: int = DOC_MAX_LENGTH) -> TrainConfig:
-    return TrainConfig(
-        stage=stage,
-        model_path="tiny",
-        allow_no_checkpoint=True,
-        doc_max_length=doc_max_length,
-        compress_rate=COMPRESS_RATE,
-        generation_top_k=TOP_K,
-        max_len=MAX_LEN,
-    )
 
 
 def perturb(model, seed: int, adapters: tuple[str, ...] | None = None) -> None:
@@ -57,7 +39,7 @@ def perturb(model, seed: int, adapters: tuple[str, ...] | None = None) -> None:
 
 def stage_model(stage: str, seed: int = 0, checkpoint: str | None = None):
     torch.manual_seed(seed)
-    model = build_stage_model(model_settings(config(stage)), checkpoint, get_stage(stage), log=lambda *args: None)
+    model = build_stage_model(model_settings(small_config(stage)), checkpoint, get_stage(stage), log=lambda *args: None)
     perturb(model, seed)
     return model
 
@@ -258,7 +240,7 @@ def test_stage_chaining_initialises_the_adapters_the_spec_lists(tmp_path):
     stage1 = stage_model("stage1", seed=1)
     save_model(stage1, str(tmp_path / "s1"), "stage1")
     s12 = build_stage_model(
-        model_settings(config("stage1_2")), str(tmp_path / "s1"), get_stage("stage1_2"), log=lambda *a: None
+        model_settings(small_config("stage1_2")), str(tmp_path / "s1"), get_stage("stage1_2"), log=lambda *a: None
     )
     assert_same_state(adapter_state(stage1, "encoder_adapter"), adapter_state(s12, "encoder_adapter"))
     assert torch.equal(s12.mem_embeddings, stage1.mem_embeddings)
@@ -270,7 +252,7 @@ def test_stage_chaining_initialises_the_adapters_the_spec_lists(tmp_path):
     perturb(s12, seed=2, adapters=("decoder_adapter",))
     save_model(s12, str(tmp_path / "s12"), "stage1_2")
     s2 = build_stage_model(
-        model_settings(config("stage2")), str(tmp_path / "s12"), get_stage("stage2"), log=lambda *a: None
+        model_settings(small_config("stage2")), str(tmp_path / "s12"), get_stage("stage2"), log=lambda *a: None
     )
     encoder = adapter_state(s12, "encoder_adapter")
     assert_same_state(encoder, adapter_state(s2, "encoder_adapter"))
@@ -285,7 +267,7 @@ def test_stage_chaining_initialises_the_adapters_the_spec_lists(tmp_path):
     perturb(s2, seed=3, adapters=("query_reasoner_adapter",))
     save_model(s2, str(tmp_path / "s2"), "stage2")
     again = build_stage_model(
-        model_settings(config("stage2")), str(tmp_path / "s2"), get_stage("stage2"), log=lambda *a: None
+        model_settings(small_config("stage2")), str(tmp_path / "s2"), get_stage("stage2"), log=lambda *a: None
     )
     reasoner = adapter_state(s2, "query_reasoner_adapter")
     assert_same_state(reasoner, adapter_state(again, "query_reasoner_adapter"))
@@ -298,7 +280,7 @@ def test_chaining_with_another_number_of_memory_tokens_is_refused(tmp_path):
     save_model(stage1, str(tmp_path / "s1"), "stage1")
     with pytest.raises(CheckpointError, match="memory tokens"):
         build_stage_model(
-            model_settings(config("stage1_2", doc_max_length=2 * DOC_MAX_LENGTH)),
+            model_settings(small_config("stage1_2", doc_max_length=2 * DOC_MAX_LENGTH)),
             str(tmp_path / "s1"),
             get_stage("stage1_2"),
             log=lambda *a: None,

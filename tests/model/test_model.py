@@ -9,20 +9,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from clara.config import TrainConfig
 from clara.data.records import normalise
 from clara.model.collate import IGNORE_INDEX, Collator
 from clara.model.stage_model import build_stage_model
 from clara.model.topk import cosine_scores, differentiable_topk, retrieval_loss
 from clara.stages import get_stage
 from clara.training.setup import model_settings
-from tests.helpers import REPO
+from tests.helpers import DOC_MAX_LENGTH, MAX_LEN, N_MEM, REPO, TOP_K, small_config
 
-DOC_MAX_LENGTH = 32
-COMPRESS_RATE = 8
-N_MEM = DOC_MAX_LENGTH // COMPRESS_RATE
-TOP_K = 2
-MAX_LEN = 512
 MSE_WEIGHT = 0.1
 EXAMPLES = REPO / "example"
 
@@ -36,22 +30,10 @@ ADAPTERS = ("encoder_adapter", "decoder_adapter", "query_reasoner_adapter")
 STAGES = tuple(TRAINED)
 
 
-def config(stage: str) -> TrainConfig:
-    return TrainConfig(
-        stage=stage,
-        model_path="tiny",
-        doc_max_length=DOC_MAX_LENGTH,
-        compress_rate=COMPRESS_RATE,
-        generation_top_k=TOP_K,
-        allow_no_checkpoint=True,
-        max_len=MAX_LEN,
-    )
-
-
 def stage_model(stage: str, seed: int = 0, random_lora_b: bool = True):
     """The model a stage starts from. With random_lora_b, LoRA B is not zero, so LoRA A gets gradients too."""
     torch.manual_seed(seed)
-    model = build_stage_model(model_settings(config(stage)), None, get_stage(stage), log=lambda *args: None)
+    model = build_stage_model(model_settings(small_config(stage)), None, get_stage(stage), log=lambda *args: None)
     if random_lora_b:
         with torch.no_grad():
             for name, param in model.named_parameters():
