@@ -75,6 +75,35 @@ def add_config_options(parser: argparse.ArgumentParser) -> dict[str, argparse._A
     return groups
 
 
+# The other things bench measures, each instead of a step's cost: (flag, what it measures).
+MEASUREMENTS = (
+    (
+        "--retrieval",
+        "answering from a compressed corpus (indexing, memory per document, search latency, answer time)",
+    ),
+    (
+        "--serve",
+        "python -m clara.serve (throughput and p50/p99 latency at 1, 8 and 32 concurrent clients, "
+        "batched and one at a time)",
+    ),
+    (
+        "--index_choices",
+        "what each index storage and search choice costs in answers (EM, open-corpus recall@5, bytes per "
+        "document) with a trained checkpoint",
+    ),
+    (
+        "--index_scale",
+        "the index on a synthetic corpus of N passages (build throughput, bytes per passage, p50/p99 search "
+        "latency, recall@5 against exact)",
+    ),
+    (
+        "--data",
+        "preparing the training data (records/s, launch to step 1 and to the end of step 2, empty "
+        "and warm cache, one and two processes, peak memory)",
+    ),
+)
+
+
 def add_run_options(run: argparse._ArgumentGroup) -> None:
     """The options of the run itself, not of one configuration."""
     run.add_argument(
@@ -90,32 +119,7 @@ def add_run_options(run: argparse._ArgumentGroup) -> None:
         "rows run the stage before it)",
     )
     run.add_argument("--json", metavar="FILE", help="also write the results as JSON to FILE")
-    for flag, what in (
-        (
-            "--retrieval",
-            "answering from a compressed corpus (indexing, memory per document, search latency, answer time)",
-        ),
-        (
-            "--serve",
-            "python -m clara.serve (throughput and p50/p99 latency at 1, 8 and 32 concurrent clients, "
-            "batched and one at a time)",
-        ),
-        (
-            "--index_choices",
-            "what each index storage and search choice costs in answers (EM, open-corpus recall@5, bytes per "
-            "document) with a trained checkpoint",
-        ),
-        (
-            "--index_scale",
-            "the index on a synthetic corpus of N passages (build throughput, bytes per passage, p50/p99 search "
-            "latency, recall@5 against exact)",
-        ),
-        (
-            "--data",
-            "preparing the training data (records/s, launch to step 1 and to the end of step 2, empty "
-            "and warm cache, one and two processes, peak memory)",
-        ),
-    ):
+    for flag, what in MEASUREMENTS:
         run.add_argument(
             flag, action="store_true", help=f"measure {what} instead; its options: python -m bench {flag} --help"
         )

@@ -88,6 +88,14 @@ def build_parser() -> argparse.ArgumentParser:
     return add_threads_and_json(parser, 2)
 
 
+def show_row(row: dict) -> None:
+    print(
+        f"{row['choice']:14s} disk {row['disk_bytes_per_passage']:.0f} B  RAM {row['ram_bytes_per_passage']:.0f} B  "
+        f"p50 {row['p50_ms']:.2f} ms  p99 {row['p99_ms']:.2f} ms  recall@5 {row['recall@5_vs_exact']:.3f}",
+        flush=True,
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_with_threads(build_parser(), argv)
     model = tiny_model(None).eval()
@@ -140,11 +148,7 @@ def main(argv: list[str] | None = None) -> int:
                 "search": index.meta["search"],
             }
             rows.append(row)
-            print(
-                f"{row['choice']:14s} disk {row['disk_bytes_per_passage']:.0f} B  "
-                f"RAM {row['ram_bytes_per_passage']:.0f} B  p50 {p50:.2f} ms  p99 {p99:.2f} ms  recall@5 {recall:.3f}",
-                flush=True,
-            )
+            show_row(row)
             index.close()
     if args.json:
         write_json_atomic(args.json, rows)
