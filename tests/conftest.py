@@ -27,7 +27,7 @@ import pytest
 import torch
 from filelock import FileLock
 
-from tests.helpers import EXAMPLE, SHARED_INDEX_DOCUMENTS, SHARED_TOP_K, read_jsonl, run_module, vllm_python
+from tests.helpers import SHARED_TOP_K, index_example_documents, run_module, vllm_python
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
@@ -113,22 +113,10 @@ def trained_checkpoints(tmp_path_factory) -> dict[str, Path]:
 def trained_index(trained_checkpoints, tmp_path_factory) -> Path:
     """The index of the first SHARED_INDEX_DOCUMENTS example documents, compressed by the shared stage-2 checkpoint."""
     from clara.evaluation.inference import CLaRa
-    from clara.index.build import build_index
 
     checkpoint = trained_checkpoints["stage2"]
 
     def make(folder: Path) -> None:
-        model = CLaRa.from_pretrained(str(checkpoint)).model
-        docs = read_jsonl(EXAMPLE / "corpus.jsonl")[:SHARED_INDEX_DOCUMENTS]
-        build_index(
-            model,
-            [d["id"] for d in docs],
-            [d["text"] for d in docs],
-            str(folder / "index"),
-            batch_size=8,
-            checkpoint=str(checkpoint),
-            show_progress=False,
-            log=lambda *args: None,
-        )
+        index_example_documents(CLaRa.from_pretrained(str(checkpoint)).model, checkpoint, folder / "index")
 
     return made_once(tmp_path_factory, "trained_index", make) / "index"

@@ -139,3 +139,16 @@ def small_config(stage: str, doc_max_length: int = DOC_MAX_LENGTH):
         generation_top_k=TOP_K,
         max_len=MAX_LEN,
     )
+
+
+def index_example_documents(model, checkpoint: Path, out: Path, count: int = SHARED_INDEX_DOCUMENTS) -> Path:
+    """The corpus index at `out` of the first `count` example documents, compressed by `model` (a ClaraModel
+    loaded from `checkpoint`)."""
+    from clara.index.build import build_index
+
+    docs = read_jsonl(EXAMPLE / "corpus.jsonl")[:count]
+    ids, texts = [d["id"] for d in docs], [d["text"] for d in docs]
+    build_index(
+        model, ids, texts, str(out), batch_size=8, checkpoint=str(checkpoint), show_progress=False, log=lambda *a: None
+    )
+    return out

@@ -78,6 +78,7 @@ class Trainer:
         self.cfg = cfg
         self.stage = get_stage(cfg.stage)
         self.checkpoints = checkpoint_settings(cfg)
+        self.model_settings = model_settings(cfg)
         self.state = TrainState()
         self.publisher = BackgroundPublisher()  # publishes each resumable checkpoint in the background
         self.truncated_docs = 0
@@ -119,7 +120,7 @@ class Trainer:
             training_settings(cfg),
             functools.partial(
                 build_stage_model,
-                model_settings(cfg),
+                self.model_settings,
                 cfg.pretrain_checkpoint,
                 self.stage,
                 self.dtype,
@@ -145,7 +146,7 @@ class Trainer:
         cfg, stage = self.cfg, self.stage
         datasets.disable_progress_bars()
         min_docs = stage.min_docs(cfg.generation_top_k)
-        check = length_check(model_settings(cfg), cfg.pretrain_checkpoint, stage, cfg.max_len, cfg.seed)
+        check = length_check(self.model_settings, cfg.pretrain_checkpoint, stage, cfg.max_len, cfg.seed)
         rejected = os.path.join(cfg.save_path, "rejected.jsonl") if self.rank == 0 else None
         # Local rank 0 prepares (once: cached); the node's other ranks wait for it and never read the input.
         preparer = self.local_rank == 0

@@ -26,7 +26,6 @@ import torch
 
 from clara.evaluation.inference import CLaRa
 from clara.index.answer import encode_questions, generator_inputs
-from clara.index.build import build_index
 from clara.index.store import load_index
 from clara.model.decoding import RowDecoding, Sampling
 from clara.model.vllm_export import EXPORT_INFO, vllm_fingerprint
@@ -35,7 +34,16 @@ from clara.serving.engine import ANSWERING
 from clara.vllm_server import descendants
 from tests.end_to_end.test_serve import BAD_REQUESTS, KEY, MAX_BODY, N_DOCS, NEW_TOKENS, auth, health, post_bad_request
 from tests.end_to_end.test_serve import ask as serve_ask
-from tests.helpers import EXAMPLE, ROLES, SHARED_TOP_K, noisy_checkpoint, read_jsonl, subprocess_env, vllm_python
+from tests.helpers import (
+    EXAMPLE,
+    ROLES,
+    SHARED_TOP_K,
+    index_example_documents,
+    noisy_checkpoint,
+    read_jsonl,
+    subprocess_env,
+    vllm_python,
+)
 from tests.test_vllm_server import alive, wait_gone
 
 pytestmark = [pytest.mark.slow, pytest.mark.vllm]
@@ -54,17 +62,7 @@ def vllm_reference(vllm_work) -> tuple[CLaRa, str, Path]:
     # generation_top_k as the shared model has it: the bad-request table of test_serve is written for it
     checkpoint = noisy_checkpoint(vllm_work / "ck", {r: i + 1 for i, r in enumerate(ROLES)}, top_k=TOP_K)
     clara = CLaRa.from_pretrained(str(checkpoint), batch_size=1)
-    docs = read_jsonl(EXAMPLE / "corpus.jsonl")[:N_DOCS]
-    build_index(
-        clara.model,
-        [d["id"] for d in docs],
-        [d["text"] for d in docs],
-        str(vllm_work / "index"),
-        batch_size=8,
-        checkpoint=str(checkpoint),
-        show_progress=False,
-        log=lambda *args: None,
-    )
+    index_example_documents(clara.model, checkpoint, vllm_work / "index", N_DOCS)
     return clara, str(vllm_work / "index"), checkpoint
 
 

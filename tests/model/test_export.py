@@ -9,16 +9,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from clara.config import TrainConfig
 from clara.model import export
 from clara.model.checkpoint import load_model, save_model
 from clara.model.stage_model import build_stage_model
 from clara.stages import get_stage
 from clara.training.setup import model_settings
-from tests.helpers import REPO
-from tests.model.test_hub import DOC_MAX_LENGTH, MAX_LEN, TOP_K, per_sample_losses, stage2_records, trained_like
-
-RATE = 8
+from tests.helpers import COMPRESS_RATE, DOC_MAX_LENGTH, REPO, TOP_K, small_config
+from tests.model.test_hub import per_sample_losses, stage2_records, trained_like
 
 
 def run_export(*args: str) -> subprocess.CompletedProcess:
@@ -31,17 +28,8 @@ def run_export(*args: str) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def native(tmp_path_factory) -> tuple[Path, list[float], object]:
     """A trained-like stage2 checkpoint in the native layout, and its per-sample losses."""
-    cfg = TrainConfig(
-        stage="stage2",
-        model_path="tiny",
-        allow_no_checkpoint=True,
-        doc_max_length=DOC_MAX_LENGTH,
-        compress_rate=RATE,
-        generation_top_k=TOP_K,
-        max_len=MAX_LEN,
-    )
     torch.manual_seed(0)
-    model = build_stage_model(model_settings(cfg), None, get_stage(cfg.stage), log=lambda *a: None)
+    model = build_stage_model(model_settings(small_config("stage2")), None, get_stage("stage2"), log=lambda *a: None)
     trained_like(model, seed=5)
     path = tmp_path_factory.mktemp("native") / "clara_stage2"
     save_model(model, str(path), "stage2")
@@ -70,7 +58,7 @@ def test_official_export_has_the_release_layout_and_loads_back_with_the_same_los
         )
     } == {
         "decoder_model_name": "tiny",
-        "compr_rate": RATE,
+        "compr_rate": COMPRESS_RATE,
         "doc_max_length": DOC_MAX_LENGTH,
         "generation_top_k": TOP_K,
         "lora_r": 16,
@@ -133,7 +121,7 @@ def test_push_to_hub_uploads_the_export_into_the_release_subfolder(native, tmp_p
     assert (upload["folder_path"], upload["repo_id"], upload["path_in_repo"]) == (
         str(out),
         "someone/clara-tiny",
-        f"compression-{RATE}",
+        f"compression-{COMPRESS_RATE}",
     )
     assert "someone/clara-tiny/compression-8" in capsys.readouterr().out  # how to load it back
 

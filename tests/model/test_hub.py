@@ -27,7 +27,7 @@ from clara.model.collate import Collator
 from clara.model.model import ModelSettings
 from clara.stages import get_stage
 from clara.training.tiny import tiny_model_dir
-from tests.helpers import REPO
+from tests.helpers import DOC_MAX_LENGTH, MAX_LEN, REPO, TOP_K
 
 BASE_ID = "clara-test/tiny-qwen-base"
 RELEASE_ID = "clara-test/CLaRa-Tiny-E2E"
@@ -35,9 +35,6 @@ MISTRAL_BASED_ID = "clara-test/CLaRa-Mistral-Like"
 GATED_BASE = "mistralai/Mistral-7B-Instruct-v0.2"
 RATES = {"compression-4": 4, "compression-8": 8}
 SPARE_ROWS = 64  # embedding rows beyond the tokenizer's tokens, as in Qwen's checkpoints
-DOC_MAX_LENGTH = 32
-TOP_K = 2
-MAX_LEN = 512
 ADAPTERS = ["encoder_adapter", "decoder_adapter", "query_reasoner_adapter"]
 TOKEN = "hf_clara_test_token"
 
